@@ -1,0 +1,30 @@
+"""Expert-parallel load balancing (EPLB): placements, planner and weight executor.
+
+Glossary
+--------
+logical expert
+    One of the E experts of a MoE layer, as the model defines it (id ``0 .. E-1``).
+physical expert / slot
+    A place on a rank that holds the weights of one logical expert. Each of the R ranks has S
+    slots, so a layer has P = R * S physical slots, numbered rank-major (slot ``p`` is on rank
+    ``p // S``). A slot can be empty (``-1``): that is what lets a placement shrink or grow
+    inside buffers preallocated for the largest world size.
+replica / redundant expert
+    A logical expert placed in more than one slot. Tokens routed to it are spread over its
+    replicas, which is how a hot expert's load is split across ranks. The replicas beyond the
+    first are the redundant experts (P - E of them when no slot is empty).
+placement
+    The map slot -> logical expert for every layer (``phy2log`` [L, P]) and its inverse
+    (``log2phy`` [L, E, max_replicas], ``logcnt`` [L, E]). See :class:`Placement`.
+rank mapping
+    How the ranks of one epoch map onto the next (scale up, scale down, failure). See
+    :class:`elastic_ep.RankMapping`.
+balancedness
+    Mean rank load / max rank load of a layer (an expert's load split evenly over its replicas),
+    averaged over layers. 1.0 is perfect.
+"""
+
+from elastic_ep.eplb.buffers import PlacementBuffers
+from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log
+
+__all__ = ["EMPTY", "Placement", "PlacementBuffers", "log2phy_from_phy2log"]
