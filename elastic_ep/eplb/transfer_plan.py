@@ -1,0 +1,444 @@
+"""TransferPlan: which expert weights move where when one placement replaces another.
+
+Pure and deterministic: every rank computes the same plan from the same inputs, with no
+communication. Ranks are named in the numbering of the placement they belong to: senders by their
+*old* rank (in ``previous``), receivers by their *new* rank (in ``new``); the executor maps both
+onto the ranks of the group that runs the plan.
+
+Per layer and receiving rank, each slot whose expert changes gets its weights from exactly one of:
+
+* a :class:`LocalCopy` when the rank already held the expert (before the change), or
+* a :class:`Transfer` from one live old rank that held it (at most one per expert and receiver,
+  however many of the receiver's slots want it), or
+* a :class:`Reload` when no live old rank holds it (every replica was on a dead rank).
+
+So the network traffic is exactly ``new.transfers_from(previous, rank_mapping)`` minus reloads:
+the minimum the two placements imply.
+
+In-place hazards: a slot may be read (as a send or local-copy source) and overwritten in the same
+layer. The plan groups each layer's operations into :class:`Step` s, ordered so that every read of
+a slot happens in the same or an earlier step than the write to it; a step is a strongly connected
+component of that "read before write" relation (e.g. two ranks swapping an expert must move
+together). The executor may cut the step sequence into chunks anywhere between steps.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from elastic_ep.eplb.placement import EMPTY, Placement
+from elastic_ep.rank_mapping import RankMapping
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Node (host) of every old and every new rank, to keep transfers inside a node.
+
+    Attributes:
+        old_rank_nodes: node id of each old rank (``previous`` numbering).
+        new_rank_nodes: node id of each new rank (``new`` numbering).
+    """
+
+    old_rank_nodes: tuple[int, ...]
+    new_rank_nodes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "old_rank_nodes", tuple(self.old_rank_nodes))
+        object.__setattr__(self, "new_rank_nodes", tuple(self.new_rank_nodes))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Send expert ``expert`` of ``layer`` from old rank ``src`` to new rank ``dst``.
+
+    Attributes:
+        src_slot: local slot index on the sender (``previous`` layout) holding the weights.
+        dst_slots: local slot indices on the receiver (``new`` layout) to fill, ascending.
+    """
+
+    layer: int
+    expert: int
+    src: int
+    src_slot: int
+    dst: int
+    dst_slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """New rank ``rank`` copies expert ``expert`` from its own old slot ``src_slot``.
+
+    Attributes:
+        dst_slots: local slots to fill, ascending.
+        staged: the source slot is overwritten in this layer, so the executor copies it to its
+            buffer first (this costs one expert of buffer).
+    """
+
+    layer: int
+    expert: int
+    rank: int
+    src_slot: int
+    dst_slots: tuple[int, ...]
+    staged: bool
+
+
+@dataclass(frozen=True)
+class Reload:
+    """No live old rank holds ``expert``: new rank ``rank`` reloads it (e.g. from disk)."""
+
+    layer: int
+    expert: int
+    rank: int
+    dst_slots: tuple[int, ...]
+
+
+Op = Transfer | LocalCopy | Reload
+
+
+@dataclass(frozen=True)
+class Step:
+    """Operations of one layer that must run in the same chunk (a read/write cycle, or one op).
+
+    Attributes:
+        buffer_experts: ``(new_rank, n)`` pairs: experts of buffer the step needs on that
+            receiving rank (one per transfer it receives and per staged local copy), ascending
+            by rank, ranks needing none omitted.
+    """
+
+    layer: int
+    ops: tuple[Op, ...]
+    buffer_experts: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class TransferPlan:
+    """Every local copy, transfer and reload that turns ``previous`` into ``new``.
+
+    Attributes:
+        previous: placement before (old ranks).
+        new: placement after (new ranks).
+        rank_mapping: old rank -> new rank.
+        dead_ranks: old ranks that cannot send (sorted); a subset of ``rank_mapping.removed``.
+        nodes: node layout used to prefer same-node senders, or ``None``.
+        steps: all operations, grouped and ordered as described in the module docstring.
+    """
+
+    previous: Placement
+    new: Placement
+    rank_mapping: RankMapping
+    dead_ranks: tuple[int, ...]
+    nodes: NodeLayout | None
+    steps: tuple[Step, ...] = field(repr=False)
+
+    @cached_property
+    def transfers(self) -> tuple[Transfer, ...]:
+        return tuple(op for s in self.steps for op in s.ops if isinstance(op, Transfer))
+
+    @cached_property
+    def local_copies(self) -> tuple[LocalCopy, ...]:
+        return tuple(op for s in self.steps for op in s.ops if isinstance(op, LocalCopy))
+
+    @cached_property
+    def reloads(self) -> tuple[Reload, ...]:
+        return tuple(op for s in self.steps for op in s.ops if isinstance(op, Reload))
+
+    def sends_per_old_rank(self) -> tuple[int, ...]:
+        """Experts (over all layers) each old rank sends."""
+        counts = [0] * self.rank_mapping.old_world_size
+        for t in self.transfers:
+            counts[t.src] += 1
+        return tuple(counts)
+
+    def receives_per_new_rank(self) -> tuple[int, ...]:
+        """Experts (over all layers) each new rank receives over the network."""
+        counts = [0] * self.rank_mapping.new_world_size
+        for t in self.transfers:
+            counts[t.dst] += 1
+        return tuple(counts)
+
+    def replan(self, dead_ranks: Iterable[int]) -> TransferPlan:
+        """The same change planned again with another set of dead old ranks."""
+        return plan_transfers(
+            self.previous, self.new, self.rank_mapping, dead_ranks=dead_ranks, nodes=self.nodes
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TransferPlan({self.previous.num_ranks}->{self.new.num_ranks} ranks, "
+            f"layers={self.new.num_layers}, transfers={len(self.transfers)}, "
+            f"local_copies={len(self.local_copies)}, reloads={len(self.reloads)}, "
+            f"steps={len(self.steps)}, dead={list(self.dead_ranks)})"
+        )
+
+
+def plan_transfers(
+    previous: Placement,
+    new: Placement,
+    rank_mapping: RankMapping | None = None,
+    *,
+    dead_ranks: Iterable[int] = (),
+    nodes: NodeLayout | None = None,
+) -> TransferPlan:
+    """Plan the weight movement from ``previous`` to ``new``.
+
+    Args:
+        previous: placement of the old epoch (``previous.num_ranks`` old ranks).
+        new: placement of the new epoch; same layers and logical experts.
+        rank_mapping: old rank -> new rank; identity if ``None`` (then the rank counts must match).
+        dead_ranks: old ranks that died: they send nothing. Each must be removed by the mapping.
+        nodes: if given, a sender on the receiver's node is preferred over any other.
+    Returns:
+        the plan. Senders are chosen to spread the number of experts each old rank sends (per
+        layer first, then in total), preferring a source slot that the layer does not overwrite.
+    Raises:
+        TypeError/ValueError: inputs of the wrong type or inconsistent shapes, naming the problem.
+    """
+    mapping = _check_inputs(previous, new, rank_mapping, nodes)
+    dead = tuple(sorted(set(dead_ranks)))
+    for r in dead:
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise TypeError(f"dead_ranks must be ints, got {r!r}")
+        if not 0 <= r < mapping.old_world_size or mapping.old_to_new[r] is not None:
+            raise ValueError(
+                f"dead rank {r} must be an old rank that rank_mapping removes "
+                f"(removed: {list(mapping.removed)})"
+            )
+    planner = _LayerPlanner(previous, new, mapping, set(dead), nodes)
+    steps = tuple(step for layer in range(new.num_layers) for step in planner.plan_layer(layer))
+    return TransferPlan(previous, new, mapping, dead, nodes, steps)
+
+
+def _check_inputs(
+    previous: Placement, new: Placement, rank_mapping: RankMapping | None, nodes: NodeLayout | None
+) -> RankMapping:
+    for name, value in (("previous", previous), ("new", new)):
+        if not isinstance(value, Placement):
+            raise TypeError(f"{name} must be a Placement, got {type(value).__name__}")
+    if (previous.num_layers, previous.num_logical) != (new.num_layers, new.num_logical):
+        raise ValueError(
+            f"previous has {previous.num_layers} layers x {previous.num_logical} experts, "
+            f"new has {new.num_layers} x {new.num_logical}"
+        )
+    mapping = RankMapping.identity(previous.num_ranks) if rank_mapping is None else rank_mapping
+    if not isinstance(mapping, RankMapping):
+        raise TypeError(f"rank_mapping must be a RankMapping, got {type(mapping).__name__}")
+    if mapping.old_world_size != previous.num_ranks or mapping.new_world_size != new.num_ranks:
+        raise ValueError(
+            f"rank_mapping maps {mapping.old_world_size} -> {mapping.new_world_size} ranks, "
+            f"placements have {previous.num_ranks} -> {new.num_ranks}"
+        )
+    if nodes is not None:
+        if not isinstance(nodes, NodeLayout):
+            raise TypeError(f"nodes must be a NodeLayout, got {type(nodes).__name__}")
+        if len(nodes.old_rank_nodes) != previous.num_ranks or len(nodes.new_rank_nodes) != new.num_ranks:
+            raise ValueError(
+                f"nodes has {len(nodes.old_rank_nodes)} old and {len(nodes.new_rank_nodes)} new "
+                f"ranks, placements have {previous.num_ranks} and {new.num_ranks}"
+            )
+        for old, new_rank in enumerate(mapping.old_to_new):
+            if new_rank is not None and nodes.old_rank_nodes[old] != nodes.new_rank_nodes[new_rank]:
+                raise ValueError(
+                    f"old rank {old} (new rank {new_rank}) is on node {nodes.old_rank_nodes[old]} "
+                    f"before and node {nodes.new_rank_nodes[new_rank]} after"
+                )
+    return mapping
+
+
+class _LayerPlanner:
+    """Plans one layer at a time; keeps the running send totals used to balance senders."""
+
+    def __init__(
+        self,
+        previous: Placement,
+        new: Placement,
+        mapping: RankMapping,
+        dead: set[int],
+        nodes: NodeLayout | None,
+    ) -> None:
+        self.previous, self.new, self.mapping, self.nodes = previous, new, mapping, nodes
+        self.live_old = [r for r in range(previous.num_ranks) if r not in dead]
+        self.total_sent = [0] * previous.num_ranks
+        self.old_slots = previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).tolist()
+        self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).tolist()
+
+    def plan_layer(self, layer: int) -> list[Step]:
+        old_slots: list[list[int]] = self.old_slots[layer]
+        new_slots: list[list[int]] = self.new_slots[layer]
+        # Slots of each old rank that this layer overwrites (survivors only: leavers keep theirs).
+        written_old = [set[int]() for _ in old_slots]
+        needs: list[tuple[int, int, tuple[int, ...]]] = []  # (new rank, expert, dst slots)
+        ops: list[Op] = []
+        for n, slots in enumerate(new_slots):
+            o = self.mapping.new_to_old[n]
+            before = old_slots[o] if o is not None else []
+            want: dict[int, list[int]] = {}
+            for i, e in enumerate(slots):
+                if e != EMPTY and (i >= len(before) or before[i] != e):
+                    want.setdefault(e, []).append(i)
+                    if o is not None:
+                        written_old[o].add(i)
+            for e in sorted(want):
+                needs.append((n, e, tuple(want[e])))
+        holders: dict[int, list[int]] = {}
+        for o in self.live_old:
+            for e in set(old_slots[o]) - {EMPTY}:
+                holders.setdefault(e, []).append(o)
+        layer_sent = [0] * len(old_slots)
+        remote: list[tuple[int, int, tuple[int, ...]]] = []
+        for n, e, dst in needs:
+            o = self.mapping.new_to_old[n]
+            if o is not None and e in old_slots[o]:
+                src = _pick_slot(old_slots[o], e, written_old[o])
+                ops.append(LocalCopy(layer, e, n, src, dst, staged=src in written_old[o]))
+            elif e in holders:
+                remote.append((n, e, dst))
+            else:
+                ops.append(Reload(layer, e, n, dst))
+        # Scarce experts first, so their few holders are not already loaded by common ones.
+        remote.sort(key=lambda need: (len(holders[need[1]]), need[1], need[0]))
+        for n, e, dst in remote:
+            keys = {
+                c: self._sender_key(
+                    c, n, e, old_slots, layer_sent, self.total_sent, written_old, self.nodes
+                )
+                for c in holders[e]
+            }
+            src = min(keys, key=keys.__getitem__)
+            layer_sent[src] += 1
+            self.total_sent[src] += 1
+            ops.append(Transfer(layer, e, src, _pick_slot(old_slots[src], e, written_old[src]), n, dst))
+        return _order_into_steps(layer, ops, self.mapping)
+
+    @staticmethod
+    def _sender_key(
+        candidate: int,
+        receiver: int,
+        expert: int,
+        old_slots: list[list[int]],
+        layer_sent: list[int],
+        total_sent: list[int],
+        written: list[set[int]],
+        nodes: NodeLayout | None,
+    ) -> tuple[int, int, int, int, int]:
+        """Lower is better: same node, fewest sent this layer, a source slot left intact,
+        fewest sent in total, lowest rank."""
+        off_node = 0
+        if nodes is not None:
+            off_node = int(nodes.old_rank_nodes[candidate] != nodes.new_rank_nodes[receiver])
+        held = [i for i, e in enumerate(old_slots[candidate]) if e == expert]
+        overwritten = int(all(i in written[candidate] for i in held))
+        return (off_node, layer_sent[candidate], overwritten, total_sent[candidate], candidate)
+
+
+def _pick_slot(slots: Sequence[int], expert: int, written: set[int]) -> int:
+    """Source slot of ``expert``: the lowest one this layer leaves intact, else the lowest."""
+    held = [i for i, e in enumerate(slots) if e == expert]
+    intact = [i for i in held if i not in written]
+    return (intact or held)[0]
+
+
+def _order_into_steps(layer: int, ops: list[Op], mapping: RankMapping) -> list[Step]:
+    """Group ``ops`` into steps (strongly connected components of "must read before that write")
+    and order the steps so that every read comes no later than the write to the same slot."""
+
+    def process(new_rank: int) -> int:  # one id per process, whether it has an old rank or not
+        old = mapping.new_to_old[new_rank]
+        return old if old is not None else mapping.old_world_size + new_rank
+
+    writer: dict[tuple[int, int], int] = {}
+    for index, op in enumerate(ops):
+        receiver = op.dst if isinstance(op, Transfer) else op.rank
+        for slot in op.dst_slots:
+            writer[(process(receiver), slot)] = index
+    before: list[list[int]] = [[] for _ in ops]  # before[r] = ops that must not precede op r
+    for index, op in enumerate(ops):
+        if isinstance(op, Transfer):
+            read = (op.src, op.src_slot)
+        elif isinstance(op, LocalCopy):
+            read = (process(op.rank), op.src_slot)
+        else:
+            continue
+        w = writer.get(read)
+        if w is not None:
+            before[index].append(w)
+    components = _strongly_connected(before)
+    comp_of = [0] * len(ops)
+    for c, members in enumerate(components):
+        for m in members:
+            comp_of[m] = c
+    succ: list[set[int]] = [set() for _ in components]
+    indegree = [0] * len(components)
+    for r, ws in enumerate(before):
+        for w in ws:
+            a, b = comp_of[r], comp_of[w]
+            if a != b and b not in succ[a]:
+                succ[a].add(b)
+                indegree[b] += 1
+    ready = [(min(members), c) for c, members in enumerate(components) if indegree[c] == 0]
+    heapq.heapify(ready)
+    steps: list[Step] = []
+    while ready:
+        _, c = heapq.heappop(ready)
+        members = sorted(components[c])
+        step_ops = tuple(ops[m] for m in members)
+        steps.append(Step(layer, step_ops, _buffer_experts(step_ops)))
+        for b in sorted(succ[c]):
+            indegree[b] -= 1
+            if indegree[b] == 0:
+                heapq.heappush(ready, (min(components[b]), b))
+    return steps
+
+
+def _buffer_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
+    need: dict[int, int] = {}
+    for op in ops:
+        if isinstance(op, Transfer):
+            need[op.dst] = need.get(op.dst, 0) + 1
+        elif isinstance(op, LocalCopy) and op.staged:
+            need[op.rank] = need.get(op.rank, 0) + 1
+    return tuple(sorted(need.items()))
+
+
+def _strongly_connected(edges: list[list[int]]) -> list[list[int]]:
+    """Tarjan's algorithm, iterative: the strongly connected components of a directed graph."""
+    index = [-1] * len(edges)
+    low = [0] * len(edges)
+    on_stack = [False] * len(edges)
+    stack: list[int] = []
+    components: list[list[int]] = []
+    counter = 0
+    for root in range(len(edges)):
+        if index[root] != -1:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, child = work.pop()
+            if child == 0:
+                index[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack[v] = True
+            if child < len(edges[v]):
+                work.append((v, child + 1))
+                w = edges[v][child]
+                if index[w] == -1:
+                    work.append((w, 0))
+                elif on_stack[w]:
+                    low[v] = min(low[v], index[w])
+                continue
+            if low[v] == index[v]:
+                members = []
+                while True:
+                    w = stack.pop()
+                    on_stack[w] = False
+                    members.append(w)
+                    if w == v:
+                        break
+                components.append(members)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+    return components
