@@ -1,0 +1,18 @@
+"""Stateless process groups that are rebuilt inside live processes, and elastic membership.
+
+- :class:`Rendezvous`: the job's one long-lived TCPStore, with a key prefix per (group, epoch).
+- :class:`StatelessGroup`: a gloo/NCCL process group outside torch's registry, for one
+  ``(name, epoch)``; PeerFailure within its timeout when a peer dies.
+"""
+
+from elastic_ep.groups.backend import Backend
+from elastic_ep.groups.rendezvous import Rendezvous
+from elastic_ep.groups.stateless_group import GroupClosedError, P2PHandle, StatelessGroup
+
+__all__ = [
+    "Backend",
+    "GroupClosedError",
+    "P2PHandle",
+    "Rendezvous",
+    "StatelessGroup",
+]

@@ -1,0 +1,104 @@
+"""Construct a torch ProcessGroup outside torch's group registry (gloo or NCCL).
+
+This is what vLLM's stateless groups do: build the backend object directly on a store, wrap it in
+a ``ProcessGroup`` and register it for its device type. The result works with
+``torch.distributed.all_reduce(t, group=pg)`` and friends, but not with the helpers that look a
+group up in torch's registry (P2POp / batch_isend_irecv, broadcast_object_list): the
+StatelessGroup methods cover those.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+
+import torch
+from torch.distributed import ProcessGroup, Store
+from torch.distributed.distributed_c10d import GroupName
+
+
+class Backend(str, Enum):
+    """Communication backends a StatelessGroup can run on."""
+
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+    @classmethod
+    def parse(cls, backend: str) -> Backend:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        try:
+            return cls(backend.lower())
+        except ValueError:
+            raise ValueError(
+                f"unknown backend {backend!r}; expected one of {[b.value for b in cls]}"
+            ) from None
+
+    @property
+    def device_type(self) -> str:
+        return "cpu" if self is Backend.GLOO else "cuda"
+
+
+def default_device(backend: Backend) -> torch.device:
+    """CPU for gloo; the current CUDA device for NCCL."""
+    if backend is Backend.GLOO:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("backend 'nccl' needs CUDA, which is not available")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=1)
+def _gloo_devices() -> tuple[object, ...]:
+    # Same rule as torch.distributed: GLOO_SOCKET_IFNAME (comma separated) picks the interfaces;
+    # otherwise gloo resolves this host's name. Devices are stateless and reusable, so build once.
+    from torch.distributed import ProcessGroupGloo
+
+    ifnames = os.environ.get("GLOO_SOCKET_IFNAME")
+    if ifnames:
+        return tuple(
+            ProcessGroupGloo.create_device(interface=name) for name in ifnames.split(",") if name
+        )
+    return (ProcessGroupGloo.create_default_device(),)
+
+
+def make_process_group(
+    store: Store,
+    rank: int,
+    world_size: int,
+    backend: Backend,
+    device: torch.device,
+    timeout_s: float,
+    group_name: str,
+) -> ProcessGroup:
+    """Build a ProcessGroup of one backend on ``store``.
+
+    gloo connects its full mesh inside the constructor (it waits for every peer up to
+    ``timeout_s``); NCCL creates its communicator lazily at the first collective.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    pg = ProcessGroup(store, rank, world_size)
+    impl: Any  # ProcessGroupGloo or ProcessGroupNCCL (torch's stubs type them apart)
+    if backend is Backend.GLOO:
+        from torch.distributed import ProcessGroupGloo
+
+        gloo_opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # not in torch's stubs
+        gloo_opts._timeout = timeout
+        gloo_opts._devices = list(_gloo_devices())
+        impl = ProcessGroupGloo(store, rank, world_size, gloo_opts)
+        backend_type = ProcessGroup.BackendType.GLOO
+    else:
+        from torch.distributed import ProcessGroupNCCL
+
+        nccl_opts = ProcessGroupNCCL.Options()
+        nccl_opts._timeout = timeout
+        impl = ProcessGroupNCCL(store, rank, world_size, nccl_opts)
+        backend_type = ProcessGroup.BackendType.NCCL
+    pg._set_default_backend(backend_type)
+    impl._set_sequence_number_for_group()
+    pg._register_backend(torch.device(device.type), backend_type, impl)
+    pg._set_group_name(GroupName(group_name))
+    return pg

@@ -1,0 +1,524 @@
+"""StatelessGroup: a process group that can be built, rebuilt and aborted inside a live process.
+
+torch's own groups live in a process-wide registry tied to one default group, so a process cannot
+leave a broken group behind and build a new one. A StatelessGroup is built directly on a key
+prefix of the job's long-lived TCPStore (see :mod:`elastic_ep.groups.rendezvous`) for one
+``(name, epoch)``, so any number of them can exist side by side (e.g. the current epoch's groups
+serving while the next epoch's are built as standby).
+
+Failure model: every operation either completes, or raises :class:`~elastic_ep.errors.PeerFailure`
+within the group's ``timeout_s`` (gloo's per-operation timeout; NCCL synchronising calls wait with
+it). After a PeerFailure the group is *broken*: later operations raise PeerFailure at once, and
+the caller should :meth:`~StatelessGroup.abort` it and build a new epoch. A member that is killed
+is seen by its neighbours at once ("connection reset"), by the others at the timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch.distributed import ProcessGroup, ReduceOp, Store, Work
+
+from elastic_ep.errors import ElasticEPError, PeerFailure
+from elastic_ep.groups.backend import Backend, default_device, make_process_group
+from elastic_ep.groups.rendezvous import Rendezvous, _check_timeout, prefix_of
+
+
+class GroupClosedError(ElasticEPError):
+    """An operation was called on a group after :meth:`StatelessGroup.destroy` or ``abort``."""
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class P2PHandle:
+    """Pending batch of sends/receives started by ``StatelessGroup.batch_p2p(..., async_op=True)``.
+
+    :meth:`wait` blocks until every transfer is done (on NCCL: until the current stream is
+    ordered after them) and raises PeerFailure if a peer failed.
+    """
+
+    def __init__(self, group: StatelessGroup, works: list[Work], peers: list[int]) -> None:
+        self._group = group
+        self._works = works
+        self._peers = peers
+
+    def wait(self) -> None:
+        works, self._works = self._works, []
+        peer = self._peers[0] if len(set(self._peers)) == 1 else None
+        for work in works:
+            self._group._wait(work, "batch_p2p", peer=peer, sync=False)
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+
+class StatelessGroup:
+    """A process group of ``world_size`` ranks for one ``(name, epoch)``, outside torch's registry.
+
+    Building is collective: every rank constructs a StatelessGroup with the same ``name``,
+    ``epoch``, ``world_size`` and backend, and its own ``rank``. The constructor returns once all
+    ranks have arrived (gloo: full mesh connected; NCCL: communicator created by a first
+    collective), or raises PeerFailure naming the first missing rank after ``timeout_s``.
+
+    Args:
+        rendezvous: the job's Rendezvous; the group keys live under ``group/<name>/epoch/<epoch>``.
+        name: group name (non-empty, no ``/``), e.g. ``"world"`` or ``"ep0"``.
+        epoch: epoch number (>= 0). A ``(name, epoch)`` can be built only once per job: building
+            it again raises ValueError, since stale keys would be read.
+        rank: this process's rank in the group, ``0 <= rank < world_size``.
+        world_size: number of ranks (>= 1).
+        backend: ``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors).
+        device: device of the tensors passed to this group; default CPU for gloo, the current
+            CUDA device for NCCL.
+        timeout_s: bound on the build and on every operation (> 0).
+
+    Attributes (read-only): name, epoch, rank, world_size, backend, device, timeout_s,
+    process_group (a real ``torch.distributed.ProcessGroup``:
+    ``torch.distributed.all_reduce(t, group=g.process_group)`` works).
+    """
+
+    def __init__(
+        self,
+        rendezvous: Rendezvous,
+        name: str,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        device: torch.device | str | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        if not isinstance(rendezvous, Rendezvous):
+            raise TypeError(f"rendezvous must be a Rendezvous, got {type(rendezvous).__name__}")
+        _check_int("world_size", world_size, minimum=1)
+        _check_int("rank", rank, minimum=0)
+        if rank >= world_size:
+            raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+        _check_int("epoch", epoch, minimum=0)
+        prefix = prefix_of("group", name, "epoch", epoch)
+        parsed = Backend.parse(backend)
+        _check_timeout(timeout_s)
+        dev = default_device(parsed) if device is None else torch.device(device)
+        if dev.type != parsed.device_type:
+            raise ValueError(
+                f"device {dev} does not fit backend {parsed.value!r} ({parsed.device_type} tensors)"
+            )
+
+        self._name = name
+        self._epoch = epoch
+        self._rank = rank
+        self._world_size = world_size
+        self._backend = parsed
+        self._device = dev
+        self._timeout_s = float(timeout_s)
+        self._failure: PeerFailure | None = None
+        self._closed = False
+        store: Store = torch.distributed.PrefixStore(prefix, rendezvous.client(timeout_s))
+        self._store: Store | None = store
+        self._pg: ProcessGroup | None = None
+        try:
+            self._rendezvous_all(store)
+            self._pg = make_process_group(
+                store, rank, world_size, parsed, dev, timeout_s, f"{name}@{epoch}"
+            )
+            if parsed is Backend.NCCL:
+                # NCCL creates its communicator lazily; a first collective makes "built" mean built.
+                self.barrier()
+        except PeerFailure:
+            self._release()
+            raise
+        except RuntimeError as err:
+            self._release()
+            raise self._peer_failure("build", err, peer=self._first_missing(store)) from err
+        except BaseException:
+            self._release()
+            raise
+
+    # ---- read-only attributes -----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def backend(self) -> str:
+        return self._backend.value
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    @property
+    def process_group(self) -> ProcessGroup:
+        return self._usable("process_group")
+
+    @property
+    def failure(self) -> PeerFailure | None:
+        """The PeerFailure that broke this group, or None while it is healthy."""
+        return self._failure
+
+    @property
+    def closed(self) -> bool:
+        """True after destroy() or abort()."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "broken" if self._failure else "ok"
+        return (
+            f"StatelessGroup(name={self._name!r}, epoch={self._epoch}, rank={self._rank}, "
+            f"world_size={self._world_size}, backend={self.backend!r}, {state})"
+        )
+
+    # ---- collectives --------------------------------------------------------------------
+    def all_reduce(
+        self, tensor: torch.Tensor, op: ReduceOp.RedOpType = ReduceOp.SUM
+    ) -> torch.Tensor:
+        """Reduce ``tensor`` (any shape/dtype, on ``device``) over all ranks, in place; returns it."""
+        self._check_tensor("tensor", tensor)
+        opts = torch.distributed.AllreduceOptions()
+        opts.reduceOp = ReduceOp(op)
+        self._run("all_reduce", lambda pg: pg.allreduce([tensor], opts))
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Copy rank ``src``'s ``tensor`` into every rank's ``tensor`` (same shape/dtype); returns it."""
+        self._check_tensor("tensor", tensor)
+        self._check_peer("src", src)
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = src
+        self._run("broadcast", lambda pg: pg.broadcast([tensor], opts))
+        return tensor
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int] | None = None,
+        input_split_sizes: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Exchange slices of dim 0: rank r's ``input`` rows for rank j land in rank j's ``output``.
+
+        Args:
+            output: ``[sum(output_split_sizes), *rest]`` tensor filled in place (same dtype and
+                trailing shape as ``input``).
+            input: ``[sum(input_split_sizes), *rest]`` tensor.
+            output_split_sizes: rows received from each rank (``world_size`` ints), or None for
+                equal splits of ``output.shape[0]``.
+            input_split_sizes: rows sent to each rank, or None for equal splits.
+        Returns:
+            ``output``.
+        """
+        self._check_tensor("output", output)
+        self._check_tensor("input", input)
+        if output.dtype != input.dtype or output.shape[1:] != input.shape[1:]:
+            raise ValueError(
+                f"output ({output.dtype}, {tuple(output.shape)}) and input ({input.dtype}, "
+                f"{tuple(input.shape)}) must share dtype and trailing shape"
+            )
+        out_splits = self._check_splits("output_split_sizes", output_split_sizes, output)
+        in_splits = self._check_splits("input_split_sizes", input_split_sizes, input)
+        self._run(
+            "all_to_all_single",
+            lambda pg: pg.alltoall_base(
+                output, input, out_splits, in_splits, torch.distributed.AllToAllOptions()
+            ),
+        )
+        return output
+
+    def barrier(self) -> None:
+        """Return once every rank has called barrier (raises PeerFailure after ``timeout_s``)."""
+        token = torch.ones(1, dtype=torch.int32, device=self._device)
+        self._run("barrier", lambda pg: pg.allreduce([token]), sync=True)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order. Peers are trusted (pickle)."""
+        payload = self._pickle(obj)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=self._device)
+        sizes = [torch.empty_like(size) for _ in range(self._world_size)]
+        self._run("all_gather_object", lambda pg: pg.allgather([sizes], [size]), sync=True)
+        lengths = [int(s.item()) for s in sizes]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=self._device)
+        padded[: payload.numel()] = payload
+        chunks = [torch.empty_like(padded) for _ in range(self._world_size)]
+        self._run("all_gather_object", lambda pg: pg.allgather([chunks], [padded]), sync=True)
+        return [_unpickle(c[:n]) for c, n in zip(chunks, lengths, strict=True)]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s picklable ``obj`` on every rank (other ranks' ``obj`` is ignored)."""
+        self._check_peer("src", src)
+        payload = self._pickle(obj) if self._rank == src else None
+        size = torch.tensor(
+            [0 if payload is None else payload.numel()], dtype=torch.int64, device=self._device
+        )
+        self.broadcast_sync(size, src)
+        buf = (
+            payload
+            if payload is not None
+            else torch.empty(int(size.item()), dtype=torch.uint8, device=self._device)
+        )
+        self.broadcast_sync(buf, src)
+        return obj if self._rank == src else _unpickle(buf)
+
+    def broadcast_sync(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """:meth:`broadcast`, then wait for it on the CPU (bounded by ``timeout_s`` on NCCL too)."""
+        self._check_tensor("tensor", tensor)
+        self._check_peer("src", src)
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = src
+        self._run("broadcast", lambda pg: pg.broadcast([tensor], opts), sync=True)
+        return tensor
+
+    def batch_p2p(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]],
+        recvs: Sequence[tuple[torch.Tensor, int]],
+        *,
+        async_op: bool = False,
+    ) -> P2PHandle | None:
+        """Post a batch of point-to-point transfers; coalesced into one launch on NCCL.
+
+        Args:
+            sends: ``(tensor, dst_rank)`` pairs; each tensor is sent whole.
+            recvs: ``(tensor, src_rank)`` pairs; each tensor is filled in place. Between one pair
+                of ranks, the k-th send is received by the k-th recv (same shape and dtype).
+                Transfers to/from this rank itself are done as local copies, in the same order.
+            async_op: if True return a :class:`P2PHandle` to ``wait()`` on; otherwise wait here.
+        Returns:
+            the handle, or None when ``async_op`` is False.
+        """
+        self._usable("batch_p2p")
+        for kind, pairs in (("sends", sends), ("recvs", recvs)):
+            for i, pair in enumerate(pairs):
+                if not isinstance(pair, tuple | list) or len(pair) != 2:
+                    raise TypeError(f"{kind}[{i}] must be a (tensor, rank) pair, got {pair!r}")
+                self._check_tensor(f"{kind}[{i}] tensor", pair[0])
+                self._check_peer(f"{kind}[{i}] rank", pair[1])
+        self_sends = [t for t, peer in sends if peer == self._rank]
+        self_recvs = [t for t, peer in recvs if peer == self._rank]
+        if len(self_sends) != len(self_recvs):
+            raise ValueError(
+                f"{len(self_sends)} sends to self but {len(self_recvs)} recvs from self (rank {self._rank})"
+            )
+        for i, (s, r) in enumerate(zip(self_sends, self_recvs, strict=True)):
+            if s.shape != r.shape or s.dtype != r.dtype:
+                raise ValueError(
+                    f"self transfer {i}: send {s.dtype}{tuple(s.shape)} != recv {r.dtype}{tuple(r.shape)}"
+                )
+        remote_sends = [(t, p) for t, p in sends if p != self._rank]
+        remote_recvs = [(t, p) for t, p in recvs if p != self._rank]
+        for s, r in zip(self_sends, self_recvs, strict=True):
+            r.copy_(s)
+        peers = [p for _, p in remote_sends] + [p for _, p in remote_recvs]
+        works = self._post_p2p(remote_sends, remote_recvs)
+        handle = P2PHandle(self, works, peers)
+        if async_op:
+            return handle
+        handle.wait()
+        return None
+
+    # ---- teardown -----------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release the group (connections, threads, store client). Idempotent.
+
+        A broken group is aborted instead, since an orderly shutdown can wait on a dead peer.
+        """
+        if self._closed:
+            return
+        if self._failure is not None:
+            self.abort()
+            return
+        self._closed = True
+        pg = self._pg
+        if pg is not None:
+            try:
+                pg.shutdown()
+            except RuntimeError:
+                pg.abort()
+        self._release()
+
+    def abort(self) -> None:
+        """Tear the group down without waiting for peers (use when a peer may be dead).
+
+        Never hangs; idempotent. In-flight operations of this group fail.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        pg = self._pg
+        if pg is not None:
+            # An abort that fails leaves nothing more to release than dropping the group.
+            with contextlib.suppress(RuntimeError):
+                pg.abort()
+        self._release()
+
+    # ---- internals ----------------------------------------------------------------------
+    def _release(self) -> None:
+        self._closed = True
+        self._pg = None
+        self._store = None
+
+    def _usable(self, op: str) -> ProcessGroup:
+        if self._closed or self._pg is None:
+            raise GroupClosedError(
+                f"{op} on group {self._name!r} epoch {self._epoch}: the group is closed"
+            )
+        if self._failure is not None:
+            raise PeerFailure(
+                f"{op} on group {self._name!r} epoch {self._epoch}: the group is broken since an "
+                f"earlier failure ({self._failure}); abort it and build a new epoch",
+                group=self._name,
+                epoch=self._epoch,
+                member=self._failure.member,
+            )
+        return self._pg
+
+    def _rendezvous_all(self, store: Store) -> None:
+        # Claim this rank's slot: a second build of the same (name, epoch) would read stale keys.
+        if store.add(f"arrived/{self._rank}", 1) != 1:
+            raise ValueError(
+                f"group {self._name!r} epoch {self._epoch} rank {self._rank} was already built in "
+                "this job: epochs must never be reused"
+            )
+        keys = [f"arrived/{r}" for r in range(self._world_size)]
+        try:
+            store.wait(keys, timedelta(seconds=self._timeout_s))
+        except RuntimeError as err:
+            raise self._peer_failure("build", err, peer=self._first_missing(store)) from err
+
+    def _first_missing(self, store: Store) -> int | None:
+        try:
+            return next(
+                (r for r in range(self._world_size) if not store.check([f"arrived/{r}"])), None
+            )
+        except RuntimeError:
+            return None
+
+    def _peer_failure(self, op: str, err: BaseException, *, peer: int | None) -> PeerFailure:
+        who = "" if peer is None else f" (rank {peer} missing or failed)"
+        return PeerFailure(
+            f"{op} on group {self._name!r} epoch {self._epoch} rank {self._rank}/{self._world_size} "
+            f"failed within {self._timeout_s:g} s{who}: {err}",
+            group=self._name,
+            epoch=self._epoch,
+            member=peer,
+        )
+
+    def _run(
+        self,
+        op: str,
+        start: Callable[[ProcessGroup], Work],
+        *,
+        peer: int | None = None,
+        sync: bool = False,
+    ) -> None:
+        pg = self._usable(op)
+        try:
+            work = start(pg)
+        except RuntimeError as err:
+            self._failure = self._peer_failure(op, err, peer=peer)
+            raise self._failure from err
+        self._wait(work, op, peer=peer, sync=sync)
+
+    def _wait(self, work: Work, op: str, *, peer: int | None, sync: bool) -> None:
+        # gloo completes (or times out) on the CPU. NCCL work is stream-ordered: plain wait() only
+        # orders the current stream; sync=True blocks the CPU with the group's timeout.
+        try:
+            if sync and self._backend is Backend.NCCL:
+                work.wait(timedelta(seconds=self._timeout_s))
+            else:
+                work.wait()
+        except RuntimeError as err:
+            self._failure = self._peer_failure(op, err, peer=peer)
+            raise self._failure from err
+
+    def _post_p2p(
+        self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]
+    ) -> list[Work]:
+        pg = self._usable("batch_p2p")
+        if not sends and not recvs:
+            return []
+        peers = {p for _, p in sends} | {p for _, p in recvs}
+        peer = next(iter(peers)) if len(peers) == 1 else None
+        try:
+            if self._backend is Backend.NCCL:
+                pg._start_coalescing(self._device)
+                for t, dst in sends:
+                    pg.send([t], dst, 0)
+                for t, src in recvs:
+                    pg.recv([t], src, 0)
+                return [pg._end_coalescing(self._device)]
+            return [pg.send([t], dst, 0) for t, dst in sends] + [
+                pg.recv([t], src, 0) for t, src in recvs
+            ]
+        except RuntimeError as err:
+            self._failure = self._peer_failure("batch_p2p", err, peer=peer)
+            raise self._failure from err
+
+    def _check_tensor(self, what: str, tensor: object) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device.type != self._device.type:
+            raise ValueError(
+                f"{what} is on {tensor.device}, but group {self._name!r} uses {self._device}"
+            )
+        if not tensor.is_contiguous():
+            raise ValueError(f"{what} must be contiguous")
+
+    def _check_peer(self, what: str, peer: object) -> None:
+        if isinstance(peer, bool) or not isinstance(peer, int):
+            raise TypeError(f"{what} must be an int rank, got {type(peer).__name__}")
+        if not 0 <= peer < self._world_size:
+            raise ValueError(f"{what} = {peer} is outside the group of {self._world_size} ranks")
+
+    def _check_splits(self, what: str, splits: list[int] | None, tensor: torch.Tensor) -> list[int]:
+        rows = tensor.shape[0] if tensor.dim() > 0 else 0
+        if splits is None:
+            if rows % self._world_size:
+                raise ValueError(
+                    f"{what} is None but dim 0 ({rows}) is not divisible by world_size {self._world_size}"
+                )
+            return [rows // self._world_size] * self._world_size
+        splits = [int(s) for s in splits]
+        if len(splits) != self._world_size:
+            raise ValueError(
+                f"{what} has {len(splits)} entries, expected world_size {self._world_size}"
+            )
+        if any(s < 0 for s in splits):
+            raise ValueError(f"{what} has negative entries: {splits}")
+        if sum(splits) != rows:
+            raise ValueError(f"{what} sums to {sum(splits)} but dim 0 has {rows} rows")
+        return splits
+
+    def _pickle(self, obj: Any) -> torch.Tensor:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._device)
+
+
+def _unpickle(buf: torch.Tensor) -> Any:
+    return pickle.loads(buf.cpu().numpy().tobytes())
