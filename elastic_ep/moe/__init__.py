@@ -1,0 +1,53 @@
+"""Expert-parallel MoE: routing through the placement, load record, dispatch/combine, the layer.
+
+Pieces, in the order a forward uses them:
+- :func:`topk_gating`: logical top-k experts and weights per token;
+- :func:`route_to_slots`: logical ids -> physical slots through the fixed-address placement
+  tables (deterministic spread over replicas);
+- :class:`LoadRecord`: per-step load per slot folded to logical experts, a sliding window,
+  aggregated over ranks for the planner;
+- :class:`DispatchBackend` (interface) and :class:`AllToAllBackend` (torch ``all_to_all_single``):
+  move tokens to their slots' ranks and back, rebuilt per epoch;
+- :class:`EPMoELayer`, :class:`EPMoEModel`: the layer and a small seeded model with a reference
+  forward, for tests and the demo.
+"""
+
+from elastic_ep.moe.all_to_all import AllToAllBackend, AllToAllGroup, AllToAllHandle
+from elastic_ep.moe.dispatch import DispatchBackend, DispatchedTokens
+from elastic_ep.moe.experts import expert_mlp, run_local_experts
+from elastic_ep.moe.gating import topk_gating
+from elastic_ep.moe.layer import EPMoELayer
+from elastic_ep.moe.load_record import LoadRecord, SumReducer
+from elastic_ep.moe.model import (
+    EPMoEModel,
+    MoEModelConfig,
+    build_local_model,
+    reference_forward,
+    reference_moe,
+    seeded_expert,
+    seeded_gate,
+)
+from elastic_ep.moe.routing import count_slot_tokens_, route_to_slots
+
+__all__ = [
+    "AllToAllBackend",
+    "AllToAllGroup",
+    "AllToAllHandle",
+    "DispatchBackend",
+    "DispatchedTokens",
+    "EPMoELayer",
+    "EPMoEModel",
+    "LoadRecord",
+    "MoEModelConfig",
+    "SumReducer",
+    "build_local_model",
+    "count_slot_tokens_",
+    "expert_mlp",
+    "reference_forward",
+    "reference_moe",
+    "route_to_slots",
+    "run_local_experts",
+    "seeded_expert",
+    "seeded_gate",
+    "topk_gating",
+]
