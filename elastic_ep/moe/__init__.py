@@ -27,9 +27,11 @@ from elastic_ep.moe.model import (
     seeded_expert,
     seeded_gate,
 )
+from elastic_ep.moe.resources import DISPATCH_RESOURCE, register_dispatch_backend
 from elastic_ep.moe.routing import count_slot_tokens_, route_to_slots
 
 __all__ = [
+    "DISPATCH_RESOURCE",
     "AllToAllBackend",
     "AllToAllGroup",
     "AllToAllHandle",
@@ -45,6 +47,7 @@ __all__ = [
     "expert_mlp",
     "reference_forward",
     "reference_moe",
+    "register_dispatch_backend",
     "route_to_slots",
     "run_local_experts",
     "seeded_expert",
