@@ -10,8 +10,8 @@ import torch
 from elastic_ep.eplb import Placement, PlacementBuffers
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.moe import (
-    AllToAllBackend,
     DISPATCH_RESOURCE,
+    AllToAllBackend,
     EPMoELayer,
     LoadRecord,
     MoEModelConfig,
