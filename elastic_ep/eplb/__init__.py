@@ -25,6 +25,38 @@ balancedness
 """
 
 from elastic_ep.eplb.buffers import PlacementBuffers
+from elastic_ep.eplb.executor import (
+    DEFAULT_BUFFER_BYTES,
+    ExecutionStats,
+    GroupRanks,
+    LostExpertsError,
+    Phase,
+    execute,
+)
 from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log
+from elastic_ep.eplb.transfer_plan import (
+    LocalCopy,
+    NodeLayout,
+    Reload,
+    Step,
+    Transfer,
+    TransferPlan,
+    plan_transfers,
+)
 
 __all__ = ["EMPTY", "Placement", "PlacementBuffers", "log2phy_from_phy2log"]
+__all__ += [
+    "DEFAULT_BUFFER_BYTES",
+    "ExecutionStats",
+    "GroupRanks",
+    "LocalCopy",
+    "LostExpertsError",
+    "NodeLayout",
+    "Phase",
+    "Reload",
+    "Step",
+    "Transfer",
+    "TransferPlan",
+    "execute",
+    "plan_transfers",
+]

@@ -233,7 +233,10 @@ def _check_inputs(
     if nodes is not None:
         if not isinstance(nodes, NodeLayout):
             raise TypeError(f"nodes must be a NodeLayout, got {type(nodes).__name__}")
-        if len(nodes.old_rank_nodes) != previous.num_ranks or len(nodes.new_rank_nodes) != new.num_ranks:
+        if (
+            len(nodes.old_rank_nodes) != previous.num_ranks
+            or len(nodes.new_rank_nodes) != new.num_ranks
+        ):
             raise ValueError(
                 f"nodes has {len(nodes.old_rank_nodes)} old and {len(nodes.new_rank_nodes)} new "
                 f"ranks, placements have {previous.num_ranks} and {new.num_ranks}"
@@ -309,7 +312,9 @@ class _LayerPlanner:
             src = min(keys, key=keys.__getitem__)
             layer_sent[src] += 1
             self.total_sent[src] += 1
-            ops.append(Transfer(layer, e, src, _pick_slot(old_slots[src], e, written_old[src]), n, dst))
+            ops.append(
+                Transfer(layer, e, src, _pick_slot(old_slots[src], e, written_old[src]), n, dst)
+            )
         return _order_into_steps(layer, ops, self.mapping)
 
     @staticmethod
