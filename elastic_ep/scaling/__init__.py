@@ -1,0 +1,62 @@
+"""Elastic scaling: change the number of ranks of a serving MoE engine, transactionally.
+
+- :class:`ElasticCoordinator` (controller): validates :class:`ScaleRequest` s, launches joiners
+  through a :class:`Launcher`, follows the phases, reports :class:`ScaleStatus`.
+- :class:`ElasticRank` (one per rank): ``poll()`` at safe points between forward steps; stages the
+  next epoch in the background, commits in lockstep, recovers from a dead rank.
+- :class:`TrafficGate` (drain | reject), :class:`EpochResources` (rebuilt at every commit),
+  :class:`ControlServer` (``POST /scale``, ``GET /status``).
+
+See docs/scaling.md.
+"""
+
+from elastic_ep.scaling.channel import Command, CommandKind, RankReport
+from elastic_ep.scaling.coordinator import ElasticCoordinator, ScaleConflict
+from elastic_ep.scaling.gate import GateMode, TrafficGate
+from elastic_ep.scaling.launcher import (
+    Launcher,
+    LocalProcess,
+    LocalProcessLauncher,
+    RankHandle,
+    RankRole,
+    RankSpec,
+)
+from elastic_ep.scaling.phase import ScalePhase, can_transition, check_transition
+from elastic_ep.scaling.rank_agent import Action, ElasticRank
+from elastic_ep.scaling.request import ScaleLimits, ScaleRequest
+from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
+from elastic_ep.scaling.server import ControlServer
+from elastic_ep.scaling.status import EventKind, ScaleStatus
+from elastic_ep.scaling.transition import PlanFn, default_planner
+
+__all__ = [
+    "Action",
+    "Command",
+    "CommandKind",
+    "ControlServer",
+    "ElasticCoordinator",
+    "ElasticRank",
+    "EpochContext",
+    "EpochResources",
+    "EventKind",
+    "GateMode",
+    "Launcher",
+    "LocalProcess",
+    "LocalProcessLauncher",
+    "PlanFn",
+    "RankHandle",
+    "RankReport",
+    "RankRole",
+    "RankSpec",
+    "ResourceError",
+    "ResourceSet",
+    "ScaleConflict",
+    "ScaleLimits",
+    "ScalePhase",
+    "ScaleRequest",
+    "ScaleStatus",
+    "TrafficGate",
+    "can_transition",
+    "check_transition",
+    "default_planner",
+]

@@ -1,0 +1,185 @@
+"""ControlChannel: the typed messages between the coordinator and the ranks, over the TCPStore.
+
+Keys (all under ``ctl/``):
+
+- ``seq``: counter of published commands; ``cmd/<seq>``: the pickled :class:`Command`.
+- ``abort/<seq>``: set by the coordinator to abandon a running scale (e.g. a joiner died).
+- ``report/<epoch>/<member>``: a rank's :class:`RankReport` about the event that made ``epoch``.
+- ``world``: the serving ``(epoch, members)``, written by the leader at each commit.
+- ``dead/<member>``: the coordinator saw that member's process die (speeds up recovery).
+- ``recovery/count`` and ``recovery/<n>``: the epochs made by recoveries, in order.
+
+Ranks read the store without blocking (``add(key, 0)``, ``check``); every blocking read has a
+timeout. Values are pickled: the store is private to the job, whose processes trust each other.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from typing import Any, cast
+
+from torch.distributed import Store
+
+from elastic_ep.scaling.gate import GateMode
+from elastic_ep.scaling.phase import ScalePhase
+
+
+class CommandKind(Enum):
+    SCALE = "scale"
+    STOP = "stop"  # every rank leaves its serving loop (job shutdown)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One instruction for the ranks, identified by its sequence number.
+
+    Attributes:
+        seq: 1, 2, ... in publication order.
+        kind: what to do.
+        epoch: the fresh epoch the scale builds (unused for STOP).
+        old_members / new_members: member ids before and after, in rank order.
+        mode: traffic-gate mode while the scale runs.
+        timeout_s: bound on the scale work (and on draining).
+    """
+
+    seq: int
+    kind: CommandKind
+    epoch: int = -1
+    old_members: tuple[int, ...] = ()
+    new_members: tuple[int, ...] = ()
+    mode: GateMode = GateMode.DRAIN
+    timeout_s: float = 60.0
+
+    @property
+    def joiners(self) -> tuple[int, ...]:
+        old = set(self.old_members)
+        return tuple(m for m in self.new_members if m not in old)
+
+    @property
+    def leavers(self) -> tuple[int, ...]:
+        new = set(self.new_members)
+        return tuple(m for m in self.old_members if m not in new)
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What one rank says about the event that made (or tried to make) ``epoch``.
+
+    Attributes:
+        epoch: the event's new epoch.
+        member: the reporting member id.
+        phase: the last phase this rank reached (``COMPLETED``, ``ROLLED_BACK``, ``FAILED`` are
+            final).
+        phase_s: seconds per phase on this rank.
+        blocking_s: seconds this rank could not run a forward step.
+        kv_budget_bytes: the agreed KV budget, when the event synced it.
+        lost_experts: (layer, expert) pairs reloaded (recovery).
+        members: the new epoch's members (recovery: the survivors).
+        dead_members: members declared dead (recovery).
+        error: why the event failed on this rank.
+    """
+
+    epoch: int
+    member: int
+    phase: ScalePhase
+    phase_s: tuple[tuple[ScalePhase, float], ...] = ()
+    blocking_s: float | None = None
+    kv_budget_bytes: int | None = None
+    lost_experts: int = 0
+    members: tuple[int, ...] = ()
+    dead_members: tuple[int, ...] = ()
+    error: str | None = None
+
+
+def _dump(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def put(store: Store, key: str, data: bytes) -> None:
+    """``store.set`` with raw bytes (torch's stubs say ``str``; the store takes bytes)."""
+    store.set(key, cast(str, data))
+
+
+class ControlChannel:
+    """Typed reads and writes of the ``ctl/`` keys on the job's store."""
+
+    def __init__(self, store: Store, timeout_s: float = 30.0) -> None:
+        self._store = store
+        self._timeout = timedelta(seconds=timeout_s)
+
+    # ---- commands ---------------------------------------------------------------------
+    def next_seq(self) -> int:
+        """Reserve the next command number (coordinator)."""
+        return int(self._store.add("ctl/seq_reserved", 1))
+
+    def publish(self, command: Command) -> None:
+        """Make ``command`` visible to the ranks (its seq must come from :meth:`next_seq`)."""
+        put(self._store, f"ctl/cmd/{command.seq}", _dump(command))
+        # ``seq`` only ever grows; ranks read it without blocking.
+        current = self.latest_seq()
+        if command.seq > current:
+            self._store.add("ctl/seq", command.seq - current)
+
+    def latest_seq(self) -> int:
+        """Highest published command number, 0 if none (non-blocking)."""
+        return int(self._store.add("ctl/seq", 0))
+
+    def command(self, seq: int) -> Command:
+        self._store.wait([f"ctl/cmd/{seq}"], self._timeout)
+        cmd = pickle.loads(self._store.get(f"ctl/cmd/{seq}"))
+        if not isinstance(cmd, Command):
+            raise TypeError(f"ctl/cmd/{seq} holds {type(cmd).__name__}, not a Command")
+        return cmd
+
+    def abort(self, seq: int) -> None:
+        put(self._store, f"ctl/abort/{seq}", b"1")
+
+    def aborted(self, seq: int) -> bool:
+        return bool(self._store.check([f"ctl/abort/{seq}"]))
+
+    # ---- reports ----------------------------------------------------------------------
+    def report(self, report: RankReport) -> None:
+        put(self._store, f"ctl/report/{report.epoch}/{report.member}", _dump(report))
+
+    def reports(self, epoch: int, members: tuple[int, ...]) -> dict[int, RankReport]:
+        """The reports present now for ``epoch`` from ``members`` (non-blocking)."""
+        out: dict[int, RankReport] = {}
+        for m in members:
+            key = f"ctl/report/{epoch}/{m}"
+            if self._store.check([key]):
+                out[m] = pickle.loads(self._store.get(key))
+        return out
+
+    # ---- serving world ----------------------------------------------------------------
+    def set_world(self, epoch: int, members: tuple[int, ...]) -> None:
+        put(self._store, "ctl/world", _dump((epoch, tuple(members))))
+
+    def world(self) -> tuple[int, tuple[int, ...]] | None:
+        if not self._store.check(["ctl/world"]):
+            return None
+        epoch, members = pickle.loads(self._store.get("ctl/world"))
+        return int(epoch), tuple(members)
+
+    # ---- failures ---------------------------------------------------------------------
+    def mark_dead(self, member: int) -> None:
+        put(self._store, f"ctl/dead/{member}", b"1")
+
+    def is_marked_dead(self, member: int) -> bool:
+        return bool(self._store.check([f"ctl/dead/{member}"]))
+
+    def add_recovery(self, epoch: int) -> None:
+        n = int(self._store.add("ctl/recovery/count", 1))
+        put(self._store, f"ctl/recovery/{n}", str(epoch).encode())
+
+    def recoveries(self, start: int) -> list[int]:
+        """Epochs made by recoveries number ``start + 1`` onwards (non-blocking)."""
+        count = int(self._store.add("ctl/recovery/count", 0))
+        return [int(self._store.get(f"ctl/recovery/{n}")) for n in range(start + 1, count + 1)]
+
+    # ---- raw access for the recovery agreement ----------------------------------------
+    @property
+    def store(self) -> Store:
+        return self._store

@@ -1,0 +1,343 @@
+"""ElasticCoordinator: the controller side of elastic scaling.
+
+It hosts the job's TCPStore, launches the ranks (initial ones and joiners) through a
+:class:`~elastic_ep.scaling.launcher.Launcher`, validates scale requests, publishes them to the
+ranks, follows their reports and exposes a :class:`ScaleStatus`. One scale runs at a time: a
+second request while one runs raises :class:`ScaleConflict`. A scale that fails anywhere (a
+joiner dies or never arrives, a timeout, a planner error) is rolled back by the ranks; the
+coordinator kills the joiners it launched and reports ``rolled_back`` with the reason, and the
+next request starts from a clean state. A monitor thread marks dead rank processes in the store
+(so survivors need not wait out a timeout) and picks up recoveries.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import replace
+
+from elastic_ep.errors import ElasticEPError
+from elastic_ep.groups import Rendezvous
+from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
+from elastic_ep.scaling.launcher import Launcher, RankHandle, RankRole, RankSpec
+from elastic_ep.scaling.phase import ScalePhase, check_transition
+from elastic_ep.scaling.request import ScaleLimits, ScaleRequest
+from elastic_ep.scaling.status import EventKind, ScaleStatus
+
+_FINAL = (ScalePhase.COMPLETED, ScalePhase.ROLLED_BACK, ScalePhase.FAILED)
+
+
+class ScaleConflict(ElasticEPError):
+    """A scale request arrived while another scale (or a recovery) was running."""
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ElasticCoordinator:
+    """Launch, scale and watch one elastic job.
+
+    Args:
+        launcher: starts rank processes (``LocalProcessLauncher`` or ``RayLauncher``).
+        limits: world sizes the model can run at (checked before anything changes).
+        host / port: where the job's TCPStore listens (loopback and a free port by default).
+        config: the engine's picklable settings, passed to every rank in its ``RankSpec``.
+        timeout_s: group timeout given to the ranks.
+        poll_interval_s: how often the monitor thread looks at processes and reports.
+        leave_timeout_s: how long a leaver may take to exit after its commit.
+    """
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        limits: ScaleLimits,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        config: object = None,
+        timeout_s: float = 30.0,
+        poll_interval_s: float = 0.02,
+        leave_timeout_s: float = 30.0,
+    ) -> None:
+        if not isinstance(limits, ScaleLimits):
+            raise TypeError(f"limits must be ScaleLimits, got {type(limits).__name__}")
+        self.limits = limits
+        self._launcher = launcher
+        self._config = config
+        self._timeout_s = timeout_s
+        self._poll_s = poll_interval_s
+        self._leave_timeout_s = leave_timeout_s
+        self._rdzv = Rendezvous(host, port or _free_port(host), is_master=True, timeout_s=timeout_s)
+        self._channel = ControlChannel(self._rdzv.store, timeout_s)
+        self._lock = threading.RLock()
+        self._handles: dict[int, RankHandle] = {}
+        self._next_member = 0
+        self._status = ScaleStatus(ScalePhase.IDLE, epoch=-1, members=())
+        self._driver: threading.Thread | None = None
+        self._done = threading.Event()
+        self._done.set()
+        self._recoveries_seen = 0
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="elastic-monitor", daemon=True)
+
+    # ---- public API -------------------------------------------------------------------
+    @property
+    def store_address(self) -> tuple[str, int]:
+        return self._rdzv.host, self._rdzv.port
+
+    def status(self) -> ScaleStatus:
+        """The current :class:`ScaleStatus` (a consistent snapshot)."""
+        with self._lock:
+            return self._status
+
+    def start(self, world_size: int, *, timeout_s: float = 60.0) -> ScaleStatus:
+        """Launch ``world_size`` initial ranks and wait until all serve.
+
+        Raises ``ValueError`` for a size the model cannot run at, ``ElasticEPError`` if the
+        ranks do not come up within ``timeout_s`` (they are killed).
+        """
+        self.limits.check_world_size(world_size)
+        if self._status.members:
+            raise ScaleConflict("the job has already started")
+        epoch = self._rdzv.next_epoch("world")
+        members = self._new_member_ids(world_size)
+        for m in members:
+            self._launch(RankSpec(*self.store_address, m, epoch, members, RankRole.INITIAL,
+                                  self._config, self._timeout_s))
+        reports = self._wait_reports(epoch, members, timeout_s)
+        missing = [m for m in members if m not in reports]
+        if missing:
+            for m in members:
+                self._handles.pop(m).kill()
+            raise ElasticEPError(f"initial members {missing} did not start within {timeout_s:g} s")
+        self._channel.set_world(epoch, members)
+        with self._lock:
+            self._status = ScaleStatus(ScalePhase.IDLE, epoch, members)
+        self._monitor.start()
+        return self._status
+
+    def submit(self, request: ScaleRequest) -> ScaleStatus:
+        """Validate ``request`` and start it in the background; return the status at start.
+
+        Raises ``ValueError``/``TypeError`` for a bad request (nothing changes) and
+        :class:`ScaleConflict` while another scale or a recovery runs.
+        """
+        if not isinstance(request, ScaleRequest):
+            raise TypeError(f"request must be a ScaleRequest, got {type(request).__name__}")
+        with self._lock:
+            status = self._status
+            if not status.members:
+                raise ScaleConflict("the job has not started")
+            if status.phase.is_active:
+                raise ScaleConflict(
+                    f"a {status.event.value if status.event else 'scale'} is running "
+                    f"(phase {status.phase.value}); retry when it ends"
+                )
+            request.check(self.limits)
+            fresh = range(self._next_member, self._next_member + request.target_size)
+            new_members = request.next_members(status.members, fresh)
+            self._next_member = max([self._next_member, *[m + 1 for m in new_members]])
+            cmd = Command(
+                seq=self._channel.next_seq(), kind=CommandKind.SCALE,
+                epoch=self._rdzv.next_epoch("world"), old_members=status.members,
+                new_members=new_members, mode=request.mode, timeout_s=request.timeout_s,
+            )
+            self._set_phase(ScalePhase.PREPARING, event=EventKind.SCALE, event_id=cmd.seq, error=None,
+                            phase_s=(), blocking_s=None, kv_budget_bytes=None)
+            self._done.clear()
+            self._driver = threading.Thread(target=self._drive, args=(cmd,), daemon=True)
+            self._driver.start()
+            return self._status
+
+    def wait(self, timeout_s: float) -> ScaleStatus:
+        """Wait (bounded) for the running scale to end; return the status."""
+        self._done.wait(timeout_s)
+        return self.status()
+
+    def scale(self, request: ScaleRequest) -> ScaleStatus:
+        """:meth:`submit` and wait for the end (bounded by the request's timeout plus margin)."""
+        self.submit(request)
+        return self.wait(request.timeout_s + self._leave_timeout_s + 10.0)
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Tell every rank to stop, wait (bounded) for the processes, kill the rest, close."""
+        self._stop.set()
+        self._channel.publish(Command(self._channel.next_seq(), CommandKind.STOP))
+        deadline = time.monotonic() + timeout_s
+        for handle in list(self._handles.values()):
+            if not handle.join(max(0.0, deadline - time.monotonic())):
+                handle.kill()
+        if self._monitor.is_alive():
+            self._monitor.join(timeout=5)
+        self._handles.clear()
+        self._rdzv.close()
+
+    def handle(self, member: int) -> RankHandle:
+        """The launched process of ``member`` (e.g. to kill it in a test)."""
+        return self._handles[member]
+
+    # ---- the scale driver --------------------------------------------------------------
+    def _drive(self, cmd: Command) -> None:
+        try:
+            self._channel.publish(cmd)
+            for m in cmd.joiners:
+                self._launch(RankSpec(*self.store_address, m, cmd.epoch, cmd.new_members,
+                                      RankRole.JOINER, self._config, self._timeout_s))
+            self._follow(cmd)
+        except Exception as exc:  # the driver must always end the event
+            self._channel.abort(cmd.seq)
+            self._end_failed(cmd, f"coordinator error: {exc!r}")
+        finally:
+            self._done.set()
+
+    def _follow(self, cmd: Command) -> None:
+        deadline = time.monotonic() + cmd.timeout_s + self._timeout_s + 5.0
+        everyone = tuple(dict.fromkeys(cmd.old_members + cmd.new_members))
+        aborted = False
+        while time.monotonic() < deadline:
+            if self._status.event is EventKind.RECOVERY:
+                # a serving rank died: the scale is already marked failed, the ranks recover
+                self._channel.abort(cmd.seq)
+                self._kill_joiners(cmd)
+                return
+            reports = self._channel.reports(cmd.epoch, everyone)
+            leader = reports.get(cmd.old_members[0])
+            if leader is not None and leader.phase.is_active and leader.phase is not self._status.phase:
+                self._advance(leader.phase)
+            failed = [r for r in reports.values() if r.phase in (ScalePhase.ROLLED_BACK, ScalePhase.FAILED)]
+            old_final = [reports.get(m) for m in cmd.old_members]
+            if failed and all(r is not None and r.phase in _FINAL for r in old_final):
+                self._end_rolled_back(cmd, failed)
+                return
+            if all(m in reports and reports[m].phase is ScalePhase.COMPLETED for m in everyone):
+                self._end_completed(cmd, reports)
+                return
+            dead = [m for m in cmd.joiners if not self._handles[m].is_alive()]
+            if dead and not aborted:
+                self._channel.abort(cmd.seq)  # the ranks roll back at their next poll
+                aborted = True
+            time.sleep(self._poll_s)
+        self._channel.abort(cmd.seq)
+        self._end_failed(cmd, f"no final report within {cmd.timeout_s:g} s plus margins")
+
+    def _advance(self, phase: ScalePhase) -> None:
+        with self._lock:
+            current = self._status.phase
+            # Walk through skipped phases so the state machine stays explicit.
+            order = [ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
+                     ScalePhase.COMMITTING]
+            if current in order and phase in order:
+                for step in order[order.index(current) + 1 : order.index(phase) + 1]:
+                    self._set_phase(step)
+
+    def _end_completed(self, cmd: Command, reports: dict[int, RankReport]) -> None:
+        for m in cmd.leavers:
+            handle = self._handles.pop(m)
+            if not handle.join(self._leave_timeout_s):
+                handle.kill()
+        leader = reports[cmd.new_members[0]]
+        blocking = [r.blocking_s for r in reports.values() if r.blocking_s is not None]
+        with self._lock:
+            self._advance(ScalePhase.COMMITTING)
+            self._set_phase(
+                ScalePhase.COMPLETED, epoch=cmd.epoch, members=cmd.new_members,
+                phase_s=reports[cmd.old_members[0]].phase_s, blocking_s=max(blocking, default=None),
+                kv_budget_bytes=leader.kv_budget_bytes,
+            )
+
+    def _end_rolled_back(self, cmd: Command, failed: list[RankReport]) -> None:
+        self._kill_joiners(cmd)
+        errors = sorted({r.error for r in failed if r.error})
+        with self._lock:
+            self._set_phase(ScalePhase.FAILED, error="; ".join(errors) or "rolled back")
+            self._set_phase(ScalePhase.ROLLED_BACK)
+
+    def _end_failed(self, cmd: Command, reason: str) -> None:
+        self._kill_joiners(cmd)
+        with self._lock:
+            if self._status.phase.is_active and self._status.event is EventKind.SCALE:
+                self._set_phase(ScalePhase.FAILED, error=reason)
+
+    def _kill_joiners(self, cmd: Command) -> None:
+        for m in cmd.joiners:
+            handle = self._handles.pop(m, None)
+            if handle is not None and not handle.join(1.0):
+                handle.kill()
+
+    # ---- failures of serving ranks ------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            try:
+                self._check_processes()
+                self._check_recoveries()
+            except Exception:
+                if self._stop.is_set():
+                    return
+                raise
+
+    def _check_processes(self) -> None:
+        with self._lock:
+            serving = self._status.members
+            phase = self._status.phase
+        for m in serving:
+            handle = self._handles.get(m)
+            if handle is None or handle.is_alive() or self._channel.is_marked_dead(m):
+                continue
+            self._channel.mark_dead(m)
+            with self._lock:
+                if phase.is_active and self._status.event is EventKind.SCALE:
+                    # the scale's driver sees RECOVERY, aborts and ends the scale as failed
+                    self._set_phase(ScalePhase.FAILED, error=f"member {m} died during the scale")
+                self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY,
+                                dead_members=(m,), error=None, phase_s=(), blocking_s=None)
+
+    def _check_recoveries(self) -> None:
+        for epoch in self._channel.recoveries(self._recoveries_seen):
+            self._recoveries_seen += 1
+            world = self._channel.world()
+            members = world[1] if world and world[0] == epoch else ()
+            reports = self._channel.reports(epoch, members)
+            if not reports:
+                continue
+            any_report = next(iter(reports.values()))
+            for m in any_report.dead_members:
+                handle = self._handles.pop(m, None)
+                if handle is not None:
+                    handle.kill()
+            blocking = [r.blocking_s for r in reports.values() if r.blocking_s is not None]
+            with self._lock:
+                if self._status.phase is not ScalePhase.RECOVERING:
+                    self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY)
+                self._set_phase(
+                    ScalePhase.COMPLETED, epoch=epoch, members=any_report.members,
+                    phase_s=any_report.phase_s, blocking_s=max(blocking, default=None),
+                    lost_experts=any_report.lost_experts, dead_members=any_report.dead_members,
+                )
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _set_phase(self, phase: ScalePhase, **changes: object) -> None:
+        with self._lock:
+            check_transition(self._status.phase, phase)
+            self._status = replace(self._status, phase=phase, **changes)  # type: ignore[arg-type]
+
+    def _new_member_ids(self, n: int) -> tuple[int, ...]:
+        ids = tuple(range(self._next_member, self._next_member + n))
+        self._next_member += n
+        return ids
+
+    def _launch(self, spec: RankSpec) -> None:
+        self._handles[spec.member_id] = self._launcher.launch(spec)
+
+    def _wait_reports(self, epoch: int, members: tuple[int, ...], timeout_s: float) -> dict[int, RankReport]:
+        deadline = time.monotonic() + timeout_s
+        reports: dict[int, RankReport] = {}
+        while time.monotonic() < deadline and len(reports) < len(members):
+            reports = self._channel.reports(epoch, members)
+            if any(not self._handles[m].is_alive() for m in members):
+                break
+            time.sleep(self._poll_s)
+        return reports

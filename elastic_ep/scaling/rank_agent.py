@@ -1,0 +1,439 @@
+"""ElasticRank: the per-rank object an engine drives from its serving loop.
+
+The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps. Each poll is
+one tiny collective on the serving world group (a MAX all-reduce of three int64s: the newest
+command seen in the store by rank 0, "still busy", "failed"), so every rank acts on the same
+request at the same step. A scale stages the next epoch on a background thread (see
+:mod:`elastic_ep.scaling.transition`) while the engine keeps serving; once every rank is ready
+(and drained, in ``DRAIN`` mode) the same poll on every rank commits: that poll is the only
+blocking part. A ``PeerFailure`` of the poll's collective (or one the engine hands to
+:meth:`ElasticRank.recover`) starts a recovery with the survivors.
+
+Typical loop::
+
+    agent = ElasticRank(spec, weights=w, load=record.load, placement=p0, kv_bytes=free_kv)
+    while True:
+        action = agent.poll()
+        if action in (Action.LEAVE, Action.STOP):
+            break
+        engine.step(agent.world)          # forward on the current epoch's group
+    agent.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch.distributed import ReduceOp
+
+from elastic_ep.eplb.buffers import PlacementBuffers
+from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ReloadHook
+from elastic_ep.eplb.placement import Placement
+from elastic_ep.errors import PeerFailure, ReconfigureError
+from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
+from elastic_ep.scaling.gate import GateMode, TrafficGate
+from elastic_ep.scaling.launcher import RankRole, RankSpec
+from elastic_ep.scaling.phase import ScalePhase
+from elastic_ep.scaling.recovery import agree_on_survivors, rebuild_after_failure
+from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
+from elastic_ep.scaling.status import PhaseClock
+from elastic_ep.scaling.transition import (
+    GroupRegistry,
+    PlanFn,
+    StagedEpoch,
+    StageInputs,
+    Weights,
+    commit_weights,
+    default_planner,
+    stage_next_epoch,
+)
+
+
+class Action(Enum):
+    """What :meth:`ElasticRank.poll` tells the engine to do next."""
+
+    SERVE = "serve"  # run the next forward step (a scale may be staging in the background)
+    COMMITTED = "committed"  # a new epoch was installed: groups, placement, weights changed
+    ROLLED_BACK = "rolled_back"  # a scale failed; the old epoch keeps serving
+    RECOVERED = "recovered"  # a rank died; the survivors now serve a new epoch
+    LEAVE = "leave"  # this rank was scaled away: stop serving and return
+    STOP = "stop"  # the job is shutting down
+
+
+@dataclass
+class _ScaleJob:
+    command: Command
+    clock: PhaseClock
+    deadline: float
+    drain_deadline: float
+    registry: GroupRegistry = field(default_factory=GroupRegistry)
+    thread: threading.Thread | None = None
+    staged: StagedEpoch | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.staged is not None or self.error is not None
+
+
+class ElasticRank:
+    """One rank of an elastic MoE engine.
+
+    Args:
+        spec: from the launcher (store address, member id, epoch, role).
+        weights: ``weights[layer][kind]``: tensor ``[slots_per_rank, ...]`` of this rank's
+            expert slots (any dtype, contiguous). Rewritten in place at commits (addresses
+            stay); a joiner passes uninitialized tensors.
+        load: ``() -> [L, E]`` non-negative expert load (e.g. the load record's window, summed
+            over ranks). Called on a background thread of the planning rank.
+        placement: the initial placement (identical on every initial rank); ``None`` on a joiner.
+        kv_bytes: ``() -> int`` this rank's free KV-cache bytes; ``None`` on a joiner.
+        reload: ``reload(layer, expert) -> tensors`` for experts whose every replica died.
+        resources: epoch-bound resources, rebuilt at every commit.
+        gate: the engine's traffic gate (closed while a scale runs).
+        buffers: fixed-address routing tables, rewritten at every commit.
+        planner: the placement planner (default ``elastic_ep.eplb.plan``).
+        backend / device: of the process groups (``"gloo"`` CPU, ``"nccl"`` CUDA).
+        timeout_s: bound on every group operation (and the build of a group).
+        buffer_bytes: the weight executor's staging budget.
+        recovery_window_s: how long survivors wait for each other after a failure.
+    Raises:
+        ReconfigureError: on a joiner, when the scale it was launched for rolled back.
+    """
+
+    def __init__(
+        self,
+        spec: RankSpec,
+        *,
+        weights: Weights,
+        load: Callable[[], torch.Tensor],
+        placement: Placement | None = None,
+        kv_bytes: Callable[[], int] | None = None,
+        reload: ReloadHook | None = None,
+        resources: EpochResources | None = None,
+        gate: TrafficGate | None = None,
+        buffers: PlacementBuffers | None = None,
+        planner: PlanFn = default_planner,
+        backend: str = "gloo",
+        device: torch.device | str | None = None,
+        timeout_s: float = 30.0,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        recovery_window_s: float = 5.0,
+    ) -> None:
+        if (placement is None) != (spec.role is RankRole.JOINER):
+            raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
+        self.member = spec.member_id
+        self.weights = weights
+        self.gate = gate or TrafficGate()
+        self.resources = resources or EpochResources()
+        self._load = load
+        self._kv_bytes = kv_bytes
+        self._reload = reload
+        self._buffers = buffers
+        self._planner = planner
+        self._backend = backend
+        self._device = device
+        self._timeout_s = timeout_s
+        self._buffer_bytes = buffer_bytes
+        self._recovery_window_s = recovery_window_s
+        self._rdzv = Rendezvous(spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s)
+        self._channel = ControlChannel(self._rdzv.store, timeout_s)
+        self._job: _ScaleJob | None = None
+        self.kv_budget_bytes: int | None = None
+        self.last_blocking_s: float | None = None
+        if spec.role is RankRole.JOINER:
+            self._join(spec)
+        else:
+            assert placement is not None
+            self._seen_seq = self._channel.latest_seq()
+            self.members = spec.members
+            self.placement = placement
+            self.world = StatelessGroup(
+                self._rdzv, "world", spec.epoch, spec.rank, len(spec.members), backend, device, timeout_s
+            )
+            self._install(self.resources.build(self._context(self.world, placement)), placement)
+            self._report(ScalePhase.COMPLETED, spec.epoch)
+
+    # ---- state ----------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.world.epoch
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    # ---- the safe point ------------------------------------------------------------------
+    def poll(self) -> Action:
+        """Act on scale requests and failures; call between forward steps on every rank."""
+        job = self._job
+        flags = torch.zeros(3, dtype=torch.int64)
+        if self.world.rank == 0:
+            flags[0] = self._channel.latest_seq()
+        if job is not None:
+            now = time.monotonic()
+            draining = (
+                job.command.mode is GateMode.DRAIN
+                and self.gate.in_flight > 0
+                and now < job.drain_deadline
+            )
+            flags[1] = int(not job.done or draining)
+            timed_out = not job.done and now > job.deadline
+            aborted = self.world.rank == 0 and self._channel.aborted(job.command.seq)
+            flags[2] = int(job.error is not None or timed_out or aborted)
+            if timed_out and job.error is None:
+                job.error = f"the scale did not finish within {job.command.timeout_s:g} s"
+            if aborted and job.error is None:
+                job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
+        try:
+            self.world.all_reduce(flags, ReduceOp.MAX)
+        except PeerFailure as failure:
+            return self.recover(failure)
+        if job is None:
+            return self._maybe_start(int(flags[0]))
+        if flags[2]:
+            self._rollback(job.error or "another rank failed while staging the next epoch")
+            return Action.ROLLED_BACK
+        if flags[1]:
+            return Action.SERVE
+        return self._commit(job)
+
+    def _maybe_start(self, seq: int) -> Action:
+        if seq <= self._seen_seq:
+            return Action.SERVE
+        self._seen_seq = seq
+        cmd = self._channel.command(seq)
+        if cmd.kind is CommandKind.STOP:
+            return Action.STOP
+        if cmd.old_members != self.members:
+            return Action.SERVE  # made for another epoch (the world changed since): ignore it
+        self.gate.close(cmd.mode, retry_after_s=cmd.timeout_s)
+        now = time.monotonic()
+        job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
+        job.thread = threading.Thread(
+            target=self._stage_in_background, args=(job,), name=f"elastic-stage-{cmd.epoch}", daemon=True
+        )
+        self._job = job
+        job.thread.start()
+        return Action.SERVE
+
+    def _stage_in_background(self, job: _ScaleJob) -> None:
+        try:
+            job.staged = stage_next_epoch(
+                self._rdzv, job.command, self._inputs(self.placement), job.registry,
+                lambda phase: self._enter(job, phase),
+            )
+        except Exception as exc:
+            job.error = f"{type(exc).__name__}: {exc}"
+
+    # ---- commit / rollback ---------------------------------------------------------------
+    def _commit(self, job: _ScaleJob) -> Action:
+        start = time.monotonic()
+        staged = job.staged
+        assert staged is not None
+        self._enter(job, ScalePhase.COMMITTING)
+        new_set, error = self._build_next(staged)
+        if not self._decide(staged, error is None):
+            if new_set is not None:
+                new_set.teardown()
+            self._rollback(error or "another rank failed to build its epoch resources")
+            return Action.ROLLED_BACK
+        old_world = self.world
+        leaving = staged.new_group is None
+        if not leaving:
+            assert staged.new_group is not None and new_set is not None
+            commit_weights(self.weights, staged)
+            self.world = staged.new_group
+            self._install(new_set, staged.placement)
+            self.kv_budget_bytes = staged.kv_budget_bytes
+        self.members = staged.command.new_members
+        self.placement = staged.placement
+        if staged.transfer_group is not staged.new_group:
+            staged.transfer_group.destroy()
+        old_world.destroy()
+        self._job = None
+        self.last_blocking_s = time.monotonic() - start
+        self._finish(job, ScalePhase.COMPLETED, None)
+        self.gate.open()
+        return Action.LEAVE if leaving else Action.COMMITTED
+
+    def _build_next(self, staged: StagedEpoch) -> tuple[ResourceSet | None, str | None]:
+        if staged.new_group is None:
+            return None, None
+        try:
+            return self.resources.build(self._context(staged.new_group, staged.placement)), None
+        except ResourceError as exc:
+            return None, str(exc)
+
+    def _decide(self, staged: StagedEpoch, ok: bool) -> bool:
+        """Commit only if every rank of the transfer group (old and new) is ready."""
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        try:
+            staged.transfer_group.all_reduce(flag, ReduceOp.MAX)
+        except PeerFailure:
+            return False
+        return int(flag) == 0
+
+    def _rollback(self, reason: str) -> None:
+        job = self._job
+        assert job is not None
+        self._job = None
+        job.registry.abort_all()
+        if job.thread is not None:
+            job.thread.join(timeout=min(5.0, self._timeout_s))
+        job.registry.abort_all()  # groups the thread finished building after the first abort
+        self._finish(job, ScalePhase.ROLLED_BACK, reason)
+        self.gate.open()
+
+    # ---- joiners --------------------------------------------------------------------------
+    def _join(self, spec: RankSpec) -> None:
+        self._seen_seq = self._channel.latest_seq()
+        cmd = self._channel.command(self._seen_seq)
+        if cmd.epoch != spec.epoch or self.member not in cmd.new_members:
+            raise ReconfigureError(f"member {self.member}: no scale command for epoch {spec.epoch}")
+        now = time.monotonic()
+        job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now)
+        self._job = job
+        try:
+            staged = stage_next_epoch(
+                self._rdzv, cmd, self._inputs(None), job.registry, job.clock.enter
+            )
+            new_set, error = self._build_next(staged)
+            if not self._decide(staged, error is None):
+                raise ReconfigureError(error or "the scale was rolled back")
+        except Exception as exc:
+            job.registry.abort_all()
+            self._finish(job, ScalePhase.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
+            self._rdzv.close()
+            raise ReconfigureError(f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}") from exc
+        assert staged.new_group is not None and new_set is not None
+        self.world = staged.new_group
+        self.members = cmd.new_members
+        self.placement = staged.placement
+        self.kv_budget_bytes = staged.kv_budget_bytes
+        self._install(new_set, staged.placement)
+        self._job = None
+        self._finish(job, ScalePhase.COMPLETED, None)
+
+    # ---- recovery -------------------------------------------------------------------------
+    def recover(self, failure: PeerFailure) -> Action:
+        """Shrink to the survivors after ``failure`` and resume (collective over survivors).
+
+        Raises ``ReconfigureError`` if this rank is not a survivor or the recovery failed.
+        """
+        start = time.monotonic()
+        clock = PhaseClock()
+        clock.enter(ScalePhase.RECOVERING)
+        self.world.abort()
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.registry.abort_all()
+            if job.thread is not None:
+                job.thread.join(timeout=min(5.0, self._timeout_s))
+            job.registry.abort_all()
+        self.gate.close(GateMode.REJECT, retry_after_s=self._recovery_window_s + self._timeout_s)
+        survivors = agree_on_survivors(
+            self._rdzv, self._channel, self.world.epoch, self.members, self.member,
+            window_s=self._recovery_window_s, timeout_s=self._timeout_s,
+        )
+        got = rebuild_after_failure(
+            self._rdzv, survivors, self.members, self.member,
+            previous=self.placement, weights=self.weights, load=self._load,
+            planner=self._planner, reload=self._reload, buffer_bytes=self._buffer_bytes,
+            backend=self._backend, device=self._device, timeout_s=self._timeout_s,
+        )
+        new_set = self.resources.build(self._context(got.group, got.placement))
+        self.world, self.members, self.placement = got.group, survivors.members, got.placement
+        teardown_error = self._install(new_set, got.placement)
+        self.last_blocking_s = time.monotonic() - start
+        self._channel.report(
+            RankReport(
+                survivors.epoch, self.member, ScalePhase.COMPLETED, clock.stop(),
+                blocking_s=self.last_blocking_s, lost_experts=got.lost_experts,
+                members=survivors.members, dead_members=survivors.dead, error=teardown_error,
+            )
+        )
+        if self.world.rank == 0:
+            self._channel.set_world(survivors.epoch, survivors.members)
+            self._channel.add_recovery(survivors.epoch)
+        self.gate.open()
+        return Action.RECOVERED
+
+    # ---- shutdown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Tear down resources and groups (idempotent); call after LEAVE or STOP."""
+        if self._job is not None:
+            self._job.registry.abort_all()
+            self._job = None
+        current = self.resources.current
+        if current is not None:
+            # the process is leaving; nothing depends on these any more
+            with contextlib.suppress(ResourceError):
+                current.teardown()
+        self.world.destroy()
+        self._rdzv.close()
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _inputs(self, previous: Placement | None) -> StageInputs:
+        return StageInputs(
+            member=self.member,
+            previous=previous,
+            weights=self.weights,
+            load=self._load,
+            kv_bytes=None if previous is None or self._kv_bytes is None else self._kv_bytes(),
+            planner=self._planner,
+            reload=self._reload,
+            buffer_bytes=self._buffer_bytes,
+            backend=self._backend,
+            device=self._device,
+            timeout_s=self._timeout_s,
+        )
+
+    def _context(self, group: StatelessGroup, placement: Placement) -> EpochContext:
+        return EpochContext(
+            epoch=group.epoch, rank=group.rank, world_size=group.world_size, groups=group,
+            placement=placement, rendezvous=self._rdzv,
+        )
+
+    def _install(self, new_set: ResourceSet, placement: Placement) -> str | None:
+        """Swap in ``new_set`` and the placement; return the old set's teardown error, if any."""
+        if self._buffers is not None:
+            self._buffers.update_(placement)
+        previous = self.resources.install(new_set)
+        if previous is None:
+            return None
+        try:
+            previous.teardown()
+        except ResourceError as exc:
+            return str(exc)
+        return None
+
+    def _enter(self, job: _ScaleJob, phase: ScalePhase) -> None:
+        job.clock.enter(phase)
+        if self.world.rank == 0:
+            self._report(phase, job.command.epoch)
+
+    def _finish(self, job: _ScaleJob, phase: ScalePhase, error: str | None) -> None:
+        self._channel.report(
+            RankReport(
+                job.command.epoch, self.member, phase, job.clock.stop(),
+                blocking_s=self.last_blocking_s if phase is ScalePhase.COMPLETED else None,
+                kv_budget_bytes=self.kv_budget_bytes, members=job.command.new_members, error=error,
+            )
+        )
+        if phase is ScalePhase.COMPLETED and self.world.rank == 0 and self.member in job.command.new_members:
+            self._channel.set_world(job.command.epoch, job.command.new_members)
+
+    def _report(self, phase: ScalePhase, epoch: int) -> None:
+        self._channel.report(RankReport(epoch, self.member, phase, members=self.members))

@@ -1,0 +1,147 @@
+"""Recovery after a serving rank died: agree on the survivors, shrink, reload lost experts.
+
+Survivors learn of the death from a :class:`~elastic_ep.errors.PeerFailure` at different times
+(neighbours at once, others at the group timeout; aborting a broken group resets the
+connections of the ranks still waiting on it, which spreads the news). They meet in the store
+under the failed epoch's key: the first to arrive decides. It seals the survivor set once every
+member has either arrived or been marked dead by the coordinator (``ctl/dead/<member>``), or when
+the window ends, takes a fresh epoch number and publishes both. A member that arrives after the
+seal is not a survivor: it gets ``ReconfigureError`` and must exit.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from elastic_ep.eplb.executor import ExecutionStats, ReloadHook, execute
+from elastic_ep.eplb.placement import Placement
+from elastic_ep.eplb.transfer_plan import plan_transfers
+from elastic_ep.errors import ReconfigureError
+from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.scaling.channel import ControlChannel, put
+from elastic_ep.scaling.transition import PlanFn, Weights
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """The survivors' agreement: the new epoch and its members (old rank order kept)."""
+
+    epoch: int
+    members: tuple[int, ...]
+    dead: tuple[int, ...]
+
+
+def agree_on_survivors(
+    rdzv: Rendezvous,
+    channel: ControlChannel,
+    failed_epoch: int,
+    members: tuple[int, ...],
+    me: int,
+    *,
+    window_s: float,
+    timeout_s: float,
+) -> Survivors:
+    """Meet the other survivors of ``failed_epoch`` in the store (bounded by ``timeout_s``)."""
+    store = channel.store
+    key = f"ctl/recover/{failed_epoch}"
+    n = int(store.add(f"{key}/count", 1))
+    put(store, f"{key}/member/{n}", str(me).encode())
+    if n == 1:
+        deadline = time.monotonic() + window_s
+        while time.monotonic() < deadline:
+            arrived = int(store.add(f"{key}/count", 0))
+            dead = sum(channel.is_marked_dead(m) for m in members)
+            if arrived + dead >= len(members):
+                break
+            time.sleep(0.005)
+        arrived = int(store.add(f"{key}/count", 0))
+        store.wait([f"{key}/member/{i}" for i in range(1, arrived + 1)], timedelta(seconds=timeout_s))
+        present = {int(store.get(f"{key}/member/{i}")) for i in range(1, arrived + 1)}
+        alive = tuple(m for m in members if m in present)
+        decision = Survivors(
+            rdzv.next_epoch("world"), alive, tuple(m for m in members if m not in present)
+        )
+        put(store, f"{key}/decision", pickle.dumps(decision))
+    else:
+        try:
+            store.wait([f"{key}/decision"], timedelta(seconds=timeout_s))
+        except RuntimeError as err:
+            raise ReconfigureError(f"no survivor decision for epoch {failed_epoch}: {err}") from err
+        decision = pickle.loads(store.get(f"{key}/decision"))
+    if me not in decision.members:
+        raise ReconfigureError(
+            f"member {me} reached the recovery of epoch {failed_epoch} after the survivors "
+            f"{list(decision.members)} were sealed; it must exit"
+        )
+    return decision
+
+
+@dataclass
+class RecoveredEpoch:
+    """The survivors' new epoch after :func:`rebuild_after_failure`."""
+
+    group: StatelessGroup
+    mapping: RankMapping
+    placement: Placement
+    lost_experts: int
+    transfer: ExecutionStats
+
+
+def rebuild_after_failure(
+    rdzv: Rendezvous,
+    survivors: Survivors,
+    old_members: tuple[int, ...],
+    me: int,
+    *,
+    previous: Placement,
+    weights: Weights,
+    load: Callable[[], torch.Tensor],
+    planner: PlanFn,
+    reload: ReloadHook | None,
+    buffer_bytes: int,
+    backend: str,
+    device: torch.device | str | None,
+    timeout_s: float,
+) -> RecoveredEpoch:
+    """Build the survivors' world group, re-plan without the dead, move and reload in place."""
+    mapping = RankMapping.from_members(old_members, survivors.members)
+    dead = tuple(old_members.index(m) for m in survivors.dead)
+    group = StatelessGroup(
+        rdzv, "world", survivors.epoch, survivors.members.index(me), len(survivors.members),
+        backend, device, timeout_s,
+    )
+    try:
+        answer: tuple[str, object] = ("error", "")
+        if group.rank == 0:
+            try:
+                new = planner(
+                    load(),
+                    len(survivors.members),
+                    previous.slots_per_rank,
+                    previous=previous,
+                    rank_mapping=mapping,
+                    dead_ranks=dead,
+                )
+                answer = ("ok", new)
+            except Exception as exc:
+                answer = ("error", f"planning without dead ranks {list(dead)} failed: {exc!r}")
+        status, value = group.broadcast_object(answer, src=0)
+        if status != "ok":
+            raise ReconfigureError(str(value))
+        assert isinstance(value, Placement)
+        transfers = plan_transfers(previous, value, mapping, dead_ranks=dead)
+        stats = execute(
+            transfers, weights, group, buffer_bytes=buffer_bytes, dead_ranks=dead, reload=reload
+        )
+        lost = int(previous.lost_with(dead).sum()) if dead else 0
+        return RecoveredEpoch(group, mapping, value, lost, stats)
+    except BaseException:
+        group.abort()
+        raise

@@ -1,0 +1,286 @@
+"""Staging the next epoch: everything of a scale that can run while the old epoch serves.
+
+:func:`stage_next_epoch` builds the next epoch's groups as standby, syncs the KV budget, plans the
+placement and moves expert weights into *staged* copies. Existing ranks run it on a background
+thread (their serving weights and groups are untouched, so a failure costs nothing to undo);
+joiners run it on their main thread. The blocking commit then only swaps what was staged in.
+
+Groups used:
+
+- the next epoch's world group (``"world"``, new members, new rank order);
+- the transfer group, which holds every sender and receiver: the new world group for a scale-up,
+  a separate ``"xfer"`` group over the old members (old numbering) for a scale-down, so leavers
+  can hand their experts off while the old world group keeps serving on the main thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from elastic_ep.eplb.executor import ExecutionStats, GroupRanks, ReloadHook, execute
+from elastic_ep.eplb.placement import Placement
+from elastic_ep.eplb.transfer_plan import plan_transfers
+from elastic_ep.errors import ReconfigureError
+from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.scaling.channel import Command
+from elastic_ep.scaling.phase import ScalePhase
+
+Weights = Sequence[Sequence[torch.Tensor]]
+"""``weights[layer][kind]``: tensor ``[local_slots, ...]`` (first dim = this rank's slots)."""
+
+
+class PlanFn(Protocol):
+    """The placement planner: ``elastic_ep.eplb.plan`` or any function with its signature."""
+
+    def __call__(
+        self,
+        load: torch.Tensor,
+        num_ranks: int,
+        slots_per_rank: int,
+        *,
+        previous: Placement | None = ...,
+        rank_mapping: RankMapping | None = ...,
+        dead_ranks: Sequence[int] = ...,
+    ) -> Placement: ...
+
+
+def default_planner(
+    load: torch.Tensor,
+    num_ranks: int,
+    slots_per_rank: int,
+    *,
+    previous: Placement | None = None,
+    rank_mapping: RankMapping | None = None,
+    dead_ranks: Sequence[int] = (),
+) -> Placement:
+    """``elastic_ep.eplb.plan`` (movement-aware, elastic)."""
+    from elastic_ep.eplb.planner import plan
+
+    return plan(
+        load,
+        num_ranks,
+        slots_per_rank,
+        previous=previous,
+        rank_mapping=rank_mapping,
+        dead_ranks=tuple(dead_ranks),
+    )
+
+
+@dataclass
+class GroupRegistry:
+    """Groups built by a staging run, so another thread can abort them (thread-safe)."""
+
+    _groups: list[StatelessGroup] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, group: StatelessGroup) -> StatelessGroup:
+        with self._lock:
+            self._groups.append(group)
+        return group
+
+    def abort_all(self) -> None:
+        with self._lock:
+            groups, self._groups = self._groups, []
+        for g in groups:
+            g.abort()
+
+
+@dataclass
+class StagedEpoch:
+    """The result of staging: what the commit swaps in.
+
+    Attributes:
+        command: the scale command.
+        new_group: the next epoch's world group (``None`` on a leaver).
+        transfer_group: the group that ran the transfer; also where the commit decision is taken.
+        mapping: old rank -> new rank.
+        previous / placement: the placements before and after.
+        weights: staged weights of this rank's new slots (``None`` on a leaver).
+        changed: per layer, bool [local_slots]: slots whose expert changed (what commit copies).
+        kv_budget_bytes: the agreed KV budget (``None`` on a leaver).
+        transfer: the executor's statistics.
+    """
+
+    command: Command
+    new_group: StatelessGroup | None
+    transfer_group: StatelessGroup
+    mapping: RankMapping
+    previous: Placement
+    placement: Placement
+    weights: list[list[torch.Tensor]] | None
+    changed: list[torch.Tensor]
+    kv_budget_bytes: int | None
+    transfer: ExecutionStats
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a rank brings to the staging of one scale.
+
+    Attributes:
+        member: this rank's member id.
+        previous: the serving placement (``None`` on a joiner: it learns it).
+        weights: this rank's weights; an existing rank's are cloned before anything moves, a
+            joiner's (uninitialized) are filled in place.
+        load: ``() -> [L, E]`` expert load; only the planning rank calls it.
+        kv_bytes: this rank's free KV-cache bytes, ``None`` on a joiner (unknown).
+        planner: the placement planner.
+        reload: hook for experts whose every replica died.
+        buffer_bytes: staging budget of the executor.
+        backend / device / timeout_s: of the groups built.
+    """
+
+    member: int
+    previous: Placement | None
+    weights: Weights
+    load: Callable[[], torch.Tensor]
+    kv_bytes: int | None
+    planner: PlanFn
+    reload: ReloadHook | None
+    buffer_bytes: int
+    backend: str
+    device: torch.device | str | None
+    timeout_s: float
+
+
+def stage_next_epoch(
+    rdzv: Rendezvous,
+    cmd: Command,
+    inputs: StageInputs,
+    registry: GroupRegistry,
+    on_phase: Callable[[ScalePhase], None],
+) -> StagedEpoch:
+    """Build, sync, plan and transfer for ``cmd`` (collective over old and new members).
+
+    Raises ``PeerFailure`` if a peer dies or times out, ``ReconfigureError`` if planning failed
+    on the planning rank (every rank raises it, after the broadcast).
+    """
+    me = inputs.member
+    old, new = cmd.old_members, cmd.new_members
+    mapping = RankMapping.from_members(old, new)
+    timeout = min(inputs.timeout_s, cmd.timeout_s)
+    grow = len(new) >= len(old)
+
+    on_phase(ScalePhase.PREPARING)
+    new_group = None
+    if me in new:
+        new_group = registry.add(
+            StatelessGroup(rdzv, "world", cmd.epoch, new.index(me), len(new), inputs.backend,
+                           inputs.device, timeout)
+        )
+    if grow:
+        assert new_group is not None  # in a scale-up every member is a new member
+        xfer = new_group
+    else:
+        xfer = registry.add(
+            StatelessGroup(rdzv, "xfer", cmd.epoch, old.index(me), len(old), inputs.backend,
+                           inputs.device, timeout)
+        )
+
+    on_phase(ScalePhase.SYNCING_KV)
+    budget = None
+    if new_group is not None:
+        from elastic_ep.kv import sync_kv_budget
+
+        budget = sync_kv_budget(new_group, inputs.kv_bytes)
+
+    on_phase(ScalePhase.REBALANCING)
+    previous, placement = _agree_on_placement(xfer, cmd, mapping, inputs)
+    transfers = plan_transfers(previous, placement, mapping)
+    # A joiner fills its own (unused) tensors; a leaver only sends from its serving ones; a rank
+    # that stays receives into a copy, so its serving weights are untouched until the commit.
+    stays = inputs.previous is not None and me in new
+    weights = _clone(inputs.weights) if stays else [list(layer) for layer in inputs.weights]
+    stats = execute(
+        transfers,
+        weights,
+        xfer,
+        buffer_bytes=inputs.buffer_bytes,
+        reload=inputs.reload,
+        ranks=GroupRanks.for_world_size(mapping, xfer.world_size),
+    )
+    xfer.barrier()  # every receiver has its weights before anyone may commit
+    changed = _changed_slots(previous, placement, mapping, old, new, me)
+    return StagedEpoch(
+        command=cmd,
+        new_group=new_group,
+        transfer_group=xfer,
+        mapping=mapping,
+        previous=previous,
+        placement=placement,
+        weights=weights if me in new else None,
+        changed=changed,
+        kv_budget_bytes=budget,
+        transfer=stats,
+    )
+
+
+def _agree_on_placement(
+    xfer: StatelessGroup, cmd: Command, mapping: RankMapping, inputs: StageInputs
+) -> tuple[Placement, Placement]:
+    """Rank 0 of the transfer group (an existing rank) plans; everyone gets its answer."""
+    answer: tuple[str, Any] = ("error", "")
+    if xfer.rank == 0:
+        try:
+            previous = inputs.previous
+            if previous is None:
+                raise ReconfigureError("the planning rank has no previous placement")
+            new = inputs.planner(
+                inputs.load(),
+                len(cmd.new_members),
+                previous.slots_per_rank,
+                previous=previous,
+                rank_mapping=mapping,
+            )
+            if new.num_ranks != len(cmd.new_members):
+                raise ValueError(f"planner returned {new.num_ranks} ranks, want {len(cmd.new_members)}")
+            answer = ("ok", (previous, new))
+        except Exception as exc:  # every rank must learn the failure, or the others would hang
+            answer = ("error", f"planning failed: {exc!r}")
+    status, value = xfer.broadcast_object(answer, src=0)
+    if status != "ok":
+        raise ReconfigureError(str(value))
+    return value
+
+
+def _clone(weights: Weights) -> list[list[torch.Tensor]]:
+    return [[t.clone() for t in layer] for layer in weights]
+
+
+def _changed_slots(
+    previous: Placement,
+    new: Placement,
+    mapping: RankMapping,
+    old_members: tuple[int, ...],
+    new_members: tuple[int, ...],
+    me: int,
+) -> list[torch.Tensor]:
+    """Per layer, bool [S]: this rank's new slots whose expert differs from what it held there."""
+    if me not in new_members:
+        return []
+    mine = new.local_slots(new_members.index(me))
+    if me in old_members:
+        before = previous.local_slots(old_members.index(me))
+        diff = (mine != before) & (mine >= 0)
+    else:
+        diff = mine >= 0
+    return list(diff.unbind(0))
+
+
+def commit_weights(serving: Weights, staged: StagedEpoch) -> None:
+    """Copy the staged slots that changed into the serving tensors (same addresses)."""
+    if staged.weights is None:
+        return
+    for layer, (dst_layer, src_layer) in enumerate(zip(serving, staged.weights, strict=True)):
+        rows = staged.changed[layer].nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        rows = rows.to(dst_layer[0].device)
+        for dst, src in zip(dst_layer, src_layer, strict=True):
+            dst.index_copy_(0, rows, src.index_select(0, rows))
