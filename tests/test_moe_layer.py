@@ -126,13 +126,14 @@ def _scale_rank(rank: int, world_size: int, port: int) -> dict:
     groups.pop(2).abort()
     groups[3] = StatelessGroup(rdzv, "ep", 3, rank, 2, timeout_s=TIMEOUT_S)
     failover = plan_transfers(placements[2], placements[3], RankMapping.without(3, [2]), dead_ranks=[2])
-    execute(
+    stats = execute(
         failover,
         model.expert_weights(),
         groups[3],
         buffer_bytes=1 << 20,
         reload=lambda layer, expert: seeded_expert(CONFIG, layer, expert),
     )
+    report["reloaded"] = len(stats.reloaded)
     commit(3, rank)
     step(3, rank)
     groups[3].barrier()  # rank 0 hosts the store: it leaves last
@@ -143,6 +144,7 @@ def _scale_rank(rank: int, world_size: int, port: int) -> dict:
 def test_output_equals_reference_before_and_after_each_scale() -> None:
     reports = run_ranks(_scale_rank, 4, timeout=120)
     members = {0: [0, 1], 1: [0, 1, 2, 3], 2: [0, 1, 2], 3: [0, 1]}
+    assert reports[0]["reloaded"] + reports[1]["reloaded"] > 0  # the failover exercised reload
     for rank, report in enumerate(reports):
         assert len(report["errors"]) == sum(rank in m for m in members.values())
         assert max(report["errors"]) < ATOL, (rank, report["errors"])

@@ -1,0 +1,87 @@
+"""The EP MoE layer over NCCL, one process per GPU (skipped without 2 CUDA devices)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elastic_ep.eplb import PlacementBuffers
+from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.moe import (
+    AllToAllBackend,
+    LoadRecord,
+    MoEModelConfig,
+    build_local_model,
+    reference_forward,
+    route_to_slots,
+)
+from tests.procs import run_ranks
+from tests.test_routing import random_placement
+
+pytestmark = pytest.mark.gpu
+
+CONFIG = MoEModelConfig(num_layers=3, num_experts=32, hidden_size=64, intermediate_size=48, top_k=2, seed=11)
+ATOL = 1e-4  # cuBLAS may sum in a different order for different token counts
+
+
+def _needs_gpus(count: int) -> None:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < count:
+        pytest.skip(f"needs {count} CUDA devices")
+
+
+def _nccl_rank(rank: int, world_size: int, port: int) -> dict:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    gen = torch.Generator().manual_seed(5)
+    buffers = PlacementBuffers(CONFIG.num_layers, CONFIG.num_experts, 3.0, device=device)
+    record = LoadRecord(CONFIG.num_layers, CONFIG.num_experts, buffers.capacity, 4, device=device)
+    errors, addresses = [], {buffers.log2phy.data_ptr(), buffers.logcnt.data_ptr()}
+    # Two epochs (groups rebuilt), two placements each, slots per rank changing between epochs.
+    for epoch, per_rank in enumerate([24, 40]):
+        group = StatelessGroup(rdzv, "ep", epoch, rank, world_size, backend="nccl", device=device, timeout_s=30)
+        backend = AllToAllBackend.build(group, per_rank)
+        for trial in range(2):
+            placement = random_placement(gen, CONFIG.num_layers, CONFIG.num_experts, world_size, per_rank)
+            buffers.update_(placement)
+            model = build_local_model(CONFIG, placement, rank, buffers, load_record=record, device=device)
+            model.set_backend(backend)
+            tokens = torch.Generator().manual_seed(100 * epoch + 10 * trial + rank)
+            hidden = torch.randn(16 + 8 * rank, CONFIG.hidden_size, generator=tokens).to(device)
+            out = model(hidden)
+            errors.append(float((out - reference_forward(CONFIG, hidden)).abs().max()))
+            record.end_step()
+        total = record.aggregate(group)
+        addresses |= {buffers.log2phy.data_ptr(), buffers.logcnt.data_ptr()}
+        backend.destroy()
+        group.barrier()
+        group.destroy()
+    torch.cuda.synchronize()
+    return {"errors": errors, "total": float(total.sum()), "addresses": len(addresses)}
+
+
+@pytest.mark.timeout(240)
+def test_layer_over_nccl_equals_reference() -> None:
+    _needs_gpus(2)
+    world = min(torch.cuda.device_count(), 4)
+    results = run_ranks(_nccl_rank, world, timeout=200)
+    tokens = sum(16 + 8 * r for r in range(world))
+    for result in results:
+        assert max(result["errors"]) < ATOL, result["errors"]
+        # Window of 4 steps x layers x top-2 picks of every rank's tokens.
+        assert result["total"] == 4 * CONFIG.num_layers * CONFIG.top_k * tokens
+        assert result["addresses"] == 2  # the routing tables never moved
+
+
+@pytest.mark.timeout(60)
+def test_routing_on_cuda_equals_cpu() -> None:
+    _needs_gpus(1)
+    gen = torch.Generator().manual_seed(0)
+    placement = random_placement(gen, 2, 32, 4, 12)
+    ids = torch.stack([torch.randperm(32, generator=gen)[:4] for _ in range(500)])
+    for layer in range(2):
+        cpu = route_to_slots(ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=3)
+        gpu = route_to_slots(
+            ids.cuda(), placement.log2phy[layer].cuda(), placement.logcnt[layer].cuda(), rank_offset=3
+        )
+        assert torch.equal(gpu.cpu(), cpu)
