@@ -17,13 +17,18 @@ LAYERS, EXPERTS = 2, 6
 
 
 def _step_ids(gen: torch.Generator, tokens: int) -> torch.Tensor:
-    return torch.stack([torch.randperm(EXPERTS, generator=gen)[:2] for _ in range(tokens)]) if tokens \
+    return (
+        torch.stack([torch.randperm(EXPERTS, generator=gen)[:2] for _ in range(tokens)])
+        if tokens
         else torch.empty(0, 2, dtype=torch.int64)
+    )
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 2**31))
-def test_window_holds_last_steps_across_placement_changes(window: int, steps: int, seed: int) -> None:
+def test_window_holds_last_steps_across_placement_changes(
+    window: int, steps: int, seed: int
+) -> None:
     """The window sums the logical loads of the last ``window`` steps, even though the
     placement (and so the slot numbering) changes between steps."""
     gen = torch.Generator().manual_seed(seed)
@@ -46,7 +51,9 @@ def test_window_holds_last_steps_across_placement_changes(window: int, steps: in
         record.end_step()
         history.append(expected)
         assert record.steps_recorded == min(len(history), window)
-        assert torch.equal(record.logical_load(), sum(history[-window:], torch.zeros(LAYERS, EXPERTS)))
+        assert torch.equal(
+            record.logical_load(), sum(history[-window:], torch.zeros(LAYERS, EXPERTS))
+        )
     assert int(record.step_counts.abs().sum()) == 0 and int(record.slot_counts.abs().sum()) == 0
     record.reset()
     assert record.steps_recorded == 0 and int(record.logical_load().sum()) == 0

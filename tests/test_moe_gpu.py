@@ -20,7 +20,9 @@ from tests.test_routing import random_placement
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = MoEModelConfig(num_layers=3, num_experts=32, hidden_size=64, intermediate_size=48, top_k=2, seed=11)
+CONFIG = MoEModelConfig(
+    num_layers=3, num_experts=32, hidden_size=64, intermediate_size=48, top_k=2, seed=11
+)
 ATOL = 1e-4  # cuBLAS may sum in a different order for different token counts
 
 
@@ -39,12 +41,18 @@ def _nccl_rank(rank: int, world_size: int, port: int) -> dict:
     errors, addresses = [], {buffers.log2phy.data_ptr(), buffers.logcnt.data_ptr()}
     # Two epochs (groups rebuilt), two placements each, slots per rank changing between epochs.
     for epoch, per_rank in enumerate([24, 40]):
-        group = StatelessGroup(rdzv, "ep", epoch, rank, world_size, backend="nccl", device=device, timeout_s=30)
+        group = StatelessGroup(
+            rdzv, "ep", epoch, rank, world_size, backend="nccl", device=device, timeout_s=30
+        )
         backend = AllToAllBackend.build(group, per_rank)
         for trial in range(2):
-            placement = random_placement(gen, CONFIG.num_layers, CONFIG.num_experts, world_size, per_rank)
+            placement = random_placement(
+                gen, CONFIG.num_layers, CONFIG.num_experts, world_size, per_rank
+            )
             buffers.update_(placement)
-            model = build_local_model(CONFIG, placement, rank, buffers, load_record=record, device=device)
+            model = build_local_model(
+                CONFIG, placement, rank, buffers, load_record=record, device=device
+            )
             model.set_backend(backend)
             tokens = torch.Generator().manual_seed(100 * epoch + 10 * trial + rank)
             hidden = torch.randn(16 + 8 * rank, CONFIG.hidden_size, generator=tokens).to(device)
@@ -82,6 +90,9 @@ def test_routing_on_cuda_equals_cpu() -> None:
     for layer in range(2):
         cpu = route_to_slots(ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=3)
         gpu = route_to_slots(
-            ids.cuda(), placement.log2phy[layer].cuda(), placement.logcnt[layer].cuda(), rank_offset=3
+            ids.cuda(),
+            placement.log2phy[layer].cuda(),
+            placement.logcnt[layer].cuda(),
+            rank_offset=3,
         )
         assert torch.equal(gpu.cpu(), cpu)

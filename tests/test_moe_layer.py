@@ -28,7 +28,9 @@ from elastic_ep.scaling.resources import EpochContext, EpochResources
 from tests.procs import run_ranks
 from tests.test_routing import random_placement
 
-CONFIG = MoEModelConfig(num_layers=2, num_experts=16, hidden_size=32, intermediate_size=16, top_k=2, seed=7)
+CONFIG = MoEModelConfig(
+    num_layers=2, num_experts=16, hidden_size=32, intermediate_size=16, top_k=2, seed=7
+)
 PER_RANK = 9  # 2 ranks -> 18 slots, 4 ranks -> 36 slots (many replicas and empty slots)
 TIMEOUT_S = 20.0
 ATOL = 2e-5
@@ -49,7 +51,11 @@ def _expected_loads(hidden: torch.Tensor) -> torch.Tensor:
         loads[layer] = torch.bincount(ids.reshape(-1), minlength=CONFIG.num_experts).float()
         experts = [seeded_expert(CONFIG, layer, e) for e in range(CONFIG.num_experts)]
         x = x + reference_moe(
-            x, gate, torch.stack([w[0] for w in experts]), torch.stack([w[1] for w in experts]), CONFIG.top_k
+            x,
+            gate,
+            torch.stack([w[0] for w in experts]),
+            torch.stack([w[1] for w in experts]),
+            CONFIG.top_k,
         )
     return loads
 
@@ -67,12 +73,20 @@ def _scale_rank(rank: int, world_size: int, port: int) -> dict:
     rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
     gen = torch.Generator().manual_seed(42)  # same placements on every rank
     worlds = [2, 4, 3, 2]
-    placements = [random_placement(gen, CONFIG.num_layers, CONFIG.num_experts, w, PER_RANK) for w in worlds]
-    buffers = PlacementBuffers(CONFIG.num_layers, CONFIG.num_experts, 4 * PER_RANK / CONFIG.num_experts)
+    placements = [
+        random_placement(gen, CONFIG.num_layers, CONFIG.num_experts, w, PER_RANK) for w in worlds
+    ]
+    buffers = PlacementBuffers(
+        CONFIG.num_layers, CONFIG.num_experts, 4 * PER_RANK / CONFIG.num_experts
+    )
     record = LoadRecord(CONFIG.num_layers, CONFIG.num_experts, buffers.capacity, window=8)
     resources = EpochResources()
     register_dispatch_backend(resources)
-    start = placements[0] if rank < 2 else Placement.empty(CONFIG.num_layers, CONFIG.num_experts, 4, PER_RANK)
+    start = (
+        placements[0]
+        if rank < 2
+        else Placement.empty(CONFIG.num_layers, CONFIG.num_experts, 4, PER_RANK)
+    )
     model = build_local_model(CONFIG, start, rank, buffers, load_record=record)
     groups: dict[int, StatelessGroup] = {}
 
@@ -88,7 +102,9 @@ def _scale_rank(rank: int, world_size: int, port: int) -> dict:
         model.set_backend(resources.get(DISPATCH_RESOURCE))
 
     def step(epoch: int, my_rank: int) -> None:
-        count = 0 if (epoch, my_rank) == (1, 1) else 3 + 4 * my_rank + epoch  # a rank with no tokens
+        count = (
+            0 if (epoch, my_rank) == (1, 1) else 3 + 4 * my_rank + epoch
+        )  # a rank with no tokens
         report["errors"].append(_check_forward(model, epoch, my_rank, count))
         expected = _expected_loads(_tokens(epoch, my_rank, count))
         assert torch.equal(record.step_counts.float(), expected), "load record != reference top-k"
@@ -125,7 +141,9 @@ def _scale_rank(rank: int, world_size: int, port: int) -> dict:
         return report
     groups.pop(2).abort()
     groups[3] = StatelessGroup(rdzv, "ep", 3, rank, 2, timeout_s=TIMEOUT_S)
-    failover = plan_transfers(placements[2], placements[3], RankMapping.without(3, [2]), dead_ranks=[2])
+    failover = plan_transfers(
+        placements[2], placements[3], RankMapping.without(3, [2]), dead_ranks=[2]
+    )
     stats = execute(
         failover,
         model.expert_weights(),
@@ -164,7 +182,12 @@ def _random_placements_rank(rank: int, world_size: int, port: int) -> list[float
     errors = []
     for trial, per_rank in enumerate([6, 7, 9, 12, 16]):
         placement = random_placement(
-            gen, CONFIG.num_layers, CONFIG.num_experts, world_size, per_rank, empty_p=0.2 * (trial % 3)
+            gen,
+            CONFIG.num_layers,
+            CONFIG.num_experts,
+            world_size,
+            per_rank,
+            empty_p=0.2 * (trial % 3),
         )
         buffers.update_(placement)
         model = build_local_model(CONFIG, placement, rank, buffers)

@@ -26,7 +26,9 @@ from elastic_ep.moe import (
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError
 from tests.procs import free_port
 
-CONFIG = MoEModelConfig(num_layers=2, num_experts=6, hidden_size=8, intermediate_size=4, top_k=2, seed=1)
+CONFIG = MoEModelConfig(
+    num_layers=2, num_experts=6, hidden_size=8, intermediate_size=4, top_k=2, seed=1
+)
 
 
 def test_seeded_weights_are_deterministic_and_distinct() -> None:

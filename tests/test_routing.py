@@ -42,18 +42,26 @@ def routing_cases(draw: st.DrawFn) -> tuple[Placement, torch.Tensor, int]:
     tokens = draw(st.integers(0, 40))
     top_k = draw(st.integers(1, placement.num_logical))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    ids = torch.stack(
-        [torch.randperm(placement.num_logical, generator=gen)[:top_k] for _ in range(tokens)]
-    ) if tokens else torch.empty(0, top_k, dtype=torch.int64)
+    ids = (
+        torch.stack(
+            [torch.randperm(placement.num_logical, generator=gen)[:top_k] for _ in range(tokens)]
+        )
+        if tokens
+        else torch.empty(0, top_k, dtype=torch.int64)
+    )
     return placement, ids, draw(st.integers(0, 7))
 
 
 @settings(max_examples=150, deadline=None)
 @given(routing_cases())
-def test_every_routed_slot_holds_the_routed_expert(case: tuple[Placement, torch.Tensor, int]) -> None:
+def test_every_routed_slot_holds_the_routed_expert(
+    case: tuple[Placement, torch.Tensor, int],
+) -> None:
     placement, ids, offset = case
     for layer in range(placement.num_layers):
-        slots = route_to_slots(ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=offset)
+        slots = route_to_slots(
+            ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=offset
+        )
         assert slots.shape == ids.shape and slots.dtype == torch.int64
         assert bool((slots >= 0).all())
         assert torch.equal(placement.phy2log[layer][slots], ids)
@@ -64,7 +72,9 @@ def test_every_routed_slot_holds_the_routed_expert(case: tuple[Placement, torch.
 def test_pairs_spread_evenly_over_replicas(case: tuple[Placement, torch.Tensor, int]) -> None:
     placement, ids, offset = case
     for layer in range(placement.num_layers):
-        slots = route_to_slots(ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=offset)
+        slots = route_to_slots(
+            ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=offset
+        )
         per_slot = torch.bincount(slots.reshape(-1), minlength=placement.num_slots)
         for expert in range(placement.num_logical):
             replica_slots = placement.log2phy[layer, expert, : placement.logcnt[layer, expert]]
@@ -74,12 +84,20 @@ def test_pairs_spread_evenly_over_replicas(case: tuple[Placement, torch.Tensor, 
 
 @settings(max_examples=100, deadline=None)
 @given(routing_cases())
-def test_fixed_address_buffers_route_like_the_placement(case: tuple[Placement, torch.Tensor, int]) -> None:
+def test_fixed_address_buffers_route_like_the_placement(
+    case: tuple[Placement, torch.Tensor, int],
+) -> None:
     placement, ids, offset = case
-    buffers = PlacementBuffers(placement.num_layers, placement.num_logical, placement.num_slots / placement.num_logical + 0.5)
+    buffers = PlacementBuffers(
+        placement.num_layers,
+        placement.num_logical,
+        placement.num_slots / placement.num_logical + 0.5,
+    )
     buffers.update_(placement)
     for layer in range(placement.num_layers):
-        expected = route_to_slots(ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=offset)
+        expected = route_to_slots(
+            ids, placement.log2phy[layer], placement.logcnt[layer], rank_offset=offset
+        )
         got = route_to_slots(ids, buffers.log2phy[layer], buffers.logcnt[layer], rank_offset=offset)
         assert torch.equal(got, expected)
 
@@ -96,7 +114,9 @@ def test_rank_offset_rotates_the_first_replica() -> None:
     # Deterministic: same inputs, same slots.
     many = torch.tensor([[0, 1], [0, 2], [2, 0], [0, 1]])
     first = route_to_slots(many, placement.log2phy[0], placement.logcnt[0], rank_offset=1)
-    assert torch.equal(first, route_to_slots(many, placement.log2phy[0], placement.logcnt[0], rank_offset=1))
+    assert torch.equal(
+        first, route_to_slots(many, placement.log2phy[0], placement.logcnt[0], rank_offset=1)
+    )
     assert first.tolist() == [[2, 1], [4, 3], [3, 0], [2, 1]]
 
 

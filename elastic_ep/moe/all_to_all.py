@@ -71,7 +71,11 @@ class AllToAllBackend:
     """
 
     def __init__(self, group: AllToAllGroup, slots_per_rank: int) -> None:
-        if not isinstance(slots_per_rank, int) or isinstance(slots_per_rank, bool) or slots_per_rank < 1:
+        if (
+            not isinstance(slots_per_rank, int)
+            or isinstance(slots_per_rank, bool)
+            or slots_per_rank < 1
+        ):
             raise ValueError(f"slots_per_rank must be a positive int, got {slots_per_rank!r}")
         self._group: AllToAllGroup | None = group
         self.rank = group.rank
@@ -86,7 +90,9 @@ class AllToAllBackend:
     @property
     def group(self) -> AllToAllGroup:
         if self._group is None:
-            raise RuntimeError("this AllToAllBackend was destroyed; build one for the current epoch")
+            raise RuntimeError(
+                "this AllToAllBackend was destroyed; build one for the current epoch"
+            )
         return self._group
 
     def destroy(self) -> None:
@@ -105,7 +111,9 @@ class AllToAllBackend:
         top_k = slot_ids.shape[1]
         flat = slot_ids.reshape(-1)
         # Bucket of each pair: its slot, num_slots for dropped pairs (-1), num_slots + 1 if bad.
-        bucket = torch.where(flat < 0, num_slots, torch.where(flat >= num_slots, num_slots + 1, flat))
+        bucket = torch.where(
+            flat < 0, num_slots, torch.where(flat >= num_slots, num_slots + 1, flat)
+        )
         counts = torch.zeros(num_slots + 2, dtype=torch.int64, device=flat.device)
         counts.scatter_add_(0, bucket, torch.ones_like(bucket))
         counts_host = counts.tolist()
@@ -173,7 +181,8 @@ def _check_inputs(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.T
         )
     if weights.shape != slot_ids.shape or not weights.is_floating_point():
         raise ValueError(
-            f"weights must be float {tuple(slot_ids.shape)}, got {weights.dtype} {tuple(weights.shape)}"
+            f"weights must be float {tuple(slot_ids.shape)}, got {weights.dtype} "
+            f"{tuple(weights.shape)}"
         )
 
 
@@ -192,6 +201,8 @@ def _grouped_position(recv_matrix: torch.Tensor) -> torch.Tensor:
     block = torch.repeat_interleave(torch.arange(flat.numel()), flat)
     recv_start = torch.cumsum(flat, 0) - flat
     slot_major = recv_matrix.t().reshape(-1)
-    group_start = (torch.cumsum(slot_major, 0) - slot_major).view(per_rank, num_ranks).t().reshape(-1)
+    group_start = (
+        (torch.cumsum(slot_major, 0) - slot_major).view(per_rank, num_ranks).t().reshape(-1)
+    )
     within = torch.arange(block.numel()) - recv_start[block]
     return group_start[block] + within

@@ -50,15 +50,20 @@ class EPMoELayer(torch.nn.Module):
             raise ValueError(f"layer must be in [0, {buffers.num_layers}), got {layer}")
         num_experts, hidden = gate_weight.shape
         if num_experts != buffers.num_logical:
-            raise ValueError(f"gate_weight has {num_experts} experts, buffers {buffers.num_logical}")
+            raise ValueError(
+                f"gate_weight has {num_experts} experts, buffers {buffers.num_logical}"
+            )
         if w13.dim() != 3 or w13.shape[2] != hidden or w13.shape[1] % 2:
             raise ValueError(f"w13 must be [S_cap, 2*I, {hidden}], got {tuple(w13.shape)}")
         inter = w13.shape[1] // 2
         if w2.shape != (w13.shape[0], hidden, inter):
-            raise ValueError(f"w2 must be [{w13.shape[0]}, {hidden}, {inter}], got {tuple(w2.shape)}")
+            raise ValueError(
+                f"w2 must be [{w13.shape[0]}, {hidden}, {inter}], got {tuple(w2.shape)}"
+            )
         if load_record is not None and load_record.capacity != buffers.capacity:
             raise ValueError(
-                f"load_record capacity {load_record.capacity} != buffers capacity {buffers.capacity}"
+                f"load_record capacity {load_record.capacity} != buffers capacity "
+                f"{buffers.capacity}"
             )
         self.layer = layer
         self.top_k = top_k
@@ -89,9 +94,10 @@ class EPMoELayer(torch.nn.Module):
         backend = self.backend
         if backend is None:
             raise RuntimeError(f"MoE layer {self.layer} has no dispatch backend; call set_backend")
-        if self.placement_buffers.num_slots != backend.world_size * backend.slots_per_rank:
+        tables = self.placement_buffers
+        if tables.num_slots != backend.world_size * backend.slots_per_rank:
             raise RuntimeError(
-                f"placement has {self.placement_buffers.num_slots} slots per layer but the backend's epoch "
+                f"placement has {tables.num_slots} slots per layer but the backend's epoch "
                 f"has {backend.world_size} ranks x {backend.slots_per_rank} slots"
             )
         weights, logical_ids = topk_gating(
@@ -99,12 +105,12 @@ class EPMoELayer(torch.nn.Module):
         )
         slot_ids = route_to_slots(
             logical_ids,
-            self.placement_buffers.log2phy[self.layer],
-            self.placement_buffers.logcnt[self.layer],
+            tables.log2phy[self.layer],
+            tables.logcnt[self.layer],
             rank_offset=backend.rank,
         )
         if self.load_record is not None:
-            self.load_record.record_(self.layer, slot_ids, self.placement_buffers.phy2log[self.layer])
+            self.load_record.record_(self.layer, slot_ids, tables.phy2log[self.layer])
         tokens, handle = backend.dispatch(hidden, slot_ids, weights)
         expert_out = run_local_experts(tokens.hidden, tokens.tokens_per_slot, self.w13, self.w2)
         return backend.combine(expert_out, handle)

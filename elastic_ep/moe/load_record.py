@@ -103,7 +103,9 @@ class LoadRecord:
         """float32 [L, E]: this rank's tokens per logical expert summed over the window."""
         return self.window.sum(0, dtype=torch.int64).to(torch.float32)
 
-    def aggregate(self, group: SumReducer, device: torch.device | str | None = None) -> torch.Tensor:
+    def aggregate(
+        self, group: SumReducer, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """float32 [L, E]: window load summed over every rank of ``group`` (a collective).
 
         Args:

@@ -85,7 +85,9 @@ def seeded_expert(
     return [w13.to(device), w2.to(device)]
 
 
-def seeded_gate(config: MoEModelConfig, layer: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def seeded_gate(
+    config: MoEModelConfig, layer: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """float32 [E, H]: the router of ``layer``."""
     gen = _generator(config, "gate", layer)
     return torch.randn(config.num_experts, config.hidden_size, generator=gen).to(device)

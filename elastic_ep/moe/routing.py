@@ -36,7 +36,9 @@ def route_to_slots(
         int64 [T, K] physical slot ids (rank-major numbering); -1 where the expert has no replica.
     """
     if topk_ids.dtype != torch.int64 or topk_ids.dim() != 2:
-        raise TypeError(f"topk_ids must be int64 [T, K], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+        raise TypeError(
+            f"topk_ids must be int64 [T, K], got {topk_ids.dtype} {tuple(topk_ids.shape)}"
+        )
     if log2phy.dtype != torch.int64 or log2phy.dim() != 2:
         raise TypeError(f"log2phy must be int64 [E, R], got {log2phy.dtype} {tuple(log2phy.shape)}")
     if logcnt.dtype != torch.int64 or logcnt.shape != log2phy.shape[:1]:
