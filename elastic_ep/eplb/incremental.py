@@ -1,0 +1,211 @@
+"""Movement-aware repair: start from what the ranks already hold and change as little as needed.
+
+Works on the layout of :mod:`elastic_ep.eplb.packing` (``slots`` int64 [B, R, S], -1 = empty),
+batched over rows (layers). ``kept`` is the previous placement already mapped onto the new ranks
+(slots of removed ranks gone, joined ranks empty). A weight "received" is an expert on a rank
+that did not hold it in ``kept``; that is the only cost counted.
+
+1. :func:`fill_missing`: every replica the new replica counts ask for and no rank holds is placed
+   where it leaves the lowest rank load, in an empty slot or over a surplus replica (an expert
+   with more replicas than it now needs). Experts with no replica left come first and are always
+   placed; the others only while the transfer budget lasts.
+2. :func:`swap_towards`: swaps between each row's heaviest rank and any other rank, best load
+   gain per weight received first, until the row reaches its target balancedness, no swap
+   helps, or the budget is spent. Swaps that undo an earlier transfer are free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from elastic_ep.eplb.packing import presence_of, slot_loads
+
+_FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
+
+
+def drop_duplicates(kept: np.ndarray) -> np.ndarray:
+    """int64 [B, R, S]: ``kept`` with second copies of an expert on one rank emptied (-1)."""
+    order = np.argsort(kept, axis=2, kind="stable")
+    ordered = np.take_along_axis(kept, order, axis=2)
+    repeat = np.zeros(kept.shape, dtype=bool)
+    repeat[:, :, 1:] = (ordered[:, :, 1:] == ordered[:, :, :-1]) & (ordered[:, :, 1:] >= 0)
+    out = kept.copy()
+    np.put_along_axis(out, order, np.where(repeat, -1, ordered), axis=2)
+    return out
+
+
+def fill_missing(
+    slots: np.ndarray, load: np.ndarray, counts: np.ndarray, budget: np.ndarray
+) -> None:
+    """Place the missing replicas in ``slots`` (in place), see the module docstring.
+
+    Args:
+        slots: int64 [B, R, S], no expert twice on one rank.
+        load: float64 [B, E].
+        counts: int64 [B, E], the replica counts wanted.
+        budget: int64 [B], transfers allowed beyond the mandatory ones (experts with no replica).
+    """
+    rows = slots.shape[0]
+    num_experts = load.shape[1]
+    per_replica = load / counts
+    have = _replica_counts_of(slots, num_experts)
+    need = np.maximum(counts - have, 0)
+    # Order: experts with no replica first, then by load per replica, heaviest first.
+    priority = np.where(have == 0, 2.0 * per_replica.max() + 1.0 + per_replica, per_replica)
+    by_priority = np.argsort(-priority, axis=1, kind="stable")
+    need_sorted = np.take_along_axis(need, by_priority, axis=1)
+    width = int(need.sum(1).max()) if need.size else 0
+    items = np.full((rows, width), -1, dtype=np.int64)
+    for row in np.flatnonzero(need.sum(1)):
+        expanded = np.repeat(by_priority[row], need_sorted[row])
+        mandatory = int((have[row] == 0).sum())
+        expanded = expanded[: mandatory + int(budget[row])]
+        items[row, : expanded.size] = expanded
+    present = presence_of(slots, num_experts)
+    present[:, :, 0] = 0
+    rank_load = slot_loads(slots, per_replica).sum(2)
+    for k in range(width):
+        b = np.flatnonzero(items[:, k] >= 0)
+        if b.size:
+            _place_one(slots, per_replica, counts, have, present, rank_load, b, items[b, k])
+
+
+def _place_one(
+    slots: np.ndarray,
+    per_replica: np.ndarray,
+    counts: np.ndarray,
+    have: np.ndarray,
+    present: np.ndarray,
+    rank_load: np.ndarray,
+    b: np.ndarray,
+    expert: np.ndarray,
+) -> None:
+    """Put one replica of ``expert[i]`` into row ``b[i]`` where it leaves the lightest rank."""
+    per_rank = slots.shape[2]
+    current = slots[b]  # [n, R, S]
+    surplus = np.concatenate([np.ones((b.size, 1), dtype=bool), have[b] > counts[b]], axis=1)
+    replaceable = np.take_along_axis(surplus, (current + 1).reshape(b.size, -1), axis=1)
+    replaceable = replaceable.reshape(current.shape)
+    lacks = ~(present[b, :, expert + 1] > 0)  # [n, R]
+    slot_w = slot_loads(current, per_replica[b])
+    after = rank_load[b][:, :, None] - slot_w + per_replica[b, expert][:, None, None]
+    score = np.where(replaceable & lacks[:, :, None], after, np.inf).reshape(b.size, -1)
+    best = score.argmin(1)
+    ok = np.isfinite(score[np.arange(b.size), best])
+    b, expert, best = b[ok], expert[ok], best[ok]
+    rank, slot = best // per_rank, best % per_rank
+    evicted = slots[b, rank, slot]
+    gone = evicted >= 0
+    have[b[gone], evicted[gone]] -= 1
+    present[b[gone], rank[gone], evicted[gone] + 1] -= 1
+    rank_load[b, rank] += per_replica[b, expert] - np.where(
+        gone, per_replica[b, np.maximum(evicted, 0)], 0.0
+    )
+    slots[b, rank, slot] = expert
+    have[b, expert] += 1
+    present[b, rank, expert + 1] += 1
+
+
+def swap_towards(
+    slots: np.ndarray,
+    kept: np.ndarray,
+    load: np.ndarray,
+    target: np.ndarray,
+    budget: np.ndarray,
+    max_steps: int,
+) -> None:
+    """Improve ``slots`` in place by swaps, see the module docstring.
+
+    Args:
+        slots: int64 [B, R, S], no expert twice on one rank.
+        kept: int64 [B, R, S], what the ranks held before (defines what costs a transfer).
+        load: float64 [B, E].
+        target: float64 [B], balancedness at which a row stops.
+        budget: int64 [B], the most weights a row may receive in total.
+        max_steps: most swaps per row.
+    """
+    rows = slots.shape[0]
+    num_experts = load.shape[1]
+    per_replica = load / np.maximum(_replica_counts_of(slots, num_experts), 1)
+    weight = slot_loads(slots, per_replica)
+    present = presence_of(slots, num_experts) > 0
+    present[:, :, 0] = False
+    fresh = presence_of(kept, num_experts) == 0  # [B, R, E + 1]: receiving costs one transfer
+    fresh[:, :, 0] = False
+    spent = (present & fresh).sum((1, 2))
+    active = np.arange(rows)
+    for _ in range(max_steps):
+        loads = weight[active].sum(2)
+        balance = loads.mean(1) / np.maximum(loads.max(1), 1e-300)
+        active = active[(balance < target[active]) & (spent[active] < budget[active])]
+        if active.size == 0:
+            return
+        found = _best_paid_swap(
+            slots[active],
+            weight[active],
+            present[active],
+            fresh[active],
+            budget[active] - spent[active],
+        )
+        improved, heavy, h_slot, partner, p_slot, cost = found
+        active = active[improved]
+        b = active
+        heavy, h_slot, partner, p_slot = (
+            heavy[improved],
+            h_slot[improved],
+            partner[improved],
+            p_slot[improved],
+        )
+        x, y = slots[b, heavy, h_slot], slots[b, partner, p_slot]
+        wx, wy = weight[b, heavy, h_slot], weight[b, partner, p_slot]
+        slots[b, heavy, h_slot], slots[b, partner, p_slot] = y, x
+        weight[b, heavy, h_slot], weight[b, partner, p_slot] = wy, wx
+        present[b, heavy, x + 1] = False
+        present[b, partner, y + 1] = False
+        present[b, heavy, y + 1] = True
+        present[b, partner, x + 1] = True
+        present[b, :, 0] = False
+        spent[b] += cost[improved]
+
+
+def _best_paid_swap(
+    slots: np.ndarray, weight: np.ndarray, present: np.ndarray, fresh: np.ndarray, left: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Best swap per row by load gain per transfer; returns (improved, heavy rank, heavy slot,
+    partner rank, partner slot, transfers it costs), each [B]."""
+    rows, ranks, per_rank = slots.shape
+    r_idx = np.arange(rows)
+    loads = weight.sum(2)
+    heavy = loads.argmax(1)
+    heavy_load = loads[r_idx, heavy]
+    hx = slots[r_idx, heavy]  # [B, S]
+    hw = weight[r_idx, heavy]
+    delta = hw[:, :, None, None] - weight[:, None, :, :]  # [B, S, R, S]
+    new_max = np.maximum(heavy_load[:, None, None, None] - delta, loads[:, None, :, None] + delta)
+    rb = r_idx[:, None, None]
+    x_free = ~present[rb, np.arange(ranks)[None, None, :], (hx + 1)[:, :, None]]  # [B, S, R]
+    y_free = ~present[rb, heavy[:, None, None], slots + 1]  # [B, R, S]
+    # Transfers: x received by the partner (unless it held x before) minus the one it had cost
+    # the heavy rank, and likewise for y going the other way.
+    x_cost = fresh[rb, np.arange(ranks)[None, None, :], (hx + 1)[:, :, None]].astype(np.int64)
+    x_cost -= fresh[r_idx, heavy][r_idx[:, None], hx + 1][:, :, None]
+    y_cost = fresh[rb, heavy[:, None, None], slots + 1].astype(np.int64)
+    y_cost -= np.take_along_axis(fresh, slots.reshape(rows, ranks, per_rank) + 1, axis=2)
+    cost = x_cost[:, :, :, None] + y_cost[:, None, :, :]
+    gain = heavy_load[:, None, None, None] - new_max
+    valid = (delta > 0) & (gain > heavy_load[:, None, None, None] * 1e-12)
+    valid &= x_free[:, :, :, None] & y_free[:, None, :, :] & (cost <= left[:, None, None, None])
+    valid &= (np.arange(ranks)[None, :] != heavy[:, None])[:, None, :, None]
+    score = np.where(valid, gain / np.maximum(cost, _FREE_SWAP_COST), -np.inf).reshape(rows, -1)
+    best = score.argmax(1)
+    improved = np.isfinite(score[r_idx, best])
+    h_slot, partner, p_slot = np.unravel_index(best, (per_rank, ranks, per_rank))
+    return improved, heavy, h_slot, partner, p_slot, cost.reshape(rows, -1)[r_idx, best]
+
+
+def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 [B, E]: replicas of each expert in ``slots``."""
+    rows = slots.shape[0]
+    counts = np.zeros((rows, num_experts + 1), dtype=np.int64)
+    np.add.at(counts, (np.arange(rows)[:, None], slots.reshape(rows, -1) + 1), 1)
+    return counts[:, 1:]

@@ -1,0 +1,332 @@
+"""The EPLB planner: load per expert in, :class:`Placement` out.
+
+``plan`` makes a fresh plan (replica counts, packing, swaps; hierarchical when ``num_nodes > 1``).
+Given a ``previous`` placement it also builds a movement-aware repair of that placement and, per
+layer, keeps whichever of the two reaches the target balancedness with fewer weights received:
+
+* fresh plan, its packs relabelled onto the ranks that already hold most of their experts
+  (optimal assignment) and each rank's experts kept in their old slots;
+* repair (global plans only): keep every replica still wanted, place the missing ones, then swap
+  until within ``balance_tolerance`` of the fresh plan's balancedness or out of budget.
+
+The target of a layer is the fresh plan's balancedness of that layer minus ``balance_tolerance``.
+A layer whose fresh plan needs more than ``max_transfers`` always takes the repair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from elastic_ep.eplb.hierarchical import hierarchical_slots
+from elastic_ep.eplb.incremental import drop_duplicates, fill_missing, swap_towards
+from elastic_ep.eplb.packing import presence_of, slot_loads, static_slots
+from elastic_ep.eplb.placement import Placement
+from elastic_ep.eplb.relabel import align_slots, relabel_packs
+from elastic_ep.eplb.replication import replica_counts
+from elastic_ep.rank_mapping import RankMapping
+
+DEFAULT_SWAP_STEPS = 10
+"""Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
+
+
+@dataclass(frozen=True, eq=False)
+class PlanReport:
+    """What :func:`plan_with_report` decided, beside the placement.
+
+    Attributes:
+        placement: the new placement (what :func:`plan` returns).
+        lost: bool [L, E]: experts whose every replica was on a dead rank; they are placed
+            anyway and must be reloaded from a checkpoint, not received from a peer.
+        transfers: int64 [L]: expert weights received per layer (everything placed, without a
+            ``previous``).
+        repaired: bool [L]: True where the layer is the movement-aware repair of ``previous``,
+            False where it is the relabelled fresh plan.
+    """
+
+    placement: Placement
+    lost: torch.Tensor
+    transfers: torch.Tensor
+    repaired: torch.Tensor
+
+
+def plan(
+    load: torch.Tensor | np.ndarray,
+    num_ranks: int,
+    slots_per_rank: int,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    previous: Placement | None = None,
+    rank_mapping: RankMapping | None = None,
+    dead_ranks: Iterable[int] = (),
+    max_transfers: int | None = None,
+    balance_tolerance: float = 0.01,
+    swap_steps: int = DEFAULT_SWAP_STEPS,
+) -> Placement:
+    """Place E logical experts of L layers on R ranks with S slots each.
+
+    Args:
+        load: [L, E] real, finite, non-negative load per logical expert (tokens routed).
+        num_ranks: R. slots_per_rank: S; R * S >= E. Slots left over stay empty (-1).
+        num_groups: G, expert groups of E / G consecutive experts (used when num_nodes > 1).
+        num_nodes: N; > 1 keeps every group inside one node of R / N consecutive ranks.
+        previous: the current placement (over the old ranks, same L, E and S).
+        rank_mapping: old rank -> new rank (scale events, failures); identity if ``None``.
+        dead_ranks: old ranks that failed (cannot send); they must be removed in
+            ``rank_mapping``. Their experts are never counted as already present.
+        max_transfers: most expert weights received per layer (needs ``previous``, global plans
+            only); experts with no surviving replica are always placed and count against it.
+        balance_tolerance: how far below the fresh plan's balancedness a movement-aware result
+            may stay to save transfers.
+        swap_steps: improvement swaps per layer in the fresh plan.
+
+    Returns:
+        A :class:`Placement` with no expert twice on one rank and every expert placed.
+
+    Raises:
+        TypeError / ValueError naming the problem for bad shapes, dtypes, values or layouts.
+    """
+    return plan_with_report(
+        load,
+        num_ranks,
+        slots_per_rank,
+        num_groups=num_groups,
+        num_nodes=num_nodes,
+        previous=previous,
+        rank_mapping=rank_mapping,
+        dead_ranks=dead_ranks,
+        max_transfers=max_transfers,
+        balance_tolerance=balance_tolerance,
+        swap_steps=swap_steps,
+    ).placement
+
+
+def plan_with_report(
+    load: torch.Tensor | np.ndarray,
+    num_ranks: int,
+    slots_per_rank: int,
+    *,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    previous: Placement | None = None,
+    rank_mapping: RankMapping | None = None,
+    dead_ranks: Iterable[int] = (),
+    max_transfers: int | None = None,
+    balance_tolerance: float = 0.01,
+    swap_steps: int = DEFAULT_SWAP_STEPS,
+) -> PlanReport:
+    """:func:`plan`, also returning the lost experts, transfers and choice per layer."""
+    weights = as_load_array(load)
+    layers, experts = weights.shape
+    _check_layout(experts, num_ranks, slots_per_rank, num_groups, num_nodes)
+    for name, value in (("balance_tolerance", balance_tolerance),):
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    _check_int("swap_steps", swap_steps, minimum=0)
+    dead = sorted(set(dead_ranks))
+    if previous is None:
+        if rank_mapping is not None or dead or max_transfers is not None:
+            raise ValueError("rank_mapping, dead_ranks and max_transfers need a previous placement")
+        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, swap_steps)
+        return PlanReport(
+            placement=_to_placement(fresh, experts, num_ranks),
+            lost=torch.zeros(layers, experts, dtype=torch.bool),
+            transfers=torch.from_numpy((fresh >= 0).sum((1, 2))),
+            repaired=torch.zeros(layers, dtype=torch.bool),
+        )
+    mapping = _check_previous(
+        previous, weights.shape, num_ranks, slots_per_rank, rank_mapping, dead
+    )
+    if max_transfers is not None:
+        _check_int("max_transfers", max_transfers, minimum=0)
+        if num_nodes > 1:
+            raise ValueError("max_transfers is supported for global plans only (num_nodes=1)")
+    kept = drop_duplicates(kept_on_new_ranks(previous, mapping))
+    missing = (~presence_of(kept, experts)[:, :, 1:].any(1)).sum(1)
+    if max_transfers is not None and int(missing.max()) > max_transfers:
+        layer = int(missing.argmax())
+        raise ValueError(
+            f"max_transfers={max_transfers} is below the {int(missing[layer])} experts of layer "
+            f"{layer} that have no replica left on the new ranks and must be placed"
+        )
+    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, swap_steps)
+    fresh = align_slots(relabel_packs(fresh, kept, num_nodes), kept)
+    chosen, repaired = fresh, np.zeros(layers, dtype=bool)
+    if num_nodes == 1:
+        chosen, repaired = _prefer_repair(weights, fresh, kept, max_transfers, balance_tolerance)
+    return PlanReport(
+        placement=_to_placement(chosen, experts, num_ranks),
+        lost=previous.lost_with(dead) if dead else torch.zeros(layers, experts, dtype=torch.bool),
+        transfers=torch.from_numpy(transfers_between(chosen, kept, experts)),
+        repaired=torch.from_numpy(repaired),
+    )
+
+
+def _fresh(
+    load: np.ndarray, ranks: int, slots: int, groups: int, nodes: int, swap_steps: int
+) -> np.ndarray:
+    if nodes > 1:
+        return hierarchical_slots(load, groups, nodes, ranks, slots, swap_steps)
+    return static_slots(load, ranks, slots, swap_steps)
+
+
+def _prefer_repair(
+    load: np.ndarray,
+    fresh: np.ndarray,
+    kept: np.ndarray,
+    max_transfers: int | None,
+    tolerance: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring)."""
+    layers, ranks, slots = kept.shape
+    experts = load.shape[1]
+    limit = ranks * slots if max_transfers is None else max_transfers
+    target = layer_balancedness(fresh, load) - tolerance
+    repair = kept.copy()
+    counts = replica_counts(load, ranks * slots, ranks)
+    missing = (~presence_of(kept, experts)[:, :, 1:].any(1)).sum(1)
+    fill_missing(repair, load, counts, np.full(layers, limit) - missing)
+    swap_towards(repair, kept, load, target, np.full(layers, limit), max_steps=ranks * slots)
+    repair_cost = transfers_between(repair, kept, experts)
+    fresh_cost = transfers_between(fresh, kept, experts)
+    good_enough = layer_balancedness(repair, load) >= target - 1e-12
+    use_repair = (good_enough & (repair_cost <= fresh_cost)) | (fresh_cost > limit)
+    return np.where(use_repair[:, None, None], repair, fresh), use_repair
+
+
+def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
+    """int64 [L, R_new, S]: what each new rank holds before the change (-1 for joined ranks)."""
+    old = previous.phy2log.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
+    out = np.full((previous.num_layers, mapping.new_world_size, old.shape[2]), -1, dtype=np.int64)
+    for new_rank, old_rank in enumerate(mapping.new_to_old):
+        if old_rank is not None:
+            out[:, new_rank] = old[:, old_rank]
+    return out
+
+
+def transfers_between(slots: np.ndarray, kept: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 [L]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``."""
+    now = presence_of(slots, num_experts)[:, :, 1:] > 0
+    before = presence_of(kept, num_experts)[:, :, 1:] > 0
+    return (now & ~before).sum((1, 2))
+
+
+def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [L]: mean / max rank load per layer (1.0 for a layer without load)."""
+    counts = presence_of(slots, load.shape[1])[:, :, 1:].sum(1)
+    rank_load = slot_loads(slots, load / np.maximum(counts, 1)).sum(2)
+    peak = rank_load.max(1)
+    return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
+
+
+def as_load_array(load: torch.Tensor | np.ndarray) -> np.ndarray:
+    """float64 [L, E] numpy copy of ``load``, or TypeError/ValueError naming what is wrong."""
+    if isinstance(load, torch.Tensor):
+        if (
+            load.dtype == torch.bool
+            or load.is_complex()
+            or not (load.is_floating_point() or load.dtype in _TORCH_INTS)
+        ):
+            raise TypeError(f"load must hold real numbers, got dtype {load.dtype}")
+        array = load.detach().to("cpu", torch.float64).numpy()
+    elif isinstance(load, np.ndarray):
+        if load.dtype.kind not in "iuf":
+            raise TypeError(f"load must hold real numbers, got dtype {load.dtype}")
+        array = load.astype(np.float64)
+    else:
+        raise TypeError(f"load must be a torch.Tensor or numpy.ndarray, got {type(load).__name__}")
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"load must have shape [layers, experts], got {tuple(array.shape)}")
+    if not np.isfinite(array).all():
+        layer, expert = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise ValueError(f"load[{layer}, {expert}] = {array[layer, expert]} is not finite")
+    if (array < 0).any():
+        layer, expert = (int(i) for i in np.argwhere(array < 0)[0])
+        raise ValueError(f"load[{layer}, {expert}] = {array[layer, expert]} is negative")
+    return array
+
+
+_TORCH_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_layout(experts: int, ranks: int, slots: int, groups: int, nodes: int) -> None:
+    for name, value in (
+        ("num_ranks", ranks),
+        ("slots_per_rank", slots),
+        ("num_groups", groups),
+        ("num_nodes", nodes),
+    ):
+        _check_int(name, value, minimum=1)
+    if ranks * slots < experts:
+        raise ValueError(
+            f"{ranks} ranks x {slots} slots = {ranks * slots} slots cannot hold {experts} experts"
+        )
+    if experts % groups:
+        raise ValueError(f"{experts} experts do not split into num_groups={groups} equal groups")
+    if nodes == 1:
+        return
+    if groups % nodes:
+        raise ValueError(
+            f"num_groups={groups} is not a multiple of num_nodes={nodes}: a group would be "
+            f"larger than a node's share"
+        )
+    if ranks % nodes:
+        raise ValueError(f"num_ranks={ranks} is not a multiple of num_nodes={nodes}")
+    if ranks // nodes * slots < experts // nodes:
+        raise ValueError(
+            f"a node has {ranks // nodes * slots} slots but its groups hold "
+            f"{experts // nodes} experts"
+        )
+
+
+def _check_previous(
+    previous: Placement,
+    shape: tuple[int, ...],
+    ranks: int,
+    slots: int,
+    rank_mapping: RankMapping | None,
+    dead: list[int],
+) -> RankMapping:
+    if not isinstance(previous, Placement):
+        raise TypeError(f"previous must be a Placement, got {type(previous).__name__}")
+    if (previous.num_layers, previous.num_logical) != shape:
+        raise ValueError(
+            f"previous is {previous.num_layers} layers x {previous.num_logical} experts, "
+            f"load is {shape[0]} x {shape[1]}"
+        )
+    if previous.slots_per_rank != slots:
+        raise ValueError(
+            f"previous has {previous.slots_per_rank} slots per rank, the plan {slots}: slots per "
+            f"rank must stay constant"
+        )
+    mapping = rank_mapping if rank_mapping is not None else RankMapping.identity(previous.num_ranks)
+    if not isinstance(mapping, RankMapping):
+        raise TypeError(f"rank_mapping must be a RankMapping, got {type(mapping).__name__}")
+    if mapping.old_world_size != previous.num_ranks or mapping.new_world_size != ranks:
+        raise ValueError(
+            f"rank_mapping maps {mapping.old_world_size} -> {mapping.new_world_size} ranks, "
+            f"expected {previous.num_ranks} (previous) -> {ranks} (num_ranks)"
+        )
+    for rank in dead:
+        if not isinstance(rank, (int, np.integer)) or not 0 <= rank < previous.num_ranks:
+            raise ValueError(
+                f"dead rank {rank!r} is not a rank of previous (0..{previous.num_ranks - 1})"
+            )
+        if mapping.new_rank(int(rank)) is not None:
+            raise ValueError(f"dead rank {rank} is not removed in rank_mapping")
+    return mapping
+
+
+def _to_placement(slots: np.ndarray, experts: int, ranks: int) -> Placement:
+    return Placement(torch.from_numpy(slots.reshape(slots.shape[0], -1)), experts, ranks)
