@@ -194,6 +194,7 @@ def build_local_model(
     slots_capacity: int | None = None,
     load_record: LoadRecord | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> EPMoEModel:
     """The model of ``rank`` under ``placement``: its slots' seeded experts, empty slots zero.
 
@@ -203,6 +204,7 @@ def build_local_model(
     Args:
         slots_capacity: first dim of the weight tensors (default: ``placement.slots_per_rank``);
             larger lets later placements with more slots per rank reuse the same tensors.
+        dtype: of the weights (and so of the activations the model takes).
     """
     if (placement.num_layers, placement.num_logical) != (config.num_layers, config.num_experts):
         raise ValueError(
@@ -219,15 +221,15 @@ def build_local_model(
     local = placement.local_slots(rank)
     layers = []
     for layer in range(config.num_layers):
-        w13 = torch.zeros(capacity, 2 * i, h, device=device)
-        w2 = torch.zeros(capacity, h, i, device=device)
+        w13 = torch.zeros(capacity, 2 * i, h, device=device, dtype=dtype)
+        w2 = torch.zeros(capacity, h, i, device=device, dtype=dtype)
         for slot, expert in enumerate(local[layer].tolist()):
             if expert >= 0:
                 w13[slot], w2[slot] = seeded_expert(config, layer, expert, device)
         layers.append(
             EPMoELayer(
                 layer,
-                seeded_gate(config, layer, device),
+                seeded_gate(config, layer, device).to(dtype),
                 w13,
                 w2,
                 config.top_k,
