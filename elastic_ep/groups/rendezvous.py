@@ -22,11 +22,11 @@ from torch.distributed import PrefixStore, Store, TCPStore
 _EPOCH_COUNTER_KEY = "elastic_ep/epoch_counter"
 
 
-def _check_timeout(timeout_s: float) -> None:
+def check_timeout(timeout_s: float, name: str = "timeout_s") -> None:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
-        raise TypeError(f"timeout_s must be a number of seconds, got {type(timeout_s).__name__}")
+        raise TypeError(f"{name} must be a number of seconds, got {type(timeout_s).__name__}")
     if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        raise ValueError(f"{name} must be > 0, got {timeout_s}")
 
 
 def prefix_of(*parts: str | int) -> str:
@@ -73,7 +73,7 @@ class Rendezvous:
             raise TypeError(f"port must be an int, got {type(port).__name__}")
         if not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         self.host = host
         self.port = port
         self.is_master = bool(is_master)
@@ -134,7 +134,7 @@ class Rendezvous:
         A group rendezvous waits on keys for up to its timeout; on a private client that wait
         blocks nobody else, and the timeout does not change the shared client's.
         """
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         conn: Store = self.store.clone()  # type: ignore[attr-defined]  # missing from torch's stubs
         conn.set_timeout(timedelta(seconds=timeout_s))
         return conn

@@ -26,7 +26,7 @@ from torch.distributed import ProcessGroup, ReduceOp, Store, Work
 
 from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.backend import Backend, default_device, make_process_group
-from elastic_ep.groups.rendezvous import Rendezvous, _check_timeout, prefix_of
+from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
 
 
 class GroupClosedError(ElasticEPError):
@@ -81,7 +81,11 @@ class StatelessGroup:
         backend: ``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors).
         device: device of the tensors passed to this group; default CPU for gloo, the current
             CUDA device for NCCL.
-        timeout_s: bound on the build and on every operation (> 0).
+        timeout_s: bound on every operation (> 0), and on the build unless ``build_timeout_s``
+            is given.
+        build_timeout_s: bound on waiting for every rank to arrive at the build (> 0). After a
+            failure, survivors notice it up to ``timeout_s`` apart, so a rebuild right after one
+            needs a longer build timeout than the operation timeout.
 
     Attributes (read-only): name, epoch, rank, world_size, backend, device, timeout_s,
     process_group (a real ``torch.distributed.ProcessGroup``:
@@ -98,6 +102,8 @@ class StatelessGroup:
         backend: str = "gloo",
         device: torch.device | str | None = None,
         timeout_s: float = 30.0,
+        *,
+        build_timeout_s: float | None = None,
     ) -> None:
         if not isinstance(rendezvous, Rendezvous):
             raise TypeError(f"rendezvous must be a Rendezvous, got {type(rendezvous).__name__}")
@@ -108,7 +114,9 @@ class StatelessGroup:
         _check_int("epoch", epoch, minimum=0)
         prefix = prefix_of("group", name, "epoch", epoch)
         parsed = Backend.parse(backend)
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
+        build_timeout_s = timeout_s if build_timeout_s is None else build_timeout_s
+        check_timeout(build_timeout_s, "build_timeout_s")
         dev = default_device(parsed) if device is None else torch.device(device)
         if dev.type != parsed.device_type:
             raise ValueError(
@@ -122,9 +130,10 @@ class StatelessGroup:
         self._backend = parsed
         self._device = dev
         self._timeout_s = float(timeout_s)
+        self._build_timeout_s = float(build_timeout_s)
         self._failure: PeerFailure | None = None
         self._closed = False
-        store: Store = torch.distributed.PrefixStore(prefix, rendezvous.client(timeout_s))
+        store: Store = torch.distributed.PrefixStore(prefix, rendezvous.client(build_timeout_s))
         self._store: Store | None = store
         self._pg: ProcessGroup | None = None
         try:
@@ -407,9 +416,11 @@ class StatelessGroup:
             )
         keys = [f"arrived/{r}" for r in range(self._world_size)]
         try:
-            store.wait(keys, timedelta(seconds=self._timeout_s))
+            store.wait(keys, timedelta(seconds=self._build_timeout_s))
         except RuntimeError as err:
-            raise self._peer_failure("build", err, peer=self._first_missing(store)) from err
+            raise self._peer_failure(
+                "build", err, peer=self._first_missing(store), timeout_s=self._build_timeout_s
+            ) from err
 
     def _first_missing(self, store: Store) -> int | None:
         try:
@@ -419,11 +430,14 @@ class StatelessGroup:
         except RuntimeError:
             return None
 
-    def _peer_failure(self, op: str, err: BaseException, *, peer: int | None) -> PeerFailure:
+    def _peer_failure(
+        self, op: str, err: BaseException, *, peer: int | None, timeout_s: float | None = None
+    ) -> PeerFailure:
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         who = "" if peer is None else f" (rank {peer} missing or failed)"
         return PeerFailure(
             f"{op} on group {self._name!r} epoch {self._epoch} rank {self._rank}/{self._world_size} "
-            f"failed within {self._timeout_s:g} s{who}: {err}",
+            f"failed within {timeout_s:g} s{who}: {err}",
             group=self._name,
             epoch=self._epoch,
             member=peer,
