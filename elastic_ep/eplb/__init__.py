@@ -25,6 +25,7 @@ balancedness
 """
 
 from elastic_ep.eplb.buffers import PlacementBuffers
+from elastic_ep.eplb.deepseek_compat import rebalance_experts
 from elastic_ep.eplb.executor import (
     DEFAULT_BUFFER_BYTES,
     ExecutionStats,
@@ -34,6 +35,7 @@ from elastic_ep.eplb.executor import (
     execute,
 )
 from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log
+from elastic_ep.eplb.planner import PlanReport, plan, plan_with_report
 from elastic_ep.eplb.transfer_plan import (
     LocalCopy,
     NodeLayout,
@@ -60,3 +62,4 @@ __all__ += [
     "execute",
     "plan_transfers",
 ]
+__all__ += ["PlanReport", "plan", "plan_with_report", "rebalance_experts"]

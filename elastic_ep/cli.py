@@ -1,0 +1,167 @@
+"""Command line: ``python -m elastic_ep <command>`` (also installed as ``elastic-ep``).
+
+Each command is one ``add_<name>_command(subparsers)`` function that registers its arguments and
+sets ``handler``; list it in ``COMMANDS`` to enable it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elastic_ep.eplb.placement import Placement
+from elastic_ep.eplb.planner import as_load_array, plan_with_report
+from elastic_ep.rank_mapping import RankMapping
+
+
+def read_matrix(path: Path) -> np.ndarray:
+    """2-D array from a .npy, .pt (a tensor, or a dict with one) or .csv file."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".csv":
+        return np.loadtxt(path, delimiter=",", ndmin=2)
+    if suffix == ".pt":
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+            key = "phy2log" if "phy2log" in obj else "load" if "load" in obj else None
+            if key is None and len(tensors) != 1:
+                raise ValueError(f"{path}: a dict needs a 'load' or 'phy2log' key")
+            obj = obj[key] if key else tensors[0]
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{path}: expected a tensor, found {type(obj).__name__}")
+        return obj.numpy()
+    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .npy, .pt or .csv)")
+
+
+def contiguous_placement(layers: int, experts: int, ranks: int, slots: int) -> Placement:
+    """One replica per expert, rank r holding a contiguous block (a model without EPLB)."""
+    block = -(-experts // ranks)
+    local = np.arange(ranks)[:, None] * block + np.arange(slots)[None, :]
+    local = np.where((np.arange(slots) < block)[None, :] & (local < experts), local, -1)
+    phy2log = torch.from_numpy(np.tile(local.reshape(1, -1), (layers, 1)))
+    return Placement(phy2log, experts, ranks)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    load = as_load_array(read_matrix(args.load))
+    layers, experts = load.shape
+    previous, mapping = None, None
+    if args.previous is not None:
+        phy2log = torch.from_numpy(read_matrix(args.previous).astype(np.int64))
+        if phy2log.dim() != 2 or phy2log.shape[1] % args.slots:
+            raise ValueError(
+                f"{args.previous}: phy2log must be [layers, old_ranks * {args.slots}], "
+                f"got {tuple(phy2log.shape)}"
+            )
+        old_ranks = phy2log.shape[1] // args.slots
+        previous = Placement(phy2log, experts, old_ranks)
+        mapping = RankMapping.resize(old_ranks, args.ranks)
+    start = time.perf_counter()
+    report = plan_with_report(
+        load,
+        args.ranks,
+        args.slots,
+        num_groups=args.groups,
+        num_nodes=args.nodes,
+        previous=previous,
+        rank_mapping=mapping,
+        max_transfers=args.max_transfers,
+    )
+    elapsed = time.perf_counter() - start
+    before = previous or contiguous_placement(layers, experts, args.ranks, args.slots)
+    loads = torch.from_numpy(load)
+    after = report.placement
+    kind = "hierarchical" if args.nodes > 1 else "global"
+    print(f"load         {args.load}: {layers} layers x {experts} experts")
+    print(f"plan         {args.ranks} ranks x {args.slots} slots, {kind}")
+    label = f"previous, {before.num_ranks} ranks" if previous else "one replica per expert"
+    print(f"balancedness before {before.balancedness(loads):.4f} ({label})")
+    print(f"             after  {after.balancedness(loads):.4f}")
+    received = int(report.transfers.sum())
+    share = 100.0 * received / (layers * after.num_slots)
+    print(f"transfers    {received} expert weights received ({share:.1f}% of slots)")
+    print(f"time         {elapsed * 1e3:.1f} ms")
+    if args.out is not None:
+        torch.save(
+            {
+                "phy2log": after.phy2log,
+                "log2phy": after.log2phy,
+                "logcnt": after.logcnt,
+                "num_ranks": after.num_ranks,
+            },
+            args.out,
+        )
+        print(f"wrote        {args.out}")
+    if args.plot is not None:
+        draw_heatmaps(before.rank_loads(loads), after.rank_loads(loads), args.plot)
+        print(f"wrote        {args.plot}")
+    return 0
+
+
+def draw_heatmaps(before: torch.Tensor, after: torch.Tensor, path: Path) -> None:
+    """Save per-rank load heatmaps ([L, R] each, float) side by side; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ValueError("--plot needs matplotlib: pip install 'elastic_ep[plot]'") from err
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    top = float(max(before.max(), after.max()))
+    for ax, loads, title in ((axes[0], before, "before"), (axes[1], after, "after")):
+        image = ax.imshow(loads.numpy(), aspect="auto", vmin=0, vmax=top, cmap="viridis")
+        ax.set_title(f"{title}: load per rank")
+        ax.set_xlabel("rank")
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes, label="load")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser("plan", help="plan an expert placement from a load matrix")
+    cmd.add_argument("--load", type=Path, required=True, help="[L, E] load: .npy, .pt or .csv")
+    cmd.add_argument("--ranks", type=int, required=True, help="number of ranks R")
+    cmd.add_argument("--slots", type=int, required=True, help="expert slots per rank S")
+    cmd.add_argument("--groups", type=int, default=1, help="expert groups (hierarchical)")
+    cmd.add_argument("--nodes", type=int, default=1, help="nodes; > 1 keeps groups in a node")
+    cmd.add_argument(
+        "--previous",
+        type=Path,
+        help="current phy2log [L, old_ranks * S] (.pt/.npy/.csv); old ranks beyond --ranks "
+        "are removed, new ones appended",
+    )
+    cmd.add_argument("--max-transfers", type=int, help="most weights received per layer")
+    cmd.add_argument("--out", type=Path, help="write phy2log/log2phy/logcnt to this .pt file")
+    cmd.add_argument("--plot", type=Path, help="draw per-rank load heatmaps to this image")
+    cmd.set_defaults(handler=_run_plan)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plan_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastic_ep", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 with a one-line message on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (ValueError, TypeError, OSError) as err:
+        print(f"elastic_ep {args.command}: error: {err}", file=sys.stderr)
+        return 2
