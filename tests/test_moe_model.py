@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from elastic_ep.eplb import Placement, PlacementBuffers
 from elastic_ep.groups import Rendezvous, StatelessGroup
@@ -23,6 +25,7 @@ from elastic_ep.moe import (
     seeded_expert,
     seeded_gate,
 )
+from elastic_ep.moe.all_to_all import _grouped_position
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError
 from tests.procs import free_port
 
@@ -65,10 +68,12 @@ def test_reference_moe_equals_a_per_token_loop() -> None:
     for t in range(5):
         top = probs[t].topk(2)
         weights = top.values / top.values.sum()
-        expected = sum(
-            float(w) * expert_mlp(hidden[t : t + 1], w13[e], w2[e])[0]
-            for w, e in zip(weights, top.indices.tolist(), strict=True)
-        )
+        expected = torch.stack(
+            [
+                float(w) * expert_mlp(hidden[t : t + 1], w13[e], w2[e])[0]
+                for w, e in zip(weights, top.indices.tolist(), strict=True)
+            ]
+        ).sum(0)
         assert torch.allclose(out[t], expected, atol=1e-6)
 
 
@@ -158,3 +163,21 @@ def test_dispatch_resource_builds_per_epoch(solo_group: StatelessGroup) -> None:
         resources.build(EpochContext(4, 0, 1, solo_group))
     with pytest.raises(ResourceError, match="context says rank 0 of 2"):
         resources.build(EpochContext(4, 0, 2, solo_group, placement))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31))
+def test_received_rows_regroup_slot_major(ranks: int, per_rank: int, seed: int) -> None:
+    """The all-to-all backend's regrouping is a permutation that puts the rows received in
+    (source rank, local slot) order into slot-major order, keeping source order inside a slot."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 4, (ranks, per_rank), generator=gen)
+    labels = [
+        (r, s) for r in range(ranks) for s in range(per_rank) for _ in range(int(counts[r, s]))
+    ]
+    position = _grouped_position(counts)
+    assert sorted(position.tolist()) == list(range(len(labels)))
+    grouped: list[tuple[int, int]] = [(0, 0)] * len(labels)
+    for row, pos in enumerate(position.tolist()):
+        grouped[pos] = labels[row]
+    assert grouped == sorted(labels, key=lambda rs: (rs[1], rs[0]))
