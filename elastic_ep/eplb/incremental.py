@@ -6,8 +6,8 @@ batched over rows (layers). ``kept`` is the previous placement already mapped on
 that did not hold it in ``kept``; that is the only cost counted.
 
 1. :func:`fill_missing`: every replica the new replica counts ask for and no rank holds is placed
-   where it leaves the lowest rank load, in an empty slot or over a surplus replica (an expert
-   with more replicas than it now needs). Experts with no replica left come first and are always
+   where it leaves the lowest rank load, in an empty slot or, once none is left, over a surplus
+   replica (an expert with more replicas than it now needs). Experts with no replica left come first and are always
    placed; the others only while the transfer budget lasts.
 2. :func:`swap_towards`: swaps between each row's heaviest rank and any other rank, best load
    gain per weight received first, until the row reaches its target balancedness, no swap
@@ -89,7 +89,11 @@ def _place_one(
     lacks = ~(present[b, :, expert + 1] > 0)  # [n, R]
     slot_w = slot_loads(current, per_replica[b])
     after = rank_load[b][:, :, None] - slot_w + per_replica[b, expert][:, None, None]
-    score = np.where(replaceable & lacks[:, :, None], after, np.inf).reshape(b.size, -1)
+    allowed = replaceable & lacks[:, :, None]
+    # Fill empty slots before evicting: an empty slot left at the end is capacity lost.
+    empty_ok = allowed & (current < 0)
+    allowed = np.where(empty_ok.any((1, 2))[:, None, None], empty_ok, allowed)
+    score = np.where(allowed, after, np.inf).reshape(b.size, -1)
     best = score.argmin(1)
     ok = np.isfinite(score[np.arange(b.size), best])
     b, expert, best = b[ok], expert[ok], best[ok]

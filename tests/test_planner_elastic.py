@@ -1,0 +1,189 @@
+"""Movement-aware and elastic plans: previous placements, rank mappings, dead ranks, budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elastic_ep import RankMapping
+from elastic_ep.eplb import Placement, plan, plan_with_report
+from tests.test_planner import LOAD_KINDS, make_load
+
+
+@st.composite
+def scale_events(draw: st.DrawFn) -> tuple:
+    """(load, previous, mapping, dead, slots): a random old plan and a random change of ranks."""
+    experts = draw(st.integers(1, 20))
+    slots = draw(st.integers(1, 5))
+    min_ranks = -(-experts // slots)
+    old_ranks = draw(st.integers(min_ranks, min_ranks + 4))
+    kind = draw(st.sampled_from(LOAD_KINDS))
+    seed = draw(st.integers(0, 2**16))
+    layers = draw(st.integers(1, 3))
+    old_load = make_load(kind, layers, experts, seed)
+    previous = plan(old_load, old_ranks, slots)
+    removed = draw(st.sets(st.integers(0, old_ranks - 1), max_size=old_ranks - 1))
+    survivors = [r for r in range(old_ranks) if r not in removed]
+    order = draw(st.permutations(survivors))
+    joined = draw(st.integers(0, 3))
+    new_ranks = len(survivors) + joined
+    if new_ranks * slots < experts:
+        joined += -(-experts // slots) - new_ranks
+        new_ranks = len(survivors) + joined
+    mapping = RankMapping.from_members(
+        list(range(old_ranks)), list(order) + [-1 - j for j in range(joined)]
+    )
+    dead = (
+        draw(st.sets(st.sampled_from(sorted(removed)), max_size=len(removed))) if removed else set()
+    )
+    drift = np.random.default_rng(seed + 1).lognormal(0.0, 0.1, old_load.shape)
+    return old_load * drift, previous, mapping, sorted(dead), slots
+
+
+@settings(max_examples=120, deadline=None)
+@given(scale_events(), st.one_of(st.none(), st.integers(0, 12)))
+def test_elastic_plan_invariants(event: tuple, max_transfers: int | None) -> None:
+    load, previous, mapping, dead, slots = event
+    ranks = mapping.new_world_size
+    survivors_hold = torch.zeros(previous.num_layers, previous.num_logical, dtype=torch.bool)
+    for old in range(previous.num_ranks):
+        if mapping.new_rank(old) is not None:
+            survivors_hold |= previous.presence[:, old]
+    must_place = int((~survivors_hold).sum(1).max())
+    kwargs = dict(
+        previous=previous, rank_mapping=mapping, dead_ranks=dead, max_transfers=max_transfers
+    )
+    if max_transfers is not None and must_place > max_transfers:
+        with pytest.raises(ValueError, match=f"max_transfers={max_transfers} is below"):
+            plan(load, ranks, slots, **kwargs)
+        return
+    report = plan_with_report(load, ranks, slots, **kwargs)
+    placement = report.placement
+    assert placement.phy2log.shape == (previous.num_layers, ranks * slots)
+    placement.validate(distinct_ranks=True)  # every expert placed (lost ones too), distinct ranks
+    received = placement.transfers_from(previous, mapping).sum(1)
+    assert torch.equal(report.transfers, received)  # a removed/dead rank's copy never counts
+    if max_transfers is not None:
+        assert bool((received <= max_transfers).all())
+    else:
+        expected = min(ranks * slots, previous.num_logical * ranks)
+        assert bool(((placement.phy2log >= 0).sum(1) == expected).all())  # -1 only if unusable
+        fresh = plan(load, ranks, slots)
+        layer_balance = _layer_balance(placement, load)
+        assert bool((layer_balance >= _layer_balance(fresh, load) - 0.01 - 1e-9).all())
+    expected_lost = previous.lost_with(dead) if dead else torch.zeros_like(report.lost)
+    assert torch.equal(report.lost, expected_lost)
+    again = plan_with_report(load, ranks, slots, **kwargs)
+    assert again.placement == placement and torch.equal(again.transfers, report.transfers)
+
+
+def _layer_balance(placement: Placement, load: np.ndarray) -> torch.Tensor:
+    loads = placement.rank_loads(torch.from_numpy(load))
+    peak = loads.max(1).values
+    return torch.where(peak > 0, loads.mean(1) / peak.clamp(min=1e-300), 1.0)
+
+
+def test_same_load_keeps_everything() -> None:
+    load = make_load("lognormal", 4, 64, seed=3)
+    previous = plan(load, 8, 10)
+    report = plan_with_report(load, 8, 10, previous=previous)
+    assert int(report.transfers.sum()) == 0
+    assert report.placement == previous
+
+
+def test_max_transfers_zero_keeps_previous_placement() -> None:
+    load = make_load("lognormal", 4, 64, seed=3)
+    previous = plan(load, 8, 10)
+    drifted = load * np.random.default_rng(4).lognormal(0, 0.3, load.shape)
+    report = plan_with_report(drifted, 8, 10, previous=previous, max_transfers=0)
+    assert int(report.transfers.sum()) == 0
+    assert report.placement == previous
+
+
+def test_scale_up_with_zero_budget_leaves_new_ranks_empty() -> None:
+    load = make_load("zipf", 2, 16, seed=5)
+    previous = plan(load, 4, 5)
+    placement = plan(
+        load, 6, 5, previous=previous, rank_mapping=RankMapping.resize(4, 6), max_transfers=0
+    )
+    assert torch.equal(placement.phy2log[:, :20], previous.phy2log)
+    assert bool((placement.phy2log[:, 20:] == -1).all())
+
+
+def test_dead_rank_experts_are_reported_and_placed() -> None:
+    load = make_load("lognormal", 3, 8, seed=6)
+    previous = plan(load, 4, 2)  # 8 slots for 8 experts: every expert has exactly one replica
+    mapping = RankMapping.without(4, [1])
+    report = plan_with_report(
+        load,
+        4,
+        2,
+        previous=previous,
+        rank_mapping=RankMapping(mapping.old_to_new, 4),
+        dead_ranks=[1],
+    )
+    lost = previous.lost_with([1])
+    assert torch.equal(report.lost, lost) and int(lost.sum()) == 3 * 2
+    report.placement.validate(distinct_ranks=True)
+
+
+ELASTIC_ERRORS = [
+    (dict(dead_ranks=[1]), "dead rank 1 is not removed"),
+    (dict(dead_ranks=[9]), "not a rank of previous"),
+    (dict(rank_mapping=RankMapping.resize(3, 4)), "expected 4 \\(previous\\) -> 4"),
+    (dict(max_transfers=-1), "max_transfers must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), ELASTIC_ERRORS)
+def test_elastic_bad_input(kwargs: dict, message: str) -> None:
+    load = make_load("lognormal", 2, 8, seed=0)
+    previous = plan(load, 4, 3)
+    with pytest.raises(ValueError, match=message):
+        plan(load, 4, 3, previous=previous, **kwargs)
+
+
+def test_previous_must_match_shape_and_slots() -> None:
+    load = make_load("lognormal", 2, 8, seed=0)
+    with pytest.raises(ValueError, match="slots per rank must stay constant"):
+        plan(load, 4, 3, previous=plan(load, 4, 2))
+    with pytest.raises(ValueError, match="previous is 2 layers x 8 experts, load is 3 x 8"):
+        plan(make_load("lognormal", 3, 8, seed=0), 4, 2, previous=plan(load, 4, 2))
+    with pytest.raises(TypeError, match="previous must be a Placement"):
+        plan(load, 4, 2, previous=np.zeros((2, 8)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_transfers is supported for global plans only"):
+        plan(load, 4, 2, num_groups=2, num_nodes=2, previous=plan(load, 4, 2), max_transfers=4)
+
+
+def test_hierarchical_previous_is_relabelled_within_nodes() -> None:
+    load = make_load("lognormal", 3, 32, seed=2)
+    previous = plan(load, 8, 5, num_groups=4, num_nodes=2)
+    report = plan_with_report(load, 8, 5, num_groups=4, num_nodes=2, previous=previous)
+    assert int(report.transfers.sum()) == 0  # same load: the fresh plan relabels onto itself
+
+
+@pytest.mark.parametrize(
+    ("old_ranks", "new_ranks"), [(32, 36), (32, 28)], ids=["scale-up", "scale-down"]
+)
+def test_v3_scale_events_move_little(old_ranks: int, new_ranks: int) -> None:
+    load = make_load("lognormal", 58, 256, seed=11)
+    previous = plan(load, old_ranks, 10)
+    mapping = RankMapping.resize(old_ranks, new_ranks)
+    report = plan_with_report(load, new_ranks, 10, previous=previous, rank_mapping=mapping)
+    moved = float(report.transfers.sum()) / (58 * new_ranks * 10)
+    assert report.placement.balancedness(torch.from_numpy(load)) >= 0.98
+    assert moved <= 0.22  # the minimum is 9-11% (fill the new ranks / re-home the removed)
+
+
+def test_v3_drift_moves_little() -> None:
+    load = make_load("lognormal", 58, 256, seed=12)
+    previous = plan(load, 32, 10)
+    drifted = load * np.random.default_rng(13).lognormal(0.0, 0.1, load.shape)
+    report = plan_with_report(drifted, 32, 10, previous=previous)
+    moved = float(report.transfers.sum()) / (58 * 320)
+    assert previous.balancedness(torch.from_numpy(drifted)) < 0.95
+    assert report.placement.balancedness(torch.from_numpy(drifted)) >= 0.975
+    assert moved <= 0.15
