@@ -65,6 +65,12 @@ class PlacementBuffers:
                 f"for {self.num_logical} experts (needs factor >= "
                 f"{placement.num_slots / self.num_logical:.4g})"
             )
+        most = int(placement.logcnt.max())
+        if most > self.max_replicas:
+            raise ValueError(
+                f"placement gives one expert {most} replicas, but log2phy holds at most "
+                f"{self.max_replicas} (max_physical_factor={self.max_physical_factor})"
+            )
 
     def update_(self, placement: Placement) -> None:
         """Write ``placement`` into the buffers in place; unused capacity reads -1.
