@@ -1,0 +1,386 @@
+"""Benchmark the EPLB executor against raw point-to-point bandwidth measured in the same run.
+
+DeepSeek-V2-Lite-sized experts by default: 26 MoE layers, 64 experts, bf16 ``w13`` [2*1408, 2048]
+and ``w2`` [2048, 1408] per expert (17.3 MB). Scenarios, each run in one process per device:
+
+* ``reshuffle``: a new random placement (anchor planners move about this much);
+* ``drift10``: 10% of the slots get another expert;
+* ``up N-1->N``: a rank joins, the survivors keep their slots, the joiner is filled;
+* ``down N->N-1``: a rank leaves, the experts only it held are rehomed on survivors.
+
+Raw baselines: a ring exchange (every rank sends ``--raw-mb`` to its right neighbour and receives
+as much from its left) through ``StatelessGroup.batch_p2p`` and through torch's own default
+process group (``torch.distributed.batch_isend_irecv``).
+
+"Per-GPU bandwidth" of a scenario is the busiest rank's traffic (max over ranks of the bytes it
+sends or receives, whichever is larger) divided by the wall time; for the ring it is the bytes each
+rank sends divided by the wall time. Extra memory is ``max_memory_allocated`` during ``execute``
+minus the memory allocated before it (CUDA), or the executor's own count (CPU).
+
+Usage::
+
+    python benchmarks/bench_executor.py --backend nccl --devices 4 [--json out.json]
+    python benchmarks/bench_executor.py --backend gloo --devices 2 --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from elastic_ep.eplb import EMPTY, Placement, TransferPlan, execute, plan_transfers
+from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.rank_mapping import RankMapping
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- placements ------------------------------------------------------------------------------
+def random_placement(
+    rng: random.Random, layers: int, experts: int, ranks: int, slots: int
+) -> Placement:
+    """Every expert once per layer, the remaining slots random replicas."""
+    rows = []
+    for _ in range(layers):
+        row = list(range(experts)) + [
+            rng.randrange(experts) for _ in range(ranks * slots - experts)
+        ]
+        rng.shuffle(row)
+        rows.append(row)
+    return Placement(torch.tensor(rows), experts, ranks)
+
+
+def drift(rng: random.Random, p: Placement, fraction: float) -> Placement:
+    """Rewrite ``fraction`` of the slots, keeping every expert placed."""
+    rows = p.phy2log.tolist()
+    for row in rows:
+        for i in rng.sample(range(len(row)), round(fraction * len(row))):
+            row[i] = rng.randrange(p.num_logical)
+        _repair(row, p.num_logical)
+    return Placement(torch.tensor(rows), p.num_logical, p.num_ranks)
+
+
+def _repair(row: list[int], experts: int) -> None:
+    first: dict[int, int] = {}
+    for i, e in enumerate(row):
+        first.setdefault(e, i)
+    spare = [i for i, e in enumerate(row) if e == EMPTY or first[e] != i]
+    for e, i in zip(sorted(set(range(experts)) - set(row)), spare, strict=False):
+        row[i] = e
+
+
+def scale_up(rng: random.Random, p: Placement) -> tuple[Placement, RankMapping]:
+    """One rank joins at the end; survivors keep their slots, the joiner gets random replicas."""
+    s = p.slots_per_rank
+    rows = [row + [rng.randrange(p.num_logical) for _ in range(s)] for row in p.phy2log.tolist()]
+    return Placement(torch.tensor(rows), p.num_logical, p.num_ranks + 1), RankMapping.resize(
+        p.num_ranks, p.num_ranks + 1
+    )
+
+
+def scale_down(p: Placement) -> tuple[Placement, RankMapping]:
+    """The last rank leaves; experts only it held replace duplicates on the survivors."""
+    s = p.slots_per_rank
+    rows = [row[: (p.num_ranks - 1) * s] for row in p.phy2log.tolist()]
+    for row in rows:
+        _repair(row, p.num_logical)
+    return Placement(torch.tensor(rows), p.num_logical, p.num_ranks - 1), RankMapping.resize(
+        p.num_ranks, p.num_ranks - 1
+    )
+
+
+# ---- one process per device ----------------------------------------------------------------
+def _weights(
+    layers: int, slots: int, shapes: list[tuple[int, ...]], device: torch.device, dtype: torch.dtype
+) -> list[list[torch.Tensor]]:
+    return [
+        [torch.ones((slots, *shape), dtype=dtype, device=device) for shape in shapes]
+        for _ in range(layers)
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ring(
+    send: torch.Tensor, recv: torch.Tensor, rank: int, world: int, how: str, group: StatelessGroup
+) -> None:
+    right, left = (rank + 1) % world, (rank - 1) % world
+    if how == "stateless":
+        group.batch_p2p([(send, right)], [(recv, left)])
+    else:
+        ops = [dist.P2POp(dist.isend, send, right), dist.P2POp(dist.irecv, recv, left)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _time(fn: Any, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure_raw(
+    args: argparse.Namespace, rank: int, group: StatelessGroup, device: torch.device
+) -> dict[str, float]:
+    nbytes = args.raw_mb << 20
+    send = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    recv = torch.empty_like(send)
+    out = {}
+    for how in ("stateless", "torch"):
+        seconds = _time(
+            lambda how=how: _ring(send, recv, rank, args.devices, how, group), device, args.repeats
+        )
+        out[how] = nbytes / seconds / 1e9
+    return out
+
+
+def _run_scenario(
+    args: argparse.Namespace,
+    rank: int,
+    rdzv: Rendezvous,
+    epoch: int,
+    name: str,
+    plan: TransferPlan,
+    group_ranks: int,
+    numbering: str,
+    device: torch.device,
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+) -> dict[str, Any] | None:
+    """Time ``plan`` (and restore with the reverse plan between repeats) on ``group_ranks`` ranks."""
+    if rank >= group_ranks:
+        return None
+    group = StatelessGroup(
+        rdzv, f"bench-{name}", epoch, rank, group_ranks, args.backend, device, timeout_s=300
+    )
+    mapping = plan.rank_mapping
+    old = mapping.old_rank(rank) if numbering == "new" else rank
+    new = rank if numbering == "new" else mapping.new_rank(rank)
+    slots = max(
+        plan.previous.slots_per_rank if old is not None else 0,
+        plan.new.slots_per_rank if new is not None else 0,
+    )
+    weights = _weights(plan.new.num_layers, slots, shapes, device, dtype)
+    back = plan_transfers(plan.new, plan.previous, _inverse(mapping))
+    budget = args.buffer_mb << 20
+    times, peaks, stats = [], [], None
+    for i in range(args.repeats + 1):
+        _sync(device)
+        group.barrier()
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        stats = execute(plan, weights, group, buffer_bytes=budget)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        peak = (
+            torch.cuda.max_memory_allocated(device) - base
+            if device.type == "cuda"
+            else stats.peak_extra_bytes
+        )
+        if i > 0:  # the first run warms up
+            times.append(elapsed)
+            peaks.append(peak)
+        group.barrier()
+        execute(back, weights, group, buffer_bytes=budget, ranks=_flip(plan, numbering))
+    assert stats is not None
+    seconds = statistics.median(times)
+    busiest = max(
+        max(s, r)
+        for s, r in zip(stats.bytes_sent_per_rank, stats.bytes_received_per_rank, strict=True)
+    )
+    group.barrier()
+    group.destroy()
+    return {
+        "scenario": name,
+        "ranks": group_ranks,
+        "seconds": seconds,
+        "moved_gb": sum(stats.bytes_received_per_rank) / 1e9,
+        "busiest_rank_gb": busiest / 1e9,
+        "gbps_per_gpu": busiest / seconds / 1e9,
+        "chunks": stats.num_chunks,
+        "peak_extra_mb": max(peaks) / 2**20,
+        "executor_peak_mb": stats.peak_extra_bytes / 2**20,
+        "buffer_mb": args.buffer_mb,
+        "phase_ms": {phase.value: sec * 1e3 for phase, sec in stats.seconds},
+        "total_ms": stats.total_seconds * 1e3,
+    }
+
+
+def _inverse(mapping: RankMapping) -> RankMapping:
+    return RankMapping(mapping.new_to_old, mapping.old_world_size)
+
+
+def _flip(plan: TransferPlan, numbering: str) -> Any:
+    """GroupRanks for the reverse plan on the same group."""
+    from elastic_ep.eplb import GroupRanks
+
+    forward = (
+        GroupRanks.new_numbering(plan.rank_mapping)
+        if numbering == "new"
+        else GroupRanks.old_numbering(plan.rank_mapping)
+    )
+    return GroupRanks(forward.new, forward.old)
+
+
+def _scenarios(args: argparse.Namespace) -> list[tuple[str, TransferPlan, int, str]]:
+    rng = random.Random(args.seed)
+    n, e, layers = args.devices, args.experts, args.layers
+    slots = math.ceil(args.slots / n)
+    base = random_placement(rng, layers, e, n, slots)
+    out = [
+        ("reshuffle", plan_transfers(base, random_placement(rng, layers, e, n, slots)), n, "new"),
+        ("drift10", plan_transfers(base, drift(rng, base, 0.10)), n, "new"),
+    ]
+    if n >= 2:
+        s = math.ceil(e / (n - 1))
+        small = random_placement(rng, layers, e, n - 1, s)
+        grown, up = scale_up(rng, small)
+        out.append((f"up {n - 1}->{n}", plan_transfers(small, grown, up), n, "new"))
+        big = random_placement(rng, layers, e, n, s)
+        shrunk, down = scale_down(big)
+        out.append((f"down {n}->{n - 1}", plan_transfers(big, shrunk, down), n, "old"))
+    return out
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, queue: Any) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=300)
+    dist.init_process_group(
+        args.backend,
+        init_method=f"tcp://127.0.0.1:{torch_port}",
+        rank=rank,
+        world_size=args.devices,
+        timeout=timedelta(seconds=300),
+        device_id=device if device.type == "cuda" else None,
+    )
+    group = StatelessGroup(
+        rdzv, "bench-raw", 0, rank, args.devices, args.backend, device, timeout_s=300
+    )
+    result: dict[str, Any] = {"raw": _measure_raw(args, rank, group, device), "scenarios": []}
+    dtype = torch.bfloat16
+    shapes = [(2 * args.intermediate, args.hidden), (args.hidden, args.intermediate)]
+    for epoch, (name, plan, ranks, numbering) in enumerate(_scenarios(args)):
+        row = _run_scenario(
+            args, rank, rdzv, epoch, name, plan, ranks, numbering, device, shapes, dtype
+        )
+        if row is not None:
+            result["scenarios"].append(row)
+    group.barrier()
+    group.destroy()
+    dist.destroy_process_group()
+    queue.put((rank, result))
+    if rank == 0:
+        time.sleep(1.0)  # the store's server lives in rank 0: let the others disconnect first
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["nccl", "gloo"], default="nccl")
+    parser.add_argument("--devices", type=int, default=2, help="processes (one per GPU)")
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=80, help="physical slots per layer in all")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--buffer-mb", type=int, default=2048)
+    parser.add_argument("--raw-mb", type=int, default=512, help="bytes per rank in the raw ring")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="tiny sizes, for gloo on a CPU")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if args.small:
+        args.layers, args.hidden, args.intermediate, args.raw_mb, args.buffer_mb = 4, 64, 48, 4, 1
+    if args.backend == "nccl" and torch.cuda.device_count() < args.devices:
+        parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} CUDA devices")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port, torch_port = _free_port(), _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, args, port, torch_port, queue))
+        for r in range(args.devices)
+    ]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=900) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    report(args, results)
+    return 0
+
+
+def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None:
+    raw = {how: min(r["raw"][how] for r in results.values()) for how in ("stateless", "torch")}
+    rows = results[0]["scenarios"]
+    peaks = {
+        row["scenario"]: max(
+            next(s["peak_extra_mb"] for s in r["scenarios"] if s["scenario"] == row["scenario"])
+            for r in results.values()
+            if any(s["scenario"] == row["scenario"] for s in r["scenarios"])
+        )
+        for row in rows
+    }
+    device = torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu"
+    print(
+        f"\n{args.devices} x {device}, {args.backend}, {args.layers} layers x {args.experts} experts, "
+        f"buffer {args.buffer_mb} MiB"
+    )
+    print(
+        f"raw ring P2P per GPU: StatelessGroup.batch_p2p {raw['stateless']:.1f} GB/s, "
+        f"torch batch_isend_irecv {raw['torch']:.1f} GB/s"
+    )
+    print(
+        f"{'scenario':<12} {'ms':>8} {'moved GB':>9} {'busiest GB':>10} {'GB/s/GPU':>9} {'% raw':>6} {'chunks':>6} {'peak MiB':>9}"
+    )
+    best_raw = max(raw.values())
+    for row in rows:
+        row["pct_of_raw"] = 100 * row["gbps_per_gpu"] / best_raw
+        row["peak_extra_mb"] = peaks[row["scenario"]]
+        print(
+            f"{row['scenario']:<12} {row['seconds'] * 1e3:8.1f} {row['moved_gb']:9.2f} "
+            f"{row['busiest_rank_gb']:10.2f} {row['gbps_per_gpu']:9.1f} {row['pct_of_raw']:6.1f} "
+            f"{row['chunks']:6d} {row['peak_extra_mb']:9.1f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"args": vars(args), "device": device, "raw_gbps_per_gpu": raw, "scenarios": rows},
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

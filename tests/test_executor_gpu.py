@@ -1,0 +1,70 @@
+"""execute over NCCL on 2 GPUs: bit-exact after every kind of scale event, within the buffer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from elastic_ep.eplb import execute, plan_transfers
+from elastic_ep.groups import Rendezvous, StatelessGroup
+from tests.procs import run_ranks
+from tests.test_executor import (
+    SLOT_BYTES,
+    _ranks_of,
+    check_after,
+    expert_weights,
+    initial_weights,
+    min_buffer,
+)
+from tests.test_transfer_plan import KINDS, make_scenario
+
+pytestmark = pytest.mark.gpu
+
+ALLOCATOR_SLACK = 64 << 10  # the plan check's small collective, rounded to allocator blocks
+
+
+def _nccl_scenarios(rank: int, world_size: int, port: int, seed: int) -> list[tuple[str, int]]:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    group = StatelessGroup(rdzv, "eplb-gpu", 0, rank, world_size, "nccl", device, timeout_s=60)
+    rng = random.Random(seed)
+    out = []
+    for kind in KINDS:
+        sc = make_scenario(kind, rng.randrange(2**31), world_size, 3, 10)
+        old, new = _ranks_of(sc, rank)
+        plan = plan_transfers(sc.previous, sc.new, sc.mapping, dead_ranks=sc.dead)
+        budget = max(min_buffer(plan), SLOT_BYTES) * rng.choice([1, 2, 100])
+        before = initial_weights(sc, old, new, tag=rank)
+        weights = [[t.to(device) for t in layer] for layer in before]
+        truth = {(r.layer, r.expert): expert_weights(r.layer, r.expert) for r in plan.reloads}
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        stats = execute(
+            plan,
+            weights,
+            group,
+            buffer_bytes=budget,
+            reload=lambda lay, exp, truth=truth: truth[(lay, exp)],
+            overlap=rng.random() < 0.7,
+        )
+        peak = torch.cuda.max_memory_allocated(device) - base
+        check_after(sc, new, before, [[t.cpu() for t in layer] for layer in weights])
+        assert stats.peak_extra_bytes <= budget
+        assert peak <= budget + ALLOCATOR_SLACK, (kind, peak, budget)
+        out.append((kind, stats.num_chunks))
+    group.barrier()
+    group.destroy()
+    return out
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nccl_bit_exact(seed: int) -> None:
+    results = run_ranks(_nccl_scenarios, 2, seed, timeout=180)
+    assert results[0] == results[1]
