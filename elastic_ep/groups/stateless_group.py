@@ -430,6 +430,16 @@ class StatelessGroup:
         except RuntimeError:
             return None
 
+    def _broken(self, op: str, err: BaseException, *, peer: int | None) -> PeerFailure:
+        """Mark the group broken by ``err``; return the PeerFailure to raise.
+
+        The stored copy is never raised, so it holds no traceback: a traceback's frames would
+        reference this group (and its ProcessGroup), keeping its threads and sockets alive in a
+        reference cycle after abort.
+        """
+        self._failure = self._peer_failure(op, err, peer=peer)
+        return self._peer_failure(op, err, peer=peer)
+
     def _peer_failure(
         self, op: str, err: BaseException, *, peer: int | None, timeout_s: float | None = None
     ) -> PeerFailure:
@@ -455,8 +465,7 @@ class StatelessGroup:
         try:
             work = start(pg)
         except RuntimeError as err:
-            self._failure = self._peer_failure(op, err, peer=peer)
-            raise self._failure from err
+            raise self._broken(op, err, peer=peer) from err
         self._wait(work, op, peer=peer, sync=sync)
 
     def _wait(self, work: Work, op: str, *, peer: int | None, sync: bool) -> None:
@@ -468,8 +477,7 @@ class StatelessGroup:
             else:
                 work.wait()
         except RuntimeError as err:
-            self._failure = self._peer_failure(op, err, peer=peer)
-            raise self._failure from err
+            raise self._broken(op, err, peer=peer) from err
 
     def _post_p2p(
         self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]
@@ -491,8 +499,7 @@ class StatelessGroup:
                 pg.recv([t], src, 0) for t, src in recvs
             ]
         except RuntimeError as err:
-            self._failure = self._peer_failure("batch_p2p", err, peer=peer)
-            raise self._failure from err
+            raise self._broken("batch_p2p", err, peer=peer) from err
 
     def _check_tensor(self, what: str, tensor: object) -> None:
         if not isinstance(tensor, torch.Tensor):
