@@ -149,7 +149,7 @@ def _scale_rank(rank: int, world_size: int, port: int) -> dict:
         model.expert_weights(),
         groups[3],
         buffer_bytes=1 << 20,
-        reload=lambda layer, expert: seeded_expert(CONFIG, layer, expert),
+        reload=model.reload,
     )
     report["reloaded"] = len(stats.reloaded)
     commit(3, rank)

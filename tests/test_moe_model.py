@@ -100,6 +100,11 @@ def test_build_local_model_loads_the_ranks_slots() -> None:
             assert torch.equal(w13[slot], seeded_expert(CONFIG, layer, expert)[0])
             assert torch.equal(w2[slot], seeded_expert(CONFIG, layer, expert)[1])
         assert int(w13[3:].abs().sum()) == 0  # the empty slot and spare capacity
+    w13_bf16 = build_local_model(CONFIG, placement, 1, buffers, dtype=torch.bfloat16).reload(1, 2)[
+        0
+    ]
+    assert w13_bf16.dtype == torch.bfloat16
+    assert torch.equal(w13_bf16, seeded_expert(CONFIG, 1, 2)[0].bfloat16())
     model.load_expert_(1, 3, 2)
     assert torch.equal(model.expert_weights()[1][0][3], seeded_expert(CONFIG, 1, 2)[0])
     with pytest.raises(ValueError, match="rank must be in"):

@@ -168,6 +168,18 @@ class EPMoEModel(torch.nn.Module):
         """Per layer ``[w13 [S_cap, 2*I, H], w2 [S_cap, H, I]]``: what the EPLB executor moves."""
         return [self._layer(i).expert_weights() for i in range(len(self.layers))]
 
+    def reload(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """The EPLB executor's reload hook: ``[w13 [2*I, H], w2 [H, I]]`` of ``expert``, seeded,
+        on the device and in the dtype of this model's weights."""
+        return [
+            src.to(dst.device, dst.dtype)
+            for dst, src in zip(
+                self._layer(layer).expert_weights(),
+                seeded_expert(self.config, layer, expert),
+                strict=True,
+            )
+        ]
+
     def load_expert_(self, layer: int, local_slot: int, expert: int) -> None:
         """Overwrite ``local_slot`` of ``layer`` with the seeded weights of ``expert`` (reload)."""
         for dst, src in zip(
