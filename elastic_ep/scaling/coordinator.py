@@ -17,6 +17,8 @@ import threading
 import time
 from dataclasses import replace
 
+from torch.distributed import Store
+
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups import Rendezvous
 from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
@@ -81,6 +83,7 @@ class ElasticCoordinator:
         self._done = threading.Event()
         self._done.set()
         self._recoveries_seen = 0
+        self._leaving: frozenset[int] = frozenset()  # leavers of the running scale exit on purpose
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="elastic-monitor", daemon=True)
 
@@ -88,6 +91,12 @@ class ElasticCoordinator:
     @property
     def store_address(self) -> tuple[str, int]:
         return self._rdzv.host, self._rdzv.port
+
+    @property
+    def store(self) -> Store:
+        """The job's TCPStore, for the engine's own keys (keep clear of the ``ctl/`` and
+        ``group/`` prefixes)."""
+        return self._rdzv.store
 
     def status(self) -> ScaleStatus:
         """The current :class:`ScaleStatus` (a consistent snapshot)."""
@@ -149,6 +158,7 @@ class ElasticCoordinator:
             self._set_phase(ScalePhase.PREPARING, event=EventKind.SCALE, event_id=cmd.seq, error=None,
                             phase_s=(), blocking_s=None, kv_budget_bytes=None)
             self._done.clear()
+            self._leaving = frozenset(cmd.leavers)
             self._driver = threading.Thread(target=self._drive, args=(cmd,), daemon=True)
             self._driver.start()
             return self._status
@@ -285,7 +295,7 @@ class ElasticCoordinator:
             phase = self._status.phase
         for m in serving:
             handle = self._handles.get(m)
-            if handle is None or handle.is_alive() or self._channel.is_marked_dead(m):
+            if m in self._leaving or handle is None or handle.is_alive() or self._channel.is_marked_dead(m):
                 continue
             self._channel.mark_dead(m)
             with self._lock:

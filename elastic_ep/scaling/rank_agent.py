@@ -103,7 +103,10 @@ class ElasticRank:
         backend / device: of the process groups (``"gloo"`` CPU, ``"nccl"`` CUDA).
         timeout_s: bound on every group operation (and the build of a group).
         buffer_bytes: the weight executor's staging budget.
-        recovery_window_s: how long survivors wait for each other after a failure.
+        recovery_window_s: how long survivors wait for each other after a failure (unless
+            every member has arrived or was seen dead by the coordinator); default
+            ``timeout_s + 1``, since a survivor that is not a neighbour of the dead rank may
+            only notice at the timeout.
     Raises:
         ReconfigureError: on a joiner, when the scale it was launched for rolled back.
     """
@@ -125,7 +128,7 @@ class ElasticRank:
         device: torch.device | str | None = None,
         timeout_s: float = 30.0,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-        recovery_window_s: float = 5.0,
+        recovery_window_s: float | None = None,
     ) -> None:
         if (placement is None) != (spec.role is RankRole.JOINER):
             raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
@@ -142,12 +145,15 @@ class ElasticRank:
         self._device = device
         self._timeout_s = timeout_s
         self._buffer_bytes = buffer_bytes
-        self._recovery_window_s = recovery_window_s
+        self._recovery_window_s = timeout_s + 1.0 if recovery_window_s is None else recovery_window_s
         self._rdzv = Rendezvous(spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s)
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
         self._job: _ScaleJob | None = None
         self.kv_budget_bytes: int | None = None
         self.last_blocking_s: float | None = None
+        # A joiner's constructor is its commit: its first poll() only reports it, so its next
+        # collective is the same forward step the existing ranks run after their commit poll.
+        self._first_action: Action | None = Action.COMMITTED if spec.role is RankRole.JOINER else None
         if spec.role is RankRole.JOINER:
             self._join(spec)
         else:
@@ -177,6 +183,9 @@ class ElasticRank:
     # ---- the safe point ------------------------------------------------------------------
     def poll(self) -> Action:
         """Act on scale requests and failures; call between forward steps on every rank."""
+        if self._first_action is not None:
+            action, self._first_action = self._first_action, None
+            return action
         job = self._job
         flags = torch.zeros(3, dtype=torch.int64)
         if self.world.rank == 0:
@@ -330,7 +339,9 @@ class ElasticRank:
     def recover(self, failure: PeerFailure) -> Action:
         """Shrink to the survivors after ``failure`` and resume (collective over survivors).
 
-        Raises ``ReconfigureError`` if this rank is not a survivor or the recovery failed.
+        Call it when the engine's own collective raised ``PeerFailure`` (``poll`` calls it for
+        its own), then redo the forward step that failed: every survivor's next collective is
+        then that forward step, wherever it saw the failure. Raises ``ReconfigureError`` if this rank is not a survivor or the recovery failed.
         """
         start = time.monotonic()
         clock = PhaseClock()

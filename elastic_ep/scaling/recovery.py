@@ -70,8 +70,8 @@ def agree_on_survivors(
         )
         put(store, f"{key}/decision", pickle.dumps(decision))
     else:
-        try:
-            store.wait([f"{key}/decision"], timedelta(seconds=timeout_s))
+        try:  # the decider may take the whole window, then a store round trip
+            store.wait([f"{key}/decision"], timedelta(seconds=window_s + timeout_s))
         except RuntimeError as err:
             raise ReconfigureError(f"no survivor decision for epoch {failed_epoch}: {err}") from err
         decision = pickle.loads(store.get(f"{key}/decision"))

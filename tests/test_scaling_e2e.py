@@ -1,0 +1,279 @@
+"""End-to-end scaling with real rank processes over gloo, driven by the real coordinator.
+
+A tiny elastic "engine" runs in each rank process.
+
+Expert weights are built from (layer, expert, kind), so every rank can check bit for bit that
+each of its slots holds its expert after every event. Each rank reports what it saw to the job's
+store under ``test/verify/<epoch>/<member>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed import ReduceOp
+
+from elastic_ep.eplb import Placement
+from elastic_ep.eplb.planner import plan
+from elastic_ep.errors import PeerFailure, ReconfigureError
+from elastic_ep.scaling import Action, ElasticRank, EpochResources, RankRole, RankSpec
+from elastic_ep.scaling.channel import put
+
+KINDS = ((3,), (2, 2))  # per slot: a w13-like [3] and a w2-like [2, 2] tensor
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    layers: int
+    experts: int
+    slots: int
+    skew: float = 1.0  # load of expert e is skew ** e (1.0 = uniform)
+    kill_joiners_in_build: frozenset[int] = field(default_factory=frozenset)
+
+
+def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
+    shape = KINDS[kind]
+    n = int(torch.tensor(shape).prod())
+    base = layer * 10_000 + expert * 100 + kind * 10
+    return (torch.arange(n, dtype=torch.float32) + base).reshape(shape)
+
+
+def load_of(cfg: EngineConfig) -> torch.Tensor:
+    per_expert = torch.tensor([cfg.skew**e for e in range(cfg.experts)], dtype=torch.float64)
+    return per_expert.expand(cfg.layers, -1).clone()
+
+
+def _weights_for(cfg: EngineConfig, placement: Placement | None, rank: int) -> list[list[torch.Tensor]]:
+    out = []
+    for layer in range(cfg.layers):
+        tensors = [torch.full((cfg.slots, *shape), float("nan")) for shape in KINDS]
+        if placement is not None:
+            for slot, expert in enumerate(placement.local_slots(rank)[layer].tolist()):
+                for kind, t in enumerate(tensors):
+                    t[slot] = expert_weight(layer, expert, kind)
+        out.append(tensors)
+    return out
+
+
+def _verify(agent: ElasticRank, cfg: EngineConfig) -> str | None:
+    local = agent.placement.local_slots(agent.rank)
+    for layer in range(cfg.layers):
+        for slot, expert in enumerate(local[layer].tolist()):
+            if expert < 0:
+                continue
+            for kind, t in enumerate(agent.weights[layer]):
+                if not torch.equal(t[slot], expert_weight(layer, expert, kind)):
+                    return f"layer {layer} slot {slot}: wrong weights for expert {expert} kind {kind}"
+    return None
+
+
+def _sole_replicas(agent: ElasticRank) -> int:
+    """(layer, expert) pairs whose only replica is on this rank."""
+    return int(agent.placement.lost_with([agent.rank]).sum())
+
+
+def _publish(agent: ElasticRank, cfg: EngineConfig, event: str, builds: list[int]) -> None:
+    info = {
+        "event": event,
+        "error": _verify(agent, cfg),
+        "kv": agent.kv_budget_bytes,
+        "world": agent.world_size,
+        "rank": agent.rank,
+        "sole": _sole_replicas(agent),
+        "blocking_s": agent.last_blocking_s,
+        "builds": builds[-1],
+    }
+    store = agent._rdzv.store
+    put(store, f"test/verify/{agent.epoch}/{agent.member}", json.dumps(info).encode())
+
+
+def _forward(agent: ElasticRank, cfg: EngineConfig, builds: list[int]) -> None:
+    """The "forward step": a collective on the current group; redone after a recovery."""
+    while True:
+        token = torch.ones(1)
+        try:
+            agent.world.all_reduce(token, ReduceOp.SUM)
+        except PeerFailure as failure:
+            agent.recover(failure)
+            _publish(agent, cfg, Action.RECOVERED.value, builds)
+            continue
+        if int(token) != agent.world_size:
+            raise AssertionError(f"forward all_reduce gave {int(token)}, world {agent.world_size}")
+        return
+
+
+def rank_main(spec: RankSpec) -> None:
+    cfg: EngineConfig = spec.config
+    builds: list[int] = []
+    resources = EpochResources()
+
+    def build_a2a(ctx: object) -> tuple[int, int]:
+        if spec.member_id in cfg.kill_joiners_in_build:
+            os.kill(os.getpid(), signal.SIGKILL)  # die with the weights moved, before the commit
+        epoch, size = ctx.epoch, ctx.world_size  # type: ignore[attr-defined]
+        builds.append(epoch)
+        return epoch, size
+
+    resources.register("a2a", build_a2a)
+    joiner = spec.role is RankRole.JOINER
+    placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
+    weights = _weights_for(cfg, placement, 0 if joiner else spec.rank)
+    try:
+        agent = ElasticRank(
+            spec,
+            weights=weights,
+            load=lambda: load_of(cfg),
+            placement=placement,
+            kv_bytes=lambda: 2_000_000 - 1000 * spec.member_id,
+            reload=lambda layer, expert: [expert_weight(layer, expert, k) for k in range(len(KINDS))],
+            resources=resources,
+            timeout_s=10.0,
+        )
+    except ReconfigureError:
+        return  # the scale this joiner was launched for rolled back
+    _publish(agent, cfg, "start", builds)
+    while True:
+        action = agent.poll()
+        if action in (Action.LEAVE, Action.STOP):
+            agent.close()
+            return
+        if action is not Action.SERVE:
+            _publish(agent, cfg, action.value, builds)
+        _forward(agent, cfg, builds)
+        time.sleep(0.005)
+
+
+# ---- the tests (run in the pytest process) -----------------------------------------------------
+
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import pytest  # noqa: E402
+
+from elastic_ep.scaling import (  # noqa: E402
+    ControlServer,
+    ElasticCoordinator,
+    GateMode,
+    LocalProcessLauncher,
+    ScaleConflict,
+    ScaleLimits,
+    ScalePhase,
+    ScaleRequest,
+    ScaleStatus,
+)
+from elastic_ep.scaling.status import EventKind  # noqa: E402
+
+
+def _coordinator(cfg: EngineConfig, limits: ScaleLimits) -> ElasticCoordinator:
+    return ElasticCoordinator(LocalProcessLauncher(rank_main), limits, config=cfg, timeout_s=10.0)
+
+
+def _infos(coord: ElasticCoordinator, status: ScaleStatus, timeout_s: float = 30.0) -> dict[int, dict]:
+    """Every serving rank's self-check for the status's epoch; fails on any wrong weight."""
+    keys = [f"test/verify/{status.epoch}/{m}" for m in status.members]
+    coord.store.wait(keys, timedelta(seconds=timeout_s))
+    infos = {m: json.loads(coord.store.get(k)) for m, k in zip(status.members, keys, strict=True)}
+    for m, info in infos.items():
+        assert info["error"] is None, f"member {m}: {info['error']}"
+        assert info["world"] == status.world_size
+        assert info["rank"] == status.members.index(m)
+        assert info["builds"] == status.epoch  # epoch-bound resources rebuilt for this epoch
+    return infos
+
+
+def _http(url: str, method: str = "GET", body: object = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, method=method), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> None:
+    cfg = EngineConfig(layers=2, experts=4, slots=4)
+    coord = _coordinator(cfg, ScaleLimits(num_logical=4, slots_per_rank=4, max_physical_slots=16))
+    try:
+        status = coord.start(2, timeout_s=60)
+        _infos(coord, status)
+        with ControlServer(coord) as server:
+            for bad, why in (({"world_size": 0}, ">= 1"), ({"world_size": 5}, "capacity 16"),
+                             ({"world_size": 2.5}, "must be an int"), ({"world_size": "3"}, "int")):
+                code, body = _http(server.url + "/scale", "POST", bad)
+                assert code == 400 and why in body["error"], (bad, body)
+            with pytest.raises(ValueError, match="capacity"):
+                coord.submit(ScaleRequest(world_size=5))
+            assert coord.status() == status  # nothing changed
+            code, body = _http(server.url + "/scale", "POST",
+                               {"world_size": 4, "mode": "drain", "timeout_s": 30})
+            assert code == 202 and body["phase"] == "preparing", body
+            code, body = _http(server.url + "/scale", "POST", {"world_size": 3})
+            assert code == 409, body
+            with pytest.raises(ScaleConflict):
+                coord.submit(ScaleRequest(world_size=3))
+            status = coord.wait(60)
+            assert _http(server.url + "/status")[1]["world_size"] == 4
+        assert status.phase is ScalePhase.COMPLETED, status
+        assert status.members == (0, 1, 2, 3)
+        infos = _infos(coord, status)
+        assert {i["kv"] for i in infos.values()} == {2_000_000 - 1000}  # MIN of members 0 and 1
+        phases = [p for p, _ in status.phase_s]
+        assert phases == [ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
+                          ScalePhase.COMMITTING]
+        assert status.blocking_s is not None and status.blocking_s < 2.0
+
+        for size, mode, members in ((3, GateMode.REJECT, (0, 1, 2)), (1, GateMode.DRAIN, (0,)),
+                                    (2, GateMode.REJECT, (0, 4))):
+            leavers = [coord.handle(m) for m in status.members if m not in members]
+            status = coord.scale(ScaleRequest(world_size=size, mode=mode, timeout_s=30))
+            assert status.phase is ScalePhase.COMPLETED, status
+            assert status.members == members
+            assert all(not h.is_alive() and h.exitcode == 0 for h in leavers)  # type: ignore[attr-defined]
+            infos = _infos(coord, status)
+        assert {i["kv"] for i in infos.values()} == {2_000_000}  # joiner 4 learned member 0's
+    finally:
+        coord.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_reload() -> None:
+    cfg = EngineConfig(layers=2, experts=8, slots=4, skew=0.5, kill_joiners_in_build=frozenset({3}))
+    coord = _coordinator(cfg, ScaleLimits(num_logical=8, slots_per_rank=4, max_physical_slots=16))
+    try:
+        before = coord.start(3, timeout_s=60)
+        _infos(coord, before)
+        status = coord.scale(ScaleRequest(world_size=4, timeout_s=20))
+        assert status.phase is ScalePhase.ROLLED_BACK, status
+        assert status.error and status.epoch == before.epoch and status.members == (0, 1, 2)
+
+        status = coord.scale(ScaleRequest(world_size=4, timeout_s=20))  # the next one works
+        assert status.phase is ScalePhase.COMPLETED, status
+        assert status.members == (0, 1, 2, 4)
+        infos = _infos(coord, status)
+
+        victim = max(infos, key=lambda m: infos[m]["sole"])
+        assert infos[victim]["sole"] > 0  # its death loses experts: they must be reloaded
+        coord.handle(victim).kill()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = coord.status()
+            if status.event is EventKind.RECOVERY and status.phase is ScalePhase.COMPLETED:
+                break
+            time.sleep(0.05)
+        assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.RECOVERY, status
+        assert status.dead_members == (victim,)
+        assert status.members == tuple(m for m in (0, 1, 2, 4) if m != victim)
+        assert status.lost_experts == infos[victim]["sole"]
+        assert status.blocking_s is not None
+        _infos(coord, status)  # reloaded experts bit for bit too
+    finally:
+        coord.shutdown()
