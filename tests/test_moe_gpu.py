@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elastic_ep.eplb import PlacementBuffers
+from elastic_ep.eplb import Placement, PlacementBuffers, execute, plan_transfers
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.moe import (
     AllToAllBackend,
@@ -15,6 +15,7 @@ from elastic_ep.moe import (
     reference_forward,
     route_to_slots,
 )
+from elastic_ep.rank_mapping import RankMapping
 from tests.procs import run_ranks
 from tests.test_routing import random_placement
 
@@ -137,3 +138,66 @@ def test_routing_and_load_record_capture_in_a_cuda_graph() -> None:
         record.end_step()
     picks = torch.bincount(ids.reshape(-1).cpu(), minlength=32).float()
     assert torch.equal(record.logical_load().cpu()[0], 2 * picks)
+
+
+def _nccl_scale_rank(rank: int, world_size: int, port: int) -> list[float]:
+    """1 GPU -> 2 (rank 1 joins; weights moved by the executor over NCCL) -> 1 (rank 1 leaves)."""
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    gen = torch.Generator().manual_seed(9)
+    per_rank = 40
+    layout = [1, 2, 1]
+    places = [
+        random_placement(gen, CONFIG.num_layers, CONFIG.num_experts, w, per_rank) for w in layout
+    ]
+    buffers = PlacementBuffers(
+        CONFIG.num_layers, CONFIG.num_experts, 2 * per_rank / 32, device=device
+    )
+    start = (
+        places[0]
+        if rank == 0
+        else Placement.empty(CONFIG.num_layers, CONFIG.num_experts, 2, per_rank)
+    )
+    model = build_local_model(CONFIG, start, rank, buffers, device=device)
+    errors = []
+
+    def serve(epoch: int, group: StatelessGroup) -> None:
+        buffers.update_(places[epoch])
+        model.set_backend(AllToAllBackend.build(group, per_rank))
+        tokens = torch.Generator().manual_seed(10 * epoch + rank)
+        hidden = torch.randn(24, CONFIG.hidden_size, generator=tokens).to(device)
+        errors.append(float((model(hidden) - reference_forward(CONFIG, hidden)).abs().max()))
+
+    def nccl_group(epoch: int, size: int) -> StatelessGroup:
+        return StatelessGroup(
+            rdzv, "ep", epoch, rank, size, backend="nccl", device=device, timeout_s=60
+        )
+
+    if rank == 0:
+        solo = nccl_group(0, 1)
+        serve(0, solo)
+    pair = nccl_group(1, 2)
+    up = plan_transfers(places[0], places[1], RankMapping.resize(1, 2))
+    execute(up, model.expert_weights(), pair, buffer_bytes=8 << 20)
+    if rank == 0:
+        solo.destroy()
+    serve(1, pair)
+    down = plan_transfers(places[1], places[2], RankMapping.resize(2, 1))
+    execute(down, model.expert_weights(), pair, buffer_bytes=8 << 20)
+    pair.barrier()
+    pair.destroy()
+    if rank == 0:
+        solo = nccl_group(2, 1)
+        serve(2, solo)
+        solo.destroy()
+    torch.cuda.synchronize()
+    return errors
+
+
+@pytest.mark.timeout(240)
+def test_layer_over_nccl_before_and_after_scale() -> None:
+    _needs_gpus(2)
+    errors = run_ranks(_nccl_scale_rank, 2, timeout=200)
+    assert len(errors[0]) == 3 and len(errors[1]) == 1
+    assert max(errors[0] + errors[1]) < ATOL, errors
