@@ -20,9 +20,9 @@ from elastic_ep.eplb import (
     LostExpertsError,
     Phase,
     Placement,
-    TransferPlan,
     execute,
     plan_transfers,
+    required_buffer_bytes,
 )
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
@@ -94,11 +94,6 @@ def check_after(
                 )
 
 
-def min_buffer(plan: TransferPlan) -> int:
-    """The largest buffer one step needs on one rank."""
-    return max((n * SLOT_BYTES for step in plan.steps for _, n in step.buffer_experts), default=0)
-
-
 def measured_peak(fn) -> tuple[object, int]:  # type: ignore[no-untyped-def]
     """Run ``fn()``; return its result and the peak CPU memory it allocated (torch allocator)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -136,10 +131,10 @@ def _run_scenarios(
         old, new = _ranks_of(sc, rank)
         plan = plan_transfers(sc.previous, sc.new, sc.mapping)  # dead ranks given to execute
         rng = random.Random(seed)
-        need = min_buffer(plan.replan(sc.dead))
-        budget = max(need, SLOT_BYTES) * rng.choice([1, 2, 3, 100])
-        overlap = rng.random() < 0.7
         before = initial_weights(sc, old, new, tag=rank)
+        need = required_buffer_bytes(plan.replan(sc.dead), before, world_size)
+        budget = need * rng.choice([1, 2, 3, 100])
+        overlap = rng.random() < 0.7
         weights = [[t.clone() for t in layer] for layer in before]
         truth = {
             (r.layer, r.expert): expert_weights(r.layer, r.expert)
@@ -161,7 +156,8 @@ def _run_scenarios(
         assert isinstance(stats, ExecutionStats)
         check_after(sc, new, before, weights)
         assert stats.peak_extra_bytes <= budget, (sc.name, stats.peak_extra_bytes, budget)
-        assert stats.peak_extra_bytes <= peak <= stats.peak_extra_bytes + BOOKKEEPING_BYTES, (
+        # The buffer and the slot indices are real allocations (indices are counted aligned).
+        assert stats.peak_extra_bytes - 256 <= peak <= stats.peak_extra_bytes + BOOKKEEPING_BYTES, (
             sc.name,
             stats.peak_extra_bytes,
             peak,
@@ -248,7 +244,7 @@ def _errors(rank: int, world_size: int, port: int) -> dict[str, str]:
     plan = plan_transfers(sc.previous, sc.new, sc.mapping)
     before = initial_weights(sc, rank, rank, tag=rank)
     weights = [[t.clone() for t in layer] for layer in before]
-    need = min_buffer(plan)
+    need = required_buffer_bytes(plan, weights, world_size)
 
     def unchanged() -> bool:
         return all(

@@ -7,16 +7,14 @@ import random
 import pytest
 import torch
 
-from elastic_ep.eplb import execute, plan_transfers
+from elastic_ep.eplb import execute, plan_transfers, required_buffer_bytes
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from tests.procs import run_ranks
 from tests.test_executor import (
-    SLOT_BYTES,
     _ranks_of,
     check_after,
     expert_weights,
     initial_weights,
-    min_buffer,
 )
 from tests.test_transfer_plan import KINDS, make_scenario
 
@@ -36,8 +34,8 @@ def _nccl_scenarios(rank: int, world_size: int, port: int, seed: int) -> list[tu
         sc = make_scenario(kind, rng.randrange(2**31), world_size, 3, 10)
         old, new = _ranks_of(sc, rank)
         plan = plan_transfers(sc.previous, sc.new, sc.mapping, dead_ranks=sc.dead)
-        budget = max(min_buffer(plan), SLOT_BYTES) * rng.choice([1, 2, 100])
         before = initial_weights(sc, old, new, tag=rank)
+        budget = required_buffer_bytes(plan, before, world_size) * rng.choice([1, 2, 100])
         weights = [[t.to(device) for t in layer] for layer in before]
         truth = {(r.layer, r.expert): expert_weights(r.layer, r.expert) for r in plan.reloads}
         torch.cuda.synchronize(device)

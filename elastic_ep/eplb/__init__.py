@@ -33,6 +33,7 @@ from elastic_ep.eplb.executor import (
     LostExpertsError,
     Phase,
     execute,
+    required_buffer_bytes,
 )
 from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log
 from elastic_ep.eplb.planner import PlanReport, plan, plan_with_report
@@ -61,5 +62,6 @@ __all__ += [
     "TransferPlan",
     "execute",
     "plan_transfers",
+    "required_buffer_bytes",
 ]
 __all__ += ["PlanReport", "plan", "plan_with_report", "rebalance_experts"]

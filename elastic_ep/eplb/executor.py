@@ -24,13 +24,23 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from elastic_ep.eplb.transfer_plan import LocalCopy, Reload, Step, Transfer, TransferPlan
+from elastic_ep.eplb.exec_chunks import (
+    ChunkWork,
+    Segment,
+    aligned,
+    cut_chunks,
+    index_bytes,
+    lay_out,
+    min_buffer_bytes,
+)
+from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
@@ -136,12 +146,6 @@ class ExecutionStats:
         return dict(self.seconds)[phase]
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    steps: tuple[Step, ...]
-    buffer_bytes: tuple[int, ...]  # per group rank
-
-
 class _Timer:
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(Phase, 0.0)
@@ -210,28 +214,19 @@ def execute(
             f"{list(plan.dead_ranks)} and no reload hook was given: {list(lost)}",
             experts=lost,
         )
-    chunks = _cut_chunks(plan.steps, slot_bytes, layout, buffer_bytes, overlap)
+    kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
+    row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
+    # The slot indices of every segment live on the device too: reserve them out of the budget.
+    reserved = max(index_bytes(plan.steps, layout.ranks, layout.world_size))
+    chunks = cut_chunks(
+        plan.steps, row_bytes, layout.ranks, layout.world_size, buffer_bytes, reserved, overlap
+    )
     _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
-    runner = _Runner(plan, weights, group, layout, reload, timer)
-    pending: tuple[P2PHandle | None, _Staged] | None = None
-    for index, chunk in enumerate(chunks):
-        staged = runner.stage(chunk)
-        handle = runner.post(chunk, staged)
-        if pending is not None:
-            runner.finish(*pending)
-        pending = (handle, staged)
-        next_chunk = chunks[index + 1] if index + 1 < len(chunks) else None
-        mine = layout.group_rank
-        if (
-            not overlap
-            or next_chunk is None
-            or (chunk.buffer_bytes[mine] + next_chunk.buffer_bytes[mine] > buffer_bytes)
-        ):
-            runner.finish(*pending)
-            pending = None
-    if pending is not None:
-        runner.finish(*pending)
+    works = [lay_out(c, kind_bytes, layout.ranks, layout.old_rank, layout.new_rank) for c in chunks]
+    overlap_budget = buffer_bytes - reserved if overlap else 0
+    runner = _Runner(weights, group, works, overlap_budget, reload, timer)
+    runner.run()
     if group.device.type == "cuda":
         torch.cuda.synchronize(group.device)
 
@@ -246,10 +241,29 @@ def execute(
         seconds=tuple(timer.seconds.items()),
         total_seconds=time.perf_counter() - started,
         num_chunks=len(chunks),
-        peak_extra_bytes=runner.peak_bytes,
+        peak_extra_bytes=runner.buffer_bytes + runner.index_bytes,
         buffer_bytes=buffer_bytes,
         reloaded=tuple(runner.reloaded),
     )
+
+
+def required_buffer_bytes(
+    plan: TransferPlan,
+    weights: Sequence[Sequence[torch.Tensor]],
+    world_size: int,
+    ranks: GroupRanks | None = None,
+) -> int:
+    """The least ``buffer_bytes`` with which ``execute`` runs ``plan`` on a group of
+    ``world_size`` ranks (then one step per chunk; more buffer gives fewer, larger chunks).
+
+    Args:
+        weights: any rank's weights (only their per-slot shapes and dtypes are read).
+    """
+    if ranks is None:
+        ranks = GroupRanks.for_world_size(plan.rank_mapping, world_size)
+    kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
+    row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
+    return min_buffer_bytes(plan.steps, row_bytes, ranks, world_size)
 
 
 @dataclass(frozen=True)
@@ -350,37 +364,6 @@ def _check_weights(
     return tuple(kinds)
 
 
-def _cut_chunks(
-    steps: Sequence[Step], slot_bytes: list[int], layout: _Layout, budget: int, overlap: bool
-) -> list[_Chunk]:
-    """Pack consecutive steps greedily into chunks whose buffer fits on every group rank."""
-    cap = budget // 2 if overlap else budget
-    chunks: list[_Chunk] = []
-    current: list[Step] = []
-    used = [0] * layout.world_size
-    for step in steps:
-        cost = [0] * layout.world_size
-        for new_rank, experts in step.buffer_experts:
-            group_rank = layout.ranks.new[new_rank]
-            assert group_rank is not None  # checked by _Layout.resolve
-            cost[group_rank] += experts * slot_bytes[step.layer]
-        worst = max(range(layout.world_size), key=cost.__getitem__)
-        if cost[worst] > budget:
-            raise ValueError(
-                f"buffer_bytes={budget} cannot hold the smallest movable unit of layer "
-                f"{step.layer}: {cost[worst] // slot_bytes[step.layer]} experts "
-                f"({cost[worst]} bytes) on group rank {worst}; nothing was moved"
-            )
-        if current and any(u + c > cap for u, c in zip(used, cost, strict=True)):
-            chunks.append(_Chunk(tuple(current), tuple(used)))
-            current, used = [], [0] * layout.world_size
-        current.append(step)
-        used = [u + c for u, c in zip(used, cost, strict=True)]
-    if current:
-        chunks.append(_Chunk(tuple(current), tuple(used)))
-    return chunks
-
-
 def _check_same_everywhere(
     group: StatelessGroup,
     plan: TransferPlan,
@@ -430,107 +413,106 @@ def _bytes_per_group_rank(
     return tuple(sent), tuple(received)
 
 
-@dataclass
-class _Staged:
-    """A chunk's buffers on this rank: rows of ``buffers[layer][kind]`` per buffered op."""
-
-    chunk: _Chunk
-    buffers: dict[int, list[torch.Tensor]]
-    row: dict[int, int]  # id(op) -> row in its layer's buffers
-    nbytes: int
-
-
 class _Runner:
-    """Stages, posts and writes back chunks on this rank; tracks buffer memory."""
+    """Runs this rank's chunk works in one preallocated buffer.
+
+    Even chunks sit at the start of the buffer and odd chunks at its end, so two consecutive
+    chunks never share bytes when both fit; a chunk reuses the bytes of the chunk two before it,
+    which was written back (stream-ordered on CUDA) before this one is packed.
+    """
 
     def __init__(
         self,
-        plan: TransferPlan,
         weights: Sequence[Sequence[torch.Tensor]],
         group: StatelessGroup,
-        layout: _Layout,
+        works: list[ChunkWork],
+        overlap_budget: int,
         reload: ReloadHook | None,
         timer: _Timer,
     ) -> None:
-        self.plan, self.weights, self.group, self.layout = plan, weights, group, layout
+        self.weights, self.group, self.works = weights, group, works
         self.reload_hook, self.timer = reload, timer
-        self.live_bytes = 0
-        self.peak_bytes = 0
+        sizes = [w.nbytes for w in works]
+        # Overlap chunk k+1 with chunk k only if both fit in the budget at once.
+        self.overlapped = [a + b <= overlap_budget for a, b in itertools.pairwise(sizes)] + [False]
+        pairs = [a + b for a, b, o in zip(sizes, sizes[1:], self.overlapped, strict=False) if o]
+        self.buffer_bytes = max([0, *sizes, *pairs])
+        self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=group.device)
+        self.index = self._index_tensor()
         self.reloaded: list[tuple[int, int]] = []
 
-    def _is_mine(self, op: Transfer | LocalCopy | Reload) -> bool:
-        return (op.dst if isinstance(op, Transfer) else op.rank) == self.layout.new_rank
+    def _index_tensor(self) -> dict[tuple[int, ...], torch.Tensor]:
+        """The slot indices of every segment, moved to the device in one copy; the segments of
+        one row group (one per kind) share theirs."""
+        flat: list[int] = []
+        spans: dict[tuple[int, ...], int] = {}
+        for w in self.works:
+            for seg in (*w.pack, *w.unpack):
+                if seg.slots not in spans:
+                    spans[seg.slots] = len(flat)
+                    flat.extend(seg.slots)
+        device_index = torch.tensor(flat, dtype=torch.int64).to(self.group.device)
+        self.index_bytes = aligned(device_index.numel() * device_index.element_size())
+        return {slots: device_index[a : a + len(slots)] for slots, a in spans.items()}
 
-    def stage(self, chunk: _Chunk) -> _Staged:
+    def run(self) -> None:
+        pending: tuple[P2PHandle | None, ChunkWork, int] | None = None
+        for k, work in enumerate(self.works):
+            base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
+            self.pack(work, base)
+            handle = self.post(work, base)
+            if pending is not None:
+                self.finish(*pending)
+            pending = (handle, work, base)
+            if not self.overlapped[k]:
+                self.finish(*pending)
+                pending = None
+        if pending is not None:
+            self.finish(*pending)
+
+    def _view(self, base: int, seg: Segment) -> torch.Tensor:
+        t = self.weights[seg.layer][seg.kind]
+        nbytes = len(seg.slots) * t[0].numel() * t.element_size()
+        start = base + seg.offset
+        return self.buffer[start : start + nbytes].view(t.dtype).view(len(seg.slots), *t.shape[1:])
+
+    def pack(self, work: ChunkWork, base: int) -> None:
         start = time.perf_counter()
-        rows: dict[int, list[Transfer | LocalCopy]] = {}
-        for step in chunk.steps:
-            for op in step.ops:
-                buffered = isinstance(op, Transfer) or (isinstance(op, LocalCopy) and op.staged)
-                if buffered and self._is_mine(op):
-                    rows.setdefault(step.layer, []).append(op)  # type: ignore[arg-type]
-        staged = _Staged(chunk, {}, {}, 0)
-        for layer, ops in rows.items():
-            staged.buffers[layer] = [
-                torch.empty((len(ops), *t.shape[1:]), dtype=t.dtype, device=t.device)
-                for t in self.weights[layer]
-            ]
-            staged.nbytes += sum(b.numel() * b.element_size() for b in staged.buffers[layer])
-            for row, op in enumerate(ops):
-                staged.row[id(op)] = row
-                if isinstance(op, LocalCopy):
-                    for buf, w in zip(staged.buffers[layer], self.weights[layer], strict=True):
-                        buf[row].copy_(w[op.src_slot])
-        self.live_bytes += staged.nbytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        for seg in work.pack:
+            w = self.weights[seg.layer][seg.kind]
+            torch.index_select(w, 0, self.index[seg.slots], out=self._view(base, seg))
         self.timer.add(Phase.STAGE, start)
-        return staged
 
-    def post(self, chunk: _Chunk, staged: _Staged) -> P2PHandle | None:
+    def post(self, work: ChunkWork, base: int) -> P2PHandle | None:
         start = time.perf_counter()
-        ranks = self.layout.ranks
-        sends: list[tuple[torch.Tensor, int]] = []
-        recvs: list[tuple[torch.Tensor, int]] = []
-        for step in chunk.steps:
-            for op in step.ops:
-                if not isinstance(op, Transfer):
-                    continue
-                src, dst = ranks.old[op.src], ranks.new[op.dst]
-                assert src is not None and dst is not None  # checked by _Layout.resolve
-                if op.src == self.layout.old_rank:
-                    sends.extend((w[op.src_slot], dst) for w in self.weights[op.layer])
-                if op.dst == self.layout.new_rank:
-                    row = staged.row[id(op)]
-                    recvs.extend((b[row], src) for b in staged.buffers[op.layer])
+        sends = [(self.buffer[base + o : base + o + n], peer) for peer, o, n in work.sends]
+        recvs = [(self.buffer[base + o : base + o + n], peer) for peer, o, n in work.recvs]
         handle = self.group.batch_p2p(sends, recvs, async_op=True) if sends or recvs else None
         self.timer.add(Phase.P2P, start)
         return handle
 
-    def finish(self, handle: P2PHandle | None, staged: _Staged) -> None:
-        """Wait for the chunk's transfers, then write every op this rank receives into place."""
+    def finish(self, handle: P2PHandle | None, work: ChunkWork, base: int) -> None:
+        """Wait for the chunk's transfers, then write everything this rank receives into place."""
         start = time.perf_counter()
         if handle is not None:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        for step in staged.chunk.steps:
-            weights = self.weights[step.layer]
-            for op in step.ops:
-                if not self._is_mine(op):
-                    continue
-                if isinstance(op, Reload):
-                    sources = self._reload(op, weights)
-                elif id(op) in staged.row:
-                    row = staged.row[id(op)]
-                    sources = [b[row] for b in staged.buffers[step.layer]]
-                else:  # an unstaged local copy: this layer never overwrites its source slot
-                    assert isinstance(op, LocalCopy)
-                    sources = [w[op.src_slot] for w in weights]
-                for w, src in zip(weights, sources, strict=True):
-                    for slot in op.dst_slots:
-                        w[slot].copy_(src)
-        self.live_bytes -= staged.nbytes
-        staged.buffers.clear()
+        for seg in work.unpack:
+            w = self.weights[seg.layer][seg.kind]
+            w.index_copy_(0, self.index[seg.slots], self._view(base, seg))
+        for extra in work.extras:
+            for kind, seg in enumerate(extra.segments):
+                self.weights[extra.layer][kind][extra.slot].copy_(self._view(base, seg)[extra.row])
+        for copy in work.direct:  # its source slot is never overwritten in this layer
+            for w in self.weights[copy.layer]:
+                for slot in copy.dst_slots:
+                    w[slot].copy_(w[copy.src_slot])
+        for op in work.reloads:
+            weights = self.weights[op.layer]
+            for w, src in zip(weights, self._reload(op, weights), strict=True):
+                for slot in op.dst_slots:
+                    w[slot].copy_(src)
         self.timer.add(Phase.WRITE_BACK, start)
 
     def _reload(self, op: Reload, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:

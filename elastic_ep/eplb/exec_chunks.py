@@ -1,0 +1,238 @@
+"""How ``execute`` cuts a plan into chunks and lays one chunk out in this rank's buffer.
+
+Pure (no communication, no device work). Every rank cuts the same chunks, from every rank's
+estimated cost, so peers post matching transfers; each rank then lays out only its own part.
+
+A chunk's region of the staging buffer holds, 256-byte aligned:
+
+* one send region per destination peer: the rows this rank sends to it, packed by ``index_select``
+  so the whole region goes out as one transfer;
+* one receive region per source peer, with exactly the same layout as the sender's region;
+* the staged local copies (sources that the layer overwrites).
+
+Inside a peer's region rows are grouped into segments by (layer, kind) in ascending order, and by
+plan order within a segment; both ends derive the layout from the same plan, so it matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from elastic_ep.eplb.transfer_plan import LocalCopy, Reload, Step, Transfer
+
+if TYPE_CHECKING:
+    from elastic_ep.eplb.executor import GroupRanks
+
+ALIGN = 256
+"""Byte alignment of every segment (NCCL and vectorized copies like aligned buffers)."""
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``rows`` slots of one (layer, kind), contiguous at ``offset`` in a chunk's region.
+
+    Attributes:
+        slots: for a send or staged segment, the source slot of each row; for a receive segment,
+            the first destination slot of each row.
+    """
+
+    layer: int
+    kind: int
+    offset: int
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A destination beyond an op's first: copy row ``row`` of the op's segments to ``slot``."""
+
+    layer: int
+    segments: tuple[Segment, ...]  # one per kind
+    row: int
+    slot: int
+
+
+@dataclass
+class ChunkWork:
+    """This rank's part of one chunk (offsets are relative to the chunk's region)."""
+
+    nbytes: int = 0
+    sends: list[tuple[int, int, int]] = field(default_factory=list)  # (peer, offset, nbytes)
+    recvs: list[tuple[int, int, int]] = field(default_factory=list)
+    pack: list[Segment] = field(default_factory=list)  # filled before the transfer
+    unpack: list[Segment] = field(default_factory=list)  # written to the weights after it
+    extras: list[Extra] = field(default_factory=list)
+    direct: list[LocalCopy] = field(default_factory=list)  # source never overwritten: no staging
+    reloads: list[Reload] = field(default_factory=list)
+
+
+def cut_chunks(
+    steps: Sequence[Step],
+    row_bytes: Sequence[int],
+    ranks: GroupRanks,
+    world_size: int,
+    budget: int,
+    reserved: int,
+    overlap: bool,
+) -> list[tuple[Step, ...]]:
+    """Pack consecutive steps greedily into chunks whose estimated region fits on every rank.
+
+    Args:
+        row_bytes: per layer, the aligned bytes of one slot of every kind together (an upper
+            bound of what one row costs in a region).
+        budget: the buffer budget of each rank, of which ``reserved`` is taken already (slot
+            indices); with ``overlap`` a chunk gets half of the rest, so two consecutive chunks
+            can be live at once.
+    Raises:
+        ValueError: a step alone needs more than ``budget`` on some rank (nothing moved yet).
+    """
+    usable = budget - reserved
+    cap = usable // 2 if overlap else usable
+    chunks: list[tuple[Step, ...]] = []
+    current: list[Step] = []
+    used = [0] * world_size
+    for step in steps:
+        cost = step_cost(step, row_bytes, ranks, world_size)
+        worst = max(range(world_size), key=cost.__getitem__)
+        if cost[worst] > usable:
+            raise ValueError(
+                f"buffer_bytes={budget} cannot hold the smallest movable unit of layer "
+                f"{step.layer}: {cost[worst] // row_bytes[step.layer]} expert rows "
+                f"({cost[worst]} bytes) on group rank {worst}, besides {reserved} bytes of slot "
+                f"indices (needs buffer_bytes >= {cost[worst] + reserved}); nothing was moved"
+            )
+        if current and any(u + c > cap for u, c in zip(used, cost, strict=True)):
+            chunks.append(tuple(current))
+            current, used = [], [0] * world_size
+        current.append(step)
+        used = [u + c for u, c in zip(used, cost, strict=True)]
+    if current:
+        chunks.append(tuple(current))
+    return chunks
+
+
+def index_bytes(steps: Sequence[Step], ranks: GroupRanks, world_size: int) -> list[int]:
+    """Device bytes of the slot indices each group rank needs (int64, one per row packed or
+    written back)."""
+    rows = [0] * world_size
+    for step in steps:
+        for op in step.ops:
+            if isinstance(op, Transfer):
+                for g in (ranks.old[op.src], ranks.new[op.dst]):
+                    assert g is not None
+                    rows[g] += 1
+            elif isinstance(op, LocalCopy) and op.staged:
+                g = ranks.new[op.rank]
+                assert g is not None
+                rows[g] += 2
+    return [aligned(8 * n) for n in rows]
+
+
+def min_buffer_bytes(
+    steps: Sequence[Step], row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
+) -> int:
+    """The least ``buffer_bytes`` that runs ``steps`` (one step per chunk, no overlap)."""
+    worst = max((max(step_cost(s, row_bytes, ranks, world_size)) for s in steps), default=0)
+    return worst + max(index_bytes(steps, ranks, world_size))
+
+
+def step_cost(
+    step: Step, row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
+) -> list[int]:
+    """Estimated region bytes of ``step`` on every group rank: rows it sends, receives or stages."""
+    cost = [0] * world_size
+    for op in step.ops:
+        if isinstance(op, Transfer):
+            for g in (ranks.old[op.src], ranks.new[op.dst]):
+                assert g is not None  # execute checked every sender and receiver is a member
+                cost[g] += row_bytes[op.layer]
+        elif isinstance(op, LocalCopy) and op.staged:
+            g = ranks.new[op.rank]
+            assert g is not None
+            cost[g] += row_bytes[op.layer]
+    return cost
+
+
+def lay_out(
+    chunk: Sequence[Step],
+    kind_bytes: Sequence[Sequence[int]],
+    ranks: GroupRanks,
+    old_rank: int | None,
+    new_rank: int | None,
+) -> ChunkWork:
+    """This rank's work for ``chunk``; ``kind_bytes[layer][kind]`` is one slot's exact bytes."""
+    sends: dict[int, dict[int, list[Transfer]]] = {}  # peer -> layer -> ops, in plan order
+    recvs: dict[int, dict[int, list[Transfer]]] = {}
+    staged: dict[int, list[LocalCopy]] = {}
+    work = ChunkWork()
+    for step in chunk:
+        for op in step.ops:
+            if isinstance(op, Transfer):
+                if op.src == old_rank and old_rank is not None:
+                    peer = ranks.new[op.dst]
+                    assert peer is not None
+                    sends.setdefault(peer, {}).setdefault(op.layer, []).append(op)
+                if op.dst == new_rank and new_rank is not None:
+                    peer = ranks.old[op.src]
+                    assert peer is not None
+                    recvs.setdefault(peer, {}).setdefault(op.layer, []).append(op)
+            elif op.rank != new_rank or new_rank is None:
+                continue
+            elif isinstance(op, Reload):
+                work.reloads.append(op)
+            elif op.staged:
+                staged.setdefault(op.layer, []).append(op)
+            else:
+                work.direct.append(op)
+    for peer in sorted(sends):
+        start = work.nbytes
+        for layer in sorted(sends[peer]):
+            ops = sends[peer][layer]
+            work.pack.extend(_segments(work, layer, [op.src_slot for op in ops], kind_bytes))
+        work.sends.append((peer, start, work.nbytes - start))
+    for peer in sorted(recvs):
+        start = work.nbytes
+        for layer in sorted(recvs[peer]):
+            _add_unpack(work, layer, recvs[peer][layer], kind_bytes)
+        work.recvs.append((peer, start, work.nbytes - start))
+    for layer in sorted(staged):
+        ops_ = staged[layer]
+        segments = _segments(work, layer, [op.src_slot for op in ops_], kind_bytes)
+        work.pack.extend(segments)
+        _add_writes(work, layer, segments, ops_)
+    return work
+
+
+def _segments(
+    work: ChunkWork, layer: int, slots: list[int], kind_bytes: Sequence[Sequence[int]]
+) -> list[Segment]:
+    out = []
+    for kind, nbytes in enumerate(kind_bytes[layer]):
+        out.append(Segment(layer, kind, work.nbytes, tuple(slots)))
+        work.nbytes += aligned(nbytes * len(slots))
+    return out
+
+
+def _add_unpack(
+    work: ChunkWork, layer: int, ops: list[Transfer], kind_bytes: Sequence[Sequence[int]]
+) -> None:
+    segments = _segments(work, layer, [op.dst_slots[0] for op in ops], kind_bytes)
+    _add_writes(work, layer, segments, ops)
+
+
+def _add_writes(
+    work: ChunkWork, layer: int, segments: list[Segment], ops: Sequence[Transfer | LocalCopy]
+) -> None:
+    """Rows land in their first destination slot by one ``index_copy_`` per segment; any further
+    destinations are single-row copies."""
+    work.unpack.extend(
+        Segment(s.layer, s.kind, s.offset, tuple(op.dst_slots[0] for op in ops)) for s in segments
+    )
+    for row, op in enumerate(ops):
+        work.extras.extend(Extra(layer, tuple(segments), row, slot) for slot in op.dst_slots[1:])
