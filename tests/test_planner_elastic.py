@@ -160,9 +160,15 @@ def test_previous_must_match_shape_and_slots() -> None:
 
 def test_hierarchical_previous_is_relabelled_within_nodes() -> None:
     load = make_load("lognormal", 3, 32, seed=2)
-    previous = plan(load, 8, 5, num_groups=4, num_nodes=2)
-    report = plan_with_report(load, 8, 5, num_groups=4, num_nodes=2, previous=previous)
-    assert int(report.transfers.sum()) == 0  # same load: the fresh plan relabels onto itself
+    previous = plan(load, 8, 5, num_groups=4, num_nodes=2, swap_steps=3)
+    shuffled = Placement(  # same packs, ranks permuted inside and across nodes
+        previous.phy2log.view(3, 8, 5)[:, [5, 4, 7, 6, 1, 0, 3, 2]].reshape(3, 40), 32, 8
+    )
+    report = plan_with_report(
+        load, 8, 5, num_groups=4, num_nodes=2, previous=shuffled, swap_steps=3
+    )
+    assert int(report.transfers.sum()) == 0  # the fresh plan is relabelled onto the old ranks
+    assert report.placement == shuffled
 
 
 @pytest.mark.parametrize(

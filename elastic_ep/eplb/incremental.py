@@ -20,6 +20,7 @@ import numpy as np
 
 from elastic_ep.eplb.packing import presence_of, slot_loads
 
+SWAP_PARTNERS = 8  # lightest ranks tried as swap partners of the heaviest one
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 
 
@@ -50,24 +51,52 @@ def fill_missing(
     per_replica = load / counts
     have = _replica_counts_of(slots, num_experts)
     need = np.maximum(counts - have, 0)
-    # Order: experts with no replica first, then by load per replica, heaviest first.
-    priority = np.where(have == 0, 2.0 * per_replica.max() + 1.0 + per_replica, per_replica)
-    by_priority = np.argsort(-priority, axis=1, kind="stable")
-    need_sorted = np.take_along_axis(need, by_priority, axis=1)
+    # Order: one replica of every expert that has none, then the rest; heaviest replica first.
+    by_weight = np.argsort(-per_replica, axis=1, kind="stable")
+    orphan = np.take_along_axis(have == 0, by_weight, axis=1)
+    extra = np.take_along_axis(need, by_weight, axis=1) - orphan
     width = int(need.sum(1).max()) if need.size else 0
     items = np.full((rows, width), -1, dtype=np.int64)
+    left = budget + (have == 0).sum(1)
     for row in np.flatnonzero(need.sum(1)):
-        expanded = np.repeat(by_priority[row], need_sorted[row])
-        mandatory = int((have[row] == 0).sum())
-        expanded = expanded[: mandatory + int(budget[row])]
-        items[row, : expanded.size] = expanded
+        order = np.concatenate([by_weight[row][orphan[row]], np.repeat(by_weight[row], extra[row])])
+        items[row, : min(order.size, left[row])] = order[: left[row]]
     present = presence_of(slots, num_experts)
     present[:, :, 0] = 0
     rank_load = slot_loads(slots, per_replica).sum(2)
     for k in range(width):
         b = np.flatnonzero(items[:, k] >= 0)
         if b.size:
-            _place_one(slots, per_replica, counts, have, present, rank_load, b, items[b, k])
+            placed = _place_one(
+                slots, per_replica, counts, have, present, rank_load, b, items[b, k]
+            )
+            left[placed] -= 1
+    _fill_empty_slots(slots, load, have, present, left)
+
+
+def _fill_empty_slots(
+    slots: np.ndarray, load: np.ndarray, have: np.ndarray, present: np.ndarray, left: np.ndarray
+) -> None:
+    """Put an extra replica of the expert with the highest load per replica that the rank lacks
+    into each empty slot still left (its only rank-free replicas were wanted on the ranks that
+    have room), while the budget lasts."""
+    rows, ranks, per_rank = slots.shape
+    for _ in range(ranks * per_rank):
+        empty = (slots < 0).reshape(rows, -1)
+        b = np.flatnonzero(empty.any(1) & (left > 0))
+        if b.size == 0:
+            return
+        where = empty[b].argmax(1)
+        rank, slot = where // per_rank, where % per_rank
+        gain = np.where(present[b, rank, 1:] > 0, -np.inf, load[b] / np.maximum(have[b], 1))
+        expert = gain.argmax(1)
+        ok = np.isfinite(gain[np.arange(b.size), expert])
+        left[b[~ok]] = 0  # nothing fits that rank: leave the slot empty
+        b, rank, slot, expert = b[ok], rank[ok], slot[ok], expert[ok]
+        slots[b, rank, slot] = expert
+        have[b, expert] += 1
+        present[b, rank, expert + 1] += 1
+        left[b] -= 1
 
 
 def _place_one(
@@ -79,8 +108,9 @@ def _place_one(
     rank_load: np.ndarray,
     b: np.ndarray,
     expert: np.ndarray,
-) -> None:
-    """Put one replica of ``expert[i]`` into row ``b[i]`` where it leaves the lightest rank."""
+) -> np.ndarray:
+    """Put one replica of ``expert[i]`` into row ``b[i]`` where it leaves the lightest rank;
+    returns the rows where it found room."""
     per_rank = slots.shape[2]
     current = slots[b]  # [n, R, S]
     surplus = np.concatenate([np.ones((b.size, 1), dtype=bool), have[b] > counts[b]], axis=1)
@@ -108,6 +138,7 @@ def _place_one(
     slots[b, rank, slot] = expert
     have[b, expert] += 1
     present[b, rank, expert + 1] += 1
+    return b
 
 
 def swap_towards(
@@ -175,41 +206,51 @@ def swap_towards(
 def _best_paid_swap(
     slots: np.ndarray, weight: np.ndarray, present: np.ndarray, fresh: np.ndarray, left: np.ndarray
 ) -> tuple[np.ndarray, ...]:
-    """Best swap per row by load gain per transfer; returns (improved, heavy rank, heavy slot,
-    partner rank, partner slot, transfers it costs), each [B]."""
+    """Best swap per row by load gain per transfer, between the heaviest rank and one of the
+    lightest; returns (improved, heavy rank, heavy slot, partner rank, partner slot, transfers
+    it costs), each [B]."""
     rows, ranks, per_rank = slots.shape
     r_idx = np.arange(rows)
     loads = weight.sum(2)
     heavy = loads.argmax(1)
     heavy_load = loads[r_idx, heavy]
     hx = slots[r_idx, heavy]  # [B, S]
-    hw = weight[r_idx, heavy]
-    delta = hw[:, :, None, None] - weight[:, None, :, :]  # [B, S, R, S]
-    new_max = np.maximum(heavy_load[:, None, None, None] - delta, loads[:, None, :, None] + delta)
+    if ranks > SWAP_PARTNERS:
+        partner = np.argpartition(loads, SWAP_PARTNERS - 1, axis=1)[:, :SWAP_PARTNERS]
+    else:
+        partner = np.broadcast_to(np.arange(ranks), (rows, ranks))
+    pb = r_idx[:, None]
+    px = slots[pb, partner]  # [B, M, S]
+    delta = weight[r_idx, heavy][:, :, None, None] - weight[pb, partner][:, None]  # [B, S, M, S]
+    new_max = np.maximum(
+        heavy_load[:, None, None, None] - delta, loads[pb, partner][:, None, :, None] + delta
+    )
     rb = r_idx[:, None, None]
-    x_free = ~present[rb, np.arange(ranks)[None, None, :], (hx + 1)[:, :, None]]  # [B, S, R]
-    y_free = ~present[rb, heavy[:, None, None], slots + 1]  # [B, R, S]
+    x_to = (rb, partner[:, None, :], (hx + 1)[:, :, None])  # heavy item on partner: [B, S, M]
+    y_to = (rb, heavy[:, None, None], px + 1)  # partner item on heavy: [B, M, S]
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way.
-    x_cost = fresh[rb, np.arange(ranks)[None, None, :], (hx + 1)[:, :, None]].astype(np.int64)
-    x_cost -= fresh[r_idx, heavy][r_idx[:, None], hx + 1][:, :, None]
-    y_cost = fresh[rb, heavy[:, None, None], slots + 1].astype(np.int64)
-    y_cost -= np.take_along_axis(fresh, slots.reshape(rows, ranks, per_rank) + 1, axis=2)
+    x_cost = fresh[x_to].astype(np.int64) - fresh[r_idx, heavy][pb, hx + 1][:, :, None]
+    y_cost = fresh[y_to].astype(np.int64) - fresh[rb, partner[:, :, None], px + 1]
     cost = x_cost[:, :, :, None] + y_cost[:, None, :, :]
     gain = heavy_load[:, None, None, None] - new_max
     valid = (delta > 0) & (gain > heavy_load[:, None, None, None] * 1e-12)
-    valid &= x_free[:, :, :, None] & y_free[:, None, :, :] & (cost <= left[:, None, None, None])
-    valid &= (np.arange(ranks)[None, :] != heavy[:, None])[:, None, :, None]
+    valid &= ~present[x_to][:, :, :, None] & ~present[y_to][:, None, :, :]
+    valid &= (cost <= left[:, None, None, None]) & (partner != heavy[:, None])[:, None, :, None]
     score = np.where(valid, gain / np.maximum(cost, _FREE_SWAP_COST), -np.inf).reshape(rows, -1)
     best = score.argmax(1)
     improved = np.isfinite(score[r_idx, best])
-    h_slot, partner, p_slot = np.unravel_index(best, (per_rank, ranks, per_rank))
-    return improved, heavy, h_slot, partner, p_slot, cost.reshape(rows, -1)[r_idx, best]
+    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
+    return (
+        improved,
+        heavy,
+        h_slot,
+        partner[r_idx, p_idx],
+        p_slot,
+        cost.reshape(rows, -1)[r_idx, best],
+    )
 
 
 def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
     """int64 [B, E]: replicas of each expert in ``slots``."""
-    rows = slots.shape[0]
-    counts = np.zeros((rows, num_experts + 1), dtype=np.int64)
-    np.add.at(counts, (np.arange(rows)[:, None], slots.reshape(rows, -1) + 1), 1)
-    return counts[:, 1:]
+    return presence_of(slots, num_experts).sum(1)[:, 1:]

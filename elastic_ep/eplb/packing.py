@@ -20,7 +20,7 @@ import numpy as np
 
 from elastic_ep.eplb.replication import replica_counts
 
-_SWAP_PARTNERS = 2  # lightest ranks tried per swap step: most of the gain at a fraction of the cost
+_SWAP_PARTNERS = 1  # swap with the lightest rank only: most of the gain at a fraction of the cost
 
 
 def sorted_replicas(counts: np.ndarray, per_replica: np.ndarray, num_items: int) -> np.ndarray:
@@ -64,44 +64,49 @@ def pack_rounds(items: np.ndarray, per_replica: np.ndarray, num_ranks: int) -> n
     weight = np.take_along_axis(padded, items + 1, axis=1)
     slots = np.empty((rows, num_ranks, slots_per_rank), dtype=np.int64)
     loads = np.zeros((rows, num_ranks))
-    present = np.zeros((rows, num_ranks, per_replica.shape[1] + 1), dtype=bool)
     row_idx = np.arange(rows)[:, None]
+    # The rank that got each item of the previous round; -1 items hold nothing.
+    held = np.full((rows, num_ranks), -1, dtype=np.int64)
     for k in range(slots_per_rank):
-        chunk = slice(k * num_ranks, (k + 1) * num_ranks)
-        target = _round_targets(loads, items[:, chunk], present)
-        slots[row_idx, target, k] = items[:, chunk]
-        loads[row_idx, target] += weight[:, chunk]
-        present[row_idx, target, items[:, chunk] + 1] = True
+        chunk = items[:, k * num_ranks : (k + 1) * num_ranks]
+        target = _round_targets(loads, chunk, held)
+        slots[row_idx, target, k] = chunk
+        loads[row_idx, target] += weight[:, k * num_ranks : (k + 1) * num_ranks]
+        held[row_idx, target] = chunk
     return slots
 
 
-def _round_targets(loads: np.ndarray, chunk: np.ndarray, present: np.ndarray) -> np.ndarray:
+def _round_targets(loads: np.ndarray, chunk: np.ndarray, held: np.ndarray) -> np.ndarray:
     """int64 [B, R]: the rank each item of this round goes to, lightest rank first.
 
     Replicas of one expert are adjacent in the item order, so only the chunk's first expert can
-    already sit on some rank (from the previous round). Its replicas here take the lightest
-    ranks that lack it; the other items take the remaining ranks by load.
+    already sit on some rank, and only from the previous round (``held``: the expert each rank
+    got then). Its replicas here (the first items) take the lightest ranks that lack it (there
+    are enough: an expert has at most R replicas); the other items take the remaining ranks by
+    load.
     """
-    rows, ranks = chunk.shape
-    row_idx = np.arange(rows)[:, None]
+    target = np.argsort(loads, axis=1, kind="stable")
     first = chunk[:, :1]
-    has_first = present[row_idx, np.arange(ranks)[None, :], first + 1] & (first >= 0)
-    span = (chunk == first).sum(1, keepdims=True)
+    has_first = (held == first) & (first >= 0)
+    straddle = np.flatnonzero(has_first.any(1))
+    if straddle.size == 0:
+        return target
+    loads, chunk, has_first = loads[straddle], chunk[straddle], has_first[straddle]
+    span = (chunk == chunk[:, :1]).sum(1, keepdims=True)
     ceiling = loads.max(1, keepdims=True) + 1.0
     lacking_first = np.argsort(loads + ceiling * has_first, axis=1, kind="stable")
-    chosen = np.zeros((rows, ranks), dtype=bool)
-    np.put_along_axis(chosen, lacking_first, np.arange(ranks)[None, :] < span, axis=1)
-    return np.argsort(loads + ceiling * ~chosen, axis=1, kind="stable")
+    chosen = np.zeros(chunk.shape, dtype=bool)
+    np.put_along_axis(chosen, lacking_first, np.arange(chunk.shape[1])[None, :] < span, axis=1)
+    target[straddle] = np.argsort(loads + ceiling * ~chosen, axis=1, kind="stable")
+    return target
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
     """int64 [B, R, E + 1]: copies of each expert on each rank; column 0 counts empty slots."""
     rows, ranks, _ = slots.shape
-    present = np.zeros((rows, ranks, num_experts + 1), dtype=np.int64)
-    row_idx = np.arange(rows)[:, None, None]
-    rank_idx = np.arange(ranks)[None, :, None]
-    np.add.at(present, (row_idx, rank_idx, slots + 1), 1)
-    return present
+    cell = np.arange(rows * ranks).reshape(rows, ranks, 1) * (num_experts + 1)
+    flat = np.bincount((cell + slots + 1).ravel(), minlength=rows * ranks * (num_experts + 1))
+    return flat.reshape(rows, ranks, num_experts + 1)
 
 
 def improve_by_swaps(
@@ -123,78 +128,53 @@ def improve_by_swaps(
         max_steps: most swap steps per row.
         partner_ranks: how many of the lightest ranks to consider as swap partners.
     """
-    rows, ranks, _ = slots.shape
+    ranks = slots.shape[1]
     partners = ranks if partner_ranks is None else min(partner_ranks, ranks)
-    present = presence_of(slots, per_replica.shape[1]) > 0
-    present[:, :, 0] = False  # an empty slot may go anywhere
     weight = slot_loads(slots, per_replica)
-    active = np.arange(rows)
+    active = np.arange(slots.shape[0])
     for _ in range(max_steps):
         if active.size == 0:
             return
-        swap = _best_swaps(slots[active], weight[active], present[active], partners)
-        improved = swap[0]
+        improved, heavy, h_slot, partner, p_slot = _best_swaps(
+            slots[active], weight[active], partners
+        )
         active = active[improved]
-        if active.size == 0:
-            return
-        _apply_swaps(slots, weight, present, active, *(part[improved] for part in swap[1:]))
+        heavy, h_slot, partner, p_slot = (x[improved] for x in (heavy, h_slot, partner, p_slot))
+        for table in (slots, weight):
+            a, b = table[active, heavy, h_slot], table[active, partner, p_slot]
+            table[active, heavy, h_slot], table[active, partner, p_slot] = b, a
 
 
-def _best_swaps(
-    slots: np.ndarray, weight: np.ndarray, present: np.ndarray, partners: int
-) -> tuple[np.ndarray, ...]:
+def _best_swaps(slots: np.ndarray, weight: np.ndarray, partners: int) -> tuple[np.ndarray, ...]:
     """Best swap per row: (improved [B] bool, heavy rank, heavy slot, partner rank, partner slot)."""
     rows, ranks, per_rank = slots.shape
     row_idx = np.arange(rows)
     loads = weight.sum(2)
     heavy = loads.argmax(1)
-    if partners < ranks:
-        partner = np.argsort(loads, axis=1, kind="stable")[:, :partners]
+    if partners == 1:
+        partner = loads.argmin(1)[:, None]
+    elif partners < ranks:
+        partner = np.argpartition(loads, partners - 1, axis=1)[:, :partners]
     else:
         partner = np.broadcast_to(np.arange(ranks), (rows, ranks))
-    heavy_w = weight[row_idx, heavy]  # [B, S]
-    heavy_x = slots[row_idx, heavy]
-    part_w = weight[row_idx[:, None], partner]  # [B, M, S]
-    part_x = slots[row_idx[:, None], partner]
+    heavy_x = slots[row_idx, heavy]  # [B, S]
+    part_x = slots[row_idx[:, None], partner]  # [B, M, S]
     heavy_load = loads[row_idx, heavy]
-    part_load = loads[row_idx[:, None], partner]
-    delta = heavy_w[:, :, None, None] - part_w[:, None, :, :]  # [B, S, M, S]
+    delta = weight[row_idx, heavy][:, :, None, None] - weight[row_idx[:, None], partner][:, None]
     new_max = np.maximum(
-        heavy_load[:, None, None, None] - delta, part_load[:, None, :, None] + delta
+        heavy_load[:, None, None, None] - delta,
+        loads[row_idx[:, None], partner][:, None, :, None] + delta,
     )
-    # heavy item may go to the partner rank / partner item may come to the heavy rank
-    x_free = ~present[row_idx[:, None, None], partner[:, None, :], (heavy_x + 1)[:, :, None]]
-    y_free = ~present[row_idx[:, None, None], heavy[:, None, None], part_x + 1]
-    valid = (delta > 0) & x_free[:, :, :, None] & y_free[:, None, :, :]
+    same = heavy_x[:, :, None, None] == part_x[:, None, :, :]  # [B, S, M, S]
+    # the heavy item must be new to the partner rank and the partner item new to the heavy rank
+    valid = (delta > 0) & ~(same.any(3) & (heavy_x >= 0)[:, :, None])[:, :, :, None]
+    valid &= ~(same.any(1) & (part_x >= 0))[:, None]
     valid &= (partner != heavy[:, None])[:, None, :, None]
     score = np.where(valid, new_max, np.inf).reshape(rows, -1)
     best = score.argmin(1)
     improved = score[row_idx, best] < heavy_load * (1 - 1e-12)
     h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
     return improved, heavy, h_slot, partner[row_idx, p_idx], p_slot
-
-
-def _apply_swaps(
-    slots: np.ndarray,
-    weight: np.ndarray,
-    present: np.ndarray,
-    rows: np.ndarray,
-    heavy: np.ndarray,
-    h_slot: np.ndarray,
-    partner: np.ndarray,
-    p_slot: np.ndarray,
-) -> None:
-    x = slots[rows, heavy, h_slot]
-    y = slots[rows, partner, p_slot]
-    wx = weight[rows, heavy, h_slot]
-    wy = weight[rows, partner, p_slot]
-    slots[rows, heavy, h_slot], slots[rows, partner, p_slot] = y, x
-    weight[rows, heavy, h_slot], weight[rows, partner, p_slot] = wy, wx
-    present[rows, heavy, x + 1] = False
-    present[rows, partner, y + 1] = False
-    present[rows, heavy, y + 1] = True
-    present[rows, partner, x + 1] = True
-    present[rows, :, 0] = False
 
 
 def static_slots(

@@ -25,12 +25,14 @@ from elastic_ep.eplb.hierarchical import hierarchical_slots
 from elastic_ep.eplb.incremental import drop_duplicates, fill_missing, swap_towards
 from elastic_ep.eplb.packing import presence_of, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement
-from elastic_ep.eplb.relabel import align_slots, relabel_packs
+from elastic_ep.eplb.relabel import align_slots, relabel_cost_floor, relabel_packs
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.rank_mapping import RankMapping
 
-DEFAULT_SWAP_STEPS = 10
+DEFAULT_SWAP_STEPS = 3
 """Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
+REPAIR_SWAP_STEPS = 12
+"""Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +67,7 @@ def plan(
     dead_ranks: Iterable[int] = (),
     max_transfers: int | None = None,
     balance_tolerance: float = 0.01,
-    swap_steps: int = DEFAULT_SWAP_STEPS,
+    swap_steps: int | None = None,
 ) -> Placement:
     """Place E logical experts of L layers on R ranks with S slots each.
 
@@ -82,7 +84,9 @@ def plan(
             only); experts with no surviving replica are always placed and count against it.
         balance_tolerance: how far below the fresh plan's balancedness a movement-aware result
             may stay to save transfers.
-        swap_steps: improvement swaps per layer in the fresh plan.
+        swap_steps: improvement swaps per layer in the fresh plan; default
+            ``DEFAULT_SWAP_STEPS`` (speed) without ``previous``, ``REPAIR_SWAP_STEPS`` with it
+            (the fresh plan then sets the balancedness the repair aims for).
 
     Returns:
         A :class:`Placement` with no expert twice on one rank and every expert placed.
@@ -117,7 +121,7 @@ def plan_with_report(
     dead_ranks: Iterable[int] = (),
     max_transfers: int | None = None,
     balance_tolerance: float = 0.01,
-    swap_steps: int = DEFAULT_SWAP_STEPS,
+    swap_steps: int | None = None,
 ) -> PlanReport:
     """:func:`plan`, also returning the lost experts, transfers and choice per layer."""
     weights = as_load_array(load)
@@ -126,12 +130,14 @@ def plan_with_report(
     for name, value in (("balance_tolerance", balance_tolerance),):
         if not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    _check_int("swap_steps", swap_steps, minimum=0)
+    if swap_steps is not None:
+        _check_int("swap_steps", swap_steps, minimum=0)
     dead = sorted(set(dead_ranks))
     if previous is None:
         if rank_mapping is not None or dead or max_transfers is not None:
             raise ValueError("rank_mapping, dead_ranks and max_transfers need a previous placement")
-        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, swap_steps)
+        steps = DEFAULT_SWAP_STEPS if swap_steps is None else swap_steps
+        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
         return PlanReport(
             placement=_to_placement(fresh, experts, num_ranks),
             lost=torch.zeros(layers, experts, dtype=torch.bool),
@@ -153,10 +159,12 @@ def plan_with_report(
             f"max_transfers={max_transfers} is below the {int(missing[layer])} experts of layer "
             f"{layer} that have no replica left on the new ranks and must be placed"
         )
-    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, swap_steps)
-    fresh = align_slots(relabel_packs(fresh, kept, num_nodes), kept)
-    chosen, repaired = fresh, np.zeros(layers, dtype=bool)
-    if num_nodes == 1:
+    steps = REPAIR_SWAP_STEPS if swap_steps is None else swap_steps
+    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
+    if num_nodes > 1:
+        chosen = align_slots(relabel_packs(fresh, kept, num_nodes), kept)
+        repaired = np.zeros(layers, dtype=bool)
+    else:
         chosen, repaired = _prefer_repair(weights, fresh, kept, max_transfers, balance_tolerance)
     return PlanReport(
         placement=_to_placement(chosen, experts, num_ranks),
@@ -192,10 +200,19 @@ def _prefer_repair(
     fill_missing(repair, load, counts, np.full(layers, limit) - missing)
     swap_towards(repair, kept, load, target, np.full(layers, limit), max_steps=ranks * slots)
     repair_cost = transfers_between(repair, kept, experts)
-    fresh_cost = transfers_between(fresh, kept, experts)
     good_enough = layer_balancedness(repair, load) >= target - 1e-12
-    use_repair = (good_enough & (repair_cost <= fresh_cost)) | (fresh_cost > limit)
-    return np.where(use_repair[:, None, None], repair, fresh), use_repair
+    chosen, use_repair = repair, good_enough.copy()
+    # The relabelling (an assignment problem per layer) only runs where the fresh plan could win.
+    contest = np.flatnonzero(~good_enough | (repair_cost > relabel_cost_floor(fresh, kept)))
+    if contest.size:
+        relabelled = align_slots(relabel_packs(fresh[contest], kept[contest]), kept[contest])
+        fresh_cost = transfers_between(relabelled, kept[contest], experts)
+        keep_repair = good_enough[contest] & (repair_cost[contest] <= fresh_cost)
+        keep_repair |= fresh_cost > limit
+        chosen = repair.copy()
+        chosen[contest] = np.where(keep_repair[:, None, None], repair[contest], relabelled)
+        use_repair[contest] = keep_repair
+    return chosen, use_repair
 
 
 def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:

@@ -46,7 +46,8 @@ def max_weight_matching(score: np.ndarray) -> np.ndarray:
             delta = candidate[np.arange(b.size), nxt - 1]
             used_b = used[b]
             matched_rows = np.where(used_b, row_of_col[b], 0)
-            np.add.at(u, (b[:, None], matched_rows), np.where(used_b, delta[:, None], 0.0))
+            # Matched rows are distinct; unmatched columns all point at the unused row 0.
+            u[b[:, None], matched_rows] += np.where(used_b, delta[:, None], 0.0)
             v[b] -= np.where(used_b, delta[:, None], 0.0)
             min_slack[b] -= np.where(used_b, 0.0, delta[:, None])
             col[b] = nxt
@@ -62,6 +63,21 @@ def max_weight_matching(score: np.ndarray) -> np.ndarray:
     return col_of_row
 
 
+def overlap_of(packs: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """float64 [B, R, R]: experts pack p shares with what rank r held (both [B, R, S])."""
+    num_experts = int(max(packs.max(), kept.max())) + 1
+    now = _presence(packs, num_experts).astype(np.float32)
+    before = _presence(kept, num_experts).astype(np.float32)
+    return np.matmul(now, before.transpose(0, 2, 1)).astype(np.float64)
+
+
+def relabel_cost_floor(packs: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """int64 [B]: a lower bound on the weights received after :func:`relabel_packs` (each pack
+    on the rank it overlaps most, ignoring that two packs may want the same rank)."""
+    sizes = (packs >= 0).sum((1, 2))
+    return sizes - overlap_of(packs, kept).max(2).sum(1).astype(np.int64)
+
+
 def relabel_packs(packs: np.ndarray, kept: np.ndarray, num_nodes: int = 1) -> np.ndarray:
     """int64 [B, R, S]: ``packs`` with its ranks permuted to keep the most experts in place.
 
@@ -72,12 +88,7 @@ def relabel_packs(packs: np.ndarray, kept: np.ndarray, num_nodes: int = 1) -> np
             its whole node block, so node-local packs stay on one node.
     """
     batch, ranks, _ = packs.shape
-    num_experts = int(max(packs.max(), kept.max())) + 1
-    overlap = np.einsum(
-        "bpe,bre->bpr",
-        _presence(packs, num_experts).astype(np.float64),
-        _presence(kept, num_experts).astype(np.float64),
-    )
+    overlap = overlap_of(packs, kept)
     per_node = ranks // num_nodes
     # Best rank matching inside every (new node block, old node block) pair, then nodes.
     blocks = overlap.reshape(batch, num_nodes, per_node, num_nodes, per_node).transpose(

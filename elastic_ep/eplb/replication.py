@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_BISECTION_STEPS = 12
+_BISECTION_STEPS = 7
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -39,7 +39,7 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
         fits = _counts_at(load, mid, max_replicas).sum(1) <= total
         hi = np.where(fits, mid, hi)
         lo = np.where(fits, lo, mid)
-    counts = _counts_at(load, hi, max_replicas)
+    counts = _counts_at(load, hi, max_replicas).astype(np.int64)
     # Ties at the threshold: hand the last slots out one at a time, highest load per replica
     # first (lowest expert id on exact ties), exactly as the greedy rule would.
     row_idx = np.arange(rows)
@@ -53,6 +53,6 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
 
 
 def _counts_at(load: np.ndarray, threshold: np.ndarray, max_replicas: int) -> np.ndarray:
-    """int64 [B, E]: fewest replicas that bring every load per replica to <= threshold[b]."""
+    """float64 [B, E]: fewest replicas that bring every load per replica to <= threshold[b]."""
     need = np.ceil(load * (1.0 / threshold)[:, None])
-    return np.clip(need, 1, max_replicas).astype(np.int64)
+    return np.clip(need, 1, max_replicas, out=need)

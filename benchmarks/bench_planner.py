@@ -1,0 +1,294 @@
+"""Planner benchmark: elastic_ep's planner side by side with vLLM's DefaultEplbPolicy.
+
+Both run in this process on 1 thread, on the same seeded loads. vLLM's policy module is imported
+from an installed vllm, or read from its wheel without installing it:
+
+    pip download vllm==0.33.0 --no-deps -d .carry/wheels
+    python benchmarks/bench_planner.py [--vllm-wheel PATH] [--json out.json] \
+        [--markdown docs/performance.md]
+
+Cases: V3 (58 layers x 256 experts, 8 groups, 4 nodes, 32 ranks, 288 and 320 slots,
+hierarchical and global) and V2-Lite (26 x 64, 8 ranks, 80 slots); loads lognormal(0, 0.6) and
+permuted Zipf(1). Per case: time and balancedness of both; for global cases also a 10% drift
+(loads x lognormal(0, 0.1), each planner given its own previous placement), and scale events
+with slots per rank constant (V3-320 32->36 and 32->28, V2-Lite 8->9 and 8->7): weights
+received (% of the new slots) and balancedness. ``--markdown`` rewrites the planner section of
+that file (between ``<!-- bench_planner -->`` markers) and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from elastic_ep import RankMapping
+from elastic_ep.adapters.vllm import load_policy_modules
+from elastic_ep.eplb import Placement, plan, plan_with_report
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    experts: int
+    ranks: int
+    slots: int
+    groups: int
+    nodes: int
+
+
+SHAPES = [
+    Shape("V3-288 hier", 58, 256, 32, 9, 8, 4),
+    Shape("V3-288 global", 58, 256, 32, 9, 1, 1),
+    Shape("V3-320 hier", 58, 256, 32, 10, 8, 4),
+    Shape("V3-320 global", 58, 256, 32, 10, 1, 1),
+    Shape("V2-Lite-80", 26, 64, 8, 10, 1, 1),
+]
+SCALE_EVENTS = {"V3-320 global": (36, 28), "V2-Lite-80": (9, 7)}
+SEED = 0
+
+
+def make_load(kind: str, layers: int, experts: int, seed: int = SEED) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "logn":
+        return rng.lognormal(0.0, 0.6, (layers, experts))
+    zipf = 1.0 / np.arange(1, experts + 1)
+    return np.stack([rng.permutation(zipf) for _ in range(layers)]) * 1000.0
+
+
+def median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), result
+
+
+@dataclass
+class Row:
+    case: str
+    load: str
+    event: str
+    ours_ms: float
+    vllm_ms: float
+    ours_balance: float
+    vllm_balance: float
+    ours_moved_pct: float | None = None
+    vllm_moved_pct: float | None = None
+    minimum_moved_pct: float | None = None
+    keep_balance: float | None = None
+
+
+def run(vllm_policy: Any, repeats: int) -> list[Row]:
+    rows = []
+    for shape in SHAPES:
+        for kind in ("logn", "zipf"):
+            load = make_load(kind, shape.layers, shape.experts)
+            weight = torch.from_numpy(load)
+            slots = shape.ranks * shape.slots
+
+            def ours(load: Any = load, shape: Shape = shape) -> Placement:
+                return plan(
+                    load, shape.ranks, shape.slots, num_groups=shape.groups, num_nodes=shape.nodes
+                )
+
+            def theirs(
+                weight: torch.Tensor = weight, shape: Shape = shape, slots: int = slots
+            ) -> Placement:
+                phy2log = vllm_policy.rebalance_experts(
+                    weight, slots, shape.groups, shape.nodes, shape.ranks
+                )
+                return Placement(phy2log.to(torch.int64), shape.experts, shape.ranks)
+
+            ours_ms, mine = median_ms(ours, repeats)
+            vllm_ms, base = median_ms(theirs, repeats)
+            mine.validate(distinct_ranks=True)
+            rows.append(
+                Row(
+                    shape.name,
+                    kind,
+                    "static",
+                    ours_ms,
+                    vllm_ms,
+                    mine.balancedness(weight),
+                    base.balancedness(weight),
+                )
+            )
+            if shape.nodes == 1:
+                rows.append(drift_row(vllm_policy, shape, kind, load, mine, base, repeats))
+                for new_ranks in SCALE_EVENTS.get(shape.name, ()):
+                    rows.append(
+                        scale_row(vllm_policy, shape, kind, load, mine, base, new_ranks, repeats)
+                    )
+    return rows
+
+
+def drift_row(
+    vllm_policy: Any,
+    shape: Shape,
+    kind: str,
+    load: np.ndarray,
+    mine: Placement,
+    base: Placement,
+    repeats: int,
+) -> Row:
+    drifted = load * np.random.default_rng(SEED + 1).lognormal(0.0, 0.1, load.shape)
+    weight = torch.from_numpy(drifted)
+    slots = shape.ranks * shape.slots
+    ours_ms, report = median_ms(
+        lambda: plan_with_report(drifted, shape.ranks, shape.slots, previous=mine), repeats
+    )
+    vllm_ms, phy2log = median_ms(
+        lambda: vllm_policy.rebalance_experts(weight, slots, 1, 1, shape.ranks, base.phy2log),
+        repeats,
+    )
+    theirs = Placement(phy2log.to(torch.int64), shape.experts, shape.ranks)
+    total = shape.layers * slots
+    return Row(
+        shape.name,
+        kind,
+        "drift 10%",
+        ours_ms,
+        vllm_ms,
+        report.placement.balancedness(weight),
+        theirs.balancedness(weight),
+        100.0 * float(report.transfers.sum()) / total,
+        100.0 * float(theirs.transfers_from(base).sum()) / total,
+        0.0,
+        mine.balancedness(weight),
+    )
+
+
+def scale_row(
+    vllm_policy: Any,
+    shape: Shape,
+    kind: str,
+    load: np.ndarray,
+    mine: Placement,
+    base: Placement,
+    new_ranks: int,
+    repeats: int,
+) -> Row:
+    weight = torch.from_numpy(load)
+    mapping = RankMapping.resize(shape.ranks, new_ranks)
+    slots = new_ranks * shape.slots
+    ours_ms, report = median_ms(
+        lambda: plan_with_report(load, new_ranks, shape.slots, previous=mine, rank_mapping=mapping),
+        repeats,
+    )
+    # vLLM's slot-preserving step needs equal shapes; for a scale event it plans from scratch.
+    vllm_ms, phy2log = median_ms(
+        lambda: vllm_policy.rebalance_experts(weight, slots, 1, 1, new_ranks), repeats
+    )
+    theirs = Placement(phy2log.to(torch.int64), shape.experts, new_ranks)
+    total = shape.layers * slots
+    return Row(
+        shape.name,
+        kind,
+        f"scale {shape.ranks}->{new_ranks}",
+        ours_ms,
+        vllm_ms,
+        report.placement.balancedness(weight),
+        theirs.balancedness(weight),
+        100.0 * float(report.transfers.sum()) / total,
+        100.0 * float(theirs.transfers_from(base, mapping).sum()) / total,
+        100.0 * minimum_moves(mine, mapping, shape.slots) / total,
+    )
+
+
+def minimum_moves(previous: Placement, mapping: RankMapping, slots_per_rank: int) -> int:
+    """Fewest weights any full placement must receive: fill every joined rank's slots, and
+    re-home every expert with no replica left on a surviving rank."""
+    survivors = [old for old in range(previous.num_ranks) if mapping.new_rank(old) is not None]
+    orphaned = int((~previous.presence[:, survivors].any(1)).sum())
+    return orphaned + previous.num_layers * len(mapping.joined) * slots_per_rank
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| case | load | event | ours ms | vLLM ms | speed-up | ours bal. | vLLM bal. "
+        "| ours moved | vLLM moved | min. moved | keep bal. |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+
+    def pct(value: float | None) -> str:
+        return "" if value is None else f"{value:.1f}%"
+
+    lines = [
+        f"| {r.case} | {r.load} | {r.event} | {r.ours_ms:.2f} | {r.vllm_ms:.1f} | "
+        f"{r.vllm_ms / r.ours_ms:.1f}x | {r.ours_balance:.4f} | {r.vllm_balance:.4f} | "
+        f"{pct(r.ours_moved_pct)} | {pct(r.vllm_moved_pct)} | {pct(r.minimum_moved_pct)} | "
+        f"{'' if r.keep_balance is None else f'{r.keep_balance:.4f}'} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+MARK = "<!-- bench_planner -->"
+
+
+def write_markdown(path: Path, body: str) -> None:
+    """Replace the text between the two MARK lines of ``path`` (append them if absent)."""
+    text = path.read_text() if path.exists() else "# Performance\n"
+    section = f"{MARK}\n{body}{MARK}\n"
+    if text.count(MARK) == 2:
+        start, end = text.index(MARK), text.rindex(MARK) + len(MARK) + 1
+        text = text[:start] + section + text[end:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm-wheel", type=Path, help="vLLM wheel to read the policy from")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per timing (median)")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--markdown", type=Path, help="rewrite the planner section of this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    wheel = args.vllm_wheel
+    if wheel is None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            found = sorted(Path(".carry/wheels").glob("vllm-*.whl"))
+            if not found:
+                raise SystemExit(
+                    "no vllm installed and no wheel: pip download vllm==0.33.0 --no-deps -d .carry/wheels"
+                ) from None
+            wheel = found[-1]
+    _, default, version = load_policy_modules(wheel)
+    source = "installed package" if wheel is None else wheel.name
+    print(f"vLLM {version} DefaultEplbPolicy from {source}; torch threads = 1")
+    rows = run(default.DefaultEplbPolicy, args.repeats)
+    machine = f"{platform.processor() or platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    body = (
+        f"### Planner vs vLLM {version} DefaultEplbPolicy\n\n"
+        f"`python benchmarks/bench_planner.py` ({machine}, 1 thread, median of {args.repeats}; "
+        f"seed {SEED}). Moved = weights received, % of the new slots; min. = fill joined ranks "
+        f"and re-home experts with no surviving replica; keep bal. = previous placement under the "
+        f"drifted load.\n\n" + table(rows)
+    )
+    print(table(rows))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"vllm_version": version, "rows": [asdict(r) for r in rows]}, indent=1)
+        )
+    if args.markdown:
+        write_markdown(args.markdown, body)
+
+
+if __name__ == "__main__":
+    main()
