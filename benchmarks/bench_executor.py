@@ -276,6 +276,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, que
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # ranks share the CPU cores: oversubscribed OpenMP threads spin and stall
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
     rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=300)
     dist.init_process_group(
         args.backend,
