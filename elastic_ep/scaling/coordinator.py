@@ -261,6 +261,7 @@ class ElasticCoordinator:
 
     def _end_rolled_back(self, cmd: Command, failed: list[RankReport]) -> None:
         self._kill_joiners(cmd)
+        self._leaving = frozenset()
         errors = sorted({r.error for r in failed if r.error})
         with self._lock:
             self._set_phase(ScalePhase.FAILED, error="; ".join(errors) or "rolled back")
@@ -268,6 +269,7 @@ class ElasticCoordinator:
 
     def _end_failed(self, cmd: Command, reason: str) -> None:
         self._kill_joiners(cmd)
+        self._leaving = frozenset()
         with self._lock:
             if self._status.phase.is_active and self._status.event is EventKind.SCALE:
                 self._set_phase(ScalePhase.FAILED, error=reason)

@@ -1,8 +1,9 @@
 """ElasticRank: the per-rank object an engine drives from its serving loop.
 
 The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps. Each poll is
-one tiny collective on the serving world group (a MAX all-reduce of three int64s: the newest
-command seen in the store by rank 0, "still busy", "failed"), so every rank acts on the same
+one tiny collective on the epoch's CPU control group (gloo: the world group itself, or a gloo
+twin of an NCCL world group): a MAX all-reduce of three int64s (the newest command rank 0 saw
+in the store, "still busy", "failed"), so every rank acts on the same
 request at the same step. A scale stages the next epoch on a background thread (see
 :mod:`elastic_ep.scaling.transition`) while the engine keeps serving; once every rank is ready
 (and drained, in ``DRAIN`` mode) the same poll on every rank commits: that poll is the only
@@ -51,6 +52,7 @@ from elastic_ep.scaling.transition import (
     StageInputs,
     Weights,
     commit_weights,
+    control_group,
     default_planner,
     stage_next_epoch,
 )
@@ -107,6 +109,11 @@ class ElasticRank:
             every member has arrived or was seen dead by the coordinator); default
             ``timeout_s + 1``, since a survivor that is not a neighbour of the dead rank may
             only notice at the timeout.
+    Attributes:
+        world: the serving epoch's world group (the engine runs its collectives on it).
+        control: the serving epoch's gloo group that ``poll`` uses.
+        members / placement / kv_budget_bytes / last_blocking_s: the serving epoch's state.
+
     Raises:
         ReconfigureError: on a joiner, when the scale it was launched for rolled back.
     """
@@ -164,6 +171,7 @@ class ElasticRank:
             self.world = StatelessGroup(
                 self._rdzv, "world", spec.epoch, spec.rank, len(spec.members), backend, device, timeout_s
             )
+            self.control = control_group(self._rdzv, self.world)
             self._install(self.resources.build(self._context(self.world, placement)), placement)
             self._report(ScalePhase.COMPLETED, spec.epoch)
 
@@ -206,7 +214,7 @@ class ElasticRank:
             if aborted and job.error is None:
                 job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
         try:
-            self.world.all_reduce(flags, ReduceOp.MAX)
+            self.control.all_reduce(flags, ReduceOp.MAX)
         except PeerFailure as failure:
             return self.recover(failure)
         if job is None:
@@ -258,18 +266,20 @@ class ElasticRank:
                 new_set.teardown()
             self._rollback(error or "another rank failed to build its epoch resources")
             return Action.ROLLED_BACK
-        old_world = self.world
+        old_world, old_control = self.world, self.control
         leaving = staged.new_group is None
         if not leaving:
-            assert staged.new_group is not None and new_set is not None
+            assert staged.new_group is not None and staged.new_control is not None
+            assert new_set is not None
             commit_weights(self.weights, staged)
-            self.world = staged.new_group
+            self.world, self.control = staged.new_group, staged.new_control
             self._install(new_set, staged.placement)
             self.kv_budget_bytes = staged.kv_budget_bytes
         self.members = staged.command.new_members
         self.placement = staged.placement
         if staged.transfer_group is not staged.new_group:
             staged.transfer_group.destroy()
+        old_control.destroy()
         old_world.destroy()
         self._job = None
         self.last_blocking_s = time.monotonic() - start
@@ -287,7 +297,8 @@ class ElasticRank:
 
     def _decide(self, staged: StagedEpoch, ok: bool) -> bool:
         """Commit only if every rank of the transfer group (old and new) is ready."""
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        group = staged.transfer_group
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=group.device)
         try:
             staged.transfer_group.all_reduce(flag, ReduceOp.MAX)
         except PeerFailure:
@@ -326,8 +337,9 @@ class ElasticRank:
             self._finish(job, ScalePhase.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
             self._rdzv.close()
             raise ReconfigureError(f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}") from exc
-        assert staged.new_group is not None and new_set is not None
-        self.world = staged.new_group
+        assert staged.new_group is not None and staged.new_control is not None
+        assert new_set is not None
+        self.world, self.control = staged.new_group, staged.new_control
         self.members = cmd.new_members
         self.placement = staged.placement
         self.kv_budget_bytes = staged.kv_budget_bytes
@@ -346,6 +358,7 @@ class ElasticRank:
         start = time.monotonic()
         clock = PhaseClock()
         clock.enter(ScalePhase.RECOVERING)
+        self.control.abort()
         self.world.abort()
         if self._job is not None:
             job, self._job = self._job, None
@@ -364,8 +377,14 @@ class ElasticRank:
             planner=self._planner, reload=self._reload, buffer_bytes=self._buffer_bytes,
             backend=self._backend, device=self._device, timeout_s=self._timeout_s,
         )
-        new_set = self.resources.build(self._context(got.group, got.placement))
-        self.world, self.members, self.placement = got.group, survivors.members, got.placement
+        try:
+            control = control_group(self._rdzv, got.group)
+            new_set = self.resources.build(self._context(got.group, got.placement))
+        except BaseException:
+            got.group.abort()
+            raise
+        self.world, self.control = got.group, control
+        self.members, self.placement = survivors.members, got.placement
         teardown_error = self._install(new_set, got.placement)
         self.last_blocking_s = time.monotonic() - start
         self._channel.report(
@@ -392,6 +411,7 @@ class ElasticRank:
             # the process is leaving; nothing depends on these any more
             with contextlib.suppress(ResourceError):
                 current.teardown()
+        self.control.destroy()
         self.world.destroy()
         self._rdzv.close()
 

@@ -72,6 +72,15 @@ def default_planner(
     )
 
 
+def control_group(rdzv: Rendezvous, world: StatelessGroup) -> StatelessGroup:
+    """The gloo (CPU) group the agent polls on: ``world`` itself when it is gloo, else a gloo
+    group ``"ctl"`` of the same members and epoch (a CPU poll never syncs the GPU)."""
+    if world.backend == "gloo":
+        return world
+    return StatelessGroup(rdzv, "ctl", world.epoch, world.rank, world.world_size, "gloo", None,
+                          world.timeout_s)
+
+
 @dataclass
 class GroupRegistry:
     """Groups built by a staging run, so another thread can abort them (thread-safe)."""
@@ -98,6 +107,7 @@ class StagedEpoch:
     Attributes:
         command: the scale command.
         new_group: the next epoch's world group (``None`` on a leaver).
+        new_control: its gloo control group (``new_group`` itself on gloo; ``None`` on a leaver).
         transfer_group: the group that ran the transfer; also where the commit decision is taken.
         mapping: old rank -> new rank.
         previous / placement: the placements before and after.
@@ -109,6 +119,7 @@ class StagedEpoch:
 
     command: Command
     new_group: StatelessGroup | None
+    new_control: StatelessGroup | None
     transfer_group: StatelessGroup
     mapping: RankMapping
     previous: Placement
@@ -168,12 +179,13 @@ def stage_next_epoch(
     grow = len(new) >= len(old)
 
     on_phase(ScalePhase.PREPARING)
-    new_group = None
+    new_group = new_control = None
     if me in new:
         new_group = registry.add(
             StatelessGroup(rdzv, "world", cmd.epoch, new.index(me), len(new), inputs.backend,
                            inputs.device, timeout)
         )
+        new_control = registry.add(control_group(rdzv, new_group))
     if grow:
         assert new_group is not None  # in a scale-up every member is a new member
         xfer = new_group
@@ -210,6 +222,7 @@ def stage_next_epoch(
     return StagedEpoch(
         command=cmd,
         new_group=new_group,
+        new_control=new_control,
         transfer_group=xfer,
         mapping=mapping,
         previous=previous,
