@@ -61,44 +61,53 @@ def pack_rounds(items: np.ndarray, per_replica: np.ndarray, num_ranks: int) -> n
     rows, num_items = items.shape
     slots_per_rank = num_items // num_ranks
     padded = np.concatenate([np.zeros((rows, 1)), per_replica], axis=1)
-    weight = np.take_along_axis(padded, items + 1, axis=1)
-    slots = np.empty((rows, num_ranks, slots_per_rank), dtype=np.int64)
+    weight = np.take_along_axis(padded, items + 1, axis=1).reshape(rows, slots_per_rank, num_ranks)
+    chunks = items.reshape(rows, slots_per_rank, num_ranks)
+    targets = np.empty((rows, slots_per_rank, num_ranks), dtype=np.int64)
     loads = np.zeros((rows, num_ranks))
     row_idx = np.arange(rows)[:, None]
-    # The rank that got each item of the previous round; -1 items hold nothing.
-    held = np.full((rows, num_ranks), -1, dtype=np.int64)
     for k in range(slots_per_rank):
-        chunk = items[:, k * num_ranks : (k + 1) * num_ranks]
-        target = _round_targets(loads, chunk, held)
-        slots[row_idx, target, k] = chunk
-        loads[row_idx, target] += weight[:, k * num_ranks : (k + 1) * num_ranks]
-        held[row_idx, target] = chunk
+        target = np.argsort(loads, axis=1, kind="stable")
+        if k:
+            _avoid_second_replica(target, loads, chunks[:, k], chunks[:, k - 1], targets[:, k - 1])
+        targets[:, k] = target
+        loads[row_idx, target] += weight[:, k]
+    slots = np.empty((rows, num_ranks, slots_per_rank), dtype=np.int64)
+    slots[row_idx[:, :, None], targets.transpose(0, 2, 1), np.arange(slots_per_rank)] = (
+        chunks.transpose(0, 2, 1)
+    )
     return slots
 
 
-def _round_targets(loads: np.ndarray, chunk: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """int64 [B, R]: the rank each item of this round goes to, lightest rank first.
+def _avoid_second_replica(
+    target: np.ndarray,
+    loads: np.ndarray,
+    chunk: np.ndarray,
+    last: np.ndarray,
+    last_target: np.ndarray,
+) -> None:
+    """Fix ``target`` [B, R] (ranks by load, for this round's items) in place where this round's
+    first expert also ended the previous round (``last``, dealt to ``last_target``).
 
-    Replicas of one expert are adjacent in the item order, so only the chunk's first expert can
-    already sit on some rank, and only from the previous round (``held``: the expert each rank
-    got then). Its replicas here (the first items) take the lightest ranks that lack it (there
-    are enough: an expert has at most R replicas); the other items take the remaining ranks by
-    load.
+    Replicas of one expert are adjacent in the item order, so that is the only way a rank could
+    get a second replica. Those replicas (the first items) then take the lightest ranks that
+    lack the expert (there are enough: an expert has at most R replicas); the other items take
+    the remaining ranks by load.
     """
-    target = np.argsort(loads, axis=1, kind="stable")
     first = chunk[:, :1]
-    has_first = (held == first) & (first >= 0)
-    straddle = np.flatnonzero(has_first.any(1))
+    straddle = np.flatnonzero((last[:, -1:] == first)[:, 0] & (first[:, 0] >= 0))
     if straddle.size == 0:
-        return target
-    loads, chunk, has_first = loads[straddle], chunk[straddle], has_first[straddle]
-    span = (chunk == chunk[:, :1]).sum(1, keepdims=True)
+        return
+    rows = np.arange(straddle.size)[:, None]
+    loads, chunk, first = loads[straddle], chunk[straddle], first[straddle]
+    has_first = np.zeros(chunk.shape, dtype=bool)
+    has_first[rows, last_target[straddle]] = last[straddle] == first
+    span = (chunk == first).sum(1, keepdims=True)
     ceiling = loads.max(1, keepdims=True) + 1.0
     lacking_first = np.argsort(loads + ceiling * has_first, axis=1, kind="stable")
     chosen = np.zeros(chunk.shape, dtype=bool)
-    np.put_along_axis(chosen, lacking_first, np.arange(chunk.shape[1])[None, :] < span, axis=1)
+    chosen[rows, lacking_first] = np.arange(chunk.shape[1])[None, :] < span
     target[straddle] = np.argsort(loads + ceiling * ~chosen, axis=1, kind="stable")
-    return target
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
