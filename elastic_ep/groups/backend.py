@@ -72,12 +72,13 @@ def make_process_group(
     backend: Backend,
     device: torch.device,
     timeout_s: float,
+    build_timeout_s: float,
     group_name: str,
 ) -> ProcessGroup:
-    """Build a ProcessGroup of one backend on ``store``.
+    """Build a ProcessGroup of one backend on ``store``; operations time out after ``timeout_s``.
 
-    gloo connects its full mesh inside the constructor (it waits for every peer up to
-    ``timeout_s``); NCCL creates its communicator lazily at the first collective.
+    gloo connects its full mesh inside the constructor, waiting for every peer up to
+    ``build_timeout_s``; NCCL creates its communicator lazily at the first collective.
     """
     timeout = timedelta(seconds=timeout_s)
     pg = ProcessGroup(store, rank, world_size)
@@ -86,9 +87,10 @@ def make_process_group(
         from torch.distributed import ProcessGroupGloo
 
         gloo_opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # not in torch's stubs
-        gloo_opts._timeout = timeout
+        gloo_opts._timeout = timedelta(seconds=build_timeout_s)
         gloo_opts._devices = list(_gloo_devices())
         impl = ProcessGroupGloo(store, rank, world_size, gloo_opts)
+        impl.set_timeout(timeout)
         backend_type = ProcessGroup.BackendType.GLOO
     else:
         from torch.distributed import ProcessGroupNCCL

@@ -15,11 +15,13 @@ hold up other users of :attr:`Rendezvous.store` (e.g. a coordinator polling for 
 from __future__ import annotations
 
 import os
+import threading
 from datetime import timedelta
 
 from torch.distributed import PrefixStore, Store, TCPStore
 
 _EPOCH_COUNTER_KEY = "elastic_ep/epoch_counter"
+_MAX_IDLE_CLIENTS = 16
 
 
 def check_timeout(timeout_s: float, name: str = "timeout_s") -> None:
@@ -78,6 +80,8 @@ class Rendezvous:
         self.port = port
         self.is_master = bool(is_master)
         self.timeout_s = float(timeout_s)
+        self._idle: list[Store] = []
+        self._idle_lock = threading.Lock()
         self._store: TCPStore | None = TCPStore(
             host,
             port,
@@ -129,15 +133,26 @@ class Rendezvous:
         return PrefixStore(prefix_of(*parts), self.store)
 
     def client(self, timeout_s: float) -> Store:
-        """A new client connection to the same server, with its own timeout.
+        """A client connection to the same server for one user at a time, with its own timeout.
 
         A group rendezvous waits on keys for up to its timeout; on a private client that wait
-        blocks nobody else, and the timeout does not change the shared client's.
+        blocks nobody else, and the timeout does not change the shared client's. Connections
+        handed back with :meth:`recycle` are reused (a new one costs a TCP handshake, a large
+        part of a gloo rebuild).
         """
         check_timeout(timeout_s)
-        conn: Store = self.store.clone()  # type: ignore[attr-defined]  # missing from torch's stubs
+        with self._idle_lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self.store.clone()  # type: ignore[attr-defined]  # missing from torch's stubs
         conn.set_timeout(timedelta(seconds=timeout_s))
         return conn
+
+    def recycle(self, conn: Store) -> None:
+        """Hand back a connection from :meth:`client` that is idle and in a clean state."""
+        with self._idle_lock:
+            if self._store is not None and len(self._idle) < _MAX_IDLE_CLIENTS:
+                self._idle.append(conn)
 
     def next_epoch(self, name: str) -> int:
         """A fresh epoch number for ``name``: strictly greater than every number returned before
@@ -151,4 +166,6 @@ class Rendezvous:
         Groups built on this rendezvous hold their own client connections and keep working
         until the master closes.
         """
-        self._store = None
+        with self._idle_lock:
+            self._idle.clear()
+            self._store = None

@@ -133,13 +133,14 @@ class StatelessGroup:
         self._build_timeout_s = float(build_timeout_s)
         self._failure: PeerFailure | None = None
         self._closed = False
-        store: Store = torch.distributed.PrefixStore(prefix, rendezvous.client(build_timeout_s))
-        self._store: Store | None = store
+        self._rendezvous = rendezvous
+        self._client: Store | None = rendezvous.client(build_timeout_s)
+        store: Store = torch.distributed.PrefixStore(prefix, self._client)
         self._pg: ProcessGroup | None = None
         try:
             self._rendezvous_all(store)
             self._pg = make_process_group(
-                store, rank, world_size, parsed, dev, timeout_s, f"{name}@{epoch}"
+                store, rank, world_size, parsed, dev, timeout_s, build_timeout_s, f"{name}@{epoch}"
             )
             if parsed is Backend.NCCL:
                 # NCCL creates its communicator lazily; a first collective makes "built" mean built.
@@ -149,7 +150,9 @@ class StatelessGroup:
             raise
         except RuntimeError as err:
             self._release()
-            raise self._peer_failure("build", err, peer=self._first_missing(store)) from err
+            raise self._peer_failure(
+                "build", err, peer=self._first_missing(store), timeout_s=build_timeout_s
+            ) from err
         except BaseException:
             self._release()
             raise
@@ -369,6 +372,9 @@ class StatelessGroup:
                 pg.shutdown()
             except RuntimeError:
                 pg.abort()
+        # A cleanly closed group leaves its store connection in a known state: reuse it.
+        if self._client is not None:
+            self._rendezvous.recycle(self._client)
         self._release()
 
     def abort(self) -> None:
@@ -390,7 +396,7 @@ class StatelessGroup:
     def _release(self) -> None:
         self._closed = True
         self._pg = None
-        self._store = None
+        self._client = None
 
     def _usable(self, op: str) -> ProcessGroup:
         if self._closed or self._pg is None:
@@ -414,6 +420,9 @@ class StatelessGroup:
                 f"group {self._name!r} epoch {self._epoch} rank {self._rank} was already built in "
                 "this job: epochs must never be reused"
             )
+        if self._backend is Backend.GLOO:
+            return  # gloo's own connect waits for every peer (up to build_timeout_s)
+        # NCCL's communicator init has no timeout of its own: enter it only once all are here.
         keys = [f"arrived/{r}" for r in range(self._world_size)]
         try:
             store.wait(keys, timedelta(seconds=self._build_timeout_s))

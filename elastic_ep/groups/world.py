@@ -10,8 +10,8 @@ Changing epochs is two-phase so that serving never stops while the next epoch is
    joiners alike; leavers may call it too), builds epoch N's groups as *standby* while the
    current epoch's groups keep working. Both are usable at once, e.g. to move expert weights to
    joiners over the new groups before switching. It returns a :class:`PendingEpoch`.
-2. ``commit(pending)`` switches: the new groups become current, the old are torn down (on a
-   background thread with a bounded join) and the :class:`~elastic_ep.rank_mapping.RankMapping`
+2. ``commit(pending)`` switches: the new groups become current, the old are torn down on a
+   background thread (:meth:`ElasticWorld.join_retired` waits for it, bounded) and the :class:`~elastic_ep.rank_mapping.RankMapping`
    from the old epoch to the new is returned. ``discard(pending)`` drops the standby instead.
 
 Epoch numbers: the caller passes them, and every member of one attempt must pass the same number
@@ -30,6 +30,7 @@ current groups, and commit aborts broken ones, which never hangs.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -105,25 +106,12 @@ def _check_members(members: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def _retire(groups: Sequence[StatelessGroup], join_s: float) -> None:
-    """Tear groups down on a daemon thread and wait at most ``join_s`` for it.
-
-    gloo tears down in microseconds; an NCCL communicator can hang in destroy, and a switch must
-    not, so a stuck teardown is left to finish (or not) in the background.
-    """
-    if not groups:
-        return
-
-    def teardown() -> None:
-        for g in groups:
-            if g.failure is not None:
-                g.abort()
-            else:
-                g.destroy()
-
-    thread = threading.Thread(target=teardown, name="elastic_ep-retire", daemon=True)
-    thread.start()
-    thread.join(join_s)
+def _teardown(groups: Sequence[StatelessGroup]) -> None:
+    for g in groups:
+        if g.failure is not None:
+            g.abort()
+        else:
+            g.destroy()
 
 
 class ElasticWorld:
@@ -139,7 +127,8 @@ class ElasticWorld:
         build_timeout_s: how long a build waits for all members to arrive (> 0; default
             ``2 * timeout_s``, since survivors of a failure notice it up to ``timeout_s`` apart).
         layout: ``world_size -> GroupLayout`` giving the sub-groups of each epoch; default none.
-        retire_join_s: bound on waiting for old groups to tear down at commit (> 0).
+        retire_join_s: bound on waiting for old groups' background teardown in :meth:`close`
+            and :meth:`join_retired` (> 0).
     """
 
     def __init__(
@@ -182,6 +171,7 @@ class ElasticWorld:
         self._current: PendingEpoch | None = None
         self._pending: PendingEpoch | None = None
         self._highest_attempted = -1
+        self._retiring: list[threading.Thread] = []
 
     # ---- state --------------------------------------------------------------------------
     @property
@@ -288,7 +278,7 @@ class ElasticWorld:
             if pending is not self._pending:
                 raise ValueError("discard: this PendingEpoch is not the one prepared by this world")
             self._pending = None
-        _retire([g for g in pending.groups.values()], self._retire_join_s)
+        self._retire(list(pending.groups.values()))
 
     def abort(self) -> None:
         """Abort every group (current and pending) without waiting for peers; leave the world.
@@ -307,9 +297,41 @@ class ElasticWorld:
         with self._lock:
             held = [p for p in (self._current, self._pending) if p is not None]
             self._current = self._pending = None
-        _retire([g for p in held for g in p.groups.values()], self._retire_join_s)
+        self._retire([g for p in held for g in p.groups.values()])
+        self.join_retired()
+
+    def join_retired(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most ``timeout_s``, default ``retire_join_s``) for old groups' teardown.
+
+        Returns True when every teardown has finished.
+        """
+        deadline = time.monotonic() + (self._retire_join_s if timeout_s is None else timeout_s)
+        with self._lock:
+            threads = list(self._retiring)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._retiring = [t for t in self._retiring if t.is_alive()]
+            return not self._retiring
 
     # ---- internals ----------------------------------------------------------------------
+    def _retire(self, groups: list[StatelessGroup]) -> None:
+        """Tear groups down on a daemon thread, off the caller's (blocking) path.
+
+        A gloo teardown takes ~20 ms (socket and thread joins) and an NCCL one can hang, while a
+        commit should take as little time as possible and never hang. :meth:`join_retired`
+        waits for them, bounded.
+        """
+        if not groups:
+            return
+        thread = threading.Thread(
+            target=_teardown, args=(groups,), name="elastic_ep-retire", daemon=True
+        )
+        thread.start()
+        with self._lock:
+            self._retiring = [t for t in self._retiring if t.is_alive()]
+            self._retiring.append(thread)
+
     def _require_current(self) -> PendingEpoch:
         current = self._current
         if current is None or current.rank is None:
@@ -381,13 +403,13 @@ class ElasticWorld:
                     f"{self._name}.{partition}{index}", epoch, ranks.index(rank), len(ranks)
                 )
         except (PeerFailure, ReconfigureError, ValueError, TypeError) as err:
-            _retire(list(built.values()), self._retire_join_s)
+            self._retire(list(built.values()))
             raise ReconfigureError(
                 f"member {self._member_id}: building epoch {epoch} of {self._name!r} with members "
                 f"{list(new_members)} failed{_missing(err, self._name, new_members)}: {err}"
             ) from err
         except BaseException:
-            _retire(list(built.values()), self._retire_join_s)
+            self._retire(list(built.values()))
             raise
         mapping = None if old_epoch is None else RankMapping.from_members(old_members, new_members)
         return PendingEpoch(
@@ -406,7 +428,7 @@ class ElasticWorld:
             self._current = pending if pending.rank is not None else None
             self._pending = None
         if old is not None:
-            _retire(list(old.groups.values()), self._retire_join_s)
+            self._retire(list(old.groups.values()))
 
 
 def _agree(
