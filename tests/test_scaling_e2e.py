@@ -34,6 +34,9 @@ class EngineConfig:
     slots: int
     skew: float = 1.0  # load of expert e is skew ** e (1.0 = uniform)
     kill_joiners_in_build: frozenset[int] = field(default_factory=frozenset)
+    exit_joiners: frozenset[int] = field(default_factory=frozenset)  # return before connecting
+    hang_joiners: frozenset[int] = field(default_factory=frozenset)  # never connect
+    fail_plan_once_at: int | None = None  # the planner raises once for this world size
 
 
 def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
@@ -120,6 +123,17 @@ def rank_main(spec: RankSpec) -> None:
         return epoch, size
 
     resources.register("a2a", build_a2a)
+    if spec.member_id in cfg.exit_joiners:
+        return
+    if spec.member_id in cfg.hang_joiners:
+        time.sleep(600)
+    failed: list[int] = []
+
+    def planner(load: torch.Tensor, num_ranks: int, slots: int, **kw: object) -> Placement:
+        if num_ranks == cfg.fail_plan_once_at and not failed:
+            failed.append(num_ranks)
+            raise ValueError("injected planner failure")
+        return plan(load, num_ranks, slots, **kw)  # type: ignore[arg-type]
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
     weights = _weights_for(cfg, placement, 0 if joiner else spec.rank)
@@ -132,6 +146,7 @@ def rank_main(spec: RankSpec) -> None:
             kv_bytes=lambda: 2_000_000 - 1000 * spec.member_id,
             reload=lambda layer, expert: [expert_weight(layer, expert, k) for k in range(len(KINDS))],
             resources=resources,
+            planner=planner,
             timeout_s=10.0,
         )
     except ReconfigureError:
@@ -275,5 +290,39 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         assert status.lost_experts == infos[victim]["sole"]
         assert status.blocking_s is not None
         _infos(coord, status)  # reloaded experts bit for bit too
+    finally:
+        coord.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_planner_error_joiner_gone_and_timeout_roll_back_then_scale_works() -> None:
+    cfg = EngineConfig(layers=2, experts=4, slots=4, fail_plan_once_at=2,
+                       exit_joiners=frozenset({3}), hang_joiners=frozenset({4}))
+    coord = _coordinator(cfg, ScaleLimits(num_logical=4, slots_per_rank=4, max_physical_slots=16))
+    try:
+        start = coord.start(3, timeout_s=60)
+        _infos(coord, start)
+
+        status = coord.scale(ScaleRequest(world_size=2, timeout_s=20))  # scale-down path
+        assert status.phase is ScalePhase.ROLLED_BACK, status
+        assert "injected planner failure" in (status.error or ""), status
+        assert (status.epoch, status.members) == (start.epoch, start.members)
+
+        began = time.monotonic()
+        status = coord.scale(ScaleRequest(world_size=4, timeout_s=20))  # joiner 3 never connects
+        assert status.phase is ScalePhase.ROLLED_BACK, status
+        assert "aborted" in (status.error or "") and time.monotonic() - began < 15, status
+
+        began = time.monotonic()
+        status = coord.scale(ScaleRequest(world_size=4, mode=GateMode.REJECT, timeout_s=3))
+        assert status.phase is ScalePhase.ROLLED_BACK, status  # joiner 4 hangs: timeout
+        assert time.monotonic() - began < 20
+        assert (status.epoch, status.members) == (start.epoch, start.members)
+
+        status = coord.scale(ScaleRequest(world_size=2, timeout_s=20))
+        assert status.phase is ScalePhase.COMPLETED, status
+        assert status.members == (0, 1)
+        _infos(coord, status)
     finally:
         coord.shutdown()

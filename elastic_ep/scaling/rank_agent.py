@@ -309,10 +309,7 @@ class ElasticRank:
         job = self._job
         assert job is not None
         self._job = None
-        job.registry.abort_all()
-        if job.thread is not None:
-            job.thread.join(timeout=min(5.0, self._timeout_s))
-        job.registry.abort_all()  # groups the thread finished building after the first abort
+        job.registry.abort_all()  # the staging thread, if still running, ends on its own
         self._finish(job, ScalePhase.ROLLED_BACK, reason)
         self.gate.open()
 
@@ -362,9 +359,6 @@ class ElasticRank:
         self.world.abort()
         if self._job is not None:
             job, self._job = self._job, None
-            job.registry.abort_all()
-            if job.thread is not None:
-                job.thread.join(timeout=min(5.0, self._timeout_s))
             job.registry.abort_all()
         self.gate.close(GateMode.REJECT, retry_after_s=self._recovery_window_s + self._timeout_s)
         survivors = agree_on_survivors(

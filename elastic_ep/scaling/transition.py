@@ -83,19 +83,28 @@ def control_group(rdzv: Rendezvous, world: StatelessGroup) -> StatelessGroup:
 
 @dataclass
 class GroupRegistry:
-    """Groups built by a staging run, so another thread can abort them (thread-safe)."""
+    """Groups built by a staging run, so another thread can abandon it (thread-safe).
+
+    After :meth:`abort_all` the registry is closed: a group the staging thread finishes building
+    later is aborted at once and the thread stops with ``ReconfigureError``. So a rollback never
+    waits for the staging thread, which ends by itself within its groups' timeout.
+    """
 
     _groups: list[StatelessGroup] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False
 
     def add(self, group: StatelessGroup) -> StatelessGroup:
         with self._lock:
-            self._groups.append(group)
-        return group
+            if not self._closed:
+                self._groups.append(group)
+                return group
+        group.abort()
+        raise ReconfigureError(f"staging abandoned; dropped group {group.name!r} epoch {group.epoch}")
 
     def abort_all(self) -> None:
         with self._lock:
-            groups, self._groups = self._groups, []
+            groups, self._groups, self._closed = self._groups, [], True
         for g in groups:
             g.abort()
 
