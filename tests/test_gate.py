@@ -26,7 +26,7 @@ def test_reject_fails_at_once_with_hint() -> None:
     gate = TrafficGate()
     gate.close(GateMode.REJECT, retry_after_s=7.5)
     start = time.monotonic()
-    with pytest.raises(ScalingInProgress, match="retry in about 7.5 s") as err:
+    with pytest.raises(ScalingInProgress, match=r"retry in about 7\.5 s") as err:
         gate.enter(wait_s=5.0)
     assert err.value.retry_after_s == 7.5
     assert time.monotonic() - start < 0.5

@@ -37,6 +37,7 @@ class EngineConfig:
     exit_joiners: frozenset[int] = field(default_factory=frozenset)  # return before connecting
     hang_joiners: frozenset[int] = field(default_factory=frozenset)  # never connect
     fail_plan_once_at: int | None = None  # the planner raises once for this world size
+    backend: str = "gloo"  # "nccl": one GPU per rank, GPU = member id % device count
 
 
 def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
@@ -51,10 +52,20 @@ def load_of(cfg: EngineConfig) -> torch.Tensor:
     return per_expert.expand(cfg.layers, -1).clone()
 
 
-def _weights_for(cfg: EngineConfig, placement: Placement | None, rank: int) -> list[list[torch.Tensor]]:
+def _device(cfg: EngineConfig, member: int) -> torch.device:
+    if cfg.backend == "gloo":
+        return torch.device("cpu")
+    device = torch.device("cuda", member % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def _weights_for(
+    cfg: EngineConfig, placement: Placement | None, rank: int, device: torch.device
+) -> list[list[torch.Tensor]]:
     out = []
     for layer in range(cfg.layers):
-        tensors = [torch.full((cfg.slots, *shape), float("nan")) for shape in KINDS]
+        tensors = [torch.full((cfg.slots, *shape), float("nan"), device=device) for shape in KINDS]
         if placement is not None:
             for slot, expert in enumerate(placement.local_slots(rank)[layer].tolist()):
                 for kind, t in enumerate(tensors):
@@ -70,7 +81,7 @@ def _verify(agent: ElasticRank, cfg: EngineConfig) -> str | None:
             if expert < 0:
                 continue
             for kind, t in enumerate(agent.weights[layer]):
-                if not torch.equal(t[slot], expert_weight(layer, expert, kind)):
+                if not torch.equal(t[slot].cpu(), expert_weight(layer, expert, kind)):
                     return f"layer {layer} slot {slot}: wrong weights for expert {expert} kind {kind}"
     return None
 
@@ -98,7 +109,7 @@ def _publish(agent: ElasticRank, cfg: EngineConfig, event: str, builds: list[int
 def _forward(agent: ElasticRank, cfg: EngineConfig, builds: list[int]) -> None:
     """The "forward step": a collective on the current group; redone after a recovery."""
     while True:
-        token = torch.ones(1)
+        token = torch.ones(1, device=agent.world.device)
         try:
             agent.world.all_reduce(token, ReduceOp.SUM)
         except PeerFailure as failure:
@@ -136,7 +147,8 @@ def rank_main(spec: RankSpec) -> None:
         return plan(load, num_ranks, slots, **kw)  # type: ignore[arg-type]
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
-    weights = _weights_for(cfg, placement, 0 if joiner else spec.rank)
+    device = _device(cfg, spec.member_id)
+    weights = _weights_for(cfg, placement, 0 if joiner else spec.rank, device)
     try:
         agent = ElasticRank(
             spec,
@@ -144,9 +156,13 @@ def rank_main(spec: RankSpec) -> None:
             load=lambda: load_of(cfg),
             placement=placement,
             kv_bytes=lambda: 2_000_000 - 1000 * spec.member_id,
-            reload=lambda layer, expert: [expert_weight(layer, expert, k) for k in range(len(KINDS))],
+            reload=lambda layer, expert: [
+                expert_weight(layer, expert, k).to(device) for k in range(len(KINDS))
+            ],
             resources=resources,
             planner=planner,
+            backend=cfg.backend,
+            device=device,
             timeout_s=10.0,
         )
     except ReconfigureError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -99,7 +100,7 @@ def test_phase_machine() -> None:
     path = [ScalePhase.IDLE, ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
             ScalePhase.COMMITTING, ScalePhase.COMPLETED, ScalePhase.PREPARING, ScalePhase.FAILED,
             ScalePhase.ROLLED_BACK, ScalePhase.PREPARING, ScalePhase.RECOVERING, ScalePhase.COMPLETED]
-    for a, b in zip(path, path[1:], strict=False):
+    for a, b in itertools.pairwise(path):
         check_transition(a, b)
     with pytest.raises(ValueError, match="illegal scale phase transition idle -> committing"):
         check_transition(ScalePhase.IDLE, ScalePhase.COMMITTING)

@@ -62,7 +62,7 @@ def server() -> Any:
 
 
 def test_status_and_scale(server: Any) -> None:
-    srv, ctl = server
+    srv, _ = server
     assert srv.url.startswith("http://127.0.0.1:")
     code, body = _call(srv.url + "/status")
     assert code == 200 and body["phase"] == "idle" and body["world_size"] == 2

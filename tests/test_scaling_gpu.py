@@ -1,0 +1,47 @@
+"""Scaling over NCCL: one GPU per rank, polls on the gloo control group, weights bit for bit.
+
+Needs CUDA and at least 2 GPUs (the lead runs it on 4x H100). GPU = member id % device count,
+so the sequence is chosen to never put two members of one epoch on the same GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elastic_ep.scaling import (
+    ElasticCoordinator,
+    LocalProcessLauncher,
+    ScaleLimits,
+    ScalePhase,
+    ScaleRequest,
+)
+from tests.test_scaling_e2e import EngineConfig, _infos, rank_main
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
+@pytest.mark.timeout(300)
+def test_nccl_scale_up_and_down() -> None:
+    gpus = torch.cuda.device_count()
+    cfg = EngineConfig(layers=2, experts=4, slots=4, backend="nccl")
+    coord = ElasticCoordinator(
+        LocalProcessLauncher(rank_main, start_method="spawn"), ScaleLimits(4, 4, 4 * gpus),
+        config=cfg, timeout_s=30.0,
+    )
+    try:
+        status = coord.start(1, timeout_s=120)
+        _infos(coord, status)
+        status = coord.scale(ScaleRequest(world_size=gpus, timeout_s=120))  # members 0..gpus-1
+        assert status.phase is ScalePhase.COMPLETED, status
+        _infos(coord, status)
+        status = coord.scale(ScaleRequest(world_size=gpus - 1, timeout_s=120))
+        assert status.phase is ScalePhase.COMPLETED, status
+        _infos(coord, status)
+        print("\nnccl scale", gpus, "->", gpus - 1, "phases", status.phase_s,
+              "blocking_s", status.blocking_s)
+    finally:
+        coord.shutdown()
