@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch.distributed import ProcessGroup, Store
-from torch.distributed.distributed_c10d import GroupName
 
 
 class Backend(str, Enum):
@@ -95,6 +94,9 @@ def make_process_group(
     else:
         from torch.distributed import ProcessGroupNCCL
 
+        # On a timeout, abort the communicator and fail the work instead of killing the process
+        # (torch's default, 3 = SkipCleanUp, would end every survivor of a dead peer).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         nccl_opts = ProcessGroupNCCL.Options()
         nccl_opts._timeout = timeout
         impl = ProcessGroupNCCL(store, rank, world_size, nccl_opts)
@@ -102,5 +104,5 @@ def make_process_group(
     pg._set_default_backend(backend_type)
     impl._set_sequence_number_for_group()
     pg._register_backend(torch.device(device.type), backend_type, impl)
-    pg._set_group_name(GroupName(group_name))
+    pg._set_group_name(group_name)  # type: ignore[arg-type]  # a NewType only in newer stubs
     return pg
