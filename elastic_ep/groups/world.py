@@ -260,6 +260,8 @@ class ElasticWorld:
         """Make ``pending`` the current epoch; tear the old groups down. Returns old -> new ranks.
 
         A member that is not in the new epoch is outside afterwards (it may join again later).
+        Commit only once every member's prepare has succeeded (the coordinator knows); if any
+        failed, every member discards instead.
         """
         with self._lock:
             mapping = pending.mapping
