@@ -10,8 +10,8 @@ Two steps:
    current load, heaviest replica to the lightest rank.
    The replicas of one expert are adjacent in that order, so only the first expert of a round
    can already be on a rank (from the previous round); its replicas go to ranks lacking it.
-2. :func:`improve_by_swaps`: repeatedly move load off the heaviest rank of every row at once by
-   the best single swap (or move into an empty slot) with another rank.
+2. :func:`improve_by_swaps`: repeatedly move load off the heaviest ranks of every row at once by
+   the best single swap (or move into an empty slot) with one of the lightest ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from elastic_ep.eplb.replication import replica_counts
 
-_SWAP_PARTNERS = 1  # swap with the lightest rank only: most of the gain at a fraction of the cost
+_SWAP_PAIR_BUDGET = 256  # rows x rank pairs per swap step: keeps a step's arrays small
 
 
 def sorted_replicas(counts: np.ndarray, per_replica: np.ndarray, num_items: int) -> np.ndarray:
@@ -64,14 +64,17 @@ def pack_rounds(items: np.ndarray, per_replica: np.ndarray, num_ranks: int) -> n
     weight = np.take_along_axis(padded, items + 1, axis=1).reshape(rows, slots_per_rank, num_ranks)
     chunks = items.reshape(rows, slots_per_rank, num_ranks)
     targets = np.empty((rows, slots_per_rank, num_ranks), dtype=np.int64)
+    # Loads kept in the order of the last round's ranks (``ranks``): re-sorting is then a gather.
     loads = np.zeros((rows, num_ranks))
+    ranks = np.broadcast_to(np.arange(num_ranks), (rows, num_ranks))
     row_idx = np.arange(rows)[:, None]
     for k in range(slots_per_rank):
-        target = np.argsort(loads, axis=1, kind="stable")
+        order = np.argsort(loads, axis=1, kind="stable")
         if k:
-            _avoid_second_replica(target, loads, chunks[:, k], chunks[:, k - 1], targets[:, k - 1])
-        targets[:, k] = target
-        loads[row_idx, target] += weight[:, k]
+            _avoid_second_replica(order, ranks, chunks[:, k], chunks[:, k - 1])
+        loads = loads[row_idx, order] + weight[:, k]
+        ranks = ranks[row_idx, order]
+        targets[:, k] = ranks
     slots = np.empty((rows, num_ranks, slots_per_rank), dtype=np.int64)
     slots[row_idx[:, :, None], targets.transpose(0, 2, 1), np.arange(slots_per_rank)] = (
         chunks.transpose(0, 2, 1)
@@ -80,34 +83,27 @@ def pack_rounds(items: np.ndarray, per_replica: np.ndarray, num_ranks: int) -> n
 
 
 def _avoid_second_replica(
-    target: np.ndarray,
-    loads: np.ndarray,
-    chunk: np.ndarray,
-    last: np.ndarray,
-    last_target: np.ndarray,
+    order: np.ndarray, ranks: np.ndarray, chunk: np.ndarray, last: np.ndarray
 ) -> None:
-    """Fix ``target`` [B, R] (ranks by load, for this round's items) in place where this round's
-    first expert also ended the previous round (``last``, dealt to ``last_target``).
+    """Fix ``order`` [B, R] (positions sorted by load, for this round's items) in place where
+    this round's first expert also ended the previous round, whose item i went to the rank at
+    position i (``ranks`` gives the rank of each position; ``last`` that round's items).
 
     Replicas of one expert are adjacent in the item order, so that is the only way a rank could
     get a second replica. Those replicas (the first items) then take the lightest ranks that
-    lack the expert (there are enough: an expert has at most R replicas); the other items take
-    the remaining ranks by load.
+    lack the expert (there are enough: an expert has at most R replicas); the other items keep
+    the load order.
     """
     first = chunk[:, :1]
     straddle = np.flatnonzero((last[:, -1:] == first)[:, 0] & (first[:, 0] >= 0))
     if straddle.size == 0:
         return
     rows = np.arange(straddle.size)[:, None]
-    loads, chunk, first = loads[straddle], chunk[straddle], first[straddle]
-    has_first = np.zeros(chunk.shape, dtype=bool)
-    has_first[rows, last_target[straddle]] = last[straddle] == first
-    span = (chunk == first).sum(1, keepdims=True)
-    ceiling = loads.max(1, keepdims=True) + 1.0
-    lacking_first = np.argsort(loads + ceiling * has_first, axis=1, kind="stable")
-    chosen = np.zeros(chunk.shape, dtype=bool)
-    chosen[rows, lacking_first] = np.arange(chunk.shape[1])[None, :] < span
-    target[straddle] = np.argsort(loads + ceiling * ~chosen, axis=1, kind="stable")
+    sorted_pos = order[straddle]
+    holds = (last[straddle] == first[straddle])[rows, sorted_pos]  # per sorted position
+    span = (chunk[straddle] == first[straddle]).sum(1, keepdims=True)
+    chosen = ~holds & (np.cumsum(~holds, axis=1) <= span)
+    order[straddle] = sorted_pos[rows, np.argsort(~chosen, axis=1, kind="stable")]
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
@@ -119,71 +115,74 @@ def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def improve_by_swaps(
-    slots: np.ndarray,
-    per_replica: np.ndarray,
-    *,
-    max_steps: int,
-    partner_ranks: int | None = None,
+    slots: np.ndarray, per_replica: np.ndarray, *, max_steps: int, pairs: int | None = None
 ) -> None:
-    """Lower each row's heaviest rank in place by swaps that keep replicas on distinct ranks.
+    """Lower the heaviest ranks of every row in place by swaps that keep replicas distinct.
 
-    Each step, in every row still improving, finds the swap between the heaviest rank and one of
-    the ``partner_ranks`` lightest ranks (all ranks if ``None``) that lowers the larger of the two
-    loads the most; a swap with an empty slot is a plain move. A row stops when no swap helps.
+    Each step, in every row still improving, applies the swap (or move into an empty slot) that
+    lowers the larger load of a rank pair the most: with ``pairs=None`` between the heaviest
+    rank and any other; with ``pairs=k``, for each of the k heaviest ranks with its counterpart
+    among the k lightest (heaviest with lightest). The pairs share no rank, so their swaps are
+    independent. A row stops when no pair improves.
 
     Args:
         slots: int64 [B, R, S], modified in place.
         per_replica: float64 [B, E].
         max_steps: most swap steps per row.
-        partner_ranks: how many of the lightest ranks to consider as swap partners.
+        pairs: rank pairs per step (at most R // 2), or ``None`` for heaviest-vs-all.
     """
     ranks = slots.shape[1]
-    partners = ranks if partner_ranks is None else min(partner_ranks, ranks)
+    if ranks < 2:
+        return
+    pairs = None if pairs is None else min(pairs, ranks // 2)
     weight = slot_loads(slots, per_replica)
     active = np.arange(slots.shape[0])
     for _ in range(max_steps):
+        improved, heavy, h_slot, light, l_slot = _best_swaps(slots[active], weight[active], pairs)
+        row, pair = np.nonzero(improved)
+        heavy, h_slot, light, l_slot = (x[row, pair] for x in (heavy, h_slot, light, l_slot))
+        row = active[row]
+        for table in (slots, weight):
+            a, b = table[row, heavy, h_slot], table[row, light, l_slot]
+            table[row, heavy, h_slot], table[row, light, l_slot] = b, a
+        active = active[improved.any(1)]
         if active.size == 0:
             return
-        improved, heavy, h_slot, partner, p_slot = _best_swaps(
-            slots[active], weight[active], partners
-        )
-        active = active[improved]
-        heavy, h_slot, partner, p_slot = (x[improved] for x in (heavy, h_slot, partner, p_slot))
-        for table in (slots, weight):
-            a, b = table[active, heavy, h_slot], table[active, partner, p_slot]
-            table[active, heavy, h_slot], table[active, partner, p_slot] = b, a
 
 
-def _best_swaps(slots: np.ndarray, weight: np.ndarray, partners: int) -> tuple[np.ndarray, ...]:
-    """Best swap per row: (improved [B] bool, heavy rank, heavy slot, partner rank, partner slot)."""
-    rows, ranks, per_rank = slots.shape
-    row_idx = np.arange(rows)
+def _best_swaps(slots: np.ndarray, weight: np.ndarray, pairs: int | None) -> tuple[np.ndarray, ...]:
+    """Best swap per heavy rank: (improved, heavy rank, heavy slot, partner rank, partner slot),
+    each [B, k] (k = 1 with ``pairs=None``)."""
+    rows, _, per_rank = slots.shape
+    row_idx = np.arange(rows)[:, None, None]
     loads = weight.sum(2)
-    heavy = loads.argmax(1)
-    if partners == 1:
-        partner = loads.argmin(1)[:, None]
-    elif partners < ranks:
-        partner = np.argpartition(loads, partners - 1, axis=1)[:, :partners]
+    by_load = np.argsort(loads, axis=1)
+    if pairs is None:  # heaviest against all others: one heavy rank, R - 1 partners
+        heavy = by_load[:, -1:]
+        partner = by_load[:, None, :-1]
     else:
-        partner = np.broadcast_to(np.arange(ranks), (rows, ranks))
-    heavy_x = slots[row_idx, heavy]  # [B, S]
-    part_x = slots[row_idx[:, None], partner]  # [B, M, S]
-    heavy_load = loads[row_idx, heavy]
-    delta = weight[row_idx, heavy][:, :, None, None] - weight[row_idx[:, None], partner][:, None]
-    new_max = np.maximum(
-        heavy_load[:, None, None, None] - delta,
-        loads[row_idx[:, None], partner][:, None, :, None] + delta,
+        heavy = by_load[:, : -pairs - 1 : -1]
+        partner = by_load[:, :pairs, None]
+    heavy_x = slots[row_idx[:, :, 0], heavy][:, :, None]  # [B, k, 1, S]
+    part_x = slots[row_idx, partner]  # [B, k, M, S]
+    heavy_load = loads[row_idx[:, :, 0], heavy]  # [B, k]
+    delta = (
+        weight[row_idx[:, :, 0], heavy][:, :, None, :, None]
+        - weight[row_idx, partner][..., None, :]
     )
-    same = heavy_x[:, :, None, None] == part_x[:, None, :, :]  # [B, S, M, S]
+    new_max = np.maximum(
+        heavy_load[:, :, None, None, None] - delta, loads[row_idx, partner][..., None, None] + delta
+    )  # [B, k, M, S, S]
+    same = heavy_x[..., :, None] == part_x[..., None, :]
     # the heavy item must be new to the partner rank and the partner item new to the heavy rank
-    valid = (delta > 0) & ~(same.any(3) & (heavy_x >= 0)[:, :, None])[:, :, :, None]
-    valid &= ~(same.any(1) & (part_x >= 0))[:, None]
-    valid &= (partner != heavy[:, None])[:, None, :, None]
-    score = np.where(valid, new_max, np.inf).reshape(rows, -1)
-    best = score.argmin(1)
-    improved = score[row_idx, best] < heavy_load * (1 - 1e-12)
-    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
-    return improved, heavy, h_slot, partner[row_idx, p_idx], p_slot
+    valid = (delta > 0) & ~(same.any(4, keepdims=True) & (heavy_x >= 0)[..., None])
+    valid &= ~(same.any(3, keepdims=True) & (part_x >= 0)[..., None, :])
+    score = np.where(valid, new_max, np.inf).reshape(rows, heavy.shape[1], -1)
+    best = score.argmin(2)
+    improved = np.take_along_axis(score, best[..., None], 2)[..., 0] < heavy_load * (1 - 1e-12)
+    p_idx, h_slot, p_slot = np.unravel_index(best, (partner.shape[2], per_rank, per_rank))
+    part = np.take_along_axis(partner, p_idx[..., None], 2)[..., 0]
+    return improved, heavy, h_slot, part, p_slot
 
 
 def static_slots(
@@ -200,5 +199,6 @@ def static_slots(
     per_replica = load / counts
     items = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
     slots = pack_rounds(items, per_replica, num_ranks)
-    improve_by_swaps(slots, per_replica, max_steps=swap_steps, partner_ranks=_SWAP_PARTNERS)
+    pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
+    improve_by_swaps(slots, per_replica, max_steps=swap_steps, pairs=pairs)
     return slots

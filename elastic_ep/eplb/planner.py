@@ -29,7 +29,7 @@ from elastic_ep.eplb.relabel import align_slots, relabel_cost_floor, relabel_pac
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.rank_mapping import RankMapping
 
-DEFAULT_SWAP_STEPS = 3
+DEFAULT_SWAP_STEPS = 2
 """Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
 REPAIR_SWAP_STEPS = 12
 """Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
