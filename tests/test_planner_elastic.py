@@ -154,8 +154,6 @@ def test_previous_must_match_shape_and_slots() -> None:
         plan(make_load("lognormal", 3, 8, seed=0), 4, 2, previous=plan(load, 4, 2))
     with pytest.raises(TypeError, match="previous must be a Placement"):
         plan(load, 4, 2, previous=np.zeros((2, 8)))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_transfers is supported for global plans only"):
-        plan(load, 4, 2, num_groups=2, num_nodes=2, previous=plan(load, 4, 2), max_transfers=4)
 
 
 def test_hierarchical_previous_is_relabelled_within_nodes() -> None:
@@ -169,6 +167,72 @@ def test_hierarchical_previous_is_relabelled_within_nodes() -> None:
     )
     assert int(report.transfers.sum()) == 0  # the fresh plan is relabelled onto the old ranks
     assert report.placement == shuffled
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 3),  # groups per node
+    st.sampled_from([2, 3]),  # nodes
+    st.integers(1, 4),  # experts per group
+    st.integers(1, 3),  # old ranks per node
+    st.integers(1, 3),  # new ranks per node
+    st.integers(0, 2),  # extra slots
+    st.sampled_from(LOAD_KINDS),
+    st.integers(0, 2**16),
+    st.one_of(st.none(), st.integers(0, 20)),
+)
+def test_hierarchical_elastic_keeps_groups_in_nodes(
+    groups_per_node: int,
+    nodes: int,
+    group_size: int,
+    old_per_node: int,
+    new_per_node: int,
+    extra: int,
+    kind: str,
+    seed: int,
+    max_transfers: int | None,
+) -> None:
+    groups, experts = groups_per_node * nodes, groups_per_node * nodes * group_size
+    slots = -(-(experts // nodes) // min(old_per_node, new_per_node)) + extra
+    old_ranks, new_ranks = old_per_node * nodes, new_per_node * nodes
+    load = make_load(kind, 2, experts, seed)
+    previous = plan(load, old_ranks, slots, num_groups=groups, num_nodes=nodes)
+    drifted = load * np.random.default_rng(seed).lognormal(0.0, 0.3, load.shape)
+    kwargs = dict(
+        num_groups=groups,
+        num_nodes=nodes,
+        previous=previous,
+        rank_mapping=RankMapping.resize(old_ranks, new_ranks),
+        max_transfers=max_transfers,
+    )
+    try:
+        report = plan_with_report(drifted, new_ranks, slots, **kwargs)
+    except ValueError as err:
+        assert max_transfers is not None and "max_transfers" in str(err)
+        return
+    placement = report.placement
+    placement.validate(distinct_ranks=True)
+    node_of_slot = placement.rank_of_slot // new_per_node
+    for layer in range(placement.num_layers):
+        row = placement.phy2log[layer]
+        for group in range(groups):
+            members = (row // group_size == group) & (row >= 0)
+            assert node_of_slot[members].unique().numel() == 1, f"group {group} spans nodes"
+    received = placement.transfers_from(previous, kwargs["rank_mapping"]).sum(1)
+    assert torch.equal(report.transfers, received)
+    if max_transfers is not None:
+        assert bool((received <= max_transfers).all())
+
+
+def test_hierarchical_drift_moves_little() -> None:
+    load = make_load("lognormal", 58, 256, seed=14)
+    previous = plan(load, 32, 10, num_groups=8, num_nodes=4)
+    drifted = load * np.random.default_rng(15).lognormal(0.0, 0.1, load.shape)
+    report = plan_with_report(drifted, 32, 10, num_groups=8, num_nodes=4, previous=previous)
+    fresh = plan(drifted, 32, 10, num_groups=8, num_nodes=4)
+    weights = torch.from_numpy(drifted)
+    assert float(report.transfers.sum()) / (58 * 320) <= 0.3
+    assert report.placement.balancedness(weights) >= fresh.balancedness(weights) - 0.01
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.packing import improve_by_swaps, pack_rounds, sorted_replicas, static_slots
+from elastic_ep.eplb.incremental import repair
+from elastic_ep.eplb.packing import (
+    improve_by_swaps,
+    pack_rounds,
+    presence_of,
+    sorted_replicas,
+    static_slots,
+)
 
 
 def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
@@ -56,3 +63,82 @@ def hierarchical_slots(
     flat = local.reshape(layers * num_nodes, -1)
     ids = np.where(flat >= 0, np.take_along_axis(local_ids, np.maximum(flat, 0), axis=1), -1)
     return ids.reshape(layers, num_ranks, slots_per_rank)
+
+
+def repair_within_nodes(
+    load: np.ndarray,
+    kept: np.ndarray,
+    target: np.ndarray,
+    budget: np.ndarray,
+    num_groups: int,
+    num_nodes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Movement-aware repair that keeps every group on the node holding most of its replicas.
+
+    Each node is repaired as a global problem over its own groups' experts (batched over
+    (layer, node)); replicas of a group found on another node are dropped.
+
+    Args:
+        load: float64 [L, E]. kept: int64 [L, R, S], what each rank holds now.
+        target: float64 [L], balancedness at which a layer stops swapping.
+        budget: int64 [L], most weights received per layer, shared among its nodes.
+        num_groups: G. num_nodes: N.
+
+    Returns:
+        int64 [L, R, S], the repaired placement, and bool [L]: False where the previous
+        placement gives no node G / N groups (that layer's result is not usable).
+    """
+    layers, ranks, per_rank = kept.shape
+    experts = load.shape[1]
+    group_size, per_node = experts // num_groups, ranks // num_nodes
+    home, usable = _group_homes(kept, group_size, num_groups, num_nodes)
+    # Experts of each node's groups, in group order: [L, N, E / N] global ids.
+    by_home = np.argsort(home * num_groups + np.arange(num_groups), axis=1)
+    local_ids = (by_home[..., None] * group_size + np.arange(group_size)).reshape(
+        layers, num_nodes, experts // num_nodes
+    )
+    local_of = np.empty((layers, experts), dtype=np.int64)
+    np.put_along_axis(
+        local_of,
+        local_ids.reshape(layers, -1),
+        np.tile(np.arange(experts // num_nodes), num_nodes)[None],
+        1,
+    )
+    home_of = np.repeat(home, group_size, axis=1)  # [L, E]
+    held = kept.reshape(layers, num_nodes, per_node * per_rank)
+    expert = np.maximum(held, 0).reshape(layers, -1)
+    at_home = (held >= 0) & (
+        np.take_along_axis(home_of, expert, 1).reshape(held.shape) == np.arange(num_nodes)[:, None]
+    )
+    local_kept = np.where(at_home, np.take_along_axis(local_of, expert, 1).reshape(held.shape), -1)
+    local_kept = local_kept.reshape(layers * num_nodes, per_node, per_rank)
+    local_load = np.take_along_axis(load, local_ids.reshape(layers, -1), 1).reshape(
+        layers * num_nodes, -1
+    )
+    # A layer reaches `target` when no node's ranks exceed the layer's mean rank load / target.
+    node_share = local_load.sum(1).reshape(layers, num_nodes) * num_nodes
+    node_target = target[:, None] * node_share / np.maximum(load.sum(1), 1e-300)[:, None]
+    orphans = (presence_of(local_kept, experts // num_nodes)[:, :, 1:].sum(1) == 0).sum(1)
+    orphans = orphans.reshape(layers, num_nodes)
+    spare = np.maximum(budget - orphans.sum(1), 0) // num_nodes
+    local = repair(local_load, local_kept, node_target.ravel(), (orphans + spare[:, None]).ravel())
+    flat = local.reshape(layers, num_nodes, -1)
+    ids = np.where(flat >= 0, np.take_along_axis(local_ids, np.maximum(flat, 0), 2), -1)
+    return ids.reshape(layers, ranks, per_rank), usable
+
+
+def _group_homes(
+    kept: np.ndarray, group_size: int, num_groups: int, num_nodes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [L, G]: the node holding most replicas of each group, and bool [L]: whether every
+    node is home to G / N groups (otherwise the homes are replaced by a fixed valid choice)."""
+    layers, ranks, _ = kept.shape
+    group = np.where(kept >= 0, kept // group_size, num_groups)
+    node = (np.arange(ranks) // (ranks // num_nodes))[None, :, None]
+    cell = (np.arange(layers)[:, None, None] * (num_groups + 1) + group) * num_nodes + node
+    counts = np.bincount(cell.ravel(), minlength=layers * (num_groups + 1) * num_nodes)
+    home = counts.reshape(layers, num_groups + 1, num_nodes)[:, :num_groups].argmax(2)
+    per_node = np.stack([(home == n).sum(1) for n in range(num_nodes)], axis=1)
+    usable = (per_node == num_groups // num_nodes).all(1)
+    fallback = np.arange(num_groups) // (num_groups // num_nodes)
+    return np.where(usable[:, None], home, fallback), usable

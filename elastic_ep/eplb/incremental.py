@@ -3,14 +3,14 @@
 Works on the layout of :mod:`elastic_ep.eplb.packing` (``slots`` int64 [B, R, S], -1 = empty),
 batched over rows (layers). ``kept`` is the previous placement already mapped onto the new ranks
 (slots of removed ranks gone, joined ranks empty). A weight "received" is an expert on a rank
-that did not hold it in ``kept``; that is the only cost counted.
+that did not hold it in ``kept``; that is the only cost counted. :func:`repair` runs two steps:
 
 1. :func:`fill_missing`: every replica the new replica counts ask for and no rank holds is placed
    where it leaves the lowest rank load, in an empty slot or, once none is left, over a surplus
-   replica (an expert with more replicas than it now needs). Experts with no replica left come first and are always
-   placed; the others only while the transfer budget lasts.
-2. :func:`swap_towards`: swaps between each row's heaviest rank and any other rank, best load
-   gain per weight received first, until the row reaches its target balancedness, no swap
+   replica (an expert with more replicas than it now needs). Experts with no replica left come
+   first and are always placed; the others only while the transfer budget lasts.
+2. :func:`swap_towards`: swaps between each row's heaviest rank and one of the lightest, best
+   load gain per weight received first, until the row reaches its target balancedness, no swap
    helps, or the budget is spent. Swaps that undo an earlier transfer are free.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from elastic_ep.eplb.packing import presence_of, slot_loads
+from elastic_ep.eplb.replication import replica_counts
 
 SWAP_PARTNERS = 8  # lightest ranks tried as swap partners of the heaviest one
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
@@ -254,3 +255,25 @@ def _best_paid_swap(
 def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
     """int64 [B, E]: replicas of each expert in ``slots``."""
     return presence_of(slots, num_experts).sum(1)[:, 1:]
+
+
+def repair(
+    load: np.ndarray, kept: np.ndarray, target: np.ndarray, budget: np.ndarray
+) -> np.ndarray:
+    """int64 [B, R, S]: ``kept`` repaired for ``load``: missing replicas placed, then swaps.
+
+    Args:
+        load: float64 [B, E].
+        kept: int64 [B, R, S], what the ranks hold now, no expert twice on one rank.
+        target: float64 [B], balancedness at which swapping stops.
+        budget: int64 [B], most weights received per row (experts without any replica are
+            placed regardless).
+    """
+    _, ranks, per_rank = kept.shape
+    num_experts = load.shape[1]
+    slots = kept.copy()
+    counts = replica_counts(load, ranks * per_rank, ranks)
+    orphans = (_replica_counts_of(kept, num_experts) == 0).sum(1)
+    fill_missing(slots, load, counts, np.maximum(budget - orphans, 0))
+    swap_towards(slots, kept, load, target, budget, max_steps=ranks * per_rank)
+    return slots

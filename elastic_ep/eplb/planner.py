@@ -6,11 +6,12 @@ layer, keeps whichever of the two reaches the target balancedness with fewer wei
 
 * fresh plan, its packs relabelled onto the ranks that already hold most of their experts
   (optimal assignment) and each rank's experts kept in their old slots;
-* repair (global plans only): keep every replica still wanted, place the missing ones, then swap
-  until within ``balance_tolerance`` of the fresh plan's balancedness or out of budget.
+* repair: keep every replica still wanted, place the missing ones, then swap until within
+  ``balance_tolerance`` of the fresh plan's balancedness or out of budget. Hierarchical plans
+  repair each node on its own, keeping every group on the node that holds most of it.
 
 The target of a layer is the fresh plan's balancedness of that layer minus ``balance_tolerance``.
-A layer whose fresh plan needs more than ``max_transfers`` always takes the repair.
+A layer whose fresh plan needs more than ``max_transfers`` takes the repair.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from elastic_ep.eplb.hierarchical import hierarchical_slots
-from elastic_ep.eplb.incremental import drop_duplicates, fill_missing, swap_towards
+from elastic_ep.eplb.hierarchical import hierarchical_slots, repair_within_nodes
+from elastic_ep.eplb.incremental import drop_duplicates, repair
 from elastic_ep.eplb.packing import presence_of, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.relabel import align_slots, relabel_cost_floor, relabel_packs
-from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 2
@@ -80,8 +80,8 @@ def plan(
         rank_mapping: old rank -> new rank (scale events, failures); identity if ``None``.
         dead_ranks: old ranks that failed (cannot send); they must be removed in
             ``rank_mapping``. Their experts are never counted as already present.
-        max_transfers: most expert weights received per layer (needs ``previous``, global plans
-            only); experts with no surviving replica are always placed and count against it.
+        max_transfers: most expert weights received per layer (needs ``previous``); experts
+            with no surviving replica are always placed and count against it.
         balance_tolerance: how far below the fresh plan's balancedness a movement-aware result
             may stay to save transfers.
         swap_steps: improvement swaps per layer in the fresh plan; default
@@ -149,8 +149,6 @@ def plan_with_report(
     )
     if max_transfers is not None:
         _check_int("max_transfers", max_transfers, minimum=0)
-        if num_nodes > 1:
-            raise ValueError("max_transfers is supported for global plans only (num_nodes=1)")
     kept = drop_duplicates(kept_on_new_ranks(previous, mapping))
     missing = (~presence_of(kept, experts)[:, :, 1:].any(1)).sum(1)
     if max_transfers is not None and int(missing.max()) > max_transfers:
@@ -161,11 +159,9 @@ def plan_with_report(
         )
     steps = REPAIR_SWAP_STEPS if swap_steps is None else swap_steps
     fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
-    if num_nodes > 1:
-        chosen = align_slots(relabel_packs(fresh, kept, num_nodes), kept)
-        repaired = np.zeros(layers, dtype=bool)
-    else:
-        chosen, repaired = _prefer_repair(weights, fresh, kept, max_transfers, balance_tolerance)
+    chosen, repaired = _prefer_repair(
+        weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes
+    )
     return PlanReport(
         placement=_to_placement(chosen, experts, num_ranks),
         lost=previous.lost_with(dead) if dead else torch.zeros(layers, experts, dtype=torch.bool),
@@ -188,29 +184,38 @@ def _prefer_repair(
     kept: np.ndarray,
     max_transfers: int | None,
     tolerance: float,
+    groups: int,
+    nodes: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring)."""
     layers, ranks, slots = kept.shape
     experts = load.shape[1]
     limit = ranks * slots if max_transfers is None else max_transfers
     target = layer_balancedness(fresh, load) - tolerance
-    repair = kept.copy()
-    counts = replica_counts(load, ranks * slots, ranks)
-    missing = (~presence_of(kept, experts)[:, :, 1:].any(1)).sum(1)
-    fill_missing(repair, load, counts, np.full(layers, limit) - missing)
-    swap_towards(repair, kept, load, target, np.full(layers, limit), max_steps=ranks * slots)
-    repair_cost = transfers_between(repair, kept, experts)
-    good_enough = layer_balancedness(repair, load) >= target - 1e-12
-    chosen, use_repair = repair, good_enough.copy()
+    budget = np.full(layers, limit)
+    if nodes == 1:
+        repaired, usable = repair(load, kept, target, budget), np.ones(layers, dtype=bool)
+    else:
+        repaired, usable = repair_within_nodes(load, kept, target, budget, groups, nodes)
+    repair_cost = transfers_between(repaired, kept, experts)
+    usable &= repair_cost <= limit
+    good_enough = usable & (layer_balancedness(repaired, load) >= target - 1e-12)
+    chosen, use_repair = repaired, good_enough.copy()
     # The relabelling (an assignment problem per layer) only runs where the fresh plan could win.
     contest = np.flatnonzero(~good_enough | (repair_cost > relabel_cost_floor(fresh, kept)))
     if contest.size:
-        relabelled = align_slots(relabel_packs(fresh[contest], kept[contest]), kept[contest])
+        relabelled = align_slots(relabel_packs(fresh[contest], kept[contest], nodes), kept[contest])
         fresh_cost = transfers_between(relabelled, kept[contest], experts)
         keep_repair = good_enough[contest] & (repair_cost[contest] <= fresh_cost)
-        keep_repair |= fresh_cost > limit
-        chosen = repair.copy()
-        chosen[contest] = np.where(keep_repair[:, None, None], repair[contest], relabelled)
+        keep_repair |= usable[contest] & (fresh_cost > limit)
+        over = np.flatnonzero(~keep_repair & (fresh_cost > limit))
+        if over.size:
+            raise ValueError(
+                f"max_transfers={max_transfers} cannot be met in layer {int(contest[over[0]])}: "
+                f"the previous placement does not keep expert groups within nodes"
+            )
+        chosen = repaired.copy()
+        chosen[contest] = np.where(keep_repair[:, None, None], repaired[contest], relabelled)
         use_repair[contest] = keep_repair
     return chosen, use_repair
 
