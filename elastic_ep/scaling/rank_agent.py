@@ -85,6 +85,11 @@ class _ScaleJob:
         return self.staged is not None or self.error is not None
 
 
+def _destroy_all(groups: list[StatelessGroup]) -> None:
+    for g in groups:
+        g.destroy()
+
+
 class ElasticRank:
     """One rank of an elastic MoE engine.
 
@@ -156,6 +161,7 @@ class ElasticRank:
         self._rdzv = Rendezvous(spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s)
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
         self._job: _ScaleJob | None = None
+        self._retiring: list[threading.Thread] = []
         self.kv_budget_bytes: int | None = None
         self.last_blocking_s: float | None = None
         # A joiner's constructor is its commit: its first poll() only reports it, so its next
@@ -277,12 +283,12 @@ class ElasticRank:
             self.kv_budget_bytes = staged.kv_budget_bytes
         self.members = staged.command.new_members
         self.placement = staged.placement
-        if staged.transfer_group is not staged.new_group:
-            staged.transfer_group.destroy()
-        old_control.destroy()
-        old_world.destroy()
         self._job = None
         self.last_blocking_s = time.monotonic() - start
+        retired = [old_control, old_world]
+        if staged.transfer_group is not staged.new_group:
+            retired.append(staged.transfer_group)
+        self._retire(retired, wait=leaving)
         self._finish(job, ScalePhase.COMPLETED, None)
         self.gate.open()
         return Action.LEAVE if leaving else Action.COMMITTED
@@ -394,6 +400,15 @@ class ElasticRank:
         self.gate.open()
         return Action.RECOVERED
 
+    def _retire(self, groups: list[StatelessGroup], *, wait: bool) -> None:
+        """Destroy the previous epoch's groups off the serving path (their teardown waits on
+        peers); ``close`` joins the thread, bounded."""
+        thread = threading.Thread(target=_destroy_all, args=(groups,), name="elastic-retire", daemon=True)
+        thread.start()
+        self._retiring.append(thread)
+        if wait:
+            thread.join(timeout=self._timeout_s)
+
     # ---- shutdown ---------------------------------------------------------------------------
     def close(self) -> None:
         """Tear down resources and groups (idempotent); call after LEAVE or STOP."""
@@ -407,6 +422,8 @@ class ElasticRank:
                 current.teardown()
         self.control.destroy()
         self.world.destroy()
+        for thread in self._retiring:
+            thread.join(timeout=self._timeout_s)
         self._rdzv.close()
 
     # ---- helpers ----------------------------------------------------------------------------
