@@ -9,8 +9,8 @@ from an installed vllm, or read from its wheel without installing it:
 
 Cases: V3 (58 layers x 256 experts, 8 groups, 4 nodes, 32 ranks, 288 and 320 slots,
 hierarchical and global) and V2-Lite (26 x 64, 8 ranks, 80 slots); loads lognormal(0, 0.6) and
-permuted Zipf(1). Per case: time and balancedness of both; for global cases also a 10% drift
-(loads x lognormal(0, 0.1), each planner given its own previous placement), and scale events
+permuted Zipf(1). Per case: time and balancedness of both; a 10% drift (loads x
+lognormal(0, 0.1), each planner given its own previous placement), and scale events
 with slots per rank constant (V3-320 32->36 and 32->28, V2-Lite 8->9 and 8->7): weights
 received (% of the new slots) and balancedness. ``--markdown`` rewrites the planner section of
 that file (between ``<!-- bench_planner -->`` markers) and keeps the rest.
@@ -125,12 +125,11 @@ def run(vllm_policy: Any, repeats: int) -> list[Row]:
                     base.balancedness(weight),
                 )
             )
-            if shape.nodes == 1:
-                rows.append(drift_row(vllm_policy, shape, kind, load, mine, base, repeats))
-                for new_ranks in SCALE_EVENTS.get(shape.name, ()):
-                    rows.append(
-                        scale_row(vllm_policy, shape, kind, load, mine, base, new_ranks, repeats)
-                    )
+            rows.append(drift_row(vllm_policy, shape, kind, load, mine, base, repeats))
+            for new_ranks in SCALE_EVENTS.get(shape.name, ()):
+                rows.append(
+                    scale_row(vllm_policy, shape, kind, load, mine, base, new_ranks, repeats)
+                )
     return rows
 
 
@@ -146,11 +145,17 @@ def drift_row(
     drifted = load * np.random.default_rng(SEED + 1).lognormal(0.0, 0.1, load.shape)
     weight = torch.from_numpy(drifted)
     slots = shape.ranks * shape.slots
+    groups, nodes = shape.groups, shape.nodes
     ours_ms, report = median_ms(
-        lambda: plan_with_report(drifted, shape.ranks, shape.slots, previous=mine), repeats
+        lambda: plan_with_report(
+            drifted, shape.ranks, shape.slots, num_groups=groups, num_nodes=nodes, previous=mine
+        ),
+        repeats,
     )
     vllm_ms, phy2log = median_ms(
-        lambda: vllm_policy.rebalance_experts(weight, slots, 1, 1, shape.ranks, base.phy2log),
+        lambda: vllm_policy.rebalance_experts(
+            weight, slots, groups, nodes, shape.ranks, base.phy2log
+        ),
         repeats,
     )
     theirs = Placement(phy2log.to(torch.int64), shape.experts, shape.ranks)
