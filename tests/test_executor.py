@@ -258,7 +258,7 @@ def _errors(rank: int, world_size: int, port: int) -> dict[str, str]:
     out["small"] = str(err.value)
     assert unchanged()
     # Ranks disagree on the budget: found by the collective check, on every rank.
-    with pytest.raises(ValueError, match="run a different plan") as err:
+    with pytest.raises(ValueError, match="run different plans") as err:
         execute(plan, weights, group, buffer_bytes=need * (2 + rank))
     out["mismatch"] = str(err.value)
     assert unchanged()
@@ -289,7 +289,7 @@ def test_errors_leave_weights_and_group_intact() -> None:
     results = run_ranks(_errors, 2, timeout=60)
     for r in results:
         assert "nothing was moved" in r["small"]
-        assert "group ranks [" in r["mismatch"]
+        assert "nothing was moved" in r["mismatch"]
         assert "reload hook" in r.get("lost", "reload hook")
 
 

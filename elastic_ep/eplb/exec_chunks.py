@@ -5,8 +5,8 @@ estimated cost, so peers post matching transfers; each rank then lays out only i
 
 A chunk's region of the staging buffer holds, 256-byte aligned:
 
-* one send region per destination peer: the rows this rank sends to it, packed by ``index_select``
-  so the whole region goes out as one transfer;
+* one send region per destination peer: the rows this rank sends to it, packed so that the whole
+  region goes out as one transfer;
 * one receive region per source peer, with exactly the same layout as the sender's region;
 * the staged local copies (sources that the layer overwrites).
 
@@ -78,7 +78,6 @@ def cut_chunks(
     ranks: GroupRanks,
     world_size: int,
     budget: int,
-    reserved: int,
     overlap: bool,
 ) -> list[tuple[Step, ...]]:
     """Pack consecutive steps greedily into chunks whose estimated region fits on every rank.
@@ -86,26 +85,23 @@ def cut_chunks(
     Args:
         row_bytes: per layer, the aligned bytes of one slot of every kind together (an upper
             bound of what one row costs in a region).
-        budget: the buffer budget of each rank, of which ``reserved`` is taken already (slot
-            indices); with ``overlap`` a chunk gets half of the rest, so two consecutive chunks
-            can be live at once.
+        budget: the buffer budget of each rank; with ``overlap`` a chunk gets half of it, so two
+            consecutive chunks can be live at once.
     Raises:
         ValueError: a step alone needs more than ``budget`` on some rank (nothing moved yet).
     """
-    usable = budget - reserved
-    cap = usable // 2 if overlap else usable
+    cap = budget // 2 if overlap else budget
     chunks: list[tuple[Step, ...]] = []
     current: list[Step] = []
     used = [0] * world_size
     for step in steps:
         cost = step_cost(step, row_bytes, ranks, world_size)
         worst = max(range(world_size), key=cost.__getitem__)
-        if cost[worst] > usable:
+        if cost[worst] > budget:
             raise ValueError(
                 f"buffer_bytes={budget} cannot hold the smallest movable unit of layer "
                 f"{step.layer}: {cost[worst] // row_bytes[step.layer]} expert rows "
-                f"({cost[worst]} bytes) on group rank {worst}, besides {reserved} bytes of slot "
-                f"indices (needs buffer_bytes >= {cost[worst] + reserved}); nothing was moved"
+                f"({cost[worst]} bytes) on group rank {worst}; nothing was moved"
             )
         if current and any(u + c > cap for u, c in zip(used, cost, strict=True)):
             chunks.append(tuple(current))
@@ -117,29 +113,11 @@ def cut_chunks(
     return chunks
 
 
-def index_bytes(steps: Sequence[Step], ranks: GroupRanks, world_size: int) -> list[int]:
-    """Device bytes of the slot indices each group rank needs (int64, one per row packed or
-    written back)."""
-    rows = [0] * world_size
-    for step in steps:
-        for op in step.ops:
-            if isinstance(op, Transfer):
-                for g in (ranks.old[op.src], ranks.new[op.dst]):
-                    assert g is not None
-                    rows[g] += 1
-            elif isinstance(op, LocalCopy) and op.staged:
-                g = ranks.new[op.rank]
-                assert g is not None
-                rows[g] += 2
-    return [aligned(8 * n) for n in rows]
-
-
 def min_buffer_bytes(
     steps: Sequence[Step], row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
 ) -> int:
     """The least ``buffer_bytes`` that runs ``steps`` (one step per chunk, no overlap)."""
-    worst = max((max(step_cost(s, row_bytes, ranks, world_size)) for s in steps), default=0)
-    return worst + max(index_bytes(steps, ranks, world_size))
+    return max((max(step_cost(s, row_bytes, ranks, world_size)) for s in steps), default=0)
 
 
 def step_cost(
@@ -229,7 +207,7 @@ def _add_unpack(
 def _add_writes(
     work: ChunkWork, layer: int, segments: list[Segment], ops: Sequence[Transfer | LocalCopy]
 ) -> None:
-    """Rows land in their first destination slot by one ``index_copy_`` per segment; any further
+    """Rows land in their first destination slot with the segment's copy; any further
     destinations are single-row copies."""
     work.unpack.extend(
         Segment(s.layer, s.kind, s.offset, tuple(op.dst_slots[0] for op in ops)) for s in segments

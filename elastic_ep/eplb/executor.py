@@ -4,20 +4,24 @@ Each rank passes the weights of its local slots: ``weights[layer]`` is a sequenc
 ``w13``, ``w2``, scales), each ``[local_slots, ...]`` and contiguous, on the group's device. All
 ranks must pass the same number of tensors per layer, with the same per-slot shape and dtype.
 
-How it stays in place within ``buffer_bytes`` of extra memory:
+How it stays in place within ``buffer_bytes`` of extra memory (one buffer, allocated once):
 
-* sends read the weights directly; receives, and local copies whose source slot the layer
-  overwrites, land in a per-chunk buffer and are written back once the chunk's transfers are done;
+* per chunk, the rows this rank sends to a peer are packed into the buffer and leave as one
+  transfer; the peer receives them into its buffer with the same layout, and writes them into
+  their slots once the chunk's transfers are done. Local copies whose source slot the layer
+  overwrites are staged the same way; other local copies go straight from slot to slot;
 * the plan's steps are packed into chunks whose buffer fits; the plan orders steps so a slot is
   read no later than the chunk that overwrites it, so chunk ``k``'s write-back never touches what a
   later chunk still sends;
-* with ``overlap=True`` chunk ``k+1``'s transfers are posted before chunk ``k`` is waited for and
-  written back (chunks are then packed to half the budget, so two live chunks fit in it).
+* with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
+  written back (chunks are then cut to half the budget, so two live chunks fit in it);
+* packing and write-back are one multi-tensor copy each per chunk (``torch._foreach_copy_``):
+  an expert is a few large rows, and per-row kernels or index kernels over few rows are slow.
 
 Every rank computes the same chunks from the same plan, so peers post matching transfers in the
-same order. A collective check (one small ``all_gather_object``) first verifies that all ranks run
-the same plan with the same budget and weight shapes; any error found before that check, or by it,
-raises on every rank with nothing moved.
+same order. A collective check (one small all-reduce) first verifies that all ranks run the same
+plan with the same budget and weight shapes; any error found before that check, or by it, raises
+on every rank with nothing moved.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from elastic_ep.eplb.exec_chunks import (
     Segment,
     aligned,
     cut_chunks,
-    index_bytes,
     lay_out,
     min_buffer_bytes,
 )
@@ -216,15 +219,13 @@ def execute(
         )
     kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
-    # The slot indices of every segment live on the device too: reserve them out of the budget.
-    reserved = max(index_bytes(plan.steps, layout.ranks, layout.world_size))
     chunks = cut_chunks(
-        plan.steps, row_bytes, layout.ranks, layout.world_size, buffer_bytes, reserved, overlap
+        plan.steps, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap
     )
     _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
     works = [lay_out(c, kind_bytes, layout.ranks, layout.old_rank, layout.new_rank) for c in chunks]
-    overlap_budget = buffer_bytes - reserved if overlap else 0
+    overlap_budget = buffer_bytes if overlap else 0
     runner = _Runner(weights, group, works, overlap_budget, reload, timer)
     runner.run()
     if group.device.type == "cuda":
@@ -241,7 +242,7 @@ def execute(
         seconds=tuple(timer.seconds.items()),
         total_seconds=time.perf_counter() - started,
         num_chunks=len(chunks),
-        peak_extra_bytes=runner.buffer_bytes + runner.index_bytes,
+        peak_extra_bytes=runner.buffer_bytes,
         buffer_bytes=buffer_bytes,
         reloaded=tuple(runner.reloaded),
     )
@@ -372,7 +373,8 @@ def _check_same_everywhere(
     kinds: tuple[tuple[tuple[tuple[int, ...], str], ...], ...],
     layout: _Layout,
 ) -> None:
-    """One collective: raise on every rank unless all run the same plan, budget and shapes."""
+    """One small all-reduce: raise on every rank unless all run the same plan, budget and
+    weight shapes."""
     digest = hashlib.sha256()
     for placement in (plan.previous, plan.new):
         digest.update(placement.phy2log.numpy().tobytes())
@@ -390,13 +392,14 @@ def _check_same_everywhere(
             )
         ).encode()
     )
-    mine = digest.hexdigest()
-    everyone = group.all_gather_object(mine)
-    differ = [r for r, d in enumerate(everyone) if d != mine]
-    if differ:
+    mine = int.from_bytes(digest.digest()[:7], "little")  # fits int64 with its negation
+    # max(h) == h and max(-h) == -h on every rank iff all ranks have the same h.
+    both = torch.tensor([mine, -mine], dtype=torch.int64, device=group.device)
+    group.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if both.tolist() != [mine, -mine]:
         raise ValueError(
-            f"group ranks {differ} run a different plan, buffer_bytes, overlap, rank layout or "
-            f"weight shapes than group rank {layout.group_rank}; nothing was moved"
+            f"group rank {layout.group_rank}: the ranks of the group run different plans, "
+            "buffer_bytes, overlap, rank layouts or weight shapes; nothing was moved"
         )
 
 
@@ -438,22 +441,7 @@ class _Runner:
         pairs = [a + b for a, b, o in zip(sizes, sizes[1:], self.overlapped, strict=False) if o]
         self.buffer_bytes = max([0, *sizes, *pairs])
         self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=group.device)
-        self.index = self._index_tensor()
         self.reloaded: list[tuple[int, int]] = []
-
-    def _index_tensor(self) -> dict[tuple[int, ...], torch.Tensor]:
-        """The slot indices of every segment, moved to the device in one copy; the segments of
-        one row group (one per kind) share theirs."""
-        flat: list[int] = []
-        spans: dict[tuple[int, ...], int] = {}
-        for w in self.works:
-            for seg in (*w.pack, *w.unpack):
-                if seg.slots not in spans:
-                    spans[seg.slots] = len(flat)
-                    flat.extend(seg.slots)
-        device_index = torch.tensor(flat, dtype=torch.int64).to(self.group.device)
-        self.index_bytes = aligned(device_index.numel() * device_index.element_size())
-        return {slots: device_index[a : a + len(slots)] for slots, a in spans.items()}
 
     def run(self) -> None:
         pending: tuple[P2PHandle | None, ChunkWork, int] | None = None
@@ -476,11 +464,25 @@ class _Runner:
         start = base + seg.offset
         return self.buffer[start : start + nbytes].view(t.dtype).view(len(seg.slots), *t.shape[1:])
 
-    def pack(self, work: ChunkWork, base: int) -> None:
-        start = time.perf_counter()
-        for seg in work.pack:
+    def _rows(
+        self, base: int, segments: Sequence[Segment]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(buffer rows, weight slots) of ``segments``, row by row."""
+        rows: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        for seg in segments:
             w = self.weights[seg.layer][seg.kind]
-            torch.index_select(w, 0, self.index[seg.slots], out=self._view(base, seg))
+            rows.extend(self._view(base, seg).unbind(0))
+            slots.extend(w[slot] for slot in seg.slots)
+        return rows, slots
+
+    def pack(self, work: ChunkWork, base: int) -> None:
+        """Copy what this rank sends, and staged local-copy sources, into the chunk's region
+        (one multi-tensor copy: few rows per segment make per-segment gathers slow)."""
+        start = time.perf_counter()
+        rows, slots = self._rows(base, work.pack)
+        if rows:
+            torch._foreach_copy_(rows, slots)
         self.timer.add(Phase.STAGE, start)
 
     def post(self, work: ChunkWork, base: int) -> P2PHandle | None:
@@ -498,16 +500,17 @@ class _Runner:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        for seg in work.unpack:
-            w = self.weights[seg.layer][seg.kind]
-            w.index_copy_(0, self.index[seg.slots], self._view(base, seg))
+        rows, slots = self._rows(base, work.unpack)
         for extra in work.extras:
             for kind, seg in enumerate(extra.segments):
-                self.weights[extra.layer][kind][extra.slot].copy_(self._view(base, seg)[extra.row])
+                rows.append(self._view(base, seg)[extra.row])
+                slots.append(self.weights[extra.layer][kind][extra.slot])
         for copy in work.direct:  # its source slot is never overwritten in this layer
             for w in self.weights[copy.layer]:
-                for slot in copy.dst_slots:
-                    w[slot].copy_(w[copy.src_slot])
+                rows.extend(w[copy.src_slot] for _ in copy.dst_slots)
+                slots.extend(w[slot] for slot in copy.dst_slots)
+        if rows:
+            torch._foreach_copy_(slots, rows)
         for op in work.reloads:
             weights = self.weights[op.layer]
             for w, src in zip(weights, self._reload(op, weights), strict=True):
