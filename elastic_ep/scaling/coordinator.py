@@ -83,6 +83,7 @@ class ElasticCoordinator:
         self._done = threading.Event()
         self._done.set()
         self._recoveries_seen = 0
+        self._recovering_since: float | None = None
         self._leaving: frozenset[int] = frozenset()  # leavers of the running scale exit on purpose
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="elastic-monitor", daemon=True)
@@ -286,6 +287,7 @@ class ElasticCoordinator:
             try:
                 self._check_processes()
                 self._check_recoveries()
+                self._check_recovery_deadline()
             except Exception:
                 if self._stop.is_set():
                     return
@@ -306,6 +308,18 @@ class ElasticCoordinator:
                     self._set_phase(ScalePhase.FAILED, error=f"member {m} died during the scale")
                 self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY,
                                 dead_members=(m,), error=None, phase_s=(), blocking_s=None)
+
+    def _check_recovery_deadline(self) -> None:
+        """A recovery that never reports (e.g. every survivor failed) ends as FAILED, so later
+        requests are not refused forever."""
+        with self._lock:
+            if self._status.phase is not ScalePhase.RECOVERING:
+                self._recovering_since = None
+                return
+            if self._recovering_since is None:
+                self._recovering_since = time.monotonic()
+            elif time.monotonic() - self._recovering_since > 3 * self._timeout_s + 10.0:
+                self._set_phase(ScalePhase.FAILED, error="the survivors did not report a recovery")
 
     def _check_recoveries(self) -> None:
         for epoch in self._channel.recoveries(self._recoveries_seen):
