@@ -64,12 +64,13 @@ def fill_missing(
         items[row, : min(order.size, left[row])] = order[: left[row]]
     present = presence_of(slots, num_experts)
     present[:, :, 0] = 0
-    rank_load = slot_loads(slots, per_replica).sum(2)
+    slot_w = slot_loads(slots, per_replica)
+    rank_load = slot_w.sum(2)
     for k in range(width):
         b = np.flatnonzero(items[:, k] >= 0)
         if b.size:
             placed = _place_one(
-                slots, per_replica, counts, have, present, rank_load, b, items[b, k]
+                slots, slot_w, per_replica, counts, have, present, rank_load, b, items[b, k]
             )
             left[placed] -= 1
     _fill_empty_slots(slots, load, have, present, left)
@@ -102,6 +103,7 @@ def _fill_empty_slots(
 
 def _place_one(
     slots: np.ndarray,
+    slot_w: np.ndarray,
     per_replica: np.ndarray,
     counts: np.ndarray,
     have: np.ndarray,
@@ -111,15 +113,15 @@ def _place_one(
     expert: np.ndarray,
 ) -> np.ndarray:
     """Put one replica of ``expert[i]`` into row ``b[i]`` where it leaves the lightest rank;
-    returns the rows where it found room."""
+    returns the rows where it found room. Updates every state array in place (``slot_w``
+    [B, R, S] and ``rank_load`` [B, R] hold loads at the wanted replica counts)."""
     per_rank = slots.shape[2]
     current = slots[b]  # [n, R, S]
     surplus = np.concatenate([np.ones((b.size, 1), dtype=bool), have[b] > counts[b]], axis=1)
     replaceable = np.take_along_axis(surplus, (current + 1).reshape(b.size, -1), axis=1)
     replaceable = replaceable.reshape(current.shape)
     lacks = ~(present[b, :, expert + 1] > 0)  # [n, R]
-    slot_w = slot_loads(current, per_replica[b])
-    after = rank_load[b][:, :, None] - slot_w + per_replica[b, expert][:, None, None]
+    after = rank_load[b][:, :, None] - slot_w[b] + per_replica[b, expert][:, None, None]
     allowed = replaceable & lacks[:, :, None]
     # Fill empty slots before evicting: an empty slot left at the end is capacity lost.
     empty_ok = allowed & (current < 0)
@@ -133,9 +135,8 @@ def _place_one(
     gone = evicted >= 0
     have[b[gone], evicted[gone]] -= 1
     present[b[gone], rank[gone], evicted[gone] + 1] -= 1
-    rank_load[b, rank] += per_replica[b, expert] - np.where(
-        gone, per_replica[b, np.maximum(evicted, 0)], 0.0
-    )
+    rank_load[b, rank] += per_replica[b, expert] - slot_w[b, rank, slot]
+    slot_w[b, rank, slot] = per_replica[b, expert]
     slots[b, rank, slot] = expert
     have[b, expert] += 1
     present[b, rank, expert + 1] += 1
