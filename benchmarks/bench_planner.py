@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -278,7 +279,11 @@ def main() -> None:
     source = "installed package" if wheel is None else wheel.name
     print(f"vLLM {version} DefaultEplbPolicy from {source}; torch threads = 1")
     rows = run(default.DefaultEplbPolicy, args.repeats)
-    machine = f"{platform.processor() or platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, torch {torch.__version__}"
+    )
     body = (
         f"### Planner vs vLLM {version} DefaultEplbPolicy\n\n"
         f"`python benchmarks/bench_planner.py` ({machine}, 1 thread, median of {args.repeats}; "
