@@ -127,9 +127,8 @@ def plan_with_report(
     weights = as_load_array(load)
     layers, experts = weights.shape
     _check_layout(experts, num_ranks, slots_per_rank, num_groups, num_nodes)
-    for name, value in (("balance_tolerance", balance_tolerance),):
-        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    if not isinstance(balance_tolerance, (int, float)) or not 0 <= balance_tolerance <= 1:
+        raise ValueError(f"balance_tolerance must be in [0, 1], got {balance_tolerance!r}")
     if swap_steps is not None:
         _check_int("swap_steps", swap_steps, minimum=0)
     dead = sorted(set(dead_ranks))
