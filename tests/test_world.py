@@ -3,6 +3,7 @@ standby groups, KV budget for joiners, failed reconfigure and rollback, bad inpu
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -222,3 +223,35 @@ def test_layout_validation() -> None:
         GroupLayout(3, {"x": ((0, 1), (1, 2))})
     with pytest.raises(ValueError, match="empty group"):
         GroupLayout(1, {"x": ((0,), ())})
+
+
+def _background_standby(proc: int, world_size: int, port: int) -> dict[str, object]:
+    rdzv = Rendezvous("127.0.0.1", port, is_master=proc == 0, timeout_s=30)
+    old_members, new_members = [0, 1, 2], [0, 1, 2, 3]
+    world = ElasticWorld(rdzv, proc, timeout_s=10)
+    if proc == 3:  # the joiner arrives late, so the others' standby build is still waiting
+        time.sleep(0.8)
+        world.commit(world.prepare(new_members, epoch=1))
+        return {"sum": world.group.all_reduce(torch.ones(1)).item()}
+    world.start(old_members)
+    built: list[object] = []
+    builder = threading.Thread(target=lambda: built.append(world.prepare(new_members, epoch=1)))
+    builder.start()
+    overlapped, sums = 0, []
+    for _ in range(20):  # the old epoch keeps serving while the next one is being built
+        overlapped += builder.is_alive()
+        sums.append(world.group.all_reduce(torch.ones(1)).item())
+        time.sleep(0.01)
+    builder.join(30)
+    world.commit(built[0])  # type: ignore[arg-type]
+    out = {"sum": world.group.all_reduce(torch.ones(1)).item(), "old": sums, "overlap": overlapped}
+    world.close()
+    return out
+
+
+def test_standby_built_in_background_while_old_epoch_serves() -> None:
+    outs = run_ranks(_background_standby, 4, timeout=60)
+    assert all(out["sum"] == 4.0 for out in outs)
+    for out in outs[:3]:
+        assert out["old"] == [3.0] * 20
+        assert out["overlap"] >= 1
