@@ -69,7 +69,7 @@ class StatelessGroup:
     Building is collective: every rank constructs a StatelessGroup with the same ``name``,
     ``epoch``, ``world_size`` and backend, and its own ``rank``. The constructor returns once all
     ranks have arrived (gloo: full mesh connected; NCCL: communicator created by a first
-    collective), or raises PeerFailure naming the first missing rank after ``timeout_s``.
+    collective), or raises PeerFailure naming the first missing rank after ``build_timeout_s``.
 
     Args:
         rendezvous: the job's Rendezvous; the group keys live under ``group/<name>/epoch/<epoch>``.
