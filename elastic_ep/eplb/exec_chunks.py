@@ -72,6 +72,14 @@ class ChunkWork:
     reloads: list[Reload] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive steps run together, and the estimated region bytes on every group rank."""
+
+    steps: tuple[Step, ...]
+    estimate: tuple[int, ...]
+
+
 def cut_chunks(
     steps: Sequence[Step],
     row_bytes: Sequence[int],
@@ -79,7 +87,7 @@ def cut_chunks(
     world_size: int,
     budget: int,
     overlap: bool,
-) -> list[tuple[Step, ...]]:
+) -> list[Chunk]:
     """Pack consecutive steps greedily into chunks whose estimated region fits on every rank.
 
     Args:
@@ -91,25 +99,27 @@ def cut_chunks(
         ValueError: a step alone needs more than ``budget`` on some rank (nothing moved yet).
     """
     cap = budget // 2 if overlap else budget
-    chunks: list[tuple[Step, ...]] = []
+    chunks: list[Chunk] = []
     current: list[Step] = []
     used = [0] * world_size
     for step in steps:
-        cost = step_cost(step, row_bytes, ranks, world_size)
-        worst = max(range(world_size), key=cost.__getitem__)
-        if cost[worst] > budget:
-            raise ValueError(
-                f"buffer_bytes={budget} cannot hold the smallest movable unit of layer "
-                f"{step.layer}: {cost[worst] // row_bytes[step.layer]} expert rows "
-                f"({cost[worst]} bytes) on group rank {worst}; nothing was moved"
-            )
-        if current and any(u + c > cap for u, c in zip(used, cost, strict=True)):
-            chunks.append(tuple(current))
+        cost = step_cost(step, row_bytes, ranks)
+        if cost:
+            worst = max(cost, key=cost.__getitem__)
+            if cost[worst] > budget:
+                raise ValueError(
+                    f"buffer_bytes={budget} cannot hold the smallest movable unit of layer "
+                    f"{step.layer}: {cost[worst] // row_bytes[step.layer]} expert rows "
+                    f"({cost[worst]} bytes) on group rank {worst}; nothing was moved"
+                )
+        if current and any(used[g] + c > cap for g, c in cost.items()):
+            chunks.append(Chunk(tuple(current), tuple(used)))
             current, used = [], [0] * world_size
         current.append(step)
-        used = [u + c for u, c in zip(used, cost, strict=True)]
+        for g, c in cost.items():
+            used[g] += c
     if current:
-        chunks.append(tuple(current))
+        chunks.append(Chunk(tuple(current), tuple(used)))
     return chunks
 
 
@@ -117,23 +127,23 @@ def min_buffer_bytes(
     steps: Sequence[Step], row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
 ) -> int:
     """The least ``buffer_bytes`` that runs ``steps`` (one step per chunk, no overlap)."""
-    return max((max(step_cost(s, row_bytes, ranks, world_size)) for s in steps), default=0)
+    return max((c for s in steps for c in step_cost(s, row_bytes, ranks).values()), default=0)
 
 
-def step_cost(
-    step: Step, row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
-) -> list[int]:
-    """Estimated region bytes of ``step`` on every group rank: rows it sends, receives or stages."""
-    cost = [0] * world_size
+def step_cost(step: Step, row_bytes: Sequence[int], ranks: GroupRanks) -> dict[int, int]:
+    """Estimated region bytes of ``step`` per group rank (ranks with none omitted): the rows it
+    sends, receives or stages there."""
+    cost: dict[int, int] = {}
+    row = row_bytes[step.layer]
     for op in step.ops:
         if isinstance(op, Transfer):
             for g in (ranks.old[op.src], ranks.new[op.dst]):
                 assert g is not None  # execute checked every sender and receiver is a member
-                cost[g] += row_bytes[op.layer]
+                cost[g] = cost.get(g, 0) + row
         elif isinstance(op, LocalCopy) and op.staged:
             g = ranks.new[op.rank]
             assert g is not None
-            cost[g] += row_bytes[op.layer]
+            cost[g] = cost.get(g, 0) + row
     return cost
 
 

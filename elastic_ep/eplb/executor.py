@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from elastic_ep.eplb.exec_chunks import (
+    Chunk,
     ChunkWork,
     Segment,
     aligned,
@@ -224,9 +225,8 @@ def execute(
     )
     _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
-    works = [lay_out(c, kind_bytes, layout.ranks, layout.old_rank, layout.new_rank) for c in chunks]
-    overlap_budget = buffer_bytes if overlap else 0
-    runner = _Runner(weights, group, works, overlap_budget, reload, timer)
+    runner = _Runner(weights, group, layout, chunks, kind_bytes, reload, timer)
+    runner.size_buffer(buffer_bytes if overlap else 0)
     runner.run()
     if group.device.type == "cuda":
         torch.cuda.synchronize(group.device)
@@ -417,35 +417,51 @@ def _bytes_per_group_rank(
 
 
 class _Runner:
-    """Runs this rank's chunk works in one preallocated buffer.
+    """Runs this rank's part of the chunks in one preallocated buffer.
 
     Even chunks sit at the start of the buffer and odd chunks at its end, so two consecutive
     chunks never share bytes when both fit; a chunk reuses the bytes of the chunk two before it,
-    which was written back (stream-ordered on CUDA) before this one is packed.
+    which was written back (stream-ordered on CUDA) before this one is packed. A chunk is laid
+    out just before it runs, so that host work overlaps the previous chunk's transfer.
     """
 
     def __init__(
         self,
         weights: Sequence[Sequence[torch.Tensor]],
         group: StatelessGroup,
-        works: list[ChunkWork],
-        overlap_budget: int,
+        layout: _Layout,
+        chunks: list[Chunk],
+        kind_bytes: list[list[int]],
         reload: ReloadHook | None,
         timer: _Timer,
     ) -> None:
-        self.weights, self.group, self.works = weights, group, works
-        self.reload_hook, self.timer = reload, timer
-        sizes = [w.nbytes for w in works]
+        self.weights, self.group, self.layout, self.chunks = weights, group, layout, chunks
+        self.kind_bytes, self.reload_hook, self.timer = kind_bytes, reload, timer
+        self.slot_views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.reloaded: list[tuple[int, int]] = []
+
+    def size_buffer(self, overlap_budget: int) -> None:
+        """Decide which chunks overlap and allocate the buffer, from the estimated sizes (upper
+        bounds of the laid-out ones)."""
+        sizes = [c.estimate[self.layout.group_rank] for c in self.chunks]
         # Overlap chunk k+1 with chunk k only if both fit in the budget at once.
         self.overlapped = [a + b <= overlap_budget for a, b in itertools.pairwise(sizes)] + [False]
         pairs = [a + b for a, b, o in zip(sizes, sizes[1:], self.overlapped, strict=False) if o]
         self.buffer_bytes = max([0, *sizes, *pairs])
-        self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=group.device)
-        self.reloaded: list[tuple[int, int]] = []
+        self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.group.device)
 
     def run(self) -> None:
         pending: tuple[P2PHandle | None, ChunkWork, int] | None = None
-        for k, work in enumerate(self.works):
+        for k, chunk in enumerate(self.chunks):
+            start = time.perf_counter()
+            work = lay_out(
+                chunk.steps,
+                self.kind_bytes,
+                self.layout.ranks,
+                self.layout.old_rank,
+                self.layout.new_rank,
+            )
+            self.timer.add(Phase.PLAN, start)
             base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
             self.pack(work, base)
             handle = self.post(work, base)
@@ -457,6 +473,12 @@ class _Runner:
                 pending = None
         if pending is not None:
             self.finish(*pending)
+
+    def _slot(self, layer: int, kind: int, slot: int) -> torch.Tensor:
+        views = self.slot_views.get((layer, kind))
+        if views is None:
+            views = self.slot_views[(layer, kind)] = self.weights[layer][kind].unbind(0)
+        return views[slot]
 
     def _view(self, base: int, seg: Segment) -> torch.Tensor:
         t = self.weights[seg.layer][seg.kind]
@@ -471,9 +493,8 @@ class _Runner:
         rows: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         for seg in segments:
-            w = self.weights[seg.layer][seg.kind]
             rows.extend(self._view(base, seg).unbind(0))
-            slots.extend(w[slot] for slot in seg.slots)
+            slots.extend(self._slot(seg.layer, seg.kind, slot) for slot in seg.slots)
         return rows, slots
 
     def pack(self, work: ChunkWork, base: int) -> None:
@@ -504,11 +525,11 @@ class _Runner:
         for extra in work.extras:
             for kind, seg in enumerate(extra.segments):
                 rows.append(self._view(base, seg)[extra.row])
-                slots.append(self.weights[extra.layer][kind][extra.slot])
+                slots.append(self._slot(extra.layer, kind, extra.slot))
         for copy in work.direct:  # its source slot is never overwritten in this layer
-            for w in self.weights[copy.layer]:
-                rows.extend(w[copy.src_slot] for _ in copy.dst_slots)
-                slots.extend(w[slot] for slot in copy.dst_slots)
+            for kind in range(len(self.weights[copy.layer])):
+                rows.extend(self._slot(copy.layer, kind, copy.src_slot) for _ in copy.dst_slots)
+                slots.extend(self._slot(copy.layer, kind, slot) for slot in copy.dst_slots)
         if rows:
             torch._foreach_copy_(slots, rows)
         for op in work.reloads:
