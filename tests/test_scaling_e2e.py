@@ -163,7 +163,7 @@ def rank_main(spec: RankSpec) -> None:
             planner=planner,
             backend=cfg.backend,
             device=device,
-            timeout_s=10.0,
+            timeout_s=spec.timeout_s,
         )
     except ReconfigureError:
         return  # the scale this joiner was launched for rolled back
