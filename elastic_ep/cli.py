@@ -146,7 +146,48 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
     cmd.set_defaults(handler=_run_plan)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plan_command]
+def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser(
+        "demo",
+        help="serve a seeded MoE model on N processes while it rebalances, scales and loses a rank",
+        description="Elastic EP demo: rank processes serve skewed synthetic traffic while an event "
+        "script runs; after every event the distributed forward is checked against a "
+        "single-process reference. Exit 0 when every check passed. See docs/demo.md.",
+    )
+    cmd.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                     help="gloo: CPU processes (default); nccl: one process per GPU")
+    cmd.add_argument("--devices", type=int, help="GPUs to use with --backend nccl")
+    cmd.add_argument("--ranks", type=int, help="initial ranks (default 4 on CPU)")
+    cmd.add_argument(
+        "--events",
+        help="comma-separated script of rebalance | scale:N[:drain|reject] | kill:RANK "
+        "(default on CPU: rebalance,scale:6,scale:3:reject,kill:1,scale:4; with nccl it is "
+        "derived from --devices)",
+    )
+    cmd.add_argument("--small", action="store_true", help="tiny sizes and short traffic (CI)")
+    cmd.add_argument("--layers", type=int, help="MoE layers (default 4)")
+    cmd.add_argument("--experts", type=int, help="experts per layer (default 32)")
+    cmd.add_argument("--hidden", type=int, help="hidden size (default 64)")
+    cmd.add_argument("--intermediate", type=int, help="expert intermediate size (default 64)")
+    cmd.add_argument("--top-k", type=int, help="experts per token (default 2)")
+    cmd.add_argument("--slots", type=int, help="expert slots per rank (default: the fewest "
+                     "that hold every expert at the script's smallest world)")
+    cmd.add_argument("--seed", type=int, default=0, help="model seed")
+    cmd.add_argument("--serve-s", type=float, help="seconds of traffic before each event")
+    cmd.add_argument("--rate", type=float, help="requests per second arriving at each rank")
+    cmd.add_argument("--zipf", type=float, help="Zipf exponent of expert popularity (0 = uniform)")
+    cmd.add_argument("--timeout-s", type=float, help="group timeout (bounds failure detection)")
+    cmd.add_argument("--plot", type=Path, help="draw the timeline to this image (matplotlib)")
+
+    def run(args: argparse.Namespace) -> int:
+        from elastic_ep.demo.command import run_from_args  # the demo's imports only when used
+
+        return run_from_args(args)
+
+    cmd.set_defaults(handler=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plan_command, add_demo_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,20 +34,22 @@ def plot_timeline(rows: Sequence[TimelineRow], path: Path) -> None:
     times.legend()
 
     before = [r.balance_before if r.balance_before is not None else float("nan") for r in rows]
+    after = [r.balance_after for r in rows]
     balance.plot(x, before, "o--", label="before")
-    balance.plot(x, [r.balance_after for r in rows], "o-", label="after")
-    balance.set_ylim(0, 1.05)
+    balance.plot(x, after, "o-", label="after")
+    known = [b for b in before + after if b == b]  # drop NaN
+    balance.set_ylim(max(0.0, min(known, default=0.0) - 0.05), 1.01)
     balance.set_ylabel("balancedness")
     balance.set_title("balancedness under the recorded load (mean / max rank load)")
     balance.legend()
 
-    bottom = [0.0] * len(rows)
-    for name in ("served", "drained", "held", "rejected", "lost"):
+    names = ("served", "drained", "held", "rejected", "lost")
+    bar = 0.8 / len(names)
+    for k, name in enumerate(names):
         values = [float(getattr(r.requests, name)) for r in rows]
-        requests.bar(x, values, 0.6, bottom=bottom, label=name)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        requests.bar([i + (k - 2) * bar for i in x], values, bar, label=name)
     requests.set_ylabel("requests")
-    requests.set_title("requests per event window (drained and held are also served)")
+    requests.set_title("requests per event window (drained and held ones are among the served)")
     requests.legend()
     requests.set_xticks(x)
     requests.set_xticklabels(labels, rotation=20, ha="right")
