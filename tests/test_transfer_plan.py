@@ -179,8 +179,8 @@ def test_every_changed_slot_written_once(case: tuple[Scenario, TransferPlan]) ->
 
 def _simulate(sc: Scenario, plan: TransferPlan, cuts: list[int]) -> dict[tuple[int, int, int], int]:
     """Run the plan on expert labels the way the executor does: the steps cut into chunks at
-    ``cuts``; chunk k+1's sends and staging read before chunk k writes back (overlap); an unstaged
-    local copy reads its source at write-back, after the rest of its chunk is written."""
+    ``cuts``; chunk k+1's sends and staging read before chunk k writes back (overlap); unstaged
+    local copies read their sources at write-back, before the rest of their chunk is written."""
     old_w = sc.mapping.old_world_size
 
     def proc(new_rank: int) -> int:
@@ -211,12 +211,14 @@ def _simulate(sc: Scenario, plan: TransferPlan, cuts: list[int]) -> dict[tuple[i
         return writes
 
     def write_back(writes: list[Write]) -> None:
+        # Unstaged copies run first, all at once: none may read what another one writes.
+        lazy = [(key, source) for key, source in writes if not isinstance(source, int)]
+        assert not {source for _, source in lazy} & {key for key, _ in lazy}
+        values = [(key, mem[source]) for key, source in lazy]
         for key, source in writes:
             if isinstance(source, int):
                 mem[key] = source
-        for key, source in writes:
-            if not isinstance(source, int):
-                mem[key] = mem[source]
+        mem.update(values)
 
     pending = None
     for chunk in chunks:
@@ -264,6 +266,10 @@ def test_step_buffer_counts_receives_and_staged_copies() -> None:
     assert all(isinstance(op, LocalCopy) and op.staged for op in swap_local.steps[0].ops)
     swap_remote = plan_transfers(prev, Placement(torch.tensor([[2, 1, 0, 3]]), 4, 2))
     assert [s.buffer_experts for s in swap_remote.steps] == [((0, 1), (1, 1))]
+    # A copy whose source a receive overwrites runs first at write-back: no buffer either.
+    shift = plan_transfers(prev, Placement(torch.tensor([[2, 0, 1, 3]]), 4, 2))
+    (copy,) = shift.local_copies
+    assert (copy.src_slot, copy.dst_slots, copy.staged) == (0, (1,), False)
     # A copy from a slot that stays put needs no buffer.
     keep = plan_transfers(prev, Placement(torch.tensor([[0, 0, 2, 3]]), 4, 2))
     (op,) = keep.local_copies

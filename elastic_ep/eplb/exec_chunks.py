@@ -8,7 +8,7 @@ A chunk's region of the staging buffer holds, 256-byte aligned:
 * one send region per destination peer: the rows this rank sends to it, packed so that the whole
   region goes out as one transfer;
 * one receive region per source peer, with exactly the same layout as the sender's region;
-* the staged local copies (sources that the layer overwrites).
+* the staged local copies (sources that another local copy overwrites).
 
 Inside a peer's region rows are grouped into segments by (layer, kind) in ascending order, and by
 plan order within a segment; both ends derive the layout from the same plan, so it matches.
@@ -68,7 +68,7 @@ class ChunkWork:
     pack: list[Segment] = field(default_factory=list)  # filled before the transfer
     unpack: list[Segment] = field(default_factory=list)  # written to the weights after it
     extras: list[Extra] = field(default_factory=list)
-    direct: list[LocalCopy] = field(default_factory=list)  # source never overwritten: no staging
+    direct: list[LocalCopy] = field(default_factory=list)  # slot to slot, before other writes
     reloads: list[Reload] = field(default_factory=list)
 
 

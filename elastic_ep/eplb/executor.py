@@ -8,8 +8,8 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
 
 * per chunk, the rows this rank sends to a peer are packed into the buffer and leave as one
   transfer; the peer receives them into its buffer with the same layout, and writes them into
-  their slots once the chunk's transfers are done. Local copies whose source slot the layer
-  overwrites are staged the same way; other local copies go straight from slot to slot;
+  their slots once the chunk's transfers are done. Local copies go slot to slot first (those
+  whose source another local copy overwrites are staged in the buffer like receives);
 * the plan's steps are packed into chunks whose buffer fits; the plan orders steps so a slot is
   read no later than the chunk that overwrites it, so chunk ``k``'s write-back never touches what a
   later chunk still sends;
@@ -521,15 +521,21 @@ class _Runner:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
+        # Unstaged local copies first: their sources may be overwritten by this chunk's other
+        # writes, never by each other (those are staged).
+        sources: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        for copy in work.direct:
+            for kind in range(len(self.weights[copy.layer])):
+                sources.extend(self._slot(copy.layer, kind, copy.src_slot) for _ in copy.dst_slots)
+                targets.extend(self._slot(copy.layer, kind, slot) for slot in copy.dst_slots)
+        if sources:
+            torch._foreach_copy_(targets, sources)
         rows, slots = self._rows(base, work.unpack)
         for extra in work.extras:
             for kind, seg in enumerate(extra.segments):
                 rows.append(self._view(base, seg)[extra.row])
                 slots.append(self._slot(extra.layer, kind, extra.slot))
-        for copy in work.direct:  # its source slot is never overwritten in this layer
-            for kind in range(len(self.weights[copy.layer])):
-                rows.extend(self._slot(copy.layer, kind, copy.src_slot) for _ in copy.dst_slots)
-                slots.extend(self._slot(copy.layer, kind, slot) for slot in copy.dst_slots)
         if rows:
             torch._foreach_copy_(slots, rows)
         for op in work.reloads:

@@ -73,8 +73,9 @@ class LocalCopy:
 
     Attributes:
         dst_slots: local slots to fill, ascending.
-        staged: the source slot is overwritten in this layer, so the executor copies it to its
-            buffer first (this costs one expert of buffer).
+        staged: the source slot is the destination of another local copy in this layer, so the
+            executor copies it to its buffer first (this costs one expert of buffer). Unstaged
+            copies run slot to slot before the chunk's other writes.
     """
 
     layer: int
@@ -291,15 +292,21 @@ class _LayerPlanner:
                 holders.setdefault(e, []).append(o)
         layer_sent = [0] * len(old_slots)
         remote: list[tuple[int, int, tuple[int, ...]]] = []
+        local: list[tuple[int, int, tuple[int, ...], int]] = []  # (new rank, expert, dst, old)
         for n, e, dst in needs:
             o = self.mapping.new_to_old[n]
             if o is not None and e in old_slots[o]:
-                src = _pick_slot(old_slots[o], e, written_old[o])
-                ops.append(LocalCopy(layer, e, n, src, dst, staged=src in written_old[o]))
+                local.append((n, e, dst, o))
             elif e in holders:
                 remote.append((n, e, dst))
             else:
                 ops.append(Reload(layer, e, n, dst))
+        copied_into: dict[int, set[int]] = {}  # per new rank: the slots its local copies write
+        for n, _, dst, _ in local:
+            copied_into.setdefault(n, set()).update(dst)
+        for n, e, dst, o in local:
+            src = _pick_slot(old_slots[o], e, written_old[o])
+            ops.append(LocalCopy(layer, e, n, src, dst, staged=src in copied_into[n]))
         # Scarce experts first, so their few holders are not already loaded by common ones.
         remote.sort(key=lambda need: (len(holders[need[1]]), need[1], need[0]))
         for n, e, dst in remote:
