@@ -9,6 +9,7 @@ store under ``test/verify/<epoch>/<member>``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,8 +21,16 @@ from torch.distributed import ReduceOp
 
 from elastic_ep.eplb import Placement
 from elastic_ep.eplb.planner import plan
-from elastic_ep.errors import PeerFailure, ReconfigureError
-from elastic_ep.scaling import Action, ElasticRank, EpochResources, RankRole, RankSpec
+from elastic_ep.errors import PeerFailure, ReconfigureError, ScalingInProgress
+from elastic_ep.scaling import (
+    Action,
+    ElasticRank,
+    EpochResources,
+    GateMode,
+    RankRole,
+    RankSpec,
+    TrafficGate,
+)
 from elastic_ep.scaling.channel import put
 
 KINDS = ((3,), (2, 2))  # per slot: a w13-like [3] and a w2-like [2, 2] tensor
@@ -101,6 +110,7 @@ def _publish(agent: ElasticRank, cfg: EngineConfig, event: str, builds: list[int
         "sole": _sole_replicas(agent),
         "blocking_s": agent.last_blocking_s,
         "builds": builds[-1],
+        "in_flight": agent.gate.in_flight,
     }
     store = agent._rdzv.store
     put(store, f"test/verify/{agent.epoch}/{agent.member}", json.dumps(info).encode())
@@ -139,6 +149,7 @@ def rank_main(spec: RankSpec) -> None:
     if spec.member_id in cfg.hang_joiners:
         time.sleep(600)
     failed: list[int] = []
+    gate = TrafficGate()
 
     def planner(load: torch.Tensor, num_ranks: int, slots: int, **kw: object) -> Placement:
         if num_ranks == cfg.fail_plan_once_at and not failed:
@@ -161,6 +172,7 @@ def rank_main(spec: RankSpec) -> None:
             ],
             resources=resources,
             planner=planner,
+            gate=gate,
             backend=cfg.backend,
             device=device,
             timeout_s=spec.timeout_s,
@@ -168,6 +180,7 @@ def rank_main(spec: RankSpec) -> None:
     except ReconfigureError:
         return  # the scale this joiner was launched for rolled back
     _publish(agent, cfg, "start", builds)
+    request_polls = 0  # one long "request" is always in flight while the gate admits work
     while True:
         action = agent.poll()
         if action in (Action.LEAVE, Action.STOP):
@@ -175,6 +188,14 @@ def rank_main(spec: RankSpec) -> None:
             return
         if action is not Action.SERVE:
             _publish(agent, cfg, action.value, builds)
+        if gate.in_flight == 0:
+            with contextlib.suppress(ScalingInProgress):
+                gate.enter()
+        elif gate.closed_mode is GateMode.DRAIN:
+            request_polls += 1
+            if request_polls == 20:  # the request finishes while the scale drains
+                gate.leave()
+                request_polls = 0
         _forward(agent, cfg, builds)
         time.sleep(0.005)
 
@@ -190,7 +211,6 @@ import pytest  # noqa: E402
 from elastic_ep.scaling import (  # noqa: E402
     ControlServer,
     ElasticCoordinator,
-    GateMode,
     LocalProcessLauncher,
     ScaleConflict,
     ScaleLimits,
@@ -255,6 +275,7 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
         assert status.phase is ScalePhase.COMPLETED, status
         assert status.members == (0, 1, 2, 3)
         infos = _infos(coord, status)
+        assert [infos[m]["in_flight"] for m in (0, 1)] == [0, 0]  # drained before the commit
         assert {i["kv"] for i in infos.values()} == {2_000_000 - 1000}  # MIN of members 0 and 1
         phases = [p for p, _ in status.phase_s]
         assert phases == [ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
@@ -269,6 +290,8 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
             assert status.members == members
             assert all(not h.is_alive() and h.exitcode == 0 for h in leavers)  # type: ignore[attr-defined]
             infos = _infos(coord, status)
+            # drain: the request in flight finished before the commit; reject: it ran across
+            assert infos[0]["in_flight"] == (0 if mode is GateMode.DRAIN else 1)
         assert {i["kv"] for i in infos.values()} == {2_000_000}  # joiner 4 learned member 0's
     finally:
         coord.shutdown()
