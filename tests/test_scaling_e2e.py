@@ -14,8 +14,12 @@ import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
+from datetime import timedelta
 
+import pytest
 import torch
 from torch.distributed import ReduceOp
 
@@ -24,14 +28,23 @@ from elastic_ep.eplb.planner import plan
 from elastic_ep.errors import PeerFailure, ReconfigureError, ScalingInProgress
 from elastic_ep.scaling import (
     Action,
+    ControlServer,
+    ElasticCoordinator,
     ElasticRank,
     EpochResources,
     GateMode,
+    LocalProcessLauncher,
     RankRole,
     RankSpec,
+    ScaleConflict,
+    ScaleLimits,
+    ScalePhase,
+    ScaleRequest,
+    ScaleStatus,
     TrafficGate,
 )
 from elastic_ep.scaling.channel import put
+from elastic_ep.scaling.status import EventKind
 
 KINDS = ((3,), (2, 2))  # per slot: a w13-like [3] and a w2-like [2, 2] tensor
 
@@ -202,23 +215,6 @@ def rank_main(spec: RankSpec) -> None:
 
 # ---- the tests (run in the pytest process) -----------------------------------------------------
 
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
-from datetime import timedelta  # noqa: E402
-
-import pytest  # noqa: E402
-
-from elastic_ep.scaling import (  # noqa: E402
-    ControlServer,
-    ElasticCoordinator,
-    LocalProcessLauncher,
-    ScaleConflict,
-    ScaleLimits,
-    ScalePhase,
-    ScaleRequest,
-    ScaleStatus,
-)
-from elastic_ep.scaling.status import EventKind  # noqa: E402
 
 
 def _coordinator(cfg: EngineConfig, limits: ScaleLimits) -> ElasticCoordinator:
