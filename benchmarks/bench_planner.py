@@ -67,13 +67,20 @@ def make_load(kind: str, layers: int, experts: int, seed: int = SEED) -> np.ndar
     return np.stack([rng.permutation(zipf) for _ in range(layers)]) * 1000.0
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, result = [], None
+def side_by_side(
+    ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int
+) -> tuple[float, Any, float, Any]:
+    """Median ms and last result of each, the two runs alternating so that both see the same
+    background load."""
+    times: tuple[list[float], list[float]] = ([], [])
+    results: list[Any] = [None, None]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), result
+        for i, fn in enumerate((ours, theirs)):
+            start = time.perf_counter()
+            results[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    ms = [1e3 * statistics.median(t) for t in times]
+    return ms[0], results[0], ms[1], results[1]
 
 
 @dataclass
@@ -112,8 +119,7 @@ def run(vllm_policy: Any, repeats: int) -> list[Row]:
                 )
                 return Placement(phy2log.to(torch.int64), shape.experts, shape.ranks)
 
-            ours_ms, mine = median_ms(ours, repeats)
-            vllm_ms, base = median_ms(theirs, repeats)
+            ours_ms, mine, vllm_ms, base = side_by_side(ours, theirs, repeats)
             mine.validate(distinct_ranks=True)
             rows.append(
                 Row(
@@ -147,13 +153,10 @@ def drift_row(
     weight = torch.from_numpy(drifted)
     slots = shape.ranks * shape.slots
     groups, nodes = shape.groups, shape.nodes
-    ours_ms, report = median_ms(
+    ours_ms, report, vllm_ms, phy2log = side_by_side(
         lambda: plan_with_report(
             drifted, shape.ranks, shape.slots, num_groups=groups, num_nodes=nodes, previous=mine
         ),
-        repeats,
-    )
-    vllm_ms, phy2log = median_ms(
         lambda: vllm_policy.rebalance_experts(
             weight, slots, groups, nodes, shape.ranks, base.phy2log
         ),
@@ -189,13 +192,11 @@ def scale_row(
     weight = torch.from_numpy(load)
     mapping = RankMapping.resize(shape.ranks, new_ranks)
     slots = new_ranks * shape.slots
-    ours_ms, report = median_ms(
-        lambda: plan_with_report(load, new_ranks, shape.slots, previous=mine, rank_mapping=mapping),
-        repeats,
-    )
     # vLLM's slot-preserving step needs equal shapes; for a scale event it plans from scratch.
-    vllm_ms, phy2log = median_ms(
-        lambda: vllm_policy.rebalance_experts(weight, slots, 1, 1, new_ranks), repeats
+    ours_ms, report, vllm_ms, phy2log = side_by_side(
+        lambda: plan_with_report(load, new_ranks, shape.slots, previous=mine, rank_mapping=mapping),
+        lambda: vllm_policy.rebalance_experts(weight, slots, 1, 1, new_ranks),
+        repeats,
     )
     theirs = Placement(phy2log.to(torch.int64), shape.experts, new_ranks)
     total = shape.layers * slots
@@ -286,7 +287,8 @@ def main() -> None:
     )
     body = (
         f"### Planner vs vLLM {version} DefaultEplbPolicy\n\n"
-        f"`python benchmarks/bench_planner.py` ({machine}, 1 thread, median of {args.repeats}; "
+        f"`python benchmarks/bench_planner.py` ({machine}; 1 thread; median of {args.repeats} "
+        f"runs, ours and vLLM's alternating; "
         f"seed {SEED}). Moved = weights received, % of the new slots; min. = fill joined ranks "
         f"and re-home experts with no surviving replica; keep bal. = previous placement under the "
         f"drifted load.\n\n" + table(rows)

@@ -20,7 +20,7 @@ import numpy as np
 
 from elastic_ep.eplb.replication import replica_counts
 
-_SWAP_PAIR_BUDGET = 256  # rows x rank pairs per swap step: keeps a step's arrays small
+_SWAP_PAIR_BUDGET = 128  # rows x rank pairs per swap step: keeps a step's arrays small
 
 
 def sorted_replicas(counts: np.ndarray, per_replica: np.ndarray, num_items: int) -> np.ndarray:
