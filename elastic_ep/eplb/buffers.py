@@ -44,7 +44,9 @@ class PlacementBuffers:
         self.max_physical_factor = float(max_physical_factor)
         self.capacity = math.ceil(self.max_physical_factor * num_logical)
         self.max_replicas = self.capacity - num_logical + 1
-        self.phy2log = torch.full((num_layers, self.capacity), EMPTY, dtype=torch.int64, device=device)
+        self.phy2log = torch.full(
+            (num_layers, self.capacity), EMPTY, dtype=torch.int64, device=device
+        )
         self.log2phy = torch.full(
             (num_layers, num_logical, self.max_replicas), EMPTY, dtype=torch.int64, device=device
         )

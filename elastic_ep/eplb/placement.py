@@ -61,7 +61,9 @@ class Placement:
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
-    def empty(cls, num_layers: int, num_logical: int, num_ranks: int, slots_per_rank: int) -> Placement:
+    def empty(
+        cls, num_layers: int, num_logical: int, num_ranks: int, slots_per_rank: int
+    ) -> Placement:
         """A placement with every slot empty (e.g. the 'previous' of a rank that just joined)."""
         return cls(
             torch.full((num_layers, num_ranks * slots_per_rank), EMPTY, dtype=torch.int64),
@@ -109,7 +111,9 @@ class Placement:
     @cached_property
     def presence(self) -> torch.Tensor:
         """bool [L, R, E]: whether rank r holds at least one replica of expert e."""
-        present = torch.zeros(self.num_layers, self.num_ranks, self.num_logical + 1, dtype=torch.bool)
+        present = torch.zeros(
+            self.num_layers, self.num_ranks, self.num_logical + 1, dtype=torch.bool
+        )
         rank = self.rank_of_slot.expand(self.num_layers, -1)
         present[
             torch.arange(self.num_layers).unsqueeze(1).expand_as(rank), rank, self.phy2log + 1
@@ -164,7 +168,9 @@ class Placement:
         ratio = torch.where(peak > 0, loads.mean(dim=1) / peak.clamp(min=1e-300), 1.0)
         return float(ratio.mean())
 
-    def transfers_from(self, previous: Placement, rank_mapping: RankMapping | None = None) -> torch.Tensor:
+    def transfers_from(
+        self, previous: Placement, rank_mapping: RankMapping | None = None
+    ) -> torch.Tensor:
         """int64 [L, R_new]: expert weights each rank must receive to go from ``previous`` to this.
 
         An expert already on the receiving rank (under ``rank_mapping``; identity if ``None``)
@@ -244,7 +250,9 @@ def _check_load(load: torch.Tensor, num_layers: int, num_logical: int) -> torch.
     if not isinstance(load, torch.Tensor):
         load = torch.as_tensor(load)
     if load.shape != (num_layers, num_logical):
-        raise ValueError(f"load must have shape [{num_layers}, {num_logical}], got {tuple(load.shape)}")
+        raise ValueError(
+            f"load must have shape [{num_layers}, {num_logical}], got {tuple(load.shape)}"
+        )
     if load.dtype == torch.bool or load.is_complex():
         raise TypeError(f"load must be real numbers, got {load.dtype}")
     load = load.detach().to("cpu", torch.float64)
