@@ -107,11 +107,14 @@ class Step:
         buffer_experts: ``(new_rank, n)`` pairs: experts of buffer the step needs on that
             receiving rank (one per transfer it receives and per staged local copy), ascending
             by rank, ranks needing none omitted.
+        sent_experts: ``(old_rank, n)`` pairs: experts each sender sends in this step (the
+            executor packs them in its buffer too), ascending by rank.
     """
 
     layer: int
     ops: tuple[Op, ...]
     buffer_experts: tuple[tuple[int, int], ...]
+    sent_experts: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -396,7 +399,7 @@ def _order_into_steps(layer: int, ops: list[Op], mapping: RankMapping) -> list[S
         _, c = heapq.heappop(ready)
         members = sorted(components[c])
         step_ops = tuple(ops[m] for m in members)
-        steps.append(Step(layer, step_ops, _buffer_experts(step_ops)))
+        steps.append(Step(layer, step_ops, _buffer_experts(step_ops), _sent_experts(step_ops)))
         for b in sorted(succ[c]):
             indegree[b] -= 1
             if indegree[b] == 0:
@@ -412,6 +415,14 @@ def _buffer_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
         elif isinstance(op, LocalCopy) and op.staged:
             need[op.rank] = need.get(op.rank, 0) + 1
     return tuple(sorted(need.items()))
+
+
+def _sent_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
+    sent: dict[int, int] = {}
+    for op in ops:
+        if isinstance(op, Transfer):
+            sent[op.src] = sent.get(op.src, 0) + 1
+    return tuple(sorted(sent.items()))
 
 
 def _strongly_connected(edges: list[list[int]]) -> list[list[int]]:
