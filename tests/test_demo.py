@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -277,3 +278,31 @@ def test_plot_writes_an_image_or_names_the_missing_package(tmp_path: Path) -> No
     else:
         plot_timeline(rows, path)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the GPU scaling benchmark, tiny on CPU ------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    md = tmp_path / "performance.md"
+    md.write_text("# Performance\n\nother sections stay\n")
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_scaling.py", "--backend", "gloo", "--tiny",
+         "--reps", "2", "--timeout-s", "5", "--json", str(out), "--markdown", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=230,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert [e["event"] for e in result["events"]] == [
+        "scale 3->4", "scale 4->3", "scale 3->4", "kill rank 1 (4->3)",
+    ]
+    for event in result["events"]:
+        assert 0 < event["blocking_s"] <= event["end_to_end_s"]
+        assert event["floor_s"] > 0 and event["experts_moved"] >= 0
+    assert result["events"][0]["experts_moved"] > 0  # the joiner was filled
+    assert result["events"][-1]["phases_s"].keys() == {"recovering"}
+    assert result["floors"]["p2p_GBps"] > 0 and result["floors"]["build_warm_s"] > 0
+    text = md.read_text()
+    assert "other sections stay" in text and text.count("<!-- bench_scaling -->") == 2
+    assert "| kill rank 1 (4->3) |" in text
