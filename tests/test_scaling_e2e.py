@@ -26,6 +26,7 @@ from torch.distributed import ReduceOp
 from elastic_ep.eplb import Placement
 from elastic_ep.eplb.planner import plan
 from elastic_ep.errors import PeerFailure, ReconfigureError, ScalingInProgress
+from elastic_ep.groups import GroupClosedError
 from elastic_ep.scaling import (
     Action,
     ControlServer,
@@ -134,8 +135,11 @@ def _forward(agent: ElasticRank, cfg: EngineConfig, builds: list[int]) -> None:
     while True:
         token = torch.ones(1, device=agent.world.device)
         try:
-            agent.world.all_reduce(token, ReduceOp.SUM)
-        except PeerFailure as failure:
+            if agent.world.backend == "gloo":  # fail fast when the coordinator marks a death
+                agent.wait(agent.world.process_group.allreduce([token]), agent.world)
+            else:
+                agent.world.all_reduce(token, ReduceOp.SUM)
+        except (PeerFailure, GroupClosedError) as failure:  # closed: aborted by the dead-watcher
             agent.recover(failure)
             _publish(agent, cfg, Action.RECOVERED.value, builds)
             continue
@@ -312,6 +316,7 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
 
         victim = max(infos, key=lambda m: infos[m]["sole"])
         assert infos[victim]["sole"] > 0  # its death loses experts: they must be reloaded
+        killed = time.monotonic()
         coord.handle(victim).kill()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -320,6 +325,9 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
                 break
             time.sleep(0.05)
         assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.RECOVERY, status
+        # the coordinator marks the dead member, the watchers abort the polls blocked on it: far
+        # quicker than the 10 s group timeout
+        assert time.monotonic() - killed < 3.0, time.monotonic() - killed
         assert status.dead_members == (victim,)
         assert status.members == tuple(m for m in (0, 1, 2, 4) if m != victim)
         assert status.lost_experts == infos[victim]["sole"]

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
-from torch.distributed import ReduceOp
+from torch.distributed import AllreduceOptions, ReduceOp, Work
 
 from elastic_ep.eplb.buffers import PlacementBuffers
 from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ReloadHook
 from elastic_ep.eplb.placement import Placement
-from elastic_ep.errors import PeerFailure, ReconfigureError
-from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError
+from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
 from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
@@ -51,11 +51,15 @@ from elastic_ep.scaling.transition import (
     StagedEpoch,
     StageInputs,
     Weights,
+    abort_in_background,
     commit_weights,
     control_group,
     default_planner,
     stage_next_epoch,
 )
+
+_DEAD_CHECK_S = 0.02  # how often a waiting poll looks for members marked dead
+_SPIN_S = 0.0001  # sleep between completion checks of the poll's all-reduce
 
 
 class Action(Enum):
@@ -114,6 +118,13 @@ class ElasticRank:
             every member has arrived or was seen dead by the coordinator); default
             ``timeout_s + 1``, since a survivor that is not a neighbour of the dead rank may
             only notice at the timeout.
+        watch_dead_s: for a world group other than the control group (NCCL), how often a
+            watcher thread looks for members the coordinator marked dead (``ctl/dead/<member>``);
+            on one it aborts the world group, so the engine's collectives blocked on the dead rank
+            fail at once instead of at the timeout (an NCCL abort ends blocked kernels; a gloo
+            abort does not unblock a waiting operation, so a gloo world gets no watcher).
+            ``None``: no watcher.
+
     Attributes:
         world: the serving epoch's world group (the engine runs its collectives on it).
         control: the serving epoch's gloo group that ``poll`` uses.
@@ -141,6 +152,7 @@ class ElasticRank:
         timeout_s: float = 30.0,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         recovery_window_s: float | None = None,
+        watch_dead_s: float | None = 0.01,
     ) -> None:
         if (placement is None) != (spec.role is RankRole.JOINER):
             raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
@@ -162,6 +174,7 @@ class ElasticRank:
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
         self._job: _ScaleJob | None = None
         self._retiring: list[threading.Thread] = []
+        self._stop_watch = threading.Event()
         self.kv_budget_bytes: int | None = None
         self.last_blocking_s: float | None = None
         # A joiner's constructor is its commit: its first poll() only reports it, so its next
@@ -172,14 +185,19 @@ class ElasticRank:
         else:
             assert placement is not None
             self._seen_seq = self._channel.latest_seq()
-            self.members = spec.members
             self.placement = placement
-            self.world = StatelessGroup(
+            world = StatelessGroup(
                 self._rdzv, "world", spec.epoch, spec.rank, len(spec.members), backend, device, timeout_s
             )
-            self.control = control_group(self._rdzv, self.world)
+            self._serve(world, control_group(self._rdzv, world), spec.members)
             self._install(self.resources.build(self._context(self.world, placement)), placement)
             self._report(ScalePhase.COMPLETED, spec.epoch)
+        self._watcher: threading.Thread | None = None
+        if watch_dead_s is not None and self.world is not self.control:
+            self._watcher = threading.Thread(
+                target=self._watch_dead, args=(watch_dead_s,), name="elastic-watch", daemon=True
+            )
+            self._watcher.start()
 
     # ---- state ----------------------------------------------------------------------------
     @property
@@ -220,8 +238,8 @@ class ElasticRank:
             if aborted and job.error is None:
                 job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
         try:
-            self.control.all_reduce(flags, ReduceOp.MAX)
-        except PeerFailure as failure:
+            self._vote(flags)
+        except (PeerFailure, GroupClosedError) as failure:
             return self.recover(failure)
         if job is None:
             return self._maybe_start(int(flags[0]))
@@ -231,6 +249,49 @@ class ElasticRank:
         if flags[1]:
             return Action.SERVE
         return self._commit(job)
+
+    def _vote(self, flags: torch.Tensor) -> None:
+        """MAX all-reduce of the poll flags on the control group, in place."""
+        group = self.control
+        opts = AllreduceOptions()
+        opts.reduceOp = ReduceOp(ReduceOp.MAX)
+        try:
+            work = group.process_group.allreduce([flags], opts)
+        except RuntimeError as err:
+            raise PeerFailure(f"poll on group {group.name!r} epoch {group.epoch} failed: {err}",
+                              group=group.name, epoch=group.epoch) from err
+        self.wait(work, group)
+
+    def wait(self, work: Work, group: StatelessGroup) -> None:
+        """Wait for ``work``, an async operation on ``group`` (an epoch group of this agent).
+
+        Unlike a blocking wait, fails within ~20 ms with ``PeerFailure`` once the coordinator marks a member of the serving epoch dead (``ctl/dead/<member>``):
+        only the dead rank's neighbours see the broken connection, the others would wait for
+        the group timeout, and a gloo abort does not wake a blocked wait. The engine may wait
+        for its own gloo collectives this way (``work = group.process_group.allreduce(...)``).
+        On CUDA, ``work`` completes when the kernel is enqueued, as with ``work.wait()``.
+        """
+        start = time.monotonic()
+        next_check = start + _DEAD_CHECK_S
+        try:
+            while not work.is_completed():
+                now = time.monotonic()
+                if now >= next_check:
+                    dead = [m for m in self.members if self._channel.is_marked_dead(m)]
+                    if dead:
+                        raise PeerFailure(
+                            f"{group.name!r} epoch {group.epoch}: members {dead} were marked dead "
+                            "by the coordinator",
+                            group=group.name, epoch=group.epoch, member=dead[0],
+                        )
+                    next_check = now + _DEAD_CHECK_S
+                time.sleep(_SPIN_S)
+            work.wait()
+        except RuntimeError as err:  # gloo's own error or timeout
+            if isinstance(err, PeerFailure):
+                raise
+            raise PeerFailure(f"{group.name!r} epoch {group.epoch} failed: {err}",
+                              group=group.name, epoch=group.epoch) from err
 
     def _maybe_start(self, seq: int) -> Action:
         if seq <= self._seen_seq:
@@ -278,10 +339,11 @@ class ElasticRank:
             assert staged.new_group is not None and staged.new_control is not None
             assert new_set is not None
             commit_weights(self.weights, staged)
-            self.world, self.control = staged.new_group, staged.new_control
+            self._serve(staged.new_group, staged.new_control, staged.command.new_members)
             self._install(new_set, staged.placement)
             self.kv_budget_bytes = staged.kv_budget_bytes
-        self.members = staged.command.new_members
+        else:
+            self.members = staged.command.new_members
         self.placement = staged.placement
         self._job = None
         self.last_blocking_s = time.monotonic() - start
@@ -342,8 +404,7 @@ class ElasticRank:
             raise ReconfigureError(f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}") from exc
         assert staged.new_group is not None and staged.new_control is not None
         assert new_set is not None
-        self.world, self.control = staged.new_group, staged.new_control
-        self.members = cmd.new_members
+        self._serve(staged.new_group, staged.new_control, cmd.new_members)
         self.placement = staged.placement
         self.kv_budget_bytes = staged.kv_budget_bytes
         self._install(new_set, staged.placement)
@@ -351,18 +412,19 @@ class ElasticRank:
         self._finish(job, ScalePhase.COMPLETED, None)
 
     # ---- recovery -------------------------------------------------------------------------
-    def recover(self, failure: PeerFailure) -> Action:
+    def recover(self, failure: ElasticEPError) -> Action:
         """Shrink to the survivors after ``failure`` and resume (collective over survivors).
 
-        Call it when the engine's own collective raised ``PeerFailure`` (``poll`` calls it for
-        its own), then redo the forward step that failed: every survivor's next collective is
+        Call it when the engine's own collective raised ``PeerFailure`` or ``GroupClosedError``
+        (the watcher aborts the gloo world group when a member is marked dead; ``poll`` calls it
+        for its own), then redo the forward step that failed: every survivor's next collective is
         then that forward step, wherever it saw the failure. Raises ``ReconfigureError`` if this rank is not a survivor or the recovery failed.
         """
         start = time.monotonic()
         clock = PhaseClock()
         clock.enter(ScalePhase.RECOVERING)
-        self.control.abort()
-        self.world.abort()
+        # in the background: aborting waits for an operation still in flight on the dead rank
+        abort_in_background([self.control, self.world])
         if self._job is not None:
             job, self._job = self._job, None
             job.registry.abort_all()
@@ -383,8 +445,8 @@ class ElasticRank:
         except BaseException:
             got.group.abort()
             raise
-        self.world, self.control = got.group, control
-        self.members, self.placement = survivors.members, got.placement
+        self._serve(got.group, control, survivors.members)
+        self.placement = got.placement
         teardown_error = self._install(new_set, got.placement)
         self.last_blocking_s = time.monotonic() - start
         self._channel.report(
@@ -412,6 +474,9 @@ class ElasticRank:
     # ---- shutdown ---------------------------------------------------------------------------
     def close(self) -> None:
         """Tear down resources and groups (idempotent); call after LEAVE or STOP."""
+        self._stop_watch.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=self._timeout_s)
         if self._job is not None:
             self._job.registry.abort_all()
             self._job = None
@@ -427,6 +492,26 @@ class ElasticRank:
         self._rdzv.close()
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _serve(self, world: StatelessGroup, control: StatelessGroup, members: tuple[int, ...]) -> None:
+        self.world, self.control, self.members = world, control, members
+        self._serving = (members, world)  # one assignment: the watcher reads a consistent pair
+
+    def _watch_dead(self, interval_s: float) -> None:
+        """Abort the serving world group once the coordinator marks one of its members dead."""
+        channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
+        aborted = None
+        while not self._stop_watch.wait(interval_s):
+            serving = self._serving
+            if serving is aborted:
+                continue
+            members, world = serving
+            try:
+                if any(channel.is_marked_dead(m) for m in members):
+                    world.abort()  # the engine's collectives blocked on the dead rank fail now
+                    aborted = serving
+            except RuntimeError:
+                return  # the store is gone: the job is over
+
     def _inputs(self, previous: Placement | None) -> StageInputs:
         return StageInputs(
             member=self.member,

@@ -81,6 +81,17 @@ def control_group(rdzv: Rendezvous, world: StatelessGroup) -> StatelessGroup:
                           world.timeout_s)
 
 
+def abort_in_background(groups: Sequence[StatelessGroup]) -> None:
+    """Abort ``groups`` on a daemon thread (each abort ends within the group's timeout)."""
+    if groups:
+        threading.Thread(target=_abort_all, args=(list(groups),), name="elastic-abort", daemon=True).start()
+
+
+def _abort_all(groups: list[StatelessGroup]) -> None:
+    for g in groups:
+        g.abort()
+
+
 @dataclass
 class GroupRegistry:
     """Groups built by a staging run, so another thread can abandon it (thread-safe).
@@ -103,10 +114,11 @@ class GroupRegistry:
         raise ReconfigureError(f"staging abandoned; dropped group {group.name!r} epoch {group.epoch}")
 
     def abort_all(self) -> None:
+        """Close the registry and abort its groups on a background thread: aborting a gloo group
+        waits for an operation in flight on it (up to the group timeout)."""
         with self._lock:
             groups, self._groups, self._closed = self._groups, [], True
-        for g in groups:
-            g.abort()
+        abort_in_background(groups)
 
 
 @dataclass
