@@ -415,10 +415,12 @@ class ElasticRank:
     def recover(self, failure: ElasticEPError) -> Action:
         """Shrink to the survivors after ``failure`` and resume (collective over survivors).
 
-        Call it when the engine's own collective raised ``PeerFailure`` or ``GroupClosedError``
-        (the watcher aborts the gloo world group when a member is marked dead; ``poll`` calls it
-        for its own), then redo the forward step that failed: every survivor's next collective is
-        then that forward step, wherever it saw the failure. Raises ``ReconfigureError`` if this rank is not a survivor or the recovery failed.
+        Call it when the engine's own collective raised ``PeerFailure`` (or ``GroupClosedError``:
+        on an NCCL world the watcher aborts the world group when a member is marked dead);
+        ``poll`` calls it for its own. Then redo the forward step that failed: every survivor's
+        next collective is then that forward step, wherever it saw the failure.
+
+        Raises ``ReconfigureError`` if this rank is not a survivor or the recovery failed.
         """
         start = time.monotonic()
         clock = PhaseClock()
