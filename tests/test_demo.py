@@ -280,6 +280,24 @@ def test_plot_writes_an_image_or_names_the_missing_package(tmp_path: Path) -> No
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_small_demo_over_nccl_passes_every_check() -> None:
+    """One rank process per GPU, NCCL groups, the script derived from the device count."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    devices = min(torch.cuda.device_count(), 4)
+    run = subprocess.run(
+        [sys.executable, "-m", "elastic_ep", "demo", "--small", "--backend", "nccl",
+         "--devices", str(devices)],
+        cwd=ROOT, capture_output=True, text=True, timeout=290,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    checks = 5 if devices == 2 else 6
+    assert run.stdout.rstrip().endswith(f"all {checks} checks passed"), run.stdout
+    assert f"{devices} GPUs, nccl" in run.stdout
+
+
 # ---- the GPU scaling benchmark, tiny on CPU ------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(240)
