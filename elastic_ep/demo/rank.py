@@ -9,8 +9,10 @@ The serving loop, every iteration::
              run the command, if new   # probe (check) or rebalance, on every rank at once
              serve                     # one forward step of the admitted requests
 
-A ``PeerFailure`` anywhere in ``step`` recovers (the agent shrinks to the survivors) and redoes the
-whole step, so every survivor's next collective is the same one wherever it saw the failure.
+A ``PeerFailure`` (or ``GroupClosedError``: the agent's watcher aborts an NCCL world whose member
+the coordinator marked dead) anywhere in ``step`` recovers (the agent shrinks to the survivors)
+and redoes the whole step, so every survivor's next collective is the same one wherever it saw
+the failure.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-from torch.distributed import ReduceOp, TCPStore
+from torch.distributed import AllreduceOptions, ReduceOp, TCPStore
 
 from elastic_ep.demo.config import DemoConfig
 from elastic_ep.demo.frontend import FrontEnd, Request
@@ -35,6 +37,7 @@ from elastic_ep.demo.rebalance import rebalance_in_place
 from elastic_ep.demo.traffic import SkewedTokens, probe_batch, probe_slice
 from elastic_ep.eplb import Placement, PlacementBuffers, plan
 from elastic_ep.errors import PeerFailure, ReconfigureError
+from elastic_ep.groups import GroupClosedError
 from elastic_ep.moe import (
     DISPATCH_RESOURCE,
     LoadRecord,
@@ -182,7 +185,7 @@ class RankServer:
                     self._run_command(command)
                 self._serve()
                 return
-            except PeerFailure as failure:
+            except (PeerFailure, GroupClosedError) as failure:
                 self.agent.recover(failure)
                 self._bind_backend()
 
@@ -193,7 +196,12 @@ class RankServer:
         if self.agent.rank == 0:
             flags[0] = self.channel.latest_seq()
         flags[1:] = window
-        self.agent.control.all_reduce(flags, ReduceOp.SUM)
+        control = self.agent.control
+        opts = AllreduceOptions()
+        opts.reduceOp = ReduceOp(ReduceOp.SUM)
+        # agent.wait fails fast once the coordinator marks a member dead (a ring all-reduce
+        # leaves the dead rank's non-neighbours waiting for the timeout otherwise)
+        self.agent.wait(control.process_group.allreduce([flags], opts), control)
         self.global_load = flags[1:].view_as(self.global_load).to(torch.float64)
         newest = int(flags[0])
         if newest <= self.seen:
