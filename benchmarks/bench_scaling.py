@@ -23,7 +23,7 @@ moved. Floors, measured first in the same run with raw torch on the same devices
 The serving loop of a bench rank polls and sleeps 1 ms (no NCCL forward), so how fast the
 survivors of a kill notice is up to ``ElasticRank.poll``: its gloo all-reduce is a ring, in which
 only the dead rank's neighbours see the broken connection at once; the others notice when the
-coordinator marks the member dead, if the agent watches for that, or else at the group timeout.
+coordinator marks the member dead (the poll checks those marks while it waits).
 
 Usage::
 
