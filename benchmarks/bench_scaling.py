@@ -295,7 +295,8 @@ class DeviceLauncher:
         return handle
 
 
-def _verified(coord: ElasticCoordinator, status: ScaleStatus) -> Placement:
+def _verified(coord: ElasticCoordinator, status: ScaleStatus, experts: int) -> Placement:
+    """Every rank's self-check for the status's epoch (raises on a wrong slot); the placement."""
     keys = [f"bench/verify/{status.epoch}/{m}" for m in status.members]
     coord.store.wait(keys, timedelta(seconds=120))
     infos = [pickle.loads(coord.store.get(k)) for k in keys]
@@ -303,7 +304,7 @@ def _verified(coord: ElasticCoordinator, status: ScaleStatus) -> Placement:
     if errors:
         raise AssertionError(f"wrong expert weights after epoch {status.epoch}: {errors[0]}")
     first = next(i for i in infos if i["rank"] == 0)
-    return Placement(first["phy2log"], first["phy2log"].max().item() + 1, len(status.members))
+    return Placement(first["phy2log"], experts, len(status.members))
 
 
 def _wait(coord: ElasticCoordinator, done: Any, limit_s: float) -> ScaleStatus:
@@ -324,7 +325,7 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
     rows = []
     try:
         status = coord.start(n - 1, timeout_s=300)
-        placement = _verified(coord, status)
+        placement = _verified(coord, status, cfg.experts)
         for kind, value in (("scale", n), ("scale", n - 1), ("scale", n), ("kill", 1)):
             before = status
             time.sleep(0.5)
@@ -342,7 +343,7 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
             end_to_end = time.monotonic() - began
             if status.phase is not ScalePhase.COMPLETED:
                 raise RuntimeError(f"{label} did not complete: {status}")
-            new = _verified(coord, status)
+            new = _verified(coord, status, cfg.experts)
             mapping = RankMapping.from_members(before.members, status.members)
             received = new.transfers_from(placement, mapping).sum(0)  # per new rank
             received_total = int(received.sum()) - status.lost_experts
