@@ -26,6 +26,7 @@ from elastic_ep.demo import (
     EventKind,
     Requests,
     TimelineRow,
+    TrafficConfig,
     default_script,
     format_timeline,
     parse_event,
@@ -166,6 +167,13 @@ def test_default_slots_hold_every_expert_at_every_size(devices: int, experts: in
     assert config.limits.max_physical_slots == devices * config.slots
     kinds = {e.kind for e in config.events}
     assert kinds == set(EventKind)  # rebalance, scale and kill all appear
+
+
+def test_bad_traffic_settings_are_refused() -> None:
+    for field, value in (("requests_per_s", 0.0), ("zipf_s", -1.0), ("decode_steps", 0),
+                         ("max_active", 2.5), ("noise", float("nan"))):
+        with pytest.raises(ValueError, match=field):
+            TrafficConfig(**{field: value})
 
 
 def test_default_script_needs_two_devices() -> None:

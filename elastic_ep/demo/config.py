@@ -162,6 +162,18 @@ class TrafficConfig:
     drain_wait_s: float = 30.0
     step_interval_s: float = 0.01
 
+    def __post_init__(self) -> None:
+        for name in ("zipf_s", "noise", "bias", "drain_wait_s", "step_interval_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"traffic {name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.requests_per_s, (int, float)) and self.requests_per_s > 0):
+            raise ValueError(f"traffic requests_per_s must be > 0, got {self.requests_per_s!r}")
+        for name in ("decode_steps", "tokens_per_step", "max_active"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"traffic {name} must be an int >= 1, got {value!r}")
+
 
 @dataclass(frozen=True)
 class DemoConfig:
