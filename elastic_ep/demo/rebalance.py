@@ -67,7 +67,9 @@ def rebalance_in_place(
         reload: the executor's hook (unused unless a plan loses an expert, which it cannot here).
     Raises:
         ReconfigureError: on every rank when rank 0's planner failed (nothing moved).
-        PeerFailure: a peer died (weights may be partly moved: recover, which re-plans).
+        PeerFailure: a peer died. The weights may then be partly moved while the routing
+            tables and ``previous`` still describe the old placement, so a recovery from it
+            would start from wrong weights; the demo never kills a rank during a rebalance.
     """
     start = time.perf_counter()
     answer: tuple[str, Any] = ("error", "")
