@@ -1,25 +1,74 @@
 """elastic_ep: elastic expert parallelism for Mixture-of-Experts inference.
 
-Change the number of GPUs of a serving MoE engine while it serves: stateless process groups that
-are rebuilt in-process (:mod:`elastic_ep.groups`), KV-cache budget sync (:mod:`elastic_ep.kv`),
-a movement-aware expert placement planner and the executor that moves expert weights
-(:mod:`elastic_ep.eplb`).
+Change the number of GPUs of a serving MoE engine while it serves:
+
+- :mod:`elastic_ep.groups`: stateless process groups (gloo/NCCL) rebuilt in-process per epoch;
+- :mod:`elastic_ep.kv`: KV-cache budget agreement (MIN all-reduce; joiners say "unknown");
+- :mod:`elastic_ep.eplb`: placements with empty slots, a movement-aware elastic planner, and the
+  executor that moves expert weights between ranks in place;
+- :mod:`elastic_ep.moe`: routing through the placement, load record, dispatch/combine, EP MoE layer;
+- :mod:`elastic_ep.scaling`: the coordinator and per-rank agent that compose the above into
+  transactional scale-up, scale-down and failure recovery.
+
+The most used names are re-exported here; the subpackages hold the rest.
 """
 
-from elastic_ep.eplb import EMPTY, Placement, PlacementBuffers
+from elastic_ep.eplb import (
+    EMPTY,
+    ExecutionStats,
+    Placement,
+    PlacementBuffers,
+    TransferPlan,
+    execute,
+    plan,
+    plan_transfers,
+    rebalance_experts,
+)
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError, ScalingInProgress
+from elastic_ep.groups import ElasticWorld, GroupLayout, Rendezvous, StatelessGroup
+from elastic_ep.kv import kv_blocks_for_budget, sync_kv_budget
 from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.scaling import (
+    ElasticCoordinator,
+    ElasticRank,
+    EpochResources,
+    GateMode,
+    ScalePhase,
+    ScaleRequest,
+    ScaleStatus,
+    TrafficGate,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMPTY",
+    "ElasticCoordinator",
     "ElasticEPError",
+    "ElasticRank",
+    "ElasticWorld",
+    "EpochResources",
+    "ExecutionStats",
+    "GateMode",
+    "GroupLayout",
     "PeerFailure",
     "Placement",
     "PlacementBuffers",
     "RankMapping",
     "ReconfigureError",
+    "Rendezvous",
+    "ScalePhase",
+    "ScaleRequest",
+    "ScaleStatus",
     "ScalingInProgress",
+    "StatelessGroup",
+    "TrafficGate",
+    "TransferPlan",
     "__version__",
+    "execute",
+    "kv_blocks_for_budget",
+    "plan",
+    "plan_transfers",
+    "rebalance_experts",
+    "sync_kv_budget",
 ]

@@ -8,6 +8,7 @@ alive is killed, so a test can never hang.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -92,7 +93,8 @@ def run_ranks(
     finally:
         for p in procs:
             if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it may exit after is_alive()
+                    os.kill(p.pid, signal.SIGKILL)
             p.join(timeout=5)
     errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(results.items()) if s == "error"]
     if errors:

@@ -47,21 +47,27 @@ from elastic_ep.eplb.transfer_plan import (
     plan_transfers,
 )
 
-__all__ = ["EMPTY", "Placement", "PlacementBuffers", "log2phy_from_phy2log"]
-__all__ += [
+__all__ = [
     "DEFAULT_BUFFER_BYTES",
+    "EMPTY",
     "ExecutionStats",
     "GroupRanks",
     "LocalCopy",
     "LostExpertsError",
     "NodeLayout",
     "Phase",
+    "Placement",
+    "PlacementBuffers",
+    "PlanReport",
     "Reload",
     "Step",
     "Transfer",
     "TransferPlan",
     "execute",
+    "log2phy_from_phy2log",
+    "plan",
     "plan_transfers",
+    "plan_with_report",
+    "rebalance_experts",
     "required_buffer_bytes",
 ]
-__all__ += ["PlanReport", "plan", "plan_with_report", "rebalance_experts"]
