@@ -3,8 +3,10 @@
 A tiny elastic "engine" runs in each rank process.
 
 Expert weights are built from (layer, expert, kind), so every rank can check bit for bit that
-each of its slots holds its expert after every event. Each rank reports what it saw to the job's
-store under ``test/verify/<epoch>/<member>``.
+each of its slots holds its expert after every event (scale, rebalance, recovery). Each rank
+reports what it saw to the job's store under ``test/verify/<epoch>/<member>``. The engine's
+load is ``load_of(cfg)`` until the test writes another one to ``test/load`` (JSON [L, E]), so a
+rebalance has something to move.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from datetime import timedelta
 
 import pytest
 import torch
-from torch.distributed import ReduceOp
+from torch.distributed import ReduceOp, TCPStore
 
 from elastic_ep.eplb import Placement
 from elastic_ep.eplb.planner import plan
 from elastic_ep.errors import PeerFailure, ReconfigureError, ScalingInProgress
 from elastic_ep.groups import GroupClosedError
+from elastic_ep.rank_mapping import RankMapping
 from elastic_ep.scaling import (
     Action,
     ControlServer,
@@ -37,6 +40,7 @@ from elastic_ep.scaling import (
     LocalProcessLauncher,
     RankRole,
     RankSpec,
+    RebalanceRequest,
     ScaleConflict,
     ScaleLimits,
     ScalePhase,
@@ -60,6 +64,7 @@ class EngineConfig:
     exit_joiners: frozenset[int] = field(default_factory=frozenset)  # return before connecting
     hang_joiners: frozenset[int] = field(default_factory=frozenset)  # never connect
     fail_plan_once_at: int | None = None  # the planner raises once for this world size
+    fail_rebalance_once: bool = False  # the planner raises for the first rebalance
     backend: str = "gloo"  # "nccl": one GPU per rank, GPU = member id % device count
 
 
@@ -165,14 +170,27 @@ def rank_main(spec: RankSpec) -> None:
         return
     if spec.member_id in cfg.hang_joiners:
         time.sleep(600)
-    failed: list[int] = []
+    failed: set[str] = set()  # the injected failures already raised
     gate = TrafficGate()
 
     def planner(load: torch.Tensor, num_ranks: int, slots: int, **kw: object) -> Placement:
-        if num_ranks == cfg.fail_plan_once_at and not failed:
-            failed.append(num_ranks)
+        mapping = kw.get("rank_mapping")
+        rebalance = isinstance(mapping, RankMapping) and mapping.is_identity
+        trigger = "rebalance" if rebalance else f"size {num_ranks}"
+        armed = cfg.fail_rebalance_once if rebalance else num_ranks == cfg.fail_plan_once_at
+        if armed and trigger not in failed:
+            failed.add(trigger)
             raise ValueError("injected planner failure")
         return plan(load, num_ranks, slots, **kw)  # type: ignore[arg-type]
+
+    def load() -> torch.Tensor:
+        """The test's load if it wrote one (called on the staging thread: its own client)."""
+        store = TCPStore(spec.store_host, spec.store_port, is_master=False,
+                         timeout=timedelta(seconds=spec.timeout_s), wait_for_workers=False)
+        if store.check(["test/load"]):
+            return torch.tensor(json.loads(store.get("test/load")), dtype=torch.float64)
+        return load_of(cfg)
+
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
     device = _device(cfg, spec.member_id)
@@ -181,7 +199,7 @@ def rank_main(spec: RankSpec) -> None:
         agent = ElasticRank(
             spec,
             weights=weights,
-            load=lambda: load_of(cfg),
+            load=load,
             placement=placement,
             kv_bytes=lambda: 2_000_000 - 1000 * spec.member_id,
             reload=lambda layer, expert: [
@@ -272,15 +290,28 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
                 coord.submit(ScaleRequest(world_size=3))
             status = coord.wait(60)
             assert _http(server.url + "/status")[1]["world_size"] == 4
-        assert status.phase is ScalePhase.COMPLETED, status
-        assert status.members == (0, 1, 2, 3)
-        infos = _infos(coord, status)
+            assert status.phase is ScalePhase.COMPLETED, status
+            assert status.members == (0, 1, 2, 3)
+            scaled = status
+            infos = _infos(coord, status)
+            for bad, why in (({"world_size": 4}, "unknown fields"), ({"mode": "now"}, "'drain' or"),
+                             ({"timeout_s": -1}, "positive")):
+                code, body = _http(server.url + "/rebalance", "POST", bad)
+                assert code == 400 and why in body["error"], (bad, body)
+            code, body = _http(server.url + "/rebalance", "POST", {"mode": "reject"})
+            assert code == 202 and body["event"] == "rebalance", body
+            assert _http(server.url + "/rebalance", "POST", {})[0] == 409
+            assert _http(server.url + "/scale", "POST", {"world_size": 3})[0] == 409
+            status = coord.wait(60)
+        assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.REBALANCE, status
+        assert status.members == scaled.members and status.epoch > scaled.epoch
+        _infos(coord, status)  # every rank on the rebalance's epoch, weights bit for bit
         assert [infos[m]["in_flight"] for m in (0, 1)] == [0, 0]  # drained before the commit
         assert {i["kv"] for i in infos.values()} == {2_000_000 - 1000}  # MIN of members 0 and 1
-        phases = [p for p, _ in status.phase_s]
+        phases = [p for p, _ in scaled.phase_s]
         assert phases == [ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
                           ScalePhase.COMMITTING]
-        assert status.blocking_s is not None and status.blocking_s < 2.0
+        assert scaled.blocking_s is not None and scaled.blocking_s < 2.0
 
         for size, mode, members in ((3, GateMode.REJECT, (0, 1, 2)), (1, GateMode.DRAIN, (0,)),
                                     (2, GateMode.REJECT, (0, 4))):
@@ -312,7 +343,25 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         status = coord.scale(ScaleRequest(world_size=4, timeout_s=20))  # the next one works
         assert status.phase is ScalePhase.COMPLETED, status
         assert status.members == (0, 1, 2, 4)
-        infos = _infos(coord, status)
+        scaled = status
+        _infos(coord, status)
+
+        # The load turns around (expert 7 hottest): a rebalance at the same 4 ranks moves experts.
+        flipped = load_of(cfg).flip(1)
+        put(coord.store, "test/load", json.dumps(flipped.tolist()).encode())
+        coord.submit(RebalanceRequest(timeout_s=20))
+        for second in (RebalanceRequest(), ScaleRequest(world_size=3)):
+            with pytest.raises(ScaleConflict, match="rebalance is running"):
+                coord.submit(second)
+        status = coord.wait(60)
+        assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.REBALANCE, status
+        assert status.members == scaled.members and status.epoch > scaled.epoch
+        assert [p for p, _ in status.phase_s] == [ScalePhase.PREPARING, ScalePhase.SYNCING_KV,
+                                                   ScalePhase.REBALANCING, ScalePhase.COMMITTING]
+        assert status.blocking_s is not None and status.experts_moved
+        assert status.balance_before is not None and status.balance_after is not None
+        assert status.balance_after > status.balance_before + 0.05, status
+        infos = _infos(coord, status)  # moved weights bit for bit; resources rebuilt
 
         victim = max(infos, key=lambda m: infos[m]["sole"])
         assert infos[victim]["sole"] > 0  # its death loses experts: they must be reloaded
@@ -340,12 +389,17 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_planner_error_joiner_gone_and_timeout_roll_back_then_scale_works() -> None:
-    cfg = EngineConfig(layers=2, experts=4, slots=4, fail_plan_once_at=2,
+    cfg = EngineConfig(layers=2, experts=4, slots=4, fail_plan_once_at=2, fail_rebalance_once=True,
                        exit_joiners=frozenset({3}), hang_joiners=frozenset({4}))
     coord = _coordinator(cfg, ScaleLimits(num_logical=4, slots_per_rank=4, max_physical_slots=16))
     try:
         start = coord.start(3, timeout_s=60)
         _infos(coord, start)
+
+        status = coord.rebalance(RebalanceRequest(timeout_s=20))
+        assert status.phase is ScalePhase.ROLLED_BACK and status.event is EventKind.REBALANCE
+        assert "injected planner failure" in (status.error or ""), status
+        assert (status.epoch, status.members) == (start.epoch, start.members)
 
         status = coord.scale(ScaleRequest(world_size=2, timeout_s=20))  # scale-down path
         assert status.phase is ScalePhase.ROLLED_BACK, status

@@ -1,11 +1,12 @@
 """Elastic scaling: change the number of ranks of a serving MoE engine, transactionally.
 
-- :class:`ElasticCoordinator` (controller): validates :class:`ScaleRequest` s, launches joiners
+- :class:`ElasticCoordinator` (controller): validates :class:`ScaleRequest` s and
+  :class:`RebalanceRequest` s (same members, new placement), launches joiners
   through a :class:`Launcher` (local processes, or Ray actors with :class:`RayLauncher`), follows the phases, reports :class:`ScaleStatus`.
 - :class:`ElasticRank` (one per rank): ``poll()`` at safe points between forward steps; stages the
   next epoch in the background, commits in lockstep, recovers from a dead rank.
 - :class:`TrafficGate` (drain | reject), :class:`EpochResources` (rebuilt at every commit),
-  :class:`ControlServer` (``POST /scale``, ``GET /status``).
+  :class:`ControlServer` (``POST /scale``, ``POST /rebalance``, ``GET /status``).
 
 See docs/scaling.md.
 """
@@ -24,7 +25,7 @@ from elastic_ep.scaling.launcher import (
 from elastic_ep.scaling.phase import ScalePhase, can_transition, check_transition
 from elastic_ep.scaling.rank_agent import Action, ElasticRank
 from elastic_ep.scaling.ray_launcher import RayLauncher, RayRank
-from elastic_ep.scaling.request import ScaleLimits, ScaleRequest
+from elastic_ep.scaling.request import RebalanceRequest, ScaleLimits, ScaleRequest
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
 from elastic_ep.scaling.server import ControlServer
 from elastic_ep.scaling.status import EventKind, ScaleStatus
@@ -51,6 +52,7 @@ __all__ = [
     "RankSpec",
     "RayLauncher",
     "RayRank",
+    "RebalanceRequest",
     "ResourceError",
     "ResourceSet",
     "ScaleConflict",

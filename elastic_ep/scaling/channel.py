@@ -28,7 +28,8 @@ from elastic_ep.scaling.phase import ScalePhase
 
 
 class CommandKind(Enum):
-    SCALE = "scale"
+    SCALE = "scale"  # change the members (stage, commit or roll back)
+    REBALANCE = "rebalance"  # same members, new placement (staged and committed like a scale)
     STOP = "stop"  # every rank leaves its serving loop (job shutdown)
 
 
@@ -39,9 +40,10 @@ class Command:
     Attributes:
         seq: 1, 2, ... in publication order.
         kind: what to do.
-        epoch: the fresh epoch the scale builds (unused for STOP).
-        old_members / new_members: member ids before and after, in rank order.
-        mode: traffic-gate mode while the scale runs.
+        epoch: the fresh epoch the scale or rebalance builds (unused for STOP).
+        old_members / new_members: member ids before and after, in rank order (the same for a
+            rebalance).
+        mode: traffic-gate mode while the scale or rebalance runs.
         timeout_s: bound on the scale work (and on draining).
     """
 
@@ -80,6 +82,10 @@ class RankReport:
         members: the new epoch's members (recovery: the survivors).
         dead_members: members declared dead (recovery).
         error: why the event failed on this rank.
+        balance_before / balance_after: balancedness of the placements before and after under
+            the planned-for load (scale or rebalance), ``None`` when unknown.
+        experts_moved: expert weights received over the network by all ranks (scale or
+            rebalance), ``None`` when unknown.
     """
 
     epoch: int
@@ -92,6 +98,9 @@ class RankReport:
     members: tuple[int, ...] = ()
     dead_members: tuple[int, ...] = ()
     error: str | None = None
+    balance_before: float | None = None
+    balance_after: float | None = None
+    experts_moved: int | None = None
 
 
 def _dump(obj: Any) -> bytes:

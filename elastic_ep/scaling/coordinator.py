@@ -2,8 +2,10 @@
 
 It hosts the job's TCPStore, launches the ranks (initial ones and joiners) through a
 :class:`~elastic_ep.scaling.launcher.Launcher`, validates scale requests, publishes them to the
-ranks, follows their reports and exposes a :class:`ScaleStatus`. One scale runs at a time: a
-second request while one runs raises :class:`ScaleConflict`. A scale that fails anywhere (a
+ranks, follows their reports and exposes a :class:`ScaleStatus`. A :class:`RebalanceRequest`
+(same members, a new placement for the engine's load) runs through the same machinery. One scale
+or rebalance runs at a time: a second request while one runs raises :class:`ScaleConflict`. A
+scale or rebalance that fails anywhere (a
 joiner dies or never arrives, a timeout, a planner error) is rolled back by the ranks; the
 coordinator kills the joiners it launched and reports ``rolled_back`` with the reason, and the
 next request starts from a clean state. A monitor thread marks dead rank processes in the store
@@ -24,14 +26,14 @@ from elastic_ep.groups import Rendezvous
 from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
 from elastic_ep.scaling.launcher import Launcher, RankHandle, RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase, check_transition
-from elastic_ep.scaling.request import ScaleLimits, ScaleRequest
+from elastic_ep.scaling.request import RebalanceRequest, ScaleLimits, ScaleRequest
 from elastic_ep.scaling.status import EventKind, ScaleStatus
 
 _FINAL = (ScalePhase.COMPLETED, ScalePhase.ROLLED_BACK, ScalePhase.FAILED)
 
 
 class ScaleConflict(ElasticEPError):
-    """A scale request arrived while another scale (or a recovery) was running."""
+    """A scale or rebalance request arrived while another one (or a recovery) was running."""
 
 
 def _free_port(host: str) -> int:
@@ -130,14 +132,21 @@ class ElasticCoordinator:
         self._monitor.start()
         return self._status
 
-    def submit(self, request: ScaleRequest) -> ScaleStatus:
+    def submit(self, request: ScaleRequest | RebalanceRequest) -> ScaleStatus:
         """Validate ``request`` and start it in the background; return the status at start.
 
+        A :class:`ScaleRequest` changes the members (event ``scale``); a
+        :class:`RebalanceRequest` keeps them and re-plans the placement from the serving one for
+        the engine's load, with the identity rank mapping (event ``rebalance``). Both build a
+        fresh epoch, stage it while the old one serves, and commit or roll back on every rank.
+
         Raises ``ValueError``/``TypeError`` for a bad request (nothing changes) and
-        :class:`ScaleConflict` while another scale or a recovery runs.
+        :class:`ScaleConflict` while another scale, rebalance or a recovery runs.
         """
-        if not isinstance(request, ScaleRequest):
-            raise TypeError(f"request must be a ScaleRequest, got {type(request).__name__}")
+        if not isinstance(request, (ScaleRequest, RebalanceRequest)):
+            raise TypeError(
+                f"request must be a ScaleRequest or RebalanceRequest, got {type(request).__name__}"
+            )
         with self._lock:
             status = self._status
             if not status.members:
@@ -147,17 +156,23 @@ class ElasticCoordinator:
                     f"a {status.event.value if status.event else 'scale'} is running "
                     f"(phase {status.phase.value}); retry when it ends"
                 )
-            request.check(self.limits)
-            fresh = range(self._next_member, self._next_member + request.target_size)
-            new_members = request.next_members(status.members, fresh)
-            self._next_member = max([self._next_member, *[m + 1 for m in new_members]])
+            if isinstance(request, ScaleRequest):
+                request.check(self.limits)
+                fresh = range(self._next_member, self._next_member + request.target_size)
+                new_members = request.next_members(status.members, fresh)
+                self._next_member = max([self._next_member, *[m + 1 for m in new_members]])
+                kind, event = CommandKind.SCALE, EventKind.SCALE
+            else:
+                new_members = status.members
+                kind, event = CommandKind.REBALANCE, EventKind.REBALANCE
             cmd = Command(
-                seq=self._channel.next_seq(), kind=CommandKind.SCALE,
+                seq=self._channel.next_seq(), kind=kind,
                 epoch=self._rdzv.next_epoch("world"), old_members=status.members,
                 new_members=new_members, mode=request.mode, timeout_s=request.timeout_s,
             )
-            self._set_phase(ScalePhase.PREPARING, event=EventKind.SCALE, event_id=cmd.seq, error=None,
-                            phase_s=(), blocking_s=None, kv_budget_bytes=None)
+            self._set_phase(ScalePhase.PREPARING, event=event, event_id=cmd.seq, error=None,
+                            phase_s=(), blocking_s=None, kv_budget_bytes=None,
+                            balance_before=None, balance_after=None, experts_moved=None)
             self._done.clear()
             self._leaving = frozenset(cmd.leavers)
             self._driver = threading.Thread(target=self._drive, args=(cmd,), daemon=True)
@@ -173,6 +188,16 @@ class ElasticCoordinator:
         """:meth:`submit` and wait for the end (bounded by the request's timeout plus margin)."""
         self.submit(request)
         return self.wait(request.timeout_s + self._leave_timeout_s + 10.0)
+
+    def rebalance(self, request: RebalanceRequest | None = None) -> ScaleStatus:
+        """:meth:`submit` a rebalance (default: drain mode, 60 s) and wait for the end (bounded).
+
+        The status then reports ``event=rebalance``, the phase durations, ``blocking_s``,
+        ``balance_before``/``balance_after`` and ``experts_moved``.
+        """
+        request = RebalanceRequest() if request is None else request
+        self.submit(request)
+        return self.wait(request.timeout_s + self._timeout_s + 10.0)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Tell every rank to stop, wait (bounded) for the processes, kill the rest, close."""
@@ -257,7 +282,8 @@ class ElasticCoordinator:
             self._set_phase(
                 ScalePhase.COMPLETED, epoch=cmd.epoch, members=cmd.new_members,
                 phase_s=reports[cmd.old_members[0]].phase_s, blocking_s=max(blocking, default=None),
-                kv_budget_bytes=leader.kv_budget_bytes,
+                kv_budget_bytes=leader.kv_budget_bytes, balance_before=leader.balance_before,
+                balance_after=leader.balance_after, experts_moved=leader.experts_moved,
             )
 
     def _end_rolled_back(self, cmd: Command, failed: list[RankReport]) -> None:
@@ -272,7 +298,8 @@ class ElasticCoordinator:
         self._kill_joiners(cmd)
         self._leaving = frozenset()
         with self._lock:
-            if self._status.phase.is_active and self._status.event is EventKind.SCALE:
+            event = self._status.event
+            if self._status.phase.is_active and event is not None and event.is_requested:
                 self._set_phase(ScalePhase.FAILED, error=reason)
 
     def _kill_joiners(self, cmd: Command) -> None:
@@ -303,11 +330,13 @@ class ElasticCoordinator:
                 continue
             self._channel.mark_dead(m)
             with self._lock:
-                if phase.is_active and self._status.event is EventKind.SCALE:
-                    # the scale's driver sees RECOVERY, aborts and ends the scale as failed
-                    self._set_phase(ScalePhase.FAILED, error=f"member {m} died during the scale")
+                event = self._status.event
+                if phase.is_active and event is not None and event.is_requested:
+                    # the event's driver sees RECOVERY, aborts and ends the event as failed
+                    self._set_phase(ScalePhase.FAILED, error=f"member {m} died during the {event.value}")
                 self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY,
-                                dead_members=(m,), error=None, phase_s=(), blocking_s=None)
+                                dead_members=(m,), error=None, phase_s=(), blocking_s=None,
+                                balance_before=None, balance_after=None, experts_moved=None)
 
     def _check_recovery_deadline(self) -> None:
         """A recovery that never reports (e.g. every survivor failed) ends as FAILED, so later

@@ -4,7 +4,8 @@ The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps.
 one tiny collective on the epoch's CPU control group (gloo: the world group itself, or a gloo
 twin of an NCCL world group): a MAX all-reduce of three int64s (the newest command rank 0 saw
 in the store, "still busy", "failed"), so every rank acts on the same
-request at the same step. A scale stages the next epoch on a background thread (see
+request at the same step. A scale, or a rebalance (same members, a new placement for the
+engine's load), stages the next epoch on a background thread (see
 :mod:`elastic_ep.scaling.transition`) while the engine keeps serving; once every rank is ready
 (and drained, in ``DRAIN`` mode) the same poll on every rank commits: that poll is the only
 blocking part. A ``PeerFailure`` of the poll's collective (or one the engine hands to
@@ -409,6 +410,7 @@ class ElasticRank:
         self.kv_budget_bytes = staged.kv_budget_bytes
         self._install(new_set, staged.placement)
         self._job = None
+        job.staged = staged
         self._finish(job, ScalePhase.COMPLETED, None)
 
     # ---- recovery -------------------------------------------------------------------------
@@ -554,11 +556,16 @@ class ElasticRank:
             self._report(phase, job.command.epoch)
 
     def _finish(self, job: _ScaleJob, phase: ScalePhase, error: str | None) -> None:
+        done = job.staged if phase is ScalePhase.COMPLETED else None
         self._channel.report(
             RankReport(
                 job.command.epoch, self.member, phase, job.clock.stop(),
-                blocking_s=self.last_blocking_s if phase is ScalePhase.COMPLETED else None,
-                kv_budget_bytes=self.kv_budget_bytes, members=job.command.new_members, error=error,
+                blocking_s=None if done is None else self.last_blocking_s,
+                kv_budget_bytes=self.kv_budget_bytes,
+                balance_before=None if done is None else done.balance[0],
+                balance_after=None if done is None else done.balance[1],
+                experts_moved=None if done is None else done.experts_moved,
+                members=job.command.new_members, error=error,
             )
         )
         if phase is ScalePhase.COMPLETED and self.world.rank == 0 and self.member in job.command.new_members:

@@ -1,8 +1,9 @@
-"""ScaleRequest: what a caller asks for, validated before anything changes.
+"""ScaleRequest and RebalanceRequest: what a caller asks for, validated before anything changes.
 
-A request names either the new world size (scale up appends ranks, scale down removes the highest
+A scale request names either the new world size (scale up appends ranks, scale down removes the highest
 ranks) or the exact ordered member set of the next epoch (a subset of the current members, or the
-current members followed by new ids). :class:`ScaleLimits` holds what the model allows: every
+current members followed by new ids). A rebalance request keeps the members and re-plans the
+placement for the engine's load. :class:`ScaleLimits` holds what the model allows: every
 logical expert needs a slot, and the preallocated placement buffers cap the physical slots.
 """
 
@@ -24,6 +25,33 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_mode_and_timeout(mode: object, timeout: object) -> float:
+    if not isinstance(mode, GateMode):
+        raise TypeError(f"mode must be a GateMode, got {mode!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout_s must be a number, got {type(timeout).__name__}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout_s must be a positive finite number, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_body(body: object, fields: set[str]) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise TypeError(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = set(body) - fields
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    return body
+
+
+def _mode_of(body: Mapping[str, Any]) -> GateMode:
+    mode_name = body.get("mode", GateMode.DRAIN.value)
+    try:
+        return GateMode(mode_name)
+    except ValueError:
+        raise ValueError(f"mode must be 'drain' or 'reject', got {mode_name!r}") from None
 
 
 @dataclass(frozen=True)
@@ -103,14 +131,7 @@ class ScaleRequest:
             if len(set(members)) != len(members):
                 raise ValueError(f"members has duplicate ids: {list(members)}")
             object.__setattr__(self, "members", members)
-        if not isinstance(self.mode, GateMode):
-            raise TypeError(f"mode must be a GateMode, got {self.mode!r}")
-        timeout = self.timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout_s must be a number, got {type(timeout).__name__}")
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout_s must be a positive finite number, got {timeout!r}")
-        object.__setattr__(self, "timeout_s", float(timeout))
+        object.__setattr__(self, "timeout_s", _check_mode_and_timeout(self.mode, self.timeout_s))
 
     @property
     def target_size(self) -> int:
@@ -161,16 +182,8 @@ class ScaleRequest:
 
         Raises ``ValueError``/``TypeError`` naming the field at fault; unknown fields are errors.
         """
-        if not isinstance(body, Mapping):
-            raise TypeError(f"the request body must be a JSON object, got {type(body).__name__}")
-        unknown = set(body) - {"world_size", "members", "mode", "timeout_s"}
-        if unknown:
-            raise ValueError(f"unknown fields {sorted(unknown)}")
-        mode_name = body.get("mode", GateMode.DRAIN.value)
-        try:
-            mode = GateMode(mode_name)
-        except ValueError:
-            raise ValueError(f"mode must be 'drain' or 'reject', got {mode_name!r}") from None
+        body = _check_body(body, {"world_size", "members", "mode", "timeout_s"})
+        mode = _mode_of(body)
         members = body.get("members")
         if members is not None and not isinstance(members, list):
             raise TypeError(f"members must be a list of ints, got {members!r}")
@@ -180,3 +193,32 @@ class ScaleRequest:
             mode=mode,
             timeout_s=body.get("timeout_s", DEFAULT_TIMEOUT_S),
         )
+
+
+@dataclass(frozen=True)
+class RebalanceRequest:
+    """A request to re-plan the placement at the same members (same ranks, same rank order).
+
+    It runs like a scale (staged in the background, committed at one safe point, rolled back on
+    any failure): the planner gets the engine's load, the serving placement as ``previous`` and
+    the identity rank mapping, so it moves only what improves the balance.
+
+    Attributes:
+        mode: what the traffic gate does with new work meanwhile.
+        timeout_s: bound on the whole rebalance; past it the rebalance rolls back.
+    """
+
+    mode: GateMode = GateMode.DRAIN
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timeout_s", _check_mode_and_timeout(self.mode, self.timeout_s))
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> RebalanceRequest:
+        """Parse ``{"mode": "drain"|"reject", "timeout_s": t}`` (both optional).
+
+        Raises ``ValueError``/``TypeError`` naming the field at fault; unknown fields are errors.
+        """
+        body = _check_body(body, {"mode", "timeout_s"})
+        return cls(mode=_mode_of(body), timeout_s=body.get("timeout_s", DEFAULT_TIMEOUT_S))

@@ -4,6 +4,9 @@
   ``"members": [...]``): 202 and the status once the scale has started; 400 on bad input
   (malformed JSON, wrong types, a size the model cannot run at); 409 while a scale or a recovery
   runs.
+- ``POST /rebalance`` with ``{"mode": "drain"|"reject", "timeout_s": t}`` (both optional; an
+  empty body means the defaults): same members, a new placement for the engine's load; 202, 400
+  or 409 as above.
 - ``GET /status``: 200 and :meth:`ScaleStatus.to_json`.
 
 Binds to 127.0.0.1 by default: the endpoint changes the job's resources and has no auth.
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from elastic_ep.scaling.coordinator import ScaleConflict
-from elastic_ep.scaling.request import ScaleRequest
+from elastic_ep.scaling.request import RebalanceRequest, ScaleRequest
 from elastic_ep.scaling.status import ScaleStatus
 
 MAX_BODY_BYTES = 64 * 1024
@@ -27,7 +31,7 @@ MAX_BODY_BYTES = 64 * 1024
 class Controller(Protocol):
     """What the server drives (:class:`~elastic_ep.scaling.coordinator.ElasticCoordinator`)."""
 
-    def submit(self, request: ScaleRequest) -> ScaleStatus: ...
+    def submit(self, request: ScaleRequest | RebalanceRequest) -> ScaleStatus: ...
 
     def status(self) -> ScaleStatus: ...
 
@@ -53,7 +57,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, self.server.controller.status().to_json())
 
     def do_POST(self) -> None:
-        if self.path != "/scale":
+        parsers: dict[str, Callable[[Any], ScaleRequest | RebalanceRequest]] = {
+            "/scale": ScaleRequest.from_json,
+            "/rebalance": RebalanceRequest.from_json,
+        }
+        parse = parsers.get(self.path)
+        if parse is None:
             self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: POST {self.path}"})
             return
         try:
@@ -61,16 +70,18 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(HTTPStatus.BAD_REQUEST, {"error": "Content-Length must be an integer"})
             return
-        if not 0 < length <= MAX_BODY_BYTES:
-            self._send(HTTPStatus.BAD_REQUEST, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes"})
+        # a rebalance has no required field: an empty body means its defaults
+        least = 0 if self.path == "/rebalance" else 1
+        if not least <= length <= MAX_BODY_BYTES:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"body must be {least}..{MAX_BODY_BYTES} bytes"})
             return
         try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(self.rfile.read(length)) if length else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             self._send(HTTPStatus.BAD_REQUEST, {"error": f"body is not valid JSON: {exc}"})
             return
         try:
-            status = self.server.controller.submit(ScaleRequest.from_json(body))
+            status = self.server.controller.submit(parse(body))
         except (ValueError, TypeError) as exc:
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return
@@ -89,7 +100,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class ControlServer:
-    """Serve ``/scale`` and ``/status`` for ``controller`` on a background thread.
+    """Serve ``/scale``, ``/rebalance`` and ``/status`` for ``controller`` on a background thread.
 
     Args:
         controller: the coordinator.

@@ -14,7 +14,13 @@ class EventKind(Enum):
     """What changed the world last."""
 
     SCALE = "scale"  # a scale request
+    REBALANCE = "rebalance"  # a rebalance request (same members, new placement)
     RECOVERY = "recovery"  # a serving rank died
+
+    @property
+    def is_requested(self) -> bool:
+        """True for the events a caller asks for (one at a time; they roll back on failure)."""
+        return self is not EventKind.RECOVERY
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,15 @@ class ScaleStatus:
         event_id: a number that grows with every event.
         phase_s: seconds spent in each phase of the last event, in order.
         blocking_s: the longest time any rank could not run a forward step (last event).
-        kv_budget_bytes: KV-cache budget agreed by the new world (last scale).
+        kv_budget_bytes: KV-cache budget agreed by the new world (last scale or rebalance).
         lost_experts: (layer, expert) pairs reloaded because every replica died (last recovery).
         dead_members: member ids lost in the last recovery.
         error: why the last event failed, ``None`` if it did not.
+        balance_before / balance_after: balancedness (mean / max rank load, averaged over
+            layers; 1.0 is perfect) of the placement before and after the last scale or
+            rebalance, under the load it was planned for; ``None`` when unknown.
+        experts_moved: expert weights received over the network by all ranks (last scale or
+            rebalance), ``None`` when unknown.
     """
 
     phase: ScalePhase
@@ -46,6 +57,9 @@ class ScaleStatus:
     lost_experts: int = 0
     dead_members: tuple[int, ...] = ()
     error: str | None = None
+    balance_before: float | None = None
+    balance_after: float | None = None
+    experts_moved: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -63,6 +77,9 @@ class ScaleStatus:
             "phase_s": {p.value: round(s, 6) for p, s in self.phase_s},
             "blocking_s": self.blocking_s,
             "kv_budget_bytes": self.kv_budget_bytes,
+            "balance_before": self.balance_before,
+            "balance_after": self.balance_after,
+            "experts_moved": self.experts_moved,
             "lost_experts": self.lost_experts,
             "dead_members": list(self.dead_members),
             "error": self.error,

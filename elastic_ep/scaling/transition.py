@@ -1,4 +1,5 @@
-"""Staging the next epoch: everything of a scale that can run while the old epoch serves.
+"""Staging the next epoch: everything of a scale (or rebalance) that can run while the old epoch
+serves.
 
 :func:`stage_next_epoch` builds the next epoch's groups as standby, syncs the KV budget, plans the
 placement and moves expert weights into *staged* copies. Existing ranks run it on a background
@@ -8,7 +9,8 @@ joiners run it on their main thread. The blocking commit then only swaps what wa
 Groups used:
 
 - the next epoch's world group (``"world"``, new members, new rank order);
-- the transfer group, which holds every sender and receiver: the new world group for a scale-up,
+- the transfer group, which holds every sender and receiver: the new world group for a scale-up
+  or a rebalance (same members: the identity rank mapping),
   a separate ``"xfer"`` group over the old members (old numbering) for a scale-down, so leavers
   can hand their experts off while the old world group keeps serving on the main thread.
 """
@@ -135,6 +137,8 @@ class StagedEpoch:
         weights: staged weights of this rank's new slots (``None`` on a leaver).
         changed: per layer, bool [local_slots]: slots whose expert changed (what commit copies).
         kv_budget_bytes: the agreed KV budget (``None`` on a leaver).
+        balance: balancedness of ``previous`` and ``placement`` under the load planned for.
+        experts_moved: expert weights received over the network by all ranks.
         transfer: the executor's statistics.
     """
 
@@ -148,6 +152,8 @@ class StagedEpoch:
     weights: list[list[torch.Tensor]] | None
     changed: list[torch.Tensor]
     kv_budget_bytes: int | None
+    balance: tuple[float, float]
+    experts_moved: int
     transfer: ExecutionStats
 
 
@@ -224,7 +230,7 @@ def stage_next_epoch(
         budget = sync_kv_budget(new_group, inputs.kv_bytes)
 
     on_phase(ScalePhase.REBALANCING)
-    previous, placement = _agree_on_placement(xfer, cmd, mapping, inputs)
+    previous, placement, balance = _agree_on_placement(xfer, cmd, mapping, inputs)
     transfers = plan_transfers(previous, placement, mapping)
     # A joiner fills its own (unused) tensors; a leaver only sends from its serving ones; a rank
     # that stays receives into a copy, so its serving weights are untouched until the commit.
@@ -251,22 +257,26 @@ def stage_next_epoch(
         weights=weights if me in new else None,
         changed=changed,
         kv_budget_bytes=budget,
+        balance=balance,
+        experts_moved=int(placement.transfers_from(previous, mapping).sum()),
         transfer=stats,
     )
 
 
 def _agree_on_placement(
     xfer: StatelessGroup, cmd: Command, mapping: RankMapping, inputs: StageInputs
-) -> tuple[Placement, Placement]:
-    """Rank 0 of the transfer group (an existing rank) plans; everyone gets its answer."""
+) -> tuple[Placement, Placement, tuple[float, float]]:
+    """Rank 0 of the transfer group (an existing rank) plans; everyone gets its answer: the
+    placements before and after, and their balancedness under the load it planned for."""
     answer: tuple[str, Any] = ("error", "")
     if xfer.rank == 0:
         try:
             previous = inputs.previous
             if previous is None:
                 raise ReconfigureError("the planning rank has no previous placement")
+            load = inputs.load()
             new = inputs.planner(
-                inputs.load(),
+                load,
                 len(cmd.new_members),
                 previous.slots_per_rank,
                 previous=previous,
@@ -274,7 +284,7 @@ def _agree_on_placement(
             )
             if new.num_ranks != len(cmd.new_members):
                 raise ValueError(f"planner returned {new.num_ranks} ranks, want {len(cmd.new_members)}")
-            answer = ("ok", (previous, new))
+            answer = ("ok", (previous, new, (previous.balancedness(load), new.balancedness(load))))
         except Exception as exc:  # every rank must learn the failure, or the others would hang
             answer = ("error", f"planning failed: {exc!r}")
     status, value = xfer.broadcast_object(answer, src=0)
