@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from elastic_ep.scaling import (
     GateMode,
+    RebalanceRequest,
     ScaleLimits,
     ScalePhase,
     ScaleRequest,
@@ -122,3 +123,33 @@ def test_status_json() -> None:
     out = json.loads(json.dumps(st_.to_json()))
     assert out["phase"] == "completed" and out["world_size"] == 2
     assert out["phase_s"] == {"preparing": 0.5}
+
+
+def test_rebalance_request_json() -> None:
+    assert RebalanceRequest.from_json({}) == RebalanceRequest(GateMode.DRAIN, 60.0)
+    req = RebalanceRequest.from_json({"mode": "reject", "timeout_s": 5})
+    assert (req.mode, req.timeout_s) == (GateMode.REJECT, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "match"),
+    [
+        ({"world_size": 2}, ValueError, "unknown fields"),
+        ({"mode": "fast"}, ValueError, "mode must be 'drain' or 'reject'"),
+        ({"timeout_s": 0}, ValueError, "timeout_s must be a positive"),
+        ({"timeout_s": True}, TypeError, "timeout_s must be a number"),
+        ([], TypeError, "JSON object"),
+    ],
+)
+def test_bad_rebalance_json_is_a_clear_error(body: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        RebalanceRequest.from_json(body)  # type: ignore[arg-type]
+
+
+def test_rebalance_status_json() -> None:
+    st_ = ScaleStatus(ScalePhase.COMPLETED, 4, (0, 1), EventKind.REBALANCE, 3,
+                      balance_before=0.8, balance_after=0.95, experts_moved=6)
+    out = json.loads(json.dumps(st_.to_json()))
+    assert out["event"] == "rebalance"
+    assert (out["balance_before"], out["balance_after"], out["experts_moved"]) == (0.8, 0.95, 6)
+    assert EventKind.REBALANCE.is_requested and not EventKind.RECOVERY.is_requested

@@ -18,14 +18,20 @@ import torch
 from elastic_ep.demo.config import DemoConfig, DemoEvent, EventKind
 from elastic_ep.demo.devices import DeviceLauncher
 from elastic_ep.demo.frontend import RequestCounts
-from elastic_ep.demo.messages import CommandKind, DemoChannel, ProbeReply, RebalanceReply
+from elastic_ep.demo.messages import CommandKind, DemoChannel
 from elastic_ep.demo.timeline import Requests, TimelineRow, format_timeline
 from elastic_ep.demo.traffic import probe_batch
 from elastic_ep.eplb import Placement
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.moe import reference_forward
 from elastic_ep.rank_mapping import RankMapping
-from elastic_ep.scaling import ElasticCoordinator, ScalePhase, ScaleRequest, ScaleStatus
+from elastic_ep.scaling import (
+    ElasticCoordinator,
+    RebalanceRequest,
+    ScalePhase,
+    ScaleRequest,
+    ScaleStatus,
+)
 from elastic_ep.scaling.status import EventKind as StatusEvent
 
 PROGRESS_EVERY_S = 2.0
@@ -132,37 +138,24 @@ class DemoController:
 
     # ---- events ----------------------------------------------------------------------------
     def _rebalance(self, status: ScaleStatus) -> TimelineRow:
-        label = "rebalance"
-        self.out(f"[{label}] {status.world_size} ranks: re-plan for the recorded load")
-        began = time.monotonic()
-        cmd = self._channel.publish(CommandKind.REBALANCE)
-        replies: dict[int, RebalanceReply] = self._channel.replies(
-            cmd.seq, status.members, self.config.scale_timeout_s
-        )
-        end_to_end = time.monotonic() - began
-        errors = sorted({r.error for r in replies.values() if r.error})
-        previous = self._placement
-        check = self._check(self._coord.status())
-        self._placement = check.placement
-        any_reply = next(iter(replies.values()))
-        phases = (
-            ("plan", max(r.plan_s for r in replies.values())),
-            ("rebalancing", max(r.move_s for r in replies.values())),
-        )
-        return self._row(
-            label, status.world_size, end_to_end, max(r.blocking_s for r in replies.values()),
-            phases, any_reply.experts_moved, sum(r.bytes_received for r in replies.values()),
-            previous, check, error="; ".join(errors) or None,
-        )
+        self.out(f"[rebalance] {status.world_size} ranks: re-plan for the recorded load")
+        request = RebalanceRequest(timeout_s=self.config.scale_timeout_s)
+        return self._request("rebalance", status, request)
 
     def _scale(self, status: ScaleStatus, event: DemoEvent) -> TimelineRow:
         assert event.value is not None
         label = f"scale {status.world_size}->{event.value} ({event.mode.value})"
         self.out(f"[{label}]")
-        began = time.monotonic()
         request = ScaleRequest(
             world_size=event.value, mode=event.mode, timeout_s=self.config.scale_timeout_s
         )
+        return self._request(label, status, request)
+
+    def _request(
+        self, label: str, status: ScaleStatus, request: ScaleRequest | RebalanceRequest
+    ) -> TimelineRow:
+        """Submit a scale or rebalance to the coordinator, follow it, check the result."""
+        began = time.monotonic()
         self._coord.submit(request)
         final = self._follow(label, began, lambda s: not s.phase.is_active,
                              request.timeout_s + self.config.timeout_s + 30.0)
@@ -248,7 +241,7 @@ class DemoController:
     def _check(self, status: ScaleStatus) -> _Check:
         """Probe the serving ranks: max |distributed - reference|, the placement, the load."""
         cmd = self._channel.publish(CommandKind.PROBE)
-        replies: dict[int, ProbeReply] = self._channel.replies(
+        replies = self._channel.replies(
             cmd.seq, status.members, self.config.timeout_s + 20.0
         )
         ordered = sorted(replies.values(), key=lambda r: r.rank)

@@ -1,9 +1,11 @@
 """What the demo's controller and ranks tell each other, under ``demo/`` on the job's TCPStore.
 
-- ``demo/seq`` and ``demo/cmd/<seq>``: the controller's :class:`DemoCommand` s (probe, rebalance).
+- ``demo/seq`` and ``demo/cmd/<seq>``: the controller's :class:`DemoCommand` s (probes).
   Rank 0 reads ``seq`` without blocking and the ranks agree on it in their step collective, so
   every rank runs a command at the same step.
-- ``demo/reply/<seq>/<member>``: each rank's :class:`ProbeReply` or :class:`RebalanceReply`.
+- ``demo/reply/<seq>/<member>``: each rank's :class:`ProbeReply`.
+
+Scale and rebalance requests go through the scaling package's coordinator, not these keys.
 - ``demo/counts/<member>``: a rank's latest :class:`~elastic_ep.demo.frontend.RequestCounts`.
 
 Values are pickled: the store is private to the job, whose processes trust each other.
@@ -27,7 +29,6 @@ from elastic_ep.scaling.channel import put
 
 class CommandKind(Enum):
     PROBE = "probe"  # run the fixed probe batch and send the output back
-    REBALANCE = "rebalance"  # re-plan for the recorded load and move the weights, same ranks
 
 
 @dataclass(frozen=True)
@@ -58,27 +59,6 @@ class ProbeReply:
     counts: RequestCounts
 
 
-@dataclass(frozen=True)
-class RebalanceReply:
-    """One rank's view of a rebalance.
-
-    Attributes:
-        blocking_s: the rank could not serve for this long (plan, move, buffers).
-        plan_s / move_s: planning (rank 0, broadcast) and the weight move.
-        bytes_received: expert-weight bytes this rank received.
-        experts_moved: expert weights received over the network, all ranks (the same on each).
-        error: why it failed (nothing moved), ``None`` if it did not.
-    """
-
-    member: int
-    blocking_s: float
-    plan_s: float
-    move_s: float
-    bytes_received: int
-    experts_moved: int
-    error: str | None
-
-
 def _dump(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -98,7 +78,9 @@ class DemoChannel:
         self._store.add("demo/seq", seq - self.latest_seq())
         return cmd
 
-    def replies(self, seq: int, members: tuple[int, ...], timeout_s: float) -> dict[int, Any]:
+    def replies(
+        self, seq: int, members: tuple[int, ...], timeout_s: float
+    ) -> dict[int, ProbeReply]:
         """Every member's reply to command ``seq``; raises ``ElasticEPError`` past ``timeout_s``."""
         keys = [f"demo/reply/{seq}/{m}" for m in members]
         try:
@@ -130,7 +112,7 @@ class DemoChannel:
             raise TypeError(f"demo/cmd/{seq} holds {type(cmd).__name__}, not a DemoCommand")
         return cmd
 
-    def reply(self, seq: int, member: int, reply: ProbeReply | RebalanceReply) -> None:
+    def reply(self, seq: int, member: int, reply: ProbeReply) -> None:
         put(self._store, f"demo/reply/{seq}/{member}", _dump(reply))
 
     def report_counts(self, member: int, counts: RequestCounts) -> None:

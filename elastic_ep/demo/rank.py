@@ -6,7 +6,7 @@ The serving loop, every iteration::
     action = agent.poll()              # the scaling package's safe point (may commit an epoch)
     step():  agree                     # one SUM all-reduce on the gloo control group: rank 0's
                                        #   newest demo command + the load window of every rank
-             run the command, if new   # probe (check) or rebalance, on every rank at once
+             run the command, if new   # a probe (the check), on every rank at once
              serve                     # one forward step of the admitted requests
 
 A ``PeerFailure`` (or ``GroupClosedError``: the agent's watcher aborts an NCCL world whose member
@@ -26,14 +26,7 @@ from torch.distributed import AllreduceOptions, ReduceOp, TCPStore
 
 from elastic_ep.demo.config import DemoConfig
 from elastic_ep.demo.frontend import FrontEnd, Request
-from elastic_ep.demo.messages import (
-    CommandKind,
-    DemoChannel,
-    DemoCommand,
-    ProbeReply,
-    RebalanceReply,
-)
-from elastic_ep.demo.rebalance import rebalance_in_place
+from elastic_ep.demo.messages import DemoChannel, DemoCommand, ProbeReply
 from elastic_ep.demo.traffic import SkewedTokens, probe_batch, probe_slice
 from elastic_ep.eplb import Placement, PlacementBuffers, plan
 from elastic_ep.errors import PeerFailure, ReconfigureError
@@ -182,7 +175,7 @@ class RankServer:
             try:
                 command = self._agree()
                 if command is not None:
-                    self._run_command(command)
+                    self._probe(command.seq)
                 self._serve()
                 return
             except (PeerFailure, GroupClosedError) as failure:
@@ -209,12 +202,6 @@ class RankServer:
         self.seen = newest
         return self.channel.command(newest)
 
-    def _run_command(self, command: DemoCommand) -> None:
-        if command.kind is CommandKind.PROBE:
-            self._probe(command.seq)
-        else:
-            self._rebalance(command.seq)
-
     def _probe(self, seq: int) -> None:
         agent = self.agent
         rows = probe_slice(self.config.probe_tokens, agent.rank, agent.world_size)
@@ -234,27 +221,6 @@ class RankServer:
                 phy2log=agent.placement.phy2log.clone() if first else None,
                 load=self.global_load.clone() if first else None,
                 counts=counts,
-            ),
-        )
-
-    def _rebalance(self, seq: int) -> None:
-        agent = self.agent
-        try:
-            result = rebalance_in_place(
-                agent.world, agent.control, agent.placement, self.global_load,
-                self.model.expert_weights(), self.buffers, reload=self.model.reload,
-            )
-        except ReconfigureError as exc:
-            self.channel.reply(seq, self.member, RebalanceReply(self.member, 0.0, 0.0, 0.0, 0, 0, str(exc)))
-            return
-        # The agent plans the next scale from its serving placement: keep it current.
-        agent.placement = result.placement
-        self.channel.reply(
-            seq,
-            self.member,
-            RebalanceReply(
-                self.member, result.blocking_s, result.plan_s, result.move_s,
-                result.bytes_received, result.experts_moved, None,
             ),
         )
 

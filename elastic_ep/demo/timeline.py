@@ -13,7 +13,6 @@ PHASE_LABELS = {
     "rebalancing": "move",
     "committing": "commit",
     "recovering": "recover",
-    "plan": "plan",
 }
 
 
