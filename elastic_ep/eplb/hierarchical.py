@@ -30,9 +30,9 @@ def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
         num_nodes: N, dividing G.
     """
     layers, groups = group_load.shape
-    items = sorted_replicas(np.ones((layers, groups), dtype=np.int64), group_load, groups)
-    nodes = pack_rounds(items, group_load, num_nodes)
-    improve_by_swaps(nodes, group_load, max_steps=4 * groups)
+    items, weight = sorted_replicas(np.ones((layers, groups), dtype=np.int64), group_load, groups)
+    nodes, node_weight = pack_rounds(items, weight, num_nodes)
+    improve_by_swaps(nodes, node_weight, max_steps=4 * groups)
     return nodes
 
 

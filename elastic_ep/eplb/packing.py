@@ -18,92 +18,112 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.replication import replica_counts
+from elastic_ep.eplb.replication import descending_order, replica_counts
 
 _SWAP_PAIR_BUDGET = 128  # rows x rank pairs per swap step: keeps a step's arrays small
 
 
-def sorted_replicas(counts: np.ndarray, per_replica: np.ndarray, num_items: int) -> np.ndarray:
-    """int64 [B, num_items]: every replica as its expert id, heaviest first, -1 padded.
+def sorted_replicas(
+    counts: np.ndarray, per_replica: np.ndarray, num_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every replica, heaviest first: expert ids int64 [B, num_items] (-1 padded) and their
+    loads float64 [B, num_items] (0 padded).
 
     Args:
         counts: int64 [B, E], replicas per expert; every row sums to the same total <= num_items.
         per_replica: float64 [B, E], load of one replica of each expert.
         num_items: width of the result (R * S).
     """
-    rows = counts.shape[0]
+    rows, num_experts = counts.shape
     total = int(counts[0].sum())
-    by_weight = np.argsort(-per_replica, axis=1)
-    sorted_counts = np.take_along_axis(counts, by_weight, axis=1)
+    offsets = np.arange(rows)[:, None] * num_experts
+    by_weight = (descending_order(per_replica) + offsets).ravel()
     # Every row holds the same number of replicas, so one flat repeat expands all rows at once.
-    expanded = np.repeat(by_weight.ravel(), sorted_counts.ravel()).reshape(rows, total)
-    padded = np.full((rows, num_items), -1, dtype=np.int64)
-    padded[:, :total] = expanded
-    return padded
+    expanded = np.repeat(by_weight, counts.ravel()[by_weight]).reshape(rows, total)
+    items = np.full((rows, num_items), -1, dtype=np.int64)
+    np.subtract(expanded, offsets, out=items[:, :total])
+    weight = np.zeros((rows, num_items))
+    weight[:, :total] = per_replica.ravel()[expanded]
+    return items, weight
 
 
 def slot_loads(slots: np.ndarray, per_replica: np.ndarray) -> np.ndarray:
     """float64 [B, R, S]: load of every slot (0 for an empty one)."""
-    rows = slots.shape[0]
-    padded = np.concatenate([np.zeros((rows, 1)), per_replica], axis=1)
-    return np.take_along_axis(padded, slots.reshape(rows, -1) + 1, axis=1).reshape(slots.shape)
+    rows, num_experts = per_replica.shape
+    padded = np.zeros((rows, num_experts + 1))
+    padded[:, 1:] = per_replica
+    flat = slots.reshape(rows, -1) + (np.arange(rows)[:, None] * (num_experts + 1) + 1)
+    return padded.ravel()[flat].reshape(slots.shape)
 
 
-def pack_rounds(items: np.ndarray, per_replica: np.ndarray, num_ranks: int) -> np.ndarray:
-    """int64 [B, R, S]: replicas dealt to ranks in S rounds of R, heaviest to lightest rank.
+def pack_rounds(
+    items: np.ndarray, weight: np.ndarray, num_ranks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replicas dealt to ranks in S rounds of R, heaviest to lightest rank: expert per slot
+    int64 [B, R, S] and load per slot float64 [B, R, S].
 
     Args:
         items: int64 [B, R*S], expert ids heaviest first, -1 = empty (from
             :func:`sorted_replicas`).
-        per_replica: float64 [B, E].
+        weight: float64 [B, R*S], the load of every item.
         num_ranks: R.
     """
     rows, num_items = items.shape
-    slots_per_rank = num_items // num_ranks
-    padded = np.concatenate([np.zeros((rows, 1)), per_replica], axis=1)
-    weight = np.take_along_axis(padded, items + 1, axis=1).reshape(rows, slots_per_rank, num_ranks)
-    chunks = items.reshape(rows, slots_per_rank, num_ranks)
-    targets = np.empty((rows, slots_per_rank, num_ranks), dtype=np.int64)
-    # Loads kept in the order of the last round's ranks (``ranks``): re-sorting is then a gather.
-    loads = np.zeros((rows, num_ranks))
-    ranks = np.broadcast_to(np.arange(num_ranks), (rows, num_ranks))
-    row_idx = np.arange(rows)[:, None]
-    for k in range(slots_per_rank):
-        order = np.argsort(loads, axis=1, kind="stable")
-        if k:
-            _avoid_second_replica(order, ranks, chunks[:, k], chunks[:, k - 1])
-        loads = loads[row_idx, order] + weight[:, k]
-        ranks = ranks[row_idx, order]
-        targets[:, k] = ranks
-    slots = np.empty((rows, num_ranks, slots_per_rank), dtype=np.int64)
-    slots[row_idx[:, :, None], targets.transpose(0, 2, 1), np.arange(slots_per_rank)] = (
-        chunks.transpose(0, 2, 1)
-    )
-    return slots
+    per_rank = num_items // num_ranks
+    chunks = items.reshape(rows, per_rank, num_ranks)
+    weights = weight.reshape(rows, per_rank, num_ranks)
+    # The first expert of a round that also ended the previous one ("straddles"), its replicas
+    # in this round (span), and the previous round's items that are that expert (holders).
+    first = chunks[:, 1:, :1]
+    straddle = (chunks[:, :-1, -1:] == first) & (first >= 0)  # [B, S-1, 1]
+    span = ((chunks[:, 1:] == first) & straddle).sum(2, keepdims=True)
+    holders = (chunks[:, :-1] == first) & straddle  # [B, S-1, R]
+    any_straddle = straddle.any((0, 2))
+    offsets = np.arange(rows)[:, None] * num_ranks
+    bits = max(1, (num_ranks - 1).bit_length())
+    high = ~np.int64((1 << bits) - 1)
+    ranks = np.arange(num_ranks)
+    loads = np.zeros(rows * num_ranks)
+    targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
+    for k in range(per_rank):
+        # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
+        keys = np.sort((loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks, axis=1)
+        if k and any_straddle[k - 1]:
+            keys = _avoid_second_replica(
+                keys, bits, targets[:, k - 1], holders[:, k - 1], span[:, k - 1]
+            )
+        order = keys & ~high
+        flat = order + offsets
+        loads[flat] += weights[:, k]
+        targets[:, k] = flat
+    flat = (targets * per_rank + np.arange(per_rank)[:, None]).ravel()
+    slots = np.empty(items.size, dtype=np.int64)
+    slots[flat] = chunks.ravel()
+    slot_weight = np.empty(items.size)
+    slot_weight[flat] = weights.ravel()
+    shape = (rows, num_ranks, per_rank)
+    return slots.reshape(shape), slot_weight.reshape(shape)
 
 
 def _avoid_second_replica(
-    order: np.ndarray, ranks: np.ndarray, chunk: np.ndarray, last: np.ndarray
-) -> None:
-    """Fix ``order`` [B, R] (positions sorted by load, for this round's items) in place where
-    this round's first expert also ended the previous round, whose item i went to the rank at
-    position i (``ranks`` gives the rank of each position; ``last`` that round's items).
+    keys: np.ndarray, bits: int, last: np.ndarray, holder: np.ndarray, span: np.ndarray
+) -> np.ndarray:
+    """``keys`` int64 [B, R] (load | rank, sorted: lightest rank first) reordered so that the
+    ``span`` [B, 1] first items of this round, replicas of an expert that the previous round put
+    on the ranks ``last[holder]`` (flat rank ids [B, R], bool [B, R]), take the lightest ranks
+    lacking it; the other items keep the load order.
 
     Replicas of one expert are adjacent in the item order, so that is the only way a rank could
-    get a second replica. Those replicas (the first items) then take the lightest ranks that
-    lack the expert (there are enough: an expert has at most R replicas); the other items keep
-    the load order.
+    get a second replica. There are enough ranks lacking it: an expert has at most R replicas.
     """
-    first = chunk[:, :1]
-    straddle = np.flatnonzero((last[:, -1:] == first)[:, 0] & (first[:, 0] >= 0))
-    if straddle.size == 0:
-        return
-    rows = np.arange(straddle.size)[:, None]
-    sorted_pos = order[straddle]
-    holds = (last[straddle] == first[straddle])[rows, sorted_pos]  # per sorted position
-    span = (chunk[straddle] == first[straddle]).sum(1, keepdims=True)
-    chosen = ~holds & (np.cumsum(~holds, axis=1) <= span)
-    order[straddle] = sorted_pos[rows, np.argsort(~chosen, axis=1, kind="stable")]
+    rows, ranks = keys.shape
+    holds = np.zeros(rows * ranks, dtype=bool)
+    holds[last[holder]] = True
+    sorted_rank = (keys & ((1 << bits) - 1)) + np.arange(rows)[:, None] * ranks
+    free = ~holds[sorted_rank]
+    chosen = free & (np.cumsum(free, axis=1) <= span)
+    # Chosen keys made negative (order among them kept) sort first.
+    return np.sort(np.where(chosen, keys + np.iinfo(np.int64).min, keys), axis=1)
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
@@ -115,7 +135,7 @@ def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def improve_by_swaps(
-    slots: np.ndarray, per_replica: np.ndarray, *, max_steps: int, pairs: int | None = None
+    slots: np.ndarray, weight: np.ndarray, *, max_steps: int, pairs: int | None = None
 ) -> None:
     """Lower the heaviest ranks of every row in place by swaps that keep replicas distinct.
 
@@ -127,7 +147,7 @@ def improve_by_swaps(
 
     Args:
         slots: int64 [B, R, S], modified in place.
-        per_replica: float64 [B, E].
+        weight: float64 [B, R, S], load of every slot, modified in place along with ``slots``.
         max_steps: most swap steps per row.
         pairs: rank pairs per step (at most R // 2), or ``None`` for heaviest-vs-all.
     """
@@ -135,7 +155,6 @@ def improve_by_swaps(
     if ranks < 2:
         return
     pairs = None if pairs is None else min(pairs, ranks // 2)
-    weight = slot_loads(slots, per_replica)
     active = np.arange(slots.shape[0])
     for _ in range(max_steps):
         improved, heavy, h_slot, light, l_slot = _best_swaps(slots[active], weight[active], pairs)
@@ -197,8 +216,8 @@ def static_slots(
     """
     counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
     per_replica = load / counts
-    items = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
-    slots = pack_rounds(items, per_replica, num_ranks)
+    items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
+    slots, slot_weight = pack_rounds(items, weight, num_ranks)
     pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
-    improve_by_swaps(slots, per_replica, max_steps=swap_steps, pairs=pairs)
+    improve_by_swaps(slots, slot_weight, max_steps=swap_steps, pairs=pairs)
     return slots
