@@ -69,6 +69,8 @@ def test_small_demo_passes_every_check_and_prints_the_timeline() -> None:
     all_lines = out.splitlines()
     header = re.split(r"\s{2,}", all_lines[all_lines.index(table[0]) - 2])
     cells = [dict(zip(header, re.split(r"\s{2,}", line), strict=True)) for line in table]
+    # the rebalance went through the coordinator: staged phases and a blocking commit
+    assert cells[1]["phases s"].split()[::2] == ["prep", "kv", "move", "commit"], cells[1]
     assert int(cells[2]["drained"]) + int(cells[2]["held"]) > 0  # the drain-mode scale up
     assert int(cells[3]["rejected"]) > 0  # the reject-mode scale down
     assert int(cells[4]["moved experts / bytes"].split("+")[1].split()[0]) > 0  # reloaded

@@ -1,14 +1,20 @@
 """The EP MoE layer over real processes (gloo): output equals the single-process reference for
-random placements (replicas, empty slots), before and after each scale event."""
+random placements (replicas, empty slots), before and after each scale event; a dead peer or an
+aborted group under dispatch/combine raises PeerFailure / GroupClosedError."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
+from torch.distributed import AllToAllOptions
 
 from elastic_ep.eplb import Placement, PlacementBuffers
 from elastic_ep.eplb.executor import execute
 from elastic_ep.eplb.transfer_plan import plan_transfers
-from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.errors import PeerFailure
+from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
 from elastic_ep.moe import (
     DISPATCH_RESOURCE,
     AllToAllBackend,
@@ -240,3 +246,71 @@ def test_bad_dispatch_raises_before_any_collective() -> None:
         assert "slot_ids must be int64" in messages[1]
         assert "expert_output must be" in messages[2]
         assert "destroyed" in messages[3]
+
+
+class _RawGroup:
+    """An ``AllToAllGroup`` straight on torch's gloo ProcessGroup: its errors are torch's bare
+    ``RuntimeError`` s (a ``StatelessGroup`` would already map them), so the backend's own mapping
+    is what the test sees."""
+
+    def __init__(self, group: StatelessGroup) -> None:
+        self._pg = group.process_group
+        self.rank, self.world_size = group.rank, group.world_size
+        self.name, self.epoch, self.closed = "raw", group.epoch, False
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int] | None = None,
+        input_split_sizes: list[int] | None = None,
+    ) -> torch.Tensor:
+        opts = AllToAllOptions()
+        self._pg.alltoall_base(output, input, output_split_sizes or [], input_split_sizes or [], opts).wait()
+        return output
+
+
+def _failing_peer_rank(rank: int, world_size: int, port: int) -> dict:
+    """Round 1: a group aborted before dispatch and before combine -> GroupClosedError. Round 2
+    (raw gloo group): rank 1 dies after a dispatch, rank 0's combine -> PeerFailure; rank 0's
+    next dispatch on the broken group -> PeerFailure too."""
+    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    hidden = torch.randn(4, 8)
+    slots = torch.tensor([[0], [1], [2], [3]])  # 2 slots a rank: rows go to both ranks
+    weights = torch.ones(4, 1)
+    got: dict = {}
+    aborted = StatelessGroup(rdzv, "ep", 0, rank, world_size, timeout_s=TIMEOUT_S)
+    backend = AllToAllBackend.build(aborted, 2)
+    tokens, handle = backend.dispatch(hidden, slots, weights)
+    aborted.abort()  # e.g. the scaling watcher, after the coordinator marked a member dead
+    for name, call in (("combine", lambda: backend.combine(tokens.hidden, handle)),
+                       ("dispatch", lambda: backend.dispatch(hidden, slots, weights))):
+        try:
+            call()
+        except GroupClosedError as err:
+            got[f"closed_{name}"] = str(err)
+    group = StatelessGroup(rdzv, "ep", 1, rank, world_size, timeout_s=TIMEOUT_S)
+    raw = AllToAllBackend.build(_RawGroup(group), 2)
+    tokens, handle = raw.dispatch(hidden, slots, weights)
+    group.barrier()
+    if rank == 1:
+        os._exit(0)  # dies between dispatch and combine (its sockets close)
+    began = time.monotonic()
+    for name, call in (("combine", lambda: raw.combine(tokens.hidden, handle)),
+                       ("dispatch", lambda: raw.dispatch(hidden, slots, weights))):
+        try:
+            call()
+        except PeerFailure as err:
+            got[f"peer_{name}"] = (err.group, err.epoch, str(err))
+    got["detect_s"] = time.monotonic() - began
+    group.abort()
+    return got
+
+
+def test_dead_peer_or_aborted_group_raise_peer_failure_or_group_closed() -> None:
+    got = run_ranks(_failing_peer_rank, 2, timeout=60, expect_dead=[1])[0]
+    assert "'ep' epoch 0" in got["closed_combine"] and "closed" in got["closed_dispatch"], got
+    for name in ("combine", "dispatch"):
+        group, epoch, message = got[f"peer_{name}"]
+        assert (group, epoch) == ("raw", 1) and f"{name} on group 'raw' epoch 1" in message, got
+    assert got["detect_s"] < TIMEOUT_S / 2, got  # the dead peer's closed sockets, not a timeout

@@ -11,21 +11,35 @@ the combine weights never travel.
 One row is sent per pair, so a token routed to two slots of the same rank travels twice (DeepEP
 sends it once); that keeps the backend simple and exact. Works on gloo (CPU tensors) and NCCL
 (CUDA tensors); the split sizes need one host sync per dispatch.
+
+Failures: when a peer dies or the group is aborted under a dispatch/combine (the scaling agent's
+watcher aborts an NCCL world whose member the coordinator marked dead), the collective, or the
+host sync after it (``.tolist()``/``.cpu()`` surfaces an asynchronous NCCL/CUDA error), raises a
+bare ``RuntimeError``. The backend turns it into :class:`~elastic_ep.errors.PeerFailure`, or
+:class:`~elastic_ep.groups.GroupClosedError` when the group reports itself closed, so an engine
+can catch both, recover and redo the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from elastic_ep.errors import ElasticEPError, PeerFailure
+from elastic_ep.groups import GroupClosedError
 from elastic_ep.moe.dispatch import DispatchedTokens
 
 
 class AllToAllGroup(Protocol):
-    """What the backend needs of a group (``elastic_ep.groups.StatelessGroup`` has it)."""
+    """What the backend needs of a group (``elastic_ep.groups.StatelessGroup`` has it).
+
+    Optional attributes used to name a failure: ``name`` (str), ``epoch`` (int) and ``closed``
+    (bool: the group was destroyed or aborted).
+    """
 
     @property
     def rank(self) -> int: ...
@@ -116,7 +130,8 @@ class AllToAllBackend:
         )
         counts = torch.zeros(num_slots + 2, dtype=torch.int64, device=flat.device)
         counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-        counts_host = counts.tolist()
+        with _peer_errors(group, "dispatch"):  # the sync may surface an earlier NCCL error
+            counts_host = counts.tolist()
         if counts_host[-1]:
             raise ValueError(
                 f"{counts_host[-1]} routed slot ids are >= {num_slots} (= {num_ranks} ranks x "
@@ -124,16 +139,16 @@ class AllToAllBackend:
             )
         send_counts = counts[:num_slots]
         recv_counts = torch.empty_like(send_counts)
-        group.all_to_all_single(recv_counts, send_counts)
-        recv_matrix = recv_counts.view(num_ranks, per_rank).cpu()
         send_splits = _row_sums(counts_host[:num_slots], num_ranks, per_rank)
-        recv_splits = tuple(int(x) for x in recv_matrix.sum(1))
-
         order = torch.sort(bucket, stable=True).indices[: sum(send_splits)]
         token_index = order // top_k
         send_rows = hidden.index_select(0, token_index)
-        recv_rows = hidden.new_empty(sum(recv_splits), hidden.shape[1])
-        group.all_to_all_single(recv_rows, send_rows, list(recv_splits), list(send_splits))
+        with _peer_errors(group, "dispatch"):
+            group.all_to_all_single(recv_counts, send_counts)
+            recv_matrix = recv_counts.view(num_ranks, per_rank).cpu()
+            recv_splits = tuple(int(x) for x in recv_matrix.sum(1))
+            recv_rows = hidden.new_empty(sum(recv_splits), hidden.shape[1])
+            group.all_to_all_single(recv_rows, send_rows, list(recv_splits), list(send_splits))
 
         position = _grouped_position(recv_matrix).to(hidden.device)
         grouped = torch.empty_like(recv_rows)
@@ -161,14 +176,33 @@ class AllToAllBackend:
             )
         in_recv_order = expert_output.index_select(0, handle.grouped_position)
         returned = expert_output.new_empty(int(handle.token_index.numel()), expert_output.shape[1])
-        group.all_to_all_single(
-            returned, in_recv_order, list(handle.send_splits), list(handle.recv_splits)
-        )
+        with _peer_errors(group, "combine"):
+            group.all_to_all_single(
+                returned, in_recv_order, list(handle.send_splits), list(handle.recv_splits)
+            )
         out = torch.zeros(
             handle.num_tokens, expert_output.shape[1], dtype=torch.float32, device=returned.device
         )
         out.index_add_(0, handle.token_index, returned.float() * handle.pair_weights.unsqueeze(1))
         return out.to(expert_output.dtype)
+
+
+@contextmanager
+def _peer_errors(group: AllToAllGroup, op: str) -> Iterator[None]:
+    """Raise a bare ``RuntimeError`` of the block as ``GroupClosedError`` (the group reports itself
+    closed: aborted under us) or ``PeerFailure`` (a peer died or timed out). The library's own
+    errors and out-of-memory (a local condition, not a peer's) pass unchanged."""
+    try:
+        yield
+    except (ElasticEPError, torch.OutOfMemoryError):
+        raise
+    except RuntimeError as err:
+        name = str(getattr(group, "name", "ep"))
+        epoch = int(getattr(group, "epoch", -1))
+        where = f"{op} on group {name!r} epoch {epoch} rank {group.rank}/{group.world_size}"
+        if getattr(group, "closed", False):
+            raise GroupClosedError(f"{where}: the group was closed under it ({err})") from err
+        raise PeerFailure(f"{where} failed: {err}", group=name, epoch=epoch) from err
 
 
 def _check_inputs(hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> None:
