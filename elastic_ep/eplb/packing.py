@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.replication import descending_order, replica_counts
+from elastic_ep.eplb.replication import ascending_order, descending_order, replica_counts
 
-_SWAP_PAIR_BUDGET = 128  # rows x rank pairs per swap step: keeps a step's arrays small
+_SWAP_PAIR_BUDGET = 256  # rows x rank pairs per swap step: keeps a step's arrays small
 
 
 def sorted_replicas(
@@ -151,55 +151,70 @@ def improve_by_swaps(
         max_steps: most swap steps per row.
         pairs: rank pairs per step (at most R // 2), or ``None`` for heaviest-vs-all.
     """
-    ranks = slots.shape[1]
+    rows, ranks, per_rank = slots.shape
     if ranks < 2:
         return
     pairs = None if pairs is None else min(pairs, ranks // 2)
-    active = np.arange(slots.shape[0])
+    flat_slots = slots.reshape(-1, per_rank)  # one row per (row, rank): gathers stay flat
+    flat_weight = weight.reshape(-1, per_rank)
+    loads = flat_weight.sum(1)  # [B * R], kept up to date by the swaps
+    active = np.arange(rows)
     for _ in range(max_steps):
-        improved, heavy, h_slot, light, l_slot = _best_swaps(slots[active], weight[active], pairs)
-        row, pair = np.nonzero(improved)
-        heavy, h_slot, light, l_slot = (x[row, pair] for x in (heavy, h_slot, light, l_slot))
-        row = active[row]
-        for table in (slots, weight):
-            a, b = table[row, heavy, h_slot], table[row, light, l_slot]
-            table[row, heavy, h_slot], table[row, light, l_slot] = b, a
+        improved, heavy, h_slot, light, l_slot = _best_swaps(
+            flat_slots, flat_weight, loads, active, ranks, pairs
+        )
+        heavy, h_slot, light, l_slot = (x[improved] for x in (heavy, h_slot, light, l_slot))
+        moved = flat_weight[heavy, h_slot] - flat_weight[light, l_slot]
+        loads[heavy] -= moved
+        loads[light] += moved
+        for table in (flat_slots, flat_weight):
+            a, b = table[heavy, h_slot], table[light, l_slot]
+            table[heavy, h_slot], table[light, l_slot] = b, a
         active = active[improved.any(1)]
         if active.size == 0:
             return
 
 
-def _best_swaps(slots: np.ndarray, weight: np.ndarray, pairs: int | None) -> tuple[np.ndarray, ...]:
-    """Best swap per heavy rank: (improved, heavy rank, heavy slot, partner rank, partner slot),
-    each [B, k] (k = 1 with ``pairs=None``)."""
-    rows, _, per_rank = slots.shape
-    row_idx = np.arange(rows)[:, None, None]
-    loads = weight.sum(2)
-    by_load = np.argsort(loads, axis=1)
+def _best_swaps(
+    slots: np.ndarray,
+    weight: np.ndarray,
+    loads: np.ndarray,
+    active: np.ndarray,
+    ranks: int,
+    pairs: int | None,
+) -> tuple[np.ndarray, ...]:
+    """Best swap per heavy rank of the ``active`` rows [A]: (improved, heavy rank, heavy slot,
+    partner rank, partner slot), each [A, k] (k = 1 with ``pairs=None``); the R ranks of a row
+    are rows of the flat ``slots`` int64 / ``weight`` float64 [B * R, S], ``loads`` float64
+    [B * R]."""
+    per_rank = slots.shape[1]
+    rank_ids = (active * ranks)[:, None] + np.arange(ranks)  # [A, R]
+    by_load = ascending_order(loads[rank_ids]) + (active * ranks)[:, None]
     if pairs is None:  # heaviest against all others: one heavy rank, R - 1 partners
         heavy = by_load[:, -1:]
         partner = by_load[:, None, :-1]
     else:
         heavy = by_load[:, : -pairs - 1 : -1]
         partner = by_load[:, :pairs, None]
-    heavy_x = slots[row_idx[:, :, 0], heavy][:, :, None]  # [B, k, 1, S]
-    part_x = slots[row_idx, partner]  # [B, k, M, S]
-    heavy_load = loads[row_idx[:, :, 0], heavy]  # [B, k]
-    delta = (
-        weight[row_idx[:, :, 0], heavy][:, :, None, :, None]
-        - weight[row_idx, partner][..., None, :]
-    )
+    heavy_x = slots[heavy][:, :, None, :, None]  # [A, k, 1, S, 1]
+    part_x = slots[partner][:, :, :, None, :]  # [A, k, M, 1, S]
+    heavy_load = loads[heavy]  # [A, k]
+    delta = weight[heavy][:, :, None, :, None] - weight[partner][:, :, :, None, :]
     new_max = np.maximum(
-        heavy_load[:, :, None, None, None] - delta, loads[row_idx, partner][..., None, None] + delta
-    )  # [B, k, M, S, S]
-    same = heavy_x[..., :, None] == part_x[..., None, :]
-    # the heavy item must be new to the partner rank and the partner item new to the heavy rank
-    valid = (delta > 0) & ~(same.any(4, keepdims=True) & (heavy_x >= 0)[..., None])
-    valid &= ~(same.any(3, keepdims=True) & (part_x >= 0)[..., None, :])
-    score = np.where(valid, new_max, np.inf).reshape(rows, heavy.shape[1], -1)
-    best = score.argmin(2)
-    improved = np.take_along_axis(score, best[..., None], 2)[..., 0] < heavy_load * (1 - 1e-12)
-    p_idx, h_slot, p_slot = np.unravel_index(best, (partner.shape[2], per_rank, per_rank))
+        heavy_load[:, :, None, None, None] - delta, loads[partner][..., None, None] + delta
+    )  # [A, k, M, S, S]
+    same = heavy_x == part_x
+    # The heavy item must be new to the partner rank and the partner item new to the heavy
+    # rank (an empty heavy slot never qualifies: delta > 0 needs a load).
+    valid = (delta > 0) & ~same.any(4, keepdims=True)
+    valid &= ~(same.any(3, keepdims=True) & (part_x >= 0))
+    score = np.where(valid, new_max, np.inf).reshape(-1, partner.shape[2] * per_rank * per_rank)
+    best = score.argmin(1)
+    best_max = score[np.arange(best.size), best].reshape(heavy.shape)
+    improved = best_max < heavy_load * (1 - 1e-12)
+    p_idx, h_slot, p_slot = np.unravel_index(
+        best.reshape(heavy.shape), (partner.shape[2], per_rank, per_rank)
+    )
     part = np.take_along_axis(partner, p_idx[..., None], 2)[..., 0]
     return improved, heavy, h_slot, part, p_slot
 

@@ -140,7 +140,7 @@ def plan_with_report(
         return PlanReport(
             placement=_to_placement(fresh, experts, num_ranks),
             lost=torch.zeros(layers, experts, dtype=torch.bool),
-            transfers=torch.from_numpy((fresh >= 0).sum((1, 2))),
+            transfers=torch.from_numpy(np.count_nonzero(fresh.reshape(layers, -1) >= 0, axis=1)),
             repaired=torch.zeros(layers, dtype=torch.bool),
         )
     mapping = _check_previous(

@@ -68,3 +68,12 @@ def descending_order(values: np.ndarray) -> np.ndarray:
     low = (1 << bits) - 1
     keys = (values.view(np.int64) | low) - np.arange(width)  # index in the low bits, reversed
     return low - (-np.sort(-keys, axis=1) & low)
+
+
+def ascending_order(values: np.ndarray) -> np.ndarray:
+    """int64 [B, N]: column indices of every row of ``values`` (float64 [B, N], >= 0), smallest
+    first; lowest index first among values equal but for the last log2(N) bits."""
+    width = values.shape[1]
+    low = (1 << max(1, (width - 1).bit_length())) - 1
+    keys = (values.view(np.int64) & ~low) | np.arange(width)
+    return np.sort(keys, axis=1) & low
