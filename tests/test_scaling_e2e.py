@@ -158,9 +158,17 @@ def rank_main(spec: RankSpec) -> None:
     builds: list[int] = []
     resources = EpochResources()
 
+    def test_key(key: str) -> bytes | None:
+        """A key the test may write (read with a client of its own: any thread may call this)."""
+        store = TCPStore(spec.store_host, spec.store_port, is_master=False,
+                         timeout=timedelta(seconds=spec.timeout_s), wait_for_workers=False)
+        return store.get(key) if store.check([key]) else None
+
     def build_a2a(ctx: object) -> tuple[int, int]:
         if spec.member_id in cfg.kill_joiners_in_build:
             os.kill(os.getpid(), signal.SIGKILL)  # die with the weights moved, before the commit
+        if test_key("test/fail_build") == str(spec.member_id).encode():
+            raise RuntimeError(f"injected build failure on member {spec.member_id}")
         epoch, size = ctx.epoch, ctx.world_size  # type: ignore[attr-defined]
         builds.append(epoch)
         return epoch, size
@@ -184,12 +192,9 @@ def rank_main(spec: RankSpec) -> None:
         return plan(load, num_ranks, slots, **kw)  # type: ignore[arg-type]
 
     def load() -> torch.Tensor:
-        """The test's load if it wrote one (called on the staging thread: its own client)."""
-        store = TCPStore(spec.store_host, spec.store_port, is_master=False,
-                         timeout=timedelta(seconds=spec.timeout_s), wait_for_workers=False)
-        if store.check(["test/load"]):
-            return torch.tensor(json.loads(store.get("test/load")), dtype=torch.float64)
-        return load_of(cfg)
+        """The test's load if it wrote one, else ``load_of(cfg)`` (called on the staging thread)."""
+        written = test_key("test/load")
+        return load_of(cfg) if written is None else torch.tensor(json.loads(written), dtype=torch.float64)
 
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
@@ -389,9 +394,9 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_planner_error_joiner_gone_and_timeout_roll_back_then_scale_works() -> None:
-    cfg = EngineConfig(layers=2, experts=4, slots=4, fail_plan_once_at=2, fail_rebalance_once=True,
+    cfg = EngineConfig(layers=2, experts=8, slots=4, fail_plan_once_at=2, fail_rebalance_once=True,
                        exit_joiners=frozenset({3}), hang_joiners=frozenset({4}))
-    coord = _coordinator(cfg, ScaleLimits(num_logical=4, slots_per_rank=4, max_physical_slots=16))
+    coord = _coordinator(cfg, ScaleLimits(num_logical=8, slots_per_rank=4, max_physical_slots=16))
     try:
         start = coord.start(3, timeout_s=60)
         _infos(coord, start)
@@ -400,6 +405,31 @@ def test_planner_error_joiner_gone_and_timeout_roll_back_then_scale_works() -> N
         assert status.phase is ScalePhase.ROLLED_BACK and status.event is EventKind.REBALANCE
         assert "injected planner failure" in (status.error or ""), status
         assert (status.epoch, status.members) == (start.epoch, start.members)
+
+        # Weights staged for a new load, then member 1's epoch resources fail at the commit: every
+        # rank rolls back and serves the old placement with its old weights, bit for bit.
+        hot_last = [[1.0] * 7 + [20.0]] * cfg.layers  # 6 experts move for this (checked below)
+        put(coord.store, "test/load", json.dumps(hot_last).encode())
+        put(coord.store, "test/fail_build", b"1")
+        status = coord.rebalance(RebalanceRequest(timeout_s=20))
+        coord.store.delete_key("test/fail_build")
+        assert status.phase is ScalePhase.ROLLED_BACK, status
+        assert "injected build failure on member 1" in (status.error or ""), status
+        assert (status.epoch, status.members) == (start.epoch, start.members)
+        deadline = time.monotonic() + 30
+        infos: dict[int, dict] = {}
+        while len(infos) < len(start.members) and time.monotonic() < deadline:
+            for m in start.members:  # each rank re-checks its weights after its rollback
+                info = json.loads(coord.store.get(f"test/verify/{start.epoch}/{m}"))
+                if info["event"] == Action.ROLLED_BACK.value:
+                    infos[m] = info
+            time.sleep(0.02)
+        assert sorted(infos) == list(start.members), infos
+        assert all(info["error"] is None for info in infos.values()), infos
+        serving = plan(load_of(cfg), 3, cfg.slots)  # what the ranks started from and still serve
+        staged = plan(torch.tensor(hot_last, dtype=torch.float64), 3, cfg.slots, previous=serving,
+                      rank_mapping=RankMapping.identity(3))
+        assert int(staged.transfers_from(serving).sum()) > 0  # the rollback had weights to drop
 
         status = coord.scale(ScaleRequest(world_size=2, timeout_s=20))  # scale-down path
         assert status.phase is ScalePhase.ROLLED_BACK, status
