@@ -1,11 +1,13 @@
 """Scaling over NCCL: one GPU per rank, polls on the gloo control group, weights bit for bit.
 
 Needs CUDA and at least 2 GPUs: scales 1 -> all GPUs -> all - 1 (passed on 4x H200, torch
-2.11+cu130). GPU = member id % device count, so this sequence never puts two members of one epoch
-on the same GPU.
+2.11+cu130); a rebalance at 2 ranks for a skewed load (not yet run on GPUs). GPU = member id %
+device count, so these sequences never put two members of one epoch on the same GPU.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -13,10 +15,13 @@ import torch
 from elastic_ep.scaling import (
     ElasticCoordinator,
     LocalProcessLauncher,
+    RebalanceRequest,
     ScaleLimits,
     ScalePhase,
     ScaleRequest,
 )
+from elastic_ep.scaling.channel import put
+from elastic_ep.scaling.status import EventKind
 from tests.test_scaling_e2e import EngineConfig, _infos, rank_main
 
 pytestmark = pytest.mark.gpu
@@ -44,5 +49,30 @@ def test_nccl_scale_up_and_down() -> None:
         _infos(coord, status)
         print("\nnccl scale", gpus, "->", gpus - 1, "phases", status.phase_s,
               "blocking_s", status.blocking_s)
+    finally:
+        coord.shutdown()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
+@pytest.mark.timeout(300)
+def test_nccl_rebalance_moves_experts_bit_exact() -> None:
+    cfg = EngineConfig(layers=2, experts=8, slots=6, backend="nccl")
+    coord = ElasticCoordinator(
+        LocalProcessLauncher(rank_main, start_method="spawn"), ScaleLimits(8, 6, 12),
+        config=cfg, timeout_s=30.0,
+    )
+    try:
+        start = coord.start(2, timeout_s=120)
+        _infos(coord, start)
+        hot_last = [[1.0] * 7 + [20.0]] * cfg.layers  # the last expert wants more replicas
+        put(coord.store, "test/load", json.dumps(hot_last).encode())
+        status = coord.rebalance(RebalanceRequest(timeout_s=120))
+        assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.REBALANCE, status
+        assert status.members == start.members and status.experts_moved, status
+        _infos(coord, status)
+        print("\nnccl rebalance at 2 ranks: phases", status.phase_s, "blocking_s",
+              status.blocking_s, "balance", status.balance_before, "->", status.balance_after)
     finally:
         coord.shutdown()
