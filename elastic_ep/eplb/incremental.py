@@ -23,6 +23,7 @@ from elastic_ep.eplb.replication import replica_counts
 
 SWAP_PARTNERS = 8  # lightest ranks tried as swap partners of the heaviest one
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
+_NEVER = 1 << 40  # transfer cost of a swap that is not allowed
 
 
 def drop_duplicates(kept: np.ndarray) -> np.ndarray:
@@ -161,88 +162,108 @@ def swap_towards(
         budget: int64 [B], the most weights a row may receive in total.
         max_steps: most swaps per row.
     """
-    rows = slots.shape[0]
+    rows, ranks, per_rank = slots.shape
     num_experts = load.shape[1]
     per_replica = load / np.maximum(_replica_counts_of(slots, num_experts), 1)
-    weight = slot_loads(slots, per_replica)
-    present = presence_of(slots, num_experts) > 0
-    present[:, :, 0] = False
-    fresh = presence_of(kept, num_experts) == 0  # [B, R, E + 1]: receiving costs one transfer
-    fresh[:, :, 0] = False
-    spent = (present & fresh).sum((1, 2))
+    # Flat layouts, one row per (row, rank), so that every gather is a single index.
+    weight = slot_loads(slots, per_replica).reshape(-1, per_rank)
+    flat_slots = slots.reshape(-1, per_rank)
+    present = (presence_of(slots, num_experts) > 0).reshape(rows * ranks, -1)
+    present[:, 0] = False
+    fresh = (presence_of(kept, num_experts) == 0).reshape(rows * ranks, -1)
+    fresh[:, 0] = False  # receiving an expert a rank did not hold costs one transfer
+    spent = (present & fresh).reshape(rows, -1).sum(1)
+    loads = weight.sum(1)
     active = np.arange(rows)
     for _ in range(max_steps):
-        loads = weight[active].sum(2)
-        balance = loads.mean(1) / np.maximum(loads.max(1), 1e-300)
-        active = active[(balance < target[active]) & (spent[active] < budget[active])]
+        rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
+        balance = rank_loads.mean(1) / np.maximum(rank_loads.max(1), 1e-300)
+        keep = (balance < target[active]) & (spent[active] < budget[active])
+        active = active[keep]
         if active.size == 0:
             return
         found = _best_paid_swap(
-            slots[active],
-            weight[active],
-            present[active],
-            fresh[active],
+            flat_slots,
+            weight,
+            loads,
+            present,
+            fresh,
+            active,
+            rank_loads[keep],
             budget[active] - spent[active],
         )
         improved, heavy, h_slot, partner, p_slot, cost = found
         active = active[improved]
-        b = active
         heavy, h_slot, partner, p_slot = (
             heavy[improved],
             h_slot[improved],
             partner[improved],
             p_slot[improved],
         )
-        x, y = slots[b, heavy, h_slot], slots[b, partner, p_slot]
-        wx, wy = weight[b, heavy, h_slot], weight[b, partner, p_slot]
-        slots[b, heavy, h_slot], slots[b, partner, p_slot] = y, x
-        weight[b, heavy, h_slot], weight[b, partner, p_slot] = wy, wx
-        present[b, heavy, x + 1] = False
-        present[b, partner, y + 1] = False
-        present[b, heavy, y + 1] = True
-        present[b, partner, x + 1] = True
-        present[b, :, 0] = False
-        spent[b] += cost[improved]
+        x, y = flat_slots[heavy, h_slot], flat_slots[partner, p_slot]
+        wx, wy = weight[heavy, h_slot], weight[partner, p_slot]
+        flat_slots[heavy, h_slot], flat_slots[partner, p_slot] = y, x
+        weight[heavy, h_slot], weight[partner, p_slot] = wy, wx
+        loads[heavy] += wy - wx
+        loads[partner] += wx - wy
+        present[heavy, x + 1] = False
+        present[partner, y + 1] = False
+        present[heavy, y + 1] = True
+        present[partner, x + 1] = True
+        present[heavy, 0] = present[partner, 0] = False
+        spent[active] += cost[improved]
 
 
 def _best_paid_swap(
-    slots: np.ndarray, weight: np.ndarray, present: np.ndarray, fresh: np.ndarray, left: np.ndarray
+    slots: np.ndarray,
+    weight: np.ndarray,
+    loads: np.ndarray,
+    present: np.ndarray,
+    fresh: np.ndarray,
+    active: np.ndarray,
+    rank_loads: np.ndarray,
+    left: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
-    """Best swap per row by load gain per transfer, between the heaviest rank and one of the
-    lightest; returns (improved, heavy rank, heavy slot, partner rank, partner slot, transfers
-    it costs), each [B]."""
-    rows, ranks, per_rank = slots.shape
+    """Best swap per active row by load gain per transfer, between the heaviest rank and one
+    of the lightest; returns (improved, heavy rank, heavy slot, partner rank, partner slot,
+    transfers it costs), each [A], ranks as flat ids.
+
+    Args:
+        slots, weight: int64 / float64 [B * R, S]; loads: float64 [B * R].
+        present, fresh: bool [B * R, E + 1]: rank holds the expert now / did not hold it before.
+        active: int64 [A], the rows to search; rank_loads: float64 [A, R], their rank loads.
+        left: int64 [A], transfers each row may still spend.
+    """
+    rows, ranks = rank_loads.shape
     r_idx = np.arange(rows)
-    loads = weight.sum(2)
-    heavy = loads.argmax(1)
-    heavy_load = loads[r_idx, heavy]
-    hx = slots[r_idx, heavy]  # [B, S]
+    first = active * ranks
+    heavy = rank_loads.argmax(1) + first
+    heavy_load = loads[heavy]
     if ranks > SWAP_PARTNERS:
-        partner = np.argpartition(loads, SWAP_PARTNERS - 1, axis=1)[:, :SWAP_PARTNERS]
+        partner = np.argpartition(rank_loads, SWAP_PARTNERS - 1, axis=1)[:, :SWAP_PARTNERS]
+        partner += first[:, None]
     else:
-        partner = np.broadcast_to(np.arange(ranks), (rows, ranks))
-    pb = r_idx[:, None]
-    px = slots[pb, partner]  # [B, M, S]
-    delta = weight[r_idx, heavy][:, :, None, None] - weight[pb, partner][:, None]  # [B, S, M, S]
-    new_max = np.maximum(
-        heavy_load[:, None, None, None] - delta, loads[pb, partner][:, None, :, None] + delta
-    )
-    rb = r_idx[:, None, None]
-    x_to = (rb, partner[:, None, :], (hx + 1)[:, :, None])  # heavy item on partner: [B, S, M]
-    y_to = (rb, heavy[:, None, None], px + 1)  # partner item on heavy: [B, M, S]
+        partner = first[:, None] + np.arange(ranks)
+    hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
+    px = slots[partner] + 1  # [A, M, S]
+    delta = weight[heavy][:, :, None, None] - weight[partner][:, None]  # [A, S, M, S]
+    # Gain = heavy load - max(heavy load - delta, partner load + delta).
+    gain = np.minimum(delta, (heavy_load[:, None] - loads[partner])[:, None, :, None] - delta)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
-    # the heavy rank, and likewise for y going the other way.
-    x_cost = fresh[x_to].astype(np.int64) - fresh[r_idx, heavy][pb, hx + 1][:, :, None]
-    y_cost = fresh[y_to].astype(np.int64) - fresh[rb, partner[:, :, None], px + 1]
+    # the heavy rank, and likewise for y going the other way. A swap that would put an expert
+    # twice on one rank (or a rank with itself) costs more than any budget.
+    x_to = (partner[:, None, :], hx[:, :, None])  # heavy item on partner: [A, S, M]
+    y_to = (heavy[:, None, None], px)  # partner item on heavy: [A, M, S]
+    x_cost = fresh[x_to].astype(np.int64) - fresh[heavy[:, None], hx][:, :, None]
+    y_cost = fresh[y_to].astype(np.int64) - fresh[partner[:, :, None], px]
+    x_cost[present[x_to] | (partner == heavy[:, None])[:, None, :]] = _NEVER
+    y_cost[present[y_to]] = _NEVER
     cost = x_cost[:, :, :, None] + y_cost[:, None, :, :]
-    gain = heavy_load[:, None, None, None] - new_max
-    valid = (delta > 0) & (gain > heavy_load[:, None, None, None] * 1e-12)
-    valid &= ~present[x_to][:, :, :, None] & ~present[y_to][:, None, :, :]
-    valid &= (cost <= left[:, None, None, None]) & (partner != heavy[:, None])[:, None, :, None]
+    valid = (gain > heavy_load[:, None, None, None] * 1e-12) & (cost <= left[:, None, None, None])
     score = np.where(valid, gain / np.maximum(cost, _FREE_SWAP_COST), -np.inf).reshape(rows, -1)
     best = score.argmax(1)
     improved = np.isfinite(score[r_idx, best])
-    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
+    h_slot, p_idx, p_slot = np.unravel_index(best, (hx.shape[1], partner.shape[1], hx.shape[1]))
     return (
         improved,
         heavy,
