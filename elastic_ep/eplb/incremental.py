@@ -116,22 +116,26 @@ def _place_one(
     """Put one replica of ``expert[i]`` into row ``b[i]`` where it leaves the lightest rank;
     returns the rows where it found room. Updates every state array in place (``slot_w``
     [B, R, S] and ``rank_load`` [B, R] hold loads at the wanted replica counts)."""
-    per_rank = slots.shape[2]
     current = slots[b]  # [n, R, S]
-    surplus = np.concatenate([np.ones((b.size, 1), dtype=bool), have[b] > counts[b]], axis=1)
-    replaceable = np.take_along_axis(surplus, (current + 1).reshape(b.size, -1), axis=1)
-    replaceable = replaceable.reshape(current.shape)
-    lacks = ~(present[b, :, expert + 1] > 0)  # [n, R]
-    after = rank_load[b][:, :, None] - slot_w[b] + per_replica[b, expert][:, None, None]
-    allowed = replaceable & lacks[:, :, None]
-    # Fill empty slots before evicting: an empty slot left at the end is capacity lost.
-    empty_ok = allowed & (current < 0)
-    allowed = np.where(empty_ok.any((1, 2))[:, None, None], empty_ok, allowed)
-    score = np.where(allowed, after, np.inf).reshape(b.size, -1)
-    best = score.argmin(1)
-    ok = np.isfinite(score[np.arange(b.size), best])
-    b, expert, best = b[ok], expert[ok], best[ok]
-    rank, slot = best // per_rank, best % per_rank
+    lacks = present[b, :, expert + 1] == 0  # [n, R]
+    empty = current < 0
+    # Fill empty slots before evicting (an empty slot left at the end is capacity lost): the
+    # lightest rank lacking the expert that has one, at its first empty slot.
+    open_rank = empty.any(2) & lacks
+    rank = np.where(open_rank, rank_load[b], np.inf).argmin(1)
+    slot = empty[np.arange(b.size), rank].argmax(1)
+    ok = open_rank.any(1)
+    full = np.flatnonzero(~ok)
+    if full.size:  # no empty slot the expert may take: evict a surplus replica
+        rank[full], slot[full], ok[full] = _best_eviction(
+            current[full],
+            slot_w[b[full]],
+            rank_load[b[full]],
+            lacks[full],
+            have[b[full]] > counts[b[full]],
+            per_replica[b[full], expert[full]],
+        )
+    b, expert, rank, slot = b[ok], expert[ok], rank[ok], slot[ok]
     evicted = slots[b, rank, slot]
     gone = evicted >= 0
     have[b[gone], evicted[gone]] -= 1
@@ -142,6 +146,30 @@ def _place_one(
     have[b, expert] += 1
     present[b, rank, expert + 1] += 1
     return b
+
+
+def _best_eviction(
+    current: np.ndarray,
+    slot_w: np.ndarray,
+    rank_load: np.ndarray,
+    lacks: np.ndarray,
+    surplus: np.ndarray,
+    weight: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rank, slot, found) [n]: the slot whose surplus replica (or emptiness) to replace so
+    that the rank lacking the expert is left lightest, for slots ``current`` int64 [n, R, S]
+    with loads ``slot_w`` float64 [n, R, S], ``rank_load`` float64 [n, R], ``lacks`` bool
+    [n, R], ``surplus`` bool [n, E] (experts above their wanted count), ``weight`` float64 [n]
+    (the placed replica's load)."""
+    n, _, per_rank = current.shape
+    padded = np.ones((n, surplus.shape[1] + 1), dtype=bool)  # column 0: an empty slot
+    padded[:, 1:] = surplus
+    replaceable = padded.ravel()[current + (np.arange(n) * padded.shape[1] + 1)[:, None, None]]
+    after = rank_load[:, :, None] - slot_w + weight[:, None, None]
+    score = np.where(replaceable & lacks[:, :, None], after, np.inf).reshape(n, -1)
+    best = score.argmin(1)
+    found = np.isfinite(score[np.arange(n), best])
+    return best // per_rank, best % per_rank, found
 
 
 def swap_towards(

@@ -31,7 +31,7 @@ from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 2
 """Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
-REPAIR_SWAP_STEPS = 12
+REPAIR_SWAP_STEPS = 8
 """Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
 
 
