@@ -23,7 +23,6 @@ from elastic_ep.eplb.replication import replica_counts
 
 SWAP_PARTNERS = 8  # lightest ranks tried as swap partners of the heaviest one
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
-_NEVER = 1 << 40  # transfer cost of a swap that is not allowed
 
 
 def drop_duplicates(kept: np.ndarray) -> np.ndarray:
@@ -278,19 +277,33 @@ def _best_paid_swap(
     # Gain = heavy load - max(heavy load - delta, partner load + delta).
     gain = np.minimum(delta, (heavy_load[:, None] - loads[partner])[:, None, :, None] - delta)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
-    # the heavy rank, and likewise for y going the other way. A swap that would put an expert
-    # twice on one rank (or a rank with itself) costs more than any budget.
-    x_to = (partner[:, None, :], hx[:, :, None])  # heavy item on partner: [A, S, M]
-    y_to = (heavy[:, None, None], px)  # partner item on heavy: [A, M, S]
-    x_cost = fresh[x_to].astype(np.int64) - fresh[heavy[:, None], hx][:, :, None]
-    y_cost = fresh[y_to].astype(np.int64) - fresh[partner[:, :, None], px]
-    x_cost[present[x_to] | (partner == heavy[:, None])[:, None, :]] = _NEVER
-    y_cost[present[y_to]] = _NEVER
-    cost = x_cost[:, :, :, None] + y_cost[:, None, :, :]
-    valid = (gain > heavy_load[:, None, None, None] * 1e-12) & (cost <= left[:, None, None, None])
-    score = np.where(valid, gain / np.maximum(cost, _FREE_SWAP_COST), -np.inf).reshape(rows, -1)
+    # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
+    # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
+    width = fresh.shape[1]
+    fresh_flat, present_flat = fresh.ravel(), present.ravel()
+    x_to = (partner * width)[:, None, :] + hx[:, :, None]  # heavy item on partner: [A, S, M]
+    y_to = (heavy * width)[:, None, None] + px  # partner item on heavy: [A, M, S]
+    x_cost = (
+        fresh_flat[x_to].astype(np.int64) - fresh_flat[(heavy * width)[:, None] + hx][..., None]
+    )
+    y_cost = fresh_flat[y_to].astype(np.int64) - fresh_flat[(partner * width)[..., None] + px]
+    x_cost[present_flat[x_to] | (partner == heavy[:, None])[:, None, :]] = 2
+    y_cost[present_flat[y_to]] = 2
+    # Score = gain / max(cost, 1/4), 0 where the cost is over budget: the factor is looked up
+    # in a per-row table of the 4 x 4 side costs, so the [A, S, M, S] work is a few operations.
+    side = np.arange(-1, 3)
+    pair_cost = side[:, None] + side  # [4, 4]
+    factor = np.where(
+        (pair_cost <= left[:, None, None]) & (side[:, None] < 2) & (side < 2),
+        1.0 / np.maximum(pair_cost, _FREE_SWAP_COST),
+        0.0,
+    ).reshape(-1)  # [A * 16]
+    x_code = (x_cost + 1) * 4 + (np.arange(rows) * 16)[:, None, None]
+    code = x_code.astype(np.int32)[:, :, :, None] + (y_cost + 1).astype(np.int32)[:, None, :, :]
+    score = (gain * factor[code]).reshape(rows, -1)
     best = score.argmax(1)
-    improved = np.isfinite(score[r_idx, best])
+    chosen = gain.reshape(rows, -1)[r_idx, best]
+    improved = (score[r_idx, best] > 0) & (chosen > heavy_load * 1e-12)
     h_slot, p_idx, p_slot = np.unravel_index(best, (hx.shape[1], partner.shape[1], hx.shape[1]))
     return (
         improved,
@@ -298,7 +311,7 @@ def _best_paid_swap(
         h_slot,
         partner[r_idx, p_idx],
         p_slot,
-        cost.reshape(rows, -1)[r_idx, best],
+        x_cost[r_idx, h_slot, p_idx] + y_cost[r_idx, p_idx, p_slot],
     )
 
 
