@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.packing import presence_of, slot_loads
+from elastic_ep.eplb.packing import expert_counts, presence_of, slot_loads
 from elastic_ep.eplb.replication import replica_counts
 
 SWAP_PARTNERS = 8  # lightest ranks tried as swap partners of the heaviest one
@@ -317,7 +317,7 @@ def _best_paid_swap(
 
 def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
     """int64 [B, E]: replicas of each expert in ``slots``."""
-    return presence_of(slots, num_experts).sum(1)[:, 1:]
+    return expert_counts(slots, num_experts)
 
 
 def repair(

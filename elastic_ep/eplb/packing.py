@@ -134,6 +134,14 @@ def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
     return flat.reshape(rows, ranks, num_experts + 1)
 
 
+def expert_counts(slots: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 [B, E]: replicas of each expert in ``slots`` int64 [B, R, S] (-1 = empty)."""
+    rows = slots.shape[0]
+    cell = (np.arange(rows) * (num_experts + 1) + 1)[:, None] + slots.reshape(rows, -1)
+    flat = np.bincount(cell.ravel(), minlength=rows * (num_experts + 1))
+    return flat.reshape(rows, num_experts + 1)[:, 1:]
+
+
 def improve_by_swaps(
     slots: np.ndarray, weight: np.ndarray, *, max_steps: int, pairs: int | None = None
 ) -> None:

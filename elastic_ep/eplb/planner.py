@@ -24,7 +24,7 @@ import torch
 
 from elastic_ep.eplb.hierarchical import hierarchical_slots, repair_within_nodes
 from elastic_ep.eplb.incremental import drop_duplicates, repair
-from elastic_ep.eplb.packing import presence_of, slot_loads, static_slots
+from elastic_ep.eplb.packing import expert_counts, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.relabel import align_slots, relabel_cost_floor, relabel_packs
 from elastic_ep.rank_mapping import RankMapping
@@ -149,7 +149,7 @@ def plan_with_report(
     if max_transfers is not None:
         _check_int("max_transfers", max_transfers, minimum=0)
     kept = drop_duplicates(kept_on_new_ranks(previous, mapping))
-    missing = (~presence_of(kept, experts)[:, :, 1:].any(1)).sum(1)
+    missing = (expert_counts(kept, experts) == 0).sum(1)
     if max_transfers is not None and int(missing.max()) > max_transfers:
         layer = int(missing.argmax())
         raise ValueError(
@@ -231,14 +231,18 @@ def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
 
 def transfers_between(slots: np.ndarray, kept: np.ndarray, num_experts: int) -> np.ndarray:
     """int64 [L]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``."""
-    now = presence_of(slots, num_experts)[:, :, 1:] > 0
-    before = presence_of(kept, num_experts)[:, :, 1:] > 0
-    return (now & ~before).sum((1, 2))
+    layers, ranks, _ = slots.shape
+    # Cell (layer, rank, expert + 1) of every slot; the slots of one rank hold distinct experts.
+    base = (np.arange(layers * ranks) * (num_experts + 1) + 1).reshape(layers, ranks, 1)
+    held = np.zeros(layers * ranks * (num_experts + 1), dtype=bool)
+    held[(base + kept).ravel()] = True
+    received = ~held[base + slots] & (slots >= 0)
+    return np.count_nonzero(received.reshape(layers, -1), axis=1)
 
 
 def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
     """float64 [L]: mean / max rank load per layer (1.0 for a layer without load)."""
-    counts = presence_of(slots, load.shape[1])[:, :, 1:].sum(1)
+    counts = expert_counts(slots, load.shape[1])
     rank_load = slot_loads(slots, load / np.maximum(counts, 1)).sum(2)
     peak = rank_load.max(1)
     return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
