@@ -166,23 +166,15 @@ def improve_by_swaps(
     flat_slots = slots.reshape(-1, per_rank)  # one row per (row, rank): gathers stay flat
     flat_weight = weight.reshape(-1, per_rank)
     loads = flat_weight.sum(1)  # [B * R], kept up to date by the swaps
-    # held[r * width + e + 1]: rank r holds expert e (column 0: an empty slot).
-    width = int(slots.max()) + 2
-    held = np.zeros(flat_slots.shape[0] * width, dtype=bool)
-    cell = (np.arange(flat_slots.shape[0]) * width + 1)[:, None]
-    held[cell + flat_slots] = True
     active = np.arange(rows)
     for _ in range(max_steps):
         improved, heavy, h_slot, light, l_slot = _best_swaps(
-            flat_slots, flat_weight, loads, held, active, ranks, pairs
+            flat_slots, flat_weight, loads, active, ranks, pairs
         )
         heavy, h_slot, light, l_slot = (x[improved] for x in (heavy, h_slot, light, l_slot))
-        x, y = flat_slots[heavy, h_slot], flat_slots[light, l_slot]
         moved = flat_weight[heavy, h_slot] - flat_weight[light, l_slot]
         loads[heavy] -= moved
         loads[light] += moved
-        held[heavy * width + x + 1] = held[light * width + y + 1] = False
-        held[heavy * width + y + 1] = held[light * width + x + 1] = True
         for table in (flat_slots, flat_weight):
             a, b = table[heavy, h_slot], table[light, l_slot]
             table[heavy, h_slot], table[light, l_slot] = b, a
@@ -195,7 +187,6 @@ def _best_swaps(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
-    held: np.ndarray,
     active: np.ndarray,
     ranks: int,
     pairs: int | None,
@@ -203,9 +194,8 @@ def _best_swaps(
     """Best swap per heavy rank of the ``active`` rows [A]: (improved, heavy rank, heavy slot,
     partner rank, partner slot), each [A, k] (k = 1 with ``pairs=None``); the R ranks of a row
     are rows of the flat ``slots`` int64 / ``weight`` float64 [B * R, S], ``loads`` float64
-    [B * R], ``held`` bool [B * R * W] (rank holds expert, see :func:`improve_by_swaps`)."""
+    [B * R]."""
     per_rank = slots.shape[1]
-    width = held.size // slots.shape[0]
     rank_ids = (active * ranks)[:, None] + np.arange(ranks)  # [A, R]
     by_load = ascending_order(loads[rank_ids]) + (active * ranks)[:, None]
     if pairs is None:  # heaviest against all others: one heavy rank, R - 1 partners
@@ -220,8 +210,9 @@ def _best_swaps(
     # A heavy item the partner already holds weighs -inf, a partner item the heavy rank holds
     # +inf: such a swap gets delta = -inf and never lowers the maximum. Neither does one with
     # delta <= 0 (an empty heavy slot included), so the plain minimum below is the best swap.
-    on_partner = held[(partner * width + 1)[..., None] + heavy_x]  # [A, k, M, S]
-    on_heavy = held[(heavy * width + 1)[..., None, None] + part_x] & (part_x >= 0)
+    same = heavy_x[..., None] == part_x[..., None, :]  # [A, k, M, S, S]
+    on_partner = same.any(4)  # [A, k, M, S]
+    on_heavy = same.any(3) & (part_x >= 0)
     heavy_w = np.where(on_partner, -np.inf, weight[heavy][:, :, None, :])
     part_w = np.where(on_heavy, np.inf, weight[partner])
     delta = heavy_w[..., :, None] - part_w[..., None, :]  # [A, k, M, S, S]
