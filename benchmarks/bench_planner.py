@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from markdown_section import write_section
 
 from elastic_ep import RankMapping
 from elastic_ep.adapters.vllm import load_policy_modules
@@ -245,18 +246,6 @@ def table(rows: list[Row]) -> str:
 MARK = "<!-- bench_planner -->"
 
 
-def write_markdown(path: Path, body: str) -> None:
-    """Replace the text between the two MARK lines of ``path`` (append them if absent)."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    section = f"{MARK}\n{body}{MARK}\n"
-    if text.count(MARK) == 2:
-        start, end = text.index(MARK), text.rindex(MARK) + len(MARK) + 1
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-wheel", type=Path, help="vLLM wheel to read the policy from")
@@ -299,7 +288,7 @@ def main() -> None:
             json.dumps({"vllm_version": version, "rows": [asdict(r) for r in rows]}, indent=1)
         )
     if args.markdown:
-        write_markdown(args.markdown, body)
+        write_section(args.markdown, MARK, body)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from markdown_section import write_section
 
 from elastic_ep.eplb import Placement, plan
 from elastic_ep.rank_mapping import RankMapping
@@ -89,12 +90,18 @@ class BenchConfig:
 
     @property
     def expert_bytes(self) -> int:
-        return 3 * self.hidden * self.intermediate * torch.finfo(getattr(torch, self.dtype)).bits // 8
+        return (
+            3 * self.hidden * self.intermediate * torch.finfo(getattr(torch, self.dtype)).bits // 8
+        )
 
     def load(self) -> torch.Tensor:
         """float64 [L, E]: a fixed skewed load (lognormal(0, 0.6) per expert, seeded)."""
         gen = torch.Generator().manual_seed(0)
-        return torch.randn(self.layers, self.experts, generator=gen, dtype=torch.float64).mul(0.6).exp()
+        return (
+            torch.randn(self.layers, self.experts, generator=gen, dtype=torch.float64)
+            .mul(0.6)
+            .exp()
+        )
 
 
 @dataclass(frozen=True)
@@ -145,8 +152,9 @@ def _floor_worker(rank: int, cfg: BenchConfig, port: int, raw_mb: int, reps: int
         torch.cuda.set_device(device)
         torch.ones(1, device=device)  # CUDA context outside the timed region
     store = dist.TCPStore("127.0.0.1", port, cfg.devices, rank == 0, timedelta(seconds=120))
-    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, cfg.devices,
-                                    timedelta(seconds=120))
+    control = dist.ProcessGroupGloo(
+        dist.PrefixStore("control", store), rank, cfg.devices, timedelta(seconds=120)
+    )
 
     def slowest(seconds: float) -> float:
         t = torch.tensor([seconds], dtype=torch.float64)
@@ -180,11 +188,13 @@ def _floor_worker(rank: int, cfg: BenchConfig, port: int, raw_mb: int, reps: int
     control.barrier().wait()
     pg.shutdown()
     if rank == 0:
-        out.put({
-            "build_cold_s": builds[0],
-            "build_warm_s": statistics.median(builds[1:]),
-            "p2p_GBps": (raw_mb << 20) / statistics.median(ring) / 1e9,
-        })
+        out.put(
+            {
+                "build_cold_s": builds[0],
+                "build_warm_s": statistics.median(builds[1:]),
+                "p2p_GBps": (raw_mb << 20) / statistics.median(ring) / 1e9,
+            }
+        )
     control.barrier().wait()
 
 
@@ -192,8 +202,10 @@ def measure_floors(cfg: BenchConfig, raw_mb: int, reps: int) -> dict[str, float]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_floor_worker, args=(r, cfg, port, raw_mb, reps, out), daemon=True)
-             for r in range(cfg.devices)]
+    procs = [
+        ctx.Process(target=_floor_worker, args=(r, cfg, port, raw_mb, reps, out), daemon=True)
+        for r in range(cfg.devices)
+    ]
     for p in procs:
         p.start()
     try:
@@ -237,30 +249,46 @@ def bench_rank(spec: RankSpec) -> None:
         torch.cuda.set_device(device)
     dtype = getattr(torch, cfg.dtype)
     shapes = ((2 * cfg.intermediate, cfg.hidden), (cfg.hidden, cfg.intermediate))
-    weights = [[torch.zeros((cfg.slots, *s), dtype=dtype, device=device) for s in shapes]
-               for _ in range(cfg.layers)]
+    weights = [
+        [torch.zeros((cfg.slots, *s), dtype=dtype, device=device) for s in shapes]
+        for _ in range(cfg.layers)
+    ]
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(cfg.load(), len(spec.members), cfg.slots)
     if placement is not None:
         _fill(weights, placement, spec.rank)
-    store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False,
-                          timeout=timedelta(seconds=cfg.timeout_s), wait_for_workers=False)
+    store = dist.TCPStore(
+        spec.store_host,
+        spec.store_port,
+        is_master=False,
+        timeout=timedelta(seconds=cfg.timeout_s),
+        wait_for_workers=False,
+    )
 
     def reload(layer: int, expert: int) -> list[torch.Tensor]:
         return [torch.full(s, float(expert), dtype=dtype, device=device) for s in shapes]
 
     try:
         agent = ElasticRank(
-            spec, weights=weights, load=cfg.load, placement=placement,
-            kv_bytes=lambda: 1 << 34, reload=reload, backend=cfg.backend, device=device,
+            spec,
+            weights=weights,
+            load=cfg.load,
+            placement=placement,
+            kv_bytes=lambda: 1 << 34,
+            reload=reload,
+            backend=cfg.backend,
+            device=device,
             timeout_s=cfg.timeout_s,
         )
     except Exception:
         return  # a joiner of a rolled-back scale
 
     def report() -> None:
-        info = {"error": _verify(weights, agent.placement, agent.rank), "rank": agent.rank,
-                "phy2log": agent.placement.phy2log if agent.rank == 0 else None}
+        info = {
+            "error": _verify(weights, agent.placement, agent.rank),
+            "rank": agent.rank,
+            "phy2log": agent.placement.phy2log if agent.rank == 0 else None,
+        }
         put(store, f"bench/verify/{agent.epoch}/{agent.member}", pickle.dumps(info))
 
     report()
@@ -284,13 +312,24 @@ class DeviceLauncher:
         self._holders: dict[int, Any] = {}
 
     def launch(self, spec: RankSpec) -> Any:
-        index = next(i for i in range(self._cfg.devices)
-                     if i not in self._holders or not self._holders[i].is_alive())
+        index = next(
+            i
+            for i in range(self._cfg.devices)
+            if i not in self._holders or not self._holders[i].is_alive()
+        )
         device = f"cuda:{index}" if self._cfg.backend == "nccl" else "cpu"
-        handle = self._launcher.launch(RankSpec(
-            spec.store_host, spec.store_port, spec.member_id, spec.epoch, spec.members, spec.role,
-            RankSetup(self._cfg, device), spec.timeout_s,
-        ))
+        handle = self._launcher.launch(
+            RankSpec(
+                spec.store_host,
+                spec.store_port,
+                spec.member_id,
+                spec.epoch,
+                spec.members,
+                spec.role,
+                RankSetup(self._cfg, device),
+                spec.timeout_s,
+            )
+        )
         self._holders[index] = handle
         return handle
 
@@ -320,8 +359,9 @@ def _wait(coord: ElasticCoordinator, done: Any, limit_s: float) -> ScaleStatus:
 def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any]]:
     n = cfg.devices
     limits = ScaleLimits(cfg.experts, cfg.slots, n * cfg.slots)
-    coord = ElasticCoordinator(DeviceLauncher(cfg), limits, timeout_s=cfg.timeout_s,
-                               poll_interval_s=0.002)
+    coord = ElasticCoordinator(
+        DeviceLauncher(cfg), limits, timeout_s=cfg.timeout_s, poll_interval_s=0.002
+    )
     rows = []
     try:
         status = coord.start(n - 1, timeout_s=300)
@@ -338,8 +378,15 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
                 victim = before.members[value]
                 label = f"kill rank {value} ({before.world_size}->{before.world_size - 1})"
                 coord.handle(victim).kill()
-                status = _wait(coord, lambda s, v=victim: s.event is EventKind.RECOVERY
-                               and s.phase is ScalePhase.COMPLETED and v not in s.members, 300)
+                status = _wait(
+                    coord,
+                    lambda s, v=victim: (
+                        s.event is EventKind.RECOVERY
+                        and s.phase is ScalePhase.COMPLETED
+                        and v not in s.members
+                    ),
+                    300,
+                )
             end_to_end = time.monotonic() - began
             if status.phase is not ScalePhase.COMPLETED:
                 raise RuntimeError(f"{label} did not complete: {status}")
@@ -350,19 +397,21 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
             busiest = int(received.max()) * cfg.expert_bytes
             transfer_floor = busiest / (floors["p2p_GBps"] * 1e9)
             floor = floors["build_warm_s"] + transfer_floor
-            rows.append({
-                "event": label,
-                "end_to_end_s": end_to_end,
-                "blocking_s": status.blocking_s,
-                "phases_s": {p.value: s for p, s in status.phase_s},
-                "experts_moved": received_total,
-                "experts_reloaded": status.lost_experts,
-                "bytes_moved": received_total * cfg.expert_bytes,
-                "busiest_rank_bytes": busiest,
-                "transfer_floor_s": transfer_floor,
-                "floor_s": floor,
-                "ratio_vs_floor": end_to_end / floor,
-            })
+            rows.append(
+                {
+                    "event": label,
+                    "end_to_end_s": end_to_end,
+                    "blocking_s": status.blocking_s,
+                    "phases_s": {p.value: s for p, s in status.phase_s},
+                    "experts_moved": received_total,
+                    "experts_reloaded": status.lost_experts,
+                    "bytes_moved": received_total * cfg.expert_bytes,
+                    "busiest_rank_bytes": busiest,
+                    "transfer_floor_s": transfer_floor,
+                    "floor_s": floor,
+                    "ratio_vs_floor": end_to_end / floor,
+                }
+            )
             placement = new
     finally:
         coord.shutdown(timeout_s=60)
@@ -370,7 +419,9 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
 
 
 # ---- report -----------------------------------------------------------------------------------
-def table(cfg: BenchConfig, floors: dict[str, float], rows: list[dict[str, Any]], device: str) -> str:
+def table(
+    cfg: BenchConfig, floors: dict[str, float], rows: list[dict[str, Any]], device: str
+) -> str:
     lines = [
         f"{device}; {cfg.layers} layers x {cfg.experts} experts, {cfg.slots} slots per rank, "
         f"expert {cfg.expert_bytes / 1e6:.1f} MB ({cfg.dtype}), backend {cfg.backend}.",
@@ -403,18 +454,6 @@ def table(cfg: BenchConfig, floors: dict[str, float], rows: list[dict[str, Any]]
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, body: str) -> None:
-    """Replace the text between the two MARK lines of ``path`` (append them if absent)."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    section = f"{MARK}\n{body}{MARK}\n"
-    if text.count(MARK) == 2:
-        start, end = text.index(MARK), text.rindex(MARK) + len(MARK) + 1
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def config_from(args: argparse.Namespace) -> BenchConfig:
     n = args.devices
     if n < 2:
@@ -424,8 +463,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
     layers, experts, hidden, inter = (2, 8, 64, 32) if args.tiny else (26, 64, 2048, 1408)
     slots = args.slots or max(math.ceil(80 * experts / 64 / 4), math.ceil(experts / (n - 1)))
     dtype = "float32" if args.backend == "gloo" else "bfloat16"
-    return BenchConfig(layers, experts, hidden, inter, slots, dtype, args.backend, n,
-                       args.timeout_s)
+    return BenchConfig(
+        layers, experts, hidden, inter, slots, dtype, args.backend, n, args.timeout_s
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,13 +478,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="floor repetitions")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="group timeout")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
-    parser.add_argument("--markdown", type=Path, help="write the table into this file's "
-                        f"{MARK} section (e.g. docs/performance.md)")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        help=f"write the table into this file's {MARK} section (e.g. docs/performance.md)",
+    )
     args = parser.parse_args(argv)
     cfg = config_from(args)
     raw_mb = args.raw_mb or (4 if args.tiny else 256)
-    device = (torch.cuda.get_device_name(0) + f" x{cfg.devices}" if cfg.backend == "nccl"
-              else f"CPU x{cfg.devices} processes")
+    device = (
+        torch.cuda.get_device_name(0) + f" x{cfg.devices}"
+        if cfg.backend == "nccl"
+        else f"CPU x{cfg.devices} processes"
+    )
     print(f"floors on {device} ...", flush=True)
     floors = measure_floors(cfg, raw_mb, args.reps)
     print(f"  {floors}", flush=True)
@@ -453,11 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     body = table(cfg, floors, rows, device)
     print(body)
     if args.json:
-        args.json.write_text(json.dumps(
-            {"device": device, "config": asdict(cfg), "floors": floors, "events": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"device": device, "config": asdict(cfg), "floors": floors, "events": rows},
+                indent=2,
+            )
+        )
         print(f"wrote {args.json}")
     if args.markdown:
-        write_markdown(args.markdown, body)
+        write_section(args.markdown, MARK, body)
         print(f"wrote {args.markdown}")
     return 0
 

@@ -154,8 +154,12 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
         "script runs; after every event the distributed forward is checked against a "
         "single-process reference. Exit 0 when every check passed. See docs/demo.md.",
     )
-    cmd.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
-                     help="gloo: CPU processes (default); nccl: one process per GPU")
+    cmd.add_argument(
+        "--backend",
+        choices=("gloo", "nccl"),
+        default="gloo",
+        help="gloo: CPU processes (default); nccl: one process per GPU",
+    )
     cmd.add_argument("--devices", type=int, help="GPUs to use with --backend nccl")
     cmd.add_argument("--ranks", type=int, help="initial ranks (default 4 on CPU)")
     cmd.add_argument(
@@ -170,8 +174,12 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     cmd.add_argument("--hidden", type=int, help="hidden size (default 64)")
     cmd.add_argument("--intermediate", type=int, help="expert intermediate size (default 64)")
     cmd.add_argument("--top-k", type=int, help="experts per token (default 2)")
-    cmd.add_argument("--slots", type=int, help="expert slots per rank (default: the fewest "
-                     "that hold every expert at the script's smallest world)")
+    cmd.add_argument(
+        "--slots",
+        type=int,
+        help="expert slots per rank (default: the fewest "
+        "that hold every expert at the script's smallest world)",
+    )
     cmd.add_argument("--seed", type=int, default=0, help="model seed")
     cmd.add_argument("--serve-s", type=float, help="seconds of traffic before each event")
     cmd.add_argument("--rate", type=float, help="requests per second arriving at each rank")

@@ -31,7 +31,9 @@ class RankMapping:
 
     def __post_init__(self) -> None:
         if not isinstance(self.new_world_size, int) or isinstance(self.new_world_size, bool):
-            raise TypeError(f"new_world_size must be an int, got {type(self.new_world_size).__name__}")
+            raise TypeError(
+                f"new_world_size must be an int, got {type(self.new_world_size).__name__}"
+            )
         if self.new_world_size < 1:
             raise ValueError(f"new_world_size must be >= 1, got {self.new_world_size}")
         if len(self.old_to_new) < 1:
@@ -68,9 +70,7 @@ class RankMapping:
         )
 
     @classmethod
-    def from_members(
-        cls, old_members: Sequence[int], new_members: Sequence[int]
-    ) -> RankMapping:
+    def from_members(cls, old_members: Sequence[int], new_members: Sequence[int]) -> RankMapping:
         """Mapping implied by two ordered member-id lists (rank = position in the list)."""
         for name, members in (("old_members", old_members), ("new_members", new_members)):
             if len(set(members)) != len(members):
@@ -84,7 +84,9 @@ class RankMapping:
         gone = set(removed)
         bad = [r for r in gone if not 0 <= r < old_world_size]
         if bad:
-            raise ValueError(f"removed ranks {sorted(bad)} are outside the world of {old_world_size}")
+            raise ValueError(
+                f"removed ranks {sorted(bad)} are outside the world of {old_world_size}"
+            )
         mapping: list[int | None] = []
         nxt = 0
         for r in range(old_world_size):

@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(target: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any) -> None:
+def _child(
+    target: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch

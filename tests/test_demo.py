@@ -49,7 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_small_demo_passes_every_check_and_prints_the_timeline() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "elastic_ep", "demo", "--small"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
@@ -57,14 +60,19 @@ def test_small_demo_passes_every_check_and_prints_the_timeline() -> None:
     # one correctness line per event, each within fp32 rounding
     lines = re.findall(r"-> (.+?): (\d+) ranks, .*max \|diff\| (\S+): check passed", out)
     assert [(e, int(n)) for e, n, _ in lines] == [
-        ("rebalance", 4), ("scale 4->6 (drain)", 6), ("scale 6->3 (reject)", 3),
-        ("kill rank 1 (member 1)", 2), ("scale 2->4 (drain)", 4),
+        ("rebalance", 4),
+        ("scale 4->6 (drain)", 6),
+        ("scale 6->3 (reject)", 3),
+        ("kill rank 1 (member 1)", 2),
+        ("scale 2->4 (drain)", 4),
     ], out
     assert all(float(d) <= 1e-4 for _, _, d in lines), lines
     table = [line for line in out.splitlines() if re.match(r"^\d+\s{2}", line)]
     assert len(table) == 6 and all(line.endswith("pass") for line in table), out
     # rebalancing visibly helps the skewed load; drain and reject modes both showed up
-    before, after = (float(v) for v in re.search(r"rebalance.*?(\d\.\d+) -> (\d\.\d+)", table[1]).groups())
+    before, after = (
+        float(v) for v in re.search(r"rebalance.*?(\d\.\d+) -> (\d\.\d+)", table[1]).groups()
+    )
     assert after > before
     all_lines = out.splitlines()
     header = re.split(r"\s{2,}", all_lines[all_lines.index(table[0]) - 2])
@@ -87,7 +95,9 @@ def test_a_wrong_result_fails_the_check() -> None:
     controller = DemoController(config, out=lines.append)
     other = dataclasses.replace(SMALL_MODEL, seed=1)  # a different model's answer
     traffic = config.traffic
-    probe = probe_batch(SMALL_MODEL, traffic.zipf_s, traffic.noise, traffic.bias, config.probe_tokens)
+    probe = probe_batch(
+        SMALL_MODEL, traffic.zipf_s, traffic.noise, traffic.bias, config.probe_tokens
+    )
     controller._reference = reference_forward(other, probe)
     result = controller.run()
     assert not result.passed
@@ -161,8 +171,13 @@ def test_world_sizes_follow_the_script(initial: int, script: list[DemoEvent]) ->
 def test_default_slots_hold_every_expert_at_every_size(devices: int, experts: int) -> None:
     initial, script = default_script(devices)
     model = MoEModelConfig(num_layers=1, num_experts=experts, hidden_size=8, intermediate_size=8)
-    config = DemoConfig(model=model, initial_ranks=initial, events=parse_events(script),
-                        backend="nccl", devices=devices)
+    config = DemoConfig(
+        model=model,
+        initial_ranks=initial,
+        events=parse_events(script),
+        backend="nccl",
+        devices=devices,
+    )
     sizes = world_sizes(initial, config.events)
     assert max(sizes) == devices  # every GPU used, never more
     assert min(sizes) * config.slots >= experts
@@ -172,8 +187,13 @@ def test_default_slots_hold_every_expert_at_every_size(devices: int, experts: in
 
 
 def test_bad_traffic_settings_are_refused() -> None:
-    for field, value in (("requests_per_s", 0.0), ("zipf_s", -1.0), ("decode_steps", 0),
-                         ("max_active", 2.5), ("noise", float("nan"))):
+    for field, value in (
+        ("requests_per_s", 0.0),
+        ("zipf_s", -1.0),
+        ("decode_steps", 0),
+        ("max_active", 2.5),
+        ("noise", float("nan")),
+    ):
         with pytest.raises(ValueError, match=field):
             TrafficConfig(**{field: value})
 
@@ -188,7 +208,9 @@ def test_default_script_needs_two_devices() -> None:
 # ---- traffic --------------------------------------------------------------------------------
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 64), st.floats(0, 3), st.integers(0, 5), st.integers(0, 3))
-def test_zipf_weights_are_a_permuted_zipf_law(experts: int, s: float, seed: int, layer: int) -> None:
+def test_zipf_weights_are_a_permuted_zipf_law(
+    experts: int, s: float, seed: int, layer: int
+) -> None:
     w = zipf_weights(experts, s, seed, layer)
     assert w.shape == (experts,) and abs(float(w.sum()) - 1) < 1e-9
     expected = torch.arange(1, experts + 1, dtype=torch.float64).pow(-s)
@@ -257,16 +279,30 @@ def test_front_end_rejects_holds_and_drains_through_the_gate() -> None:
 # ---- timeline ---------------------------------------------------------------------------------
 def _row(event: str, diff: float, ok: bool = True) -> TimelineRow:
     return TimelineRow(
-        event=event, ok=ok, error=None if ok else "rolled_back: planner failed", world=3,
-        end_to_end_s=0.25, blocking_s=0.01, phases=(("preparing", 0.1), ("committing", 0.01)),
-        experts_moved=12, bytes_moved=3_000_000, reloaded=2, balance_before=0.8,
-        balance_after=0.95, requests=Requests(served=10, drained=2, held=3, rejected=1, lost=0),
-        max_abs_diff=diff, atol=1e-4,
+        event=event,
+        ok=ok,
+        error=None if ok else "rolled_back: planner failed",
+        world=3,
+        end_to_end_s=0.25,
+        blocking_s=0.01,
+        phases=(("preparing", 0.1), ("committing", 0.01)),
+        experts_moved=12,
+        bytes_moved=3_000_000,
+        reloaded=2,
+        balance_before=0.8,
+        balance_after=0.95,
+        requests=Requests(served=10, drained=2, held=3, rejected=1, lost=0),
+        max_abs_diff=diff,
+        atol=1e-4,
     )
 
 
 def test_timeline_table_and_summary() -> None:
-    rows = (_row("start", 1e-7), _row("scale 2->3 (drain)", 1e-3), _row("scale 3->4", 0.0, ok=False))
+    rows = (
+        _row("start", 1e-7),
+        _row("scale 2->3 (drain)", 1e-3),
+        _row("scale 3->4", 0.0, ok=False),
+    )
     table = format_timeline(rows).splitlines()
     assert table[0].split()[:3] == ["#", "event", "ranks"] and set(table[1]) <= {"-", " "}
     assert "prep 0.100 commit 0.010" in table[2] and "12 / 3.0 MB +2 reloaded" in table[2]
@@ -298,9 +334,21 @@ def test_small_demo_over_nccl_passes_every_check() -> None:
         pytest.skip("needs 2 CUDA devices")
     devices = min(torch.cuda.device_count(), 4)
     run = subprocess.run(
-        [sys.executable, "-m", "elastic_ep", "demo", "--small", "--backend", "nccl",
-         "--devices", str(devices)],
-        cwd=ROOT, capture_output=True, text=True, timeout=290,
+        [
+            sys.executable,
+            "-m",
+            "elastic_ep",
+            "demo",
+            "--small",
+            "--backend",
+            "nccl",
+            "--devices",
+            str(devices),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=290,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     checks = 5 if devices == 2 else 6
@@ -316,14 +364,33 @@ def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
     md = tmp_path / "performance.md"
     md.write_text("# Performance\n\nother sections stay\n")
     run = subprocess.run(
-        [sys.executable, "benchmarks/bench_scaling.py", "--backend", "gloo", "--tiny",
-         "--reps", "2", "--timeout-s", "5", "--json", str(out), "--markdown", str(md)],
-        cwd=ROOT, capture_output=True, text=True, timeout=230,
+        [
+            sys.executable,
+            "benchmarks/bench_scaling.py",
+            "--backend",
+            "gloo",
+            "--tiny",
+            "--reps",
+            "2",
+            "--timeout-s",
+            "5",
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text())
     assert [e["event"] for e in result["events"]] == [
-        "scale 3->4", "scale 4->3", "scale 3->4", "kill rank 1 (4->3)",
+        "scale 3->4",
+        "scale 4->3",
+        "scale 3->4",
+        "kill rank 1 (4->3)",
     ]
     for event in result["events"]:
         assert 0 < event["blocking_s"] <= event["end_to_end_s"]

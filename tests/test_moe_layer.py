@@ -266,7 +266,9 @@ class _RawGroup:
         input_split_sizes: list[int] | None = None,
     ) -> torch.Tensor:
         opts = AllToAllOptions()
-        self._pg.alltoall_base(output, input, output_split_sizes or [], input_split_sizes or [], opts).wait()
+        self._pg.alltoall_base(
+            output, input, output_split_sizes or [], input_split_sizes or [], opts
+        ).wait()
         return output
 
 
@@ -283,8 +285,10 @@ def _failing_peer_rank(rank: int, world_size: int, port: int) -> dict:
     backend = AllToAllBackend.build(aborted, 2)
     tokens, handle = backend.dispatch(hidden, slots, weights)
     aborted.abort()  # e.g. the scaling watcher, after the coordinator marked a member dead
-    for name, call in (("combine", lambda: backend.combine(tokens.hidden, handle)),
-                       ("dispatch", lambda: backend.dispatch(hidden, slots, weights))):
+    for name, call in (
+        ("combine", lambda: backend.combine(tokens.hidden, handle)),
+        ("dispatch", lambda: backend.dispatch(hidden, slots, weights)),
+    ):
         try:
             call()
         except GroupClosedError as err:
@@ -296,8 +300,10 @@ def _failing_peer_rank(rank: int, world_size: int, port: int) -> dict:
     if rank == 1:
         os._exit(0)  # dies between dispatch and combine (its sockets close)
     began = time.monotonic()
-    for name, call in (("combine", lambda: raw.combine(tokens.hidden, handle)),
-                       ("dispatch", lambda: raw.dispatch(hidden, slots, weights))):
+    for name, call in (
+        ("combine", lambda: raw.combine(tokens.hidden, handle)),
+        ("dispatch", lambda: raw.dispatch(hidden, slots, weights)),
+    ):
         try:
             call()
         except PeerFailure as err:

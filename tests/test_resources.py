@@ -16,10 +16,17 @@ def _ctx(epoch: int = 1) -> EpochContext:
 def test_build_order_deps_and_reverse_teardown() -> None:
     log: list[str] = []
     reg = EpochResources()
-    reg.register("a2a", lambda c: log.append("build a2a") or f"a2a@{c.epoch}",
-                 teardown=lambda v: log.append(f"down {v}"))
-    reg.register("graph", lambda c: log.append("build graph") or (c.deps["a2a"], "graph"),
-                 teardown=lambda v: log.append("down graph"), depends_on=["a2a"])
+    reg.register(
+        "a2a",
+        lambda c: log.append("build a2a") or f"a2a@{c.epoch}",
+        teardown=lambda v: log.append(f"down {v}"),
+    )
+    reg.register(
+        "graph",
+        lambda c: log.append("build graph") or (c.deps["a2a"], "graph"),
+        teardown=lambda v: log.append("down graph"),
+        depends_on=["a2a"],
+    )
     first = reg.build(_ctx(1))
     assert reg.install(first) is None
     assert reg.get("graph") == ("a2a@1", "graph")
@@ -28,7 +35,14 @@ def test_build_order_deps_and_reverse_teardown() -> None:
     old = reg.install(second)
     assert old is first
     old.teardown()
-    assert log == ["build a2a", "build graph", "build a2a", "build graph", "down graph", "down a2a@1"]
+    assert log == [
+        "build a2a",
+        "build graph",
+        "build a2a",
+        "build graph",
+        "down graph",
+        "down a2a@1",
+    ]
     assert reg.get("a2a") == "a2a@2"
 
 
@@ -72,10 +86,17 @@ def test_teardown_runs_every_hook_then_raises_first() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.integers(1, 8).flatmap(
-    lambda n: st.tuples(st.just(n), st.lists(st.lists(st.booleans(), min_size=n, max_size=n),
-                                             min_size=n, max_size=n))))
-def test_random_dags_build_after_deps_and_tear_down_once(case: tuple[int, list[list[bool]]]) -> None:
+@given(
+    st.integers(1, 8).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=n, max_size=n),
+        )
+    )
+)
+def test_random_dags_build_after_deps_and_tear_down_once(
+    case: tuple[int, list[list[bool]]],
+) -> None:
     n, adjacency = case
     built: list[str] = []
     down: list[str] = []
@@ -84,8 +105,12 @@ def test_random_dags_build_after_deps_and_tear_down_once(case: tuple[int, list[l
     for i in range(n):
         name = f"r{i}"
         deps[name] = [f"r{j}" for j in range(i) if adjacency[i][j]]
-        reg.register(name, lambda c, name=name: built.append(name) or name,
-                     teardown=down.append, depends_on=deps[name])
+        reg.register(
+            name,
+            lambda c, name=name: built.append(name) or name,
+            teardown=down.append,
+            depends_on=deps[name],
+        )
     reg.build(_ctx()).teardown()
     for name, ds in deps.items():
         assert all(built.index(d) < built.index(name) for d in ds)

@@ -110,7 +110,9 @@ def _verify(agent: ElasticRank, cfg: EngineConfig) -> str | None:
                 continue
             for kind, t in enumerate(agent.weights[layer]):
                 if not torch.equal(t[slot].cpu(), expert_weight(layer, expert, kind)):
-                    return f"layer {layer} slot {slot}: wrong weights for expert {expert} kind {kind}"
+                    return (
+                        f"layer {layer} slot {slot}: wrong weights for expert {expert} kind {kind}"
+                    )
     return None
 
 
@@ -160,8 +162,13 @@ def rank_main(spec: RankSpec) -> None:
 
     def test_key(key: str) -> bytes | None:
         """A key the test may write (read with a client of its own: any thread may call this)."""
-        store = TCPStore(spec.store_host, spec.store_port, is_master=False,
-                         timeout=timedelta(seconds=spec.timeout_s), wait_for_workers=False)
+        store = TCPStore(
+            spec.store_host,
+            spec.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=spec.timeout_s),
+            wait_for_workers=False,
+        )
         return store.get(key) if store.check([key]) else None
 
     def build_a2a(ctx: object) -> tuple[int, int]:
@@ -194,7 +201,11 @@ def rank_main(spec: RankSpec) -> None:
     def load() -> torch.Tensor:
         """The test's load if it wrote one, else ``load_of(cfg)`` (called on the staging thread)."""
         written = test_key("test/load")
-        return load_of(cfg) if written is None else torch.tensor(json.loads(written), dtype=torch.float64)
+        return (
+            load_of(cfg)
+            if written is None
+            else torch.tensor(json.loads(written), dtype=torch.float64)
+        )
 
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
@@ -243,12 +254,13 @@ def rank_main(spec: RankSpec) -> None:
 # ---- the tests (run in the pytest process) -----------------------------------------------------
 
 
-
 def _coordinator(cfg: EngineConfig, limits: ScaleLimits) -> ElasticCoordinator:
     return ElasticCoordinator(LocalProcessLauncher(rank_main), limits, config=cfg, timeout_s=10.0)
 
 
-def _infos(coord: ElasticCoordinator, status: ScaleStatus, timeout_s: float = 30.0) -> dict[int, dict]:
+def _infos(
+    coord: ElasticCoordinator, status: ScaleStatus, timeout_s: float = 30.0
+) -> dict[int, dict]:
     """Every serving rank's self-check for the status's epoch; fails on any wrong weight."""
     keys = [f"test/verify/{status.epoch}/{m}" for m in status.members]
     coord.store.wait(keys, timedelta(seconds=timeout_s))
@@ -264,7 +276,9 @@ def _infos(coord: ElasticCoordinator, status: ScaleStatus, timeout_s: float = 30
 def _http(url: str, method: str = "GET", body: object = None) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data, method=method), timeout=10) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, data, method=method), timeout=10
+        ) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -279,15 +293,20 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
         status = coord.start(2, timeout_s=60)
         _infos(coord, status)
         with ControlServer(coord) as server:
-            for bad, why in (({"world_size": 0}, ">= 1"), ({"world_size": 5}, "capacity 16"),
-                             ({"world_size": 2.5}, "must be an int"), ({"world_size": "3"}, "int")):
+            for bad, why in (
+                ({"world_size": 0}, ">= 1"),
+                ({"world_size": 5}, "capacity 16"),
+                ({"world_size": 2.5}, "must be an int"),
+                ({"world_size": "3"}, "int"),
+            ):
                 code, body = _http(server.url + "/scale", "POST", bad)
                 assert code == 400 and why in body["error"], (bad, body)
             with pytest.raises(ValueError, match="capacity"):
                 coord.submit(ScaleRequest(world_size=5))
             assert coord.status() == status  # nothing changed
-            code, body = _http(server.url + "/scale", "POST",
-                               {"world_size": 4, "mode": "drain", "timeout_s": 30})
+            code, body = _http(
+                server.url + "/scale", "POST", {"world_size": 4, "mode": "drain", "timeout_s": 30}
+            )
             assert code == 202 and body["phase"] == "preparing", body
             code, body = _http(server.url + "/scale", "POST", {"world_size": 3})
             assert code == 409, body
@@ -299,8 +318,11 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
             assert status.members == (0, 1, 2, 3)
             scaled = status
             infos = _infos(coord, status)
-            for bad, why in (({"world_size": 4}, "unknown fields"), ({"mode": "now"}, "'drain' or"),
-                             ({"timeout_s": -1}, "positive")):
+            for bad, why in (
+                ({"world_size": 4}, "unknown fields"),
+                ({"mode": "now"}, "'drain' or"),
+                ({"timeout_s": -1}, "positive"),
+            ):
                 code, body = _http(server.url + "/rebalance", "POST", bad)
                 assert code == 400 and why in body["error"], (bad, body)
             code, body = _http(server.url + "/rebalance", "POST", {"mode": "reject"})
@@ -314,12 +336,19 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
         assert [infos[m]["in_flight"] for m in (0, 1)] == [0, 0]  # drained before the commit
         assert {i["kv"] for i in infos.values()} == {2_000_000 - 1000}  # MIN of members 0 and 1
         phases = [p for p, _ in scaled.phase_s]
-        assert phases == [ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
-                          ScalePhase.COMMITTING]
+        assert phases == [
+            ScalePhase.PREPARING,
+            ScalePhase.SYNCING_KV,
+            ScalePhase.REBALANCING,
+            ScalePhase.COMMITTING,
+        ]
         assert scaled.blocking_s is not None and scaled.blocking_s < 2.0
 
-        for size, mode, members in ((3, GateMode.REJECT, (0, 1, 2)), (1, GateMode.DRAIN, (0,)),
-                                    (2, GateMode.REJECT, (0, 4))):
+        for size, mode, members in (
+            (3, GateMode.REJECT, (0, 1, 2)),
+            (1, GateMode.DRAIN, (0,)),
+            (2, GateMode.REJECT, (0, 4)),
+        ):
             leavers = [coord.handle(m) for m in status.members if m not in members]
             status = coord.scale(ScaleRequest(world_size=size, mode=mode, timeout_s=30))
             assert status.phase is ScalePhase.COMPLETED, status
@@ -361,8 +390,12 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         status = coord.wait(60)
         assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.REBALANCE, status
         assert status.members == scaled.members and status.epoch > scaled.epoch
-        assert [p for p, _ in status.phase_s] == [ScalePhase.PREPARING, ScalePhase.SYNCING_KV,
-                                                   ScalePhase.REBALANCING, ScalePhase.COMMITTING]
+        assert [p for p, _ in status.phase_s] == [
+            ScalePhase.PREPARING,
+            ScalePhase.SYNCING_KV,
+            ScalePhase.REBALANCING,
+            ScalePhase.COMMITTING,
+        ]
         assert status.blocking_s is not None and status.experts_moved
         assert status.balance_before is not None and status.balance_after is not None
         assert status.balance_after > status.balance_before + 0.05, status
@@ -394,8 +427,15 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_planner_error_joiner_gone_and_timeout_roll_back_then_scale_works() -> None:
-    cfg = EngineConfig(layers=2, experts=8, slots=4, fail_plan_once_at=2, fail_rebalance_once=True,
-                       exit_joiners=frozenset({3}), hang_joiners=frozenset({4}))
+    cfg = EngineConfig(
+        layers=2,
+        experts=8,
+        slots=4,
+        fail_plan_once_at=2,
+        fail_rebalance_once=True,
+        exit_joiners=frozenset({3}),
+        hang_joiners=frozenset({4}),
+    )
     coord = _coordinator(cfg, ScaleLimits(num_logical=8, slots_per_rank=4, max_physical_slots=16))
     try:
         start = coord.start(3, timeout_s=60)
@@ -427,8 +467,13 @@ def test_planner_error_joiner_gone_and_timeout_roll_back_then_scale_works() -> N
         assert sorted(infos) == list(start.members), infos
         assert all(info["error"] is None for info in infos.values()), infos
         serving = plan(load_of(cfg), 3, cfg.slots)  # what the ranks started from and still serve
-        staged = plan(torch.tensor(hot_last, dtype=torch.float64), 3, cfg.slots, previous=serving,
-                      rank_mapping=RankMapping.identity(3))
+        staged = plan(
+            torch.tensor(hot_last, dtype=torch.float64),
+            3,
+            cfg.slots,
+            previous=serving,
+            rank_mapping=RankMapping.identity(3),
+        )
         assert int(staged.transfers_from(serving).sum()) > 0  # the rollback had weights to drop
 
         status = coord.scale(ScaleRequest(world_size=2, timeout_s=20))  # scale-down path

@@ -35,8 +35,10 @@ def test_nccl_scale_up_and_down() -> None:
     gpus = torch.cuda.device_count()
     cfg = EngineConfig(layers=2, experts=4, slots=4, backend="nccl")
     coord = ElasticCoordinator(
-        LocalProcessLauncher(rank_main, start_method="spawn"), ScaleLimits(4, 4, 4 * gpus),
-        config=cfg, timeout_s=30.0,
+        LocalProcessLauncher(rank_main, start_method="spawn"),
+        ScaleLimits(4, 4, 4 * gpus),
+        config=cfg,
+        timeout_s=30.0,
     )
     try:
         status = coord.start(1, timeout_s=120)
@@ -47,8 +49,16 @@ def test_nccl_scale_up_and_down() -> None:
         status = coord.scale(ScaleRequest(world_size=gpus - 1, timeout_s=120))
         assert status.phase is ScalePhase.COMPLETED, status
         _infos(coord, status)
-        print("\nnccl scale", gpus, "->", gpus - 1, "phases", status.phase_s,
-              "blocking_s", status.blocking_s)
+        print(
+            "\nnccl scale",
+            gpus,
+            "->",
+            gpus - 1,
+            "phases",
+            status.phase_s,
+            "blocking_s",
+            status.blocking_s,
+        )
     finally:
         coord.shutdown()
 
@@ -60,8 +70,10 @@ def test_nccl_scale_up_and_down() -> None:
 def test_nccl_rebalance_moves_experts_bit_exact() -> None:
     cfg = EngineConfig(layers=2, experts=8, slots=6, backend="nccl")
     coord = ElasticCoordinator(
-        LocalProcessLauncher(rank_main, start_method="spawn"), ScaleLimits(8, 6, 12),
-        config=cfg, timeout_s=30.0,
+        LocalProcessLauncher(rank_main, start_method="spawn"),
+        ScaleLimits(8, 6, 12),
+        config=cfg,
+        timeout_s=30.0,
     )
     try:
         start = coord.start(2, timeout_s=120)
@@ -72,7 +84,15 @@ def test_nccl_rebalance_moves_experts_bit_exact() -> None:
         assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.REBALANCE, status
         assert status.members == start.members and status.experts_moved, status
         _infos(coord, status)
-        print("\nnccl rebalance at 2 ranks: phases", status.phase_s, "blocking_s",
-              status.blocking_s, "balance", status.balance_before, "->", status.balance_after)
+        print(
+            "\nnccl rebalance at 2 ranks: phases",
+            status.phase_s,
+            "blocking_s",
+            status.blocking_s,
+            "balance",
+            status.balance_before,
+            "->",
+            status.balance_after,
+        )
     finally:
         coord.shutdown()

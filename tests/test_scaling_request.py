@@ -98,9 +98,20 @@ def test_resize_keeps_survivors_in_order(old: int, new: int) -> None:
 
 
 def test_phase_machine() -> None:
-    path = [ScalePhase.IDLE, ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
-            ScalePhase.COMMITTING, ScalePhase.COMPLETED, ScalePhase.PREPARING, ScalePhase.FAILED,
-            ScalePhase.ROLLED_BACK, ScalePhase.PREPARING, ScalePhase.RECOVERING, ScalePhase.COMPLETED]
+    path = [
+        ScalePhase.IDLE,
+        ScalePhase.PREPARING,
+        ScalePhase.SYNCING_KV,
+        ScalePhase.REBALANCING,
+        ScalePhase.COMMITTING,
+        ScalePhase.COMPLETED,
+        ScalePhase.PREPARING,
+        ScalePhase.FAILED,
+        ScalePhase.ROLLED_BACK,
+        ScalePhase.PREPARING,
+        ScalePhase.RECOVERING,
+        ScalePhase.COMPLETED,
+    ]
     for a, b in itertools.pairwise(path):
         check_transition(a, b)
     with pytest.raises(ValueError, match="illegal scale phase transition idle -> committing"):
@@ -118,8 +129,19 @@ def test_active_phases_never_start_a_second_scale(a: ScalePhase, b: ScalePhase) 
 
 
 def test_status_json() -> None:
-    st_ = ScaleStatus(ScalePhase.COMPLETED, 3, (0, 1), EventKind.SCALE, 2,
-                      ((ScalePhase.PREPARING, 0.5),), 0.01, 1024, 0, (), None)
+    st_ = ScaleStatus(
+        ScalePhase.COMPLETED,
+        3,
+        (0, 1),
+        EventKind.SCALE,
+        2,
+        ((ScalePhase.PREPARING, 0.5),),
+        0.01,
+        1024,
+        0,
+        (),
+        None,
+    )
     out = json.loads(json.dumps(st_.to_json()))
     assert out["phase"] == "completed" and out["world_size"] == 2
     assert out["phase_s"] == {"preparing": 0.5}
@@ -141,14 +163,24 @@ def test_rebalance_request_json() -> None:
         ([], TypeError, "JSON object"),
     ],
 )
-def test_bad_rebalance_json_is_a_clear_error(body: object, error: type[Exception], match: str) -> None:
+def test_bad_rebalance_json_is_a_clear_error(
+    body: object, error: type[Exception], match: str
+) -> None:
     with pytest.raises(error, match=match):
         RebalanceRequest.from_json(body)  # type: ignore[arg-type]
 
 
 def test_rebalance_status_json() -> None:
-    st_ = ScaleStatus(ScalePhase.COMPLETED, 4, (0, 1), EventKind.REBALANCE, 3,
-                      balance_before=0.8, balance_after=0.95, experts_moved=6)
+    st_ = ScaleStatus(
+        ScalePhase.COMPLETED,
+        4,
+        (0, 1),
+        EventKind.REBALANCE,
+        3,
+        balance_before=0.8,
+        balance_after=0.95,
+        experts_moved=6,
+    )
     out = json.loads(json.dumps(st_.to_json()))
     assert out["event"] == "rebalance"
     assert (out["balance_before"], out["balance_after"], out["experts_moved"]) == (0.8, 0.95, 6)

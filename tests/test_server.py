@@ -44,7 +44,9 @@ class _Controller:
         return self.state
 
 
-def _call(url: str, method: str = "GET", body: Any = None, raw: bytes | None = None) -> tuple[int, dict]:
+def _call(
+    url: str, method: str = "GET", body: Any = None, raw: bytes | None = None
+) -> tuple[int, dict]:
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method=method)
     try:
@@ -66,7 +68,9 @@ def test_status_and_scale(server: Any) -> None:
     assert srv.url.startswith("http://127.0.0.1:")
     code, body = _call(srv.url + "/status")
     assert code == 200 and body["phase"] == "idle" and body["world_size"] == 2
-    code, body = _call(srv.url + "/scale", "POST", {"world_size": 3, "mode": "reject", "timeout_s": 5})
+    code, body = _call(
+        srv.url + "/scale", "POST", {"world_size": 3, "mode": "reject", "timeout_s": 5}
+    )
     assert code == 202 and body["phase"] == "preparing" and body["members"] == [0, 1, 100]
     code, body = _call(srv.url + "/scale", "POST", {"world_size": 4})
     assert code == 409 and "running" in body["error"]

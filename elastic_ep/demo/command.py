@@ -46,9 +46,12 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         **{
             field: value
             for field, value in (
-                ("num_layers", args.layers), ("num_experts", args.experts),
-                ("hidden_size", args.hidden), ("intermediate_size", args.intermediate),
-                ("top_k", args.top_k), ("seed", args.seed),
+                ("num_layers", args.layers),
+                ("num_experts", args.experts),
+                ("hidden_size", args.hidden),
+                ("intermediate_size", args.intermediate),
+                ("top_k", args.top_k),
+                ("seed", args.seed),
             )
             if value is not None
         },
@@ -58,7 +61,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         traffic = dataclasses.replace(traffic, requests_per_s=args.rate)
     if args.zipf is not None:
         traffic = dataclasses.replace(traffic, zipf_s=args.zipf)
-    serve_s = args.serve_s if args.serve_s is not None else SMALL_SERVE_S if args.small else base.serve_s
+    serve_s = (
+        args.serve_s if args.serve_s is not None else SMALL_SERVE_S if args.small else base.serve_s
+    )
     return DemoConfig(
         model=model,
         initial_ranks=args.ranks if args.ranks is not None else initial,

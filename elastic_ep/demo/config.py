@@ -83,9 +83,7 @@ def parse_event(token: str) -> DemoEvent:
                     f"event {token!r}: the gate mode must be 'drain' or 'reject'"
                 ) from None
         return DemoEvent(EventKind.SCALE, size, mode)
-    raise ValueError(
-        f"bad event {token!r}: use rebalance, scale:N[:drain|reject] or kill:RANK"
-    )
+    raise ValueError(f"bad event {token!r}: use rebalance, scale:N[:drain|reject] or kill:RANK")
 
 
 def parse_events(script: str) -> tuple[DemoEvent, ...]:
@@ -231,9 +229,7 @@ class DemoConfig:
         sizes = world_sizes(self.initial_ranks, self.events)
         if self.slots_per_rank is None:
             # every world size of the script must hold every expert
-            object.__setattr__(
-                self, "slots_per_rank", -(-self.model.num_experts // min(sizes))
-            )
+            object.__setattr__(self, "slots_per_rank", -(-self.model.num_experts // min(sizes)))
         limits = self.limits
         for size in sizes:
             limits.check_world_size(size)

@@ -121,7 +121,9 @@ class DemoController:
         )
         began = time.monotonic()
         status = self._coord.start(cfg.initial_ranks, timeout_s=cfg.start_timeout_s)
-        self.out(f"  ranks up in {time.monotonic() - began:.2f} s; serving {cfg.serve_s:g} s of traffic")
+        self.out(
+            f"  ranks up in {time.monotonic() - began:.2f} s; serving {cfg.serve_s:g} s of traffic"
+        )
         self._serve()
         check = self._check(status)
         self._placement = check.placement
@@ -157,8 +159,12 @@ class DemoController:
         """Submit a scale or rebalance to the coordinator, follow it, check the result."""
         began = time.monotonic()
         self._coord.submit(request)
-        final = self._follow(label, began, lambda s: not s.phase.is_active,
-                             request.timeout_s + self.config.timeout_s + 30.0)
+        final = self._follow(
+            label,
+            began,
+            lambda s: not s.phase.is_active,
+            request.timeout_s + self.config.timeout_s + 30.0,
+        )
         end_to_end = time.monotonic() - began
         previous = self._placement
         check = self._check(final)
@@ -170,9 +176,17 @@ class DemoController:
             moved = int(check.placement.transfers_from(previous, mapping).sum())
         error = None if ok else f"{final.phase.value}: {final.error}"
         return self._row(
-            label, final.world_size, end_to_end, final.blocking_s,
-            tuple((p.value, s) for p, s in final.phase_s), moved, moved * self._expert_bytes,
-            previous, check, ok=ok, error=error,
+            label,
+            final.world_size,
+            end_to_end,
+            final.blocking_s,
+            tuple((p.value, s) for p, s in final.phase_s),
+            moved,
+            moved * self._expert_bytes,
+            previous,
+            check,
+            ok=ok,
+            error=error,
         )
 
     def _kill(self, status: ScaleStatus, event: DemoEvent) -> TimelineRow:
@@ -201,11 +215,21 @@ class DemoController:
         moved = 0
         if ok and previous is not None:
             mapping = RankMapping.from_members(status.members, final.members)
-            moved = int(check.placement.transfers_from(previous, mapping).sum()) - final.lost_experts
+            moved = (
+                int(check.placement.transfers_from(previous, mapping).sum()) - final.lost_experts
+            )
         return self._row(
-            label, final.world_size, end_to_end, final.blocking_s,
-            tuple((p.value, s) for p, s in final.phase_s), moved, moved * self._expert_bytes,
-            previous, check, ok=ok, reloaded=final.lost_experts,
+            label,
+            final.world_size,
+            end_to_end,
+            final.blocking_s,
+            tuple((p.value, s) for p, s in final.phase_s),
+            moved,
+            moved * self._expert_bytes,
+            previous,
+            check,
+            ok=ok,
+            reloaded=final.lost_experts,
             error=None if ok else f"no recovery: {final.phase.value} {final.error}",
         )
 
@@ -235,15 +259,15 @@ class DemoController:
             if done(status):
                 return status
             if now - began > limit_s:
-                raise ElasticEPError(f"{label}: not done within {limit_s:g} s (phase {status.phase.value})")
+                raise ElasticEPError(
+                    f"{label}: not done within {limit_s:g} s (phase {status.phase.value})"
+                )
             time.sleep(POLL_S)
 
     def _check(self, status: ScaleStatus) -> _Check:
         """Probe the serving ranks: max |distributed - reference|, the placement, the load."""
         cmd = self._channel.publish(CommandKind.PROBE)
-        replies = self._channel.replies(
-            cmd.seq, status.members, self.config.timeout_s + 20.0
-        )
+        replies = self._channel.replies(cmd.seq, status.members, self.config.timeout_s + 20.0)
         ordered = sorted(replies.values(), key=lambda r: r.rank)
         output = torch.cat([r.output for r in ordered])
         diff = float((output - self._reference).abs().max())
@@ -261,9 +285,7 @@ class DemoController:
     def _book_lost(self, member: int) -> None:
         """A killed rank's requests in flight are lost (as of its last published counters)."""
         counts = self._channel.counts(member) or self._counts.get(member) or RequestCounts()
-        self._counts[member] = replace(
-            counts, lost=counts.lost + counts.in_flight, in_flight=0
-        )
+        self._counts[member] = replace(counts, lost=counts.lost + counts.in_flight, in_flight=0)
         # the store keeps what the dead rank wrote: overwrite it so later checks see the loss
         self._channel.report_counts(member, self._counts[member])
 
@@ -293,19 +315,39 @@ class DemoController:
         error: str | None = None,
     ) -> TimelineRow:
         return TimelineRow(
-            event=label, ok=ok and error is None, error=error, world=world,
-            end_to_end_s=end_to_end, blocking_s=blocking, phases=phases,
-            experts_moved=moved, bytes_moved=moved_bytes, reloaded=reloaded,
+            event=label,
+            ok=ok and error is None,
+            error=error,
+            world=world,
+            end_to_end_s=end_to_end,
+            blocking_s=blocking,
+            phases=phases,
+            experts_moved=moved,
+            bytes_moved=moved_bytes,
+            reloaded=reloaded,
             balance_before=None if previous is None else previous.balancedness(check.load),
             balance_after=check.placement.balancedness(check.load),
-            requests=self._requests(), max_abs_diff=check.max_abs_diff, atol=self.config.atol,
+            requests=self._requests(),
+            max_abs_diff=check.max_abs_diff,
+            atol=self.config.atol,
         )
 
     def _failed_row(self, label: str, error: str) -> TimelineRow:
         return TimelineRow(
-            event=label, ok=False, error=error, world=0, end_to_end_s=None, blocking_s=None,
-            phases=(), experts_moved=0, bytes_moved=0, reloaded=0, balance_before=None,
-            balance_after=0.0, requests=Requests(), max_abs_diff=float("inf"),
+            event=label,
+            ok=False,
+            error=error,
+            world=0,
+            end_to_end_s=None,
+            blocking_s=None,
+            phases=(),
+            experts_moved=0,
+            bytes_moved=0,
+            reloaded=0,
+            balance_before=None,
+            balance_after=0.0,
+            requests=Requests(),
+            max_abs_diff=float("inf"),
             atol=self.config.atol,
         )
 
@@ -318,7 +360,9 @@ class DemoController:
         )
 
     def _row_line(self, row: TimelineRow) -> str:
-        verdict = "check passed" if row.passed else f"CHECK FAILED ({row.error or 'output differs'})"
+        verdict = (
+            "check passed" if row.passed else f"CHECK FAILED ({row.error or 'output differs'})"
+        )
         before = "-" if row.balance_before is None else f"{row.balance_before:.3f}"
         return (
             f"{row.event}: {row.world} ranks, end-to-end {row.end_to_end_s or 0:.3f} s, "

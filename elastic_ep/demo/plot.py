@@ -25,10 +25,12 @@ def plot_timeline(rows: Sequence[TimelineRow], path: Path) -> None:
     fig, (times, balance, requests) = plt.subplots(3, 1, figsize=(11, 10), sharex=True)
 
     width = 0.4
-    times.bar([i - width / 2 for i in x], [r.end_to_end_s or 0.0 for r in rows], width,
-              label="end to end")
-    times.bar([i + width / 2 for i in x], [r.blocking_s or 0.0 for r in rows], width,
-              label="blocking")
+    times.bar(
+        [i - width / 2 for i in x], [r.end_to_end_s or 0.0 for r in rows], width, label="end to end"
+    )
+    times.bar(
+        [i + width / 2 for i in x], [r.blocking_s or 0.0 for r in rows], width, label="blocking"
+    )
     times.set_ylabel("seconds")
     times.set_title("event time (request to serving again) and blocking time")
     times.legend()
@@ -56,8 +58,15 @@ def plot_timeline(rows: Sequence[TimelineRow], path: Path) -> None:
 
     for i, row in enumerate(rows):
         mark = "pass" if row.passed else "FAIL"
-        times.annotate(mark, (i, 0), textcoords="offset points", xytext=(0, -12), ha="center",
-                       fontsize=8, color="green" if row.passed else "red")
+        times.annotate(
+            mark,
+            (i, 0),
+            textcoords="offset points",
+            xytext=(0, -12),
+            ha="center",
+            fontsize=8,
+            color="green" if row.passed else "red",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

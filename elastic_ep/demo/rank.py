@@ -83,15 +83,20 @@ class RankServer:
         self.device = device
         model_cfg = config.model
         self._store = TCPStore(
-            spec.store_host, spec.store_port, is_master=False,
-            timeout=timedelta(seconds=config.timeout_s), wait_for_workers=False,
+            spec.store_host,
+            spec.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=config.timeout_s),
+            wait_for_workers=False,
         )
         self.channel = DemoChannel(self._store, config.timeout_s)
         # Commands published before this rank existed were run without it.
         self.seen = self.channel.latest_seq()
         layers, experts = model_cfg.num_layers, model_cfg.num_experts
         self.buffers = PlacementBuffers(layers, experts, config.max_physical_factor, device=device)
-        self.record = LoadRecord(layers, experts, self.buffers.capacity, config.window, device=device)
+        self.record = LoadRecord(
+            layers, experts, self.buffers.capacity, config.window, device=device
+        )
         joiner = spec.role is RankRole.JOINER
         placement = None if joiner else initial_placement(config, len(spec.members))
         self.model = build_local_model(
@@ -140,7 +145,9 @@ class RankServer:
         """Build the rank; ``None`` for a joiner whose scale rolled back before it joined."""
         rank_config = spec.config
         if not isinstance(rank_config, RankConfig):
-            raise TypeError(f"RankSpec.config must be a RankConfig, got {type(rank_config).__name__}")
+            raise TypeError(
+                f"RankSpec.config must be a RankConfig, got {type(rank_config).__name__}"
+            )
         device = torch.device(rank_config.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)

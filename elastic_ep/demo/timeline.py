@@ -109,8 +109,21 @@ def _balance(row: TimelineRow) -> str:
 
 
 HEADER = (
-    "#", "event", "ranks", "e2e s", "block s", "phases s", "moved experts / bytes",
-    "balance", "served", "drained", "held", "rejected", "lost", "max|diff|", "check",
+    "#",
+    "event",
+    "ranks",
+    "e2e s",
+    "block s",
+    "phases s",
+    "moved experts / bytes",
+    "balance",
+    "served",
+    "drained",
+    "held",
+    "rejected",
+    "lost",
+    "max|diff|",
+    "check",
 )
 
 
@@ -119,14 +132,29 @@ def format_timeline(rows: Sequence[TimelineRow]) -> str:
     lines = [HEADER]
     for i, row in enumerate(rows):
         r = row.requests
-        lines.append((
-            str(i), row.event, str(row.world), _seconds(row.end_to_end_s), _seconds(row.blocking_s),
-            _phases(row), _moved(row), _balance(row), str(r.served), str(r.drained), str(r.held),
-            str(r.rejected), str(r.lost), f"{row.max_abs_diff:.2e}",
-            "pass" if row.passed else "FAIL",
-        ))
+        lines.append(
+            (
+                str(i),
+                row.event,
+                str(row.world),
+                _seconds(row.end_to_end_s),
+                _seconds(row.blocking_s),
+                _phases(row),
+                _moved(row),
+                _balance(row),
+                str(r.served),
+                str(r.drained),
+                str(r.held),
+                str(r.rejected),
+                str(r.lost),
+                f"{row.max_abs_diff:.2e}",
+                "pass" if row.passed else "FAIL",
+            )
+        )
     widths = [max(len(line[c]) for line in lines) for c in range(len(HEADER))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-            for line in lines]
+    text = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text)

@@ -51,7 +51,10 @@ class SkewedTokens:
         gates = [seeded_gate(model, layer) for layer in range(model.num_layers)]
         self._directions = [g / g.norm(dim=1, keepdim=True) for g in gates]  # [E, H] each
         self._popularity = torch.stack(
-            [zipf_weights(model.num_experts, zipf_s, model.seed, layer) for layer in range(model.num_layers)]
+            [
+                zipf_weights(model.num_experts, zipf_s, model.seed, layer)
+                for layer in range(model.num_layers)
+            ]
         )  # [L, E]
         self._gen = torch.Generator().manual_seed(seed)
 

@@ -118,8 +118,17 @@ class ElasticCoordinator:
         epoch = self._rdzv.next_epoch("world")
         members = self._new_member_ids(world_size)
         for m in members:
-            self._launch(RankSpec(*self.store_address, m, epoch, members, RankRole.INITIAL,
-                                  self._config, self._timeout_s))
+            self._launch(
+                RankSpec(
+                    *self.store_address,
+                    m,
+                    epoch,
+                    members,
+                    RankRole.INITIAL,
+                    self._config,
+                    self._timeout_s,
+                )
+            )
         reports = self._wait_reports(epoch, members, timeout_s)
         missing = [m for m in members if m not in reports]
         if missing:
@@ -166,13 +175,26 @@ class ElasticCoordinator:
                 new_members = status.members
                 kind, event = CommandKind.REBALANCE, EventKind.REBALANCE
             cmd = Command(
-                seq=self._channel.next_seq(), kind=kind,
-                epoch=self._rdzv.next_epoch("world"), old_members=status.members,
-                new_members=new_members, mode=request.mode, timeout_s=request.timeout_s,
+                seq=self._channel.next_seq(),
+                kind=kind,
+                epoch=self._rdzv.next_epoch("world"),
+                old_members=status.members,
+                new_members=new_members,
+                mode=request.mode,
+                timeout_s=request.timeout_s,
             )
-            self._set_phase(ScalePhase.PREPARING, event=event, event_id=cmd.seq, error=None,
-                            phase_s=(), blocking_s=None, kv_budget_bytes=None,
-                            balance_before=None, balance_after=None, experts_moved=None)
+            self._set_phase(
+                ScalePhase.PREPARING,
+                event=event,
+                event_id=cmd.seq,
+                error=None,
+                phase_s=(),
+                blocking_s=None,
+                kv_budget_bytes=None,
+                balance_before=None,
+                balance_after=None,
+                experts_moved=None,
+            )
             self._done.clear()
             self._leaving = frozenset(cmd.leavers)
             self._driver = threading.Thread(target=self._drive, args=(cmd,), daemon=True)
@@ -221,8 +243,17 @@ class ElasticCoordinator:
         try:
             self._channel.publish(cmd)
             for m in cmd.joiners:
-                self._launch(RankSpec(*self.store_address, m, cmd.epoch, cmd.new_members,
-                                      RankRole.JOINER, self._config, self._timeout_s))
+                self._launch(
+                    RankSpec(
+                        *self.store_address,
+                        m,
+                        cmd.epoch,
+                        cmd.new_members,
+                        RankRole.JOINER,
+                        self._config,
+                        self._timeout_s,
+                    )
+                )
             self._follow(cmd)
         except Exception as exc:  # the driver must always end the event
             self._channel.abort(cmd.seq)
@@ -242,9 +273,17 @@ class ElasticCoordinator:
                 return
             reports = self._channel.reports(cmd.epoch, everyone)
             leader = reports.get(cmd.old_members[0])
-            if leader is not None and leader.phase.is_active and leader.phase is not self._status.phase:
+            if (
+                leader is not None
+                and leader.phase.is_active
+                and leader.phase is not self._status.phase
+            ):
                 self._advance(leader.phase)
-            failed = [r for r in reports.values() if r.phase in (ScalePhase.ROLLED_BACK, ScalePhase.FAILED)]
+            failed = [
+                r
+                for r in reports.values()
+                if r.phase in (ScalePhase.ROLLED_BACK, ScalePhase.FAILED)
+            ]
             old_final = [reports.get(m) for m in cmd.old_members]
             if failed and all(r is not None and r.phase in _FINAL for r in old_final):
                 self._end_rolled_back(cmd, failed)
@@ -264,8 +303,12 @@ class ElasticCoordinator:
         with self._lock:
             current = self._status.phase
             # Walk through skipped phases so the state machine stays explicit.
-            order = [ScalePhase.PREPARING, ScalePhase.SYNCING_KV, ScalePhase.REBALANCING,
-                     ScalePhase.COMMITTING]
+            order = [
+                ScalePhase.PREPARING,
+                ScalePhase.SYNCING_KV,
+                ScalePhase.REBALANCING,
+                ScalePhase.COMMITTING,
+            ]
             if current in order and phase in order:
                 for step in order[order.index(current) + 1 : order.index(phase) + 1]:
                     self._set_phase(step)
@@ -280,10 +323,15 @@ class ElasticCoordinator:
         with self._lock:
             self._advance(ScalePhase.COMMITTING)
             self._set_phase(
-                ScalePhase.COMPLETED, epoch=cmd.epoch, members=cmd.new_members,
-                phase_s=reports[cmd.old_members[0]].phase_s, blocking_s=max(blocking, default=None),
-                kv_budget_bytes=leader.kv_budget_bytes, balance_before=leader.balance_before,
-                balance_after=leader.balance_after, experts_moved=leader.experts_moved,
+                ScalePhase.COMPLETED,
+                epoch=cmd.epoch,
+                members=cmd.new_members,
+                phase_s=reports[cmd.old_members[0]].phase_s,
+                blocking_s=max(blocking, default=None),
+                kv_budget_bytes=leader.kv_budget_bytes,
+                balance_before=leader.balance_before,
+                balance_after=leader.balance_after,
+                experts_moved=leader.experts_moved,
             )
 
     def _end_rolled_back(self, cmd: Command, failed: list[RankReport]) -> None:
@@ -326,17 +374,32 @@ class ElasticCoordinator:
             phase = self._status.phase
         for m in serving:
             handle = self._handles.get(m)
-            if m in self._leaving or handle is None or handle.is_alive() or self._channel.is_marked_dead(m):
+            if (
+                m in self._leaving
+                or handle is None
+                or handle.is_alive()
+                or self._channel.is_marked_dead(m)
+            ):
                 continue
             self._channel.mark_dead(m)
             with self._lock:
                 event = self._status.event
                 if phase.is_active and event is not None and event.is_requested:
                     # the event's driver sees RECOVERY, aborts and ends the event as failed
-                    self._set_phase(ScalePhase.FAILED, error=f"member {m} died during the {event.value}")
-                self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY,
-                                dead_members=(m,), error=None, phase_s=(), blocking_s=None,
-                                balance_before=None, balance_after=None, experts_moved=None)
+                    self._set_phase(
+                        ScalePhase.FAILED, error=f"member {m} died during the {event.value}"
+                    )
+                self._set_phase(
+                    ScalePhase.RECOVERING,
+                    event=EventKind.RECOVERY,
+                    dead_members=(m,),
+                    error=None,
+                    phase_s=(),
+                    blocking_s=None,
+                    balance_before=None,
+                    balance_after=None,
+                    experts_moved=None,
+                )
 
     def _check_recovery_deadline(self) -> None:
         """A recovery that never reports (e.g. every survivor failed) ends as FAILED, so later
@@ -368,9 +431,13 @@ class ElasticCoordinator:
                 if self._status.phase is not ScalePhase.RECOVERING:
                     self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY)
                 self._set_phase(
-                    ScalePhase.COMPLETED, epoch=epoch, members=any_report.members,
-                    phase_s=any_report.phase_s, blocking_s=max(blocking, default=None),
-                    lost_experts=any_report.lost_experts, dead_members=any_report.dead_members,
+                    ScalePhase.COMPLETED,
+                    epoch=epoch,
+                    members=any_report.members,
+                    phase_s=any_report.phase_s,
+                    blocking_s=max(blocking, default=None),
+                    lost_experts=any_report.lost_experts,
+                    dead_members=any_report.dead_members,
                 )
 
     # ---- helpers --------------------------------------------------------------------------
@@ -387,7 +454,9 @@ class ElasticCoordinator:
     def _launch(self, spec: RankSpec) -> None:
         self._handles[spec.member_id] = self._launcher.launch(spec)
 
-    def _wait_reports(self, epoch: int, members: tuple[int, ...], timeout_s: float) -> dict[int, RankReport]:
+    def _wait_reports(
+        self, epoch: int, members: tuple[int, ...], timeout_s: float
+    ) -> dict[int, RankReport]:
         deadline = time.monotonic() + timeout_s
         reports: dict[int, RankReport] = {}
         while time.monotonic() < deadline and len(reports) < len(members):

@@ -119,7 +119,9 @@ class LocalProcessLauncher:
             that has already imported torch, so a joiner starts in well under a second.
     """
 
-    def __init__(self, entry: Callable[[RankSpec], Any], *, start_method: str = "forkserver") -> None:
+    def __init__(
+        self, entry: Callable[[RankSpec], Any], *, start_method: str = "forkserver"
+    ) -> None:
         if not callable(entry):
             raise TypeError("entry must be callable")
         self._entry = entry
@@ -129,7 +131,10 @@ class LocalProcessLauncher:
 
     def launch(self, spec: RankSpec) -> LocalProcess:
         proc = self._ctx.Process(
-            target=_run_entry, args=(self._entry, spec), name=f"rank-member-{spec.member_id}", daemon=True
+            target=_run_entry,
+            args=(self._entry, spec),
+            name=f"rank-member-{spec.member_id}",
+            daemon=True,
         )
         proc.start()
         return LocalProcess(spec.member_id, proc)

@@ -170,8 +170,12 @@ class ElasticRank:
         self._device = device
         self._timeout_s = timeout_s
         self._buffer_bytes = buffer_bytes
-        self._recovery_window_s = timeout_s + 1.0 if recovery_window_s is None else recovery_window_s
-        self._rdzv = Rendezvous(spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s)
+        self._recovery_window_s = (
+            timeout_s + 1.0 if recovery_window_s is None else recovery_window_s
+        )
+        self._rdzv = Rendezvous(
+            spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s
+        )
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
         self._job: _ScaleJob | None = None
         self._retiring: list[threading.Thread] = []
@@ -180,7 +184,9 @@ class ElasticRank:
         self.last_blocking_s: float | None = None
         # A joiner's constructor is its commit: its first poll() only reports it, so its next
         # collective is the same forward step the existing ranks run after their commit poll.
-        self._first_action: Action | None = Action.COMMITTED if spec.role is RankRole.JOINER else None
+        self._first_action: Action | None = (
+            Action.COMMITTED if spec.role is RankRole.JOINER else None
+        )
         if spec.role is RankRole.JOINER:
             self._join(spec)
         else:
@@ -188,7 +194,14 @@ class ElasticRank:
             self._seen_seq = self._channel.latest_seq()
             self.placement = placement
             world = StatelessGroup(
-                self._rdzv, "world", spec.epoch, spec.rank, len(spec.members), backend, device, timeout_s
+                self._rdzv,
+                "world",
+                spec.epoch,
+                spec.rank,
+                len(spec.members),
+                backend,
+                device,
+                timeout_s,
             )
             self._serve(world, control_group(self._rdzv, world), spec.members)
             self._install(self.resources.build(self._context(self.world, placement)), placement)
@@ -259,8 +272,11 @@ class ElasticRank:
         try:
             work = group.process_group.allreduce([flags], opts)
         except RuntimeError as err:
-            raise PeerFailure(f"poll on group {group.name!r} epoch {group.epoch} failed: {err}",
-                              group=group.name, epoch=group.epoch) from err
+            raise PeerFailure(
+                f"poll on group {group.name!r} epoch {group.epoch} failed: {err}",
+                group=group.name,
+                epoch=group.epoch,
+            ) from err
         self.wait(work, group)
 
     def wait(self, work: Work, group: StatelessGroup) -> None:
@@ -283,7 +299,9 @@ class ElasticRank:
                         raise PeerFailure(
                             f"{group.name!r} epoch {group.epoch}: members {dead} were marked dead "
                             "by the coordinator",
-                            group=group.name, epoch=group.epoch, member=dead[0],
+                            group=group.name,
+                            epoch=group.epoch,
+                            member=dead[0],
                         )
                     next_check = now + _DEAD_CHECK_S
                 time.sleep(_SPIN_S)
@@ -291,8 +309,11 @@ class ElasticRank:
         except RuntimeError as err:  # gloo's own error or timeout
             if isinstance(err, PeerFailure):
                 raise
-            raise PeerFailure(f"{group.name!r} epoch {group.epoch} failed: {err}",
-                              group=group.name, epoch=group.epoch) from err
+            raise PeerFailure(
+                f"{group.name!r} epoch {group.epoch} failed: {err}",
+                group=group.name,
+                epoch=group.epoch,
+            ) from err
 
     def _maybe_start(self, seq: int) -> Action:
         if seq <= self._seen_seq:
@@ -307,7 +328,10 @@ class ElasticRank:
         now = time.monotonic()
         job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
         job.thread = threading.Thread(
-            target=self._stage_in_background, args=(job,), name=f"elastic-stage-{cmd.epoch}", daemon=True
+            target=self._stage_in_background,
+            args=(job,),
+            name=f"elastic-stage-{cmd.epoch}",
+            daemon=True,
         )
         self._job = job
         job.thread.start()
@@ -316,7 +340,10 @@ class ElasticRank:
     def _stage_in_background(self, job: _ScaleJob) -> None:
         try:
             job.staged = stage_next_epoch(
-                self._rdzv, job.command, self._inputs(self.placement), job.registry,
+                self._rdzv,
+                job.command,
+                self._inputs(self.placement),
+                job.registry,
                 lambda phase: self._enter(job, phase),
             )
         except Exception as exc:
@@ -402,7 +429,9 @@ class ElasticRank:
             job.registry.abort_all()
             self._finish(job, ScalePhase.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
             self._rdzv.close()
-            raise ReconfigureError(f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}") from exc
+            raise ReconfigureError(
+                f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}"
+            ) from exc
         assert staged.new_group is not None and staged.new_control is not None
         assert new_set is not None
         self._serve(staged.new_group, staged.new_control, cmd.new_members)
@@ -434,14 +463,28 @@ class ElasticRank:
             job.registry.abort_all()
         self.gate.close(GateMode.REJECT, retry_after_s=self._recovery_window_s + self._timeout_s)
         survivors = agree_on_survivors(
-            self._rdzv, self._channel, self.world.epoch, self.members, self.member,
-            window_s=self._recovery_window_s, timeout_s=self._timeout_s,
+            self._rdzv,
+            self._channel,
+            self.world.epoch,
+            self.members,
+            self.member,
+            window_s=self._recovery_window_s,
+            timeout_s=self._timeout_s,
         )
         got = rebuild_after_failure(
-            self._rdzv, survivors, self.members, self.member,
-            previous=self.placement, weights=self.weights, load=self._load,
-            planner=self._planner, reload=self._reload, buffer_bytes=self._buffer_bytes,
-            backend=self._backend, device=self._device, timeout_s=self._timeout_s,
+            self._rdzv,
+            survivors,
+            self.members,
+            self.member,
+            previous=self.placement,
+            weights=self.weights,
+            load=self._load,
+            planner=self._planner,
+            reload=self._reload,
+            buffer_bytes=self._buffer_bytes,
+            backend=self._backend,
+            device=self._device,
+            timeout_s=self._timeout_s,
         )
         try:
             control = control_group(self._rdzv, got.group)
@@ -455,9 +498,15 @@ class ElasticRank:
         self.last_blocking_s = time.monotonic() - start
         self._channel.report(
             RankReport(
-                survivors.epoch, self.member, ScalePhase.COMPLETED, clock.stop(),
-                blocking_s=self.last_blocking_s, lost_experts=got.lost_experts,
-                members=survivors.members, dead_members=survivors.dead, error=teardown_error,
+                survivors.epoch,
+                self.member,
+                ScalePhase.COMPLETED,
+                clock.stop(),
+                blocking_s=self.last_blocking_s,
+                lost_experts=got.lost_experts,
+                members=survivors.members,
+                dead_members=survivors.dead,
+                error=teardown_error,
             )
         )
         if self.world.rank == 0:
@@ -469,7 +518,9 @@ class ElasticRank:
     def _retire(self, groups: list[StatelessGroup], *, wait: bool) -> None:
         """Destroy the previous epoch's groups off the serving path (their teardown waits on
         peers); ``close`` joins the thread, bounded."""
-        thread = threading.Thread(target=_destroy_all, args=(groups,), name="elastic-retire", daemon=True)
+        thread = threading.Thread(
+            target=_destroy_all, args=(groups,), name="elastic-retire", daemon=True
+        )
         thread.start()
         self._retiring.append(thread)
         if wait:
@@ -496,7 +547,9 @@ class ElasticRank:
         self._rdzv.close()
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _serve(self, world: StatelessGroup, control: StatelessGroup, members: tuple[int, ...]) -> None:
+    def _serve(
+        self, world: StatelessGroup, control: StatelessGroup, members: tuple[int, ...]
+    ) -> None:
         self.world, self.control, self.members = world, control, members
         self._serving = (members, world)  # one assignment: the watcher reads a consistent pair
 
@@ -533,8 +586,12 @@ class ElasticRank:
 
     def _context(self, group: StatelessGroup, placement: Placement) -> EpochContext:
         return EpochContext(
-            epoch=group.epoch, rank=group.rank, world_size=group.world_size, groups=group,
-            placement=placement, rendezvous=self._rdzv,
+            epoch=group.epoch,
+            rank=group.rank,
+            world_size=group.world_size,
+            groups=group,
+            placement=placement,
+            rendezvous=self._rdzv,
         )
 
     def _install(self, new_set: ResourceSet, placement: Placement) -> str | None:
@@ -559,16 +616,24 @@ class ElasticRank:
         done = job.staged if phase is ScalePhase.COMPLETED else None
         self._channel.report(
             RankReport(
-                job.command.epoch, self.member, phase, job.clock.stop(),
+                job.command.epoch,
+                self.member,
+                phase,
+                job.clock.stop(),
                 blocking_s=None if done is None else self.last_blocking_s,
                 kv_budget_bytes=self.kv_budget_bytes,
                 balance_before=None if done is None else done.balance[0],
                 balance_after=None if done is None else done.balance[1],
                 experts_moved=None if done is None else done.experts_moved,
-                members=job.command.new_members, error=error,
+                members=job.command.new_members,
+                error=error,
             )
         )
-        if phase is ScalePhase.COMPLETED and self.world.rank == 0 and self.member in job.command.new_members:
+        if (
+            phase is ScalePhase.COMPLETED
+            and self.world.rank == 0
+            and self.member in job.command.new_members
+        ):
             self._channel.set_world(job.command.epoch, job.command.new_members)
 
     def _report(self, phase: ScalePhase, epoch: int) -> None:

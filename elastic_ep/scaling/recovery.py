@@ -62,7 +62,9 @@ def agree_on_survivors(
                 break
             time.sleep(0.005)
         arrived = int(store.add(f"{key}/count", 0))
-        store.wait([f"{key}/member/{i}" for i in range(1, arrived + 1)], timedelta(seconds=timeout_s))
+        store.wait(
+            [f"{key}/member/{i}" for i in range(1, arrived + 1)], timedelta(seconds=timeout_s)
+        )
         present = {int(store.get(f"{key}/member/{i}")) for i in range(1, arrived + 1)}
         alive = tuple(m for m in members if m in present)
         decision = Survivors(
@@ -114,8 +116,14 @@ def rebuild_after_failure(
     mapping = RankMapping.from_members(old_members, survivors.members)
     dead = tuple(old_members.index(m) for m in survivors.dead)
     group = StatelessGroup(
-        rdzv, "world", survivors.epoch, survivors.members.index(me), len(survivors.members),
-        backend, device, timeout_s,
+        rdzv,
+        "world",
+        survivors.epoch,
+        survivors.members.index(me),
+        len(survivors.members),
+        backend,
+        device,
+        timeout_s,
     )
     try:
         answer: tuple[str, object] = ("error", "")

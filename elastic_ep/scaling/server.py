@@ -73,7 +73,9 @@ class _Handler(BaseHTTPRequestHandler):
         # a rebalance has no required field: an empty body means its defaults
         least = 0 if self.path == "/rebalance" else 1
         if not least <= length <= MAX_BODY_BYTES:
-            self._send(HTTPStatus.BAD_REQUEST, {"error": f"body must be {least}..{MAX_BODY_BYTES} bytes"})
+            self._send(
+                HTTPStatus.BAD_REQUEST, {"error": f"body must be {least}..{MAX_BODY_BYTES} bytes"}
+            )
             return
         try:
             body = json.loads(self.rfile.read(length)) if length else {}
@@ -110,7 +112,9 @@ class ControlServer:
 
     def __init__(self, controller: Controller, host: str = "127.0.0.1", port: int = 0) -> None:
         self._server = _Server((host, port), controller)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="elastic-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="elastic-http", daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -79,14 +79,17 @@ def control_group(rdzv: Rendezvous, world: StatelessGroup) -> StatelessGroup:
     group ``"ctl"`` of the same members and epoch (a CPU poll never syncs the GPU)."""
     if world.backend == "gloo":
         return world
-    return StatelessGroup(rdzv, "ctl", world.epoch, world.rank, world.world_size, "gloo", None,
-                          world.timeout_s)
+    return StatelessGroup(
+        rdzv, "ctl", world.epoch, world.rank, world.world_size, "gloo", None, world.timeout_s
+    )
 
 
 def abort_in_background(groups: Sequence[StatelessGroup]) -> None:
     """Abort ``groups`` on a daemon thread (each abort ends within the group's timeout)."""
     if groups:
-        threading.Thread(target=_abort_all, args=(list(groups),), name="elastic-abort", daemon=True).start()
+        threading.Thread(
+            target=_abort_all, args=(list(groups),), name="elastic-abort", daemon=True
+        ).start()
 
 
 def _abort_all(groups: list[StatelessGroup]) -> None:
@@ -113,7 +116,9 @@ class GroupRegistry:
                 self._groups.append(group)
                 return group
         group.abort()
-        raise ReconfigureError(f"staging abandoned; dropped group {group.name!r} epoch {group.epoch}")
+        raise ReconfigureError(
+            f"staging abandoned; dropped group {group.name!r} epoch {group.epoch}"
+        )
 
     def abort_all(self) -> None:
         """Close the registry and abort its groups on a background thread: aborting a gloo group
@@ -209,8 +214,16 @@ def stage_next_epoch(
     new_group = new_control = None
     if me in new:
         new_group = registry.add(
-            StatelessGroup(rdzv, "world", cmd.epoch, new.index(me), len(new), inputs.backend,
-                           inputs.device, timeout)
+            StatelessGroup(
+                rdzv,
+                "world",
+                cmd.epoch,
+                new.index(me),
+                len(new),
+                inputs.backend,
+                inputs.device,
+                timeout,
+            )
         )
         new_control = registry.add(control_group(rdzv, new_group))
     if grow:
@@ -218,8 +231,16 @@ def stage_next_epoch(
         xfer = new_group
     else:
         xfer = registry.add(
-            StatelessGroup(rdzv, "xfer", cmd.epoch, old.index(me), len(old), inputs.backend,
-                           inputs.device, timeout)
+            StatelessGroup(
+                rdzv,
+                "xfer",
+                cmd.epoch,
+                old.index(me),
+                len(old),
+                inputs.backend,
+                inputs.device,
+                timeout,
+            )
         )
 
     on_phase(ScalePhase.SYNCING_KV)
@@ -283,7 +304,9 @@ def _agree_on_placement(
                 rank_mapping=mapping,
             )
             if new.num_ranks != len(cmd.new_members):
-                raise ValueError(f"planner returned {new.num_ranks} ranks, want {len(cmd.new_members)}")
+                raise ValueError(
+                    f"planner returned {new.num_ranks} ranks, want {len(cmd.new_members)}"
+                )
             answer = ("ok", (previous, new, (previous.balancedness(load), new.balancedness(load))))
         except Exception as exc:  # every rank must learn the failure, or the others would hang
             answer = ("error", f"planning failed: {exc!r}")
