@@ -170,24 +170,8 @@ class DemoController:
         check = self._check(final)
         self._placement = check.placement
         ok = final.phase is ScalePhase.COMPLETED
-        moved = 0
-        if ok and previous is not None:
-            mapping = RankMapping.from_members(status.members, final.members)
-            moved = int(check.placement.transfers_from(previous, mapping).sum())
         error = None if ok else f"{final.phase.value}: {final.error}"
-        return self._row(
-            label,
-            final.world_size,
-            end_to_end,
-            final.blocking_s,
-            tuple((p.value, s) for p, s in final.phase_s),
-            moved,
-            moved * self._expert_bytes,
-            previous,
-            check,
-            ok=ok,
-            error=error,
-        )
+        return self._event_row(label, status, final, end_to_end, previous, check, error=error)
 
     def _kill(self, status: ScaleStatus, event: DemoEvent) -> TimelineRow:
         assert event.value is not None
@@ -212,12 +196,35 @@ class DemoController:
         check = self._check(final)
         self._placement = check.placement
         ok = recovered(final)
+        error = None if ok else f"no recovery: {final.phase.value} {final.error}"
+        return self._event_row(
+            label,
+            status,
+            final,
+            end_to_end,
+            previous,
+            check,
+            error=error,
+            reloaded=final.lost_experts,
+        )
+
+    def _event_row(
+        self,
+        label: str,
+        status: ScaleStatus,
+        final: ScaleStatus,
+        end_to_end: float,
+        previous: Placement | None,
+        check: _Check,
+        *,
+        error: str | None,
+        reloaded: int = 0,
+    ) -> TimelineRow:
+        """The timeline row of a finished event; reloaded experts are not counted as moved."""
         moved = 0
-        if ok and previous is not None:
+        if error is None and previous is not None:
             mapping = RankMapping.from_members(status.members, final.members)
-            moved = (
-                int(check.placement.transfers_from(previous, mapping).sum()) - final.lost_experts
-            )
+            moved = int(check.placement.transfers_from(previous, mapping).sum()) - reloaded
         return self._row(
             label,
             final.world_size,
@@ -228,9 +235,8 @@ class DemoController:
             moved * self._expert_bytes,
             previous,
             check,
-            ok=ok,
-            reloaded=final.lost_experts,
-            error=None if ok else f"no recovery: {final.phase.value} {final.error}",
+            reloaded=reloaded,
+            error=error,
         )
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -310,13 +316,12 @@ class DemoController:
         previous: Placement | None,
         check: _Check,
         *,
-        ok: bool = True,
         reloaded: int = 0,
         error: str | None = None,
     ) -> TimelineRow:
         return TimelineRow(
             event=label,
-            ok=ok and error is None,
+            ok=error is None,
             error=error,
             world=world,
             end_to_end_s=end_to_end,
