@@ -472,19 +472,7 @@ class ElasticRank:
             timeout_s=self._timeout_s,
         )
         got = rebuild_after_failure(
-            self._rdzv,
-            survivors,
-            self.members,
-            self.member,
-            previous=self.placement,
-            weights=self.weights,
-            load=self._load,
-            planner=self._planner,
-            reload=self._reload,
-            buffer_bytes=self._buffer_bytes,
-            backend=self._backend,
-            device=self._device,
-            timeout_s=self._timeout_s,
+            self._rdzv, survivors, self.members, self._inputs(self.placement, with_kv=False)
         )
         try:
             control = control_group(self._rdzv, got.group)
@@ -569,13 +557,15 @@ class ElasticRank:
             except RuntimeError:
                 return  # the store is gone: the job is over
 
-    def _inputs(self, previous: Placement | None) -> StageInputs:
+    def _inputs(self, previous: Placement | None, *, with_kv: bool = True) -> StageInputs:
+        """This rank's staging inputs; the KV callback is asked only when ``with_kv``."""
+        kv_bytes = self._kv_bytes if with_kv and previous is not None else None
         return StageInputs(
             member=self.member,
             previous=previous,
             weights=self.weights,
             load=self._load,
-            kv_bytes=None if previous is None or self._kv_bytes is None else self._kv_bytes(),
+            kv_bytes=None if kv_bytes is None else kv_bytes(),
             planner=self._planner,
             reload=self._reload,
             buffer_bytes=self._buffer_bytes,

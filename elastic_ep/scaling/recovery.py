@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-
-from elastic_ep.eplb.executor import ExecutionStats, ReloadHook, execute
+from elastic_ep.eplb.executor import ExecutionStats, execute
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.transfer_plan import plan_transfers
 from elastic_ep.errors import ReconfigureError
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 from elastic_ep.scaling.channel import ControlChannel, put
-from elastic_ep.scaling.transition import PlanFn, Weights
+from elastic_ep.scaling.transition import StageInputs
 
 
 @dataclass(frozen=True)
@@ -100,19 +97,17 @@ def rebuild_after_failure(
     rdzv: Rendezvous,
     survivors: Survivors,
     old_members: tuple[int, ...],
-    me: int,
-    *,
-    previous: Placement,
-    weights: Weights,
-    load: Callable[[], torch.Tensor],
-    planner: PlanFn,
-    reload: ReloadHook | None,
-    buffer_bytes: int,
-    backend: str,
-    device: torch.device | str | None,
-    timeout_s: float,
+    inputs: StageInputs,
 ) -> RecoveredEpoch:
-    """Build the survivors' world group, re-plan without the dead, move and reload in place."""
+    """Build the survivors' world group, re-plan without the dead, move and reload in place.
+
+    ``inputs`` are this rank's, as for a scale; ``inputs.previous`` is the serving placement
+    (required) and ``inputs.kv_bytes`` is not used.
+    """
+    previous = inputs.previous
+    if previous is None:
+        raise ValueError("recovery needs the serving placement (inputs.previous is None)")
+    me = inputs.member
     mapping = RankMapping.from_members(old_members, survivors.members)
     dead = tuple(old_members.index(m) for m in survivors.dead)
     group = StatelessGroup(
@@ -121,16 +116,16 @@ def rebuild_after_failure(
         survivors.epoch,
         survivors.members.index(me),
         len(survivors.members),
-        backend,
-        device,
-        timeout_s,
+        inputs.backend,
+        inputs.device,
+        inputs.timeout_s,
     )
     try:
         answer: tuple[str, object] = ("error", "")
         if group.rank == 0:
             try:
-                new = planner(
-                    load(),
+                new = inputs.planner(
+                    inputs.load(),
                     len(survivors.members),
                     previous.slots_per_rank,
                     previous=previous,
@@ -146,7 +141,12 @@ def rebuild_after_failure(
         assert isinstance(value, Placement)
         transfers = plan_transfers(previous, value, mapping, dead_ranks=dead)
         stats = execute(
-            transfers, weights, group, buffer_bytes=buffer_bytes, dead_ranks=dead, reload=reload
+            transfers,
+            inputs.weights,
+            group,
+            buffer_bytes=inputs.buffer_bytes,
+            dead_ranks=dead,
+            reload=inputs.reload,
         )
         lost = int(previous.lost_with(dead).sum()) if dead else 0
         return RecoveredEpoch(group, mapping, value, lost, stats)
