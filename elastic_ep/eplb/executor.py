@@ -15,8 +15,10 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
   later chunk still sends;
 * with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
-* packing and write-back are one multi-tensor copy each per chunk (``torch._foreach_copy_``):
-  an expert is a few large rows, and per-row kernels or index kernels over few rows are slow.
+* every copy of the call is listed up front as a row of one table (built and uploaded once);
+  per chunk, packing, slot-to-slot copies and write-back are one launch each: a fused Triton
+  kernel over the chunk's rows on CUDA, or one multi-tensor copy (``torch._foreach_copy_``) on
+  CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
 
 Every rank computes the same chunks from the same plan, so peers post matching transfers in the
 same order. A collective check (one small all-reduce) first verifies that all ranks run the same
@@ -44,6 +46,7 @@ from elastic_ep.eplb.exec_chunks import (
     lay_out,
     min_buffer_bytes,
 )
+from elastic_ep.eplb.row_copy import Rows, RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
@@ -51,6 +54,9 @@ from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_BUFFER_BYTES = 1 << 30
 """Default extra memory ``execute`` may use for staging: 1 GiB."""
+
+COPY_PATHS = ("auto", "torch", "triton")
+"""Values of ``execute``'s ``copy`` argument."""
 
 ReloadHook = Callable[[int, int], Sequence[torch.Tensor]]
 """``reload(layer, expert) -> tensors``: one tensor per weight kind, each shaped like one slot."""
@@ -168,6 +174,7 @@ def execute(
     reload: ReloadHook | None = None,
     ranks: GroupRanks | None = None,
     overlap: bool = True,
+    copy: str = "auto",
 ) -> ExecutionStats:
     """Move expert weights as ``plan`` says, in place, over ``group``. Collective: every group
     rank calls it with the same plan, budget and options.
@@ -188,6 +195,9 @@ def execute(
         ranks: group rank of each old and new rank; default
             ``GroupRanks.for_world_size(plan.rank_mapping, group.world_size)``.
         overlap: post the next chunk's transfers before writing back the current one.
+        copy: how rows are packed and written back: ``"triton"`` (one fused kernel launch per
+            chunk and direction, CUDA only), ``"torch"`` (multi-tensor copies), or ``"auto"``
+            (Triton on CUDA when it is installed, else torch). Bit-exact either way.
     Returns:
         this rank's :class:`ExecutionStats`.
     Raises:
@@ -202,6 +212,8 @@ def execute(
         raise TypeError(f"plan must be a TransferPlan, got {type(plan).__name__}")
     if not isinstance(group, StatelessGroup):
         raise TypeError(f"group must be a StatelessGroup, got {type(group).__name__}")
+    if copy not in COPY_PATHS:
+        raise ValueError(f"copy must be one of {COPY_PATHS}, got {copy!r}")
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 0:
         raise ValueError(f"buffer_bytes must be a non-negative int, got {buffer_bytes!r}")
     dead = set(plan.dead_ranks) | set(dead_ranks)
@@ -225,7 +237,9 @@ def execute(
     )
     _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
-    runner = _Runner(weights, group, layout, chunks, kind_bytes, reload, timer)
+    runner = _Runner(
+        weights, group, layout, chunks, kind_bytes, reload, timer, _use_triton(copy, group.device)
+    )
     runner.size_buffer(buffer_bytes if overlap else 0)
     runner.run()
     if group.device.type == "cuda":
@@ -246,6 +260,12 @@ def execute(
         buffer_bytes=buffer_bytes,
         reloaded=tuple(runner.reloaded),
     )
+
+
+def _use_triton(copy: str, device: torch.device) -> bool:
+    if copy == "triton" and (device.type != "cuda" or not triton_available()):
+        raise ValueError(f"copy='triton' needs a CUDA group and triton installed (device {device})")
+    return copy == "triton" or (copy == "auto" and device.type == "cuda" and triton_available())
 
 
 def required_buffer_bytes(
@@ -416,6 +436,17 @@ def _bytes_per_group_rank(
     return tuple(sent), tuple(received)
 
 
+@dataclass(frozen=True)
+class _Launches:
+    """One chunk's layout, where it sits in the buffer, and its three row copies."""
+
+    work: ChunkWork
+    base: int
+    pack: Rows
+    direct: Rows
+    unpack: Rows
+
+
 class _Runner:
     """Runs this rank's part of the chunks in one preallocated buffer.
 
@@ -434,9 +465,11 @@ class _Runner:
         kind_bytes: list[list[int]],
         reload: ReloadHook | None,
         timer: _Timer,
+        use_triton: bool,
     ) -> None:
         self.weights, self.group, self.layout, self.chunks = weights, group, layout, chunks
         self.kind_bytes, self.reload_hook, self.timer = kind_bytes, reload, timer
+        self.use_triton = use_triton
         self.slot_views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.reloaded: list[tuple[int, int]] = []
 
@@ -451,9 +484,28 @@ class _Runner:
         self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.group.device)
 
     def run(self) -> None:
-        pending: tuple[P2PHandle | None, ChunkWork, int] | None = None
+        start = time.perf_counter()
+        launches = self.build_launches()
+        self.timer.add(Phase.PLAN, start)
+        pending: tuple[P2PHandle | None, _Launches] | None = None
+        for k, chunk in enumerate(launches):
+            self.pack(chunk)
+            handle = self.post(chunk)
+            if pending is not None:
+                self.finish(*pending)
+            pending = (handle, chunk)
+            if not self.overlapped[k]:
+                self.finish(*pending)
+                pending = None
+        if pending is not None:
+            self.finish(*pending)
+
+    def build_launches(self) -> list[_Launches]:
+        """Lay out every chunk and list its copies as rows of one table (uploaded once), so
+        that each chunk runs one pack, one slot-to-slot and one write-back launch."""
+        self.rows = RowTable(self.buffer)
+        out = []
         for k, chunk in enumerate(self.chunks):
-            start = time.perf_counter()
             work = lay_out(
                 chunk.steps,
                 self.kind_bytes,
@@ -461,18 +513,33 @@ class _Runner:
                 self.layout.old_rank,
                 self.layout.new_rank,
             )
-            self.timer.add(Phase.PLAN, start)
             base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-            self.pack(work, base)
-            handle = self.post(work, base)
-            if pending is not None:
-                self.finish(*pending)
-            pending = (handle, work, base)
-            if not self.overlapped[k]:
-                self.finish(*pending)
-                pending = None
-        if pending is not None:
-            self.finish(*pending)
+            rows, slots = self._rows(base, work.pack)
+            pack = self.rows.add(list(zip(slots, rows, strict=True)))
+            # Unstaged local copies first: their sources may be overwritten by this chunk's
+            # other writes, never by each other (those are staged).
+            direct: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for copy in work.direct:
+                for kind in range(len(self.weights[copy.layer])):
+                    source = self._slot(copy.layer, kind, copy.src_slot)
+                    direct.extend((source, self._slot(copy.layer, kind, s)) for s in copy.dst_slots)
+            rows, slots = self._rows(base, work.unpack)
+            for extra in work.extras:
+                for kind, seg in enumerate(extra.segments):
+                    rows.append(self._view(base, seg)[extra.row])
+                    slots.append(self._slot(extra.layer, kind, extra.slot))
+            out.append(
+                _Launches(
+                    work,
+                    base,
+                    pack,
+                    self.rows.add(direct),
+                    self.rows.add(list(zip(rows, slots, strict=True))),
+                )
+            )
+        if self.use_triton:
+            self.rows.upload()
+        return out
 
     def _slot(self, layer: int, kind: int, slot: int) -> torch.Tensor:
         views = self.slot_views.get((layer, kind))
@@ -497,48 +564,31 @@ class _Runner:
             slots.extend(self._slot(seg.layer, seg.kind, slot) for slot in seg.slots)
         return rows, slots
 
-    def pack(self, work: ChunkWork, base: int) -> None:
-        """Copy what this rank sends, and staged local-copy sources, into the chunk's region
-        (one multi-tensor copy: few rows per segment make per-segment gathers slow)."""
+    def pack(self, chunk: _Launches) -> None:
+        """Copy what this rank sends, and staged local-copy sources, into the chunk's region."""
         start = time.perf_counter()
-        rows, slots = self._rows(base, work.pack)
-        if rows:
-            torch._foreach_copy_(rows, slots)
+        self.rows.copy(chunk.pack, self.use_triton)
         self.timer.add(Phase.STAGE, start)
 
-    def post(self, work: ChunkWork, base: int) -> P2PHandle | None:
+    def post(self, chunk: _Launches) -> P2PHandle | None:
         start = time.perf_counter()
+        work, base = chunk.work, chunk.base
         sends = [(self.buffer[base + o : base + o + n], peer) for peer, o, n in work.sends]
         recvs = [(self.buffer[base + o : base + o + n], peer) for peer, o, n in work.recvs]
         handle = self.group.batch_p2p(sends, recvs, async_op=True) if sends or recvs else None
         self.timer.add(Phase.P2P, start)
         return handle
 
-    def finish(self, handle: P2PHandle | None, work: ChunkWork, base: int) -> None:
+    def finish(self, handle: P2PHandle | None, chunk: _Launches) -> None:
         """Wait for the chunk's transfers, then write everything this rank receives into place."""
         start = time.perf_counter()
         if handle is not None:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        # Unstaged local copies first: their sources may be overwritten by this chunk's other
-        # writes, never by each other (those are staged).
-        sources: list[torch.Tensor] = []
-        targets: list[torch.Tensor] = []
-        for copy in work.direct:
-            for kind in range(len(self.weights[copy.layer])):
-                sources.extend(self._slot(copy.layer, kind, copy.src_slot) for _ in copy.dst_slots)
-                targets.extend(self._slot(copy.layer, kind, slot) for slot in copy.dst_slots)
-        if sources:
-            torch._foreach_copy_(targets, sources)
-        rows, slots = self._rows(base, work.unpack)
-        for extra in work.extras:
-            for kind, seg in enumerate(extra.segments):
-                rows.append(self._view(base, seg)[extra.row])
-                slots.append(self._slot(extra.layer, kind, extra.slot))
-        if rows:
-            torch._foreach_copy_(slots, rows)
-        for op in work.reloads:
+        self.rows.copy(chunk.direct, self.use_triton)
+        self.rows.copy(chunk.unpack, self.use_triton)
+        for op in chunk.work.reloads:
             weights = self.weights[op.layer]
             for w, src in zip(weights, self._reload(op, weights), strict=True):
                 for slot in op.dst_slots:

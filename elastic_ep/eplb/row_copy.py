@@ -1,0 +1,145 @@
+"""Copy many byte rows between tensors with one kernel launch (Triton), or with torch.
+
+A :class:`RowTable` lists rows as (source address, destination address, byte length). It is built
+on the host once per ``execute`` call, uploaded with one copy, and each chunk launches one kernel
+per table slice: one launch packs a chunk's rows into the staging buffer, one writes them back.
+Addresses are stored as offsets, in words, from an anchor tensor (the staging buffer) so the
+kernel only does pointer arithmetic; a slice whose rows are all 4-byte aligned moves int32 words
+(16-byte aligned ones also get a vectorization hint), others move bytes.
+
+Rows of one launch must not overlap each other's destinations, and no row may read what another
+row of the same launch writes: the order between rows is undefined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path still works; only ``copy="triton"`` needs it
+    triton = None
+
+BLOCK = 4096
+"""Words each Triton program copies per loop iteration."""
+
+MAX_PROGRAMS_PER_ROW = 1024
+"""Grid size along a row; programs loop over longer rows."""
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _copy_rows_kernel(
+        anchor: Any,
+        src_ptr: Any,
+        dst_ptr: Any,
+        len_ptr: Any,
+        BLOCK: tl.constexpr,
+        ALIGN: tl.constexpr,
+    ) -> None:
+        row = tl.program_id(0)
+        n = tl.load(len_ptr + row)
+        src = tl.multiple_of(tl.load(src_ptr + row), ALIGN)
+        dst = tl.multiple_of(tl.load(dst_ptr + row), ALIGN)
+        step = tl.num_programs(1).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(1).to(tl.int64) * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            tl.store(anchor + dst + offs, tl.load(anchor + src + offs, mask=mask), mask=mask)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A slice ``[start, start + count)`` of a :class:`RowTable`, launched at once.
+
+    Attributes:
+        word: 4 if every address and length of the slice is a multiple of 4 bytes, else 1.
+        align: the largest of 4, 2, 1 words dividing every offset and length (a hint).
+        max_words: the longest row, in words (sizes the grid with no device sync).
+        pairs: the rows as (source, destination) tensor pairs, for the torch path.
+    """
+
+    start: int
+    count: int
+    word: int
+    align: int
+    max_words: int
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+class RowTable:
+    """Rows of every launch of one ``execute`` call, relative to ``anchor``.
+
+    ``table`` is int64 ``[3, rows]`` on the anchor's device: source offset, destination offset
+    and length, each in the words of its slice (see :class:`Rows`).
+    """
+
+    def __init__(self, anchor: torch.Tensor) -> None:
+        if anchor.dtype != torch.uint8 or anchor.dim() != 1 or anchor.numel() % 4:
+            raise ValueError(
+                "anchor must be a 1-D uint8 tensor whose size is a multiple of 4 bytes, got "
+                f"{anchor.dtype} {tuple(anchor.shape)}"
+            )
+        self.anchor = anchor
+        self._columns: list[list[int]] = [[], [], []]
+        self.table: torch.Tensor | None = None
+
+    def add(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Rows:
+        """Append one launch: ``pairs`` of (source, destination) tensors, each contiguous and of
+        equal byte size (any dtypes, any devices the anchor can address)."""
+        base = self.anchor.data_ptr()
+        rows = []
+        for src, dst in pairs:
+            nbytes = src.numel() * src.element_size()
+            if nbytes != dst.numel() * dst.element_size():
+                raise ValueError(f"row sizes differ: {tuple(src.shape)} vs {tuple(dst.shape)}")
+            if not (src.is_contiguous() and dst.is_contiguous()):
+                raise ValueError("rows must be contiguous")
+            rows.append((src.data_ptr() - base, dst.data_ptr() - base, nbytes))
+        word = 4 if all(s % 4 == 0 and d % 4 == 0 and n % 4 == 0 for s, d, n in rows) else 1
+        align = 1
+        if word == 4:
+            align = 4 if all(s % 16 == 0 and d % 16 == 0 and n % 16 == 0 for s, d, n in rows) else 1
+        start = len(self._columns[0])
+        for row in rows:
+            for column, value in zip(self._columns, row, strict=True):
+                column.append(value // word)
+        max_words = max((n for _, _, n in rows), default=0) // word
+        return Rows(start, len(rows), word, align, max_words, tuple(pairs))
+
+    def upload(self) -> None:
+        """Move the table to the anchor's device (one copy) once every launch is added."""
+        self.table = torch.tensor(self._columns, dtype=torch.int64).to(self.anchor.device)
+
+    def copy(self, rows: Rows, use_triton: bool) -> None:
+        """Run one launch: every row of ``rows``, in no particular order."""
+        if not rows.count:
+            return
+        if not use_triton:
+            sources = [s for s, _ in rows.pairs]
+            targets = [d for _, d in rows.pairs]
+            torch._foreach_copy_(targets, sources)
+            return
+        launch(self, rows, _copy_rows_kernel)
+
+    def slice(self, rows: Rows) -> torch.Tensor:
+        assert self.table is not None, "upload() first"
+        return self.table[:, rows.start : rows.start + rows.count]
+
+
+def launch(table: RowTable, rows: Rows, kernel: Any) -> None:
+    """Launch ``kernel`` (the jitted one, or an interpreted copy of it in tests) over ``rows``."""
+    part = table.slice(rows)
+    anchor = table.anchor if rows.word == 1 else table.anchor.view(torch.int32)
+    grid = (rows.count, max(1, min(MAX_PROGRAMS_PER_ROW, -(-rows.max_words // BLOCK))))
+    kernel[grid](anchor, part[0], part[1], part[2], BLOCK=BLOCK, ALIGN=rows.align)
