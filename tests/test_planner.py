@@ -46,6 +46,9 @@ def check_consistent(
     """Invariants every plan must satisfy (replicas of an expert stay inside its node)."""
     layers, experts = placement.num_layers, placement.num_logical
     assert placement.phy2log.shape == (layers, ranks * slots)
+    # The planner skips the public constructor's checks (valid by construction): they pass.
+    assert placement.phy2log.is_contiguous()
+    Placement(placement.phy2log, experts, placement.num_ranks)
     placement.validate(distinct_ranks=True)  # every expert placed, no rank holds one twice
     nonempty = (placement.phy2log >= 0).sum(1)
     assert torch.equal(placement.logcnt.sum(1), nonempty)

@@ -66,11 +66,21 @@ def fill_missing(
     present[:, :, 0] = 0
     slot_w = slot_loads(slots, per_replica)
     rank_load = slot_w.sum(2)
+    open_slots = (slots < 0).sum(2)
     for k in range(width):
         b = np.flatnonzero(items[:, k] >= 0)
         if b.size:
             placed = _place_one(
-                slots, slot_w, per_replica, counts, have, present, rank_load, b, items[b, k]
+                slots,
+                slot_w,
+                per_replica,
+                counts,
+                have,
+                present,
+                rank_load,
+                open_slots,
+                b,
+                items[b, k],
             )
             left[placed] -= 1
     _fill_empty_slots(slots, load, have, present, left)
@@ -109,25 +119,25 @@ def _place_one(
     have: np.ndarray,
     present: np.ndarray,
     rank_load: np.ndarray,
+    open_slots: np.ndarray,
     b: np.ndarray,
     expert: np.ndarray,
 ) -> np.ndarray:
     """Put one replica of ``expert[i]`` into row ``b[i]`` where it leaves the lightest rank;
     returns the rows where it found room. Updates every state array in place (``slot_w``
-    [B, R, S] and ``rank_load`` [B, R] hold loads at the wanted replica counts)."""
-    current = slots[b]  # [n, R, S]
+    [B, R, S] and ``rank_load`` [B, R] hold loads at the wanted replica counts, ``open_slots``
+    int64 [B, R] counts the empty slots of each rank)."""
     lacks = present[b, :, expert + 1] == 0  # [n, R]
-    empty = current < 0
     # Fill empty slots before evicting (an empty slot left at the end is capacity lost): the
     # lightest rank lacking the expert that has one, at its first empty slot.
-    open_rank = empty.any(2) & lacks
+    open_rank = (open_slots[b] > 0) & lacks
     rank = np.where(open_rank, rank_load[b], np.inf).argmin(1)
-    slot = empty[np.arange(b.size), rank].argmax(1)
+    slot = (slots[b, rank] < 0).argmax(1)
     ok = open_rank.any(1)
     full = np.flatnonzero(~ok)
     if full.size:  # no empty slot the expert may take: evict a surplus replica
         rank[full], slot[full], ok[full] = _best_eviction(
-            current[full],
+            slots[b[full]],
             slot_w[b[full]],
             rank_load[b[full]],
             lacks[full],
@@ -137,6 +147,7 @@ def _place_one(
     b, expert, rank, slot = b[ok], expert[ok], rank[ok], slot[ok]
     evicted = slots[b, rank, slot]
     gone = evicted >= 0
+    open_slots[b[~gone], rank[~gone]] -= 1
     have[b[gone], evicted[gone]] -= 1
     present[b[gone], rank[gone], evicted[gone] + 1] -= 1
     rank_load[b, rank] += per_replica[b, expert] - slot_w[b, rank, slot]
@@ -274,8 +285,9 @@ def _best_paid_swap(
     hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
     px = slots[partner] + 1  # [A, M, S]
     delta = weight[heavy][:, :, None, None] - weight[partner][:, None]  # [A, S, M, S]
-    # Gain = heavy load - max(heavy load - delta, partner load + delta).
-    gain = np.minimum(delta, (heavy_load[:, None] - loads[partner])[:, None, :, None] - delta)
+    # Gain = heavy load - max(heavy load - delta, partner load + delta), in place (big arrays).
+    gain = np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta)
+    np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
     # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
@@ -300,7 +312,9 @@ def _best_paid_swap(
     ).reshape(-1)  # [A * 16]
     x_code = (x_cost + 1) * 4 + (np.arange(rows) * 16)[:, None, None]
     code = x_code.astype(np.int32)[:, :, :, None] + (y_cost + 1).astype(np.int32)[:, None, :, :]
-    score = (gain * factor[code]).reshape(rows, -1)
+    score = np.take(factor, code)
+    score *= gain
+    score = score.reshape(rows, -1)
     best = score.argmax(1)
     chosen = gain.reshape(rows, -1)[r_idx, best]
     improved = (score[r_idx, best] > 0) & (chosen > heavy_load * 1e-12)

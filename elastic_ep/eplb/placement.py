@@ -61,6 +61,17 @@ class Placement:
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
+    def _trusted(cls, phy2log: torch.Tensor, num_logical: int, num_ranks: int) -> Placement:
+        """A placement over ``phy2log`` int64 [L, R*S] (contiguous, CPU, owned by the caller
+        from now on) without the checks of the public constructor: for the planner, whose
+        output is valid by construction and is checked by its property tests."""
+        placement = object.__new__(cls)
+        object.__setattr__(placement, "phy2log", phy2log)
+        object.__setattr__(placement, "num_logical", num_logical)
+        object.__setattr__(placement, "num_ranks", num_ranks)
+        return placement
+
+    @classmethod
     def empty(
         cls, num_layers: int, num_logical: int, num_ranks: int, slots_per_rank: int
     ) -> Placement:
