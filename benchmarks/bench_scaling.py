@@ -39,6 +39,7 @@ import json
 import math
 import multiprocessing as mp
 import pickle
+import queue
 import socket
 import statistics
 import sys
@@ -133,11 +134,11 @@ def _raw_group(store: dist.Store, rank: int, size: int, backend: str, device: to
 
 def _ring(pg: Any, send: torch.Tensor, recv: torch.Tensor, rank: int, size: int) -> None:
     right, left = (rank + 1) % size, (rank - 1) % size
-    if send.device.type == "cuda":
-        pg._start_coalescing(send.device)
+    if send.device.type == "cuda":  # a raw ProcessGroupNCCL backend coalesces without a device
+        pg._start_coalescing()
         pg.send([send], right, 0)
         pg.recv([recv], left, 0)
-        pg._end_coalescing(send.device).wait()
+        pg._end_coalescing().wait()
     else:
         works = [pg.send([send], right, 0), pg.recv([recv], left, 0)]
         for work in works:
@@ -209,13 +210,26 @@ def measure_floors(cfg: BenchConfig, raw_mb: int, reps: int) -> dict[str, float]
     for p in procs:
         p.start()
     try:
-        floors: dict[str, float] = out.get(timeout=300)
+        floors = _first_result(out, procs, timeout_s=300)
     finally:
         for p in procs:
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
     return floors
+
+
+def _first_result(out: Any, procs: list[Any], timeout_s: float) -> dict[str, float]:
+    """The first worker result, or RuntimeError as soon as a worker dies without one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return out.get(timeout=0.5)  # type: ignore[no-any-return]
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"a floor worker failed (exit codes {failed})") from None
+    raise RuntimeError(f"the floor workers gave no result within {timeout_s:g} s")
 
 
 # ---- the elastic ranks --------------------------------------------------------------------------

@@ -24,7 +24,13 @@ pytestmark = pytest.mark.gpu
 CONFIG = MoEModelConfig(
     num_layers=3, num_experts=32, hidden_size=64, intermediate_size=48, top_k=2, seed=11
 )
-ATOL = 1e-4  # cuBLAS may sum in a different order for different token counts
+# Max |difference| relative to max |reference| (outputs are ~10): cuBLAS may sum in another
+# order for other token counts; 1e-5 is ~100 fp32 ulps, 5e-6 was seen on CPU.
+RTOL = 5e-5
+
+
+def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out - reference).abs().max() / reference.abs().max())
 
 
 def _needs_gpus(count: int) -> None:
@@ -40,8 +46,9 @@ def _nccl_rank(rank: int, world_size: int, port: int) -> dict:
     buffers = PlacementBuffers(CONFIG.num_layers, CONFIG.num_experts, 3.0, device=device)
     record = LoadRecord(CONFIG.num_layers, CONFIG.num_experts, buffers.capacity, 4, device=device)
     errors, addresses = [], {buffers.log2phy.data_ptr(), buffers.logcnt.data_ptr()}
-    # Two epochs (groups rebuilt), two placements each, slots per rank changing between epochs.
-    for epoch, per_rank in enumerate([24, 40]):
+    # Two epochs (groups rebuilt), two placements each, slots per rank changing between epochs:
+    # 48 then 80 slots per layer, within the buffers' capacity of 3 x 32 at any world size.
+    for epoch, per_rank in enumerate([48 // world_size, 80 // world_size]):
         group = StatelessGroup(
             rdzv, "ep", epoch, rank, world_size, backend="nccl", device=device, timeout_s=30
         )
@@ -58,7 +65,7 @@ def _nccl_rank(rank: int, world_size: int, port: int) -> dict:
             tokens = torch.Generator().manual_seed(100 * epoch + 10 * trial + rank)
             hidden = torch.randn(16 + 8 * rank, CONFIG.hidden_size, generator=tokens).to(device)
             out = model(hidden)
-            errors.append(float((out - reference_forward(CONFIG, hidden)).abs().max()))
+            errors.append(_relative_error(out, reference_forward(CONFIG, hidden)))
             record.end_step()
         total = record.aggregate(group)
         addresses |= {buffers.log2phy.data_ptr(), buffers.logcnt.data_ptr()}
@@ -76,7 +83,7 @@ def test_layer_over_nccl_equals_reference() -> None:
     results = run_ranks(_nccl_rank, world, timeout=200)
     tokens = sum(16 + 8 * r for r in range(world))
     for result in results:
-        assert max(result["errors"]) < ATOL, result["errors"]
+        assert max(result["errors"]) < RTOL, result["errors"]
         # Window of 4 steps x layers x top-2 picks of every rank's tokens.
         assert result["total"] == 4 * CONFIG.num_layers * CONFIG.top_k * tokens
         assert result["addresses"] == 2  # the routing tables never moved
@@ -167,7 +174,7 @@ def _nccl_scale_rank(rank: int, world_size: int, port: int) -> list[float]:
         model.set_backend(AllToAllBackend.build(group, per_rank))
         tokens = torch.Generator().manual_seed(10 * epoch + rank)
         hidden = torch.randn(24, CONFIG.hidden_size, generator=tokens).to(device)
-        errors.append(float((model(hidden) - reference_forward(CONFIG, hidden)).abs().max()))
+        errors.append(_relative_error(model(hidden), reference_forward(CONFIG, hidden)))
 
     def nccl_group(epoch: int, size: int) -> StatelessGroup:
         return StatelessGroup(
@@ -200,4 +207,4 @@ def test_layer_over_nccl_before_and_after_scale() -> None:
     _needs_gpus(2)
     errors = run_ranks(_nccl_scale_rank, 2, timeout=200)
     assert len(errors[0]) == 3 and len(errors[1]) == 1
-    assert max(errors[0] + errors[1]) < ATOL, errors
+    assert max(errors[0] + errors[1]) < RTOL, errors

@@ -66,6 +66,7 @@ class EngineConfig:
     fail_plan_once_at: int | None = None  # the planner raises once for this world size
     fail_rebalance_once: bool = False  # the planner raises for the first rebalance
     backend: str = "gloo"  # "nccl": one GPU per rank, GPU = member id % device count
+    serialize_launches: bool | None = None  # ElasticRank's default: on for NCCL only
 
 
 def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
@@ -132,6 +133,7 @@ def _publish(agent: ElasticRank, cfg: EngineConfig, event: str, builds: list[int
         "blocking_s": agent.last_blocking_s,
         "builds": builds[-1],
         "in_flight": agent.gate.in_flight,
+        "grants": agent.last_launch_grants,
     }
     store = agent._rdzv.store
     put(store, f"test/verify/{agent.epoch}/{agent.member}", json.dumps(info).encode())
@@ -227,6 +229,7 @@ def rank_main(spec: RankSpec) -> None:
             backend=cfg.backend,
             device=device,
             timeout_s=spec.timeout_s,
+            serialize_launches=cfg.serialize_launches,
         )
     except ReconfigureError:
         return  # the scale this joiner was launched for rolled back
@@ -365,7 +368,15 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_reload() -> None:
-    cfg = EngineConfig(layers=2, experts=8, slots=4, skew=0.5, kill_joiners_in_build=frozenset({3}))
+    # The staging thread's launches go through the polls' grants, as they do on NCCL.
+    cfg = EngineConfig(
+        layers=2,
+        experts=8,
+        slots=4,
+        skew=0.5,
+        kill_joiners_in_build=frozenset({3}),
+        serialize_launches=True,
+    )
     coord = _coordinator(cfg, ScaleLimits(num_logical=8, slots_per_rank=4, max_physical_slots=16))
     try:
         before = coord.start(3, timeout_s=60)
@@ -378,7 +389,10 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         assert status.phase is ScalePhase.COMPLETED, status
         assert status.members == (0, 1, 2, 4)
         scaled = status
-        _infos(coord, status)
+        infos = _infos(coord, status)
+        # existing ranks launched the staging collectives only when their polls granted them
+        assert all(infos[m]["grants"] > 0 for m in (0, 1, 2)), infos
+        assert infos[4]["grants"] == 0  # a joiner does not serve: nothing to order against
 
         # The load turns around (expert 7 hottest): a rebalance at the same 4 ranks moves experts.
         flipped = load_of(cfg).flip(1)
@@ -400,6 +414,7 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         assert status.balance_before is not None and status.balance_after is not None
         assert status.balance_after > status.balance_before + 0.05, status
         infos = _infos(coord, status)  # moved weights bit for bit; resources rebuilt
+        assert all(info["grants"] > 0 for info in infos.values()), infos
 
         victim = max(infos, key=lambda m: infos[m]["sole"])
         assert infos[victim]["sole"] > 0  # its death loses experts: they must be reloaded

@@ -77,7 +77,9 @@ def make_process_group(
     """Build a ProcessGroup of one backend on ``store``; operations time out after ``timeout_s``.
 
     gloo connects its full mesh inside the constructor, waiting for every peer up to
-    ``build_timeout_s``; NCCL creates its communicator lazily at the first collective.
+    ``build_timeout_s``; NCCL creates its communicator here (eagerly) and connects peers at the
+    first collective. Call it for NCCL only once every rank has arrived: NCCL's communicator
+    init has no timeout of its own.
     """
     timeout = timedelta(seconds=timeout_s)
     pg = ProcessGroup(store, rank, world_size)
@@ -105,4 +107,9 @@ def make_process_group(
     impl._set_sequence_number_for_group()
     pg._register_backend(torch.device(device.type), backend_type, impl)
     pg._set_group_name(group_name)  # type: ignore[arg-type]  # a NewType only in newer stubs
+    if backend is Backend.NCCL:
+        # Create the communicator now (collective, no kernel), not inside the first collective:
+        # a first launch that waits for a LaunchGate's grant then stalls the serving thread only
+        # for connecting peers, not for the whole communicator init.
+        impl.eager_connect_single_device(device)
     return pg

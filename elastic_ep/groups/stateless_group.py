@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch.distributed import ProcessGroup, ReduceOp, Store, Work
 
 from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.backend import Backend, default_device, make_process_group
+from elastic_ep.groups.launch_gate import LaunchGate
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
 
 
@@ -68,7 +70,7 @@ class StatelessGroup:
 
     Building is collective: every rank constructs a StatelessGroup with the same ``name``,
     ``epoch``, ``world_size`` and backend, and its own ``rank``. The constructor returns once all
-    ranks have arrived (gloo: full mesh connected; NCCL: communicator created by a first
+    ranks have arrived (gloo: full mesh connected; NCCL: communicator created and a first
     collective), or raises PeerFailure naming the first missing rank after ``build_timeout_s``.
 
     Args:
@@ -86,6 +88,11 @@ class StatelessGroup:
         build_timeout_s: bound on waiting for every rank to arrive at the build (> 0). After a
             failure, survivors notice it up to ``timeout_s`` apart, so a rebuild right after one
             needs a longer build timeout than the operation timeout.
+        launch_gate: when a background thread builds and uses this group while another thread
+            of the process runs collectives of another NCCL group on the same GPU, the gate
+            holds each launch on this group (the build's first collective included) until the
+            other thread grants it at a point every rank reaches in the same order (see
+            :mod:`elastic_ep.groups.launch_gate`). ``None``: launches go at once.
 
     Attributes (read-only): name, epoch, rank, world_size, backend, device, timeout_s,
     process_group (a real ``torch.distributed.ProcessGroup``:
@@ -104,6 +111,7 @@ class StatelessGroup:
         timeout_s: float = 30.0,
         *,
         build_timeout_s: float | None = None,
+        launch_gate: LaunchGate | None = None,
     ) -> None:
         if not isinstance(rendezvous, Rendezvous):
             raise TypeError(f"rendezvous must be a Rendezvous, got {type(rendezvous).__name__}")
@@ -133,6 +141,7 @@ class StatelessGroup:
         self._build_timeout_s = float(build_timeout_s)
         self._failure: PeerFailure | None = None
         self._closed = False
+        self._launch_gate = launch_gate
         self._rendezvous = rendezvous
         self._client: Store | None = rendezvous.client(build_timeout_s)
         store: Store = torch.distributed.PrefixStore(prefix, self._client)
@@ -143,7 +152,7 @@ class StatelessGroup:
                 store, rank, world_size, parsed, dev, timeout_s, build_timeout_s, f"{name}@{epoch}"
             )
             if parsed is Backend.NCCL:
-                # NCCL creates its communicator lazily; a first collective makes "built" mean built.
+                # NCCL connects peers at the first collective: it makes "built" mean built.
                 self.barrier()
         except PeerFailure:
             self._release()
@@ -472,7 +481,8 @@ class StatelessGroup:
     ) -> None:
         pg = self._usable(op)
         try:
-            work = start(pg)
+            with self._launch(op):
+                work = start(pg)
         except RuntimeError as err:
             raise self._broken(op, err, peer=peer) from err
         self._wait(work, op, peer=peer, sync=sync)
@@ -497,18 +507,26 @@ class StatelessGroup:
         peers = {p for _, p in sends} | {p for _, p in recvs}
         peer = next(iter(peers)) if len(peers) == 1 else None
         try:
-            if self._backend is Backend.NCCL:
-                pg._start_coalescing(self._device)
-                for t, dst in sends:
-                    pg.send([t], dst, 0)
-                for t, src in recvs:
-                    pg.recv([t], src, 0)
-                return [pg._end_coalescing(self._device)]
-            return [pg.send([t], dst, 0) for t, dst in sends] + [
-                pg.recv([t], src, 0) for t, src in recvs
-            ]
+            with self._launch("batch_p2p"):
+                if self._backend is Backend.NCCL:
+                    pg._start_coalescing(self._device)
+                    for t, dst in sends:
+                        pg.send([t], dst, 0)
+                    for t, src in recvs:
+                        pg.recv([t], src, 0)
+                    return [pg._end_coalescing(self._device)]
+                return [pg.send([t], dst, 0) for t, dst in sends] + [
+                    pg.recv([t], src, 0) for t, src in recvs
+                ]
         except RuntimeError as err:
             raise self._broken("batch_p2p", err, peer=peer) from err
+
+    def _launch(self, op: str) -> AbstractContextManager[None]:
+        if self._launch_gate is None:
+            return nullcontext()
+        return self._launch_gate.launch(
+            f"{op} on group {self._name!r} epoch {self._epoch}", self._timeout_s
+        )
 
     def _check_tensor(self, what: str, tensor: object) -> None:
         if not isinstance(tensor, torch.Tensor):

@@ -4,7 +4,9 @@ serves.
 :func:`stage_next_epoch` builds the next epoch's groups as standby, syncs the KV budget, plans the
 placement and moves expert weights into *staged* copies. Existing ranks run it on a background
 thread (their serving weights and groups are untouched, so a failure costs nothing to undo);
-joiners run it on their main thread. The blocking commit then only swaps what was staged in.
+joiners run it on their main thread. On NCCL an existing rank's staging launches wait for the
+serving thread's grants (:class:`~elastic_ep.groups.LaunchGate`), so every rank launches them
+between the same two forward steps. The blocking commit then only swaps what was staged in.
 
 Groups used:
 
@@ -28,7 +30,7 @@ from elastic_ep.eplb.executor import ExecutionStats, GroupRanks, ReloadHook, exe
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.transfer_plan import plan_transfers
 from elastic_ep.errors import ReconfigureError
-from elastic_ep.groups import Rendezvous, StatelessGroup
+from elastic_ep.groups import LaunchGate, Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 from elastic_ep.scaling.channel import Command
 from elastic_ep.scaling.phase import ScalePhase
@@ -177,6 +179,9 @@ class StageInputs:
         reload: hook for experts whose every replica died.
         buffer_bytes: staging budget of the executor.
         backend / device / timeout_s: of the groups built.
+        launch_gate: holds every launch on the groups built until the serving thread grants it
+            (an existing rank staging on NCCL next to its serving forward); ``None`` on a joiner,
+            in a recovery (the serving thread itself stages), and on gloo.
     """
 
     member: int
@@ -190,6 +195,7 @@ class StageInputs:
     backend: str
     device: torch.device | str | None
     timeout_s: float
+    launch_gate: LaunchGate | None = None
 
 
 def stage_next_epoch(
@@ -223,6 +229,7 @@ def stage_next_epoch(
                 inputs.backend,
                 inputs.device,
                 timeout,
+                launch_gate=inputs.launch_gate,
             )
         )
         new_control = registry.add(control_group(rdzv, new_group))
@@ -240,6 +247,7 @@ def stage_next_epoch(
                 inputs.backend,
                 inputs.device,
                 timeout,
+                launch_gate=inputs.launch_gate,
             )
         )
 
