@@ -26,10 +26,10 @@ except ImportError:  # the torch path still works; only ``copy="triton"`` needs 
     triton = None
 
 BLOCK = 4096
-"""Words each Triton program copies per loop iteration."""
+"""Words each Triton program copies per (unrolled) iteration."""
 
-MAX_PROGRAMS_PER_ROW = 1024
-"""Grid size along a row; programs loop over longer rows."""
+MAX_PROGRAMS_PER_ROW = 65535
+"""CUDA's limit on the grid's second dimension; longer rows take more iterations per program."""
 
 
 def triton_available() -> bool:
@@ -45,15 +45,16 @@ if triton is not None:
         dst_ptr: Any,
         len_ptr: Any,
         BLOCK: tl.constexpr,
+        ITERS: tl.constexpr,
         ALIGN: tl.constexpr,
     ) -> None:
         row = tl.program_id(0)
         n = tl.load(len_ptr + row)
         src = tl.multiple_of(tl.load(src_ptr + row), ALIGN)
         dst = tl.multiple_of(tl.load(dst_ptr + row), ALIGN)
-        step = tl.num_programs(1).to(tl.int64) * BLOCK
-        for start in range(tl.program_id(1).to(tl.int64) * BLOCK, n, step):
-            offs = start + tl.arange(0, BLOCK)
+        first = tl.program_id(1).to(tl.int64) * (BLOCK * ITERS)
+        for i in tl.static_range(ITERS):
+            offs = first + i * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
             tl.store(anchor + dst + offs, tl.load(anchor + src + offs, mask=mask), mask=mask)
 
@@ -99,6 +100,11 @@ class RowTable:
         equal byte size (any dtypes, any devices the anchor can address)."""
         base = self.anchor.data_ptr()
         rows = []
+        # The torch path copies values: rows of different dtypes or shapes go as bytes.
+        pairs = [
+            (s, d) if s.dtype == d.dtype and s.shape == d.shape else (_bytes(s), _bytes(d))
+            for s, d in pairs
+        ]
         for src, dst in pairs:
             nbytes = src.numel() * src.element_size()
             if nbytes != dst.numel() * dst.element_size():
@@ -137,9 +143,17 @@ class RowTable:
         return self.table[:, rows.start : rows.start + rows.count]
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
 def launch(table: RowTable, rows: Rows, kernel: Any) -> None:
     """Launch ``kernel`` (the jitted one, or an interpreted copy of it in tests) over ``rows``."""
     part = table.slice(rows)
     anchor = table.anchor if rows.word == 1 else table.anchor.view(torch.int32)
-    grid = (rows.count, max(1, min(MAX_PROGRAMS_PER_ROW, -(-rows.max_words // BLOCK))))
-    kernel[grid](anchor, part[0], part[1], part[2], BLOCK=BLOCK, ALIGN=rows.align)
+    blocks = max(1, -(-rows.max_words // BLOCK))
+    iters = 1
+    while -(-blocks // iters) > MAX_PROGRAMS_PER_ROW:
+        iters *= 2
+    grid = (rows.count, -(-blocks // iters))
+    kernel[grid](anchor, part[0], part[1], part[2], BLOCK=BLOCK, ITERS=iters, ALIGN=rows.align)

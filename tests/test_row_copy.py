@@ -1,0 +1,140 @@
+"""Row tables: the Triton kernel (interpreted on CPU) copies exactly what the torch path copies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elastic_ep.eplb import row_copy
+from elastic_ep.eplb.row_copy import RowTable
+
+DTYPES = [torch.uint8, torch.int16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> object:
+    """The module's kernel run by Triton's CPU interpreter (skipped without triton)."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(row_copy._copy_rows_kernel.fn)
+
+
+@st.composite
+def row_sets(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
+    """Tensors ``[slots, n]`` of mixed dtypes, and rows (src tensor, src slot, dst tensor, dst
+    slot) between tensors of the same row size, every destination slot written at most once and
+    never read by another row (one launch's contract)."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for _ in range(draw(st.integers(2, 5))):
+        dtype = draw(st.sampled_from(DTYPES))
+        slots, width = draw(st.integers(1, 6)), draw(st.integers(1, 40))
+        raw = torch.randint(
+            0, 256, (slots * width * dtype.itemsize,), dtype=torch.uint8, generator=gen
+        )
+        tensors.append(raw.view(dtype).view(slots, width))
+    # A byte offset into a larger tensor makes addresses unaligned to 4 or 16 bytes.
+    shift = draw(st.integers(0, 5))
+    host = torch.randint(0, 256, (shift + 64,), dtype=torch.uint8, generator=gen)
+    tensors.append(host[shift : shift + 64].view(4, 16))
+    cells = [(t, s) for t in range(len(tensors)) for s in range(tensors[t].shape[0])]
+    order = draw(st.permutations(cells))
+    half = len(order) // 2
+    sources, targets = order[:half], order[half:]
+    rows = []
+    for t, s in targets:
+        nbytes = tensors[t][s].numel() * tensors[t].element_size()
+        same = [
+            c
+            for c in sources
+            if tensors[c[0]][c[1]].numel() * tensors[c[0]].element_size() == nbytes
+        ]
+        if same:
+            src = draw(st.sampled_from(same))
+            rows.append((src[0], src[1], t, s))
+    return tensors, rows
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _run(
+    tensors: list[torch.Tensor], rows: list[tuple[int, int, int, int]], kernel: object | None
+) -> list[torch.Tensor]:
+    out = [t.clone() for t in tensors]
+    anchor = torch.zeros(256, dtype=torch.uint8)
+    table = RowTable(anchor)
+    launch = table.add([(out[a][i], out[b][j]) for a, i, b, j in rows])
+    table.upload()
+    if kernel is None:
+        table.copy(launch, use_triton=False)
+    else:
+        row_copy.launch(table, launch, kernel)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(row_sets())
+def test_triton_matches_torch(
+    interpreted: object, case: tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]
+) -> None:
+    tensors, rows = case
+    want = _run(tensors, rows, None)
+    got = _run(tensors, rows, interpreted)
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(_bytes(w), _bytes(g))
+
+
+@settings(max_examples=40, deadline=None)
+@given(row_sets())
+def test_torch_path_copies_each_row(
+    case: tuple[list[torch.Tensor], list[tuple[int, int, int, int]]],
+) -> None:
+    tensors, rows = case
+    got = _run(tensors, rows, None)
+    written = {(b, j) for _, _, b, j in rows}
+    for a, i, b, j in rows:
+        assert torch.equal(_bytes(got[b][j]), _bytes(tensors[a][i]))
+    for t, tensor in enumerate(tensors):
+        for s in range(tensor.shape[0]):
+            if (t, s) not in written:
+                assert torch.equal(_bytes(got[t][s]), _bytes(tensor[s]))
+
+
+def test_word_size_follows_alignment() -> None:
+    anchor = torch.zeros(64, dtype=torch.uint8)
+    table = RowTable(anchor)
+    a = torch.zeros(4, 16, dtype=torch.float32)
+    assert (table.add([(a[0], a[1])]).word, table.add([(a[0], a[1])]).align) == (4, 4)
+    assert table.add([(anchor[4:12], anchor[20:28])]).align == 1
+    assert table.add([(anchor[1:3], anchor[8:10])]).word == 1
+    assert table.add([]).count == 0
+
+
+def test_long_rows_take_several_iterations(
+    interpreted: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(row_copy, "MAX_PROGRAMS_PER_ROW", 2)
+    monkeypatch.setattr(row_copy, "BLOCK", 8)
+    src = torch.arange(200, dtype=torch.int32)
+    dst = torch.zeros(200, dtype=torch.int32)
+    table = RowTable(torch.zeros(16, dtype=torch.uint8))
+    launch = table.add([(src, dst)])
+    table.upload()
+    row_copy.launch(table, launch, interpreted)
+    assert torch.equal(src, dst)
+
+
+def test_bad_rows_are_refused() -> None:
+    with pytest.raises(ValueError, match="anchor"):
+        RowTable(torch.zeros(6, dtype=torch.uint8))
+    table = RowTable(torch.zeros(16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="sizes differ"):
+        table.add([(torch.zeros(3), torch.zeros(4))])
+    with pytest.raises(ValueError, match="contiguous"):
+        table.add([(torch.zeros(4, 4)[:, 0], torch.zeros(4))])
