@@ -276,6 +276,11 @@ def _errors(rank: int, world_size: int, port: int) -> dict[str, str]:
         execute(plan, [[t[:1] for t in layer] for layer in weights], group)
     with pytest.raises(ValueError, match="weights has 1 layers"):
         execute(plan, weights[:1], group)
+    with pytest.raises(ValueError, match="copy must be one of"):
+        execute(plan, weights, group, copy="cuda")
+    with pytest.raises(ValueError, match="copy='triton' needs a CUDA group"):
+        execute(plan, weights, group, copy="triton")
+    assert unchanged()
     # And after all that the group still runs the real thing.
     stats = execute(plan, weights, group, buffer_bytes=need)
     check_after(sc, rank, before, weights)

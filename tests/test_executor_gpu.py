@@ -1,4 +1,5 @@
-"""execute over NCCL on 2 GPUs: bit-exact after every kind of scale event, within the buffer."""
+"""execute over NCCL on 2 GPUs: bit-exact after every kind of scale event, within the buffer,
+with the multi-tensor (torch) and the fused Triton copy paths."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from elastic_ep.eplb import execute, plan_transfers, required_buffer_bytes
+from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from tests.procs import run_ranks
 from tests.test_executor import (
@@ -23,7 +25,9 @@ pytestmark = pytest.mark.gpu
 ALLOCATOR_SLACK = 64 << 10  # the plan check's small collective, rounded to allocator blocks
 
 
-def _nccl_scenarios(rank: int, world_size: int, port: int, seed: int) -> list[tuple[str, int]]:
+def _nccl_scenarios(
+    rank: int, world_size: int, port: int, seed: int, copy: str
+) -> list[tuple[str, int]]:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
@@ -48,6 +52,7 @@ def _nccl_scenarios(rank: int, world_size: int, port: int, seed: int) -> list[tu
             buffer_bytes=budget,
             reload=lambda lay, exp, truth=truth: truth[(lay, exp)],
             overlap=rng.random() < 0.7,
+            copy=copy,
         )
         peak = torch.cuda.max_memory_allocated(device) - base
         check_after(sc, new, before, [[t.cpu() for t in layer] for layer in weights])
@@ -62,7 +67,10 @@ def _nccl_scenarios(rank: int, world_size: int, port: int, seed: int) -> list[tu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
 )
+@pytest.mark.parametrize("copy", ["torch", "triton"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_nccl_bit_exact(seed: int) -> None:
-    results = run_ranks(_nccl_scenarios, 2, seed, timeout=180)
+def test_nccl_bit_exact(seed: int, copy: str) -> None:
+    if copy == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    results = run_ranks(_nccl_scenarios, 2, seed, copy, timeout=180)
     assert results[0] == results[1]
