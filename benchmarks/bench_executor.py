@@ -20,6 +20,9 @@ minus the memory allocated before it (CUDA), or the executor's own count (CPU).
 Usage::
 
     python benchmarks/bench_executor.py --backend nccl --devices 4 [--json out.json]
+
+By default every scenario runs with both copy paths of ``execute`` (``--copy both``): ``torch``
+(multi-tensor copies) and ``triton`` (one fused gather / scatter launch per chunk), side by side.
     python benchmarks/bench_executor.py --backend gloo --devices 2 --small
 """
 
@@ -41,6 +44,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from elastic_ep.eplb import EMPTY, Placement, TransferPlan, execute, plan_transfers
+from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 
@@ -173,12 +177,13 @@ def _run_scenario(
     device: torch.device,
     shapes: list[tuple[int, ...]],
     dtype: torch.dtype,
+    copy: str,
 ) -> dict[str, Any] | None:
     """Time ``plan`` (and restore with the reverse plan between repeats) on ``group_ranks`` ranks."""
     if rank >= group_ranks:
         return None
     group = StatelessGroup(
-        rdzv, f"bench-{name}", epoch, rank, group_ranks, args.backend, device, timeout_s=300
+        rdzv, f"bench-{name}-{copy}", epoch, rank, group_ranks, args.backend, device, timeout_s=300
     )
     mapping = plan.rank_mapping
     old = mapping.old_rank(rank) if numbering == "new" else rank
@@ -198,7 +203,7 @@ def _run_scenario(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        stats = execute(plan, weights, group, buffer_bytes=budget)
+        stats = execute(plan, weights, group, buffer_bytes=budget, copy=copy)
         _sync(device)
         elapsed = time.perf_counter() - start
         peak = (
@@ -210,7 +215,14 @@ def _run_scenario(
             times.append(elapsed)
             peaks.append(peak)
         group.barrier()
-        execute(back, weights, group, buffer_bytes=budget, ranks=_flip(plan, numbering))
+        execute(
+            back,
+            weights,
+            group,
+            buffer_bytes=budget,
+            ranks=_flip(plan, numbering),
+            copy=copy,
+        )
     assert stats is not None
     seconds = statistics.median(times)
     busiest = max(
@@ -221,6 +233,7 @@ def _run_scenario(
     group.destroy()
     return {
         "scenario": name,
+        "copy": copy,
         "ranks": group_ranks,
         "seconds": seconds,
         "moved_gb": sum(stats.bytes_received_per_rank) / 1e9,
@@ -271,6 +284,13 @@ def _scenarios(args: argparse.Namespace) -> list[tuple[str, TransferPlan, int, s
     return out
 
 
+def _copy_paths(args: argparse.Namespace) -> list[str]:
+    """``--copy both``: the multi-tensor path, and the fused Triton one where it can run."""
+    if args.copy != "both":
+        return [args.copy]
+    return ["torch", "triton"] if args.backend == "nccl" and triton_available() else ["torch"]
+
+
 def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, queue: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
@@ -292,10 +312,14 @@ def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, que
     )
     result: dict[str, Any] = {"raw": _measure_raw(args, rank, group, device), "scenarios": []}
     dtype = torch.bfloat16
-    shapes = [(2 * args.intermediate, args.hidden), (args.hidden, args.intermediate)]
-    for epoch, (name, plan, ranks, numbering) in enumerate(_scenarios(args)):
+    shapes: list[tuple[int, ...]] = [
+        (2 * args.intermediate, args.hidden),
+        (args.hidden, args.intermediate),
+    ]
+    runs = [(s, copy) for s in _scenarios(args) for copy in _copy_paths(args)]
+    for epoch, ((name, plan, ranks, numbering), copy) in enumerate(runs):
         row = _run_scenario(
-            args, rank, rdzv, epoch, name, plan, ranks, numbering, device, shapes, dtype
+            args, rank, rdzv, epoch, name, plan, ranks, numbering, device, shapes, dtype, copy
         )
         if row is not None:
             result["scenarios"].append(row)
@@ -321,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="tiny sizes, for gloo on a CPU")
+    parser.add_argument(
+        "--copy",
+        choices=["both", "auto", "torch", "triton"],
+        default="both",
+        help="execute's copy path; 'both' runs torch and triton side by side (triton: CUDA only)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.small:
@@ -347,12 +377,13 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None
     raw = {how: min(r["raw"][how] for r in results.values()) for how in ("stateless", "torch")}
     rows = results[0]["scenarios"]
     peaks = {
-        row["scenario"]: max(
-            next(s["peak_extra_mb"] for s in r["scenarios"] if s["scenario"] == row["scenario"])
+        key: max(
+            s["peak_extra_mb"]
             for r in results.values()
-            if any(s["scenario"] == row["scenario"] for s in r["scenarios"])
+            for s in r["scenarios"]
+            if (s["scenario"], s["copy"]) == key
         )
-        for row in rows
+        for key in {(row["scenario"], row["copy"]) for row in rows}
     }
     device = torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu"
     print(
@@ -364,16 +395,18 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None
         f"torch batch_isend_irecv {raw['torch']:.1f} GB/s"
     )
     print(
-        f"{'scenario':<12} {'ms':>8} {'moved GB':>9} {'busiest GB':>10} {'GB/s/GPU':>9} {'% raw':>6} {'chunks':>6} {'peak MiB':>9}"
+        f"{'scenario':<12} {'copy':<6} {'ms':>8} {'moved GB':>9} {'busiest GB':>10} "
+        f"{'GB/s/GPU':>9} {'% raw':>6} {'chunks':>6} {'peak MiB':>9} {'plan ms':>8}"
     )
     best_raw = max(raw.values())
     for row in rows:
         row["pct_of_raw"] = 100 * row["gbps_per_gpu"] / best_raw
-        row["peak_extra_mb"] = peaks[row["scenario"]]
+        row["peak_extra_mb"] = peaks[(row["scenario"], row["copy"])]
         print(
-            f"{row['scenario']:<12} {row['seconds'] * 1e3:8.1f} {row['moved_gb']:9.2f} "
-            f"{row['busiest_rank_gb']:10.2f} {row['gbps_per_gpu']:9.1f} {row['pct_of_raw']:6.1f} "
-            f"{row['chunks']:6d} {row['peak_extra_mb']:9.1f}"
+            f"{row['scenario']:<12} {row['copy']:<6} {row['seconds'] * 1e3:8.1f} "
+            f"{row['moved_gb']:9.2f} {row['busiest_rank_gb']:10.2f} {row['gbps_per_gpu']:9.1f} "
+            f"{row['pct_of_raw']:6.1f} {row['chunks']:6d} {row['peak_extra_mb']:9.1f} "
+            f"{row['phase_ms']['plan']:8.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:
