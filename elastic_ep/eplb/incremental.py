@@ -301,18 +301,20 @@ def _best_paid_swap(
     y_cost = fresh_flat[y_to].astype(np.int64) - fresh_flat[(partner * width)[..., None] + px]
     x_cost[present_flat[x_to] | (partner == heavy[:, None])[:, None, :]] = 2
     y_cost[present_flat[y_to]] = 2
-    # Score = gain / max(cost, 1/4), 0 where the cost is over budget: the factor is looked up
-    # in a per-row table of the 4 x 4 side costs, so the [A, S, M, S] work is a few operations.
+    # Score = gain / max(cost, 1/4), 0 where the swap is not allowed or over budget: a table of
+    # the 4 x 4 side costs indexed by a byte code, so the [A, S, M, S] work is a few cheap
+    # operations. Every allowed swap costs at most 2, so only rows with less left need a mask.
     side = np.arange(-1, 3)
-    pair_cost = side[:, None] + side  # [4, 4]
-    factor = np.where(
-        (pair_cost <= left[:, None, None]) & (side[:, None] < 2) & (side < 2),
-        1.0 / np.maximum(pair_cost, _FREE_SWAP_COST),
-        0.0,
-    ).reshape(-1)  # [A * 16]
-    x_code = (x_cost + 1) * 4 + (np.arange(rows) * 16)[:, None, None]
-    code = x_code.astype(np.int32)[:, :, :, None] + (y_cost + 1).astype(np.int32)[:, None, :, :]
+    pair_cost = (side[:, None] + side).ravel()  # [16]
+    allowed = ((side[:, None] < 2) & (side < 2)).ravel()
+    factor = np.where(allowed, 1.0 / np.maximum(pair_cost, _FREE_SWAP_COST), 0.0)
+    x_code = ((x_cost + 1) * 4).astype(np.int8)[:, :, :, None]
+    code = x_code + (y_cost + 1).astype(np.int8)[:, None, :, :]  # [A, S, M, S]
     score = np.take(factor, code)
+    tight = np.flatnonzero(left < 2)
+    if tight.size:
+        over = np.take(pair_cost, code[tight]) > left[tight, None, None, None]
+        score[tight] = np.where(over, 0.0, score[tight])
     score *= gain
     score = score.reshape(rows, -1)
     best = score.argmax(1)
