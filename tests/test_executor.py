@@ -190,6 +190,28 @@ def test_scale_events_bit_exact(world_size: int, seed: int) -> None:
         assert all(s.phase_seconds(Phase.P2P) >= 0 for s in stats)
 
 
+def _run_scenarios_interpreted_triton(
+    rank: int, world_size: int, port: int, specs: Sequence[tuple[str, int, int, int, int]]
+) -> list[tuple[str, ExecutionStats, int, int]]:
+    """``_run_scenarios`` with execute's Triton row-table path on CPU: the kernel runs in
+    Triton's interpreter (what it would run on CUDA, from the same table)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from elastic_ep.eplb import executor, row_copy
+
+    row_copy._copy_rows_kernel = InterpretedFunction(row_copy._copy_rows_kernel.fn)
+    executor._use_triton = lambda copy, device: True
+    return _run_scenarios(rank, world_size, port, specs)
+
+
+def test_triton_row_table_path_bit_exact_on_cpu() -> None:
+    pytest.importorskip("triton")
+    rng = random.Random(5)
+    specs = [(kind, rng.randrange(2**31), 3, 2, rng.randint(3, 8)) for kind in KINDS]
+    results = run_ranks(_run_scenarios_interpreted_triton, 3, specs, timeout=120)
+    assert len({tuple(s.num_chunks for _, s, _, _ in r) for r in results}) == 1
+
+
 def _fixed_scenarios(rank: int, world_size: int, port: int) -> dict[str, object]:
     """Scale 2->3 (joiner in the middle), then 3->2 (a leaver hands off), on one group each."""
     rdzv = _rdzv(rank, port)

@@ -46,7 +46,7 @@ from elastic_ep.eplb.exec_chunks import (
     lay_out,
     min_buffer_bytes,
 )
-from elastic_ep.eplb.row_copy import Rows, RowTable, triton_available
+from elastic_ep.eplb.row_copy import Row, Rows, RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
@@ -438,13 +438,13 @@ def _bytes_per_group_rank(
 
 @dataclass(frozen=True)
 class _Launches:
-    """One chunk's layout, where it sits in the buffer, and its three row copies."""
+    """One chunk's layout, where it sits in the buffer, and on the Triton path its three
+    launches: pack, slot-to-slot copies (first: other writes may overwrite their sources), and
+    write-back."""
 
     work: ChunkWork
     base: int
-    pack: Rows
-    direct: Rows
-    unpack: Rows
+    rows: tuple[Rows, Rows, Rows] | None
 
 
 class _Runner:
@@ -501,8 +501,9 @@ class _Runner:
             self.finish(*pending)
 
     def build_launches(self) -> list[_Launches]:
-        """Lay out every chunk and list its copies as rows of one table (uploaded once), so
-        that each chunk runs one pack, one slot-to-slot and one write-back launch."""
+        """Lay out every chunk; on the Triton path also list its copies as rows of one table
+        (uploaded once), so each chunk runs one pack, one slot-to-slot and one write-back
+        launch with no host work per row."""
         self.rows = RowTable(self.buffer)
         out = []
         for k, chunk in enumerate(self.chunks):
@@ -514,32 +515,44 @@ class _Runner:
                 self.layout.new_rank,
             )
             base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-            rows, slots = self._rows(base, work.pack)
-            pack = self.rows.add(list(zip(slots, rows, strict=True)))
-            # Unstaged local copies first: their sources may be overwritten by this chunk's
-            # other writes, never by each other (those are staged).
-            direct: list[tuple[torch.Tensor, torch.Tensor]] = []
+            if not self.use_triton:
+                out.append(_Launches(work, base, None))
+                continue
+            buffer = self.buffer.data_ptr() + base
+            pack: list[Row] = []
+            direct: list[Row] = []
+            unpack: list[Row] = []
+            for seg in work.pack:
+                ptr, nbytes = self._kind(seg.layer, seg.kind)
+                at = buffer + seg.offset
+                pack.extend(
+                    (ptr + s * nbytes, at + r * nbytes, nbytes) for r, s in enumerate(seg.slots)
+                )
             for copy in work.direct:
                 for kind in range(len(self.weights[copy.layer])):
-                    source = self._slot(copy.layer, kind, copy.src_slot)
-                    direct.extend((source, self._slot(copy.layer, kind, s)) for s in copy.dst_slots)
-            rows, slots = self._rows(base, work.unpack)
+                    ptr, nbytes = self._kind(copy.layer, kind)
+                    src = ptr + copy.src_slot * nbytes
+                    direct.extend((src, ptr + s * nbytes, nbytes) for s in copy.dst_slots)
+            for seg in work.unpack:
+                ptr, nbytes = self._kind(seg.layer, seg.kind)
+                at = buffer + seg.offset
+                unpack.extend(
+                    (at + r * nbytes, ptr + s * nbytes, nbytes) for r, s in enumerate(seg.slots)
+                )
             for extra in work.extras:
                 for kind, seg in enumerate(extra.segments):
-                    rows.append(self._view(base, seg)[extra.row])
-                    slots.append(self._slot(extra.layer, kind, extra.slot))
-            out.append(
-                _Launches(
-                    work,
-                    base,
-                    pack,
-                    self.rows.add(direct),
-                    self.rows.add(list(zip(rows, slots, strict=True))),
-                )
-            )
+                    ptr, nbytes = self._kind(extra.layer, kind)
+                    at = buffer + seg.offset + extra.row * nbytes
+                    unpack.append((at, ptr + extra.slot * nbytes, nbytes))
+            rows = (self.rows.add(pack), self.rows.add(direct), self.rows.add(unpack))
+            out.append(_Launches(work, base, rows))
         if self.use_triton:
             self.rows.upload()
         return out
+
+    def _kind(self, layer: int, kind: int) -> tuple[int, int]:
+        """(address of slot 0, bytes per slot) of one weight tensor."""
+        return self.weights[layer][kind].data_ptr(), self.kind_bytes[layer][kind]
 
     def _slot(self, layer: int, kind: int, slot: int) -> torch.Tensor:
         views = self.slot_views.get((layer, kind))
@@ -565,9 +578,15 @@ class _Runner:
         return rows, slots
 
     def pack(self, chunk: _Launches) -> None:
-        """Copy what this rank sends, and staged local-copy sources, into the chunk's region."""
+        """Copy what this rank sends, and staged local-copy sources, into the chunk's region
+        (one launch: few rows per segment make per-segment gathers slow)."""
         start = time.perf_counter()
-        self.rows.copy(chunk.pack, self.use_triton)
+        if chunk.rows is not None:
+            self.rows.copy(chunk.rows[0])
+        else:
+            rows, slots = self._rows(chunk.base, chunk.work.pack)
+            if rows:
+                torch._foreach_copy_(rows, slots)
         self.timer.add(Phase.STAGE, start)
 
     def post(self, chunk: _Launches) -> P2PHandle | None:
@@ -586,14 +605,36 @@ class _Runner:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        self.rows.copy(chunk.direct, self.use_triton)
-        self.rows.copy(chunk.unpack, self.use_triton)
+        if chunk.rows is not None:
+            self.rows.copy(chunk.rows[1])
+            self.rows.copy(chunk.rows[2])
+        else:
+            self._write_back(chunk.work, chunk.base)
         for op in chunk.work.reloads:
             weights = self.weights[op.layer]
             for w, src in zip(weights, self._reload(op, weights), strict=True):
                 for slot in op.dst_slots:
                     w[slot].copy_(src)
         self.timer.add(Phase.WRITE_BACK, start)
+
+    def _write_back(self, work: ChunkWork, base: int) -> None:
+        # Unstaged local copies first: their sources may be overwritten by this chunk's other
+        # writes, never by each other (those are staged).
+        sources: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        for copy in work.direct:
+            for kind in range(len(self.weights[copy.layer])):
+                sources.extend(self._slot(copy.layer, kind, copy.src_slot) for _ in copy.dst_slots)
+                targets.extend(self._slot(copy.layer, kind, slot) for slot in copy.dst_slots)
+        if sources:
+            torch._foreach_copy_(targets, sources)
+        rows, slots = self._rows(base, work.unpack)
+        for extra in work.extras:
+            for kind, seg in enumerate(extra.segments):
+                rows.append(self._view(base, seg)[extra.row])
+                slots.append(self._slot(extra.layer, kind, extra.slot))
+        if rows:
+            torch._foreach_copy_(slots, rows)
 
     def _reload(self, op: Reload, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         assert self.reload_hook is not None  # execute raised LostExpertsError otherwise

@@ -65,9 +65,8 @@ class Rows:
 
     Attributes:
         word: 4 if every address and length of the slice is a multiple of 4 bytes, else 1.
-        align: the largest of 4, 2, 1 words dividing every offset and length (a hint).
+        align: 4 if every offset and length is a multiple of 16 bytes, else 1 (a hint, in words).
         max_words: the longest row, in words (sizes the grid with no device sync).
-        pairs: the rows as (source, destination) tensor pairs, for the torch path.
     """
 
     start: int
@@ -75,7 +74,10 @@ class Rows:
     word: int
     align: int
     max_words: int
-    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+Row = tuple[int, int, int]
+"""(source address, destination address, byte length)."""
 
 
 class RowTable:
@@ -95,65 +97,51 @@ class RowTable:
         self._columns: list[list[int]] = [[], [], []]
         self.table: torch.Tensor | None = None
 
-    def add(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Rows:
-        """Append one launch: ``pairs`` of (source, destination) tensors, each contiguous and of
-        equal byte size (any dtypes, any devices the anchor can address)."""
+    def add(self, rows: Sequence[Row]) -> Rows:
+        """Append one launch of ``rows`` (absolute addresses on the anchor's device)."""
         base = self.anchor.data_ptr()
+        rel = [(s - base, d - base, n) for s, d, n in rows]
+        word = 4 if all(s % 4 == 0 and d % 4 == 0 and n % 4 == 0 for s, d, n in rel) else 1
+        align = 1
+        if word == 4 and all(s % 16 == 0 and d % 16 == 0 and n % 16 == 0 for s, d, n in rel):
+            align = 4
+        start = len(self._columns[0])
+        for row in rel:
+            for column, value in zip(self._columns, row, strict=True):
+                column.append(value // word)
+        max_words = max((n for _, _, n in rel), default=0) // word
+        return Rows(start, len(rel), word, align, max_words)
+
+    def add_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Rows:
+        """Append one launch copying each (source, destination) pair of contiguous tensors of
+        equal byte size (any dtypes)."""
         rows = []
-        # The torch path copies values: rows of different dtypes or shapes go as bytes.
-        pairs = [
-            (s, d) if s.dtype == d.dtype and s.shape == d.shape else (_bytes(s), _bytes(d))
-            for s, d in pairs
-        ]
         for src, dst in pairs:
             nbytes = src.numel() * src.element_size()
             if nbytes != dst.numel() * dst.element_size():
                 raise ValueError(f"row sizes differ: {tuple(src.shape)} vs {tuple(dst.shape)}")
             if not (src.is_contiguous() and dst.is_contiguous()):
                 raise ValueError("rows must be contiguous")
-            rows.append((src.data_ptr() - base, dst.data_ptr() - base, nbytes))
-        word = 4 if all(s % 4 == 0 and d % 4 == 0 and n % 4 == 0 for s, d, n in rows) else 1
-        align = 1
-        if word == 4:
-            align = 4 if all(s % 16 == 0 and d % 16 == 0 and n % 16 == 0 for s, d, n in rows) else 1
-        start = len(self._columns[0])
-        for row in rows:
-            for column, value in zip(self._columns, row, strict=True):
-                column.append(value // word)
-        max_words = max((n for _, _, n in rows), default=0) // word
-        return Rows(start, len(rows), word, align, max_words, tuple(pairs))
+            rows.append((src.data_ptr(), dst.data_ptr(), nbytes))
+        return self.add(rows)
 
     def upload(self) -> None:
         """Move the table to the anchor's device (one copy) once every launch is added."""
         self.table = torch.tensor(self._columns, dtype=torch.int64).to(self.anchor.device)
 
-    def copy(self, rows: Rows, use_triton: bool) -> None:
-        """Run one launch: every row of ``rows``, in no particular order."""
+    def copy(self, rows: Rows, kernel: Any = None) -> None:
+        """Copy every row of ``rows``, in no particular order, with one launch of ``kernel``
+        (default: the compiled Triton kernel; tests pass an interpreted one)."""
         if not rows.count:
             return
-        if not use_triton:
-            sources = [s for s, _ in rows.pairs]
-            targets = [d for _, d in rows.pairs]
-            torch._foreach_copy_(targets, sources)
-            return
-        launch(self, rows, _copy_rows_kernel)
-
-    def slice(self, rows: Rows) -> torch.Tensor:
-        assert self.table is not None, "upload() first"
-        return self.table[:, rows.start : rows.start + rows.count]
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
-
-
-def launch(table: RowTable, rows: Rows, kernel: Any) -> None:
-    """Launch ``kernel`` (the jitted one, or an interpreted copy of it in tests) over ``rows``."""
-    part = table.slice(rows)
-    anchor = table.anchor if rows.word == 1 else table.anchor.view(torch.int32)
-    blocks = max(1, -(-rows.max_words // BLOCK))
-    iters = 1
-    while -(-blocks // iters) > MAX_PROGRAMS_PER_ROW:
-        iters *= 2
-    grid = (rows.count, -(-blocks // iters))
-    kernel[grid](anchor, part[0], part[1], part[2], BLOCK=BLOCK, ITERS=iters, ALIGN=rows.align)
+        if self.table is None:
+            raise RuntimeError("RowTable.upload() must run before copy()")
+        part = self.table[:, rows.start : rows.start + rows.count]
+        anchor = self.anchor if rows.word == 1 else self.anchor.view(torch.int32)
+        blocks = max(1, -(-rows.max_words // BLOCK))
+        iters = 1
+        while -(-blocks // iters) > MAX_PROGRAMS_PER_ROW:
+            iters *= 2
+        grid = (rows.count, -(-blocks // iters))
+        kernel = _copy_rows_kernel if kernel is None else kernel
+        kernel[grid](anchor, part[0], part[1], part[2], BLOCK=BLOCK, ITERS=iters, ALIGN=rows.align)
