@@ -6,6 +6,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +22,8 @@ from elastic_ep.eplb import (
     TransferPlan,
     plan_transfers,
 )
+from elastic_ep.eplb.exec_chunks import cut_chunks, step_costs
+from elastic_ep.eplb.executor import GroupRanks
 from elastic_ep.rank_mapping import RankMapping
 
 
@@ -333,3 +336,46 @@ def test_bad_inputs() -> None:
         plan_transfers(prev, prev, nodes=NodeLayout((0, 0), (1, 0)))
     with pytest.raises(ValueError, match="nodes has 1 old"):
         plan_transfers(prev, prev, nodes=NodeLayout((0,), (0, 0)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    plans(),
+    st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    st.integers(0, 40),
+    st.booleans(),
+)
+def test_step_experts_and_greedy_chunks(
+    case: tuple[Scenario, TransferPlan], row_bytes: list[int], budget_rows: int, overlap: bool
+) -> None:
+    """The plan's step matrices match its steps; chunks cover the steps in order, each within
+    its cap (or a single step), and each as long as the cap allows (greedy)."""
+    _, plan = case
+    layer, received, sent = plan.step_experts
+    for i, step in enumerate(plan.steps):
+        assert layer[i] == step.layer
+        assert [(r, int(received[i, r])) for r in np.flatnonzero(received[i])] == list(
+            step.buffer_experts
+        )
+        assert [(r, int(sent[i, r])) for r in np.flatnonzero(sent[i])] == list(step.sent_experts)
+    rows = [256 * row_bytes[i % len(row_bytes)] for i in range(plan.new.num_layers)]
+    ranks = GroupRanks.new_numbering(plan.rank_mapping)
+    world = plan.rank_mapping.new_world_size
+    budget = 256 * budget_rows
+    cost = step_costs(plan, rows, ranks, world)
+    if cost.max(initial=0) > budget:
+        with pytest.raises(ValueError, match="cannot hold the smallest movable unit"):
+            cut_chunks(plan, rows, ranks, world, budget, overlap)
+        return
+    chunks = cut_chunks(plan, rows, ranks, world, budget, overlap)
+    assert [s for c in chunks for s in c.steps] == list(plan.steps)
+    cap = budget // 2 if overlap else budget
+    at = 0
+    for k, chunk in enumerate(chunks):
+        limit = cap // 4 if k == 0 else cap
+        used = cost[at : at + len(chunk.steps)].sum(axis=0)
+        assert chunk.estimate == tuple(int(u) for u in used)
+        assert len(chunk.steps) == 1 or used.max() <= limit
+        at += len(chunk.steps)
+        if at < len(plan.steps):  # the next step would not have fit
+            assert (used + cost[at]).max() > limit

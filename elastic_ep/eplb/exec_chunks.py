@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from elastic_ep.eplb.transfer_plan import LocalCopy, Reload, Step, Transfer
+import numpy as np
+
+from elastic_ep.eplb.transfer_plan import LocalCopy, Reload, Step, Transfer, TransferPlan
 
 if TYPE_CHECKING:
     from elastic_ep.eplb.executor import GroupRanks
@@ -81,7 +83,7 @@ class Chunk:
 
 
 def cut_chunks(
-    steps: Sequence[Step],
+    plan: TransferPlan,
     row_bytes: Sequence[int],
     ranks: GroupRanks,
     world_size: int,
@@ -98,52 +100,58 @@ def cut_chunks(
     Raises:
         ValueError: a step alone needs more than ``budget`` on some rank (nothing moved yet).
     """
+    cost = step_costs(plan, row_bytes, ranks, world_size)
+    too_big = np.flatnonzero(cost.max(axis=1, initial=0) > budget)
+    if too_big.size:
+        i = int(too_big[0])
+        worst = int(cost[i].argmax())
+        layer = plan.steps[i].layer
+        raise ValueError(
+            f"buffer_bytes={budget} cannot hold the smallest movable unit of layer {layer}: "
+            f"{cost[i, worst] // row_bytes[layer]} expert rows ({cost[i, worst]} bytes) on "
+            f"group rank {worst}; nothing was moved"
+        )
     cap = budget // 2 if overlap else budget
     # A small first chunk gets the first transfer going sooner (nothing overlaps its packing).
     first_cap = cap // 4
+    # Running totals per rank: a chunk [a, b) costs total[b] - total[a], so its end is where the
+    # first rank's total passes its start plus the cap (totals never decrease).
+    total = np.zeros((len(cost) + 1, world_size), dtype=np.int64)
+    np.cumsum(cost, axis=0, out=total[1:])
     chunks: list[Chunk] = []
-    current: list[Step] = []
-    used = [0] * world_size
-    for step in steps:
-        cost = step_cost(step, row_bytes, ranks)
-        if cost:
-            worst = max(cost, key=cost.__getitem__)
-            if cost[worst] > budget:
-                raise ValueError(
-                    f"buffer_bytes={budget} cannot hold the smallest movable unit of layer "
-                    f"{step.layer}: {cost[worst] // row_bytes[step.layer]} expert rows "
-                    f"({cost[worst]} bytes) on group rank {worst}; nothing was moved"
-                )
+    start = 0
+    while start < len(cost):
         limit = first_cap if not chunks else cap
-        if current and any(used[g] + c > limit for g, c in cost.items()):
-            chunks.append(Chunk(tuple(current), tuple(used)))
-            current, used = [], [0] * world_size
-        current.append(step)
-        for g, c in cost.items():
-            used[g] += c
-    if current:
-        chunks.append(Chunk(tuple(current), tuple(used)))
+        end = min(
+            int(np.searchsorted(total[:, g], total[start, g] + limit, side="right")) - 1
+            for g in range(world_size)
+        )
+        end = max(end, start + 1)
+        estimate = tuple(int(b) for b in total[end] - total[start])
+        chunks.append(Chunk(plan.steps[start:end], estimate))
+        start = end
     return chunks
 
 
 def min_buffer_bytes(
-    steps: Sequence[Step], row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
+    plan: TransferPlan, row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
 ) -> int:
-    """The least ``buffer_bytes`` that runs ``steps`` (one step per chunk, no overlap)."""
-    return max((c for s in steps for c in step_cost(s, row_bytes, ranks).values()), default=0)
+    """The least ``buffer_bytes`` that runs ``plan`` (one step per chunk, no overlap)."""
+    return int(step_costs(plan, row_bytes, ranks, world_size).max(initial=0))
 
 
-def step_cost(step: Step, row_bytes: Sequence[int], ranks: GroupRanks) -> dict[int, int]:
-    """Estimated region bytes of ``step`` per group rank (ranks with none omitted): the rows it
-    sends, receives or stages there."""
-    cost: dict[int, int] = {}
-    row = row_bytes[step.layer]
-    for table, counts in ((ranks.new, step.buffer_experts), (ranks.old, step.sent_experts)):
-        for rank, n in counts:
-            g = table[rank]
-            assert g is not None  # execute checked every sender and receiver is a member
-            cost[g] = cost.get(g, 0) + n * row
-    return cost
+def step_costs(
+    plan: TransferPlan, row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
+) -> np.ndarray:
+    """Estimated region bytes of every step on every group rank, int64 ``[steps, world_size]``:
+    the rows it sends, receives or stages there."""
+    layer, received, sent = plan.step_experts
+    experts = np.zeros((len(layer), world_size), dtype=np.int64)
+    for table, counts in ((ranks.new, received), (ranks.old, sent)):
+        for rank, g in enumerate(table):
+            if g is not None:  # execute checked every sender and receiver is a member
+                experts[:, g] += counts[:, rank]
+    return experts * np.asarray(row_bytes, dtype=np.int64)[layer][:, None]
 
 
 def lay_out(

@@ -232,9 +232,7 @@ def execute(
         )
     kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
-    chunks = cut_chunks(
-        plan.steps, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap
-    )
+    chunks = cut_chunks(plan, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap)
     _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
     runner = _Runner(
@@ -284,7 +282,7 @@ def required_buffer_bytes(
         ranks = GroupRanks.for_world_size(plan.rank_mapping, world_size)
     kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
-    return min_buffer_bytes(plan.steps, row_bytes, ranks, world_size)
+    return min_buffer_bytes(plan, row_bytes, ranks, world_size)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
+
 from elastic_ep.eplb.placement import EMPTY, Placement
 from elastic_ep.rank_mapping import RankMapping
 
@@ -149,6 +151,28 @@ class TransferPlan:
     def reloads(self) -> tuple[Reload, ...]:
         return tuple(op for s in self.steps for op in s.ops if isinstance(op, Reload))
 
+    @cached_property
+    def step_experts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per step, computed once per plan (the executor's chunking reads it on every call):
+
+        Returns:
+            layer: int64 ``[steps]``, each step's layer.
+            received: int64 ``[steps, new ranks]``, experts of buffer each new rank needs
+                (``Step.buffer_experts``).
+            sent: int64 ``[steps, old ranks]``, experts each old rank sends
+                (``Step.sent_experts``).
+        """
+        n = len(self.steps)
+        layer = np.fromiter((s.layer for s in self.steps), dtype=np.int64, count=n)
+        received = np.zeros((n, self.rank_mapping.new_world_size), dtype=np.int64)
+        sent = np.zeros((n, self.rank_mapping.old_world_size), dtype=np.int64)
+        for i, step in enumerate(self.steps):
+            for rank, count in step.buffer_experts:
+                received[i, rank] = count
+            for rank, count in step.sent_experts:
+                sent[i, rank] = count
+        return layer, received, sent
+
     def sends_per_old_rank(self) -> tuple[int, ...]:
         """Experts (over all layers) each old rank sends."""
         counts = [0] * self.rank_mapping.old_world_size
@@ -212,7 +236,9 @@ def plan_transfers(
             )
     planner = _LayerPlanner(previous, new, mapping, set(dead), nodes)
     steps = tuple(step for layer in range(new.num_layers) for step in planner.plan_layer(layer))
-    return TransferPlan(previous, new, mapping, dead, nodes, steps)
+    plan = TransferPlan(previous, new, mapping, dead, nodes, steps)
+    plan.step_experts  # noqa: B018 (plan time: every execute of this plan reads it)
+    return plan
 
 
 def _check_inputs(
