@@ -442,7 +442,8 @@ class _Launches:
 
     work: ChunkWork
     base: int
-    rows: tuple[Rows, Rows, Rows] | None
+    table: RowTable | None = None
+    rows: tuple[Rows, Rows, Rows] | None = None
 
 
 class _Runner:
@@ -482,11 +483,11 @@ class _Runner:
         self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.group.device)
 
     def run(self) -> None:
-        start = time.perf_counter()
-        launches = self.build_launches()
-        self.timer.add(Phase.PLAN, start)
         pending: tuple[P2PHandle | None, _Launches] | None = None
-        for k, chunk in enumerate(launches):
+        for k in range(len(self.chunks)):
+            start = time.perf_counter()
+            chunk = self.launches(k)
+            self.timer.add(Phase.PLAN, start)
             self.pack(chunk)
             handle = self.post(chunk)
             if pending is not None:
@@ -498,55 +499,50 @@ class _Runner:
         if pending is not None:
             self.finish(*pending)
 
-    def build_launches(self) -> list[_Launches]:
-        """Lay out every chunk; on the Triton path also list its copies as rows of one table
-        (uploaded once), so each chunk runs one pack, one slot-to-slot and one write-back
-        launch with no host work per row."""
-        self.rows = RowTable(self.buffer)
-        out = []
-        for k, chunk in enumerate(self.chunks):
-            work = lay_out(
-                chunk.steps,
-                self.kind_bytes,
-                self.layout.ranks,
-                self.layout.old_rank,
-                self.layout.new_rank,
+    def launches(self, k: int) -> _Launches:
+        """Lay out chunk ``k``; on the Triton path also list its copies as the rows of one
+        table (one upload), so the chunk runs one pack, one slot-to-slot and one write-back
+        launch with no host work per row. Runs while the previous chunk's transfer does."""
+        work = lay_out(
+            self.chunks[k].steps,
+            self.kind_bytes,
+            self.layout.ranks,
+            self.layout.old_rank,
+            self.layout.new_rank,
+        )
+        base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
+        if not self.use_triton:
+            return _Launches(work, base, None)
+        buffer = self.buffer.data_ptr() + base
+        pack: list[Row] = []
+        direct: list[Row] = []
+        unpack: list[Row] = []
+        for seg in work.pack:
+            ptr, nbytes = self._kind(seg.layer, seg.kind)
+            at = buffer + seg.offset
+            pack.extend(
+                (ptr + s * nbytes, at + r * nbytes, nbytes) for r, s in enumerate(seg.slots)
             )
-            base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-            if not self.use_triton:
-                out.append(_Launches(work, base, None))
-                continue
-            buffer = self.buffer.data_ptr() + base
-            pack: list[Row] = []
-            direct: list[Row] = []
-            unpack: list[Row] = []
-            for seg in work.pack:
-                ptr, nbytes = self._kind(seg.layer, seg.kind)
-                at = buffer + seg.offset
-                pack.extend(
-                    (ptr + s * nbytes, at + r * nbytes, nbytes) for r, s in enumerate(seg.slots)
-                )
-            for copy in work.direct:
-                for kind in range(len(self.weights[copy.layer])):
-                    ptr, nbytes = self._kind(copy.layer, kind)
-                    src = ptr + copy.src_slot * nbytes
-                    direct.extend((src, ptr + s * nbytes, nbytes) for s in copy.dst_slots)
-            for seg in work.unpack:
-                ptr, nbytes = self._kind(seg.layer, seg.kind)
-                at = buffer + seg.offset
-                unpack.extend(
-                    (at + r * nbytes, ptr + s * nbytes, nbytes) for r, s in enumerate(seg.slots)
-                )
-            for extra in work.extras:
-                for kind, seg in enumerate(extra.segments):
-                    ptr, nbytes = self._kind(extra.layer, kind)
-                    at = buffer + seg.offset + extra.row * nbytes
-                    unpack.append((at, ptr + extra.slot * nbytes, nbytes))
-            rows = (self.rows.add(pack), self.rows.add(direct), self.rows.add(unpack))
-            out.append(_Launches(work, base, rows))
-        if self.use_triton:
-            self.rows.upload()
-        return out
+        for copy in work.direct:
+            for kind in range(len(self.weights[copy.layer])):
+                ptr, nbytes = self._kind(copy.layer, kind)
+                src = ptr + copy.src_slot * nbytes
+                direct.extend((src, ptr + s * nbytes, nbytes) for s in copy.dst_slots)
+        for seg in work.unpack:
+            ptr, nbytes = self._kind(seg.layer, seg.kind)
+            at = buffer + seg.offset
+            unpack.extend(
+                (at + r * nbytes, ptr + s * nbytes, nbytes) for r, s in enumerate(seg.slots)
+            )
+        for extra in work.extras:
+            for kind, seg in enumerate(extra.segments):
+                ptr, nbytes = self._kind(extra.layer, kind)
+                at = buffer + seg.offset + extra.row * nbytes
+                unpack.append((at, ptr + extra.slot * nbytes, nbytes))
+        table = RowTable(self.buffer)
+        rows = (table.add(pack), table.add(direct), table.add(unpack))
+        table.upload()
+        return _Launches(work, base, table, rows)
 
     def _kind(self, layer: int, kind: int) -> tuple[int, int]:
         """(address of slot 0, bytes per slot) of one weight tensor."""
@@ -579,8 +575,8 @@ class _Runner:
         """Copy what this rank sends, and staged local-copy sources, into the chunk's region
         (one launch: few rows per segment make per-segment gathers slow)."""
         start = time.perf_counter()
-        if chunk.rows is not None:
-            self.rows.copy(chunk.rows[0])
+        if chunk.table is not None and chunk.rows is not None:
+            chunk.table.copy(chunk.rows[0])
         else:
             rows, slots = self._rows(chunk.base, chunk.work.pack)
             if rows:
@@ -603,9 +599,9 @@ class _Runner:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        if chunk.rows is not None:
-            self.rows.copy(chunk.rows[1])
-            self.rows.copy(chunk.rows[2])
+        if chunk.table is not None and chunk.rows is not None:
+            chunk.table.copy(chunk.rows[1])
+            chunk.table.copy(chunk.rows[2])
         else:
             self._write_back(chunk.work, chunk.base)
         for op in chunk.work.reloads:

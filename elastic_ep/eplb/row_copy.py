@@ -1,8 +1,9 @@
 """Copy many byte rows between tensors with one kernel launch (Triton), or with torch.
 
-A :class:`RowTable` lists rows as (source address, destination address, byte length). It is built
-on the host once per ``execute`` call, uploaded with one copy, and each chunk launches one kernel
-per table slice: one launch packs a chunk's rows into the staging buffer, one writes them back.
+A :class:`RowTable` lists rows as (source address, destination address, byte length). ``execute``
+builds one per chunk on the host (while the previous chunk's transfer runs), uploads it with one
+asynchronous copy, and launches one kernel per slice: one packs the chunk's rows into the staging
+buffer, one copies slot to slot, one writes received rows back.
 Addresses are stored as offsets, in words, from an anchor tensor (the staging buffer) so the
 kernel only does pointer arithmetic; a slice whose rows are all 4-byte aligned moves int32 words
 (16-byte aligned ones also get a vectorization hint), others move bytes.
@@ -127,7 +128,11 @@ class RowTable:
 
     def upload(self) -> None:
         """Move the table to the anchor's device (one copy) once every launch is added."""
-        self.table = torch.tensor(self._columns, dtype=torch.int64).to(self.anchor.device)
+        host = torch.tensor(self._columns, dtype=torch.int64)
+        if self.anchor.device.type == "cuda":
+            # Pinned: the copy queues behind the stream's work instead of waiting for it.
+            host = host.pin_memory()
+        self.table = host.to(self.anchor.device, non_blocking=True)
 
     def copy(self, rows: Rows, kernel: Any = None) -> None:
         """Copy every row of ``rows``, in no particular order, with one launch of ``kernel``
