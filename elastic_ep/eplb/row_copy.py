@@ -40,17 +40,17 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _copy_rows_kernel(
-        anchor: Any,
-        src_ptr: Any,
-        dst_ptr: Any,
-        len_ptr: Any,
+    def _copy_rows_kernel(  # unannotated: Triton rejects non-constexpr globals such as Any
+        anchor,
+        src_ptr,
+        dst_ptr,
+        len_ptr,
         BLOCK: tl.constexpr,
         ITERS: tl.constexpr,
         ALIGN: tl.constexpr,
-    ) -> None:
+    ):
         row = tl.program_id(0)
-        n = tl.load(len_ptr + row)
+        n = tl.multiple_of(tl.load(len_ptr + row), ALIGN)
         src = tl.multiple_of(tl.load(src_ptr + row), ALIGN)
         dst = tl.multiple_of(tl.load(dst_ptr + row), ALIGN)
         first = tl.program_id(1).to(tl.int64) * (BLOCK * ITERS)
