@@ -25,7 +25,7 @@ from elastic_ep.eplb import (
     rebalance_experts,
 )
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError, ScalingInProgress
-from elastic_ep.groups import ElasticWorld, GroupLayout, LaunchGate, Rendezvous, StatelessGroup
+from elastic_ep.groups import ElasticWorld, GroupLayout, Rendezvous, StatelessGroup
 from elastic_ep.kv import kv_blocks_for_budget, sync_kv_budget
 from elastic_ep.rank_mapping import RankMapping
 from elastic_ep.scaling import (
@@ -51,7 +51,6 @@ __all__ = [
     "ExecutionStats",
     "GateMode",
     "GroupLayout",
-    "LaunchGate",
     "PeerFailure",
     "Placement",
     "PlacementBuffers",

@@ -66,7 +66,7 @@ class EngineConfig:
     fail_plan_once_at: int | None = None  # the planner raises once for this world size
     fail_rebalance_once: bool = False  # the planner raises for the first rebalance
     backend: str = "gloo"  # "nccl": one GPU per rank, GPU = member id % device count
-    serialize_launches: bool | None = None  # ElasticRank's default: on for NCCL only
+    transfer_in_poll: bool | None = None  # ElasticRank's default: on for NCCL only
 
 
 def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
@@ -133,7 +133,7 @@ def _publish(agent: ElasticRank, cfg: EngineConfig, event: str, builds: list[int
         "blocking_s": agent.last_blocking_s,
         "builds": builds[-1],
         "in_flight": agent.gate.in_flight,
-        "grants": agent.last_launch_grants,
+        "transfer_s": agent.last_transfer_s,
     }
     store = agent._rdzv.store
     put(store, f"test/verify/{agent.epoch}/{agent.member}", json.dumps(info).encode())
@@ -229,7 +229,7 @@ def rank_main(spec: RankSpec) -> None:
             backend=cfg.backend,
             device=device,
             timeout_s=spec.timeout_s,
-            serialize_launches=cfg.serialize_launches,
+            transfer_in_poll=cfg.transfer_in_poll,
         )
     except ReconfigureError:
         return  # the scale this joiner was launched for rolled back
@@ -290,7 +290,8 @@ def _http(url: str, method: str = "GET", body: object = None) -> tuple[int, dict
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> None:
-    cfg = EngineConfig(layers=2, experts=4, slots=4)
+    # KV sync, plan and transfer run on the serving thread at one poll, as they do on NCCL.
+    cfg = EngineConfig(layers=2, experts=4, slots=4, transfer_in_poll=True)
     coord = _coordinator(cfg, ScaleLimits(num_logical=4, slots_per_rank=4, max_physical_slots=16))
     try:
         status = coord.start(2, timeout_s=60)
@@ -360,6 +361,8 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
             infos = _infos(coord, status)
             # drain: the request in flight finished before the commit; reject: it ran across
             assert infos[0]["in_flight"] == (0 if mode is GateMode.DRAIN else 1)
+            assert infos[0]["transfer_s"] > 0  # part of the blocking time
+            assert infos[0]["blocking_s"] >= infos[0]["transfer_s"]
         assert {i["kv"] for i in infos.values()} == {2_000_000}  # joiner 4 learned member 0's
     finally:
         coord.shutdown()
@@ -368,14 +371,14 @@ def test_scale_2_4_3_1_2_with_bit_exact_weights_kv_http_and_bad_requests() -> No
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_reload() -> None:
-    # The staging thread's launches go through the polls' grants, as they do on NCCL.
+    # KV sync, plan and transfer run on the serving thread at one poll, as they do on NCCL.
     cfg = EngineConfig(
         layers=2,
         experts=8,
         slots=4,
         skew=0.5,
         kill_joiners_in_build=frozenset({3}),
-        serialize_launches=True,
+        transfer_in_poll=True,
     )
     coord = _coordinator(cfg, ScaleLimits(num_logical=8, slots_per_rank=4, max_physical_slots=16))
     try:
@@ -390,9 +393,9 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         assert status.members == (0, 1, 2, 4)
         scaled = status
         infos = _infos(coord, status)
-        # existing ranks launched the staging collectives only when their polls granted them
-        assert all(infos[m]["grants"] > 0 for m in (0, 1, 2)), infos
-        assert infos[4]["grants"] == 0  # a joiner does not serve: nothing to order against
+        # existing ranks transferred at a poll; the joiner, which does not serve yet, did not
+        assert all(infos[m]["transfer_s"] > 0 for m in (0, 1, 2)), infos
+        assert infos[4]["transfer_s"] == 0
 
         # The load turns around (expert 7 hottest): a rebalance at the same 4 ranks moves experts.
         flipped = load_of(cfg).flip(1)
@@ -414,7 +417,7 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         assert status.balance_before is not None and status.balance_after is not None
         assert status.balance_after > status.balance_before + 0.05, status
         infos = _infos(coord, status)  # moved weights bit for bit; resources rebuilt
-        assert all(info["grants"] > 0 for info in infos.values()), infos
+        assert all(info["transfer_s"] > 0 for info in infos.values()), infos
 
         victim = max(infos, key=lambda m: infos[m]["sole"])
         assert infos[victim]["sole"] > 0  # its death loses experts: they must be reloaded

@@ -5,12 +5,9 @@
   ``(name, epoch)``; PeerFailure within its timeout when a peer dies.
 - :class:`ElasticWorld`: member ids, epochs, standby groups (prepare/commit), joiners, recovery;
   :class:`GroupLayout` names its sub-groups.
-- :class:`LaunchGate`: orders a background thread's NCCL launches with the serving thread's, the
-  same way on every rank (two NCCL communicators on one GPU deadlock otherwise).
 """
 
 from elastic_ep.groups.backend import Backend
-from elastic_ep.groups.launch_gate import GateState, LaunchGate
 from elastic_ep.groups.layout import GroupLayout
 from elastic_ep.groups.rendezvous import Rendezvous
 from elastic_ep.groups.stateless_group import GroupClosedError, P2PHandle, StatelessGroup
@@ -20,10 +17,8 @@ __all__ = [
     "WORLD",
     "Backend",
     "ElasticWorld",
-    "GateState",
     "GroupClosedError",
     "GroupLayout",
-    "LaunchGate",
     "MemberState",
     "P2PHandle",
     "PendingEpoch",

@@ -108,8 +108,8 @@ def make_process_group(
     pg._register_backend(torch.device(device.type), backend_type, impl)
     pg._set_group_name(group_name)  # type: ignore[arg-type]  # a NewType only in newer stubs
     if backend is Backend.NCCL:
-        # Create the communicator now (collective, no kernel), not inside the first collective:
-        # a first launch that waits for a LaunchGate's grant then stalls the serving thread only
-        # for connecting peers, not for the whole communicator init.
+        # Create the communicator here (collective, no GPU work) rather than in the first
+        # collective: a group built with connect=False on a background thread then launches
+        # nothing on the GPU until the serving thread uses it.
         impl.eager_connect_single_device(device)
     return pg

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -27,7 +26,6 @@ from torch.distributed import ProcessGroup, ReduceOp, Store, Work
 
 from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.backend import Backend, default_device, make_process_group
-from elastic_ep.groups.launch_gate import LaunchGate
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
 
 
@@ -88,11 +86,14 @@ class StatelessGroup:
         build_timeout_s: bound on waiting for every rank to arrive at the build (> 0). After a
             failure, survivors notice it up to ``timeout_s`` apart, so a rebuild right after one
             needs a longer build timeout than the operation timeout.
-        launch_gate: when a background thread builds and uses this group while another thread
-            of the process runs collectives of another NCCL group on the same GPU, the gate
-            holds each launch on this group (the build's first collective included) until the
-            other thread grants it at a point every rank reaches in the same order (see
-            :mod:`elastic_ep.groups.launch_gate`). ``None``: launches go at once.
+        connect: NCCL only: run a first collective (a barrier) in the constructor, so peers
+            are connected and "built" means built. ``False``: the constructor creates the
+            communicator (collectively, with no GPU work) and the group's first operation
+            connects the peers. Build with ``False`` on a background thread while another
+            thread of the process runs NCCL collectives on the same GPU: NCCL only makes
+            progress when every rank launches on its communicators in one order, and a
+            background thread's launches would interleave with the other thread's differently
+            on each rank. Every rank of a group must pass the same value.
 
     Attributes (read-only): name, epoch, rank, world_size, backend, device, timeout_s,
     process_group (a real ``torch.distributed.ProcessGroup``:
@@ -111,7 +112,7 @@ class StatelessGroup:
         timeout_s: float = 30.0,
         *,
         build_timeout_s: float | None = None,
-        launch_gate: LaunchGate | None = None,
+        connect: bool = True,
     ) -> None:
         if not isinstance(rendezvous, Rendezvous):
             raise TypeError(f"rendezvous must be a Rendezvous, got {type(rendezvous).__name__}")
@@ -141,7 +142,6 @@ class StatelessGroup:
         self._build_timeout_s = float(build_timeout_s)
         self._failure: PeerFailure | None = None
         self._closed = False
-        self._launch_gate = launch_gate
         self._rendezvous = rendezvous
         self._client: Store | None = rendezvous.client(build_timeout_s)
         store: Store = torch.distributed.PrefixStore(prefix, self._client)
@@ -151,7 +151,7 @@ class StatelessGroup:
             self._pg = make_process_group(
                 store, rank, world_size, parsed, dev, timeout_s, build_timeout_s, f"{name}@{epoch}"
             )
-            if parsed is Backend.NCCL:
+            if parsed is Backend.NCCL and connect:
                 # NCCL connects peers at the first collective: it makes "built" mean built.
                 self.barrier()
         except PeerFailure:
@@ -481,8 +481,7 @@ class StatelessGroup:
     ) -> None:
         pg = self._usable(op)
         try:
-            with self._launch(op):
-                work = start(pg)
+            work = start(pg)
         except RuntimeError as err:
             raise self._broken(op, err, peer=peer) from err
         self._wait(work, op, peer=peer, sync=sync)
@@ -507,26 +506,18 @@ class StatelessGroup:
         peers = {p for _, p in sends} | {p for _, p in recvs}
         peer = next(iter(peers)) if len(peers) == 1 else None
         try:
-            with self._launch("batch_p2p"):
-                if self._backend is Backend.NCCL:
-                    pg._start_coalescing(self._device)
-                    for t, dst in sends:
-                        pg.send([t], dst, 0)
-                    for t, src in recvs:
-                        pg.recv([t], src, 0)
-                    return [pg._end_coalescing(self._device)]
-                return [pg.send([t], dst, 0) for t, dst in sends] + [
-                    pg.recv([t], src, 0) for t, src in recvs
-                ]
+            if self._backend is Backend.NCCL:
+                pg._start_coalescing(self._device)
+                for t, dst in sends:
+                    pg.send([t], dst, 0)
+                for t, src in recvs:
+                    pg.recv([t], src, 0)
+                return [pg._end_coalescing(self._device)]
+            return [pg.send([t], dst, 0) for t, dst in sends] + [
+                pg.recv([t], src, 0) for t, src in recvs
+            ]
         except RuntimeError as err:
             raise self._broken("batch_p2p", err, peer=peer) from err
-
-    def _launch(self, op: str) -> AbstractContextManager[None]:
-        if self._launch_gate is None:
-            return nullcontext()
-        return self._launch_gate.launch(
-            f"{op} on group {self._name!r} epoch {self._epoch}", self._timeout_s
-        )
 
     def _check_tensor(self, what: str, tensor: object) -> None:
         if not isinstance(tensor, torch.Tensor):

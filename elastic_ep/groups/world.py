@@ -39,7 +39,6 @@ from types import MappingProxyType
 import torch
 
 from elastic_ep.errors import PeerFailure, ReconfigureError
-from elastic_ep.groups.launch_gate import LaunchGate
 from elastic_ep.groups.layout import GroupLayout
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
 from elastic_ep.groups.stateless_group import StatelessGroup
@@ -237,9 +236,7 @@ class ElasticWorld:
         pending = self._prepare(members, epoch, starting=True)
         self._switch(pending)
 
-    def prepare(
-        self, new_members: Sequence[int], *, epoch: int, launch_gate: LaunchGate | None = None
-    ) -> PendingEpoch:
+    def prepare(self, new_members: Sequence[int], *, epoch: int) -> PendingEpoch:
         """Build epoch ``epoch``'s groups as standby; the current groups keep working.
 
         Called by every member of ``new_members``: current members, and joiners (a fresh
@@ -250,10 +247,6 @@ class ElasticWorld:
         Args:
             new_members: ordered member ids of the new epoch (rank = position).
             epoch: the new epoch's number, greater than every epoch this world has attempted.
-            launch_gate: pass one when calling from a background thread while another thread
-                runs NCCL collectives on the current epoch (see
-                :mod:`elastic_ep.groups.launch_gate`); the new groups keep it: open it once the
-                background thread is done with them.
         Returns:
             the pending epoch (pass it to :meth:`commit` or :meth:`discard`).
         Raises:
@@ -261,7 +254,7 @@ class ElasticWorld:
             ReconfigureError: a member did not arrive, failed, or disagreed; the current
                 groups are untouched.
         """
-        return self._prepare(new_members, epoch, starting=False, launch_gate=launch_gate)
+        return self._prepare(new_members, epoch, starting=False)
 
     def commit(self, pending: PendingEpoch) -> RankMapping:
         """Make ``pending`` the current epoch; tear the old groups down. Returns old -> new ranks.
@@ -349,14 +342,7 @@ class ElasticWorld:
             )
         return current
 
-    def _prepare(
-        self,
-        members: Sequence[int],
-        epoch: int,
-        *,
-        starting: bool,
-        launch_gate: LaunchGate | None = None,
-    ) -> PendingEpoch:
+    def _prepare(self, members: Sequence[int], epoch: int, *, starting: bool) -> PendingEpoch:
         new_members = _check_members(members)
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
@@ -386,7 +372,7 @@ class ElasticWorld:
                 RankMapping.from_members(old_members, new_members), MappingProxyType({}),
             )  # fmt: skip
         else:
-            pending = self._build(new_members, epoch, old_epoch, old_members, starting, launch_gate)
+            pending = self._build(new_members, epoch, old_epoch, old_members, starting)
         with self._lock:
             self._pending = pending
         return pending
@@ -398,7 +384,6 @@ class ElasticWorld:
         old_epoch: int | None,
         old_members: tuple[int, ...],
         starting: bool,
-        launch_gate: LaunchGate | None,
     ) -> PendingEpoch:
         rank = new_members.index(self._member_id)
         size = len(new_members)
@@ -407,7 +392,7 @@ class ElasticWorld:
             layout = self._layout(size)
             if not isinstance(layout, GroupLayout) or layout.world_size != size:
                 raise ValueError(f"layout({size}) must return a GroupLayout for {size} ranks")
-            built[WORLD] = self._group(self._name, epoch, rank, size, launch_gate)
+            built[WORLD] = self._group(self._name, epoch, rank, size)
             # Everyone checks that all agree on the members and on the epoch being replaced;
             # joiners learn the old member list from it.
             views = built[WORLD].all_gather_object(
@@ -417,11 +402,7 @@ class ElasticWorld:
             for partition in layout.names:
                 index, ranks = layout.group_of(partition, rank)
                 built[partition] = self._group(
-                    f"{self._name}.{partition}{index}",
-                    epoch,
-                    ranks.index(rank),
-                    len(ranks),
-                    launch_gate,
+                    f"{self._name}.{partition}{index}", epoch, ranks.index(rank), len(ranks)
                 )
         except (PeerFailure, ReconfigureError, ValueError, TypeError) as err:
             self._retire(list(built.values()))
@@ -437,12 +418,10 @@ class ElasticWorld:
             epoch, new_members, rank, old_epoch, old_members, mapping, MappingProxyType(built)
         )
 
-    def _group(
-        self, name: str, epoch: int, rank: int, size: int, launch_gate: LaunchGate | None = None
-    ) -> StatelessGroup:
+    def _group(self, name: str, epoch: int, rank: int, size: int) -> StatelessGroup:
         return StatelessGroup(
             self._rendezvous, name, epoch, rank, size, self._backend, self._device,
-            self._timeout_s, build_timeout_s=self._build_timeout_s, launch_gate=launch_gate,
+            self._timeout_s, build_timeout_s=self._build_timeout_s,
         )  # fmt: skip
 
     def _switch(self, pending: PendingEpoch) -> None:

@@ -3,16 +3,16 @@
 The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps. Each poll is
 one tiny collective on the epoch's CPU control group (gloo: the world group itself, or a gloo
 twin of an NCCL world group): a MAX all-reduce of four int64s (the newest command rank 0 saw
-in the store, "still busy", "failed", "no staged launch waiting"), so every rank acts on the
+in the store, "still busy", "failed", "not waiting to transfer"), so every rank acts on the
 same request at the same step.
 
 A scale, or a rebalance (same members, a new placement for the engine's load), stages the next
 epoch on a background thread (see :mod:`elastic_ep.scaling.transition`) while the engine keeps
 serving; once every rank is ready (and drained, in ``DRAIN`` mode) the same poll on every rank
-commits. On NCCL the staging thread's launches wait for a poll where every rank has one waiting,
-and that poll issues them (:class:`~elastic_ep.groups.LaunchGate`): two NCCL communicators on one
-GPU deadlock when ranks launch on them in different orders. The commit poll and those launch
-polls are the only blocking part. A ``PeerFailure`` of the poll's collective (or one the engine
+commits. On NCCL the background thread only builds the groups; the KV sync, the plan and the
+weight transfer run at the first poll where every rank has its groups built (two NCCL
+communicators on one GPU deadlock when ranks launch on them in different orders). The commit poll,
+and on NCCL the transfer poll, are the only blocking part. A ``PeerFailure`` of the poll's collective (or one the engine
 hands to :meth:`ElasticRank.recover`) starts a recovery with the survivors.
 
 Typical loop::
@@ -42,7 +42,7 @@ from elastic_ep.eplb.buffers import PlacementBuffers
 from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ReloadHook
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError
-from elastic_ep.groups import GroupClosedError, LaunchGate, Rendezvous, StatelessGroup
+from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
 from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
@@ -52,14 +52,17 @@ from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceE
 from elastic_ep.scaling.status import PhaseClock
 from elastic_ep.scaling.transition import (
     GroupRegistry,
+    NextGroups,
     PlanFn,
     StagedEpoch,
     StageInputs,
     Weights,
     abort_in_background,
+    build_next_groups,
     commit_weights,
     control_group,
     default_planner,
+    move_into_next,
     stage_next_epoch,
 )
 
@@ -85,7 +88,8 @@ class _ScaleJob:
     deadline: float
     drain_deadline: float
     registry: GroupRegistry = field(default_factory=GroupRegistry)
-    launch_gate: LaunchGate | None = None
+    groups: NextGroups | None = None  # built, when the serving thread runs the transfer
+    transfer_s: float = 0.0  # the serving thread's time in the transfer poll
     thread: threading.Thread | None = None
     staged: StagedEpoch | None = None
     error: str | None = None
@@ -130,17 +134,19 @@ class ElasticRank:
             fail at once instead of at the timeout (an NCCL abort ends blocked kernels; a gloo
             abort does not unblock a waiting operation, so a gloo world gets no watcher).
             ``None``: no watcher.
-        serialize_launches: hold the staging thread's collective launches for the polls'
-            grants (:class:`~elastic_ep.groups.LaunchGate`). Default (``None``): on for NCCL,
-            where the engine's forward runs collectives on another communicator of the same
-            GPU; off for gloo. Each granted launch stalls that poll for the launch itself
-            (counted in the blocking time), and the staging advances by one launch per poll.
+        transfer_in_poll: run the KV sync, the plan and the weight transfer of a scale on the
+            serving thread, at one poll every rank reaches at the same step, instead of on the
+            background thread (which then only builds the groups). Default (``None``): on for
+            NCCL, where the engine's forward runs collectives on another communicator of the
+            same GPU (launches of two threads would interleave differently on each rank, which
+            can deadlock NCCL); off for gloo. That poll counts as blocking time.
 
     Attributes:
         world: the serving epoch's world group (the engine runs its collectives on it).
         control: the serving epoch's gloo group that ``poll`` uses.
         members / placement / kv_budget_bytes / last_blocking_s: the serving epoch's state.
-        last_launch_grants: staged launches the polls of the last scale issued (0 off NCCL).
+        last_transfer_s: of ``last_blocking_s``, the transfer poll's part (0.0 when the last
+            scale transferred on the background thread).
 
     Raises:
         ReconfigureError: on a joiner, when the scale it was launched for rolled back.
@@ -165,7 +171,7 @@ class ElasticRank:
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         recovery_window_s: float | None = None,
         watch_dead_s: float | None = 0.01,
-        serialize_launches: bool | None = None,
+        transfer_in_poll: bool | None = None,
     ) -> None:
         if (placement is None) != (spec.role is RankRole.JOINER):
             raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
@@ -182,8 +188,8 @@ class ElasticRank:
         self._device = device
         self._timeout_s = timeout_s
         self._buffer_bytes = buffer_bytes
-        self._serialize_launches = (
-            backend == "nccl" if serialize_launches is None else bool(serialize_launches)
+        self._transfer_in_poll = (
+            backend == "nccl" if transfer_in_poll is None else bool(transfer_in_poll)
         )
         self._recovery_window_s = (
             timeout_s + 1.0 if recovery_window_s is None else recovery_window_s
@@ -197,7 +203,7 @@ class ElasticRank:
         self._stop_watch = threading.Event()
         self.kv_budget_bytes: int | None = None
         self.last_blocking_s: float | None = None
-        self.last_launch_grants = 0
+        self.last_transfer_s = 0.0
         # A joiner's constructor is its commit: its first poll() only reports it, so its next
         # collective is the same forward step the existing ranks run after their commit poll.
         self._first_action: Action | None = (
@@ -267,7 +273,8 @@ class ElasticRank:
                 job.error = f"the scale did not finish within {job.command.timeout_s:g} s"
             if aborted and job.error is None:
                 job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
-        flags[3] = int(job is None or job.launch_gate is None or not job.launch_gate.pending)
+        # 0 = this rank's groups are built and wait for the transfer on the serving thread
+        flags[3] = int(job is None or job.groups is None or job.done)
         try:
             self._vote(flags)
         except (PeerFailure, GroupClosedError) as failure:
@@ -278,9 +285,8 @@ class ElasticRank:
             self._rollback(job.error or "another rank failed while staging the next epoch")
             return Action.ROLLED_BACK
         if flags[1]:
-            if not flags[3]:  # every rank's staging thread waits to launch: issue it now
-                assert job.launch_gate is not None
-                job.launch_gate.grant(self._timeout_s)
+            if not flags[3]:  # every rank has built its groups: transfer now, in lockstep
+                self._transfer(job)
             return Action.SERVE
         return self._commit(job)
 
@@ -347,8 +353,6 @@ class ElasticRank:
         self.gate.close(cmd.mode, retry_after_s=cmd.timeout_s)
         now = time.monotonic()
         job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
-        if self._serialize_launches:
-            job.launch_gate = LaunchGate()
         job.thread = threading.Thread(
             target=self._stage_in_background,
             args=(job,),
@@ -360,22 +364,33 @@ class ElasticRank:
         return Action.SERVE
 
     def _stage_in_background(self, job: _ScaleJob) -> None:
-        staged, error = None, None
+        inputs = self._inputs(self.placement)
         try:
-            staged = stage_next_epoch(
-                self._rdzv,
+            if self._transfer_in_poll:
+                job.groups = build_next_groups(
+                    self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
+                )
+            else:
+                job.staged = stage_next_epoch(
+                    self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
+                )
+        except Exception as exc:
+            job.error = f"{type(exc).__name__}: {exc}"
+
+    def _transfer(self, job: _ScaleJob) -> None:
+        """KV sync, plan and weight transfer on the serving thread (every rank at this poll)."""
+        assert job.groups is not None
+        start = time.monotonic()
+        try:
+            job.staged = move_into_next(
+                job.groups,
                 job.command,
-                self._inputs(self.placement, launch_gate=job.launch_gate),
-                job.registry,
-                lambda phase: self._enter(job, phase),
+                self._inputs(self.placement),
+                lambda p: self._enter(job, p),
             )
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        if job.launch_gate is not None:
-            # No more background launches: the commit's (serving thread) go at once. Opened
-            # before the result is published, so the commit never finds the gate shut.
-            job.launch_gate.open()
-        job.staged, job.error = staged, error
+            job.error = f"{type(exc).__name__}: {exc}"
+        job.transfer_s = time.monotonic() - start
 
     # ---- commit / rollback ---------------------------------------------------------------
     def _commit(self, job: _ScaleJob) -> Action:
@@ -402,9 +417,8 @@ class ElasticRank:
             self.members = staged.command.new_members
         self.placement = staged.placement
         self._job = None
-        stalled = 0.0 if job.launch_gate is None else job.launch_gate.stalled_s
-        self.last_blocking_s = time.monotonic() - start + stalled
-        self.last_launch_grants = 0 if job.launch_gate is None else job.launch_gate.grants
+        self.last_blocking_s = time.monotonic() - start + job.transfer_s
+        self.last_transfer_s = job.transfer_s
         retired = [old_control, old_world]
         if staged.transfer_group is not staged.new_group:
             retired.append(staged.transfer_group)
@@ -435,8 +449,6 @@ class ElasticRank:
         job = self._job
         assert job is not None
         self._job = None
-        if job.launch_gate is not None:
-            job.launch_gate.close(f"the scale to epoch {job.command.epoch} rolled back: {reason}")
         job.registry.abort_all()  # the staging thread, if still running, ends on its own
         self._finish(job, ScalePhase.ROLLED_BACK, reason)
         self.gate.open()
@@ -492,8 +504,6 @@ class ElasticRank:
         abort_in_background([self.control, self.world])
         if self._job is not None:
             job, self._job = self._job, None
-            if job.launch_gate is not None:
-                job.launch_gate.close(f"recovering from {failure}")
             job.registry.abort_all()
         self.gate.close(GateMode.REJECT, retry_after_s=self._recovery_window_s + self._timeout_s)
         survivors = agree_on_survivors(
@@ -555,8 +565,6 @@ class ElasticRank:
         if self._watcher is not None:
             self._watcher.join(timeout=self._timeout_s)
         if self._job is not None:
-            if self._job.launch_gate is not None:
-                self._job.launch_gate.close("the rank is closing")
             self._job.registry.abort_all()
             self._job = None
         current = self.resources.current
@@ -593,13 +601,7 @@ class ElasticRank:
             except RuntimeError:
                 return  # the store is gone: the job is over
 
-    def _inputs(
-        self,
-        previous: Placement | None,
-        *,
-        with_kv: bool = True,
-        launch_gate: LaunchGate | None = None,
-    ) -> StageInputs:
+    def _inputs(self, previous: Placement | None, *, with_kv: bool = True) -> StageInputs:
         """This rank's staging inputs; the KV callback is asked only when ``with_kv``."""
         kv_bytes = self._kv_bytes if with_kv and previous is not None else None
         return StageInputs(
@@ -614,7 +616,6 @@ class ElasticRank:
             backend=self._backend,
             device=self._device,
             timeout_s=self._timeout_s,
-            launch_gate=launch_gate,
         )
 
     def _context(self, group: StatelessGroup, placement: Placement) -> EpochContext:

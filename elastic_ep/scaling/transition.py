@@ -4,9 +4,16 @@ serves.
 :func:`stage_next_epoch` builds the next epoch's groups as standby, syncs the KV budget, plans the
 placement and moves expert weights into *staged* copies. Existing ranks run it on a background
 thread (their serving weights and groups are untouched, so a failure costs nothing to undo);
-joiners run it on their main thread. On NCCL an existing rank's staging launches wait for the
-serving thread's grants (:class:`~elastic_ep.groups.LaunchGate`), so every rank launches them
-between the same two forward steps. The blocking commit then only swaps what was staged in.
+joiners run it on their main thread. The blocking commit then only swaps what was staged in.
+
+On NCCL it is split in two (:func:`build_next_groups`, then :func:`move_into_next`): an existing
+rank builds the groups on the background thread, which launches nothing on the GPU (the
+communicators are created eagerly, peers connect at the first collective), and runs the KV sync,
+the plan and the weight transfer on its serving thread, at one poll every rank reaches at the
+same step. NCCL only makes progress when every rank launches on its communicators in the same
+order; a background thread launching on the next epoch's communicator while the serving thread
+launches the forward on the current one would interleave differently on each rank (the elastic
+demo's NCCL scale-up hung that way).
 
 Groups used:
 
@@ -30,7 +37,7 @@ from elastic_ep.eplb.executor import ExecutionStats, GroupRanks, ReloadHook, exe
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.transfer_plan import plan_transfers
 from elastic_ep.errors import ReconfigureError
-from elastic_ep.groups import LaunchGate, Rendezvous, StatelessGroup
+from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 from elastic_ep.scaling.channel import Command
 from elastic_ep.scaling.phase import ScalePhase
@@ -179,9 +186,6 @@ class StageInputs:
         reload: hook for experts whose every replica died.
         buffer_bytes: staging budget of the executor.
         backend / device / timeout_s: of the groups built.
-        launch_gate: holds every launch on the groups built until the serving thread grants it
-            (an existing rank staging on NCCL next to its serving forward); ``None`` on a joiner,
-            in a recovery (the serving thread itself stages), and on gloo.
     """
 
     member: int
@@ -195,7 +199,24 @@ class StageInputs:
     backend: str
     device: torch.device | str | None
     timeout_s: float
-    launch_gate: LaunchGate | None = None
+
+
+@dataclass(frozen=True)
+class NextGroups:
+    """The groups a scale builds (see the module docstring).
+
+    Attributes:
+        new_group: the next epoch's world group (``None`` on a leaver).
+        new_control: its gloo control group (``new_group`` itself on gloo; ``None`` on a leaver).
+        transfer_group: holds every sender and receiver (``new_group`` for a scale-up or a
+            rebalance, an ``"xfer"`` group over the old members for a scale-down).
+        mapping: old rank -> new rank.
+    """
+
+    new_group: StatelessGroup | None
+    new_control: StatelessGroup | None
+    transfer_group: StatelessGroup
+    mapping: RankMapping
 
 
 def stage_next_epoch(
@@ -210,12 +231,22 @@ def stage_next_epoch(
     Raises ``PeerFailure`` if a peer dies or times out, ``ReconfigureError`` if planning failed
     on the planning rank (every rank raises it, after the broadcast).
     """
+    groups = build_next_groups(rdzv, cmd, inputs, registry, on_phase)
+    return move_into_next(groups, cmd, inputs, on_phase)
+
+
+def build_next_groups(
+    rdzv: Rendezvous,
+    cmd: Command,
+    inputs: StageInputs,
+    registry: GroupRegistry,
+    on_phase: Callable[[ScalePhase], None],
+) -> NextGroups:
+    """Build the next epoch's groups (collective over old and new members); on NCCL no GPU work
+    is launched (peers connect at the first collective), so a background thread may run it."""
     me = inputs.member
     old, new = cmd.old_members, cmd.new_members
-    mapping = RankMapping.from_members(old, new)
     timeout = min(inputs.timeout_s, cmd.timeout_s)
-    grow = len(new) >= len(old)
-
     on_phase(ScalePhase.PREPARING)
     new_group = new_control = None
     if me in new:
@@ -229,11 +260,11 @@ def stage_next_epoch(
                 inputs.backend,
                 inputs.device,
                 timeout,
-                launch_gate=inputs.launch_gate,
+                connect=False,
             )
         )
         new_control = registry.add(control_group(rdzv, new_group))
-    if grow:
+    if len(new) >= len(old):
         assert new_group is not None  # in a scale-up every member is a new member
         xfer = new_group
     else:
@@ -247,10 +278,25 @@ def stage_next_epoch(
                 inputs.backend,
                 inputs.device,
                 timeout,
-                launch_gate=inputs.launch_gate,
+                connect=False,
             )
         )
+    return NextGroups(new_group, new_control, xfer, RankMapping.from_members(old, new))
 
+
+def move_into_next(
+    groups: NextGroups,
+    cmd: Command,
+    inputs: StageInputs,
+    on_phase: Callable[[ScalePhase], None],
+) -> StagedEpoch:
+    """KV sync, plan and weight transfer over ``groups`` (collective over old and new members).
+
+    Raises ``PeerFailure`` if a peer dies or times out, ``ReconfigureError`` if planning failed
+    on the planning rank (every rank raises it, after the broadcast).
+    """
+    me = inputs.member
+    new_group, xfer, mapping = groups.new_group, groups.transfer_group, groups.mapping
     on_phase(ScalePhase.SYNCING_KV)
     budget = None
     if new_group is not None:
@@ -263,7 +309,7 @@ def stage_next_epoch(
     transfers = plan_transfers(previous, placement, mapping)
     # A joiner fills its own (unused) tensors; a leaver only sends from its serving ones; a rank
     # that stays receives into a copy, so its serving weights are untouched until the commit.
-    stays = inputs.previous is not None and me in new
+    stays = inputs.previous is not None and me in cmd.new_members
     weights = _clone(inputs.weights) if stays else [list(layer) for layer in inputs.weights]
     stats = execute(
         transfers,
@@ -274,16 +320,16 @@ def stage_next_epoch(
         ranks=GroupRanks.for_world_size(mapping, xfer.world_size),
     )
     xfer.barrier()  # every receiver has its weights before anyone may commit
-    changed = _changed_slots(previous, placement, mapping, old, new, me)
+    changed = _changed_slots(previous, placement, mapping, cmd.old_members, cmd.new_members, me)
     return StagedEpoch(
         command=cmd,
         new_group=new_group,
-        new_control=new_control,
+        new_control=groups.new_control,
         transfer_group=xfer,
         mapping=mapping,
         previous=previous,
         placement=placement,
-        weights=weights if me in new else None,
+        weights=weights if me in cmd.new_members else None,
         changed=changed,
         kv_budget_bytes=budget,
         balance=balance,
