@@ -52,6 +52,9 @@ from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 
+ALIGN_ANCHOR = 16
+"""Bytes of the row tables' anchor when the staging buffer is empty."""
+
 DEFAULT_BUFFER_BYTES = 1 << 30
 """Default extra memory ``execute`` may use for staging: 1 GiB."""
 
@@ -481,6 +484,12 @@ class _Runner:
         pairs = [a + b for a, b, o in zip(sizes, sizes[1:], self.overlapped, strict=False) if o]
         self.buffer_bytes = max([0, *sizes, *pairs])
         self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.group.device)
+        # Row tables address everything from a live allocation (an empty buffer has none).
+        self.anchor = (
+            self.buffer
+            if self.buffer_bytes or not self.use_triton
+            else torch.empty(ALIGN_ANCHOR, dtype=torch.uint8, device=self.group.device)
+        )
 
     def run(self) -> None:
         pending: tuple[P2PHandle | None, _Launches] | None = None
@@ -539,7 +548,7 @@ class _Runner:
                 ptr, nbytes = self._kind(extra.layer, kind)
                 at = buffer + seg.offset + extra.row * nbytes
                 unpack.append((at, ptr + extra.slot * nbytes, nbytes))
-        table = RowTable(self.buffer)
+        table = RowTable(self.anchor)
         rows = (table.add(pack), table.add(direct), table.add(unpack))
         table.upload()
         return _Launches(work, base, table, rows)
