@@ -66,7 +66,7 @@ class EngineConfig:
     fail_plan_once_at: int | None = None  # the planner raises once for this world size
     fail_rebalance_once: bool = False  # the planner raises for the first rebalance
     backend: str = "gloo"  # "nccl": one GPU per rank, GPU = member id % device count
-    transfer_in_poll: bool | None = None  # ElasticRank's default: on for NCCL only
+    transfer_in_poll: bool = False  # ElasticRank's default: transfer on the staging thread
 
 
 def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
@@ -430,9 +430,9 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
                 break
             time.sleep(0.05)
         assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.RECOVERY, status
-        # the coordinator marks the dead member, the watchers abort the polls blocked on it: far
-        # quicker than the 10 s group timeout
-        assert time.monotonic() - killed < 3.0, time.monotonic() - killed
+        # the coordinator marks the dead member, the watchers abort the polls blocked on it: no
+        # survivor waits for the 10 s group timeout (then the recovery window) to notice
+        assert time.monotonic() - killed < 9.0, time.monotonic() - killed
         assert status.dead_members == (victim,)
         assert status.members == tuple(m for m in (0, 1, 2, 4) if m != victim)
         assert status.lost_experts == infos[victim]["sole"]

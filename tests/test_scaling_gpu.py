@@ -1,8 +1,9 @@
 """Scaling over NCCL: one GPU per rank, polls on the gloo control group, weights bit for bit.
 
-Needs CUDA and at least 2 GPUs: scales 1 -> all GPUs -> all - 1 (passed on 4x H200, torch
-2.11+cu130); a rebalance at 2 ranks for a skewed load (not yet run on GPUs). GPU = member id %
-device count, so these sequences never put two members of one epoch on the same GPU.
+Needs CUDA and at least 2 GPUs: scales 1 -> all GPUs -> all - 1 and a rebalance at 2 ranks for
+a skewed load, while every rank's "forward" runs an NCCL all-reduce on the serving group at each
+step (the case that deadlocked before the staging thread got a CUDA stream of its own). GPU =
+member id % device count, so these sequences never put two members of one epoch on the same GPU.
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ pytestmark = pytest.mark.gpu
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
 )
 @pytest.mark.timeout(300)
-def test_nccl_scale_up_and_down() -> None:
+@pytest.mark.parametrize("transfer_in_poll", [False, True])
+def test_nccl_scale_up_and_down(transfer_in_poll: bool) -> None:
+    """The forward's NCCL all-reduce runs at every step while the scale stages: on the staging
+    thread's own stream (default), or with the transfer at one lockstep poll."""
     gpus = torch.cuda.device_count()
-    cfg = EngineConfig(layers=2, experts=4, slots=4, backend="nccl")
+    cfg = EngineConfig(
+        layers=2, experts=4, slots=4, backend="nccl", transfer_in_poll=transfer_in_poll
+    )
     coord = ElasticCoordinator(
         LocalProcessLauncher(rank_main, start_method="spawn"),
         ScaleLimits(4, 4, 4 * gpus),

@@ -9,10 +9,11 @@ same request at the same step.
 A scale, or a rebalance (same members, a new placement for the engine's load), stages the next
 epoch on a background thread (see :mod:`elastic_ep.scaling.transition`) while the engine keeps
 serving; once every rank is ready (and drained, in ``DRAIN`` mode) the same poll on every rank
-commits. On NCCL the background thread only builds the groups; the KV sync, the plan and the
-weight transfer run at the first poll where every rank has its groups built (two NCCL
-communicators on one GPU deadlock when ranks launch on them in different orders). The commit poll,
-and on NCCL the transfer poll, are the only blocking part. A ``PeerFailure`` of the poll's collective (or one the engine
+commits; that poll is the only blocking part. On CUDA the background thread runs on a stream
+of its own, so the staging and the forward never wait for each other's collectives. With
+``transfer_in_poll`` the background thread only builds the groups and the KV sync, the plan and
+the weight transfer run at the first poll where every rank has its groups (blocking, but no two
+threads ever launch collectives at once). A ``PeerFailure`` of the poll's collective (or one the engine
 hands to :meth:`ElasticRank.recover`) starts a recovery with the survivors.
 
 Typical loop::
@@ -64,6 +65,7 @@ from elastic_ep.scaling.transition import (
     default_planner,
     move_into_next,
     stage_next_epoch,
+    staging_stream,
 )
 
 _DEAD_CHECK_S = 0.02  # how often a waiting poll looks for members marked dead
@@ -136,10 +138,9 @@ class ElasticRank:
             ``None``: no watcher.
         transfer_in_poll: run the KV sync, the plan and the weight transfer of a scale on the
             serving thread, at one poll every rank reaches at the same step, instead of on the
-            background thread (which then only builds the groups). Default (``None``): on for
-            NCCL, where the engine's forward runs collectives on another communicator of the
-            same GPU (launches of two threads would interleave differently on each rank, which
-            can deadlock NCCL); off for gloo. That poll counts as blocking time.
+            background thread (which then only builds the groups; no GPU work). That poll counts
+            as blocking time. For engines that cannot give the staging a CUDA stream of its own
+            (by default it gets one, and overlaps with serving).
 
     Attributes:
         world: the serving epoch's world group (the engine runs its collectives on it).
@@ -171,7 +172,7 @@ class ElasticRank:
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         recovery_window_s: float | None = None,
         watch_dead_s: float | None = 0.01,
-        transfer_in_poll: bool | None = None,
+        transfer_in_poll: bool = False,
     ) -> None:
         if (placement is None) != (spec.role is RankRole.JOINER):
             raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
@@ -185,12 +186,13 @@ class ElasticRank:
         self._buffers = buffers
         self._planner = planner
         self._backend = backend
+        if device is None and backend == "nccl":
+            # the CUDA current device is per thread: pin this one for the staging thread
+            device = torch.device("cuda", torch.cuda.current_device())
         self._device = device
         self._timeout_s = timeout_s
         self._buffer_bytes = buffer_bytes
-        self._transfer_in_poll = (
-            backend == "nccl" if transfer_in_poll is None else bool(transfer_in_poll)
-        )
+        self._transfer_in_poll = bool(transfer_in_poll)
         self._recovery_window_s = (
             timeout_s + 1.0 if recovery_window_s is None else recovery_window_s
         )
@@ -371,9 +373,11 @@ class ElasticRank:
                     self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
                 )
             else:
-                job.staged = stage_next_epoch(
-                    self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
-                )
+                with staging_stream(self._device):
+                    staged = stage_next_epoch(
+                        self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
+                    )
+                job.staged = staged
         except Exception as exc:
             job.error = f"{type(exc).__name__}: {exc}"
 

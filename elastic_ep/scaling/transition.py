@@ -6,14 +6,13 @@ placement and moves expert weights into *staged* copies. Existing ranks run it o
 thread (their serving weights and groups are untouched, so a failure costs nothing to undo);
 joiners run it on their main thread. The blocking commit then only swaps what was staged in.
 
-On NCCL it is split in two (:func:`build_next_groups`, then :func:`move_into_next`): an existing
-rank builds the groups on the background thread, which launches nothing on the GPU (the
-communicators are created eagerly, peers connect at the first collective), and runs the KV sync,
-the plan and the weight transfer on its serving thread, at one poll every rank reaches at the
-same step. NCCL only makes progress when every rank launches on its communicators in the same
-order; a background thread launching on the next epoch's communicator while the serving thread
-launches the forward on the current one would interleave differently on each rank (the elastic
-demo's NCCL scale-up hung that way).
+On CUDA the background thread works on a stream of its own (:func:`staging_stream`): sharing the
+serving thread's stream entangles the two (the staging's waits hold up the forward, its host
+syncs wait for the forward's collectives), and with the peers entangled in another order the two
+NCCL communicators deadlock (the elastic demo's first NCCL scale-up hung that way). An engine
+may instead split staging in two (:func:`build_next_groups` on the background thread: no GPU
+work; :func:`move_into_next` on the serving thread at one lockstep poll), which is blocking but
+never runs two threads' collectives at once (``ElasticRank(transfer_in_poll=True)``).
 
 Groups used:
 
@@ -27,7 +26,8 @@ Groups used:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -404,4 +404,25 @@ def commit_weights(serving: Weights, staged: StagedEpoch) -> None:
             continue
         rows = rows.to(dst_layer[0].device)
         for dst, src in zip(dst_layer, src_layer, strict=True):
+            if src.is_cuda:  # staged on the staging stream; read here on the serving one
+                src.record_stream(torch.cuda.current_stream(src.device))
             dst.index_copy_(0, rows, src.index_select(0, rows))
+
+
+@contextmanager
+def staging_stream(device: torch.device | str | None) -> Iterator[None]:
+    """Run the body on a CUDA stream of its own (CPU: as is); return once its work is done.
+
+    The stream first waits for the calling thread's current stream (the serving weights'
+    last writes, e.g. the previous commit's copies); after that nothing of the serving stream
+    waits for the staging work or the other way round.
+    """
+    dev = None if device is None else torch.device(device)
+    if dev is None or dev.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.device(dev), torch.cuda.stream(stream):  # a new thread starts on cuda:0
+        yield
+    stream.synchronize()  # the staged weights are complete before the commit reads them
