@@ -88,6 +88,7 @@ class BenchConfig:
     backend: str
     devices: int
     timeout_s: float
+    transfer: str = "auto"  # ElasticRank's transfer_in_poll: auto (its default), poll, stream
 
     @property
     def expert_bytes(self) -> int:
@@ -293,6 +294,7 @@ def bench_rank(spec: RankSpec) -> None:
             backend=cfg.backend,
             device=device,
             timeout_s=cfg.timeout_s,
+            transfer_in_poll={"auto": None, "poll": True, "stream": False}[cfg.transfer],
         )
     except Exception:
         return  # a joiner of a rolled-back scale
@@ -438,7 +440,8 @@ def table(
 ) -> str:
     lines = [
         f"{device}; {cfg.layers} layers x {cfg.experts} experts, {cfg.slots} slots per rank, "
-        f"expert {cfg.expert_bytes / 1e6:.1f} MB ({cfg.dtype}), backend {cfg.backend}.",
+        f"expert {cfg.expert_bytes / 1e6:.1f} MB ({cfg.dtype}), backend {cfg.backend}, "
+        f"transfer {cfg.transfer} (ElasticRank transfer_in_poll: auto = on for NCCL).",
         "",
         f"Floors (same run, raw torch): group build cold {floors['build_cold_s']:.3f} s, warm "
         f"{floors['build_warm_s']:.3f} s; ring P2P {floors['p2p_GBps']:.1f} GB/s per rank. Floor "
@@ -478,7 +481,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
     slots = args.slots or max(math.ceil(80 * experts / 64 / 4), math.ceil(experts / (n - 1)))
     dtype = "float32" if args.backend == "gloo" else "bfloat16"
     return BenchConfig(
-        layers, experts, hidden, inter, slots, dtype, args.backend, n, args.timeout_s
+        layers, experts, hidden, inter, slots, dtype, args.backend, n, args.timeout_s, args.transfer
     )
 
 
@@ -491,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-mb", type=int, help="ring message size (default 256, tiny 4)")
     parser.add_argument("--reps", type=int, default=5, help="floor repetitions")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="group timeout")
+    parser.add_argument(
+        "--transfer",
+        choices=("auto", "poll", "stream"),
+        default="auto",
+        help="where a scale's transfer runs: at a lockstep poll (blocking), on the staging "
+        "thread's own CUDA stream (overlapped), or the library's default (poll on NCCL)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument(
         "--markdown",

@@ -66,7 +66,7 @@ class EngineConfig:
     fail_plan_once_at: int | None = None  # the planner raises once for this world size
     fail_rebalance_once: bool = False  # the planner raises for the first rebalance
     backend: str = "gloo"  # "nccl": one GPU per rank, GPU = member id % device count
-    transfer_in_poll: bool = False  # ElasticRank's default: transfer on the staging thread
+    transfer_in_poll: bool | None = None  # ElasticRank's default: on for NCCL only
 
 
 def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:

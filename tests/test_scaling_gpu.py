@@ -2,7 +2,7 @@
 
 Needs CUDA and at least 2 GPUs: scales 1 -> all GPUs -> all - 1 and a rebalance at 2 ranks for
 a skewed load, while every rank's "forward" runs an NCCL all-reduce on the serving group at each
-step (the case that deadlocked before the staging thread got a CUDA stream of its own). GPU =
+step (the case that deadlocked when a background thread shared the serving stream). GPU =
 member id % device count, so these sequences never put two members of one epoch on the same GPU.
 """
 
@@ -32,10 +32,10 @@ pytestmark = pytest.mark.gpu
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
 )
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("transfer_in_poll", [False, True])
+@pytest.mark.parametrize("transfer_in_poll", [True, False])
 def test_nccl_scale_up_and_down(transfer_in_poll: bool) -> None:
-    """The forward's NCCL all-reduce runs at every step while the scale stages: on the staging
-    thread's own stream (default), or with the transfer at one lockstep poll."""
+    """The forward's NCCL all-reduce runs at every step while the scale stages: with the transfer
+    at one lockstep poll (the NCCL default), or on the staging thread's own CUDA stream."""
     gpus = torch.cuda.device_count()
     cfg = EngineConfig(
         layers=2, experts=4, slots=4, backend="nccl", transfer_in_poll=transfer_in_poll

@@ -9,12 +9,13 @@ same request at the same step.
 A scale, or a rebalance (same members, a new placement for the engine's load), stages the next
 epoch on a background thread (see :mod:`elastic_ep.scaling.transition`) while the engine keeps
 serving; once every rank is ready (and drained, in ``DRAIN`` mode) the same poll on every rank
-commits; that poll is the only blocking part. On CUDA the background thread runs on a stream
-of its own, so the staging and the forward never wait for each other's collectives. With
-``transfer_in_poll`` the background thread only builds the groups and the KV sync, the plan and
-the weight transfer run at the first poll where every rank has its groups (blocking, but no two
-threads ever launch collectives at once). A ``PeerFailure`` of the poll's collective (or one the engine
-hands to :meth:`ElasticRank.recover`) starts a recovery with the survivors.
+commits. Where the transfer runs depends on ``transfer_in_poll``: on NCCL by default the
+background thread only builds the groups (no GPU work) and the KV sync, the plan and the weight
+transfer run at the first poll where every rank has its groups, so no two threads ever launch
+NCCL collectives at once; that poll and the commit poll are the blocking part. On gloo (or with
+``transfer_in_poll=False`` on CUDA, on a CUDA stream of its own) the background thread does it
+all and only the commit poll blocks. A ``PeerFailure`` of the poll's collective (or one the
+engine hands to :meth:`ElasticRank.recover`) starts a recovery with the survivors.
 
 Typical loop::
 
@@ -139,8 +140,11 @@ class ElasticRank:
         transfer_in_poll: run the KV sync, the plan and the weight transfer of a scale on the
             serving thread, at one poll every rank reaches at the same step, instead of on the
             background thread (which then only builds the groups; no GPU work). That poll counts
-            as blocking time. For engines that cannot give the staging a CUDA stream of its own
-            (by default it gets one, and overlaps with serving).
+            as blocking time. Default (``None``): on for NCCL, off for gloo. ``False`` on NCCL
+            overlaps the transfer with serving (the staging thread on a CUDA stream of its own:
+            measured blocking ~1 ms instead of ~1.5 s) but two threads then launch collectives
+            of two NCCL communicators at once, which NCCL does not promise to make progress on;
+            one of five GPU runs of that mode hung unexplained (docs/scaling.md).
 
     Attributes:
         world: the serving epoch's world group (the engine runs its collectives on it).
@@ -172,7 +176,7 @@ class ElasticRank:
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         recovery_window_s: float | None = None,
         watch_dead_s: float | None = 0.01,
-        transfer_in_poll: bool = False,
+        transfer_in_poll: bool | None = None,
     ) -> None:
         if (placement is None) != (spec.role is RankRole.JOINER):
             raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
@@ -192,7 +196,9 @@ class ElasticRank:
         self._device = device
         self._timeout_s = timeout_s
         self._buffer_bytes = buffer_bytes
-        self._transfer_in_poll = bool(transfer_in_poll)
+        self._transfer_in_poll = (
+            backend == "nccl" if transfer_in_poll is None else bool(transfer_in_poll)
+        )
         self._recovery_window_s = (
             timeout_s + 1.0 if recovery_window_s is None else recovery_window_s
         )

@@ -6,13 +6,15 @@ placement and moves expert weights into *staged* copies. Existing ranks run it o
 thread (their serving weights and groups are untouched, so a failure costs nothing to undo);
 joiners run it on their main thread. The blocking commit then only swaps what was staged in.
 
-On CUDA the background thread works on a stream of its own (:func:`staging_stream`): sharing the
-serving thread's stream entangles the two (the staging's waits hold up the forward, its host
-syncs wait for the forward's collectives), and with the peers entangled in another order the two
-NCCL communicators deadlock (the elastic demo's first NCCL scale-up hung that way). An engine
-may instead split staging in two (:func:`build_next_groups` on the background thread: no GPU
-work; :func:`move_into_next` on the serving thread at one lockstep poll), which is blocking but
-never runs two threads' collectives at once (``ElasticRank(transfer_in_poll=True)``).
+On NCCL the staging is split in two by default: :func:`build_next_groups` on the background
+thread (no GPU work: communicators are created eagerly, peers connect at the first collective),
+then :func:`move_into_next` on the serving thread at one poll every rank reaches at the same
+step. NCCL only promises progress when every rank launches on its communicators in one order;
+a background thread launching on the next epoch's communicator while the serving thread launches
+the forward on the current one interleaves differently on each rank (the elastic demo's first
+NCCL scale-up hung that way). Run whole on a background thread, the staging works on a CUDA
+stream of its own (:func:`staging_stream`): sharing the serving stream entangles the two threads
+(the staging's waits hold up the forward, its host syncs wait for the forward's collectives).
 
 Groups used:
 
