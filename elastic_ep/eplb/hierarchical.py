@@ -20,6 +20,7 @@ from elastic_ep.eplb.packing import (
     sorted_replicas,
     static_slots,
 )
+from elastic_ep.eplb.replication import descending_order
 
 
 def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
@@ -30,6 +31,11 @@ def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
         num_nodes: N, dividing G.
     """
     layers, groups = group_load.shape
+    if groups == 2 * num_nodes:
+        # Two groups per node: heaviest with lightest minimises the heaviest node (what the
+        # rounds below give, without their swaps, which cannot improve on it).
+        order = descending_order(group_load)
+        return np.stack([order[:, :num_nodes], order[:, : num_nodes - 1 : -1]], axis=2)
     items, weight = sorted_replicas(np.ones((layers, groups), dtype=np.int64), group_load, groups)
     nodes, node_weight = pack_rounds(items, weight, num_nodes)
     improve_by_swaps(nodes, node_weight, max_steps=4 * groups)
@@ -54,15 +60,15 @@ def hierarchical_slots(
     layers, experts = load.shape
     group_size = experts // num_groups
     nodes = groups_to_nodes(load.reshape(layers, num_groups, group_size).sum(2), num_nodes)
-    # Global expert id of every node-local expert: [L * N, E / N].
-    local_ids = (nodes[..., None] * group_size + np.arange(group_size)).reshape(
-        layers * num_nodes, experts // num_nodes
-    )
-    local_load = np.take_along_axis(np.repeat(load, num_nodes, axis=0), local_ids, axis=1)
+    rows, per_node = layers * num_nodes, experts // num_nodes
+    # Global expert id of every node-local expert, after a -1 column for empty slots:
+    # [L * N, 1 + E / N].
+    ids = np.full((rows, 1 + per_node), -1, dtype=np.int64)
+    ids[:, 1:] = ((nodes * group_size)[..., None] + np.arange(group_size)).reshape(rows, per_node)
+    local_load = load.ravel()[ids[:, 1:] + (np.arange(layers) * experts).repeat(num_nodes)[:, None]]
     local = static_slots(local_load, num_ranks // num_nodes, slots_per_rank, swap_steps)
-    flat = local.reshape(layers * num_nodes, -1)
-    ids = np.where(flat >= 0, np.take_along_axis(local_ids, np.maximum(flat, 0), axis=1), -1)
-    return ids.reshape(layers, num_ranks, slots_per_rank)
+    cell = local.reshape(rows, -1) + (np.arange(rows) * (1 + per_node) + 1)[:, None]
+    return ids.ravel()[cell].reshape(layers, num_ranks, slots_per_rank)
 
 
 def repair_within_nodes(

@@ -207,24 +207,31 @@ def _best_swaps(
     heavy_x = slots[heavy][:, :, None, :]  # [A, k, 1, S]
     part_x = slots[partner]  # [A, k, M, S]
     heavy_load = loads[heavy]  # [A, k]
-    # A heavy item the partner already holds weighs -inf, a partner item the heavy rank holds
-    # +inf: such a swap gets delta = -inf and never lowers the maximum. Neither does one with
-    # delta <= 0 (an empty heavy slot included), so the plain minimum below is the best swap.
+    part_load = loads[partner]  # [A, k, M]
+    # A swap moving d = (heavy item - partner item) leaves max(H - d, P + d)
+    # = (H + P) / 2 + |d - (H - P) / 2|, so the best swap minimises |d - c| + P / 2 with
+    # c = (H - P) / 2 folded into the heavy side: one [A, k, M, S, S] difference and its
+    # absolute value. A heavy item the partner already holds weighs -inf, a partner item the
+    # heavy rank holds +inf: |d - c| is then inf and the swap never wins.
     same = heavy_x[..., None] == part_x[..., None, :]  # [A, k, M, S, S]
-    on_partner = same.any(4)  # [A, k, M, S]
-    on_heavy = same.any(3) & (part_x >= 0)
-    heavy_w = np.where(on_partner, -np.inf, weight[heavy][:, :, None, :])
-    part_w = np.where(on_heavy, np.inf, weight[partner])
-    delta = heavy_w[..., :, None] - part_w[..., None, :]  # [A, k, M, S, S]
-    new_max = np.maximum(
-        heavy_load[:, :, None, None, None] - delta, loads[partner][..., None, None] + delta
-    ).reshape(-1, partner.shape[2] * per_rank * per_rank)
-    best = new_max.argmin(1)
-    best_max = new_max[np.arange(best.size), best].reshape(heavy.shape)
-    improved = best_max < heavy_load * (1 - 1e-12)
+    half_gap = 0.5 * (heavy_load[:, :, None] - part_load)  # [A, k, M]
+    heavy_w = np.where(same.any(4), -np.inf, weight[heavy][:, :, None, :] - half_gap[..., None])
+    part_w = np.where(same.any(3) & (part_x >= 0), np.inf, weight[partner])
+    distance = np.subtract(heavy_w[..., :, None], part_w[..., None, :])
+    np.abs(distance, out=distance)
+    if partner.shape[2] > 1:  # partners of different loads: compare (H + P) / 2 + |d - c|
+        distance += (0.5 * part_load)[..., None, None]
+    distance = distance.reshape(-1, partner.shape[2] * per_rank * per_rank)
+    best = distance.argmin(1)
     p_idx, h_slot, p_slot = np.unravel_index(
         best.reshape(heavy.shape), (partner.shape[2], per_rank, per_rank)
     )
+    best_gap = np.take_along_axis(half_gap, p_idx[..., None], 2)[..., 0]
+    # The new larger load of the pair, H - c + |d - c|, must be below H.
+    best_distance = distance[np.arange(best.size), best].reshape(heavy.shape)
+    if partner.shape[2] > 1:
+        best_distance -= 0.5 * np.take_along_axis(part_load, p_idx[..., None], 2)[..., 0]
+    improved = heavy_load - best_gap + best_distance < heavy_load * (1 - 1e-12)
     part = np.take_along_axis(partner, p_idx[..., None], 2)[..., 0]
     return improved, heavy, h_slot, part, p_slot
 
