@@ -76,7 +76,7 @@ def pack_rounds(
     # in this round (span), and the previous round's items that are that expert (holders).
     first = chunks[:, 1:, :1]
     straddle = (chunks[:, :-1, -1:] == first) & (first >= 0)  # [B, S-1, 1]
-    span = ((chunks[:, 1:] == first) & straddle).sum(2, keepdims=True)
+    span = (chunks[:, 1:] != first).argmax(2)[..., None]  # leading items equal to first
     holders = (chunks[:, :-1] == first) & straddle  # [B, S-1, R]
     any_straddle = straddle.any((0, 2))
     offsets = np.arange(rows)[:, None] * num_ranks
@@ -166,10 +166,11 @@ def improve_by_swaps(
     flat_slots = slots.reshape(-1, per_rank)  # one row per (row, rank): gathers stay flat
     flat_weight = weight.reshape(-1, per_rank)
     loads = flat_weight.sum(1)  # [B * R], kept up to date by the swaps
+    num_experts = int(flat_slots.max()) + 1
     active = np.arange(rows)
     for _ in range(max_steps):
         improved, heavy, h_slot, light, l_slot = _best_swaps(
-            flat_slots, flat_weight, loads, active, ranks, pairs
+            flat_slots, flat_weight, loads, active, ranks, pairs, num_experts
         )
         heavy, h_slot, light, l_slot = (x[improved] for x in (heavy, h_slot, light, l_slot))
         moved = flat_weight[heavy, h_slot] - flat_weight[light, l_slot]
@@ -190,11 +191,12 @@ def _best_swaps(
     active: np.ndarray,
     ranks: int,
     pairs: int | None,
+    num_experts: int,
 ) -> tuple[np.ndarray, ...]:
     """Best swap per heavy rank of the ``active`` rows [A]: (improved, heavy rank, heavy slot,
     partner rank, partner slot), each [A, k] (k = 1 with ``pairs=None``); the R ranks of a row
-    are rows of the flat ``slots`` int64 / ``weight`` float64 [B * R, S], ``loads`` float64
-    [B * R]."""
+    are rows of the flat ``slots`` int64 (ids < ``num_experts``) / ``weight`` float64
+    [B * R, S], ``loads`` float64 [B * R]."""
     per_rank = slots.shape[1]
     rank_ids = (active * ranks)[:, None] + np.arange(ranks)  # [A, R]
     by_load = ascending_order(loads[rank_ids]) + (active * ranks)[:, None]
@@ -204,36 +206,54 @@ def _best_swaps(
     else:
         heavy = by_load[:, : -pairs - 1 : -1]
         partner = by_load[:, :pairs, None]
-    heavy_x = slots[heavy][:, :, None, :]  # [A, k, 1, S]
+    shape, width = partner.shape, per_rank * per_rank
+    heavy_x = slots[heavy]  # [A, k, S]
     part_x = slots[partner]  # [A, k, M, S]
     heavy_load = loads[heavy]  # [A, k]
     part_load = loads[partner]  # [A, k, M]
+    # What each rank involved holds, as a bool table with a row per rank and a column per
+    # expert + 1 (column 0: an empty slot): row i of heavy rank i, row n + j of partner j.
+    cols = num_experts + 1
+    n = heavy.size
+    held = np.zeros((n + partner.size) * cols, dtype=bool)
+    heavy_row = np.arange(n).reshape(heavy.shape) * cols + 1
+    part_row = (np.arange(partner.size).reshape(shape) + n) * cols + 1
+    held[heavy_x + heavy_row[..., None]] = True
+    held[part_x + part_row[..., None]] = True
+    on_partner = held[heavy_x[:, :, None, :] + part_row[..., None]]  # [A, k, M, S]
+    on_heavy = held[part_x + heavy_row[..., None, None]] & (part_x >= 0)
     # A swap moving d = (heavy item - partner item) leaves max(H - d, P + d)
     # = (H + P) / 2 + |d - (H - P) / 2|, so the best swap minimises |d - c| + P / 2 with
     # c = (H - P) / 2 folded into the heavy side: one [A, k, M, S, S] difference and its
     # absolute value. A heavy item the partner already holds weighs -inf, a partner item the
     # heavy rank holds +inf: |d - c| is then inf and the swap never wins.
-    same = heavy_x[..., None] == part_x[..., None, :]  # [A, k, M, S, S]
     half_gap = 0.5 * (heavy_load[:, :, None] - part_load)  # [A, k, M]
-    heavy_w = np.where(same.any(4), -np.inf, weight[heavy][:, :, None, :] - half_gap[..., None])
-    part_w = np.where(same.any(3) & (part_x >= 0), np.inf, weight[partner])
-    distance = np.subtract(heavy_w[..., :, None], part_w[..., None, :])
+    heavy_w = np.where(on_partner, -np.inf, weight[heavy][:, :, None, :] - half_gap[..., None])
+    part_w = np.where(on_heavy, np.inf, weight[partner])
+    distance = np.subtract(heavy_w[..., :, None], part_w[..., None, :])  # [A, k, M, S, S]
     np.abs(distance, out=distance)
-    if partner.shape[2] > 1:  # partners of different loads: compare (H + P) / 2 + |d - c|
+    if shape[2] == 1:
+        best = distance.reshape(n, width).argmin(1)
+        p_idx = np.zeros(n, dtype=np.int64)
+    else:  # partners of different loads: compare (H + P) / 2 + |d - c|
         distance += (0.5 * part_load)[..., None, None]
-    distance = distance.reshape(-1, partner.shape[2] * per_rank * per_rank)
-    best = distance.argmin(1)
-    p_idx, h_slot, p_slot = np.unravel_index(
-        best.reshape(heavy.shape), (partner.shape[2], per_rank, per_rank)
+        p_idx, best = np.divmod(distance.reshape(n, -1).argmin(1), width)
+    x_slot, y_slot = np.divmod(best, per_rank)
+    # The new larger load of the chosen pair, H - c + |d - c|, must be below H.
+    row = np.arange(n)
+    chosen = np.abs(
+        heavy_w.reshape(n, -1, per_rank)[row, p_idx, x_slot]
+        - part_w.reshape(n, -1, per_rank)[row, p_idx, y_slot]
     )
-    best_gap = np.take_along_axis(half_gap, p_idx[..., None], 2)[..., 0]
-    # The new larger load of the pair, H - c + |d - c|, must be below H.
-    best_distance = distance[np.arange(best.size), best].reshape(heavy.shape)
-    if partner.shape[2] > 1:
-        best_distance -= 0.5 * np.take_along_axis(part_load, p_idx[..., None], 2)[..., 0]
-    improved = heavy_load - best_gap + best_distance < heavy_load * (1 - 1e-12)
-    part = np.take_along_axis(partner, p_idx[..., None], 2)[..., 0]
-    return improved, heavy, h_slot, part, p_slot
+    gap = half_gap.reshape(n, -1)[row, p_idx]
+    improved = heavy_load.ravel() - gap + chosen < heavy_load.ravel() * (1 - 1e-12)
+    return (
+        improved.reshape(heavy.shape),
+        heavy,
+        x_slot.reshape(heavy.shape),
+        partner.reshape(n, -1)[row, p_idx].reshape(heavy.shape),
+        y_slot.reshape(heavy.shape),
+    )
 
 
 def static_slots(
