@@ -415,12 +415,13 @@ class ElasticRank:
             self._rollback(error or "another rank failed to build its epoch resources")
             return Action.ROLLED_BACK
         old_world, old_control = self.world, self.control
-        leaving = staged.new_group is None
+        groups = staged.groups
+        leaving = groups.new_group is None
         if not leaving:
-            assert staged.new_group is not None and staged.new_control is not None
+            assert groups.new_group is not None and groups.new_control is not None
             assert new_set is not None
             commit_weights(self.weights, staged)
-            self._serve(staged.new_group, staged.new_control, staged.command.new_members)
+            self._serve(groups.new_group, groups.new_control, staged.command.new_members)
             self._install(new_set, staged.placement)
             self.kv_budget_bytes = staged.kv_budget_bytes
         else:
@@ -430,27 +431,28 @@ class ElasticRank:
         self.last_blocking_s = time.monotonic() - start + job.transfer_s
         self.last_transfer_s = job.transfer_s
         retired = [old_control, old_world]
-        if staged.transfer_group is not staged.new_group:
-            retired.append(staged.transfer_group)
+        if groups.transfer_group is not groups.new_group:
+            retired.append(groups.transfer_group)
         self._retire(retired, wait=leaving)
         self._finish(job, ScalePhase.COMPLETED, None)
         self.gate.open()
         return Action.LEAVE if leaving else Action.COMMITTED
 
     def _build_next(self, staged: StagedEpoch) -> tuple[ResourceSet | None, str | None]:
-        if staged.new_group is None:
+        new_group = staged.groups.new_group
+        if new_group is None:
             return None, None
         try:
-            return self.resources.build(self._context(staged.new_group, staged.placement)), None
+            return self.resources.build(self._context(new_group, staged.placement)), None
         except ResourceError as exc:
             return None, str(exc)
 
     def _decide(self, staged: StagedEpoch, ok: bool) -> bool:
         """Commit only if every rank of the transfer group (old and new) is ready."""
-        group = staged.transfer_group
+        group = staged.groups.transfer_group
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=group.device)
         try:
-            staged.transfer_group.all_reduce(flag, ReduceOp.MAX)
+            group.all_reduce(flag, ReduceOp.MAX)
         except PeerFailure:
             return False
         return int(flag) == 0
@@ -486,9 +488,10 @@ class ElasticRank:
             raise ReconfigureError(
                 f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}"
             ) from exc
-        assert staged.new_group is not None and staged.new_control is not None
+        groups = staged.groups
+        assert groups.new_group is not None and groups.new_control is not None
         assert new_set is not None
-        self._serve(staged.new_group, staged.new_control, cmd.new_members)
+        self._serve(groups.new_group, groups.new_control, cmd.new_members)
         self.placement = staged.placement
         self.kv_budget_bytes = staged.kv_budget_bytes
         self._install(new_set, staged.placement)

@@ -139,16 +139,32 @@ class GroupRegistry:
         abort_in_background(groups)
 
 
+@dataclass(frozen=True)
+class NextGroups:
+    """The groups a scale builds (see the module docstring).
+
+    Attributes:
+        new_group: the next epoch's world group (``None`` on a leaver).
+        new_control: its gloo control group (``new_group`` itself on gloo; ``None`` on a leaver).
+        transfer_group: holds every sender and receiver (``new_group`` for a scale-up or a
+            rebalance, an ``"xfer"`` group over the old members for a scale-down).
+        mapping: old rank -> new rank.
+    """
+
+    new_group: StatelessGroup | None
+    new_control: StatelessGroup | None
+    transfer_group: StatelessGroup
+    mapping: RankMapping
+
+
 @dataclass
 class StagedEpoch:
     """The result of staging: what the commit swaps in.
 
     Attributes:
         command: the scale command.
-        new_group: the next epoch's world group (``None`` on a leaver).
-        new_control: its gloo control group (``new_group`` itself on gloo; ``None`` on a leaver).
-        transfer_group: the group that ran the transfer; also where the commit decision is taken.
-        mapping: old rank -> new rank.
+        groups: the next epoch's groups; the transfer group is also where the commit decision
+            is taken.
         previous / placement: the placements before and after.
         weights: staged weights of this rank's new slots (``None`` on a leaver).
         changed: per layer, bool [local_slots]: slots whose expert changed (what commit copies).
@@ -159,10 +175,7 @@ class StagedEpoch:
     """
 
     command: Command
-    new_group: StatelessGroup | None
-    new_control: StatelessGroup | None
-    transfer_group: StatelessGroup
-    mapping: RankMapping
+    groups: NextGroups
     previous: Placement
     placement: Placement
     weights: list[list[torch.Tensor]] | None
@@ -201,24 +214,6 @@ class StageInputs:
     backend: str
     device: torch.device | str | None
     timeout_s: float
-
-
-@dataclass(frozen=True)
-class NextGroups:
-    """The groups a scale builds (see the module docstring).
-
-    Attributes:
-        new_group: the next epoch's world group (``None`` on a leaver).
-        new_control: its gloo control group (``new_group`` itself on gloo; ``None`` on a leaver).
-        transfer_group: holds every sender and receiver (``new_group`` for a scale-up or a
-            rebalance, an ``"xfer"`` group over the old members for a scale-down).
-        mapping: old rank -> new rank.
-    """
-
-    new_group: StatelessGroup | None
-    new_control: StatelessGroup | None
-    transfer_group: StatelessGroup
-    mapping: RankMapping
 
 
 def stage_next_epoch(
@@ -325,10 +320,7 @@ def move_into_next(
     changed = _changed_slots(previous, placement, mapping, cmd.old_members, cmd.new_members, me)
     return StagedEpoch(
         command=cmd,
-        new_group=new_group,
-        new_control=groups.new_control,
-        transfer_group=xfer,
-        mapping=mapping,
+        groups=groups,
         previous=previous,
         placement=placement,
         weights=weights if me in cmd.new_members else None,
