@@ -72,30 +72,29 @@ def pack_rounds(
     per_rank = num_items // num_ranks
     chunks = items.reshape(rows, per_rank, num_ranks)
     weights = weight.reshape(rows, per_rank, num_ranks)
-    # The first expert of a round that also ended the previous one ("straddles"), its replicas
-    # in this round (span), and the previous round's items that are that expert (holders).
+    # The first expert of a round that also ended the previous one ("straddles") and its
+    # replicas in this round (span): the ranks that got it in the previous round must not.
     first = chunks[:, 1:, :1]
     straddle = (chunks[:, :-1, -1:] == first) & (first >= 0)  # [B, S-1, 1]
     span = (chunks[:, 1:] != first).argmax(2)[..., None]  # leading items equal to first
-    holders = (chunks[:, :-1] == first) & straddle  # [B, S-1, R]
     any_straddle = straddle.any((0, 2))
     offsets = np.arange(rows)[:, None] * num_ranks
     bits = max(1, (num_ranks - 1).bit_length())
     high = ~np.int64((1 << bits) - 1)
     ranks = np.arange(num_ranks)
     loads = np.zeros(rows * num_ranks)
+    received = np.empty(rows * num_ranks, dtype=np.int64)  # each rank's item of the last round
     targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
     for k in range(per_rank):
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
         keys = np.sort((loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks, axis=1)
         if k and any_straddle[k - 1]:
-            keys = _avoid_second_replica(
-                keys, bits, targets[:, k - 1], holders[:, k - 1], span[:, k - 1]
-            )
-        order = keys & ~high
-        flat = order + offsets
+            keys = _avoid_second_replica(keys, bits, received, first[:, k - 1], span[:, k - 1])
+        flat = (keys & ~high) + offsets
         loads[flat] += weights[:, k]
         targets[:, k] = flat
+        if k + 1 < per_rank and any_straddle[k]:
+            received[flat] = chunks[:, k]
     flat = (targets * per_rank + np.arange(per_rank)[:, None]).ravel()
     slots = np.empty(items.size, dtype=np.int64)
     slots[flat] = chunks.ravel()
@@ -106,21 +105,21 @@ def pack_rounds(
 
 
 def _avoid_second_replica(
-    keys: np.ndarray, bits: int, last: np.ndarray, holder: np.ndarray, span: np.ndarray
+    keys: np.ndarray, bits: int, received: np.ndarray, expert: np.ndarray, span: np.ndarray
 ) -> np.ndarray:
     """``keys`` int64 [B, R] (load | rank, sorted: lightest rank first) reordered so that the
-    ``span`` [B, 1] first items of this round, replicas of an expert that the previous round put
-    on the ranks ``last[holder]`` (flat rank ids [B, R], bool [B, R]), take the lightest ranks
-    lacking it; the other items keep the load order.
+    ``span`` [B, 1] first items of this round, replicas of ``expert`` [B, 1], take the lightest
+    ranks that did not receive it in the previous round (``received``: item of every flat rank
+    id, [B * R]); the other items keep the load order.
 
     Replicas of one expert are adjacent in the item order, so that is the only way a rank could
     get a second replica. There are enough ranks lacking it: an expert has at most R replicas.
+    In a row whose round does not straddle, no rank received its first expert (or ``span`` is 0
+    for a round of empty items), so its order stays.
     """
     rows, ranks = keys.shape
-    holds = np.zeros(rows * ranks, dtype=bool)
-    holds[last[holder]] = True
     sorted_rank = (keys & ((1 << bits) - 1)) + np.arange(rows)[:, None] * ranks
-    free = ~holds[sorted_rank]
+    free = received[sorted_rank] != expert
     chosen = free & (np.cumsum(free, axis=1) <= span)
     # Chosen keys made negative (order among them kept) sort first.
     return np.sort(np.where(chosen, keys + np.iinfo(np.int64).min, keys), axis=1)
