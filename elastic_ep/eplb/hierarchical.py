@@ -3,9 +3,10 @@
 With node-limited routing a token's experts come from few nodes, so each group of E / G
 consecutive experts must live on one node. Groups are dealt to nodes (G / N each) in rounds,
 heaviest group to lightest node, then improved by swaps between the heaviest node and every
-other (DeepSeek's greedy packing leaves up to 7 points of balancedness here). Each node is then
-an independent global problem over its own experts, ranks and slots, solved for all
-(layer, node) pairs in one batch.
+other (DeepSeek's greedy packing leaves up to 7 points of balancedness here); with two groups
+per node the rounds pair heaviest with lightest, which is optimal, so the pairs are formed
+directly. Each node is then an independent global problem over its own experts, ranks and
+slots, solved for all (layer, node) pairs in one batch.
 """
 
 from __future__ import annotations
