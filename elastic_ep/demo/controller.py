@@ -225,6 +225,9 @@ class DemoController:
         if error is None and previous is not None:
             mapping = RankMapping.from_members(status.members, final.members)
             moved = int(check.placement.transfers_from(previous, mapping).sum()) - reloaded
+        planned = None
+        if final.balance_before is not None and final.balance_after is not None:
+            planned = (final.balance_before, final.balance_after)
         return self._row(
             label,
             final.world_size,
@@ -237,6 +240,7 @@ class DemoController:
             check,
             reloaded=reloaded,
             error=error,
+            planned=planned,
         )
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -318,7 +322,17 @@ class DemoController:
         *,
         reloaded: int = 0,
         error: str | None = None,
+        planned: tuple[float, float] | None = None,
     ) -> TimelineRow:
+        """``planned``: balancedness before/after under the load the planner planned for (a
+        scale or rebalance); without it, both under the load recorded at the check after the
+        event (a window that may hold only a few steps since the commit)."""
+        before: float | None
+        if planned is None:
+            before = None if previous is None else previous.balancedness(check.load)
+            after = check.placement.balancedness(check.load)
+        else:
+            before, after = planned
         return TimelineRow(
             event=label,
             ok=error is None,
@@ -330,8 +344,8 @@ class DemoController:
             experts_moved=moved,
             bytes_moved=moved_bytes,
             reloaded=reloaded,
-            balance_before=None if previous is None else previous.balancedness(check.load),
-            balance_after=check.placement.balancedness(check.load),
+            balance_before=before,
+            balance_after=after,
             requests=self._requests(),
             max_abs_diff=check.max_abs_diff,
             atol=self.config.atol,

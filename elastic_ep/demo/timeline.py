@@ -52,7 +52,8 @@ class TimelineRow:
         experts_moved / bytes_moved: expert weights received over the network, and their bytes.
         reloaded: experts reloaded because every replica died.
         balance_before / balance_after: balancedness of the placement before and after the
-            event, under the same recorded load (``None`` before: nothing to compare).
+            event under one load: the load the planner planned for (scale, rebalance), else the
+            load recorded at the check after the event (``None`` before: nothing to compare).
         requests: the window's request counts.
         max_abs_diff: largest |distributed - reference| over the probe batch.
         atol: the threshold it must stay within.
