@@ -40,9 +40,11 @@ def sorted_replicas(
     by_weight = (descending_order(per_replica) + offsets).ravel()
     # Every row holds the same number of replicas, so one flat repeat expands all rows at once.
     expanded = np.repeat(by_weight, counts.ravel()[by_weight]).reshape(rows, total)
-    items = np.full((rows, num_items), -1, dtype=np.int64)
+    items = np.empty((rows, num_items), dtype=np.int64)
+    items[:, total:] = -1
     np.subtract(expanded, offsets, out=items[:, :total])
-    weight = np.zeros((rows, num_items))
+    weight = np.empty((rows, num_items))
+    weight[:, total:] = 0.0
     weight[:, :total] = per_replica.ravel()[expanded]
     return items, weight
 

@@ -266,6 +266,8 @@ def as_load_array(load: torch.Tensor | np.ndarray) -> np.ndarray:
         raise TypeError(f"load must be a torch.Tensor or numpy.ndarray, got {type(load).__name__}")
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"load must have shape [layers, experts], got {tuple(array.shape)}")
+    if array.min() >= 0 and array.max() < np.inf:  # NaN fails both comparisons
+        return array
     if not np.isfinite(array).all():
         layer, expert = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
         raise ValueError(f"load[{layer}, {expert}] = {array[layer, expert]} is not finite")

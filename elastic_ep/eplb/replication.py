@@ -28,7 +28,9 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     counts = np.ones((rows, num_experts), dtype=np.int64)
     if extra == 0:
         return counts
-    load = np.where(load.sum(1, keepdims=True) > 0, load, 1.0)
+    idle = load.sum(1) == 0
+    if idle.any():
+        load = np.where(idle[:, None], 1.0, load)
     contenders = min(extra, num_experts)
     order = descending_order(load)[:, :contenders]
     offsets = np.arange(rows)[:, None] * num_experts
