@@ -295,39 +295,36 @@ def _best_paid_swap(
     fresh_flat, present_flat = fresh.ravel(), present.ravel()
     x_to = (partner * width)[:, None, :] + hx[:, :, None]  # heavy item on partner: [A, S, M]
     y_to = (heavy * width)[:, None, None] + px  # partner item on heavy: [A, M, S]
-    x_cost = (
-        fresh_flat[x_to].astype(np.int64) - fresh_flat[(heavy * width)[:, None] + hx][..., None]
+    x_side = np.subtract(
+        fresh_flat[x_to], fresh_flat[(heavy * width)[:, None] + hx][..., None], dtype=np.float64
     )
-    y_cost = fresh_flat[y_to].astype(np.int64) - fresh_flat[(partner * width)[..., None] + px]
-    x_cost[present_flat[x_to] | (partner == heavy[:, None])[:, None, :]] = 2
-    y_cost[present_flat[y_to]] = 2
-    # Score = gain / max(cost, 1/4), 0 where the swap is not allowed or over budget: a table of
-    # the 4 x 4 side costs indexed by a byte code, so the [A, S, M, S] work is a few cheap
-    # operations. Every allowed swap costs at most 2, so only rows with less left need a mask.
-    side = np.arange(-1, 3)
-    pair_cost = (side[:, None] + side).ravel()  # [16]
-    allowed = ((side[:, None] < 2) & (side < 2)).ravel()
-    factor = np.where(allowed, 1.0 / np.maximum(pair_cost, _FREE_SWAP_COST), 0.0)
-    x_code = ((x_cost + 1) * 4).astype(np.int8)[:, :, :, None]
-    code = x_code + (y_cost + 1).astype(np.int8)[:, None, :, :]  # [A, S, M, S]
-    score = np.take(factor, code)
+    y_side = np.subtract(
+        fresh_flat[y_to], fresh_flat[(partner * width)[..., None] + px], dtype=np.float64
+    )
+    x_side[present_flat[x_to] | (partner == heavy[:, None])[:, None, :]] = np.inf
+    y_side[present_flat[y_to]] = np.inf
+    # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
+    # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
+    # rows with less left need a budget mask.
+    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :])  # [A, S, M, S]
     tight = np.flatnonzero(left < 2)
-    if tight.size:
-        over = np.take(pair_cost, code[tight]) > left[tight, None, None, None]
-        score[tight] = np.where(over, 0.0, score[tight])
-    score *= gain
-    score = score.reshape(rows, -1)
+    over = cost[tight] > left[tight, None, None, None] if tight.size else None
+    np.maximum(cost, _FREE_SWAP_COST, out=cost)
+    score = np.divide(gain, cost, out=cost).reshape(rows, -1)
+    if over is not None:
+        score[tight] = np.where(over.reshape(tight.size, -1), 0.0, score[tight])
     best = score.argmax(1)
     chosen = gain.reshape(rows, -1)[r_idx, best]
     improved = (score[r_idx, best] > 0) & (chosen > heavy_load * 1e-12)
     h_slot, p_idx, p_slot = np.unravel_index(best, (hx.shape[1], partner.shape[1], hx.shape[1]))
+    spent = x_side[r_idx, h_slot, p_idx] + y_side[r_idx, p_idx, p_slot]
     return (
         improved,
         heavy,
         h_slot,
         partner[r_idx, p_idx],
         p_slot,
-        x_cost[r_idx, h_slot, p_idx] + y_cost[r_idx, p_idx, p_slot],
+        np.where(improved, spent, 0.0).astype(np.int64),
     )
 
 
