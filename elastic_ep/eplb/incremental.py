@@ -284,9 +284,13 @@ def _best_paid_swap(
         partner = first[:, None] + np.arange(ranks)
     hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
     px = slots[partner] + 1  # [A, M, S]
-    delta = weight[heavy][:, :, None, None] - weight[partner][:, None]  # [A, S, M, S]
+    per_rank, pairs = hx.shape[1], px.shape[1] * px.shape[2]
+    # Candidate swaps as [A, S, M * S] (heavy slot, then partner and its slot): every
+    # broadcast below runs along the long last axis.
+    delta = weight[heavy][:, :, None] - weight[partner].reshape(rows, 1, pairs)
     # Gain = heavy load - max(heavy load - delta, partner load + delta), in place (big arrays).
-    gain = np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta)
+    gap = np.repeat(heavy_load[:, None] - loads[partner], per_rank, axis=1)  # [A, M * S]
+    gain = np.subtract(gap[:, None, :], delta)
     np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
@@ -306,9 +310,10 @@ def _best_paid_swap(
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
-    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :])  # [A, S, M, S]
+    cost = np.repeat(x_side, per_rank, axis=2)  # [A, S, M * S]
+    cost += y_side.reshape(rows, 1, pairs)
     tight = np.flatnonzero(left < 2)
-    over = cost[tight] > left[tight, None, None, None] if tight.size else None
+    over = cost[tight] > left[tight, None, None] if tight.size else None
     np.maximum(cost, _FREE_SWAP_COST, out=cost)
     score = np.divide(gain, cost, out=cost).reshape(rows, -1)
     if over is not None:
@@ -316,7 +321,7 @@ def _best_paid_swap(
     best = score.argmax(1)
     chosen = gain.reshape(rows, -1)[r_idx, best]
     improved = (score[r_idx, best] > 0) & (chosen > heavy_load * 1e-12)
-    h_slot, p_idx, p_slot = np.unravel_index(best, (hx.shape[1], partner.shape[1], hx.shape[1]))
+    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
     spent = x_side[r_idx, h_slot, p_idx] + y_side[r_idx, p_idx, p_slot]
     return (
         improved,
