@@ -47,7 +47,6 @@ def fill_missing(
         counts: int64 [B, E], the replica counts wanted.
         budget: int64 [B], transfers allowed beyond the mandatory ones (experts with no replica).
     """
-    rows = slots.shape[0]
     num_experts = load.shape[1]
     per_replica = load / counts
     have = _replica_counts_of(slots, num_experts)
@@ -56,12 +55,9 @@ def fill_missing(
     by_weight = np.argsort(-per_replica, axis=1, kind="stable")
     orphan = np.take_along_axis(have == 0, by_weight, axis=1)
     extra = np.take_along_axis(need, by_weight, axis=1) - orphan
-    width = int(need.sum(1).max()) if need.size else 0
-    items = np.full((rows, width), -1, dtype=np.int64)
     left = budget + (have == 0).sum(1)
-    for row in np.flatnonzero(need.sum(1)):
-        order = np.concatenate([by_weight[row][orphan[row]], np.repeat(by_weight[row], extra[row])])
-        items[row, : min(order.size, left[row])] = order[: left[row]]
+    items = _queue(by_weight, orphan, extra, left)
+    width = items.shape[1]
     present = presence_of(slots, num_experts)
     present[:, :, 0] = 0
     slot_w = slot_loads(slots, per_replica)
@@ -84,6 +80,25 @@ def fill_missing(
             )
             left[placed] -= 1
     _fill_empty_slots(slots, load, have, present, left)
+
+
+def _queue(
+    by_weight: np.ndarray, orphan: np.ndarray, extra: np.ndarray, left: np.ndarray
+) -> np.ndarray:
+    """int64 [B, W] (-1 padded): per row, the experts ``by_weight`` [B, E] where ``orphan``
+    (bool [B, E]), then each expert ``extra`` (int64 [B, E]) times, cut after ``left`` [B]."""
+    rows = by_weight.shape[0]
+    # Both runs of every row, rows one after another: [B, 2, E] copies of [B, 2, E] experts.
+    copies = np.stack([orphan, extra], axis=1).ravel()
+    queue = np.repeat(np.repeat(by_weight, 2, axis=0).ravel(), copies)
+    length = copies.reshape(rows, -1).sum(1)
+    row = np.repeat(np.arange(rows), length)
+    column = np.arange(queue.size) - (np.cumsum(length) - length)[row]
+    kept = column < left[row]
+    width = int(np.minimum(length, np.maximum(left, 0)).max()) if rows else 0
+    items = np.full((rows, width), -1, dtype=np.int64)
+    items[row[kept], column[kept]] = queue[kept]
+    return items
 
 
 def _fill_empty_slots(
