@@ -15,9 +15,9 @@ import numpy as np
 
 from elastic_ep.eplb.incremental import repair
 from elastic_ep.eplb.packing import (
+    expert_counts,
     improve_by_swaps,
     pack_rounds,
-    presence_of,
     sorted_replicas,
     static_slots,
 )
@@ -125,7 +125,7 @@ def repair_within_nodes(
     # A layer reaches `target` when no node's ranks exceed the layer's mean rank load / target.
     node_share = local_load.sum(1).reshape(layers, num_nodes) * num_nodes
     node_target = target[:, None] * node_share / np.maximum(load.sum(1), 1e-300)[:, None]
-    orphans = (presence_of(local_kept, experts // num_nodes)[:, :, 1:].sum(1) == 0).sum(1)
+    orphans = (expert_counts(local_kept, experts // num_nodes) == 0).sum(1)
     orphans = orphans.reshape(layers, num_nodes)
     spare = np.maximum(budget - orphans.sum(1), 0) // num_nodes
     local = repair(local_load, local_kept, node_target.ravel(), (orphans + spare[:, None]).ravel())
