@@ -244,40 +244,31 @@ def build_next_groups(
     me = inputs.member
     old, new = cmd.old_members, cmd.new_members
     timeout = min(inputs.timeout_s, cmd.timeout_s)
+
+    def build(name: str, members: tuple[int, ...]) -> StatelessGroup:
+        group = StatelessGroup(
+            rdzv,
+            name,
+            cmd.epoch,
+            members.index(me),
+            len(members),
+            inputs.backend,
+            inputs.device,
+            timeout,
+            connect=False,
+        )
+        return registry.add(group)
+
     on_phase(ScalePhase.PREPARING)
     new_group = new_control = None
     if me in new:
-        new_group = registry.add(
-            StatelessGroup(
-                rdzv,
-                "world",
-                cmd.epoch,
-                new.index(me),
-                len(new),
-                inputs.backend,
-                inputs.device,
-                timeout,
-                connect=False,
-            )
-        )
+        new_group = build("world", new)
         new_control = registry.add(control_group(rdzv, new_group))
     if len(new) >= len(old):
         assert new_group is not None  # in a scale-up every member is a new member
         xfer = new_group
     else:
-        xfer = registry.add(
-            StatelessGroup(
-                rdzv,
-                "xfer",
-                cmd.epoch,
-                old.index(me),
-                len(old),
-                inputs.backend,
-                inputs.device,
-                timeout,
-                connect=False,
-            )
-        )
+        xfer = build("xfer", old)
     return NextGroups(new_group, new_control, xfer, RankMapping.from_members(old, new))
 
 
