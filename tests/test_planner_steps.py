@@ -1,0 +1,121 @@
+"""The planner's vectorised steps against plain reference implementations (hypothesis)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elastic_ep.eplb.hierarchical import groups_to_nodes
+from elastic_ep.eplb.packing import improve_by_swaps
+
+
+def _pairings(items: list[int]) -> list[list[tuple[int, int]]]:
+    """Every way to split ``items`` (even length) into unordered pairs."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for i, partner in enumerate(rest):
+        for tail in _pairings(rest[:i] + rest[i + 1 :]):
+            out.append([(first, partner), *tail])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(0, 2**16),
+    st.booleans(),
+)
+def test_two_groups_per_node_is_the_best_pairing(
+    nodes: int, layers: int, seed: int, integer: bool
+) -> None:
+    """With G = 2N groups, the direct pairing covers every group once and its heaviest node is
+    the lowest any pairing reaches (checked by enumerating all pairings)."""
+    rng = np.random.default_rng(seed)
+    group_load = (
+        rng.integers(0, 5, (layers, 2 * nodes))
+        if integer
+        else rng.lognormal(0, 1, (layers, 2 * nodes))
+    )
+    group_load = group_load.astype(np.float64)
+    assigned = groups_to_nodes(group_load, nodes)
+    assert assigned.shape == (layers, nodes, 2)
+    for layer in range(layers):
+        assert sorted(assigned[layer].ravel().tolist()) == list(range(2 * nodes))
+        heaviest = group_load[layer][assigned[layer]].sum(1).max()
+        best = min(
+            max(group_load[layer, a] + group_load[layer, b] for a, b in pairing)
+            for pairing in _pairings(list(range(2 * nodes)))
+        )
+        assert heaviest == best
+
+
+def _best_pair_max(slots: np.ndarray, weight: np.ndarray, heavy: int) -> float:
+    """Lowest larger load of (heavy rank, partner) over every allowed swap or move, by brute
+    force; the heavy rank's load if none improves it."""
+    loads = weight.sum(1)
+    best = loads[heavy]
+    for partner in range(slots.shape[0]):
+        if partner == heavy:
+            continue
+        for i, j in itertools.product(range(slots.shape[1]), repeat=2):
+            x, y = slots[heavy, i], slots[partner, j]
+            if x >= 0 and x in slots[partner]:
+                continue
+            if y >= 0 and y in slots[heavy]:
+                continue
+            if x < 0 and y < 0:
+                continue
+            d = weight[heavy, i] - weight[partner, j]
+            best = min(best, max(loads[heavy] - d, loads[partner] + d))
+    return float(best)
+
+
+@st.composite
+def swap_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    ranks = draw(st.integers(2, 5))
+    per_rank = draw(st.integers(1, 4))
+    experts = draw(st.integers(1, ranks * per_rank))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    # Distinct experts per rank, some slots empty.
+    slots = np.full((ranks, per_rank), -1, dtype=np.int64)
+    for rank in range(ranks):
+        count = int(rng.integers(0, min(per_rank, experts) + 1))
+        slots[rank, :count] = rng.choice(experts, count, replace=False)
+    per_expert = rng.lognormal(0, 1, experts)
+    weight = np.where(slots >= 0, per_expert[np.maximum(slots, 0)], 0.0)
+    return slots, weight
+
+
+@settings(max_examples=200, deadline=None)
+@given(swap_rows())
+def test_one_swap_step_matches_brute_force(row: tuple[np.ndarray, np.ndarray]) -> None:
+    """One heaviest-vs-all step lowers the heaviest rank's pair exactly as far as the best
+    swap found by brute force, and keeps every rank's experts distinct."""
+    slots, weight = row
+    loads = weight.sum(1)
+    # Ranks within rounding of the maximum: any of them may be taken as the heaviest.
+    tied = np.flatnonzero(np.isclose(loads, loads.max(), rtol=1e-12, atol=0))
+    new_slots, new_weight = slots[None].copy(), weight[None].copy()
+    improve_by_swaps(new_slots, new_weight, max_steps=1)
+    new_loads = new_weight[0].sum(1)
+    changed = np.flatnonzero(~np.isclose(new_loads, loads, rtol=0, atol=1e-12))
+    if changed.size:
+        assert changed.size == 2
+        heavy = int(changed[np.isin(changed, tied)][0])
+        expected = _best_pair_max(slots, weight, heavy)
+        assert expected < loads[heavy] * (1 - 1e-12)
+        assert np.isclose(new_loads[changed].max(), expected, rtol=1e-12)
+    else:
+        for rank_id in tied.tolist():
+            assert _best_pair_max(slots, weight, rank_id) >= loads[rank_id] * (1 - 1e-12)
+    for rank in new_slots[0]:
+        held = rank[rank >= 0]
+        assert len(set(held.tolist())) == held.size
+    assert sorted(new_slots[0].ravel().tolist()) == sorted(slots.ravel().tolist())
