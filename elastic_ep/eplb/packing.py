@@ -74,29 +74,25 @@ def pack_rounds(
     per_rank = num_items // num_ranks
     chunks = items.reshape(rows, per_rank, num_ranks)
     weights = weight.reshape(rows, per_rank, num_ranks)
-    # The first expert of a round that also ended the previous one ("straddles") and its
-    # replicas in this round (span): the ranks that got it in the previous round must not.
-    first = chunks[:, 1:, :1]
-    straddle = (chunks[:, :-1, -1:] == first) & (first >= 0)  # [B, S-1, 1]
-    span = (chunks[:, 1:] != first).argmax(2)[..., None]  # leading items equal to first
-    any_straddle = straddle.any((0, 2))
     offsets = np.arange(rows)[:, None] * num_ranks
     bits = max(1, (num_ranks - 1).bit_length())
     high = ~np.int64((1 << bits) - 1)
     ranks = np.arange(num_ranks)
-    loads = np.zeros(rows * num_ranks)
-    received = np.empty(rows * num_ranks, dtype=np.int64)  # each rank's item of the last round
     targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
-    for k in range(per_rank):
+    # Round 0 meets ranks of equal (zero) load: they sort by rank id.
+    targets[:, 0] = offsets + ranks
+    loads = weights[:, 0].ravel()  # a copy: weights[:, 0] is strided
+    received = np.empty(rows * num_ranks, dtype=np.int64)  # each rank's item of the last round
+    for k, straddle in enumerate(_straddling_rows(chunks), start=1):
+        if straddle is not None:
+            received[targets[:, k - 1]] = chunks[:, k - 1]
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
         keys = np.sort((loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks, axis=1)
-        if k and any_straddle[k - 1]:
-            keys = _avoid_second_replica(keys, bits, received, first[:, k - 1], span[:, k - 1])
+        if straddle is not None:
+            _avoid_second_replica(keys, bits, received, *straddle)
         flat = (keys & ~high) + offsets
         loads[flat] += weights[:, k]
         targets[:, k] = flat
-        if k + 1 < per_rank and any_straddle[k]:
-            received[flat] = chunks[:, k]
     flat = (targets * per_rank + np.arange(per_rank)[:, None]).ravel()
     slots = np.empty(items.size, dtype=np.int64)
     slots[flat] = chunks.ravel()
@@ -106,25 +102,56 @@ def pack_rounds(
     return slots.reshape(shape), slot_weight.reshape(shape)
 
 
+_Straddle = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
+    """For each round k >= 1 whose first expert also ended round k - 1 ("straddles") in some
+    row: those rows int64 [n], that expert int64 [n, 1] and its replicas in round k (the
+    leading items equal to it) int64 [n, 1]; ``None`` for a round where no row straddles.
+
+    ``chunks``: int64 [B, S, R], the items of every round.
+    """
+    first = chunks[:, 1:, 0]  # [B, S - 1]
+    straddle = (chunks[:, :-1, -1] == first) & (first >= 0)
+    rounds, rows = np.nonzero(straddle.T)  # grouped by round
+    if rows.size == 0:
+        return [None] * first.shape[1]
+    expert = first[rows, rounds]
+    span = (chunks[rows, rounds + 1] != expert[:, None]).argmax(1)
+    counts = np.bincount(rounds, minlength=first.shape[1])
+    ends = np.cumsum(counts)
+    result: list[_Straddle | None] = []
+    for start, end in zip((ends - counts).tolist(), ends.tolist(), strict=True):
+        straddling = rows[start:end], expert[start:end, None], span[start:end, None]
+        result.append(straddling if end > start else None)
+    return result
+
+
 def _avoid_second_replica(
-    keys: np.ndarray, bits: int, received: np.ndarray, expert: np.ndarray, span: np.ndarray
-) -> np.ndarray:
-    """``keys`` int64 [B, R] (load | rank, sorted: lightest rank first) reordered so that the
-    ``span`` [B, 1] first items of this round, replicas of ``expert`` [B, 1], take the lightest
-    ranks that did not receive it in the previous round (``received``: item of every flat rank
-    id, [B * R]); the other items keep the load order.
+    keys: np.ndarray,
+    bits: int,
+    received: np.ndarray,
+    rows: np.ndarray,
+    expert: np.ndarray,
+    span: np.ndarray,
+) -> None:
+    """Reorder ``keys`` int64 [B, R] (load | rank, sorted: lightest rank first) in place so that
+    in each of the straddling ``rows`` int64 [n] the ``span`` [n, 1] first items of this round,
+    replicas of ``expert`` [n, 1], take the lightest ranks that did not receive it in the
+    previous round (``received``: item of every flat rank id, [B * R]); the other items keep
+    the load order.
 
     Replicas of one expert are adjacent in the item order, so that is the only way a rank could
     get a second replica. There are enough ranks lacking it: an expert has at most R replicas.
-    In a row whose round does not straddle, no rank received its first expert (or ``span`` is 0
-    for a round of empty items), so its order stays.
     """
-    rows, ranks = keys.shape
-    sorted_rank = (keys & ((1 << bits) - 1)) + np.arange(rows)[:, None] * ranks
+    ranks = keys.shape[1]
+    straddling = keys[rows]
+    sorted_rank = (straddling & ((1 << bits) - 1)) + (rows * ranks)[:, None]
     free = received[sorted_rank] != expert
     chosen = free & (np.cumsum(free, axis=1) <= span)
     # Chosen keys made negative (order among them kept) sort first.
-    return np.sort(np.where(chosen, keys + np.iinfo(np.int64).min, keys), axis=1)
+    keys[rows] = np.sort(np.where(chosen, straddling + np.iinfo(np.int64).min, straddling), axis=1)
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
