@@ -38,8 +38,8 @@ def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
         order = descending_order(group_load)
         return np.stack([order[:, :num_nodes], order[:, : num_nodes - 1 : -1]], axis=2)
     items, weight = sorted_replicas(np.ones((layers, groups), dtype=np.int64), group_load, groups)
-    nodes, node_weight = pack_rounds(items, weight, num_nodes)
-    improve_by_swaps(nodes, node_weight, max_steps=4 * groups)
+    nodes, node_weight, node_load = pack_rounds(items, weight, num_nodes)
+    improve_by_swaps(nodes, node_weight, max_steps=4 * groups, loads=node_load)
     return nodes
 
 

@@ -60,9 +60,9 @@ def slot_loads(slots: np.ndarray, per_replica: np.ndarray) -> np.ndarray:
 
 def pack_rounds(
     items: np.ndarray, weight: np.ndarray, num_ranks: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replicas dealt to ranks in S rounds of R, heaviest to lightest rank: expert per slot
-    int64 [B, R, S] and load per slot float64 [B, R, S].
+    int64 [B, R, S], load per slot float64 [B, R, S] and load per rank float64 [B, R].
 
     Args:
         items: int64 [B, R*S], expert ids heaviest first, -1 = empty (from
@@ -81,7 +81,7 @@ def pack_rounds(
     targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
     # Round 0 meets ranks of equal (zero) load: they sort by rank id.
     targets[:, 0] = offsets + ranks
-    loads = weights[:, 0].ravel()  # a copy: weights[:, 0] is strided
+    loads = weights[:, 0].copy().ravel()
     received = np.empty(rows * num_ranks, dtype=np.int64)  # each rank's item of the last round
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
         if straddle is not None:
@@ -99,7 +99,7 @@ def pack_rounds(
     slot_weight = np.empty(items.size)
     slot_weight[flat] = weights.ravel()
     shape = (rows, num_ranks, per_rank)
-    return slots.reshape(shape), slot_weight.reshape(shape)
+    return slots.reshape(shape), slot_weight.reshape(shape), loads.reshape(rows, num_ranks)
 
 
 _Straddle = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -171,7 +171,12 @@ def expert_counts(slots: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def improve_by_swaps(
-    slots: np.ndarray, weight: np.ndarray, *, max_steps: int, pairs: int | None = None
+    slots: np.ndarray,
+    weight: np.ndarray,
+    *,
+    max_steps: int,
+    pairs: int | None = None,
+    loads: np.ndarray | None = None,
 ) -> None:
     """Lower the heaviest ranks of every row in place by swaps that keep replicas distinct.
 
@@ -186,6 +191,8 @@ def improve_by_swaps(
         weight: float64 [B, R, S], load of every slot, modified in place along with ``slots``.
         max_steps: most swap steps per row.
         pairs: rank pairs per step (at most R // 2), or ``None`` for heaviest-vs-all.
+        loads: float64 [B, R], load of every rank if known (from :func:`pack_rounds`),
+            modified in place; summed from ``weight`` otherwise.
     """
     rows, ranks, per_rank = slots.shape
     if ranks < 2:
@@ -193,7 +200,8 @@ def improve_by_swaps(
     pairs = None if pairs is None else min(pairs, ranks // 2)
     flat_slots = slots.reshape(-1, per_rank)  # one row per (row, rank): gathers stay flat
     flat_weight = weight.reshape(-1, per_rank)
-    loads = flat_weight.sum(1)  # [B * R], kept up to date by the swaps
+    # [B * R], kept up to date by the swaps
+    loads = flat_weight.sum(1) if loads is None else loads.reshape(-1)
     num_experts = int(flat_slots.max()) + 1
     active = np.arange(rows)
     for _ in range(max_steps):
@@ -297,7 +305,7 @@ def static_slots(
     counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
     per_replica = load / counts
     items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
-    slots, slot_weight = pack_rounds(items, weight, num_ranks)
+    slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
     pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
-    improve_by_swaps(slots, slot_weight, max_steps=swap_steps, pairs=pairs)
+    improve_by_swaps(slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load)
     return slots
