@@ -16,11 +16,14 @@ Two steps:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from elastic_ep.eplb.replication import ascending_order, descending_order, replica_counts
 
 _SWAP_PAIR_BUDGET = 256  # rows x rank pairs per swap step: keeps a step's arrays small
+_SIGN = np.iinfo(np.int64).min
 
 
 def sorted_replicas(
@@ -85,11 +88,11 @@ def pack_rounds(
     received = np.empty(rows * num_ranks, dtype=np.int64)  # each rank's item of the last round
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
         if straddle is not None:
-            received[targets[:, k - 1]] = chunks[:, k - 1]
+            received[targets[straddle.rows, k - 1]] = chunks[straddle.rows, k - 1]
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
         keys = np.sort((loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks, axis=1)
         if straddle is not None:
-            _avoid_second_replica(keys, bits, received, *straddle)
+            _avoid_second_replica(keys, bits, received, straddle)
         flat = (keys & ~high) + offsets
         loads[flat] += weights[:, k]
         targets[:, k] = flat
@@ -102,13 +105,17 @@ def pack_rounds(
     return slots.reshape(shape), slot_weight.reshape(shape), loads.reshape(rows, num_ranks)
 
 
-_Straddle = tuple[np.ndarray, np.ndarray, np.ndarray]
+class _Straddle(NamedTuple):
+    """The rows of one round k >= 1 whose first expert also ended round k - 1."""
+
+    rows: np.ndarray  # int64 [n]
+    first_rank: np.ndarray  # int64 [n, 1]: flat id of each row's rank 0
+    expert: np.ndarray  # int64 [n, 1]: the straddling expert
+    span: np.ndarray  # int64 [n, 1]: its replicas in round k (leading items equal to it)
 
 
 def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
-    """For each round k >= 1 whose first expert also ended round k - 1 ("straddles") in some
-    row: those rows int64 [n], that expert int64 [n, 1] and its replicas in round k (the
-    leading items equal to it) int64 [n, 1]; ``None`` for a round where no row straddles.
+    """For each round k >= 1 its straddling rows, or ``None`` where no row straddles.
 
     ``chunks``: int64 [B, S, R], the items of every round.
     """
@@ -118,40 +125,38 @@ def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
     if rows.size == 0:
         return [None] * first.shape[1]
     expert = first[rows, rounds]
+    first_rank = rows * chunks.shape[2]
     span = (chunks[rows, rounds + 1] != expert[:, None]).argmax(1)
     counts = np.bincount(rounds, minlength=first.shape[1])
     ends = np.cumsum(counts)
     result: list[_Straddle | None] = []
     for start, end in zip((ends - counts).tolist(), ends.tolist(), strict=True):
-        straddling = rows[start:end], expert[start:end, None], span[start:end, None]
+        part = slice(start, end)
+        straddling = _Straddle(
+            rows[part], first_rank[part, None], expert[part, None], span[part, None]
+        )
         result.append(straddling if end > start else None)
     return result
 
 
 def _avoid_second_replica(
-    keys: np.ndarray,
-    bits: int,
-    received: np.ndarray,
-    rows: np.ndarray,
-    expert: np.ndarray,
-    span: np.ndarray,
+    keys: np.ndarray, bits: int, received: np.ndarray, straddle: _Straddle
 ) -> None:
     """Reorder ``keys`` int64 [B, R] (load | rank, sorted: lightest rank first) in place so that
-    in each of the straddling ``rows`` int64 [n] the ``span`` [n, 1] first items of this round,
-    replicas of ``expert`` [n, 1], take the lightest ranks that did not receive it in the
-    previous round (``received``: item of every flat rank id, [B * R]); the other items keep
-    the load order.
+    in each straddling row the first ``span`` items of this round, replicas of ``expert``, take
+    the lightest ranks that did not receive it in the previous round (``received``: int64
+    [B * R], item of every flat rank id, up to date in the straddling rows); the other items
+    keep the load order.
 
     Replicas of one expert are adjacent in the item order, so that is the only way a rank could
     get a second replica. There are enough ranks lacking it: an expert has at most R replicas.
     """
-    ranks = keys.shape[1]
-    straddling = keys[rows]
-    sorted_rank = (straddling & ((1 << bits) - 1)) + (rows * ranks)[:, None]
-    free = received[sorted_rank] != expert
-    chosen = free & (np.cumsum(free, axis=1) <= span)
+    straddling = keys[straddle.rows]
+    sorted_rank = (straddling & ((1 << bits) - 1)) + straddle.first_rank
+    free = received[sorted_rank] != straddle.expert
+    chosen = free & (np.cumsum(free, axis=1) <= straddle.span)
     # Chosen keys made negative (order among them kept) sort first.
-    keys[rows] = np.sort(np.where(chosen, straddling + np.iinfo(np.int64).min, straddling), axis=1)
+    keys[straddle.rows] = np.sort(np.where(chosen, straddling + _SIGN, straddling), axis=1)
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
