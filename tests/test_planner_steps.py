@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic_ep.eplb.hierarchical import groups_to_nodes
-from elastic_ep.eplb.packing import improve_by_swaps
+from elastic_ep.eplb.packing import improve_by_swaps, pack_rounds, sorted_replicas
+from elastic_ep.eplb.replication import replica_counts
 
 
 def _pairings(items: list[int]) -> list[list[tuple[int, int]]]:
@@ -119,3 +120,63 @@ def test_one_swap_step_matches_brute_force(row: tuple[np.ndarray, np.ndarray]) -
         held = rank[rank >= 0]
         assert len(set(held.tolist())) == held.size
     assert sorted(new_slots[0].ravel().tolist()) == sorted(slots.ravel().tolist())
+
+
+def _pack_row(
+    items: list[int], weight: list[float], ranks: int
+) -> tuple[list[list[int]], list[list[float]], list[float]]:
+    """Plain rounds for one row: each round's items, heaviest first, to the ranks by load
+    (ignoring the float's last log2(R) bits, then by rank id); the round's replicas of an
+    expert that ended the previous round go to the lightest ranks lacking it."""
+    low = (1 << max(1, (ranks - 1).bit_length())) - 1
+    slots: list[list[int]] = [[] for _ in range(ranks)]
+    slot_weight: list[list[float]] = [[] for _ in range(ranks)]
+    loads = [0.0] * ranks
+    for start in range(0, len(items), ranks):
+        chunk = items[start : start + ranks]
+        order = sorted(
+            range(ranks), key=lambda r: (int(np.float64(loads[r]).view(np.int64)) & ~low, r)
+        )
+        expert = chunk[0]
+        if start and expert >= 0 and items[start - 1] == expert:
+            span = next((i for i, item in enumerate(chunk) if item != expert), ranks)
+            chosen = [r for r in order if expert not in slots[r]][:span]
+            order = chosen + [r for r in order if r not in chosen]
+        for rank, item, load in zip(order, chunk, weight[start : start + ranks], strict=True):
+            slots[rank].append(item)
+            slot_weight[rank].append(load)
+            loads[rank] += load
+    return slots, slot_weight, loads
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 9),
+    st.integers(1, 5),
+    st.integers(0, 2**16),
+    st.sampled_from(["lognormal", "small integers", "zipf"]),
+)
+def test_pack_rounds_matches_plain_rounds(
+    rows: int, ranks: int, per_rank: int, seed: int, kind: str
+) -> None:
+    """The vectorised rounds give the plain per-row rounds' slots and rank loads exactly,
+    including rows where an expert's replicas straddle two rounds."""
+    rng = np.random.default_rng(seed)
+    experts = int(rng.integers(1, ranks * per_rank + 1))
+    if kind == "lognormal":
+        load = rng.lognormal(0, 1.5, (rows, experts))
+    elif kind == "small integers":
+        load = rng.integers(0, 4, (rows, experts)).astype(np.float64)
+    else:
+        load = np.stack([rng.permutation(1.0 / np.arange(1, experts + 1)) for _ in range(rows)])
+    counts = replica_counts(load, ranks * per_rank, ranks)
+    items, weight = sorted_replicas(counts, load / counts, ranks * per_rank)
+    slots, slot_weight, rank_load = pack_rounds(items, weight, ranks)
+    for row in range(rows):
+        expected, expected_weight, loads = _pack_row(
+            items[row].tolist(), weight[row].tolist(), ranks
+        )
+        assert slots[row].tolist() == expected
+        assert slot_weight[row].tolist() == expected_weight
+        assert rank_load[row].tolist() == loads

@@ -85,14 +85,12 @@ def pack_rounds(
     # Round 0 meets ranks of equal (zero) load: they sort by rank id.
     targets[:, 0] = offsets + ranks
     loads = weights[:, 0].copy().ravel()
-    received = np.empty(rows * num_ranks, dtype=np.int64)  # each rank's item of the last round
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
-        if straddle is not None:
-            received[targets[straddle.rows, k - 1]] = chunks[straddle.rows, k - 1]
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
-        keys = np.sort((loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks, axis=1)
+        unsorted = (loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks
+        keys = np.sort(unsorted, axis=1)
         if straddle is not None:
-            _avoid_second_replica(keys, bits, received, straddle)
+            _avoid_second_replica(keys, unsorted, targets[straddle.rows, k - 1], straddle)
         flat = (keys & ~high) + offsets
         loads[flat] += weights[:, k]
         targets[:, k] = flat
@@ -109,9 +107,8 @@ class _Straddle(NamedTuple):
     """The rows of one round k >= 1 whose first expert also ended round k - 1."""
 
     rows: np.ndarray  # int64 [n]
-    first_rank: np.ndarray  # int64 [n, 1]: flat id of each row's rank 0
-    expert: np.ndarray  # int64 [n, 1]: the straddling expert
-    span: np.ndarray  # int64 [n, 1]: its replicas in round k (leading items equal to it)
+    free: np.ndarray  # bool [n, R]: the items of round k - 1 that are not that expert
+    later: np.ndarray  # bool [n, R]: the items of round k after its replicas of that expert
 
 
 def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
@@ -124,39 +121,37 @@ def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
     rounds, rows = np.nonzero(straddle.T)  # grouped by round
     if rows.size == 0:
         return [None] * first.shape[1]
-    expert = first[rows, rounds]
-    first_rank = rows * chunks.shape[2]
-    span = (chunks[rows, rounds + 1] != expert[:, None]).argmax(1)
+    expert = first[rows, rounds][:, None]
+    free = chunks[rows, rounds] != expert
+    span = (chunks[rows, rounds + 1] != expert).argmax(1)  # leading items equal to it
+    later = np.arange(chunks.shape[2]) >= span[:, None]
     counts = np.bincount(rounds, minlength=first.shape[1])
     ends = np.cumsum(counts)
     result: list[_Straddle | None] = []
     for start, end in zip((ends - counts).tolist(), ends.tolist(), strict=True):
         part = slice(start, end)
-        straddling = _Straddle(
-            rows[part], first_rank[part, None], expert[part, None], span[part, None]
-        )
-        result.append(straddling if end > start else None)
+        result.append(_Straddle(rows[part], free[part], later[part]) if end > start else None)
     return result
 
 
 def _avoid_second_replica(
-    keys: np.ndarray, bits: int, received: np.ndarray, straddle: _Straddle
+    keys: np.ndarray, unsorted: np.ndarray, previous: np.ndarray, straddle: _Straddle
 ) -> None:
     """Reorder ``keys`` int64 [B, R] (load | rank, sorted: lightest rank first) in place so that
-    in each straddling row the first ``span`` items of this round, replicas of ``expert``, take
-    the lightest ranks that did not receive it in the previous round (``received``: int64
-    [B * R], item of every flat rank id, up to date in the straddling rows); the other items
-    keep the load order.
+    in each straddling row this round's replicas of the straddling expert take the lightest
+    ranks that did not receive it in the previous round; the other items keep the load order.
+
+    ``unsorted``: int64 [B, R], the keys by rank; ``previous``: int64 [n, R], the flat rank
+    each item of the previous round went to, in the straddling rows.
 
     Replicas of one expert are adjacent in the item order, so that is the only way a rank could
     get a second replica. There are enough ranks lacking it: an expert has at most R replicas.
     """
-    straddling = keys[straddle.rows]
-    sorted_rank = (straddling & ((1 << bits) - 1)) + straddle.first_rank
-    free = received[sorted_rank] != straddle.expert
-    chosen = free & (np.cumsum(free, axis=1) <= straddle.span)
-    # Chosen keys made negative (order among them kept) sort first.
-    keys[straddle.rows] = np.sort(np.where(chosen, straddling + _SIGN, straddling), axis=1)
+    # Keys in the previous round's item order; ranks lacking the expert negative, so they sort
+    # first: the leading ones are the chosen ranks, which stay negative in a second sort.
+    by_item = unsorted.ravel()[previous]
+    ordered = np.sort(np.where(straddle.free, by_item + _SIGN, by_item), axis=1)
+    keys[straddle.rows] = np.sort(np.where(straddle.later, ordered & ~_SIGN, ordered), axis=1)
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
