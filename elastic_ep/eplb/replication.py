@@ -25,23 +25,22 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     """
     rows, num_experts = load.shape
     extra = min(num_slots, num_experts * max_replicas) - num_experts
-    counts = np.ones((rows, num_experts), dtype=np.int64)
     if extra == 0:
-        return counts
+        return np.ones((rows, num_experts), dtype=np.int64)
     idle = load.sum(1) == 0
     if idle.any():
         load = np.where(idle[:, None], 1.0, load)
     contenders = min(extra, num_experts)
-    order = descending_order(load)[:, :contenders]
-    offsets = np.arange(rows)[:, None] * num_experts
-    top = load.ravel()[order + offsets]  # [B, contenders], heaviest first
+    heaviest = descending_order(load)[:, :contenders] + np.arange(rows)[:, None] * num_experts
+    top = load.ravel()[heaviest]  # [B, contenders], heaviest first
     # Candidate (i, k): the k-th extra replica of the expert of load rank i, grouped by i.
     per_expert = np.minimum(extra // np.arange(1, contenders + 1), max_replicas - 1)
     rank_of = np.repeat(np.arange(contenders), per_expert)
     starts = np.cumsum(per_expert) - per_expert
     kth = np.arange(rank_of.size) - starts[rank_of] + 1
     priority = top[:, rank_of] / kth  # [B, C]; falls with k and with i
-    cutoff = -np.partition(-priority, extra - 1, axis=1)[:, extra - 1 : extra]
+    # The extra-th largest priority, by an integer sort (see ``descending_order``).
+    cutoff = np.sort(priority.view(np.int64), axis=1)[:, -extra, None].view(np.float64)
     chosen = priority > cutoff
     tied = priority == cutoff
     wanted = extra - chosen.sum(1, keepdims=True)
@@ -53,9 +52,8 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
         last = np.take_along_axis(tie_key, np.maximum(wanted - 1, 0), axis=1)
         tied &= (tie_order <= last) & (wanted > 0)
     chosen |= tied
-    extras = np.add.reduceat(chosen, starts, axis=1, dtype=np.int64)
-    counts.ravel()[order + offsets] += extras
-    return counts
+    extras = np.bincount(heaviest[:, rank_of][chosen], minlength=rows * num_experts)
+    return extras.reshape(rows, num_experts) + 1
 
 
 def descending_order(values: np.ndarray) -> np.ndarray:
