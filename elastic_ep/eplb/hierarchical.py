@@ -62,11 +62,13 @@ def hierarchical_slots(
     group_size = experts // num_groups
     nodes = groups_to_nodes(load.reshape(layers, num_groups, group_size).sum(2), num_nodes)
     rows, per_node = layers * num_nodes, experts // num_nodes
+    # Whole groups gathered as rows of group_size experts.
+    group_rows = (nodes + (np.arange(layers) * num_groups)[:, None, None]).ravel()
+    local_load = load.reshape(-1, group_size)[group_rows].reshape(rows, per_node)
     # Global expert id of every node-local expert, after a -1 column for empty slots:
     # [L * N, 1 + E / N].
     ids = np.full((rows, 1 + per_node), -1, dtype=np.int64)
-    ids[:, 1:] = ((nodes * group_size)[..., None] + np.arange(group_size)).reshape(rows, per_node)
-    local_load = load.ravel()[ids[:, 1:] + (np.arange(layers) * experts).repeat(num_nodes)[:, None]]
+    ids[:, 1:] = np.arange(experts).reshape(num_groups, group_size)[nodes].reshape(rows, per_node)
     local = static_slots(local_load, num_ranks // num_nodes, slots_per_rank, swap_steps)
     cell = local.reshape(rows, -1) + (np.arange(rows) * (1 + per_node) + 1)[:, None]
     return ids.ravel()[cell].reshape(layers, num_ranks, slots_per_rank)

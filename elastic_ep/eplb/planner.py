@@ -94,6 +94,14 @@ def plan(
     Raises:
         TypeError / ValueError naming the problem for bad shapes, dtypes, values or layouts.
     """
+    if previous is None:  # the fresh plan alone, without the report's per-layer figures
+        weights = _checked_load(
+            load, num_ranks, slots_per_rank, num_groups, num_nodes, balance_tolerance, swap_steps
+        )
+        _check_fresh(rank_mapping, dead_ranks, max_transfers)
+        steps = DEFAULT_SWAP_STEPS if swap_steps is None else swap_steps
+        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
+        return _to_placement(fresh, weights.shape[1], num_ranks)
     return plan_with_report(
         load,
         num_ranks,
@@ -124,17 +132,13 @@ def plan_with_report(
     swap_steps: int | None = None,
 ) -> PlanReport:
     """:func:`plan`, also returning the lost experts, transfers and choice per layer."""
-    weights = as_load_array(load)
+    weights = _checked_load(
+        load, num_ranks, slots_per_rank, num_groups, num_nodes, balance_tolerance, swap_steps
+    )
     layers, experts = weights.shape
-    _check_layout(experts, num_ranks, slots_per_rank, num_groups, num_nodes)
-    if not isinstance(balance_tolerance, (int, float)) or not 0 <= balance_tolerance <= 1:
-        raise ValueError(f"balance_tolerance must be in [0, 1], got {balance_tolerance!r}")
-    if swap_steps is not None:
-        _check_int("swap_steps", swap_steps, minimum=0)
     dead = sorted(set(dead_ranks))
     if previous is None:
-        if rank_mapping is not None or dead or max_transfers is not None:
-            raise ValueError("rank_mapping, dead_ranks and max_transfers need a previous placement")
+        _check_fresh(rank_mapping, dead, max_transfers)
         steps = DEFAULT_SWAP_STEPS if swap_steps is None else swap_steps
         fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
         return PlanReport(
@@ -167,6 +171,32 @@ def plan_with_report(
         transfers=torch.from_numpy(transfers_between(chosen, kept, experts)),
         repaired=torch.from_numpy(repaired),
     )
+
+
+def _checked_load(
+    load: torch.Tensor | np.ndarray,
+    ranks: int,
+    slots: int,
+    groups: int,
+    nodes: int,
+    balance_tolerance: float,
+    swap_steps: int | None,
+) -> np.ndarray:
+    """float64 [L, E]: ``load`` as an array, once the arguments every plan takes are checked."""
+    weights = as_load_array(load)
+    _check_layout(weights.shape[1], ranks, slots, groups, nodes)
+    if not isinstance(balance_tolerance, (int, float)) or not 0 <= balance_tolerance <= 1:
+        raise ValueError(f"balance_tolerance must be in [0, 1], got {balance_tolerance!r}")
+    if swap_steps is not None:
+        _check_int("swap_steps", swap_steps, minimum=0)
+    return weights
+
+
+def _check_fresh(
+    rank_mapping: RankMapping | None, dead_ranks: Iterable[int], max_transfers: int | None
+) -> None:
+    if rank_mapping is not None or any(True for _ in dead_ranks) or max_transfers is not None:
+        raise ValueError("rank_mapping, dead_ranks and max_transfers need a previous placement")
 
 
 def _fresh(
