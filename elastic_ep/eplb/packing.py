@@ -94,11 +94,12 @@ def pack_rounds(
         flat = (keys & ~high) + offsets
         loads[flat] += weights[:, k]
         targets[:, k] = flat
-    flat = (targets * per_rank + np.arange(per_rank)[:, None]).ravel()
+    flat = np.multiply(targets, per_rank, out=targets)  # each item's cell in [B, R, S]
+    flat += np.arange(per_rank)[:, None]
     slots = np.empty(items.size, dtype=np.int64)
-    slots[flat] = chunks.ravel()
+    slots[flat.ravel()] = chunks.ravel()
     slot_weight = np.empty(items.size)
-    slot_weight[flat] = weights.ravel()
+    slot_weight[flat.ravel()] = weights.ravel()
     shape = (rows, num_ranks, per_rank)
     return slots.reshape(shape), slot_weight.reshape(shape), loads.reshape(rows, num_ranks)
 
@@ -203,18 +204,21 @@ def improve_by_swaps(
     # [B * R], kept up to date by the swaps
     loads = flat_weight.sum(1) if loads is None else loads.reshape(-1)
     num_experts = int(flat_slots.max()) + 1
+    cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
     active = np.arange(rows)
     for _ in range(max_steps):
         improved, heavy, h_slot, light, l_slot = _best_swaps(
             flat_slots, flat_weight, loads, active, ranks, pairs, num_experts
         )
-        heavy, h_slot, light, l_slot = (x[improved] for x in (heavy, h_slot, light, l_slot))
-        moved = flat_weight[heavy, h_slot] - flat_weight[light, l_slot]
+        heavy, light = heavy[improved], light[improved]
+        h_cell = heavy * per_rank + h_slot[improved]
+        l_cell = light * per_rank + l_slot[improved]
+        moved = cells[1][h_cell] - cells[1][l_cell]
         loads[heavy] -= moved
         loads[light] += moved
-        for table in (flat_slots, flat_weight):
-            a, b = table[heavy, h_slot], table[light, l_slot]
-            table[heavy, h_slot], table[light, l_slot] = b, a
+        for table in cells:
+            a, b = table[h_cell], table[l_cell]
+            table[h_cell], table[l_cell] = b, a
         active = active[improved.any(1)]
         if active.size == 0:
             return
