@@ -83,14 +83,14 @@ def pack_rounds(
     ranks = np.arange(num_ranks)
     targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
     # Round 0 meets ranks of equal (zero) load: they sort by rank id.
-    targets[:, 0] = offsets + ranks
+    flat = targets[:, 0] = offsets + ranks  # flat rank id of every item of the last round
     loads = weights[:, 0].copy().ravel()
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
         unsorted = (loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks
         keys = np.sort(unsorted, axis=1)
         if straddle is not None:
-            _avoid_second_replica(keys, unsorted, targets[straddle.rows, k - 1], straddle)
+            _avoid_second_replica(keys, unsorted, flat[straddle.rows], straddle)
         flat = (keys & ~high) + offsets
         loads[flat] += weights[:, k]
         targets[:, k] = flat
@@ -108,8 +108,11 @@ class _Straddle(NamedTuple):
     """The rows of one round k >= 1 whose first expert also ended round k - 1."""
 
     rows: np.ndarray  # int64 [n]
-    free: np.ndarray  # bool [n, R]: the items of round k - 1 that are not that expert
-    later: np.ndarray  # bool [n, R]: the items of round k after its replicas of that expert
+    # int64 [n, R]: the sign bit on the items of round k - 1 that are not that expert, else 0
+    sign: np.ndarray
+    # int64 [n, R]: a mask clearing the sign bit on the items of round k after its replicas of
+    # that expert, else all ones
+    clear: np.ndarray
 
 
 def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
@@ -123,15 +126,15 @@ def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
     if rows.size == 0:
         return [None] * first.shape[1]
     expert = first[rows, rounds][:, None]
-    free = chunks[rows, rounds] != expert
+    sign = np.where(chunks[rows, rounds] != expert, _SIGN, 0)
     span = (chunks[rows, rounds + 1] != expert).argmax(1)  # leading items equal to it
-    later = np.arange(chunks.shape[2]) >= span[:, None]
+    clear = np.where(np.arange(chunks.shape[2]) >= span[:, None], ~_SIGN, -1)
     counts = np.bincount(rounds, minlength=first.shape[1])
     ends = np.cumsum(counts)
     result: list[_Straddle | None] = []
     for start, end in zip((ends - counts).tolist(), ends.tolist(), strict=True):
         part = slice(start, end)
-        result.append(_Straddle(rows[part], free[part], later[part]) if end > start else None)
+        result.append(_Straddle(rows[part], sign[part], clear[part]) if end > start else None)
     return result
 
 
@@ -150,9 +153,8 @@ def _avoid_second_replica(
     """
     # Keys in the previous round's item order; ranks lacking the expert negative, so they sort
     # first: the leading ones are the chosen ranks, which stay negative in a second sort.
-    by_item = unsorted.ravel()[previous]
-    ordered = np.sort(np.where(straddle.free, by_item + _SIGN, by_item), axis=1)
-    keys[straddle.rows] = np.sort(np.where(straddle.later, ordered & ~_SIGN, ordered), axis=1)
+    ordered = np.sort(unsorted.ravel()[previous] + straddle.sign, axis=1)
+    keys[straddle.rows] = np.sort(ordered & straddle.clear, axis=1)
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
