@@ -240,8 +240,8 @@ def _best_swaps(
     are rows of the flat ``slots`` int64 (ids < ``num_experts``) / ``weight`` float64
     [B * R, S], ``loads`` float64 [B * R]."""
     per_rank = slots.shape[1]
-    rank_ids = (active * ranks)[:, None] + np.arange(ranks)  # [A, R]
-    by_load = ascending_order(loads[rank_ids]) + (active * ranks)[:, None]
+    first_rank = (active * ranks)[:, None]
+    by_load = ascending_order(loads[first_rank + np.arange(ranks)]) + first_rank  # [A, R]
     if pairs is None:  # heaviest against all others: one heavy rank, R - 1 partners
         heavy = by_load[:, -1:]
         partner = by_load[:, None, :-1]
@@ -258,8 +258,9 @@ def _best_swaps(
     cols = num_experts + 1
     n = heavy.size
     held = np.zeros((n + partner.size) * cols, dtype=bool)
-    heavy_row = np.arange(n).reshape(heavy.shape) * cols + 1
-    part_row = (np.arange(partner.size).reshape(shape) + n) * cols + 1
+    table_row = np.arange(0, held.size, cols) + 1
+    heavy_row = table_row[:n].reshape(heavy.shape)
+    part_row = table_row[n:].reshape(shape)
     held[heavy_x + heavy_row[..., None]] = True
     held[part_x + part_row[..., None]] = True
     on_partner = held[heavy_x[:, :, None, :] + part_row[..., None]]  # [A, k, M, S]
