@@ -87,10 +87,13 @@ def pack_rounds(
     loads = weights[:, 0].copy().ravel()
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
-        unsorted = (loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks
-        keys = np.sort(unsorted, axis=1)
-        if straddle is not None:
-            _avoid_second_replica(keys, unsorted, flat[straddle.rows], straddle)
+        keys = (loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks
+        if straddle is None:
+            keys.sort(axis=1)
+        else:  # the straddling rows' keys in the previous round's item order, then the sort
+            by_item = keys.ravel()[flat[straddle.rows]]
+            keys.sort(axis=1)
+            _avoid_second_replica(keys, by_item, straddle)
         flat = (keys & ~high) + offsets
         loads[flat] += weights[:, k]
         targets[:, k] = flat
@@ -138,23 +141,24 @@ def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
     return result
 
 
-def _avoid_second_replica(
-    keys: np.ndarray, unsorted: np.ndarray, previous: np.ndarray, straddle: _Straddle
-) -> None:
+def _avoid_second_replica(keys: np.ndarray, by_item: np.ndarray, straddle: _Straddle) -> None:
     """Reorder ``keys`` int64 [B, R] (load | rank, sorted: lightest rank first) in place so that
     in each straddling row this round's replicas of the straddling expert take the lightest
     ranks that did not receive it in the previous round; the other items keep the load order.
 
-    ``unsorted``: int64 [B, R], the keys by rank; ``previous``: int64 [n, R], the flat rank
-    each item of the previous round went to, in the straddling rows.
+    ``by_item``: int64 [n, R], the keys of the straddling rows' ranks in the order of the
+    items they received in the previous round (modified).
 
     Replicas of one expert are adjacent in the item order, so that is the only way a rank could
     get a second replica. There are enough ranks lacking it: an expert has at most R replicas.
     """
     # Keys in the previous round's item order; ranks lacking the expert negative, so they sort
     # first: the leading ones are the chosen ranks, which stay negative in a second sort.
-    ordered = np.sort(unsorted.ravel()[previous] + straddle.sign, axis=1)
-    keys[straddle.rows] = np.sort(ordered & straddle.clear, axis=1)
+    by_item += straddle.sign
+    by_item.sort(axis=1)
+    by_item &= straddle.clear
+    by_item.sort(axis=1)
+    keys[straddle.rows] = by_item
 
 
 def presence_of(slots: np.ndarray, num_experts: int) -> np.ndarray:

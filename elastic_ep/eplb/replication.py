@@ -66,8 +66,9 @@ def descending_order(values: np.ndarray) -> np.ndarray:
     width = values.shape[1]
     bits = max(1, (width - 1).bit_length())
     low = (1 << bits) - 1
-    keys = (values.view(np.int64) | low) - np.arange(width)  # index in the low bits, reversed
-    return low - (-np.sort(-keys, axis=1) & low)
+    keys = np.arange(width) - (values.view(np.int64) | low)  # negated; index in the low bits
+    keys.sort(axis=1)
+    return low - (-keys & low)
 
 
 def ascending_order(values: np.ndarray) -> np.ndarray:
@@ -76,4 +77,5 @@ def ascending_order(values: np.ndarray) -> np.ndarray:
     width = values.shape[1]
     low = (1 << max(1, (width - 1).bit_length())) - 1
     keys = (values.view(np.int64) & ~low) | np.arange(width)
-    return np.sort(keys, axis=1) & low
+    keys.sort(axis=1)
+    return keys & low
