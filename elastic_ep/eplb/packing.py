@@ -279,26 +279,28 @@ def _best_swaps(
     part_w = np.where(on_heavy, np.inf, weight[partner])
     distance = np.subtract(heavy_w[..., :, None], part_w[..., None, :])  # [A, k, M, S, S]
     np.abs(distance, out=distance)
-    if shape[2] == 1:
+    row = np.arange(n)
+    if shape[2] == 1:  # one partner per heavy rank: the best |d - c| is read off
         best = distance.reshape(n, width).argmin(1)
-        p_idx = np.zeros(n, dtype=np.int64)
+        chosen = distance.reshape(n, width)[row, best]
+        gap, partner = half_gap.reshape(n), partner.reshape(heavy.shape)
     else:  # partners of different loads: compare (H + P) / 2 + |d - c|
         distance += (0.5 * part_load)[..., None, None]
         p_idx, best = np.divmod(distance.reshape(n, -1).argmin(1), width)
+        chosen = np.abs(
+            heavy_w.reshape(n, -1, per_rank)[row, p_idx, best // per_rank]
+            - part_w.reshape(n, -1, per_rank)[row, p_idx, best % per_rank]
+        )
+        gap = half_gap.reshape(n, -1)[row, p_idx]
+        partner = partner.reshape(n, -1)[row, p_idx].reshape(heavy.shape)
     x_slot, y_slot = np.divmod(best, per_rank)
     # The new larger load of the chosen pair, H - c + |d - c|, must be below H.
-    row = np.arange(n)
-    chosen = np.abs(
-        heavy_w.reshape(n, -1, per_rank)[row, p_idx, x_slot]
-        - part_w.reshape(n, -1, per_rank)[row, p_idx, y_slot]
-    )
-    gap = half_gap.reshape(n, -1)[row, p_idx]
     improved = heavy_load.ravel() - gap + chosen < heavy_load.ravel() * (1 - 1e-12)
     return (
         improved.reshape(heavy.shape),
         heavy,
         x_slot.reshape(heavy.shape),
-        partner.reshape(n, -1)[row, p_idx].reshape(heavy.shape),
+        partner,
         y_slot.reshape(heavy.shape),
     )
 
