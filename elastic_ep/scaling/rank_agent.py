@@ -372,8 +372,9 @@ class ElasticRank:
         return Action.SERVE
 
     def _stage_in_background(self, job: _ScaleJob) -> None:
-        inputs = self._inputs(self.placement)
         try:
+            # the KV callback is asked where the KV sync runs: here, or at the transfer poll
+            inputs = self._inputs(self.placement, with_kv=not self._transfer_in_poll)
             if self._transfer_in_poll:
                 job.groups = build_next_groups(
                     self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
