@@ -10,7 +10,9 @@ and ``w2`` [2048, 1408] per expert (17.3 MB). Scenarios, each run in one process
 
 Raw baselines: a ring exchange (every rank sends ``--raw-mb`` to its right neighbour and receives
 as much from its left) through ``StatelessGroup.batch_p2p`` and through torch's own default
-process group (``torch.distributed.batch_isend_irecv``).
+process group (``torch.distributed.batch_isend_irecv``); "% raw" divides by the faster of the two.
+Also reported: an all-to-all of one message to and from every peer (``StatelessGroup.batch_p2p``),
+the pattern of a reshuffle, which NCCL carries a little slower than the ring.
 
 "Per-GPU bandwidth" of a scenario is the busiest rank's traffic (max over ranks of the bytes it
 sends or receives, whichever is larger) divided by the wall time; for the ring it is the bytes each
@@ -130,7 +132,14 @@ def _ring(
     send: torch.Tensor, recv: torch.Tensor, rank: int, world: int, how: str, group: StatelessGroup
 ) -> None:
     right, left = (rank + 1) % world, (rank - 1) % world
-    if how == "stateless":
+    if how == "a2a":  # the reshuffle's pattern: one message to and from every peer
+        peers = [p for p in range(world) if p != rank]
+        part = send.numel() // len(peers)
+        group.batch_p2p(
+            [(send[i * part : (i + 1) * part], p) for i, p in enumerate(peers)],
+            [(recv[i * part : (i + 1) * part], p) for i, p in enumerate(peers)],
+        )
+    elif how == "stateless":
         group.batch_p2p([(send, right)], [(recv, left)])
     else:
         ops = [dist.P2POp(dist.isend, send, right), dist.P2POp(dist.irecv, recv, left)]
@@ -157,7 +166,7 @@ def _measure_raw(
     send = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
     recv = torch.empty_like(send)
     out = {}
-    for how in ("stateless", "torch"):
+    for how in ("stateless", "torch", "a2a"):
         seconds = _time(
             lambda how=how: _ring(send, recv, rank, args.devices, how, group), device, args.repeats
         )
@@ -224,6 +233,15 @@ def _run_scenario(
             copy=copy,
         )
     assert stats is not None
+    if args.profile:  # one more run, not timed: host time per function on rank 0
+        _profiled(
+            args,
+            rank,
+            name,
+            copy,
+            lambda: execute(plan, weights, group, buffer_bytes=budget, copy=copy),
+            device,
+        )
     seconds = statistics.median(times)
     busiest = max(
         max(s, r)
@@ -246,6 +264,31 @@ def _run_scenario(
         "phase_ms": {phase.value: sec * 1e3 for phase, sec in stats.seconds},
         "total_ms": stats.total_seconds * 1e3,
     }
+
+
+def _profiled(
+    args: argparse.Namespace, rank: int, name: str, copy: str, run: Any, device: torch.device
+) -> None:
+    """Run ``run`` on every rank; on rank 0 under cProfile, appending the top host functions
+    (by own time) to ``--profile``."""
+    import cProfile
+    import io
+    import pstats
+
+    _sync(device)
+    if rank != 0:
+        run()
+        _sync(device)
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    _sync(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    with open(args.profile, "a") as f:
+        f.write(f"==== {name} copy={copy}\n{text.getvalue()}\n")
 
 
 def _inverse(mapping: RankMapping) -> RankMapping:
@@ -352,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         help="execute's copy path; 'both' runs torch and triton side by side (triton: CUDA only)",
     )
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", help="append rank 0's host profile of each scenario here")
     args = parser.parse_args(argv)
     if args.small:
         args.layers, args.hidden, args.intermediate, args.raw_mb, args.buffer_mb = 4, 64, 48, 4, 1
@@ -374,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None:
-    raw = {how: min(r["raw"][how] for r in results.values()) for how in ("stateless", "torch")}
+    raw = {
+        how: min(r["raw"][how] for r in results.values()) for how in ("stateless", "torch", "a2a")
+    }
     rows = results[0]["scenarios"]
     peaks = {
         key: max(
@@ -392,13 +438,14 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None
     )
     print(
         f"raw ring P2P per GPU: StatelessGroup.batch_p2p {raw['stateless']:.1f} GB/s, "
-        f"torch batch_isend_irecv {raw['torch']:.1f} GB/s"
+        f"torch batch_isend_irecv {raw['torch']:.1f} GB/s; all-to-all (one message per peer, "
+        f"StatelessGroup) {raw['a2a']:.1f} GB/s"
     )
     print(
         f"{'scenario':<12} {'copy':<6} {'ms':>8} {'moved GB':>9} {'busiest GB':>10} "
         f"{'GB/s/GPU':>9} {'% raw':>6} {'chunks':>6} {'peak MiB':>9} {'plan ms':>8}"
     )
-    best_raw = max(raw.values())
+    best_raw = max(raw["stateless"], raw["torch"])  # "% raw" is against the ring
     for row in rows:
         row["pct_of_raw"] = 100 * row["gbps_per_gpu"] / best_raw
         row["peak_extra_mb"] = peaks[(row["scenario"], row["copy"])]

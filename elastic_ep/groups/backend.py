@@ -99,6 +99,13 @@ def make_process_group(
         # On a timeout, abort the communicator and fail the work instead of killing the process
         # (torch's default, 3 = SkipCleanUp, would end every survivor of a dead peer).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        # NCCL (2.19+) connects peers through cuMem-exported buffers by default. A fresh 4-rank
+        # communicator on H200 then took 1.16 s for its first all-to-all and 0.33 s for its
+        # first all-reduce; with the legacy CUDA IPC path 0.14 s and 9 ms, at the same bandwidth
+        # (benchmarks/bench_connect.py). Every scale builds communicators, so the library turns
+        # cuMem off unless the user set it (vLLM does the same). NCCL reads it once per process,
+        # at its first communicator: an engine that made one before should export it itself.
+        os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
         nccl_opts = ProcessGroupNCCL.Options()
         nccl_opts._timeout = timeout
         impl = ProcessGroupNCCL(store, rank, world_size, nccl_opts)
