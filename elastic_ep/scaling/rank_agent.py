@@ -377,7 +377,12 @@ class ElasticRank:
             inputs = self._inputs(self.placement, with_kv=not self._transfer_in_poll)
             if self._transfer_in_poll:
                 job.groups = build_next_groups(
-                    self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
+                    self._rdzv,
+                    job.command,
+                    inputs,
+                    job.registry,
+                    lambda p: self._enter(job, p),
+                    serving_world=self.world,  # the transfer runs at a poll of this thread
                 )
             else:
                 with staging_stream(self._device):
@@ -432,7 +437,7 @@ class ElasticRank:
         self.last_blocking_s = time.monotonic() - start + job.transfer_s
         self.last_transfer_s = job.transfer_s
         retired = [old_control, old_world]
-        if groups.transfer_group is not groups.new_group:
+        if groups.transfer_group not in (groups.new_group, old_world):
             retired.append(groups.transfer_group)
         self._retire(retired, wait=leaving)
         self._finish(job, ScalePhase.COMPLETED, None)

@@ -20,9 +20,11 @@ Groups used:
 
 - the next epoch's world group (``"world"``, new members, new rank order);
 - the transfer group, which holds every sender and receiver: the new world group for a scale-up
-  or a rebalance (same members: the identity rank mapping),
-  a separate ``"xfer"`` group over the old members (old numbering) for a scale-down, so leavers
-  can hand their experts off while the old world group keeps serving on the main thread.
+  or a rebalance (same members: the identity rank mapping); for a scale-down the serving world
+  group when the transfer runs on the serving thread (its peers are connected already, and a
+  new communicator's first transfers cost most of a scale on NCCL), else a separate ``"xfer"``
+  group over the old members (old numbering), so leavers can hand their experts off while the
+  old world group keeps serving on the main thread.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ class NextGroups:
         new_group: the next epoch's world group (``None`` on a leaver).
         new_control: its gloo control group (``new_group`` itself on gloo; ``None`` on a leaver).
         transfer_group: holds every sender and receiver (``new_group`` for a scale-up or a
-            rebalance, an ``"xfer"`` group over the old members for a scale-down).
+            rebalance; for a scale-down the serving world group or an ``"xfer"`` group over the
+            old members, see the module docstring).
         mapping: old rank -> new rank.
     """
 
@@ -238,9 +241,16 @@ def build_next_groups(
     inputs: StageInputs,
     registry: GroupRegistry,
     on_phase: Callable[[ScalePhase], None],
+    *,
+    serving_world: StatelessGroup | None = None,
 ) -> NextGroups:
     """Build the next epoch's groups (collective over old and new members); on NCCL no GPU work
-    is launched (peers connect at the first collective), so a background thread may run it."""
+    is launched (peers connect at the first collective), so a background thread may run it.
+
+    ``serving_world``: the current world group, to carry a scale-down's transfer instead of a new
+    ``"xfer"`` group. Pass it only where :func:`move_into_next` runs on the thread that serves on
+    it (never beside that thread's own collectives).
+    """
     me = inputs.member
     old, new = cmd.old_members, cmd.new_members
     timeout = min(inputs.timeout_s, cmd.timeout_s)
@@ -267,6 +277,8 @@ def build_next_groups(
     if len(new) >= len(old):
         assert new_group is not None  # in a scale-up every member is a new member
         xfer = new_group
+    elif serving_world is not None:
+        xfer = serving_world
     else:
         xfer = build("xfer", old)
     return NextGroups(new_group, new_control, xfer, RankMapping.from_members(old, new))
