@@ -15,8 +15,9 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
   later chunk still sends;
 * with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
-* every copy of the call is listed up front as a row of one table (built and uploaded once);
-  per chunk, packing, slot-to-slot copies and write-back are one launch each: a fused Triton
+* every copy of the call is listed as a row of a table (chunk 0's, then one for all the others,
+  built and uploaded while chunk 0 transfers); per chunk, packing, slot-to-slot copies and
+  write-back are one launch each: a fused Triton
   kernel over the chunk's rows on CUDA, or one multi-tensor copy (``torch._foreach_copy_``) on
   CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
 
@@ -454,8 +455,8 @@ class _Runner:
 
     Even chunks sit at the start of the buffer and odd chunks at its end, so two consecutive
     chunks never share bytes when both fit; a chunk reuses the bytes of the chunk two before it,
-    which was written back (stream-ordered on CUDA) before this one is packed. A chunk is laid
-    out just before it runs, so that host work overlaps the previous chunk's transfer.
+    which was written back (stream-ordered on CUDA) before this one is packed. Chunks are laid
+    out ahead of the loop that runs them (see :meth:`prepare`).
     """
 
     def __init__(
@@ -492,13 +493,15 @@ class _Runner:
         )
 
     def run(self) -> None:
+        count = len(self.chunks)
+        prepared = self.prepare(range(min(1, count)))
         pending: tuple[P2PHandle | None, _Launches] | None = None
-        for k in range(len(self.chunks)):
-            start = time.perf_counter()
-            chunk = self.launches(k)
-            self.timer.add(Phase.PLAN, start)
+        for k in range(count):
+            chunk = prepared[k]
             self.pack(chunk)
             handle = self.post(chunk)
+            if k == 0:
+                prepared += self.prepare(range(1, count))
             if pending is not None:
                 self.finish(*pending)
             pending = (handle, chunk)
@@ -508,20 +511,40 @@ class _Runner:
         if pending is not None:
             self.finish(*pending)
 
-    def launches(self, k: int) -> _Launches:
-        """Lay out chunk ``k``; on the Triton path also list its copies as the rows of one
-        table (one upload), so the chunk runs one pack, one slot-to-slot and one write-back
-        launch with no host work per row. Runs while the previous chunk's transfer does."""
-        work = lay_out(
-            self.chunks[k].steps,
-            self.kind_bytes,
-            self.layout.ranks,
-            self.layout.old_rank,
-            self.layout.new_rank,
-        )
-        base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-        if not self.use_triton:
-            return _Launches(work, base, None)
+    def prepare(self, ks: range) -> list[_Launches]:
+        """Lay out chunks ``ks``; on the Triton path also list their copies as the rows of one
+        table (one upload), so each chunk runs one pack, one slot-to-slot and one write-back
+        launch with no host work per row.
+
+        ``run`` prepares chunk 0 alone, so its transfer starts at once, then every other chunk
+        while chunk 0 transfers: the loop that follows only launches. Preparing each chunk just
+        before it ran paced the transfers by host work (on 4x H200 a chunk's transfer took
+        about as long as its preparation and upload)."""
+        start = time.perf_counter()
+        out = []
+        table = RowTable(self.anchor) if self.use_triton else None
+        for k in ks:
+            work = lay_out(
+                self.chunks[k].steps,
+                self.kind_bytes,
+                self.layout.ranks,
+                self.layout.old_rank,
+                self.layout.new_rank,
+            )
+            base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
+            if table is None:
+                out.append(_Launches(work, base))
+                continue
+            pack, direct, unpack = self._row_lists(work, base)
+            rows = (table.add(pack), table.add(direct), table.add(unpack))
+            out.append(_Launches(work, base, table, rows))
+        if table is not None and out:
+            table.upload()
+        self.timer.add(Phase.PLAN, start)
+        return out
+
+    def _row_lists(self, work: ChunkWork, base: int) -> tuple[list[Row], list[Row], list[Row]]:
+        """(pack, slot-to-slot, write-back) rows of one laid-out chunk at ``base``."""
         buffer = self.buffer.data_ptr() + base
         pack: list[Row] = []
         direct: list[Row] = []
@@ -548,10 +571,7 @@ class _Runner:
                 ptr, nbytes = self._kind(extra.layer, kind)
                 at = buffer + seg.offset + extra.row * nbytes
                 unpack.append((at, ptr + extra.slot * nbytes, nbytes))
-        table = RowTable(self.anchor)
-        rows = (table.add(pack), table.add(direct), table.add(unpack))
-        table.upload()
-        return _Launches(work, base, table, rows)
+        return pack, direct, unpack
 
     def _kind(self, layer: int, kind: int) -> tuple[int, int]:
         """(address of slot 0, bytes per slot) of one weight tensor."""
