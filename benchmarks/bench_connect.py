@@ -148,11 +148,17 @@ def _shrink(clock: _Clock, group: StatelessGroup) -> dict[str, Any]:
 
 
 def _stress(
-    rdzv: Rendezvous, control: StatelessGroup, group: StatelessGroup, rounds: int, limit_s: float
+    rdzv: Rendezvous,
+    control: StatelessGroup,
+    group: StatelessGroup,
+    rounds: int,
+    limit_s: float,
+    ring_mb: int,
 ) -> dict[str, Any]:
     """Main thread: all-to-alls on ``group`` with a host sync each (an engine's dispatch).
-    Second thread, on its own stream: build a new communicator, all-reduce, all-to-all, 256 MiB
-    ring. Returns how many rounds finished, and how long the second thread's work took."""
+    Second thread, on its own stream: build a new communicator, all-reduce, all-to-all, a ring
+    of ``ring_mb`` MiB. Returns how many rounds finished, and how long the second thread's work
+    took."""
     results: list[float] = []
     failures: list[str] = []
     for r in range(rounds):
@@ -180,7 +186,7 @@ def _stress(
                     )
                     fresh.all_reduce(torch.ones(1, device=group.device))
                     _tiny_all_to_all(fresh)
-                    data = torch.ones(256 << 20, dtype=torch.uint8, device=group.device)
+                    data = torch.ones(ring_mb << 20, dtype=torch.uint8, device=group.device)
                     n, me = fresh.world_size, fresh.rank
                     fresh.batch_p2p(
                         [(data, (me + 1) % n)], [(torch.empty_like(data), (me - 1) % n)]
@@ -263,7 +269,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     if args.devices > 2 and args.backend == "nccl":
         result.update(_shrink(clock, groups[-1]))
     if args.stress:
-        result.update(_stress(rdzv, control, groups[0], args.stress, args.stress_limit_s))
+        result.update(_stress(rdzv, control, groups[0], args.stress, args.stress_limit_s, args.mb))
     result.update({k: 1e3 * v for k, v in clock.times.items()})  # ms
     control.barrier()
     if rank == 0:

@@ -401,3 +401,40 @@ def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
     text = md.read_text()
     assert "other sections stay" in text and text.count("<!-- bench_scaling -->") == 2
     assert "| kill rank 1 (4->3) |" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bench_connect_runs_on_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "connect.jsonl"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_connect.py",
+            "--backend",
+            "gloo",
+            "--devices",
+            "3",
+            "--mb",
+            "2",
+            "--row-mb",
+            "1",
+            "--repeats",
+            "1",
+            "--stress",
+            "2",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text().splitlines()[-1])
+    for step in ("build", "first_all_reduce", "first_all_to_all", "warm_all_to_all"):
+        assert result[f"first_{step}"] > 0 and result[f"second_{step}"] > 0, result
+    assert result["ring_gbps"] > 0 and result["a2a_one_message_gbps"] > 0
+    assert result["a2a_per_row_messages_per_rank"] == 2 * 2 * 1  # 2 peers, 1 row each, both ways
+    assert result["stress_rounds_done"] == 2 and result["stress_failures"] == []
