@@ -15,8 +15,8 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
   later chunk still sends;
 * with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
-* every copy of the call is listed as a row of a table (chunk 0's, then one for all the others,
-  built and uploaded while chunk 0 transfers); per chunk, packing, slot-to-slot copies and
+* every copy of the call is listed as a row of a table (one per batch of chunks, built and
+  uploaded while earlier chunks transfer); per chunk, packing, slot-to-slot copies and
   write-back are one launch each: a fused Triton
   kernel over the chunk's rows on CUDA, or one multi-tensor copy (``torch._foreach_copy_``) on
   CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
@@ -500,8 +500,8 @@ class _Runner:
             chunk = prepared[k]
             self.pack(chunk)
             handle = self.post(chunk)
-            if k == 0:
-                prepared += self.prepare(range(1, count))
+            if len(prepared) < count and k >= len(prepared) // 2:
+                prepared += self.prepare(range(len(prepared), min(count, 2 * len(prepared))))
             if pending is not None:
                 self.finish(*pending)
             pending = (handle, chunk)
@@ -516,10 +516,11 @@ class _Runner:
         table (one upload), so each chunk runs one pack, one slot-to-slot and one write-back
         launch with no host work per row.
 
-        ``run`` prepares chunk 0 alone, so its transfer starts at once, then every other chunk
-        while chunk 0 transfers: the loop that follows only launches. Preparing each chunk just
-        before it ran paced the transfers by host work (on 4x H200 a chunk's transfer took
-        about as long as its preparation and upload)."""
+        ``run`` prepares chunk 0 alone, so its transfer starts at once, then batches that double
+        (chunk 1, chunks 2-3, 4-7, ...), each right after the first chunk of the batch before
+        it is posted: a batch is ready while chunks already prepared transfer, and uploads are
+        few. Preparing each chunk just before it ran paced the transfers by host work (on 4x
+        H200 a chunk's transfer took about as long as its preparation and upload)."""
         start = time.perf_counter()
         out = []
         table = RowTable(self.anchor) if self.use_triton else None
