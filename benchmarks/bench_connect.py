@@ -10,6 +10,8 @@ rank, after a barrier on a gloo control group:
 * ``first_all_reduce``: 4 bytes, connects rings/trees;
 * ``first_all_to_all``: 4 bytes per peer, connects every pair for point-to-point;
 * ``warm_all_to_all``: the same again (what connection costs is the difference);
+* ``first_all_to_all_<N>m`` (``--connect-mib``), then ``first_ring_<M>m`` and ``warm_ring_<M>m``
+  (``--mb``): larger messages use more channels, which NCCL connects at their first use;
 * ``shrink``: where torch's ProcessGroupNCCL has ``shrink`` (``ncclCommShrink``), a communicator
   without the last rank, from the connected one, and its first all-reduce and all-to-all.
 
@@ -72,6 +74,19 @@ class _Clock:
 def _tiny_all_to_all(group: StatelessGroup) -> None:
     token = torch.zeros(group.world_size, dtype=torch.int32, device=group.device)
     group.all_to_all_single(torch.empty_like(token), token)
+
+
+def _all_to_all(group: StatelessGroup, mib_per_peer: int) -> None:
+    data = torch.zeros(
+        group.world_size * (mib_per_peer << 20), dtype=torch.uint8, device=group.device
+    )
+    group.all_to_all_single(torch.empty_like(data), data)
+
+
+def _ring_once(group: StatelessGroup, mib: int) -> None:
+    n, me = group.world_size, group.rank
+    data = torch.ones(mib << 20, dtype=torch.uint8, device=group.device)
+    group.batch_p2p([(data, (me + 1) % n)], [(torch.empty_like(data), (me - 1) % n)])
 
 
 def _bandwidth(clock: _Clock, group: StatelessGroup, args: argparse.Namespace) -> dict[str, Any]:
@@ -264,6 +279,13 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
         clock.step(f"{attempt}_first_all_reduce", lambda g=group, t=token: g.all_reduce(t))
         clock.step(f"{attempt}_first_all_to_all", lambda g=group: _tiny_all_to_all(g))
         clock.step(f"{attempt}_warm_all_to_all", lambda g=group: _tiny_all_to_all(g))
+        # Larger messages use more channels, which connect at their first use.
+        for mib in args.connect_mib:
+            clock.step(
+                f"{attempt}_first_all_to_all_{mib}m", lambda g=group, m=mib: _all_to_all(g, m)
+            )
+        clock.step(f"{attempt}_first_ring_{args.mb}m", lambda g=group: _ring_once(g, args.mb))
+        clock.step(f"{attempt}_warm_ring_{args.mb}m", lambda g=group: _ring_once(g, args.mb))
         groups.append(group)
     result.update(_bandwidth(clock, groups[-1], args))
     if args.devices > 2 and args.backend == "nccl":
@@ -288,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--env", default="", help="NAME=VALUE,... set in every rank before NCCL")
     parser.add_argument("--mb", type=int, default=1024, help="MiB each rank sends per pattern")
+    parser.add_argument(
+        "--connect-mib",
+        type=int,
+        nargs="*",
+        default=[1, 16],
+        help="after the tiny all-to-all: first all-to-alls of these MiB per peer, in order",
+    )
     parser.add_argument("--row-mb", type=int, default=8, help="MiB per message, per-row pattern")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stress", type=int, default=0, help="rounds of the concurrency check")

@@ -300,10 +300,13 @@ def bench_rank(spec: RankSpec) -> None:
         return  # a joiner of a rolled-back scale
 
     def report() -> None:
+        execution = agent.last_execution
         info = {
             "error": _verify(weights, agent.placement, agent.rank),
             "rank": agent.rank,
             "phy2log": agent.placement.phy2log if agent.rank == 0 else None,
+            "execute_s": execution.total_seconds if execution is not None else 0.0,
+            "transfer_poll_s": agent.last_transfer_s,
         }
         put(store, f"bench/verify/{agent.epoch}/{agent.member}", pickle.dumps(info))
 
@@ -350,8 +353,11 @@ class DeviceLauncher:
         return handle
 
 
-def _verified(coord: ElasticCoordinator, status: ScaleStatus, experts: int) -> Placement:
-    """Every rank's self-check for the status's epoch (raises on a wrong slot); the placement."""
+def _verified(
+    coord: ElasticCoordinator, status: ScaleStatus, experts: int
+) -> tuple[Placement, dict[str, float]]:
+    """Every rank's self-check for the status's epoch (raises on a wrong slot); the placement,
+    and the slowest rank's executor time and transfer poll of the epoch's event."""
     keys = [f"bench/verify/{status.epoch}/{m}" for m in status.members]
     coord.store.wait(keys, timedelta(seconds=120))
     infos = [pickle.loads(coord.store.get(k)) for k in keys]
@@ -359,7 +365,8 @@ def _verified(coord: ElasticCoordinator, status: ScaleStatus, experts: int) -> P
     if errors:
         raise AssertionError(f"wrong expert weights after epoch {status.epoch}: {errors[0]}")
     first = next(i for i in infos if i["rank"] == 0)
-    return Placement(first["phy2log"], experts, len(status.members))
+    slowest = {key: max(i[key] for i in infos) for key in ("execute_s", "transfer_poll_s")}
+    return Placement(first["phy2log"], experts, len(status.members)), slowest
 
 
 def _wait(coord: ElasticCoordinator, done: Any, limit_s: float) -> ScaleStatus:
@@ -381,7 +388,7 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
     rows = []
     try:
         status = coord.start(n - 1, timeout_s=300)
-        placement = _verified(coord, status, cfg.experts)
+        placement, _ = _verified(coord, status, cfg.experts)
         for kind, value in (("scale", n), ("scale", n - 1), ("scale", n), ("kill", 1)):
             before = status
             time.sleep(0.5)
@@ -406,7 +413,7 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
             end_to_end = time.monotonic() - began
             if status.phase is not ScalePhase.COMPLETED:
                 raise RuntimeError(f"{label} did not complete: {status}")
-            new = _verified(coord, status, cfg.experts)
+            new, slowest = _verified(coord, status, cfg.experts)
             mapping = RankMapping.from_members(before.members, status.members)
             received = new.transfers_from(placement, mapping).sum(0)  # per new rank
             received_total = int(received.sum()) - status.lost_experts
@@ -424,6 +431,9 @@ def run_events(cfg: BenchConfig, floors: dict[str, float]) -> list[dict[str, Any
                     "bytes_moved": received_total * cfg.expert_bytes,
                     "busiest_rank_bytes": busiest,
                     "transfer_floor_s": transfer_floor,
+                    # a recovery runs no executor: what ranks report is the last scale's
+                    "execute_s": slowest["execute_s"] if kind == "scale" else None,
+                    "transfer_poll_s": slowest["transfer_poll_s"] if kind == "scale" else None,
                     "floor_s": floor,
                     "ratio_vs_floor": end_to_end / floor,
                 }
@@ -447,17 +457,18 @@ def table(
         f"{floors['build_warm_s']:.3f} s; ring P2P {floors['p2p_GBps']:.1f} GB/s per rank. Floor "
         "of an event = warm build + busiest receiver's bytes at the ring bandwidth.",
         "",
-        "| event | end to end s | floor s | ratio | blocking s | phases s | moved | busiest rank | transfer floor ms |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| event | end to end s | floor s | ratio | blocking s | phases s | execute ms | moved | busiest rank | transfer floor ms |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         phases = ", ".join(f"{p} {s:.3f}" for p, s in r["phases_s"].items())
         moved = f"{r['experts_moved']} ({r['bytes_moved'] / 1e9:.2f} GB)"
+        execute = "" if r.get("execute_s") is None else f"{1e3 * r['execute_s']:.1f}"
         if r["experts_reloaded"]:
             moved += f" +{r['experts_reloaded']} reloaded"
         lines.append(
             f"| {r['event']} | {r['end_to_end_s']:.3f} | {r['floor_s']:.3f} | "
-            f"{r['ratio_vs_floor']:.1f}x | {r['blocking_s']:.3f} | {phases} | {moved} | "
+            f"{r['ratio_vs_floor']:.1f}x | {r['blocking_s']:.3f} | {phases} | {execute} | {moved} | "
             f"{r['busiest_rank_bytes'] / 1e9:.2f} GB | {1e3 * r['transfer_floor_s']:.1f} |"
         )
     e2e = max(r["end_to_end_s"] for r in rows)

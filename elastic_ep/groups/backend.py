@@ -108,6 +108,9 @@ def make_process_group(
         os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
         nccl_opts = ProcessGroupNCCL.Options()
         nccl_opts._timeout = timeout
+        # Communication kernels ahead of queued compute blocks: the executor's copies (and an
+        # engine's kernels) would otherwise fill the SMs and hold a transfer's launch back.
+        nccl_opts.is_high_priority_stream = True
         impl = ProcessGroupNCCL(store, rank, world_size, nccl_opts)
         backend_type = ProcessGroup.BackendType.NCCL
     pg._set_default_backend(backend_type)

@@ -41,7 +41,7 @@ import torch
 from torch.distributed import AllreduceOptions, ReduceOp, Work
 
 from elastic_ep.eplb.buffers import PlacementBuffers
-from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ReloadHook
+from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ExecutionStats, ReloadHook
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError
 from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
@@ -152,6 +152,8 @@ class ElasticRank:
         members / placement / kv_budget_bytes / last_blocking_s: the serving epoch's state.
         last_transfer_s: of ``last_blocking_s``, the transfer poll's part (0.0 when the last
             scale transferred on the background thread).
+        last_execution: the executor's statistics of the last committed scale or rebalance
+            (``None`` before one): bytes, time per phase.
 
     Raises:
         ReconfigureError: on a joiner, when the scale it was launched for rolled back.
@@ -212,6 +214,7 @@ class ElasticRank:
         self.kv_budget_bytes: int | None = None
         self.last_blocking_s: float | None = None
         self.last_transfer_s = 0.0
+        self.last_execution: ExecutionStats | None = None
         # A joiner's constructor is its commit: its first poll() only reports it, so its next
         # collective is the same forward step the existing ranks run after their commit poll.
         self._first_action: Action | None = (
@@ -436,6 +439,7 @@ class ElasticRank:
         self._job = None
         self.last_blocking_s = time.monotonic() - start + job.transfer_s
         self.last_transfer_s = job.transfer_s
+        self.last_execution = staged.transfer
         retired = [old_control, old_world]
         if groups.transfer_group not in (groups.new_group, old_world):
             retired.append(groups.transfer_group)
@@ -503,6 +507,7 @@ class ElasticRank:
         self._install(new_set, staged.placement)
         self._job = None
         job.staged = staged
+        self.last_execution = staged.transfer
         self._finish(job, ScalePhase.COMPLETED, None)
 
     # ---- recovery -------------------------------------------------------------------------
