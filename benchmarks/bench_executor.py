@@ -233,6 +233,15 @@ def _run_scenario(
             copy=copy,
         )
     assert stats is not None
+    if args.trace:  # one more run, not timed: rank 0's CPU and GPU timeline
+        _traced(
+            args,
+            rank,
+            name,
+            copy,
+            lambda: execute(plan, weights, group, buffer_bytes=budget, copy=copy),
+            device,
+        )
     if args.profile:  # one more run, not timed: host time per function on rank 0
         _profiled(
             args,
@@ -289,6 +298,29 @@ def _profiled(
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     with open(args.profile, "a") as f:
         f.write(f"==== {name} copy={copy}\n{text.getvalue()}\n")
+
+
+def _traced(
+    args: argparse.Namespace, rank: int, name: str, copy: str, run: Any, device: torch.device
+) -> None:
+    """Run ``run`` on every rank; on rank 0 under torch.profiler, writing a Chrome trace (CPU
+    ops and CUDA kernels per stream) to ``--trace``/<scenario>-<copy>.json."""
+    _sync(device)
+    if rank != 0:
+        run()
+        _sync(device)
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        run()
+        _sync(device)
+    os.makedirs(args.trace, exist_ok=True)
+    label = name.replace(" ", "_").replace(">", "")
+    prof.export_chrome_trace(os.path.join(args.trace, f"{label}-{copy}.json"))
 
 
 def _inverse(mapping: RankMapping) -> RankMapping:
@@ -396,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", help="append rank 0's host profile of each scenario here")
+    parser.add_argument("--trace", help="write rank 0's timeline of each scenario to this folder")
     args = parser.parse_args(argv)
     if args.small:
         args.layers, args.hidden, args.intermediate, args.raw_mb, args.buffer_mb = 4, 64, 48, 4, 1

@@ -168,3 +168,22 @@ def test_kernel_compiles_for_hopper(anchor: str, align: int, load: str) -> None:
     except RuntimeError as err:  # no ptxas in this triton install
         pytest.skip(f"cannot compile for CUDA here: {err}")
     assert load in compiled.asm["ptx"]
+
+
+def test_warm_up_is_a_no_op_without_cuda() -> None:
+    row_copy.warm_up("cpu")  # the executor's CPU path needs no kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_warm_up_launches_the_kernel_and_checks_its_copy() -> None:
+    pytest.importorskip("triton")
+    row_copy.warm_up(torch.device("cuda", 0))  # raises if the copied bytes are wrong
+    # the executor's next launch of the same variant copies correctly too
+    src = torch.arange(64, dtype=torch.float32, device="cuda").view(4, 16)
+    dst = torch.zeros_like(src)
+    table = RowTable(torch.empty(64, dtype=torch.uint8, device="cuda"))
+    rows = table.add_pairs([(src[i], dst[3 - i]) for i in range(4)])
+    table.upload()
+    table.copy(rows)
+    assert torch.equal(dst, src.flip(0))

@@ -40,6 +40,7 @@ from enum import Enum
 import torch
 from torch.distributed import AllreduceOptions, ReduceOp, Work
 
+from elastic_ep.eplb import row_copy
 from elastic_ep.eplb.buffers import PlacementBuffers
 from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ExecutionStats, ReloadHook
 from elastic_ep.eplb.placement import Placement
@@ -220,9 +221,17 @@ class ElasticRank:
         self._first_action: Action | None = (
             Action.COMMITTED if spec.role is RankRole.JOINER else None
         )
+        # The executor's Triton kernel compiles (or loads) at its first launch in a process: a
+        # joiner does it while its groups build, an initial rank before it serves.
         if spec.role is RankRole.JOINER:
+            if device is not None:
+                threading.Thread(
+                    target=row_copy.warm_up, args=(device,), name="elastic-warm-up", daemon=True
+                ).start()
             self._join(spec)
         else:
+            if device is not None:
+                row_copy.warm_up(device)
             assert placement is not None
             self._seen_seq = self._channel.latest_seq()
             self.placement = placement

@@ -368,17 +368,12 @@ def _agree_on_placement(
     return value
 
 
-CONNECT_BYTES_PER_PEER = 16 << 20
-"""Bytes per peer of the all-to-all that connects a new world group: NCCL connects a peer's
-point-to-point channels as transfers first use them, and a tiny message uses few channels."""
-
-
 def _connect_all_pairs(group: StatelessGroup) -> None:
-    """One all-to-all, so every pair of the new world group is connected before the commit:
-    NCCL connects peers lazily, and the engine's first all-to-all on the new epoch (or the
-    weight transfer) would otherwise pay it."""
-    per_peer = CONNECT_BYTES_PER_PEER if group.backend == "nccl" else 4
-    token = torch.zeros(group.world_size * per_peer, dtype=torch.uint8, device=group.device)
+    """One tiny all-to-all, so every pair of the new world group is connected before the
+    commit: NCCL connects peers lazily, and the engine's first all-to-all on the new epoch (or
+    the weight transfer) would otherwise pay it. A tiny one is enough: on H200 larger
+    all-to-alls after it found every channel connected (benchmarks/bench_connect.py)."""
+    token = torch.zeros(group.world_size, dtype=torch.int32, device=group.device)
     group.all_to_all_single(torch.empty_like(token), token)
 
 
