@@ -204,6 +204,7 @@ class StageInputs:
         reload: hook for experts whose every replica died.
         buffer_bytes: staging budget of the executor.
         backend / device / timeout_s: of the groups built.
+        copy: the executor's copy path (``execute(copy=...)``).
     """
 
     member: int
@@ -217,6 +218,7 @@ class StageInputs:
     backend: str
     device: torch.device | str | None
     timeout_s: float
+    copy: str = "auto"
 
 
 def stage_next_epoch(
@@ -319,6 +321,7 @@ def move_into_next(
         buffer_bytes=inputs.buffer_bytes,
         reload=inputs.reload,
         ranks=GroupRanks.for_world_size(mapping, xfer.world_size),
+        copy=inputs.copy,
     )
     xfer.barrier()  # every receiver has its weights before anyone may commit
     changed = _changed_slots(previous, placement, mapping, cmd.old_members, cmd.new_members, me)
