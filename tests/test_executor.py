@@ -195,11 +195,10 @@ def _run_scenarios_interpreted_triton(
 ) -> list[tuple[str, ExecutionStats, int, int]]:
     """``_run_scenarios`` with execute's Triton row-table path on CPU: the kernel runs in
     Triton's interpreter (what it would run on CUDA, from the same table)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     from elastic_ep.eplb import executor, row_copy
+    from tests.triton_interpreter import interpreted_row_copy_kernel
 
-    row_copy._copy_rows_kernel = InterpretedFunction(row_copy._copy_rows_kernel.fn)
+    row_copy._copy_rows_kernel = interpreted_row_copy_kernel()
     executor._use_triton = lambda copy, device: True
     return _run_scenarios(rank, world_size, port, specs)
 

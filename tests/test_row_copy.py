@@ -17,9 +17,9 @@ DTYPES = [torch.uint8, torch.int16, torch.bfloat16, torch.float32, torch.float64
 def interpreted() -> object:
     """The module's kernel run by Triton's CPU interpreter (skipped without triton)."""
     pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
+    from tests.triton_interpreter import interpreted_row_copy_kernel
 
-    return InterpretedFunction(row_copy._copy_rows_kernel.fn)
+    return interpreted_row_copy_kernel()
 
 
 @st.composite
@@ -119,18 +119,20 @@ def test_word_size_follows_alignment() -> None:
     table.copy(table.add([]))  # nothing to launch, no table needed
 
 
-def test_long_rows_take_several_iterations(
-    interpreted: object, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("programs", [1, 2, 3, 1000])
+def test_rows_longer_than_their_programs_loop(
+    interpreted: object, monkeypatch: pytest.MonkeyPatch, programs: int
 ) -> None:
-    monkeypatch.setattr(row_copy, "MAX_PROGRAMS_PER_ROW", 2)
+    """Rows of 203 and 37 words, blocks of 8: one to many programs per row, each striding."""
+    monkeypatch.setattr(row_copy, "PROGRAMS", programs)
     monkeypatch.setattr(row_copy, "BLOCK", 8)
-    src = torch.arange(200, dtype=torch.int32)
-    dst = torch.zeros(200, dtype=torch.int32)
+    src = [torch.arange(203, dtype=torch.int32), torch.arange(37, dtype=torch.int32) + 500]
+    dst = [torch.zeros(203, dtype=torch.int32), torch.zeros(37, dtype=torch.int32)]
     table = RowTable(torch.zeros(16, dtype=torch.uint8))
-    launch = table.add_pairs([(src, dst)])
+    launch = table.add_pairs(list(zip(src, dst, strict=True)))
     table.upload()
     table.copy(launch, interpreted)
-    assert torch.equal(src, dst)
+    assert all(torch.equal(s, d) for s, d in zip(src, dst, strict=True))
 
 
 def test_bad_rows_are_refused() -> None:
@@ -155,8 +157,15 @@ def test_kernel_compiles_for_hopper(anchor: str, align: int, load: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {"anchor": anchor, "src_ptr": "*i64", "dst_ptr": "*i64", "len_ptr": "*i64"}
-    constexprs = {"BLOCK": row_copy.BLOCK, "ITERS": 1, "ALIGN": align}
+    signature = {
+        "anchor": anchor,
+        "src_ptr": "*i64",
+        "dst_ptr": "*i64",
+        "len_ptr": "*i64",
+        "per_row": "i32",
+        "iters": "i32",
+    }
+    constexprs = {"BLOCK": row_copy.BLOCK, "ALIGN": align}
     source = ASTSource(
         fn=row_copy._copy_rows_kernel,
         signature={**signature, **dict.fromkeys(constexprs, "constexpr")},

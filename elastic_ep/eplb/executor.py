@@ -15,8 +15,8 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
   later chunk still sends;
 * with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
-* every copy of the call is listed as a row of a table (one per batch of chunks, built and
-  uploaded while earlier chunks transfer); per chunk, packing, slot-to-slot copies and
+* every copy of a chunk is listed as a row of one table (built and uploaded while the previous
+  chunk transfers); per chunk, packing, slot-to-slot copies and
   write-back are one launch each: a fused Triton
   kernel over the chunk's rows on CUDA, or one multi-tensor copy (``torch._foreach_copy_``) on
   CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
@@ -455,8 +455,8 @@ class _Runner:
 
     Even chunks sit at the start of the buffer and odd chunks at its end, so two consecutive
     chunks never share bytes when both fit; a chunk reuses the bytes of the chunk two before it,
-    which was written back (stream-ordered on CUDA) before this one is packed. Chunks are laid
-    out ahead of the loop that runs them (see :meth:`prepare`).
+    which was written back (stream-ordered on CUDA) before this one is packed. A chunk is laid
+    out just before it runs (see :meth:`prepare`).
     """
 
     def __init__(
@@ -493,15 +493,11 @@ class _Runner:
         )
 
     def run(self) -> None:
-        count = len(self.chunks)
-        prepared = self.prepare(range(min(1, count)))
         pending: tuple[P2PHandle | None, _Launches] | None = None
-        for k in range(count):
-            chunk = prepared[k]
+        for k in range(len(self.chunks)):
+            chunk = self.prepare(k)
             self.pack(chunk)
             handle = self.post(chunk)
-            if len(prepared) < count and k >= len(prepared) // 2:
-                prepared += self.prepare(range(len(prepared), min(count, 2 * len(prepared))))
             if pending is not None:
                 self.finish(*pending)
             pending = (handle, chunk)
@@ -511,38 +507,30 @@ class _Runner:
         if pending is not None:
             self.finish(*pending)
 
-    def prepare(self, ks: range) -> list[_Launches]:
-        """Lay out chunks ``ks``; on the Triton path also list their copies as the rows of one
-        table (one upload), so each chunk runs one pack, one slot-to-slot and one write-back
-        launch with no host work per row.
-
-        ``run`` prepares chunk 0 alone, so its transfer starts at once, then batches that double
-        (chunk 1, chunks 2-3, 4-7, ...), each right after the first chunk of the batch before
-        it is posted: a batch is ready while chunks already prepared transfer, and uploads are
-        few. Preparing each chunk just before it ran paced the transfers by host work (on 4x
-        H200 a chunk's transfer took about as long as its preparation and upload)."""
+    def prepare(self, k: int) -> _Launches:
+        """Lay out chunk ``k``; on the Triton path also list its copies as the rows of one table
+        (one upload), so the chunk runs one pack, one slot-to-slot and one write-back launch with
+        no host work per row. Runs while the previous chunk transfers: only posted chunks keep
+        the GPU busy, so preparing several ahead left it idle (a timeline of 2x H200 showed the
+        gaps)."""
         start = time.perf_counter()
-        out = []
-        table = RowTable(self.anchor) if self.use_triton else None
-        for k in ks:
-            work = lay_out(
-                self.chunks[k].steps,
-                self.kind_bytes,
-                self.layout.ranks,
-                self.layout.old_rank,
-                self.layout.new_rank,
-            )
-            base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-            if table is None:
-                out.append(_Launches(work, base))
-                continue
+        work = lay_out(
+            self.chunks[k].steps,
+            self.kind_bytes,
+            self.layout.ranks,
+            self.layout.old_rank,
+            self.layout.new_rank,
+        )
+        base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
+        chunk = _Launches(work, base)
+        if self.use_triton:
+            table = RowTable(self.anchor)
             pack, direct, unpack = self._row_lists(work, base)
             rows = (table.add(pack), table.add(direct), table.add(unpack))
-            out.append(_Launches(work, base, table, rows))
-        if table is not None and out:
             table.upload()
+            chunk = _Launches(work, base, table, rows)
         self.timer.add(Phase.PLAN, start)
-        return out
+        return chunk
 
     def _row_lists(self, work: ChunkWork, base: int) -> tuple[list[Row], list[Row], list[Row]]:
         """(pack, slot-to-slot, write-back) rows of one laid-out chunk at ``base``."""

@@ -27,10 +27,12 @@ except ImportError:  # the torch path still works; only ``copy="triton"`` needs 
     triton = None
 
 BLOCK = 4096
-"""Words each Triton program copies per (unrolled) iteration."""
+"""Words each Triton program copies per iteration."""
 
-MAX_PROGRAMS_PER_ROW = 65535
-"""CUDA's limit on the grid's second dimension; longer rows take more iterations per program."""
+PROGRAMS = 132
+"""Programs a launch aims at (rows x programs per row), about one per SM of an H100/H200: the
+copies run beside a transfer's NCCL kernel, and a grid that fills every SM slowed that kernel
+by a quarter (bench_executor --trace, 2x H200). Each program loops over its row with a stride."""
 
 
 def triton_available() -> bool:
@@ -45,17 +47,20 @@ if triton is not None:
         src_ptr,
         dst_ptr,
         len_ptr,
+        per_row,
+        iters,
         BLOCK: tl.constexpr,
-        ITERS: tl.constexpr,
         ALIGN: tl.constexpr,
     ):
         row = tl.program_id(0)
         n = tl.multiple_of(tl.load(len_ptr + row), ALIGN)
         src = tl.multiple_of(tl.load(src_ptr + row), ALIGN)
         dst = tl.multiple_of(tl.load(dst_ptr + row), ALIGN)
-        first = tl.program_id(1).to(tl.int64) * (BLOCK * ITERS)
-        for i in tl.static_range(ITERS):
-            offs = first + i * BLOCK + tl.arange(0, BLOCK)
+        # program j of a row copies its blocks j, j + per_row, j + 2 * per_row, ... (``iters``
+        # covers the longest row of the launch; a shorter row's programs mask the rest)
+        for i in range(0, iters):
+            block = tl.program_id(1) + i * per_row
+            offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
             tl.store(anchor + dst + offs, tl.load(anchor + src + offs, mask=mask), mask=mask)
 
@@ -162,9 +167,9 @@ class RowTable:
         part = self.table[:, rows.start : rows.start + rows.count]
         anchor = self.anchor if rows.word == 1 else self.anchor.view(torch.int32)
         blocks = max(1, -(-rows.max_words // BLOCK))
-        iters = 1
-        while -(-blocks // iters) > MAX_PROGRAMS_PER_ROW:
-            iters *= 2
-        grid = (rows.count, -(-blocks // iters))
+        per_row = max(1, min(blocks, PROGRAMS // rows.count))
+        iters = -(-blocks // per_row)
         kernel = _copy_rows_kernel if kernel is None else kernel
-        kernel[grid](anchor, part[0], part[1], part[2], BLOCK=BLOCK, ITERS=iters, ALIGN=rows.align)
+        kernel[(rows.count, per_row)](
+            anchor, part[0], part[1], part[2], per_row, iters, BLOCK=BLOCK, ALIGN=rows.align
+        )
