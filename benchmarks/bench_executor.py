@@ -233,24 +233,16 @@ def _run_scenario(
             copy=copy,
         )
     assert stats is not None
-    if args.trace:  # one more run, not timed: rank 0's CPU and GPU timeline
-        _traced(
-            args,
-            rank,
-            name,
-            copy,
-            lambda: execute(plan, weights, group, buffer_bytes=budget, copy=copy),
-            device,
-        )
-    if args.profile:  # one more run, not timed: host time per function on rank 0
-        _profiled(
-            args,
-            rank,
-            name,
-            copy,
-            lambda: execute(plan, weights, group, buffer_bytes=budget, copy=copy),
-            device,
-        )
+    for tool in ("trace", "profile"):  # one more run each, not timed: what rank 0 did
+        if getattr(args, tool):
+            _observed(
+                tool,
+                args,
+                rank,
+                f"{name}-{copy}",
+                lambda: execute(plan, weights, group, buffer_bytes=budget, copy=copy),
+                device,
+            )
     seconds = statistics.median(times)
     busiest = max(
         max(s, r)
@@ -275,52 +267,46 @@ def _run_scenario(
     }
 
 
-def _profiled(
-    args: argparse.Namespace, rank: int, name: str, copy: str, run: Any, device: torch.device
+def _observed(
+    tool: str, args: argparse.Namespace, rank: int, label: str, run: Any, device: torch.device
 ) -> None:
-    """Run ``run`` on every rank; on rank 0 under cProfile, appending the top host functions
-    (by own time) to ``--profile``."""
+    """Run ``run`` on every rank; on rank 0 under ``tool``: ``"profile"`` appends the top host
+    functions by own time (cProfile) to ``--profile``; ``"trace"`` writes a Chrome trace (CPU ops
+    and CUDA kernels per stream, torch.profiler) to ``--trace``/<label>.json."""
+    import contextlib
     import cProfile
     import io
     import pstats
 
-    _sync(device)
-    if rank != 0:
-        run()
-        _sync(device)
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    run()
-    _sync(device)
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-    with open(args.profile, "a") as f:
-        f.write(f"==== {name} copy={copy}\n{text.getvalue()}\n")
-
-
-def _traced(
-    args: argparse.Namespace, rank: int, name: str, copy: str, run: Any, device: torch.device
-) -> None:
-    """Run ``run`` on every rank; on rank 0 under torch.profiler, writing a Chrome trace (CPU
-    ops and CUDA kernels per stream) to ``--trace``/<scenario>-<copy>.json."""
-    _sync(device)
-    if rank != 0:
-        run()
-        _sync(device)
-        return
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    _sync(device)
+    if rank != 0:
         run()
         _sync(device)
-    os.makedirs(args.trace, exist_ok=True)
-    label = name.replace(" ", "_").replace(">", "")
-    prof.export_chrome_trace(os.path.join(args.trace, f"{label}-{copy}.json"))
+        return
+    if tool == "profile":
+        observer: Any = cProfile.Profile()
+        context: Any = contextlib.nullcontext()
+        observer.enable()
+    else:
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        observer = context = profile(activities=activities)
+    with context:
+        run()
+        _sync(device)
+    if tool == "profile":
+        observer.disable()
+        text = io.StringIO()
+        pstats.Stats(observer, stream=text).sort_stats("tottime").print_stats(25)
+        with open(args.profile, "a") as f:
+            f.write(f"==== {label}\n{text.getvalue()}\n")
+    else:
+        os.makedirs(args.trace, exist_ok=True)
+        name = label.replace(" ", "_").replace(">", "")
+        observer.export_chrome_trace(os.path.join(args.trace, f"{name}.json"))
 
 
 def _inverse(mapping: RankMapping) -> RankMapping:

@@ -539,28 +539,29 @@ class _Runner:
         direct: list[Row] = []
         unpack: list[Row] = []
         for seg in work.pack:
-            ptr, nbytes = self._kind(seg.layer, seg.kind)
-            at = buffer + seg.offset
-            pack.extend(
-                (ptr + s * nbytes, at + r * nbytes, nbytes) for r, s in enumerate(seg.slots)
-            )
+            pack.extend(self._segment_rows(seg, buffer, into_buffer=True))
         for copy in work.direct:
             for kind in range(len(self.weights[copy.layer])):
                 ptr, nbytes = self._kind(copy.layer, kind)
                 src = ptr + copy.src_slot * nbytes
                 direct.extend((src, ptr + s * nbytes, nbytes) for s in copy.dst_slots)
         for seg in work.unpack:
-            ptr, nbytes = self._kind(seg.layer, seg.kind)
-            at = buffer + seg.offset
-            unpack.extend(
-                (at + r * nbytes, ptr + s * nbytes, nbytes) for r, s in enumerate(seg.slots)
-            )
+            unpack.extend(self._segment_rows(seg, buffer, into_buffer=False))
         for extra in work.extras:
             for kind, seg in enumerate(extra.segments):
                 ptr, nbytes = self._kind(extra.layer, kind)
                 at = buffer + seg.offset + extra.row * nbytes
                 unpack.append((at, ptr + extra.slot * nbytes, nbytes))
         return pack, direct, unpack
+
+    def _segment_rows(self, seg: Segment, buffer: int, *, into_buffer: bool) -> list[Row]:
+        """Rows between a segment's slots and its rows at ``buffer``, in either direction."""
+        ptr, nbytes = self._kind(seg.layer, seg.kind)
+        at = buffer + seg.offset
+        pairs = [(ptr + s * nbytes, at + r * nbytes) for r, s in enumerate(seg.slots)]
+        if into_buffer:
+            return [(slot, row, nbytes) for slot, row in pairs]
+        return [(row, slot, nbytes) for slot, row in pairs]
 
     def _kind(self, layer: int, kind: int) -> tuple[int, int]:
         """(address of slot 0, bytes per slot) of one weight tensor."""
