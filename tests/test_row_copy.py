@@ -196,30 +196,3 @@ def test_warm_up_launches_the_kernel_and_checks_its_copy() -> None:
     table.upload()
     table.copy(rows)
     assert torch.equal(dst, src.flip(0))
-
-
-def test_table_space_hands_out_disjoint_slices_and_grows() -> None:
-    space = row_copy.TableSpace(torch.device("cpu"), words=10)
-    slices = [space.take(n) for n in (4, 6, 3, 25, 1)]  # the third does not fit: a new block
-    for host, device in slices:
-        host.fill_(7)
-        device.fill_(7)
-    spans = [(d.data_ptr(), d.data_ptr() + 8 * d.numel()) for _, d in slices]
-    for i, (a0, a1) in enumerate(spans):
-        for b0, b1 in spans[i + 1 :]:
-            assert a1 <= b0 or b1 <= a0, spans
-    assert [h.numel() for h, _ in slices] == [4, 6, 3, 25, 1]
-
-
-def test_upload_into_a_table_space_equals_its_own_tensor() -> None:
-    a = torch.arange(64, dtype=torch.int32)
-    b = torch.zeros(64, dtype=torch.int32)
-    anchor = torch.zeros(16, dtype=torch.uint8)
-    tables = []
-    for space in (None, row_copy.TableSpace(torch.device("cpu"), words=4)):
-        table = RowTable(anchor)
-        table.add_pairs([(a[:16], b[16:32]), (a[32:48], b[:16])])
-        table.upload(space)
-        tables.append(table.table)
-    assert tables[0] is not None and tables[1] is not None
-    assert torch.equal(tables[0], tables[1])

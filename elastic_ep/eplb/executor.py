@@ -47,7 +47,7 @@ from elastic_ep.eplb.exec_chunks import (
     lay_out,
     min_buffer_bytes,
 )
-from elastic_ep.eplb.row_copy import Row, Rows, RowTable, TableSpace, triton_available
+from elastic_ep.eplb.row_copy import Row, Rows, RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
@@ -485,7 +485,6 @@ class _Runner:
         pairs = [a + b for a, b, o in zip(sizes, sizes[1:], self.overlapped, strict=False) if o]
         self.buffer_bytes = max([0, *sizes, *pairs])
         self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.group.device)
-        self.table_space = TableSpace(self.group.device)
         # Row tables address everything from a live allocation (an empty buffer has none).
         self.anchor = (
             self.buffer
@@ -528,7 +527,7 @@ class _Runner:
             table = RowTable(self.anchor)
             pack, direct, unpack = self._row_lists(work, base)
             rows = (table.add(pack), table.add(direct), table.add(unpack))
-            table.upload(self.table_space)
+            table.upload()
             chunk = _Launches(work, base, table, rows)
         self.timer.add(Phase.PLAN, start)
         return chunk

@@ -102,35 +102,6 @@ class Rows:
     max_words: int
 
 
-class TableSpace:
-    """Device memory, and page-locked host memory to upload from, for the row tables of one
-    ``execute`` call: slices handed out in order and never reused, so uploading a chunk's table
-    allocates nothing while earlier chunks' tables are still being read (a timeline on H200
-    showed each chunk's own device allocation costing up to a millisecond of host time). Grows
-    by doubling.
-
-    Args:
-        device: where the tables live.
-        words: int64 words of the first block.
-    """
-
-    def __init__(self, device: torch.device, words: int = 1 << 15) -> None:
-        self.device = device
-        self._next_words = words
-        self._host = self._device = torch.empty(0, dtype=torch.int64)
-        self._used = 0
-
-    def take(self, words: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(host, device) int64 slices of ``words`` each, not handed out before."""
-        if self._used + words > self._device.numel():
-            size = max(self._next_words, words)
-            self._host = torch.empty(size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-            self._device = torch.empty(size, dtype=torch.int64, device=self.device)
-            self._used, self._next_words = 0, 2 * size
-        start, self._used = self._used, self._used + words
-        return self._host[start : self._used], self._device[start : self._used]
-
-
 Row = tuple[int, int, int]
 """(source address, destination address, byte length)."""
 
@@ -180,20 +151,13 @@ class RowTable:
             rows.append((src.data_ptr(), dst.data_ptr(), nbytes))
         return self.add(rows)
 
-    def upload(self, space: TableSpace | None = None) -> None:
-        """Move the table to the anchor's device (one copy) once every launch is added, into a
-        slice of ``space`` (no allocation) or a tensor of its own."""
-        columns = torch.tensor(self._columns, dtype=torch.int64)
-        if space is None:
-            if self.anchor.device.type == "cuda":
-                # Pinned: the copy queues behind the stream's work instead of waiting for it.
-                columns = columns.pin_memory()
-            self.table = columns.to(self.anchor.device, non_blocking=True)
-            return
-        host, device = space.take(columns.numel())
-        host.copy_(columns.view(-1))
-        device.copy_(host, non_blocking=True)
-        self.table = device.view(columns.shape)
+    def upload(self) -> None:
+        """Move the table to the anchor's device (one copy) once every launch is added."""
+        host = torch.tensor(self._columns, dtype=torch.int64)
+        if self.anchor.device.type == "cuda":
+            # Pinned: the copy queues behind the stream's work instead of waiting for it.
+            host = host.pin_memory()
+        self.table = host.to(self.anchor.device, non_blocking=True)
 
     def copy(self, rows: Rows, kernel: Any = None) -> None:
         """Copy every row of ``rows``, in no particular order, with one launch of ``kernel``
