@@ -16,10 +16,10 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
 * with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
 * every copy of a chunk is listed as a row of one table (built and uploaded while the previous
-  chunk transfers); per chunk, packing, slot-to-slot copies and
-  write-back are one launch each: a fused Triton
-  kernel over the chunk's rows on CUDA, or one multi-tensor copy (``torch._foreach_copy_``) on
-  CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
+  chunk transfers); per chunk, packing, slot-to-slot copies and write-back are one launch each:
+  a fused Triton kernel over the chunk's rows on CUDA, or one multi-tensor copy
+  (``torch._foreach_copy_``) on CPU or with ``copy="torch"`` (an expert is a few large rows:
+  per-row kernels are slow).
 
 Every rank computes the same chunks from the same plan, so peers post matching transfers in the
 same order. A collective check (one small all-reduce) first verifies that all ranks run the same
