@@ -65,6 +65,7 @@ class EngineConfig:
     hang_joiners: frozenset[int] = field(default_factory=frozenset)  # never connect
     fail_plan_once_at: int | None = None  # the planner raises once for this world size
     fail_rebalance_once: bool = False  # the planner raises for the first rebalance
+    kill_at_kv: frozenset[int] = field(default_factory=frozenset)  # SIGKILL when asked for KV bytes
     backend: str = "gloo"  # "nccl": one GPU per rank, GPU = member id % device count
     transfer_in_poll: bool | None = None  # ElasticRank's default: on for NCCL only
 
@@ -209,6 +210,12 @@ def rank_main(spec: RankSpec) -> None:
             else torch.tensor(json.loads(written), dtype=torch.float64)
         )
 
+    def kv_bytes() -> int:
+        """Asked once per scale, where its KV sync runs (at the transfer poll in poll mode)."""
+        if spec.member_id in cfg.kill_at_kv:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 2_000_000 - 1000 * spec.member_id
+
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
     device = _device(cfg, spec.member_id)
@@ -219,7 +226,7 @@ def rank_main(spec: RankSpec) -> None:
             weights=weights,
             load=load,
             placement=placement,
-            kv_bytes=lambda: 2_000_000 - 1000 * spec.member_id,
+            kv_bytes=kv_bytes,
             reload=lambda layer, expert: [
                 expert_weight(layer, expert, k).to(device) for k in range(len(KINDS))
             ],
@@ -511,6 +518,39 @@ def test_planner_error_joiner_gone_and_timeout_roll_back_then_scale_works() -> N
         assert (status.epoch, status.members) == (start.epoch, start.members)
 
         status = coord.scale(ScaleRequest(world_size=2, timeout_s=20))
+        assert status.phase is ScalePhase.COMPLETED, status
+        assert status.members == (0, 1)
+        _infos(coord, status)
+    finally:
+        coord.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_leaver_killed_in_a_scale_down_over_the_serving_group_then_survivors_recover() -> None:
+    # At a poll, a scale-down moves weights over the serving world group itself. The leaver dies
+    # as that poll begins: the others sync KV on the new group (it is not in it), then wait for
+    # it on the serving group, which breaks. The scale fails, the survivors recover, bit for bit.
+    cfg = EngineConfig(
+        layers=2, experts=8, slots=4, transfer_in_poll=True, kill_at_kv=frozenset({3})
+    )
+    coord = _coordinator(cfg, ScaleLimits(num_logical=8, slots_per_rank=4, max_physical_slots=16))
+    try:
+        start = coord.start(4, timeout_s=60)
+        _infos(coord, start)
+        coord.submit(ScaleRequest(world_size=3, timeout_s=20))
+        deadline = time.monotonic() + 90
+        status = coord.status()
+        while time.monotonic() < deadline:
+            status = coord.status()
+            if status.event is EventKind.RECOVERY and status.phase is ScalePhase.COMPLETED:
+                break
+            time.sleep(0.05)
+        assert status.event is EventKind.RECOVERY and status.phase is ScalePhase.COMPLETED, status
+        assert status.members == (0, 1, 2) and status.dead_members == (3,), status
+        _infos(coord, status)  # every survivor serves its experts, bit for bit
+
+        status = coord.scale(ScaleRequest(world_size=2, timeout_s=20))  # the world still scales
         assert status.phase is ScalePhase.COMPLETED, status
         assert status.members == (0, 1)
         _infos(coord, status)
