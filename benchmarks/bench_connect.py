@@ -11,7 +11,8 @@ rank, after a barrier on a gloo control group:
 * ``first_all_to_all``: 4 bytes per peer, connects every pair for point-to-point;
 * ``warm_all_to_all``: the same again (what connection costs is the difference);
 * ``first_all_to_all_<N>m`` (``--connect-mib``), then ``first_ring_<M>m`` and ``warm_ring_<M>m``
-  (``--mb``): larger messages use more channels, which NCCL connects at their first use;
+  (``--mb``): whether larger messages, which use more channels, still connect some at their
+  first use (on H200, with cuMem off, they did not);
 * ``shrink``: where torch's ProcessGroupNCCL has ``shrink`` (``ncclCommShrink``), a communicator
   without the last rank, from the connected one, and its first all-reduce and all-to-all.
 
@@ -279,7 +280,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
         clock.step(f"{attempt}_first_all_reduce", lambda g=group, t=token: g.all_reduce(t))
         clock.step(f"{attempt}_first_all_to_all", lambda g=group: _tiny_all_to_all(g))
         clock.step(f"{attempt}_warm_all_to_all", lambda g=group: _tiny_all_to_all(g))
-        # Larger messages use more channels, which connect at their first use.
+        # Does a larger message (more channels) connect more at its first use? (H200: no.)
         for mib in args.connect_mib:
             clock.step(
                 f"{attempt}_first_all_to_all_{mib}m", lambda g=group, m=mib: _all_to_all(g, m)
