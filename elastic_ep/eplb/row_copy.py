@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 try:
@@ -120,22 +121,19 @@ class RowTable:
                 f"{anchor.dtype} {tuple(anchor.shape)}"
             )
         self.anchor = anchor
-        self._columns: list[list[int]] = [[], [], []]
+        self._launches: list[np.ndarray] = []  # int64 [rows, 3] per launch, in words
+        self._count = 0
         self.table: torch.Tensor | None = None
 
     def add(self, rows: Sequence[Row]) -> Rows:
         """Append one launch of ``rows`` (absolute addresses on the anchor's device)."""
-        base = self.anchor.data_ptr()
-        rel = [(s - base, d - base, n) for s, d, n in rows]
-        word = 4 if all(s % 4 == 0 and d % 4 == 0 and n % 4 == 0 for s, d, n in rel) else 1
-        align = 1
-        if word == 4 and all(s % 16 == 0 and d % 16 == 0 and n % 16 == 0 for s, d, n in rel):
-            align = 4
-        start = len(self._columns[0])
-        for row in rel:
-            for column, value in zip(self._columns, row, strict=True):
-                column.append(value // word)
-        max_words = max((n for _, _, n in rel), default=0) // word
+        rel = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        rel[:, :2] -= self.anchor.data_ptr()
+        word = 4 if not (rel % 4).any() else 1
+        align = 4 if word == 4 and not (rel % 16).any() else 1
+        start, self._count = self._count, self._count + len(rel)
+        self._launches.append(rel // word)
+        max_words = int(rel[:, 2].max()) // word if len(rel) else 0
         return Rows(start, len(rel), word, align, max_words)
 
     def add_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Rows:
@@ -153,7 +151,9 @@ class RowTable:
 
     def upload(self) -> None:
         """Move the table to the anchor's device (one copy) once every launch is added."""
-        host = torch.tensor(self._columns, dtype=torch.int64)
+        host = torch.from_numpy(
+            np.concatenate(self._launches or [np.zeros((0, 3), dtype=np.int64)]).T.copy()
+        )
         if self.anchor.device.type == "cuda":
             # Pinned: the copy queues behind the stream's work instead of waiting for it.
             host = host.pin_memory()
