@@ -237,13 +237,13 @@ def execute(
     kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     chunks = cut_chunks(plan, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap)
-    _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
+    checked = _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
     runner = _Runner(
         weights, group, layout, chunks, kind_bytes, reload, timer, _use_triton(copy, group.device)
     )
     runner.size_buffer(buffer_bytes if overlap else 0)
-    runner.run()
+    runner.run(checked)
     if group.device.type == "cuda":
         torch.cuda.synchronize(group.device)
 
@@ -394,9 +394,10 @@ def _check_same_everywhere(
     overlap: bool,
     kinds: tuple[tuple[tuple[tuple[int, ...], str], ...], ...],
     layout: _Layout,
-) -> None:
-    """One small all-reduce: raise on every rank unless all run the same plan, budget and
-    weight shapes."""
+) -> Callable[[], None]:
+    """One small all-reduce, so every rank can raise unless all run the same plan, budget and
+    weight shapes. Returns the check: call it before the first transfer (on NCCL the all-reduce
+    runs meanwhile; reading its result waits for it)."""
     digest = hashlib.sha256()
     for placement in (plan.previous, plan.new):
         digest.update(placement.phy2log.numpy().tobytes())
@@ -418,11 +419,15 @@ def _check_same_everywhere(
     # max(h) == h and max(-h) == -h on every rank iff all ranks have the same h.
     both = torch.tensor([mine, -mine], dtype=torch.int64, device=group.device)
     group.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-    if both.tolist() != [mine, -mine]:
-        raise ValueError(
-            f"group rank {layout.group_rank}: the ranks of the group run different plans, "
-            "buffer_bytes, overlap, rank layouts or weight shapes; nothing was moved"
-        )
+
+    def check() -> None:
+        if both.tolist() != [mine, -mine]:
+            raise ValueError(
+                f"group rank {layout.group_rank}: the ranks of the group run different plans, "
+                "buffer_bytes, overlap, rank layouts or weight shapes; nothing was moved"
+            )
+
+    return check
 
 
 def _bytes_per_group_rank(
@@ -492,11 +497,17 @@ class _Runner:
             else torch.empty(ALIGN_ANCHOR, dtype=torch.uint8, device=self.group.device)
         )
 
-    def run(self) -> None:
+    def run(self, before_first_transfer: Callable[[], None]) -> None:
+        """Run every chunk; ``before_first_transfer`` (the plan check, which may raise) is
+        called once chunk 0 is packed, so its result is awaited while the host prepares."""
+        if not self.chunks:
+            before_first_transfer()
         pending: tuple[P2PHandle | None, _Launches] | None = None
         for k in range(len(self.chunks)):
             chunk = self.prepare(k)
             self.pack(chunk)
+            if k == 0:
+                before_first_transfer()
             handle = self.post(chunk)
             if pending is not None:
                 self.finish(*pending)
