@@ -74,3 +74,36 @@ def test_nccl_bit_exact(seed: int, copy: str) -> None:
         pytest.skip("triton is not installed")
     results = run_ranks(_nccl_scenarios, 2, seed, copy, timeout=180)
     assert results[0] == results[1]
+
+
+def _one_gpu_local_moves(rank: int, world_size: int, port: int, copy: str) -> list[int]:
+    """A one-rank NCCL group: reshuffles and drifts within the GPU (slot-to-slot and staged
+    copies, no transfers), bit for bit."""
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=True, timeout_s=60)
+    group = StatelessGroup(rdzv, "eplb-1gpu", 0, 0, 1, "nccl", device, timeout_s=60)
+    rng = random.Random(7)
+    chunks = []
+    for kind in ("reshuffle", "drift") * 3:
+        sc = make_scenario(kind, rng.randrange(2**31), 1, 3, 10)
+        plan = plan_transfers(sc.previous, sc.new, sc.mapping)
+        before = initial_weights(sc, 0, 0, tag=0)
+        budget = required_buffer_bytes(plan, before, 1) * rng.choice([1, 2, 100])
+        weights = [[t.to(device) for t in layer] for layer in before]
+        stats = execute(
+            plan, weights, group, buffer_bytes=budget, overlap=rng.random() < 0.7, copy=copy
+        )
+        check_after(sc, 0, before, [[t.cpu() for t in layer] for layer in weights])
+        chunks.append(stats.num_chunks)
+    group.destroy()
+    return chunks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("copy", ["torch", "triton"])
+def test_one_gpu_local_moves_bit_exact(copy: str) -> None:
+    if copy == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    (chunks,) = run_ranks(_one_gpu_local_moves, 1, copy, timeout=180)
+    assert len(chunks) == 6 and all(c >= 1 for c in chunks)
