@@ -283,6 +283,18 @@ def _infos(
     return infos
 
 
+def _recovered(coord: ElasticCoordinator, timeout_s: float) -> ScaleStatus:
+    """The status once a recovery has completed, or the last one seen after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    status = coord.status()
+    while time.monotonic() < deadline:
+        if status.event is EventKind.RECOVERY and status.phase is ScalePhase.COMPLETED:
+            break
+        time.sleep(0.05)
+        status = coord.status()
+    return status
+
+
 def _http(url: str, method: str = "GET", body: object = None) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
     try:
@@ -430,12 +442,7 @@ def test_joiner_killed_rolls_back_then_scale_then_rank_killed_recovers_with_relo
         assert infos[victim]["sole"] > 0  # its death loses experts: they must be reloaded
         killed = time.monotonic()
         coord.handle(victim).kill()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            status = coord.status()
-            if status.event is EventKind.RECOVERY and status.phase is ScalePhase.COMPLETED:
-                break
-            time.sleep(0.05)
+        status = _recovered(coord, 60)
         assert status.phase is ScalePhase.COMPLETED and status.event is EventKind.RECOVERY, status
         # the coordinator marks the dead member, the watchers abort the polls blocked on it: no
         # survivor waits for the 10 s group timeout (then the recovery window) to notice
@@ -539,13 +546,7 @@ def test_leaver_killed_in_a_scale_down_over_the_serving_group_then_survivors_rec
         start = coord.start(4, timeout_s=60)
         _infos(coord, start)
         coord.submit(ScaleRequest(world_size=3, timeout_s=20))
-        deadline = time.monotonic() + 90
-        status = coord.status()
-        while time.monotonic() < deadline:
-            status = coord.status()
-            if status.event is EventKind.RECOVERY and status.phase is ScalePhase.COMPLETED:
-                break
-            time.sleep(0.05)
+        status = _recovered(coord, 90)
         assert status.event is EventKind.RECOVERY and status.phase is ScalePhase.COMPLETED, status
         assert status.members == (0, 1, 2) and status.dead_members == (3,), status
         _infos(coord, status)  # every survivor serves its experts, bit for bit
