@@ -143,9 +143,9 @@ class ElasticRank:
             background thread (which then only builds the groups; no GPU work). That poll counts
             as blocking time. Default (``None``): on for NCCL, off for gloo. ``False`` on NCCL
             overlaps the transfer with serving (the staging thread on a CUDA stream of its own:
-            measured blocking ~1 ms instead of ~1.5 s) but two threads then launch collectives
-            of two NCCL communicators at once, which NCCL does not promise to make progress on;
-            one of five GPU runs of that mode hung unexplained (docs/scaling.md).
+            measured blocking ~1 ms instead of 0.2-0.3 s on 2x H200) but two threads then
+            launch collectives of two NCCL communicators at once, which NCCL does not promise to
+            make progress on; one GPU run of that mode hung unexplained (docs/scaling.md).
 
     Attributes:
         world: the serving epoch's world group (the engine runs its collectives on it).
