@@ -445,14 +445,13 @@ def _bytes_per_group_rank(
 
 @dataclass(frozen=True)
 class _Launches:
-    """One chunk's layout, where it sits in the buffer, and on the Triton path its three
-    launches: pack, slot-to-slot copies (first: other writes may overwrite their sources), and
-    write-back."""
+    """One chunk's layout, where it sits in the buffer, and on the Triton path (``triton``) its
+    row table and three launches: pack, slot-to-slot copies (first: other writes may overwrite
+    their sources), and write-back."""
 
     work: ChunkWork
     base: int
-    table: RowTable | None = None
-    rows: tuple[Rows, Rows, Rows] | None = None
+    triton: tuple[RowTable, Rows, Rows, Rows] | None = None
 
 
 class _Runner:
@@ -533,15 +532,14 @@ class _Runner:
             self.layout.new_rank,
         )
         base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-        chunk = _Launches(work, base)
+        triton = None
         if self.use_triton:
             table = RowTable(self.anchor)
             pack, direct, unpack = self._row_lists(work, base)
-            rows = (table.add(pack), table.add(direct), table.add(unpack))
+            triton = (table, table.add(pack), table.add(direct), table.add(unpack))
             table.upload()
-            chunk = _Launches(work, base, table, rows)
         self.timer.add(Phase.PLAN, start)
-        return chunk
+        return _Launches(work, base, triton)
 
     def _row_lists(self, work: ChunkWork, base: int) -> tuple[list[Row], list[Row], list[Row]]:
         """(pack, slot-to-slot, write-back) rows of one laid-out chunk at ``base``."""
@@ -605,8 +603,9 @@ class _Runner:
         """Copy what this rank sends, and staged local-copy sources, into the chunk's region
         (one launch: few rows per segment make per-segment gathers slow)."""
         start = time.perf_counter()
-        if chunk.table is not None and chunk.rows is not None:
-            chunk.table.copy(chunk.rows[0])
+        if chunk.triton is not None:
+            table, pack, _, _ = chunk.triton
+            table.copy(pack)
         else:
             rows, slots = self._rows(chunk.base, chunk.work.pack)
             if rows:
@@ -629,9 +628,10 @@ class _Runner:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        if chunk.table is not None and chunk.rows is not None:
-            chunk.table.copy(chunk.rows[1])
-            chunk.table.copy(chunk.rows[2])
+        if chunk.triton is not None:
+            table, _, direct, unpack = chunk.triton
+            table.copy(direct)
+            table.copy(unpack)
         else:
             self._write_back(chunk.work, chunk.base)
         for op in chunk.work.reloads:
