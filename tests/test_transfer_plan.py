@@ -371,11 +371,10 @@ def test_step_experts_and_greedy_chunks(
     assert [s for c in chunks for s in c.steps] == list(plan.steps)
     cap = budget // 2 if overlap else budget
     at = 0
-    for k, chunk in enumerate(chunks):
-        limit = cap // 4 if k == 0 else cap
+    for chunk in chunks:
         used = cost[at : at + len(chunk.steps)].sum(axis=0)
         assert chunk.estimate == tuple(int(u) for u in used)
-        assert len(chunk.steps) == 1 or used.max() <= limit
+        assert len(chunk.steps) == 1 or used.max() <= cap
         at += len(chunk.steps)
         if at < len(plan.steps):  # the next step would not have fit
-            assert (used + cost[at]).max() > limit
+            assert (used + cost[at]).max() > cap
