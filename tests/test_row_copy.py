@@ -196,3 +196,25 @@ def test_warm_up_launches_the_kernel_and_checks_its_copy() -> None:
     table.upload()
     table.copy(rows)
     assert torch.equal(dst, src.flip(0))
+
+
+def test_kernel_variants_do_not_depend_on_slice_or_loop_counts() -> None:
+    """Triton compiles one variant per specialization key; the key must not change with where
+    a launch's slice starts in the table or with per_row / iters (1 or not), or a process's
+    first launch of a new key pays a compile that ``warm_up`` did not do."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = row_copy._copy_rows_kernel
+    binder = create_function_from_signature(
+        kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32))
+    )
+    anchor = torch.zeros(64, dtype=torch.int32)
+    table = torch.zeros(3, 16, dtype=torch.int64)
+    keys = {
+        repr(binder(anchor, *table[:, start:], per_row, iters, BLOCK=4096, ALIGN=4)[1])
+        for per_row, iters, start in [(1, 1, 0), (52, 64, 3), (1, 64, 0), (7, 1, 3)]
+    }
+    assert len(keys) == 1

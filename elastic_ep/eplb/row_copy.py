@@ -43,12 +43,12 @@ def triton_available() -> bool:
 
 
 if triton is not None:
-    # A launch's table slices start anywhere in the table and ``iters`` is often 1: Triton
-    # would compile a variant per pointer alignment and for iters == 1, and a process's first
-    # launch of each variant loaded it from the cache (~8 ms per launch over the first ten on
-    # H200). Not specializing on them leaves three variants, all compiled by ``warm_up``.
+    # A launch's table slice starts anywhere in the table, and per_row and iters are often 1:
+    # Triton would compile a variant per pointer alignment and per value-1 argument, and a
+    # process's first launch of each loads it from the cache or compiles it (0.4 s on H200).
+    # Not specializing on them leaves three variants, all compiled by ``warm_up``.
     @triton.jit(
-        do_not_specialize=["iters"],
+        do_not_specialize=["per_row", "iters"],
         do_not_specialize_on_alignment=["src_ptr", "dst_ptr", "len_ptr"],
     )
     def _copy_rows_kernel(  # unannotated: Triton rejects non-constexpr globals such as Any
