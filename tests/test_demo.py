@@ -44,18 +44,19 @@ from elastic_ep.scaling import GateMode, TrafficGate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_python(args: list[str], timeout: float) -> str:
+    """Run ``python *args`` in the repository root; assert it exits 0 and return its stdout."""
+    run = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
 # ---- the demo, end to end -------------------------------------------------------------------
 @pytest.mark.timeout(180)
 def test_small_demo_passes_every_check_and_prints_the_timeline() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "elastic_ep", "demo", "--small"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    out = run.stdout
-    assert run.returncode == 0, out + run.stderr
+    out = _run_python(["-m", "elastic_ep", "demo", "--small"], timeout=170)
     assert out.rstrip().endswith("all 6 checks passed"), out
     # one correctness line per event, each within fp32 rounding
     lines = re.findall(r"-> (.+?): (\d+) ranks, .*max \|diff\| (\S+): check passed", out)
@@ -333,9 +334,8 @@ def test_small_demo_over_nccl_passes_every_check() -> None:
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
     devices = min(torch.cuda.device_count(), 4)
-    run = subprocess.run(
+    stdout = _run_python(
         [
-            sys.executable,
             "-m",
             "elastic_ep",
             "demo",
@@ -345,15 +345,11 @@ def test_small_demo_over_nccl_passes_every_check() -> None:
             "--devices",
             str(devices),
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=290,
     )
-    assert run.returncode == 0, run.stdout + run.stderr
     checks = 5 if devices == 2 else 6
-    assert run.stdout.rstrip().endswith(f"all {checks} checks passed"), run.stdout
-    assert f"{devices} GPUs, nccl" in run.stdout
+    assert stdout.rstrip().endswith(f"all {checks} checks passed"), stdout
+    assert f"{devices} GPUs, nccl" in stdout
 
 
 # ---- the GPU scaling benchmark, tiny on CPU ------------------------------------------------------
@@ -363,9 +359,8 @@ def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     md = tmp_path / "performance.md"
     md.write_text("# Performance\n\nother sections stay\n")
-    run = subprocess.run(
+    _run_python(
         [
-            sys.executable,
             "benchmarks/bench_scaling.py",
             "--backend",
             "gloo",
@@ -379,12 +374,8 @@ def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
             "--markdown",
             str(md),
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=230,
     )
-    assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text())
     assert [e["event"] for e in result["events"]] == [
         "scale 3->4",
@@ -407,9 +398,8 @@ def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_bench_connect_runs_on_gloo(tmp_path: Path) -> None:
     out = tmp_path / "connect.jsonl"
-    run = subprocess.run(
+    _run_python(
         [
-            sys.executable,
             "benchmarks/bench_connect.py",
             "--backend",
             "gloo",
@@ -426,12 +416,8 @@ def test_bench_connect_runs_on_gloo(tmp_path: Path) -> None:
             "--json",
             str(out),
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=170,
     )
-    assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text().splitlines()[-1])
     for step in ("build", "first_all_reduce", "first_all_to_all", "warm_all_to_all"):
         assert result[f"first_{step}"] > 0 and result[f"second_{step}"] > 0, result
