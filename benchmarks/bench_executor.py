@@ -23,8 +23,9 @@ Usage::
 
     python benchmarks/bench_executor.py --backend nccl --devices 4 [--json out.json]
 
-By default every scenario runs with both copy paths of ``execute`` (``--copy both``): ``torch``
-(multi-tensor copies) and ``triton`` (one fused gather / scatter launch per chunk), side by side.
+By default every scenario runs with every copy path of ``execute`` the backend can run (``--copy
+all``), side by side: ``torch`` (multi-tensor copies), and on CUDA ``triton`` (one fused gather /
+scatter kernel launch per chunk) and ``engine`` (one batch of copy-engine copies per chunk).
     python benchmarks/bench_executor.py --backend gloo --devices 2 --small
 """
 
@@ -46,6 +47,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from elastic_ep.eplb import EMPTY, Placement, TransferPlan, execute, plan_transfers
+from elastic_ep.eplb.copy_engine import engine_available
 from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
@@ -345,11 +347,14 @@ def _scenarios(args: argparse.Namespace) -> list[tuple[str, TransferPlan, int, s
     return out
 
 
-def _copy_paths(args: argparse.Namespace) -> list[str]:
-    """``--copy both``: the multi-tensor path, and the fused Triton one where it can run."""
-    if args.copy != "both":
+def _copy_paths(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """``--copy all``: the multi-tensor path, and the fused ones where they can run."""
+    if args.copy != "all":
         return [args.copy]
-    return ["torch", "triton"] if args.backend == "nccl" and triton_available() else ["torch"]
+    if args.backend != "nccl":
+        return ["torch"]
+    fused = ["triton"] if triton_available() else []
+    return ["torch", *fused, *(["engine"] if engine_available(device) else [])]
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, queue: Any) -> None:
@@ -377,7 +382,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, que
         (2 * args.intermediate, args.hidden),
         (args.hidden, args.intermediate),
     ]
-    runs = [(s, copy) for s in _scenarios(args) for copy in _copy_paths(args)]
+    runs = [(s, copy) for s in _scenarios(args) for copy in _copy_paths(args, device)]
     for epoch, ((name, plan, ranks, numbering), copy) in enumerate(runs):
         row = _run_scenario(
             args, rank, rdzv, epoch, name, plan, ranks, numbering, device, shapes, dtype, copy
@@ -408,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny sizes, for gloo on a CPU")
     parser.add_argument(
         "--copy",
-        choices=["both", "auto", "torch", "triton"],
-        default="both",
-        help="execute's copy path; 'both' runs torch and triton side by side (triton: CUDA only)",
+        choices=["all", "auto", "torch", "triton", "engine"],
+        default="all",
+        help="execute's copy path; 'all' runs every one the backend can, side by side",
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", help="append rank 0's host profile of each scenario here")

@@ -199,7 +199,7 @@ def _run_scenarios_interpreted_triton(
     from tests.triton_interpreter import interpreted_row_copy_kernel
 
     row_copy._copy_rows_kernel = interpreted_row_copy_kernel()
-    executor._use_triton = lambda copy, device: True
+    executor._copy_path = lambda copy, device: "triton"
     return _run_scenarios(rank, world_size, port, specs)
 
 
@@ -301,6 +301,8 @@ def _errors(rank: int, world_size: int, port: int) -> dict[str, str]:
         execute(plan, weights, group, copy="cuda")
     with pytest.raises(ValueError, match="copy='triton' needs a CUDA group"):
         execute(plan, weights, group, copy="triton")
+    with pytest.raises(ValueError, match="copy='engine' needs a CUDA group"):
+        execute(plan, weights, group, copy="engine")
     assert unchanged()
     # And after all that the group still runs the real thing.
     stats = execute(plan, weights, group, buffer_bytes=need)

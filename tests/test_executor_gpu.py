@@ -1,5 +1,5 @@
 """execute over NCCL on 2 GPUs: bit-exact after every kind of scale event, within the buffer,
-with the multi-tensor (torch) and the fused Triton copy paths."""
+with the multi-tensor (torch), the fused Triton and the copy-engine paths."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from elastic_ep.eplb import execute, plan_transfers, required_buffer_bytes
+from elastic_ep.eplb.copy_engine import engine_available
 from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from tests.procs import run_ranks
@@ -64,14 +65,20 @@ def _nccl_scenarios(
     return out
 
 
+def _skip_if_missing(copy: str) -> None:
+    if copy == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    if copy == "engine" and not engine_available(torch.device("cuda", 0)):
+        pytest.skip("the CUDA runtime has no cudaMemcpyBatchAsync (needs 12.8)")
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
 )
-@pytest.mark.parametrize("copy", ["torch", "triton"])
+@pytest.mark.parametrize("copy", ["torch", "triton", "engine"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_nccl_bit_exact(seed: int, copy: str) -> None:
-    if copy == "triton" and not triton_available():
-        pytest.skip("triton is not installed")
+    _skip_if_missing(copy)
     results = run_ranks(_nccl_scenarios, 2, seed, copy, timeout=180)
     assert results[0] == results[1]
 
@@ -101,9 +108,8 @@ def _one_gpu_local_moves(rank: int, world_size: int, port: int, copy: str) -> li
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("copy", ["torch", "triton"])
+@pytest.mark.parametrize("copy", ["torch", "triton", "engine"])
 def test_one_gpu_local_moves_bit_exact(copy: str) -> None:
-    if copy == "triton" and not triton_available():
-        pytest.skip("triton is not installed")
+    _skip_if_missing(copy)
     (chunks,) = run_ranks(_one_gpu_local_moves, 1, copy, timeout=180)
     assert len(chunks) == 6 and all(c >= 1 for c in chunks)

@@ -17,9 +17,10 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
 * every copy of a chunk is listed as a row of one table (built and uploaded while the previous
   chunk transfers); per chunk, packing, slot-to-slot copies and write-back are one launch each:
-  a fused Triton kernel over the chunk's rows on CUDA, or one multi-tensor copy
-  (``torch._foreach_copy_``) on CPU or with ``copy="torch"`` (an expert is a few large rows:
-  per-row kernels are slow).
+  a fused Triton kernel over the chunk's rows on CUDA, one batch on the copy engines with
+  ``copy="engine"`` (no SMs taken from NCCL), or one multi-tensor copy (``torch._foreach_copy_``)
+  on CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
+  On CUDA everything runs on a stream of its own, ordered after the caller's current stream.
 
 Every rank computes the same chunks from the same plan, so peers post matching transfers in the
 same order. A collective check (one small all-reduce) first verifies that all ranks run the same
@@ -30,14 +31,17 @@ on every rank with nothing moved.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from elastic_ep.eplb.copy_engine import batch_copy, engine_available
 from elastic_ep.eplb.exec_chunks import (
     Chunk,
     ChunkWork,
@@ -47,7 +51,7 @@ from elastic_ep.eplb.exec_chunks import (
     lay_out,
     min_buffer_bytes,
 )
-from elastic_ep.eplb.row_copy import Row, Rows, RowTable, triton_available
+from elastic_ep.eplb.row_copy import Row, RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
@@ -59,7 +63,7 @@ ALIGN_ANCHOR = 16
 DEFAULT_BUFFER_BYTES = 1 << 30
 """Default extra memory ``execute`` may use for staging: 1 GiB."""
 
-COPY_PATHS = ("auto", "torch", "triton")
+COPY_PATHS = ("auto", "torch", "triton", "engine")
 """Values of ``execute``'s ``copy`` argument."""
 
 ReloadHook = Callable[[int, int], Sequence[torch.Tensor]]
@@ -200,8 +204,9 @@ def execute(
             ``GroupRanks.for_world_size(plan.rank_mapping, group.world_size)``.
         overlap: post the next chunk's transfers before writing back the current one.
         copy: how rows are packed and written back: ``"triton"`` (one fused kernel launch per
-            chunk and direction, CUDA only), ``"torch"`` (multi-tensor copies), or ``"auto"``
-            (Triton on CUDA when it is installed, else torch). Bit-exact either way.
+            chunk and direction, CUDA only), ``"engine"`` (one batch of copy-engine copies per
+            chunk and direction, CUDA >= 12.8 only), ``"torch"`` (multi-tensor copies), or
+            ``"auto"`` (Triton on CUDA when it is installed, else torch). Bit-exact either way.
     Returns:
         this rank's :class:`ExecutionStats`.
     Raises:
@@ -240,12 +245,18 @@ def execute(
     checked = _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
     runner = _Runner(
-        weights, group, layout, chunks, kind_bytes, reload, timer, _use_triton(copy, group.device)
+        weights, group, layout, chunks, kind_bytes, reload, timer, _copy_path(copy, group.device)
     )
-    runner.size_buffer(buffer_bytes if overlap else 0)
-    runner.run(checked)
     if group.device.type == "cuda":
+        stream = _private_stream(group.device)
+        stream.wait_stream(torch.cuda.current_stream(group.device))
+        with torch.cuda.stream(stream):
+            runner.size_buffer(buffer_bytes if overlap else 0)
+            runner.run(checked)
         torch.cuda.synchronize(group.device)
+    else:
+        runner.size_buffer(buffer_bytes if overlap else 0)
+        runner.run(checked)
 
     sent, received = _bytes_per_group_rank(plan, slot_bytes, layout)
     me = layout.group_rank
@@ -264,10 +275,24 @@ def execute(
     )
 
 
-def _use_triton(copy: str, device: torch.device) -> bool:
+def _copy_path(copy: str, device: torch.device) -> str:
+    """The path ``copy`` names on ``device``: "torch", "triton" or "engine"."""
     if copy == "triton" and (device.type != "cuda" or not triton_available()):
         raise ValueError(f"copy='triton' needs a CUDA group and triton installed (device {device})")
-    return copy == "triton" or (copy == "auto" and device.type == "cuda" and triton_available())
+    if copy == "engine" and not engine_available(device):
+        raise ValueError(
+            f"copy='engine' needs a CUDA group and a CUDA runtime >= 12.8 with "
+            f"cudaMemcpyBatchAsync (device {device}, torch CUDA {torch.version.cuda})"
+        )
+    if copy == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return copy
+
+
+@functools.cache
+def _private_stream(device: torch.device) -> torch.cuda.Stream:
+    """``execute``'s stream on ``device``: the copy engines refuse the legacy default stream."""
+    return torch.cuda.Stream(device)
 
 
 def required_buffer_bytes(
@@ -445,13 +470,13 @@ def _bytes_per_group_rank(
 
 @dataclass(frozen=True)
 class _Launches:
-    """One chunk's layout, where it sits in the buffer, and on the Triton path (``triton``) its
-    row table and three launches: pack, slot-to-slot copies (first: other writes may overwrite
+    """One chunk's layout, where it sits in the buffer, and on the fused paths (Triton, copy
+    engines) its three launches: pack, slot-to-slot copies (first: other writes may overwrite
     their sources), and write-back."""
 
     work: ChunkWork
     base: int
-    triton: tuple[RowTable, Rows, Rows, Rows] | None = None
+    fused: tuple[Callable[[], None], Callable[[], None], Callable[[], None]] | None = None
 
 
 class _Runner:
@@ -472,11 +497,11 @@ class _Runner:
         kind_bytes: list[list[int]],
         reload: ReloadHook | None,
         timer: _Timer,
-        use_triton: bool,
+        copy_path: str,
     ) -> None:
         self.weights, self.group, self.layout, self.chunks = weights, group, layout, chunks
         self.kind_bytes, self.reload_hook, self.timer = kind_bytes, reload, timer
-        self.use_triton = use_triton
+        self.copy_path = copy_path
         self.slot_views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.reloaded: list[tuple[int, int]] = []
 
@@ -492,7 +517,7 @@ class _Runner:
         # Row tables address everything from a live allocation (an empty buffer has none).
         self.anchor = (
             self.buffer
-            if self.buffer_bytes or not self.use_triton
+            if self.buffer_bytes or self.copy_path != "triton"
             else torch.empty(ALIGN_ANCHOR, dtype=torch.uint8, device=self.group.device)
         )
 
@@ -518,9 +543,9 @@ class _Runner:
             self.finish(*pending)
 
     def prepare(self, k: int) -> _Launches:
-        """Lay out chunk ``k``; on the Triton path also list its copies as the rows of one table
-        (one upload), so the chunk runs one pack, one slot-to-slot and one write-back launch with
-        no host work per row. Runs while the previous chunk transfers: only posted chunks keep
+        """Lay out chunk ``k``; on the fused paths also list its copies as rows (on the Triton
+        path the rows of one table, one upload), so the chunk runs one pack, one slot-to-slot and
+        one write-back launch. Runs while the previous chunk transfers: only posted chunks keep
         the GPU busy, so preparing several ahead left it idle (a timeline of 2x H200 showed the
         gaps)."""
         start = time.perf_counter()
@@ -532,14 +557,26 @@ class _Runner:
             self.layout.new_rank,
         )
         base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-        triton = None
-        if self.use_triton:
+        fused = None
+        if self.copy_path == "triton":
             table = RowTable(self.anchor)
-            pack, direct, unpack = self._row_lists(work, base)
-            triton = (table, table.add(pack), table.add(direct), table.add(unpack))
+            launches = [table.add(rows) for rows in self._row_lists(work, base)]
             table.upload()
+            pack, direct, unpack = (functools.partial(table.copy, rows) for rows in launches)
+            fused = (pack, direct, unpack)
+        elif self.copy_path == "engine":
+            stream = torch.cuda.current_stream(self.group.device)
+            columns = [
+                np.array(rows, dtype=np.int64).reshape(-1, 3).T
+                for rows in self._row_lists(work, base)
+            ]
+            pack, direct, unpack = (
+                functools.partial(batch_copy, src, dst, nbytes, stream)
+                for src, dst, nbytes in columns
+            )
+            fused = (pack, direct, unpack)
         self.timer.add(Phase.PLAN, start)
-        return _Launches(work, base, triton)
+        return _Launches(work, base, fused)
 
     def _row_lists(self, work: ChunkWork, base: int) -> tuple[list[Row], list[Row], list[Row]]:
         """(pack, slot-to-slot, write-back) rows of one laid-out chunk at ``base``."""
@@ -603,9 +640,9 @@ class _Runner:
         """Copy what this rank sends, and staged local-copy sources, into the chunk's region
         (one launch: few rows per segment make per-segment gathers slow)."""
         start = time.perf_counter()
-        if chunk.triton is not None:
-            table, pack, _, _ = chunk.triton
-            table.copy(pack)
+        if chunk.fused is not None:
+            pack, _, _ = chunk.fused
+            pack()
         else:
             rows, slots = self._rows(chunk.base, chunk.work.pack)
             if rows:
@@ -628,10 +665,10 @@ class _Runner:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        if chunk.triton is not None:
-            table, _, direct, unpack = chunk.triton
-            table.copy(direct)
-            table.copy(unpack)
+        if chunk.fused is not None:
+            _, direct, unpack = chunk.fused
+            direct()
+            unpack()
         else:
             self._write_back(chunk.work, chunk.base)
         for op in chunk.work.reloads:
