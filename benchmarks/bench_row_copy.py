@@ -125,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if engine_available(device):
         columns = [np.array([t.data_ptr() for t in ts]) for ts in (sources, targets)]
-        nbytes = np.array([t.numel() * t.element_size() for t in sources])
+        lengths = np.array([t.numel() * t.element_size() for t in sources])
 
         def engine() -> None:
-            batch_copy(columns[0], columns[1], nbytes, torch.cuda.current_stream())
+            batch_copy(columns[0], columns[1], lengths, torch.cuda.current_stream())
 
         paths["engine batch_copy"] = engine
     moved = at
