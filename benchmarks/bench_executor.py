@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from elastic_ep.eplb import EMPTY, Placement, TransferPlan, execute, plan_transfers
+from elastic_ep.eplb import EMPTY, Placement, TransferPlan, execute, plan_transfers, row_copy
 from elastic_ep.eplb.copy_engine import engine_available
 from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
@@ -360,6 +360,9 @@ def _copy_paths(args: argparse.Namespace, device: torch.device) -> list[str]:
 def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, queue: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    if args.triton_grid:  # an A/B knob of this benchmark: the kernel reads these per launch
+        share, warps = args.triton_grid.split("x")
+        row_copy.SM_SHARE, row_copy.NUM_WARPS = float(share), int(warps)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:  # ranks share the CPU cores: oversubscribed OpenMP threads spin and stall
@@ -420,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", help="append rank 0's host profile of each scenario here")
     parser.add_argument("--trace", help="write rank 0's timeline of each scenario to this folder")
+    parser.add_argument(
+        "--triton-grid",
+        help="SHARExWARPS: the Triton copy on this share of the SMs with these warps per program "
+        "(default row_copy.SM_SHARE x NUM_WARPS; the kernel before 2026-11-28 was about 1.8x4)",
+    )
     args = parser.parse_args(argv)
     if args.small:
         args.layers, args.hidden, args.intermediate, args.raw_mb, args.buffer_mb = 4, 64, 48, 4, 1

@@ -7,11 +7,15 @@ the executor's pack does), median of ``--repeats``. Reports GB/s of rows moved (
 once and written once) for ``RowTable.copy``, ``copy_engine.batch_copy`` and
 ``torch._foreach_copy_`` in the same run.
 
+``--grids 96x16,240x4``: the Triton kernel on each (programs x warps per program), besides the
+default (``row_copy.SM_SHARE`` of the SMs, ``NUM_WARPS``).
+
 ``--beside-nccl``: the executor runs its copies while NCCL moves the neighbouring chunk, and both
 want the SMs. One GPU has no peer, so the NCCL load is a send/recv to itself on a one-rank
-process group (NCCL's send/recv kernel, copying HBM to HBM): each copy path runs over and over
-on one stream while that load runs on another, and both speeds are printed next to their
-speeds alone.
+process group (NCCL's send/recv kernel), held to ``--nccl-channels`` channels so that it moves
+about what one NVLink transfer does (8 channels: ~380 GB/s on H200) instead of saturating HBM.
+Each copy path runs over and over on one stream while that load runs on another, and both speeds
+are printed next to their speeds alone.
 
     python benchmarks/bench_row_copy.py [--experts 24] [--repeats 20] [--beside-nccl]
 """
@@ -19,6 +23,7 @@ speeds alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 from collections.abc import Callable
@@ -46,8 +51,9 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(_elapsed(fn) for _ in range(repeats))
 
 
-def _nccl_load(device: torch.device, nbytes: int) -> Callable[[int], None]:
+def _nccl_load(device: torch.device, nbytes: int, channels: int) -> Callable[[int], None]:
     """``load(n)``: n NCCL send/recv pairs of ``nbytes`` to this rank itself."""
+    os.environ["NCCL_MIN_NCHANNELS"] = os.environ["NCCL_MAX_NCHANNELS"] = str(channels)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--beside-nccl", action="store_true", help="also time beside NCCL")
     parser.add_argument("--nccl-mb", type=int, default=1024, help="bytes of one NCCL send/recv")
+    parser.add_argument("--nccl-channels", type=int, default=8)
+    parser.add_argument("--grids", default="", help="more Triton grids: PROGRAMSxWARPS,...")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not row_copy.triton_available():
         print("bench_row_copy needs CUDA and triton")
@@ -119,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = table.add_pairs(pairs)
     table.upload()
     row_copy.warm_up(device)
-    paths: dict[str, Callable[[], object]] = {
-        "triton RowTable.copy": lambda: table.copy(rows),
-        "torch _foreach_copy_": lambda: torch._foreach_copy_(targets, sources),
-    }
+    default = f"{row_copy.programs_for(device)}x{row_copy.NUM_WARPS}"
+    paths: dict[str, Callable[[], object]] = {}
+    for grid in dict.fromkeys([default, *filter(None, args.grids.split(","))]):
+        programs, warps = (int(x) for x in grid.split("x"))
+        paths[f"triton {grid}"] = functools.partial(table.copy, rows, None, programs, warps)
+    paths["torch _foreach_copy_"] = lambda: torch._foreach_copy_(targets, sources)
     if engine_available(device):
         columns = [np.array([t.data_ptr() for t in ts]) for ts in (sources, targets)]
         lengths = np.array([t.numel() * t.element_size() for t in sources])
@@ -135,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     print(
         f"{torch.cuda.get_device_name(device)} ({sms} SMs): {len(sources)} rows, "
-        f"{moved / 1e6:.0f} MB per launch; Triton programs per launch aimed at {row_copy.PROGRAMS}"
+        f"{moved / 1e6:.0f} MB per launch; Triton grids: programs x warps per program, the "
+        f"default {default} first"
     )
     alone = {}
     with torch.cuda.stream(torch.cuda.Stream()):  # the copy engines refuse the default stream
@@ -145,15 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             if not all(torch.equal(s, t) for s, t in pairs):
                 raise RuntimeError(f"{name} copied wrong bytes")
             print(f"{name:22s} {1e3 * alone[name]:7.3f} ms  {moved / alone[name] / 1e9:7.1f} GB/s")
-    if engine_available(device):
-        print(
-            f"ratio triton / engine time: {alone['triton RowTable.copy'] / alone['engine batch_copy']:.2f}"
-        )
     if args.beside_nccl:
-        load = _nccl_load(device, args.nccl_mb << 20)
+        load = _nccl_load(device, args.nccl_mb << 20, args.nccl_channels)
         load_alone = _time(lambda: load(1), args.repeats)
         load_gbps = (args.nccl_mb << 20) / load_alone / 1e9
-        print(f"NCCL send/recv to itself alone: {load_gbps:.0f} GB/s")
+        print(
+            f"NCCL send/recv to itself ({args.nccl_channels} channels) alone: {load_gbps:.0f} GB/s"
+        )
         for name, fn in paths.items():
             copy_s, load_s = _beside(fn, load, load_alone, alone[name])
             print(

@@ -119,19 +119,22 @@ def test_word_size_follows_alignment() -> None:
     table.copy(table.add([]))  # nothing to launch, no table needed
 
 
-@pytest.mark.parametrize("programs", [1, 2, 3, 1000])
-def test_rows_longer_than_their_programs_loop(
+@pytest.mark.parametrize("programs", [1, 2, 3, 7, 31, 1000])
+def test_every_block_is_copied_whatever_the_programs(
     interpreted: object, monkeypatch: pytest.MonkeyPatch, programs: int
 ) -> None:
-    """Rows of 203 and 37 words, blocks of 8: one to many programs per row, each striding."""
-    monkeypatch.setattr(row_copy, "PROGRAMS", programs)
+    """Rows of 203, 37, 8 and 1 words in blocks of 8 (26 + 5 + 1 + 1 blocks): each program
+    strides over the blocks numbered across the rows, fewer or more programs than blocks."""
     monkeypatch.setattr(row_copy, "BLOCK", 8)
-    src = [torch.arange(203, dtype=torch.int32), torch.arange(37, dtype=torch.int32) + 500]
-    dst = [torch.zeros(203, dtype=torch.int32), torch.zeros(37, dtype=torch.int32)]
+    lengths = [203, 37, 8, 1]
+    src = [torch.arange(n, dtype=torch.int32) + 1000 * i for i, n in enumerate(lengths)]
+    dst = [torch.zeros(n, dtype=torch.int32) for n in lengths]
     table = RowTable(torch.zeros(16, dtype=torch.uint8))
     launch = table.add_pairs(list(zip(src, dst, strict=True)))
+    assert launch.blocks == 33
     table.upload()
-    table.copy(launch, interpreted)
+    assert table.table is not None and table.table[3].tolist() == [0, 26, 31, 32]
+    table.copy(launch, interpreted, programs=programs)
     assert all(torch.equal(s, d) for s, d in zip(src, dst, strict=True))
 
 
@@ -162,8 +165,8 @@ def test_kernel_compiles_for_hopper(anchor: str, align: int, load: str) -> None:
         "src_ptr": "*i64",
         "dst_ptr": "*i64",
         "len_ptr": "*i64",
-        "per_row": "i32",
-        "iters": "i32",
+        "first_ptr": "*i64",
+        "rows": "i32",
     }
     constexprs = {"BLOCK": row_copy.BLOCK, "ALIGN": align}
     source = ASTSource(
@@ -200,7 +203,7 @@ def test_warm_up_launches_the_kernel_and_checks_its_copy() -> None:
 
 def test_kernel_variants_do_not_depend_on_slice_or_loop_counts() -> None:
     """Triton compiles one variant per specialization key; the key must not change with where
-    a launch's slice starts in the table or with per_row / iters (1 or not), or a process's
+    a launch's slice starts in the table or with its row count (1 or not), or a process's
     first launch of a new key pays a compile that ``warm_up`` did not do."""
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -212,9 +215,9 @@ def test_kernel_variants_do_not_depend_on_slice_or_loop_counts() -> None:
         kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32))
     )
     anchor = torch.zeros(64, dtype=torch.int32)
-    table = torch.zeros(3, 16, dtype=torch.int64)
+    table = torch.zeros(4, 16, dtype=torch.int64)
     keys = {
-        repr(binder(anchor, *table[:, start:], per_row, iters, BLOCK=4096, ALIGN=4)[1])
-        for per_row, iters, start in [(1, 1, 0), (52, 64, 3), (1, 64, 0), (7, 1, 3)]
+        repr(binder(anchor, *table[:, start:], rows, BLOCK=4096, ALIGN=4)[1])
+        for rows, start in [(1, 0), (52, 3), (1, 5), (7, 0)]
     }
     assert len(keys) == 1

@@ -14,6 +14,7 @@ row of the same launch writes: the order between rows is undefined.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +31,15 @@ except ImportError:  # the torch path still works; only ``copy="triton"`` needs 
 BLOCK = 4096
 """Words each Triton program copies per iteration."""
 
-PROGRAMS = 264
-"""Programs a launch aims at (rows x programs per row), two per SM of an H100/H200; each loops
-over its row with a stride. A grid of one program per block filled every SM, and a timeline of
-the executor on 2x H200 showed the NCCL transfer beside such copies running at ~75% of its
-speed. Alone on one H200 (benchmarks/bench_row_copy.py, 415 MB of expert rows) 264 programs
-copy at 1.60 TB/s, as fast as one program per block (1.64), 132 at 1.06."""
+SM_SHARE = 0.73
+"""Share of the GPU's SMs a launch runs on (one program each): the rest stay free for NCCL.
+On one H200 (benchmarks/bench_row_copy.py --beside-nccl, an NCCL send/recv held to 2-16
+channels, 97-673 GB/s, as a transfer over NVLink): the former grid of ~240 programs of 4 warps
+slowed NCCL to 69-78% (the 2x H200 executor timeline had shown ~75%); 96 programs of 16 warps
+left it at 98-104% while copying 1.15-1.37 TB/s beside it (1.30 TB/s alone)."""
+
+NUM_WARPS = 16
+"""Warps per program: enough loads in flight for a program to stream ~13 GB/s on its own."""
 
 
 def triton_available() -> bool:
@@ -43,35 +47,41 @@ def triton_available() -> bool:
 
 
 if triton is not None:
-    # A launch's table slice starts anywhere in the table, and per_row and iters are often 1:
-    # Triton would compile a variant per pointer alignment and per value-1 argument, and a
-    # process's first launch of each loads it from the cache or compiles it (0.4 s on H200).
-    # Not specializing on them leaves three variants, all compiled by ``warm_up``.
+    # A launch's table slice starts anywhere in the table, and ``rows`` is often 1: Triton would
+    # compile a variant per pointer alignment and per value-1 argument, and a process's first
+    # launch of each loads it from the cache or compiles it (0.4 s on H200). Not specializing on
+    # them leaves three variants, all compiled by ``warm_up``.
     @triton.jit(
-        do_not_specialize=["per_row", "iters"],
-        do_not_specialize_on_alignment=["src_ptr", "dst_ptr", "len_ptr"],
+        do_not_specialize=["rows"],
+        do_not_specialize_on_alignment=["src_ptr", "dst_ptr", "len_ptr", "first_ptr"],
     )
     def _copy_rows_kernel(  # unannotated: Triton rejects non-constexpr globals such as Any
         anchor,
         src_ptr,
         dst_ptr,
         len_ptr,
-        per_row,
-        iters,
+        first_ptr,
+        rows,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        n = tl.multiple_of(tl.load(len_ptr + row), ALIGN)
-        src = tl.multiple_of(tl.load(src_ptr + row), ALIGN)
-        dst = tl.multiple_of(tl.load(dst_ptr + row), ALIGN)
-        # program j of a row copies its blocks j, j + per_row, j + 2 * per_row, ... (``iters``
-        # covers the longest row of the launch; a shorter row's programs mask the rest)
-        for i in range(0, iters):
-            block = tl.program_id(1) + i * per_row
-            offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            tl.store(anchor + dst + offs, tl.load(anchor + src + offs, mask=mask), mask=mask)
+        # The launch's blocks are numbered across its rows (``first_ptr``: a row's first
+        # block); block b is copied by program b % programs, so every program gets an equal
+        # share whatever the rows' lengths, and the grid stays as small as the launch chose.
+        program = tl.program_id(0)
+        programs = tl.num_programs(0)
+        for row in range(0, rows):
+            n = tl.multiple_of(tl.load(len_ptr + row), ALIGN)
+            src = tl.multiple_of(tl.load(src_ptr + row), ALIGN)
+            dst = tl.multiple_of(tl.load(dst_ptr + row), ALIGN)
+            first = tl.load(first_ptr + row) % programs
+            # n is int64, so the loop counter is too (rows past 2**31 words stay addressable)
+            for block in range(
+                (program - first + programs) % programs, (n + BLOCK - 1) // BLOCK, programs
+            ):
+                offs = block * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < n
+                tl.store(anchor + dst + offs, tl.load(anchor + src + offs, mask=mask), mask=mask)
 
 
 def warm_up(device: torch.device | str) -> None:
@@ -112,14 +122,14 @@ class Rows:
     Attributes:
         word: 4 if every address and length of the slice is a multiple of 4 bytes, else 1.
         align: 4 if every offset and length is a multiple of 16 bytes, else 1 (a hint, in words).
-        max_words: the longest row, in words (sizes the grid with no device sync).
+        blocks: blocks of ``BLOCK`` words in all the slice's rows (caps the grid, no device sync).
     """
 
     start: int
     count: int
     word: int
     align: int
-    max_words: int
+    blocks: int
 
 
 Row = tuple[int, int, int]
@@ -129,8 +139,9 @@ Row = tuple[int, int, int]
 class RowTable:
     """Rows of every launch of one ``execute`` call, relative to ``anchor``.
 
-    ``table`` is int64 ``[3, rows]`` on the anchor's device: source offset, destination offset
-    and length, each in the words of its slice (see :class:`Rows`).
+    ``table`` is int64 ``[4, rows]`` on the anchor's device: source offset, destination offset
+    and length, each in the words of its slice (see :class:`Rows`), and the number of the row's
+    first block in its slice (the blocks of the slice's earlier rows).
     """
 
     def __init__(self, anchor: torch.Tensor) -> None:
@@ -140,7 +151,7 @@ class RowTable:
                 f"{anchor.dtype} {tuple(anchor.shape)}"
             )
         self.anchor = anchor
-        self._launches: list[np.ndarray] = []  # int64 [rows, 3] per launch, in words
+        self._launches: list[np.ndarray] = []  # int64 [rows, 4] per launch
         self._count = 0
         self.table: torch.Tensor | None = None
 
@@ -151,9 +162,11 @@ class RowTable:
         word = 4 if not (rel % 4).any() else 1
         align = 4 if word == 4 and not (rel % 16).any() else 1
         start, self._count = self._count, self._count + len(rel)
-        self._launches.append(rel // word)
-        max_words = int(rel[:, 2].max()) // word if len(rel) else 0
-        return Rows(start, len(rel), word, align, max_words)
+        words = rel // word
+        blocks = -(-words[:, 2] // BLOCK)
+        first = np.cumsum(blocks) - blocks
+        self._launches.append(np.column_stack([words, first]))
+        return Rows(start, len(rel), word, align, int(blocks.sum()))
 
     def add_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Rows:
         """Append one launch copying each (source, destination) pair of contiguous tensors of
@@ -171,26 +184,50 @@ class RowTable:
     def upload(self) -> None:
         """Move the table to the anchor's device (one copy) once every launch is added."""
         host = torch.from_numpy(
-            np.concatenate(self._launches or [np.zeros((0, 3), dtype=np.int64)]).T.copy()
+            np.concatenate(self._launches or [np.zeros((0, 4), dtype=np.int64)]).T.copy()
         )
         if self.anchor.device.type == "cuda":
             # Pinned: the copy queues behind the stream's work instead of waiting for it.
             host = host.pin_memory()
         self.table = host.to(self.anchor.device, non_blocking=True)
 
-    def copy(self, rows: Rows, kernel: Any = None) -> None:
+    def copy(
+        self,
+        rows: Rows,
+        kernel: Any = None,
+        programs: int | None = None,
+        num_warps: int | None = None,
+    ) -> None:
         """Copy every row of ``rows``, in no particular order, with one launch of ``kernel``
-        (default: the compiled Triton kernel; tests pass an interpreted one)."""
-        if not rows.count:
+        (default: the compiled Triton kernel; tests pass an interpreted one) on ``programs``
+        programs of ``num_warps`` warps (default: ``SM_SHARE`` of the device's SMs, one per block
+        off CUDA, and ``NUM_WARPS``), fewer programs if the rows have fewer blocks."""
+        if not rows.blocks:
             return
         if self.table is None:
             raise RuntimeError("RowTable.upload() must run before copy()")
+        if programs is None:
+            programs = programs_for(self.anchor.device) or rows.blocks
         part = self.table[:, rows.start : rows.start + rows.count]
         anchor = self.anchor if rows.word == 1 else self.anchor.view(torch.int32)
-        blocks = max(1, -(-rows.max_words // BLOCK))
-        per_row = max(1, min(blocks, PROGRAMS // rows.count))
-        iters = -(-blocks // per_row)
         kernel = _copy_rows_kernel if kernel is None else kernel
-        kernel[(rows.count, per_row)](
-            anchor, part[0], part[1], part[2], per_row, iters, BLOCK=BLOCK, ALIGN=rows.align
+        kernel[(max(1, min(programs, rows.blocks)),)](
+            anchor,
+            *part,
+            rows.count,
+            BLOCK=BLOCK,
+            ALIGN=rows.align,
+            num_warps=NUM_WARPS if num_warps is None else num_warps,
         )
+
+
+def programs_for(device: torch.device) -> int | None:
+    """Programs per launch on ``device`` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return max(1, round(SM_SHARE * _multiprocessors(device)))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
