@@ -15,8 +15,9 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
   later chunk still sends;
 * with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
-* every copy of a chunk is listed as a row of one table (built and uploaded while the previous
-  chunk transfers); per chunk, packing, slot-to-slot copies and write-back are one launch each:
+* every chunk is laid out before the first one runs (``exec_layout``: numpy over the plan's op
+  table), and every copy is a row (source, destination, bytes); per chunk, packing, slot-to-slot
+  copies and write-back are one launch each:
   a fused Triton kernel over the chunk's rows on CUDA, one batch on the copy engines with
   ``copy="engine"`` (no SMs taken from NCCL), or one multi-tensor copy (``torch._foreach_copy_``)
   on CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
@@ -42,16 +43,9 @@ import numpy as np
 import torch
 
 from elastic_ep.eplb.copy_engine import batch_copy, engine_available
-from elastic_ep.eplb.exec_chunks import (
-    Chunk,
-    ChunkWork,
-    Segment,
-    aligned,
-    cut_chunks,
-    lay_out,
-    min_buffer_bytes,
-)
-from elastic_ep.eplb.row_copy import Row, RowTable, triton_available
+from elastic_ep.eplb.exec_chunks import Chunk, cut_chunks, min_buffer_bytes
+from elastic_ep.eplb.exec_layout import ChunkLayout, RowSet, aligned, kinds_of, lay_out_chunks
+from elastic_ep.eplb.row_copy import RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
@@ -245,17 +239,27 @@ def execute(
     checked = _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
 
     runner = _Runner(
-        weights, group, layout, chunks, kind_bytes, reload, timer, _copy_path(copy, group.device)
+        plan,
+        weights,
+        group,
+        layout,
+        chunks,
+        kind_bytes,
+        reload,
+        timer,
+        _copy_path(copy, group.device),
     )
     if group.device.type == "cuda":
         stream = _private_stream(group.device)
         stream.wait_stream(torch.cuda.current_stream(group.device))
         with torch.cuda.stream(stream):
             runner.size_buffer(buffer_bytes if overlap else 0)
+            runner.lay_out()
             runner.run(checked)
         torch.cuda.synchronize(group.device)
     else:
         runner.size_buffer(buffer_bytes if overlap else 0)
+        runner.lay_out()
         runner.run(checked)
 
     sent, received = _bytes_per_group_rank(plan, slot_bytes, layout)
@@ -468,15 +472,34 @@ def _bytes_per_group_rank(
     return tuple(sent), tuple(received)
 
 
+def _torch_copy(flat: Sequence[torch.Tensor | None], rows: RowSet) -> None:
+    """One multi-tensor copy of ``rows`` between byte views (``flat[tensor number]``)."""
+    if not len(rows.nbytes):
+        return
+    columns = zip(
+        rows.src_tensor.tolist(),
+        rows.src_offset.tolist(),
+        rows.dst_tensor.tolist(),
+        rows.dst_offset.tolist(),
+        rows.nbytes.tolist(),
+        strict=True,
+    )
+    sources, targets = [], []
+    for src, src_at, dst, dst_at, n in columns:
+        sources.append(flat[src][src_at : src_at + n])
+        targets.append(flat[dst][dst_at : dst_at + n])
+    torch._foreach_copy_(targets, sources)
+
+
 @dataclass(frozen=True)
 class _Launches:
-    """One chunk's layout, where it sits in the buffer, and on the fused paths (Triton, copy
-    engines) its three launches: pack, slot-to-slot copies (first: other writes may overwrite
-    their sources), and write-back."""
+    """One chunk's layout and its three launches: pack, slot-to-slot copies (first: other
+    writes may overwrite their sources), and write-back."""
 
-    work: ChunkWork
-    base: int
-    fused: tuple[Callable[[], None], Callable[[], None], Callable[[], None]] | None = None
+    layout: ChunkLayout
+    pack: Callable[[], None]
+    direct: Callable[[], None]
+    unpack: Callable[[], None]
 
 
 class _Runner:
@@ -484,12 +507,14 @@ class _Runner:
 
     Even chunks sit at the start of the buffer and odd chunks at its end, so two consecutive
     chunks never share bytes when both fit; a chunk reuses the bytes of the chunk two before it,
-    which was written back (stream-ordered on CUDA) before this one is packed. A chunk is laid
-    out just before it runs (see :meth:`prepare`).
+    which was written back (stream-ordered on CUDA) before this one is packed. Every chunk is laid
+    out, and on the Triton path listed in one row table, before the first one runs (see
+    :meth:`lay_out`).
     """
 
     def __init__(
         self,
+        plan: TransferPlan,
         weights: Sequence[Sequence[torch.Tensor]],
         group: StatelessGroup,
         layout: _Layout,
@@ -499,10 +524,9 @@ class _Runner:
         timer: _Timer,
         copy_path: str,
     ) -> None:
-        self.weights, self.group, self.layout, self.chunks = weights, group, layout, chunks
-        self.kind_bytes, self.reload_hook, self.timer = kind_bytes, reload, timer
-        self.copy_path = copy_path
-        self.slot_views: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.plan, self.weights, self.group, self.layout = plan, weights, group, layout
+        self.chunks, self.kind_bytes, self.reload_hook = chunks, kind_bytes, reload
+        self.timer, self.copy_path = timer, copy_path
         self.reloaded: list[tuple[int, int]] = []
 
     def size_buffer(self, overlap_budget: int) -> None:
@@ -514,12 +538,73 @@ class _Runner:
         pairs = [a + b for a, b, o in zip(sizes, sizes[1:], self.overlapped, strict=False) if o]
         self.buffer_bytes = max([0, *sizes, *pairs])
         self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.group.device)
-        # Row tables address everything from a live allocation (an empty buffer has none).
-        self.anchor = (
-            self.buffer
-            if self.buffer_bytes or self.copy_path != "triton"
-            else torch.empty(ALIGN_ANCHOR, dtype=torch.uint8, device=self.group.device)
+
+    def lay_out(self) -> None:
+        """Lay out every chunk (numpy, a few dozen array operations for the whole plan) and, on
+        the fused paths, turn its rows into launches; the Triton path lists every launch of the
+        call in one row table, uploaded once."""
+        start = time.perf_counter()
+        chunk_starts = [0, *itertools.accumulate(len(c.steps) for c in self.chunks)]
+        layout = lay_out_chunks(
+            self.plan,
+            chunk_starts,
+            self.kind_bytes,
+            self.layout.ranks,
+            self.layout.old_rank,
+            self.layout.new_rank,
+            self.buffer_bytes,
         )
+        kinds = kinds_of(self.kind_bytes)
+        tensors: list[torch.Tensor | None] = [self.buffer]
+        for layer in self.weights:
+            tensors.extend([*layer, *[None] * (kinds - len(layer))])
+        chunks = range(len(layout.chunks))
+        copies: list[list[Callable[[], None]]] = []  # per launch kind, per chunk
+        if self.copy_path == "torch":
+            # A free function, not a method: a launch that held the runner would keep the buffer
+            # alive in a reference cycle after the call.
+            flat = [None if t is None else t.view(-1).view(torch.uint8) for t in tensors]
+            for rows in (layout.pack, layout.direct, layout.unpack):
+                copies.append(
+                    [functools.partial(_torch_copy, flat, rows.of_chunk(c)) for c in chunks]
+                )
+        else:
+            address = np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.int64)
+            if self.copy_path == "triton":
+                # Row tables address everything from a live allocation (an empty buffer has none).
+                anchor = (
+                    self.buffer
+                    if self.buffer_bytes
+                    else torch.empty(ALIGN_ANCHOR, dtype=torch.uint8, device=self.group.device)
+                )
+                self.table = RowTable(anchor)
+            for rows in (layout.pack, layout.direct, layout.unpack):
+                src = address[rows.src_tensor] + rows.src_offset
+                dst = address[rows.dst_tensor] + rows.dst_offset
+                if self.copy_path == "triton":
+                    launches = self.table.add_launches(src, dst, rows.nbytes, np.diff(rows.bounds))
+                    copies.append([functools.partial(self.table.copy, r) for r in launches])
+                else:
+                    stream = torch.cuda.current_stream(self.group.device)
+                    a, b = rows.bounds[:-1], rows.bounds[1:]
+                    copies.append(
+                        [
+                            functools.partial(
+                                batch_copy,
+                                src[a[c] : b[c]],
+                                dst[a[c] : b[c]],
+                                rows.nbytes[a[c] : b[c]],
+                                stream,
+                            )
+                            for c in chunks
+                        ]
+                    )
+            if self.copy_path == "triton":
+                self.table.upload()
+        self.launches = [
+            _Launches(chunk, *(kind[c] for kind in copies)) for c, chunk in enumerate(layout.chunks)
+        ]
+        self.timer.add(Phase.PLAN, start)
 
     def run(self, before_first_transfer: Callable[[], None]) -> None:
         """Run every chunk; ``before_first_transfer`` (the plan check, which may raise) is
@@ -527,8 +612,7 @@ class _Runner:
         if not self.chunks:
             before_first_transfer()
         pending: tuple[P2PHandle | None, _Launches] | None = None
-        for k in range(len(self.chunks)):
-            chunk = self.prepare(k)
+        for k, chunk in enumerate(self.launches):
             self.pack(chunk)
             if k == 0:
                 before_first_transfer()
@@ -542,118 +626,17 @@ class _Runner:
         if pending is not None:
             self.finish(*pending)
 
-    def prepare(self, k: int) -> _Launches:
-        """Lay out chunk ``k``; on the fused paths also list its copies as rows (on the Triton
-        path the rows of one table, one upload), so the chunk runs one pack, one slot-to-slot and
-        one write-back launch. Runs while the previous chunk transfers: only posted chunks keep
-        the GPU busy, so preparing several ahead left it idle (a timeline of 2x H200 showed the
-        gaps)."""
-        start = time.perf_counter()
-        work = lay_out(
-            self.chunks[k].steps,
-            self.kind_bytes,
-            self.layout.ranks,
-            self.layout.old_rank,
-            self.layout.new_rank,
-        )
-        base = 0 if k % 2 == 0 else self.buffer_bytes - work.nbytes
-        fused = None
-        if self.copy_path == "triton":
-            table = RowTable(self.anchor)
-            launches = [table.add(rows) for rows in self._row_lists(work, base)]
-            table.upload()
-            pack, direct, unpack = (functools.partial(table.copy, rows) for rows in launches)
-            fused = (pack, direct, unpack)
-        elif self.copy_path == "engine":
-            stream = torch.cuda.current_stream(self.group.device)
-            columns = [
-                np.array(rows, dtype=np.int64).reshape(-1, 3).T
-                for rows in self._row_lists(work, base)
-            ]
-            pack, direct, unpack = (
-                functools.partial(batch_copy, src, dst, nbytes, stream)
-                for src, dst, nbytes in columns
-            )
-            fused = (pack, direct, unpack)
-        self.timer.add(Phase.PLAN, start)
-        return _Launches(work, base, fused)
-
-    def _row_lists(self, work: ChunkWork, base: int) -> tuple[list[Row], list[Row], list[Row]]:
-        """(pack, slot-to-slot, write-back) rows of one laid-out chunk at ``base``."""
-        buffer = self.buffer.data_ptr() + base
-        pack: list[Row] = []
-        direct: list[Row] = []
-        unpack: list[Row] = []
-        for seg in work.pack:
-            pack.extend(self._segment_rows(seg, buffer, into_buffer=True))
-        for copy in work.direct:
-            for kind in range(len(self.weights[copy.layer])):
-                ptr, nbytes = self._kind(copy.layer, kind)
-                src = ptr + copy.src_slot * nbytes
-                direct.extend((src, ptr + s * nbytes, nbytes) for s in copy.dst_slots)
-        for seg in work.unpack:
-            unpack.extend(self._segment_rows(seg, buffer, into_buffer=False))
-        for extra in work.extras:
-            for kind, seg in enumerate(extra.segments):
-                ptr, nbytes = self._kind(extra.layer, kind)
-                at = buffer + seg.offset + extra.row * nbytes
-                unpack.append((at, ptr + extra.slot * nbytes, nbytes))
-        return pack, direct, unpack
-
-    def _segment_rows(self, seg: Segment, buffer: int, *, into_buffer: bool) -> list[Row]:
-        """Rows between a segment's slots and its rows at ``buffer``, in either direction."""
-        ptr, nbytes = self._kind(seg.layer, seg.kind)
-        at = buffer + seg.offset
-        pairs = [(ptr + s * nbytes, at + r * nbytes) for r, s in enumerate(seg.slots)]
-        if into_buffer:
-            return [(slot, row, nbytes) for slot, row in pairs]
-        return [(row, slot, nbytes) for slot, row in pairs]
-
-    def _kind(self, layer: int, kind: int) -> tuple[int, int]:
-        """(address of slot 0, bytes per slot) of one weight tensor."""
-        return self.weights[layer][kind].data_ptr(), self.kind_bytes[layer][kind]
-
-    def _slot(self, layer: int, kind: int, slot: int) -> torch.Tensor:
-        views = self.slot_views.get((layer, kind))
-        if views is None:
-            views = self.slot_views[(layer, kind)] = self.weights[layer][kind].unbind(0)
-        return views[slot]
-
-    def _view(self, base: int, seg: Segment) -> torch.Tensor:
-        t = self.weights[seg.layer][seg.kind]
-        nbytes = len(seg.slots) * t[0].numel() * t.element_size()
-        start = base + seg.offset
-        return self.buffer[start : start + nbytes].view(t.dtype).view(len(seg.slots), *t.shape[1:])
-
-    def _rows(
-        self, base: int, segments: Sequence[Segment]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(buffer rows, weight slots) of ``segments``, row by row."""
-        rows: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        for seg in segments:
-            rows.extend(self._view(base, seg).unbind(0))
-            slots.extend(self._slot(seg.layer, seg.kind, slot) for slot in seg.slots)
-        return rows, slots
-
     def pack(self, chunk: _Launches) -> None:
         """Copy what this rank sends, and staged local-copy sources, into the chunk's region
         (one launch: few rows per segment make per-segment gathers slow)."""
         start = time.perf_counter()
-        if chunk.fused is not None:
-            pack, _, _ = chunk.fused
-            pack()
-        else:
-            rows, slots = self._rows(chunk.base, chunk.work.pack)
-            if rows:
-                torch._foreach_copy_(rows, slots)
+        chunk.pack()
         self.timer.add(Phase.STAGE, start)
 
     def post(self, chunk: _Launches) -> P2PHandle | None:
         start = time.perf_counter()
-        work, base = chunk.work, chunk.base
-        sends = [(self.buffer[base + o : base + o + n], peer) for peer, o, n in work.sends]
-        recvs = [(self.buffer[base + o : base + o + n], peer) for peer, o, n in work.recvs]
+        sends = [(self.buffer[o : o + n], peer) for peer, o, n in chunk.layout.sends]
+        recvs = [(self.buffer[o : o + n], peer) for peer, o, n in chunk.layout.recvs]
         handle = self.group.batch_p2p(sends, recvs, async_op=True) if sends or recvs else None
         self.timer.add(Phase.P2P, start)
         return handle
@@ -665,37 +648,14 @@ class _Runner:
             handle.wait()
         self.timer.add(Phase.P2P, start)
         start = time.perf_counter()
-        if chunk.fused is not None:
-            _, direct, unpack = chunk.fused
-            direct()
-            unpack()
-        else:
-            self._write_back(chunk.work, chunk.base)
-        for op in chunk.work.reloads:
+        chunk.direct()
+        chunk.unpack()
+        for op in chunk.layout.reloads:
             weights = self.weights[op.layer]
             for w, src in zip(weights, self._reload(op, weights), strict=True):
                 for slot in op.dst_slots:
                     w[slot].copy_(src)
         self.timer.add(Phase.WRITE_BACK, start)
-
-    def _write_back(self, work: ChunkWork, base: int) -> None:
-        # Unstaged local copies first: their sources may be overwritten by this chunk's other
-        # writes, never by each other (those are staged).
-        sources: list[torch.Tensor] = []
-        targets: list[torch.Tensor] = []
-        for copy in work.direct:
-            for kind in range(len(self.weights[copy.layer])):
-                sources.extend(self._slot(copy.layer, kind, copy.src_slot) for _ in copy.dst_slots)
-                targets.extend(self._slot(copy.layer, kind, slot) for slot in copy.dst_slots)
-        if sources:
-            torch._foreach_copy_(targets, sources)
-        rows, slots = self._rows(base, work.unpack)
-        for extra in work.extras:
-            for kind, seg in enumerate(extra.segments):
-                rows.append(self._view(base, seg)[extra.row])
-                slots.append(self._slot(extra.layer, kind, extra.slot))
-        if rows:
-            torch._foreach_copy_(slots, rows)
 
     def _reload(self, op: Reload, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         assert self.reload_hook is not None  # execute raised LostExpertsError otherwise

@@ -157,16 +157,45 @@ class RowTable:
 
     def add(self, rows: Sequence[Row]) -> Rows:
         """Append one launch of ``rows`` (absolute addresses on the anchor's device)."""
-        rel = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return self.add_arrays(*np.array(rows, dtype=np.int64).reshape(-1, 3).T)
+
+    def add_arrays(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray) -> Rows:
+        """Append one launch of rows given as int64 ``[rows]`` arrays: source address,
+        destination address (absolute, on the anchor's device) and byte length."""
+        (rows,) = self.add_launches(src, dst, nbytes, np.array([len(nbytes)]))
+        return rows
+
+    def add_launches(
+        self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, counts: np.ndarray
+    ) -> list[Rows]:
+        """Append many launches at once, in a fixed number of array operations: the rows as in
+        :meth:`add_arrays`, launch after launch, ``counts[i]`` rows in launch ``i``."""
+        counts = np.asarray(counts, dtype=np.int64)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        rel = np.stack([src, dst, nbytes], axis=1).astype(np.int64).reshape(-1, 3)
         rel[:, :2] -= self.anchor.data_ptr()
-        word = 4 if not (rel % 4).any() else 1
-        align = 4 if word == 4 and not (rel % 16).any() else 1
-        start, self._count = self._count, self._count + len(rel)
-        words = rel // word
+
+        def any_per_launch(flags: np.ndarray) -> np.ndarray:
+            total = np.concatenate([[0], np.cumsum(flags)])
+            return total[ends] > total[starts]
+
+        bytes_only = any_per_launch(np.any(rel % 4, axis=1))
+        unaligned = any_per_launch(np.any(rel % 16, axis=1))
+        word = np.where(bytes_only, 1, 4)
+        align = np.where(bytes_only | unaligned, 1, 4)
+        words = rel // np.repeat(word, counts)[:, None]
         blocks = -(-words[:, 2] // BLOCK)
-        first = np.cumsum(blocks) - blocks
+        passed = np.concatenate([[0], np.cumsum(blocks)])
+        # a row's first block, numbered from its launch's first row
+        first = passed[:-1] - np.repeat(passed[starts], counts)
         self._launches.append(np.column_stack([words, first]))
-        return Rows(start, len(rel), word, align, int(blocks.sum()))
+        launch_blocks = passed[ends] - passed[starts]
+        base, self._count = self._count, self._count + len(rel)
+        return [
+            Rows(base + int(a), int(n), int(w), int(al), int(b))
+            for a, n, w, al, b in zip(starts, counts, word, align, launch_blocks, strict=True)
+        ]
 
     def add_pairs(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Rows:
         """Append one launch copying each (source, destination) pair of contiguous tensors of

@@ -120,6 +120,36 @@ class Step:
 
 
 @dataclass(frozen=True, eq=False)
+class OpTable:
+    """A plan's transfers and local copies as arrays, in plan order (reloads are left out): what
+    the executor lays out, with numpy, on every call.
+
+    Attributes (int64 ``[ops]`` unless said otherwise):
+        step: index of the op's step in ``TransferPlan.steps``.
+        layer: the op's layer.
+        transfer: bool ``[ops]``: a :class:`Transfer` (else a :class:`LocalCopy`).
+        src: the sender's old rank, or for a local copy its new rank.
+        src_slot: the slot read.
+        dst: the receiver's new rank, or for a local copy its new rank.
+        dst_slot: the first destination slot.
+        staged: bool ``[ops]``: a local copy staged through the buffer.
+        extra_op / extra_slot: int64 ``[extras]``: each further destination slot
+            (``dst_slots[1:]``) and the index of its op.
+    """
+
+    step: np.ndarray
+    layer: np.ndarray
+    transfer: np.ndarray
+    src: np.ndarray
+    src_slot: np.ndarray
+    dst: np.ndarray
+    dst_slot: np.ndarray
+    staged: np.ndarray
+    extra_op: np.ndarray
+    extra_slot: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
 class TransferPlan:
     """Every local copy, transfer and reload that turns ``previous`` into ``new``.
 
@@ -172,6 +202,47 @@ class TransferPlan:
             for rank, count in step.sent_experts:
                 sent[i, rank] = count
         return layer, received, sent
+
+    @cached_property
+    def op_table(self) -> OpTable:
+        """The plan's transfers and local copies as arrays (computed once per plan)."""
+        rows: list[tuple[int, int, bool, int, int, int, int, bool]] = []
+        extras: list[tuple[int, int]] = []
+        for i, step in enumerate(self.steps):
+            for op in step.ops:
+                if isinstance(op, Transfer):
+                    src, dst, staged = op.src, op.dst, False
+                elif isinstance(op, LocalCopy):
+                    src, dst, staged = op.rank, op.rank, op.staged
+                else:
+                    continue
+                extras.extend((len(rows), slot) for slot in op.dst_slots[1:])
+                rows.append(
+                    (
+                        i,
+                        op.layer,
+                        isinstance(op, Transfer),
+                        src,
+                        op.src_slot,
+                        dst,
+                        op.dst_slots[0],
+                        staged,
+                    )
+                )
+        table = np.array(rows, dtype=np.int64).reshape(-1, 8).T
+        extra = np.array(extras, dtype=np.int64).reshape(-1, 2).T
+        return OpTable(
+            step=table[0],
+            layer=table[1],
+            transfer=table[2].astype(bool),
+            src=table[3],
+            src_slot=table[4],
+            dst=table[5],
+            dst_slot=table[6],
+            staged=table[7].astype(bool),
+            extra_op=extra[0],
+            extra_slot=extra[1],
+        )
 
     def sends_per_old_rank(self) -> tuple[int, ...]:
         """Experts (over all layers) each old rank sends."""
@@ -237,7 +308,8 @@ def plan_transfers(
     planner = _LayerPlanner(previous, new, mapping, set(dead), nodes)
     steps = tuple(step for layer in range(new.num_layers) for step in planner.plan_layer(layer))
     plan = TransferPlan(previous, new, mapping, dead, nodes, steps)
-    plan.step_experts  # noqa: B018 (plan time: every execute of this plan reads it)
+    plan.step_experts  # noqa: B018 (plan time: every execute of this plan reads them)
+    plan.op_table  # noqa: B018
     return plan
 
 
