@@ -396,6 +396,30 @@ def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.timeout(150)
+def test_bench_executor_and_its_host_bench_run_on_cpu() -> None:
+    out = _run_python(
+        [
+            "benchmarks/bench_executor.py",
+            "--backend",
+            "gloo",
+            "--devices",
+            "2",
+            "--small",
+            "--repeats",
+            "1",
+        ],
+        timeout=140,
+    )
+    for scenario in ("reshuffle", "drift10", "up 1->2", "down 2->1"):
+        assert scenario in out
+    out = _run_python(
+        ["benchmarks/bench_executor_host.py", "--device", "cpu", "--small", "--repeats", "1"],
+        timeout=60,
+    )
+    assert "reshuffle torch" in out and "drift10   torch" in out
+
+
 def test_bench_connect_runs_on_gloo(tmp_path: Path) -> None:
     out = tmp_path / "connect.jsonl"
     _run_python(

@@ -558,53 +558,84 @@ class _Runner:
         tensors: list[torch.Tensor | None] = [self.buffer]
         for layer in self.weights:
             tensors.extend([*layer, *[None] * (kinds - len(layer))])
-        chunks = range(len(layout.chunks))
-        copies: list[list[Callable[[], None]]] = []  # per launch kind, per chunk
+        row_sets = (layout.pack, layout.direct, layout.unpack)
         if self.copy_path == "torch":
-            # A free function, not a method: a launch that held the runner would keep the buffer
-            # alive in a reference cycle after the call.
-            flat = [None if t is None else t.view(-1).view(torch.uint8) for t in tensors]
-            for rows in (layout.pack, layout.direct, layout.unpack):
-                copies.append(
-                    [functools.partial(_torch_copy, flat, rows.of_chunk(c)) for c in chunks]
-                )
+            copies = self._torch_copies(tensors, row_sets, len(layout.chunks))
         else:
             address = np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.int64)
+            src = [address[r.src_tensor] + r.src_offset for r in row_sets]
+            dst = [address[r.dst_tensor] + r.dst_offset for r in row_sets]
             if self.copy_path == "triton":
-                # Row tables address everything from a live allocation (an empty buffer has none).
-                anchor = (
-                    self.buffer
-                    if self.buffer_bytes
-                    else torch.empty(ALIGN_ANCHOR, dtype=torch.uint8, device=self.group.device)
-                )
-                self.table = RowTable(anchor)
-            for rows in (layout.pack, layout.direct, layout.unpack):
-                src = address[rows.src_tensor] + rows.src_offset
-                dst = address[rows.dst_tensor] + rows.dst_offset
-                if self.copy_path == "triton":
-                    launches = self.table.add_launches(src, dst, rows.nbytes, np.diff(rows.bounds))
-                    copies.append([functools.partial(self.table.copy, r) for r in launches])
-                else:
-                    stream = torch.cuda.current_stream(self.group.device)
-                    a, b = rows.bounds[:-1], rows.bounds[1:]
-                    copies.append(
-                        [
-                            functools.partial(
-                                batch_copy,
-                                src[a[c] : b[c]],
-                                dst[a[c] : b[c]],
-                                rows.nbytes[a[c] : b[c]],
-                                stream,
-                            )
-                            for c in chunks
-                        ]
-                    )
-            if self.copy_path == "triton":
-                self.table.upload()
+                copies = self._triton_copies(src, dst, row_sets, len(layout.chunks))
+            else:
+                copies = self._engine_copies(src, dst, row_sets, len(layout.chunks))
         self.launches = [
             _Launches(chunk, *(kind[c] for kind in copies)) for c, chunk in enumerate(layout.chunks)
         ]
         self.timer.add(Phase.PLAN, start)
+
+    @staticmethod
+    def _torch_copies(
+        tensors: list[torch.Tensor | None], row_sets: Sequence[RowSet], chunks: int
+    ) -> list[list[Callable[[], None]]]:
+        """Per launch kind and chunk, one multi-tensor copy between byte views (partials of the
+        free function ``_torch_copy``: a launch that held the runner would keep the buffer alive
+        in a reference cycle after the call)."""
+        flat = [None if t is None else t.view(-1).view(torch.uint8) for t in tensors]
+        return [
+            [functools.partial(_torch_copy, flat, rows.of_chunk(c)) for c in range(chunks)]
+            for rows in row_sets
+        ]
+
+    def _triton_copies(
+        self,
+        src: list[np.ndarray],
+        dst: list[np.ndarray],
+        row_sets: Sequence[RowSet],
+        chunks: int,
+    ) -> list[list[Callable[[], None]]]:
+        """Every launch of the call in one row table (pack launches, then slot-to-slot, then
+        write-back), uploaded once."""
+        # Row tables address everything from a live allocation (an empty buffer has none).
+        anchor = (
+            self.buffer
+            if self.buffer_bytes
+            else torch.empty(ALIGN_ANCHOR, dtype=torch.uint8, device=self.group.device)
+        )
+        table = RowTable(anchor)
+        launches = table.add_launches(
+            np.concatenate(src),
+            np.concatenate(dst),
+            np.concatenate([r.nbytes for r in row_sets]),
+            np.concatenate([np.diff(r.bounds) for r in row_sets]),
+        )
+        table.upload()
+        return [
+            [functools.partial(table.copy, r) for r in launches[i * chunks : (i + 1) * chunks]]
+            for i in range(len(row_sets))
+        ]
+
+    def _engine_copies(
+        self,
+        src: list[np.ndarray],
+        dst: list[np.ndarray],
+        row_sets: Sequence[RowSet],
+        chunks: int,
+    ) -> list[list[Callable[[], None]]]:
+        """Per launch kind and chunk, one batch of copy-engine copies."""
+        stream = torch.cuda.current_stream(self.group.device)
+        out: list[list[Callable[[], None]]] = []
+        for s, d, rows in zip(src, dst, row_sets, strict=True):
+            a, b = rows.bounds[:-1], rows.bounds[1:]
+            out.append(
+                [
+                    functools.partial(
+                        batch_copy, s[a[c] : b[c]], d[a[c] : b[c]], rows.nbytes[a[c] : b[c]], stream
+                    )
+                    for c in range(chunks)
+                ]
+            )
+        return out
 
     def run(self, before_first_transfer: Callable[[], None]) -> None:
         """Run every chunk; ``before_first_transfer`` (the plan check, which may raise) is

@@ -1,9 +1,9 @@
 """Copy many byte rows between tensors with one kernel launch (Triton), or with torch.
 
 A :class:`RowTable` lists rows as (source address, destination address, byte length). ``execute``
-builds one per chunk on the host (while the previous chunk's transfer runs), uploads it with one
-asynchronous copy, and launches one kernel per slice: one packs the chunk's rows into the staging
-buffer, one copies slot to slot, one writes received rows back.
+builds one per call on the host, holding every chunk's launches, uploads it with one
+asynchronous copy, and launches one kernel per slice: per chunk, one packs the chunk's rows into
+the staging buffer, one copies slot to slot, one writes received rows back.
 Addresses are stored as offsets, in words, from an anchor tensor (the staging buffer) so the
 kernel only does pointer arithmetic; a slice whose rows are all 4-byte aligned moves int32 words
 (16-byte aligned ones also get a vectorization hint), others move bytes.
