@@ -3,7 +3,8 @@
 What the executor's host does for rank 0 of a DeepSeek-V2-Lite-sized 2-rank plan (26 layers,
 64 experts, 40 slots per rank, bf16 ``w13``/``w2``; a full reshuffle and a 10% drift), with its
 copies run for real on the device and the transfers left out (one device has no peer): the
-layout of every chunk (``_Runner.lay_out``), then each chunk's pack and write-back launches.
+layout of the chunks (``_Runner.launch``, in growing batches), and each chunk's pack and
+write-back launches.
 Every copy path the device can run, side by side; median of ``--repeats``. On 2 GPUs this host
 work runs beside the transfers, so it bounds how fast the executor can go.
 
@@ -102,16 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 def _once(runner: executor._Runner, device: torch.device) -> tuple[float, float, float]:
     """(host seconds, seconds until the device is done, layout seconds) of one pass."""
     runner.timer = executor._Timer()
+    runner.launches = []
     start = time.perf_counter()
-    runner.lay_out()
-    laid_out = time.perf_counter()
-    for chunk in runner.launches:
+    for k in range(len(runner.chunks)):
+        chunk = runner.launch(k)
         runner.pack(chunk)
         runner.finish(None, chunk)
     host = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return host - start, time.perf_counter() - start, laid_out - start
+    layout = runner.timer.seconds[executor.Phase.PLAN]
+    return host - start, time.perf_counter() - start, layout
 
 
 if __name__ == "__main__":

@@ -112,3 +112,34 @@ def test_regions_match_between_peers_and_stay_in_the_buffer(
                         got[(g, src_at - back[1])] = (n, what(dst, dst_at, wanted))
                 mine = {key: value for key, value in sent.items() if key[0] == peer}
                 assert {(g, k[1]): v for k, v in mine.items()} == got
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(KINDS), st.integers(0, 2**31), st.integers(2, 4), st.data())
+def test_a_batch_of_chunks_is_laid_out_as_in_the_whole(
+    kind: str, seed: int, world: int, data: st.DataObject
+) -> None:
+    """``execute`` lays chunks out in batches: any range of chunks comes out as the same
+    chunks of the whole layout."""
+    sc = make_scenario(kind, seed, world, 3, 8)
+    plan = plan_transfers(sc.previous, sc.new, sc.mapping, dead_ranks=sc.dead)
+    kind_bytes = [[64, 6]] * plan.new.num_layers
+    row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
+    group_world = max(plan.rank_mapping.old_world_size, plan.rank_mapping.new_world_size)
+    ranks = GroupRanks.for_world_size(plan.rank_mapping, group_world)
+    budget = min_buffer_bytes(plan, row_bytes, ranks, group_world) * 2
+    chunks = cut_chunks(plan, row_bytes, ranks, group_world, budget, True)
+    starts = [0, *itertools.accumulate(len(c.steps) for c in chunks)]
+    g = data.draw(st.integers(0, group_world - 1))
+    old = ranks.old.index(g) if g in ranks.old else None
+    new = ranks.new.index(g) if g in ranks.new else None
+    whole = lay_out_chunks(plan, starts, kind_bytes, ranks, old, new, budget)
+    first = data.draw(st.integers(0, len(chunks) - 1))
+    last = data.draw(st.integers(first + 1, len(chunks)))
+    part = lay_out_chunks(plan, starts, kind_bytes, ranks, old, new, budget, first, last)
+    assert part.chunks == whole.chunks[first:last]
+    for c in range(first, last):
+        for name in ("pack", "direct", "unpack"):
+            assert _rows(getattr(part, name).of_chunk(c - first)) == _rows(
+                getattr(whole, name).of_chunk(c)
+            )

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from elastic_ep.eplb.transfer_plan import Reload, TransferPlan
+from elastic_ep.eplb.transfer_plan import OpTable, Reload, TransferPlan
 
 if TYPE_CHECKING:
     from elastic_ep.eplb.executor import GroupRanks
@@ -98,10 +98,10 @@ class ChunkLayout:
 
 @dataclass(frozen=True)
 class Layout:
-    """This rank's layout of every chunk of a call.
+    """This rank's layout of consecutive chunks of a call.
 
     Attributes:
-        chunks: per chunk, its region and transfers.
+        chunks: per chunk, its region and transfers (row bounds count from the first).
         pack: rows into each region before its transfers (sends and staged copies).
         direct: slot-to-slot local copies, run after the transfers but before ``unpack`` (their
             sources may be overwritten by the chunk's other writes, never by each other).
@@ -127,8 +127,10 @@ def lay_out_chunks(
     old_rank: int | None,
     new_rank: int | None,
     buffer_bytes: int,
+    first: int = 0,
+    last: int | None = None,
 ) -> Layout:
-    """This rank's layout of every chunk.
+    """This rank's layout of chunks ``first`` to ``last`` (exclusive; default: to the end).
 
     Args:
         chunk_starts: index in ``plan.steps`` of each chunk's first step, then the step count.
@@ -136,13 +138,15 @@ def lay_out_chunks(
         old_rank / new_rank: this process's ranks (``None`` if not one).
         buffer_bytes: the staging buffer's size (odd chunks end at its end).
     """
-    ops = plan.op_table
-    chunks = len(chunk_starts) - 1
+    if last is None:
+        last = len(chunk_starts) - 1
+    chunks = last - first
+    ops = _ops_between(plan.op_table, chunk_starts[first], chunk_starts[last])
     kinds = kinds_of(kind_bytes)
     slot_bytes = np.zeros((len(kind_bytes), kinds), dtype=np.int64)  # [layers, kinds]
     for i, per_kind in enumerate(kind_bytes):
         slot_bytes[i, : len(per_kind)] = per_kind
-    chunk_of_op = np.searchsorted(np.asarray(chunk_starts), ops.step, side="right") - 1
+    chunk_of_op = np.searchsorted(np.asarray(chunk_starts), ops.step, side="right") - 1 - first
     old_group = np.array([-1 if g is None else g for g in ranks.old], dtype=np.int64)
     new_group = np.array([-1 if g is None else g for g in ranks.new], dtype=np.int64)
     me_old = -1 if old_rank is None else old_rank
@@ -171,18 +175,20 @@ def lay_out_chunks(
     for key in (chunk, section, peer, layer):
         starts_group[1:] |= key[1:] != key[:-1]
     group = np.cumsum(starts_group) - 1
-    first = np.flatnonzero(starts_group)
-    count = np.diff(np.append(first, entries))
-    row = np.arange(entries) - first[group]
-    segment = -(-slot_bytes[layer[first]] * count[:, None] // ALIGN) * ALIGN  # [groups, kinds]
+    group_start = np.flatnonzero(starts_group)
+    count = np.diff(np.append(group_start, entries))
+    row = np.arange(entries) - group_start[group]
+    segment = (
+        -(-slot_bytes[layer[group_start]] * count[:, None] // ALIGN) * ALIGN
+    )  # [groups, kinds]
     sizes = segment.ravel()
-    segment_chunk = np.repeat(chunk[first], kinds)
+    segment_chunk = np.repeat(chunk[group_start], kinds)
     at = np.cumsum(sizes) - sizes
     chunk_first_segment = np.searchsorted(segment_chunk, np.arange(chunks))
     chunk_at = np.append(at, sizes.sum())[chunk_first_segment]
     offset = (at - chunk_at[segment_chunk]).reshape(segment.shape)  # in its chunk's region
     nbytes = np.bincount(segment_chunk, weights=sizes, minlength=chunks).astype(np.int64)
-    base = np.where(np.arange(chunks) % 2 == 0, 0, buffer_bytes - nbytes)
+    base = np.where((first + np.arange(chunks)) % 2 == 0, 0, buffer_bytes - nbytes)
 
     # Rows of every entry and kind: [entries, kinds].
     size = slot_bytes[layer]
@@ -226,14 +232,34 @@ def lay_out_chunks(
             chunk_of_op[targets],
         )
     )
-    transfers = _transfers(chunk[first], section[first], peer[first], offset, segment, base)
-    reloads = _reloads(plan, chunk_starts, new_rank)
+    transfers = _transfers(
+        chunk[group_start], section[group_start], peer[group_start], offset, segment, base
+    )
+    reloads = _reloads(plan, chunk_starts[first : last + 1], new_rank)
     return Layout(
         tuple(
             ChunkLayout(int(nbytes[c]), int(base[c]), *transfers[c], reloads[c])
             for c in range(chunks)
         ),
         *(_by_chunk(rows[name], chunks) for name in ("pack", "direct", "unpack")),
+    )
+
+
+def _ops_between(ops: OpTable, first_step: int, end_step: int) -> OpTable:
+    """The ops of steps ``first_step`` to ``end_step`` (exclusive), numbered from 0."""
+    lo, hi = np.searchsorted(ops.step, [first_step, end_step])
+    extra_lo, extra_hi = np.searchsorted(ops.extra_op, [lo, hi])
+    return OpTable(
+        step=ops.step[lo:hi],
+        layer=ops.layer[lo:hi],
+        transfer=ops.transfer[lo:hi],
+        src=ops.src[lo:hi],
+        src_slot=ops.src_slot[lo:hi],
+        dst=ops.dst[lo:hi],
+        dst_slot=ops.dst_slot[lo:hi],
+        staged=ops.staged[lo:hi],
+        extra_op=ops.extra_op[extra_lo:extra_hi] - lo,
+        extra_slot=ops.extra_slot[extra_lo:extra_hi],
     )
 
 

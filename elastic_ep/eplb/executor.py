@@ -254,12 +254,10 @@ def execute(
         stream.wait_stream(torch.cuda.current_stream(group.device))
         with torch.cuda.stream(stream):
             runner.size_buffer(buffer_bytes if overlap else 0)
-            runner.lay_out()
             runner.run(checked)
         torch.cuda.synchronize(group.device)
     else:
         runner.size_buffer(buffer_bytes if overlap else 0)
-        runner.lay_out()
         runner.run(checked)
 
     sent, received = _bytes_per_group_rank(plan, slot_bytes, layout)
@@ -507,9 +505,8 @@ class _Runner:
 
     Even chunks sit at the start of the buffer and odd chunks at its end, so two consecutive
     chunks never share bytes when both fit; a chunk reuses the bytes of the chunk two before it,
-    which was written back (stream-ordered on CUDA) before this one is packed. Every chunk is laid
-    out, and on the Triton path listed in one row table, before the first one runs (see
-    :meth:`lay_out`).
+    which was written back (stream-ordered on CUDA) before this one is packed. Chunks are laid out
+    in growing batches just before they run (see :meth:`launch`).
     """
 
     def __init__(
@@ -527,6 +524,8 @@ class _Runner:
         self.plan, self.weights, self.group, self.layout = plan, weights, group, layout
         self.chunks, self.kind_bytes, self.reload_hook = chunks, kind_bytes, reload
         self.timer, self.copy_path = timer, copy_path
+        self.chunk_starts = [0, *itertools.accumulate(len(c.steps) for c in chunks)]
+        self.launches: list[_Launches] = []
         self.reloaded: list[tuple[int, int]] = []
 
     def size_buffer(self, overlap_budget: int) -> None:
@@ -539,20 +538,29 @@ class _Runner:
         self.buffer_bytes = max([0, *sizes, *pairs])
         self.buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.group.device)
 
-    def lay_out(self) -> None:
-        """Lay out every chunk (numpy, a few dozen array operations for the whole plan) and, on
-        the fused paths, turn its rows into launches; the Triton path lists every launch of the
-        call in one row table, uploaded once."""
+    def launch(self, k: int) -> _Launches:
+        """Chunk ``k``'s launches. Chunks are laid out in batches of 1, 2, 4, ... chunks: chunk 0
+        alone, so that the first transfer starts early, then each batch while the chunks before
+        it transfer (a layout's cost is mostly fixed: ~0.5-1.5 ms of host time per call)."""
+        if k == len(self.launches):
+            self.lay_out(k, min(len(self.chunks), 2 * k + 1))
+        return self.launches[k]
+
+    def lay_out(self, first: int, last: int) -> None:
+        """Lay out chunks ``first`` to ``last`` (exclusive; numpy, a few dozen array operations
+        however many) and turn their rows into launches; the Triton path lists every launch of
+        the batch in one row table, uploaded once."""
         start = time.perf_counter()
-        chunk_starts = [0, *itertools.accumulate(len(c.steps) for c in self.chunks)]
         layout = lay_out_chunks(
             self.plan,
-            chunk_starts,
+            self.chunk_starts,
             self.kind_bytes,
             self.layout.ranks,
             self.layout.old_rank,
             self.layout.new_rank,
             self.buffer_bytes,
+            first,
+            last,
         )
         kinds = kinds_of(self.kind_bytes)
         tensors: list[torch.Tensor | None] = [self.buffer]
@@ -569,9 +577,9 @@ class _Runner:
                 copies = self._triton_copies(src, dst, row_sets, len(layout.chunks))
             else:
                 copies = self._engine_copies(src, dst, row_sets, len(layout.chunks))
-        self.launches = [
+        self.launches.extend(
             _Launches(chunk, *(kind[c] for kind in copies)) for c, chunk in enumerate(layout.chunks)
-        ]
+        )
         self.timer.add(Phase.PLAN, start)
 
     @staticmethod
@@ -643,7 +651,8 @@ class _Runner:
         if not self.chunks:
             before_first_transfer()
         pending: tuple[P2PHandle | None, _Launches] | None = None
-        for k, chunk in enumerate(self.launches):
+        for k in range(len(self.chunks)):
+            chunk = self.launch(k)
             self.pack(chunk)
             if k == 0:
                 before_first_transfer()
