@@ -271,16 +271,24 @@ def _rows(
     nbytes: np.ndarray,
     chunk: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
-    """Flattened ``[n, kinds]`` rows (kinds a layer lacks have 0 bytes and are dropped), with
-    each row's chunk; the tensor numbers broadcast."""
-    shape = nbytes.shape
-    columns = [
-        np.broadcast_to(np.asarray(a, dtype=np.int64), shape).ravel()
-        for a in (src_tensor, src_offset, dst_tensor, dst_offset, nbytes)
-    ]
-    chunks = np.broadcast_to(np.asarray(chunk)[:, None], shape).ravel()
-    keep = columns[-1] > 0
-    return (*(c[keep] for c in columns), chunks[keep])
+    """Rows from ``[n, kinds]`` arrays (a tensor number may be one int for all), flattened,
+    kinds a layer lacks (0 bytes) dropped, each tagged with its chunk (``chunk``: ``[n]``)."""
+    keep = nbytes.ravel() > 0
+    rows = int(keep.sum())
+
+    def column(values: np.ndarray | int) -> np.ndarray:
+        if isinstance(values, int):
+            return np.full(rows, values, dtype=np.int64)
+        return values.ravel()[keep]
+
+    return (
+        column(src_tensor),
+        column(src_offset),
+        column(dst_tensor),
+        column(dst_offset),
+        column(nbytes),
+        np.repeat(chunk, nbytes.shape[1])[keep],
+    )
 
 
 def _by_chunk(parts: list[tuple[np.ndarray, ...]], chunks: int) -> RowSet:
