@@ -1,7 +1,7 @@
 """Copy many byte rows between tensors with one kernel launch (Triton), or with torch.
 
 A :class:`RowTable` lists rows as (source address, destination address, byte length). ``execute``
-builds one per call on the host, holding every chunk's launches, uploads it with one
+builds one per batch of chunks on the host, holding the batch's launches, uploads it with one
 asynchronous copy, and launches one kernel per slice: per chunk, one packs the chunk's rows into
 the staging buffer, one copies slot to slot, one writes received rows back.
 Addresses are stored as offsets, in words, from an anchor tensor (the staging buffer) so the
