@@ -541,7 +541,7 @@ class _Runner:
     def launch(self, k: int) -> _Launches:
         """Chunk ``k``'s launches. Chunks are laid out in batches of 1, 2, 4, ... chunks: chunk 0
         alone, so that the first transfer starts early, then each batch while the chunks before
-        it transfer (a layout's cost is mostly fixed: ~0.5-1.5 ms of host time per call)."""
+        it transfer (a layout's cost is mostly fixed: 0.2-1.4 ms of host time per call)."""
         if k == len(self.launches):
             self.lay_out(k, min(len(self.chunks), 2 * k + 1))
         return self.launches[k]
