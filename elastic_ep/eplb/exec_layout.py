@@ -309,24 +309,27 @@ def _transfers(
     base: np.ndarray,
 ) -> list[tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]]:
     """Per chunk, the (sends, recvs) of its (section, peer) regions; arguments are per group
-    (``offset`` and ``segment`` per group and kind)."""
+    (``offset`` and ``segment`` per group and kind), groups in region order."""
     out: list[dict[int, list[tuple[int, int, int]]]] = [
         {_SEND: [], _RECEIVE: []} for _ in range(len(base))
     ]
-    region = segment.sum(axis=1)
-    start = 0
-    for g in range(1, len(chunk) + 1):
-        if g < len(chunk) and (chunk[g], section[g], peer[g]) == (
-            chunk[start],
-            section[start],
-            peer[start],
-        ):
-            continue
-        c, s = int(chunk[start]), int(section[start])
+    starts = np.zeros(len(chunk), dtype=bool)
+    starts[:1] = True
+    for key in (chunk, section, peer):
+        starts[1:] |= key[1:] != key[:-1]
+    first = np.flatnonzero(starts)
+    nbytes = np.bincount(np.cumsum(starts) - 1, weights=segment.sum(axis=1)).astype(np.int64)
+    at = base[chunk[first]] + offset[first, 0]
+    for c, s, p, a, n in zip(
+        chunk[first].tolist(),
+        section[first].tolist(),
+        peer[first].tolist(),
+        at.tolist(),
+        nbytes.tolist(),
+        strict=True,
+    ):
         if s != _STAGE:
-            at = int(base[c] + offset[start, 0])
-            out[c][s].append((int(peer[start]), at, int(region[start:g].sum())))
-        start = g
+            out[c][s].append((p, a, n))
     return [(tuple(c[_SEND]), tuple(c[_RECEIVE])) for c in out]
 
 
