@@ -239,8 +239,6 @@ def execute(
     kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     chunks = cut_chunks(plan, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap)
-    checked = _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
-
     runner = _Runner(
         plan,
         weights,
@@ -252,16 +250,20 @@ def execute(
         timer,
         _copy_path(copy, group.device),
     )
+
+    def run() -> None:
+        checked = _check_same_everywhere(group, plan, buffer_bytes, overlap, kinds, layout)
+        runner.size_buffer(buffer_bytes if overlap else 0)
+        runner.run(checked)
+
     if group.device.type == "cuda":
         stream = _private_stream(group.device)
         stream.wait_stream(torch.cuda.current_stream(group.device))
         with torch.cuda.stream(stream):
-            runner.size_buffer(buffer_bytes if overlap else 0)
-            runner.run(checked)
+            run()
         torch.cuda.synchronize(group.device)
     else:
-        runner.size_buffer(buffer_bytes if overlap else 0)
-        runner.run(checked)
+        run()
 
     sent, received = _bytes_per_group_rank(plan, slot_bytes, layout)
     me = layout.group_rank
@@ -447,7 +449,11 @@ def _check_same_everywhere(
     )
     mine = int.from_bytes(digest.digest()[:7], "little")  # fits int64 with its negation
     # max(h) == h and max(-h) == -h on every rank iff all ranks have the same h.
-    both = torch.tensor([mine, -mine], dtype=torch.int64, device=group.device)
+    both = torch.tensor([mine, -mine], dtype=torch.int64)
+    if group.device.type == "cuda":
+        # Pinned and asynchronous: a pageable copy would block the host until the GPU's earlier
+        # work (the caller's kernels) is done.
+        both = both.pin_memory().to(group.device, non_blocking=True)
     group.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
 
     def check() -> None:
