@@ -585,10 +585,7 @@ class _Runner:
             address = np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.int64)
             src = [address[r.src_tensor] + r.src_offset for r in row_sets]
             dst = [address[r.dst_tensor] + r.dst_offset for r in row_sets]
-            if self.copy_path == "triton":
-                copies = self._triton_copies(src, dst, row_sets, len(layout.chunks))
-            else:
-                copies = self._engine_copies(src, dst, row_sets, len(layout.chunks))
+            copies = self._fused_copies(src, dst, row_sets, len(layout.chunks))
         self.launches.extend(
             _Launches(chunk, *(kind[c] for kind in copies)) for c, chunk in enumerate(layout.chunks)
         )
@@ -607,15 +604,25 @@ class _Runner:
             for rows in row_sets
         ]
 
-    def _triton_copies(
+    def _fused_copies(
         self,
         src: list[np.ndarray],
         dst: list[np.ndarray],
         row_sets: Sequence[RowSet],
         chunks: int,
     ) -> list[list[Callable[[], None]]]:
-        """Every launch of the call in one row table (pack launches, then slot-to-slot, then
-        write-back), uploaded once."""
+        """Per launch kind and chunk, one launch: on the Triton path every launch of the batch
+        is a slice of one row table (pack launches, then slot-to-slot, then write-back),
+        uploaded once; on the copy engines one batch copy each."""
+        if self.copy_path == "engine":
+            stream = torch.cuda.current_stream(self.group.device)
+            return [
+                [
+                    functools.partial(batch_copy, s[a:b], d[a:b], rows.nbytes[a:b], stream)
+                    for a, b in itertools.pairwise(rows.bounds.tolist())
+                ]
+                for s, d, rows in zip(src, dst, row_sets, strict=True)
+            ]
         # Row tables address everything from a live allocation (an empty buffer has none).
         anchor = (
             self.buffer
@@ -634,28 +641,6 @@ class _Runner:
             [functools.partial(table.copy, r) for r in launches[i * chunks : (i + 1) * chunks]]
             for i in range(len(row_sets))
         ]
-
-    def _engine_copies(
-        self,
-        src: list[np.ndarray],
-        dst: list[np.ndarray],
-        row_sets: Sequence[RowSet],
-        chunks: int,
-    ) -> list[list[Callable[[], None]]]:
-        """Per launch kind and chunk, one batch of copy-engine copies."""
-        stream = torch.cuda.current_stream(self.group.device)
-        out: list[list[Callable[[], None]]] = []
-        for s, d, rows in zip(src, dst, row_sets, strict=True):
-            a, b = rows.bounds[:-1], rows.bounds[1:]
-            out.append(
-                [
-                    functools.partial(
-                        batch_copy, s[a[c] : b[c]], d[a[c] : b[c]], rows.nbytes[a[c] : b[c]], stream
-                    )
-                    for c in range(chunks)
-                ]
-            )
-        return out
 
     def run(self, before_first_transfer: Callable[[], None]) -> None:
         """Run every chunk; ``before_first_transfer`` (the plan check, which may raise) is
