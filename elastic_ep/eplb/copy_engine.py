@@ -1,9 +1,11 @@
 """Copy many byte rows on one GPU with its copy engines: one ``cudaMemcpyBatchAsync`` call.
 
-Why: the fused Triton row copy runs on the SMs, and beside an NCCL transfer (also SM kernels) the
-two slow each other. On one H200 (``benchmarks/bench_row_copy.py --beside-nccl``) an NCCL
-send/recv kept 73% of its speed beside the Triton copy and 94% beside copy-engine copies; alone,
-the copy engines moved expert rows at 1.1-1.3 TB/s against the kernel's 1.5 TB/s.
+Why: they take no SMs, which suits a rebalance that runs beside the model's own kernels. It is
+not ``execute``'s default: on one H200 (``benchmarks/bench_row_copy.py --beside-nccl``, NCCL held
+to 8-16 channels) an NCCL send/recv kept 81-85% of its speed beside copy-engine copies against
+96-99% beside the Triton copy's grid, and alone the engines moved expert rows at 1.1-1.3 TB/s
+against the kernel's 1.3-1.4; on 2x H200 the executor's reshuffle took 43 ms with them, 30 ms
+with Triton.
 
 The driver spends about 3.5 us of host time and of copy-engine time per row, so rows should be
 large: 1 MB rows moved at 0.27 TB/s, 11.5 MB rows (an expert's ``w13``) at 1.3 TB/s.

@@ -170,10 +170,7 @@ def lay_out_chunks(
 
     # Segments: one per (chunk, section, peer, layer) group and kind, in that order.
     entries = len(op)
-    starts_group = np.zeros(entries, dtype=bool)
-    starts_group[:1] = True
-    for key in (chunk, section, peer, layer):
-        starts_group[1:] |= key[1:] != key[:-1]
+    starts_group = _run_starts(chunk, section, peer, layer)
     group = np.cumsum(starts_group) - 1
     group_start = np.flatnonzero(starts_group)
     count = np.diff(np.append(group_start, entries))
@@ -245,6 +242,15 @@ def lay_out_chunks(
     )
 
 
+def _run_starts(*keys: np.ndarray) -> np.ndarray:
+    """bool ``[n]``: where a run of equal keys (sorted rows, every key equal) starts."""
+    starts = np.zeros(len(keys[0]), dtype=bool)
+    starts[:1] = True
+    for key in keys:
+        starts[1:] |= key[1:] != key[:-1]
+    return starts
+
+
 def _ops_between(ops: OpTable, first_step: int, end_step: int) -> OpTable:
     """The ops of steps ``first_step`` to ``end_step`` (exclusive), numbered from 0."""
     lo, hi = np.searchsorted(ops.step, [first_step, end_step])
@@ -313,10 +319,7 @@ def _transfers(
     out: list[dict[int, list[tuple[int, int, int]]]] = [
         {_SEND: [], _RECEIVE: []} for _ in range(len(base))
     ]
-    starts = np.zeros(len(chunk), dtype=bool)
-    starts[:1] = True
-    for key in (chunk, section, peer):
-        starts[1:] |= key[1:] != key[:-1]
+    starts = _run_starts(chunk, section, peer)
     first = np.flatnonzero(starts)
     nbytes = np.bincount(np.cumsum(starts) - 1, weights=segment.sum(axis=1)).astype(np.int64)
     at = base[chunk[first]] + offset[first, 0]

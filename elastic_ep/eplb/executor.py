@@ -15,11 +15,11 @@ How it stays in place within ``buffer_bytes`` of extra memory (one buffer, alloc
   later chunk still sends;
 * with ``overlap=True`` chunk ``k+1`` is packed and posted before chunk ``k`` is waited for and
   written back (chunks are then cut to half the budget, so two live chunks fit in it);
-* every chunk is laid out before the first one runs (``exec_layout``: numpy over the plan's op
-  table), and every copy is a row (source, destination, bytes); per chunk, packing, slot-to-slot
-  copies and write-back are one launch each:
+* chunks are laid out in growing batches just before they run (``exec_layout``: numpy over the
+  plan's op table), and every copy is a row (source, destination, bytes); per chunk, packing,
+  slot-to-slot copies and write-back are one launch each:
   a fused Triton kernel over the chunk's rows on CUDA, one batch on the copy engines with
-  ``copy="engine"`` (no SMs taken from NCCL), or one multi-tensor copy (``torch._foreach_copy_``)
+  ``copy="engine"`` (no SMs taken), or one multi-tensor copy (``torch._foreach_copy_``)
   on CPU or with ``copy="torch"`` (an expert is a few large rows: per-row kernels are slow).
   On CUDA everything runs on a stream of its own, ordered after the caller's current stream.
 
@@ -58,10 +58,10 @@ DEFAULT_BUFFER_BYTES = 1 << 30
 """Default extra memory ``execute`` may use for staging: 1 GiB."""
 
 COPY_PATHS = ("auto", "torch", "triton", "engine")
+"""Values of ``execute``'s ``copy`` argument."""
 
 SMALL_PLAN_CHUNKS = 4
 """Plans of at most this many chunks are laid out in one call (see ``_Runner.launch``)."""
-"""Values of ``execute``'s ``copy`` argument."""
 
 ReloadHook = Callable[[int, int], Sequence[torch.Tensor]]
 """``reload(layer, expert) -> tensors``: one tensor per weight kind, each shaped like one slot."""

@@ -137,7 +137,7 @@ Row = tuple[int, int, int]
 
 
 class RowTable:
-    """Rows of every launch of one ``execute`` call, relative to ``anchor``.
+    """Rows of every launch of one batch of ``execute``'s chunks, relative to ``anchor``.
 
     ``table`` is int64 ``[4, rows]`` on the anchor's device: source offset, destination offset
     and length, each in the words of its slice (see :class:`Rows`), and the number of the row's
