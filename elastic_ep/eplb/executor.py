@@ -35,6 +35,7 @@ import enum
 import functools
 import hashlib
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from elastic_ep.eplb.exec_chunks import Chunk, cut_chunks, min_buffer_bytes
 from elastic_ep.eplb.exec_layout import ChunkLayout, RowSet, aligned, kinds_of, lay_out_chunks
 from elastic_ep.eplb.row_copy import RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
-from elastic_ep.errors import ElasticEPError
+from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 
@@ -139,6 +140,9 @@ class ExecutionStats:
         seconds: wall time per :class:`Phase` on this rank (on CUDA, ``execute`` synchronizes at
             the end, so their sum bounds the device work; the split between phases is host time).
         total_seconds: wall time of the whole call.
+        first_transfer_seconds: from the call to posting this rank's first transfer (host
+            time): what it spent validating, checking the plan with its peers and laying out
+            and packing the first chunk before any weight moved.
         num_chunks: chunks the plan was cut into.
         peak_extra_bytes: most buffer memory live at once on this rank.
         buffer_bytes: the budget it ran under.
@@ -152,6 +156,7 @@ class ExecutionStats:
     bytes_received_per_rank: tuple[int, ...]
     seconds: tuple[tuple[Phase, float], ...]
     total_seconds: float
+    first_transfer_seconds: float
     num_chunks: int
     peak_extra_bytes: int
     buffer_bytes: int
@@ -228,7 +233,6 @@ def execute(
     timer.add(Phase.PLAN, started)
     layout = _Layout.resolve(plan, group, ranks)
     kinds = _check_weights(plan, weights, layout, group.device)
-    slot_bytes = [sum(t[0].numel() * t.element_size() for t in layer) for layer in weights]
     if plan.reloads and reload is None:
         lost = tuple(sorted({(r.layer, r.expert) for r in plan.reloads}))
         raise LostExpertsError(
@@ -236,7 +240,8 @@ def execute(
             f"{list(plan.dead_ranks)} and no reload hook was given: {list(lost)}",
             experts=lost,
         )
-    kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
+    kind_bytes = _kind_bytes(weights)
+    slot_bytes = [sum(layer) for layer in kind_bytes]
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     chunks = cut_chunks(plan, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap)
     runner = _Runner(
@@ -275,6 +280,7 @@ def execute(
         bytes_received_per_rank=received,
         seconds=tuple(timer.seconds.items()),
         total_seconds=time.perf_counter() - started,
+        first_transfer_seconds=runner.first_transfer - started,
         num_chunks=len(chunks),
         peak_extra_bytes=runner.buffer_bytes,
         buffer_bytes=buffer_bytes,
@@ -316,7 +322,7 @@ def required_buffer_bytes(
     """
     if ranks is None:
         ranks = GroupRanks.for_world_size(plan.rank_mapping, world_size)
-    kind_bytes = [[t[0].numel() * t.element_size() for t in layer] for layer in weights]
+    kind_bytes = _kind_bytes(weights)
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     return min_buffer_bytes(plan, row_bytes, ranks, world_size)
 
@@ -359,18 +365,23 @@ class _Layout:
                     f"old rank {old} is new rank {new}, but ranks puts them at group ranks "
                     f"{ranks.old[old]} and {ranks.new[new]}"
                 )
-        for t in plan.transfers:
-            if ranks.old[t.src] is None:
+        for old in plan.sending_ranks:
+            if ranks.old[old] is None:
+                t = next(t for t in plan.transfers if t.src == old)
                 raise ValueError(
-                    f"layer {t.layer} expert {t.expert}: sender old rank {t.src} is not in the group"
+                    f"layer {t.layer} expert {t.expert}: sender old rank {old} is not in the group"
                 )
-        for step in plan.steps:
-            for op in step.ops:
-                dst = op.dst if isinstance(op, Transfer) else op.rank
-                if ranks.new[dst] is None:
-                    raise ValueError(
-                        f"layer {op.layer} expert {op.expert}: receiver new rank {dst} is not in the group"
-                    )
+        for new in plan.receiving_ranks:
+            if ranks.new[new] is None:
+                op = next(
+                    op
+                    for step in plan.steps
+                    for op in step.ops
+                    if (op.dst if isinstance(op, Transfer) else op.rank) == new
+                )
+                raise ValueError(
+                    f"layer {op.layer} expert {op.expert}: receiver new rank {new} is not in the group"
+                )
         me = group.rank
         return cls(
             ranks,
@@ -419,6 +430,11 @@ def _check_weights(
     return tuple(kinds)
 
 
+def _kind_bytes(weights: Sequence[Sequence[torch.Tensor]]) -> list[list[int]]:
+    """``[layer][kind]``: bytes of one slot (no tensor views: ``t[0]`` costs ~2 us each)."""
+    return [[math.prod(t.shape[1:]) * t.element_size() for t in layer] for layer in weights]
+
+
 def _check_same_everywhere(
     group: StatelessGroup,
     plan: TransferPlan,
@@ -451,13 +467,32 @@ def _check_same_everywhere(
     # max(h) == h and max(-h) == -h on every rank iff all ranks have the same h.
     both = torch.tensor([mine, -mine], dtype=torch.int64)
     if group.device.type == "cuda":
-        # Pinned and asynchronous: a pageable copy would block the host until the GPU's earlier
-        # work (the caller's kernels) is done.
+        # Pinned and asynchronous both ways: a pageable copy would block the host until the
+        # GPU's earlier work is done, and reading the result on the stream would also wait for
+        # the pack of chunk 0, launched after this.
+        result = torch.empty(2, dtype=torch.int64, pin_memory=True)
         both = both.pin_memory().to(group.device, non_blocking=True)
-    group.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        group.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        result.copy_(both, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+    else:
+        result = group.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        arrived = None
 
     def check() -> None:
-        if both.tolist() != [mine, -mine]:
+        if arrived is not None:
+            deadline = time.monotonic() + group.timeout_s
+            while not arrived.query():
+                if time.monotonic() > deadline:
+                    raise PeerFailure(
+                        f"group {group.name!r} epoch {group.epoch} rank {group.rank}: the plan "
+                        f"check did not complete within {group.timeout_s:g} s; nothing was moved",
+                        group=group.name,
+                        epoch=group.epoch,
+                    )
+                time.sleep(0)
+        if result.tolist() != [mine, -mine]:
             raise ValueError(
                 f"group rank {layout.group_rank}: the ranks of the group run different plans, "
                 "buffer_bytes, overlap, rank layouts or weight shapes; nothing was moved"
@@ -469,14 +504,17 @@ def _check_same_everywhere(
 def _bytes_per_group_rank(
     plan: TransferPlan, slot_bytes: list[int], layout: _Layout
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    sent = [0] * layout.world_size
-    received = [0] * layout.world_size
-    for t in plan.transfers:
-        src, dst = layout.ranks.old[t.src], layout.ranks.new[t.dst]
-        assert src is not None and dst is not None  # checked by _Layout.resolve
-        sent[src] += slot_bytes[t.layer]
-        received[dst] += slot_bytes[t.layer]
-    return tuple(sent), tuple(received)
+    table = plan.op_table
+    nbytes = np.asarray(slot_bytes, dtype=np.int64)[table.layer[table.transfer]]
+    # _Layout.resolve checked that every sender and receiver is in the group.
+    old = np.array([-1 if g is None else g for g in layout.ranks.old], dtype=np.int64)
+    new = np.array([-1 if g is None else g for g in layout.ranks.new], dtype=np.int64)
+    per_rank = [
+        np.bincount(ranks[ends[table.transfer]], weights=nbytes, minlength=layout.world_size)
+        for ranks, ends in ((old, table.src), (new, table.dst))
+    ]
+    sent, received = (tuple(int(b) for b in counts) for counts in per_rank)
+    return sent, received
 
 
 def _torch_copy(flat: Sequence[torch.Tensor | None], rows: RowSet) -> None:
@@ -536,6 +574,7 @@ class _Runner:
         self.chunk_starts = [0, *itertools.accumulate(len(c.steps) for c in chunks)]
         self.launches: list[_Launches] = []
         self.reloaded: list[tuple[int, int]] = []
+        self.first_transfer = time.perf_counter()  # set again when the first chunk is posted
 
     def size_buffer(self, overlap_budget: int) -> None:
         """Decide which chunks overlap and allocate the buffer, from the estimated sizes (upper
@@ -657,6 +696,7 @@ class _Runner:
             self.pack(chunk)
             if k == 0:
                 before_first_transfer()
+                self.first_transfer = time.perf_counter()
             handle = self.post(chunk)
             if pending is not None:
                 self.finish(*pending)

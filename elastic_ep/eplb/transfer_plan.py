@@ -24,7 +24,6 @@ together). The executor may cut the step sequence into chunks anywhere between s
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,6 +31,7 @@ from functools import cached_property
 import numpy as np
 
 from elastic_ep.eplb.placement import EMPTY, Placement
+from elastic_ep.eplb.step_order import interleave_steps
 from elastic_ep.rank_mapping import RankMapping
 
 
@@ -244,6 +244,18 @@ class TransferPlan:
             extra_slot=extra[1],
         )
 
+    @cached_property
+    def sending_ranks(self) -> tuple[int, ...]:
+        """Old ranks that send anything, ascending."""
+        table = self.op_table
+        return tuple(np.unique(table.src[table.transfer]).tolist())
+
+    @cached_property
+    def receiving_ranks(self) -> tuple[int, ...]:
+        """New ranks that receive, copy or reload anything, ascending."""
+        reloaded = np.array([op.rank for op in self.reloads], dtype=np.int64)
+        return tuple(np.unique(np.concatenate([self.op_table.dst, reloaded])).tolist())
+
     def sends_per_old_rank(self) -> tuple[int, ...]:
         """Experts (over all layers) each old rank sends."""
         counts = [0] * self.rank_mapping.old_world_size
@@ -306,10 +318,13 @@ def plan_transfers(
                 f"(removed: {list(mapping.removed)})"
             )
     planner = _LayerPlanner(previous, new, mapping, set(dead), nodes)
-    steps = tuple(step for layer in range(new.num_layers) for step in planner.plan_layer(layer))
+    steps = _interleave([planner.plan_layer(layer) for layer in range(new.num_layers)], mapping)
     plan = TransferPlan(previous, new, mapping, dead, nodes, steps)
-    plan.step_experts  # noqa: B018 (plan time: every execute of this plan reads them)
+    # Plan time: every execute of this plan reads them.
+    plan.step_experts  # noqa: B018
     plan.op_table  # noqa: B018
+    plan.sending_ranks  # noqa: B018
+    plan.receiving_ranks  # noqa: B018
     return plan
 
 
@@ -369,7 +384,7 @@ class _LayerPlanner:
         self.old_slots = previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).tolist()
         self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).tolist()
 
-    def plan_layer(self, layer: int) -> list[Step]:
+    def plan_layer(self, layer: int) -> _LayerSteps:
         old_slots: list[list[int]] = self.old_slots[layer]
         new_slots: list[list[int]] = self.new_slots[layer]
         # Slots of each old rank that this layer overwrites (survivors only: leavers keep theirs).
@@ -423,7 +438,7 @@ class _LayerPlanner:
             ops.append(
                 Transfer(layer, e, src, _pick_slot(old_slots[src], e, written_old[src]), n, dst)
             )
-        return _order_into_steps(layer, ops, self.mapping)
+        return _layer_steps(layer, ops, self.mapping)
 
     @staticmethod
     def _sender_key(
@@ -446,6 +461,50 @@ class _LayerPlanner:
         return (off_node, layer_sent[candidate], overwritten, total_sent[candidate], candidate)
 
 
+@dataclass(frozen=True)
+class _LayerSteps:
+    """One layer's steps, in no particular order, and which must precede which.
+
+    Attributes:
+        steps: the layer's steps.
+        successors: ``successors[i]``: steps that may run only after step ``i`` (their writes
+            overwrite a slot step ``i`` reads).
+    """
+
+    steps: list[Step]
+    successors: list[list[int]]
+
+
+def _interleave(layers: Sequence[_LayerSteps], mapping: RankMapping) -> tuple[Step, ...]:
+    """All layers' steps in one sequence, ordered by :func:`interleave_steps` on what each
+    moves over the network: per transfer one send on the sender, one receive on the receiver
+    and one item on that (sender, receiver) pair, counted per process (an old rank and its new
+    rank are one process). Pairs count because NCCL splits a rank's channels among the peers of
+    a batch: on 4x H200 a chunk whose sends went mostly to one peer ran at ~140 GB/s for that
+    pair while the rank had ~300 GB/s."""
+    processes = mapping.old_world_size + mapping.new_world_size
+
+    def process(new_rank: int) -> int:
+        old = mapping.new_to_old[new_rank]
+        return old if old is not None else mapping.old_world_size + new_rank
+
+    uses = []
+    for layer in layers:
+        row = []
+        for step in layer.steps:
+            use: dict[int, int] = {}
+            for op in step.ops:
+                if isinstance(op, Transfer):
+                    receiver = process(op.dst)
+                    pair = (2 + op.src) * processes + receiver
+                    for resource in (op.src, processes + receiver, pair):
+                        use[resource] = use.get(resource, 0) + 1
+            row.append(tuple(sorted(use.items())))
+        uses.append(row)
+    order = interleave_steps(uses, [layer.successors for layer in layers])
+    return tuple(layers[layer].steps[i] for layer, i in order)
+
+
 def _pick_slot(slots: Sequence[int], expert: int, written: set[int]) -> int:
     """Source slot of ``expert``: the lowest one this layer leaves intact, else the lowest."""
     held = [i for i, e in enumerate(slots) if e == expert]
@@ -453,9 +512,10 @@ def _pick_slot(slots: Sequence[int], expert: int, written: set[int]) -> int:
     return (intact or held)[0]
 
 
-def _order_into_steps(layer: int, ops: list[Op], mapping: RankMapping) -> list[Step]:
-    """Group ``ops`` into steps (strongly connected components of "must read before that write")
-    and order the steps so that every read comes no later than the write to the same slot."""
+def _layer_steps(layer: int, ops: list[Op], mapping: RankMapping) -> _LayerSteps:
+    """Group ``ops`` into steps (strongly connected components of "must read before that
+    write"), with the order between steps that keeps every read no later than the write to the
+    same slot."""
 
     def process(new_rank: int) -> int:  # one id per process, whether it has an old rank or not
         old = mapping.new_to_old[new_rank]
@@ -477,32 +537,22 @@ def _order_into_steps(layer: int, ops: list[Op], mapping: RankMapping) -> list[S
         w = writer.get(read)
         if w is not None:
             before[index].append(w)
-    components = _strongly_connected(before)
+    components = [sorted(members) for members in _strongly_connected(before)]
+    components.sort()
     comp_of = [0] * len(ops)
     for c, members in enumerate(components):
         for m in members:
             comp_of[m] = c
-    succ: list[set[int]] = [set() for _ in components]
-    indegree = [0] * len(components)
+    successors: list[set[int]] = [set() for _ in components]
     for r, ws in enumerate(before):
         for w in ws:
-            a, b = comp_of[r], comp_of[w]
-            if a != b and b not in succ[a]:
-                succ[a].add(b)
-                indegree[b] += 1
-    ready = [(min(members), c) for c, members in enumerate(components) if indegree[c] == 0]
-    heapq.heapify(ready)
-    steps: list[Step] = []
-    while ready:
-        _, c = heapq.heappop(ready)
-        members = sorted(components[c])
+            if comp_of[r] != comp_of[w]:
+                successors[comp_of[r]].add(comp_of[w])
+    steps = []
+    for members in components:
         step_ops = tuple(ops[m] for m in members)
         steps.append(Step(layer, step_ops, _buffer_experts(step_ops), _sent_experts(step_ops)))
-        for b in sorted(succ[c]):
-            indegree[b] -= 1
-            if indegree[b] == 0:
-                heapq.heappush(ready, (min(components[b]), b))
-    return steps
+    return _LayerSteps(steps, [sorted(s) for s in successors])
 
 
 def _buffer_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
