@@ -12,7 +12,8 @@ Raw baselines: a ring exchange (every rank sends ``--raw-mb`` to its right neigh
 as much from its left) through ``StatelessGroup.batch_p2p`` and through torch's own default
 process group (``torch.distributed.batch_isend_irecv``); "% raw" divides by the faster of the two.
 Also reported: an all-to-all of one message to and from every peer (``StatelessGroup.batch_p2p``),
-the pattern of a reshuffle, which NCCL carries a little slower than the ring.
+the pattern of a reshuffle, which NCCL carries slower than the ring (on 4x H200 ~140 against
+~310 GB/s: it splits a rank's channels among its peers).
 
 "Per-GPU bandwidth" of a scenario is the busiest rank's traffic (max over ranks of the bytes it
 sends or receives, whichever is larger) divided by the wall time; for the ring it is the bytes each
@@ -25,13 +26,17 @@ Usage::
 
 By default every scenario runs with every copy path of ``execute`` the backend can run (``--copy
 all``), side by side: ``torch`` (multi-tensor copies), and on CUDA ``triton`` (one fused gather /
-scatter kernel launch per chunk) and ``engine`` (one batch of copy-engine copies per chunk).
+scatter kernel launch per chunk) and ``engine`` (one batch of copy-engine copies per chunk); and
+each both ways (``--mode both``): ``execute`` (its host work included) and ``prepared`` (the run
+of a ``prepare_execution`` done before the timed region). ``start ms`` is the median
+``first_transfer_seconds``: from the call to the first transfer posted.
     python benchmarks/bench_executor.py --backend gloo --devices 2 --small
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -46,7 +51,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from elastic_ep.eplb import EMPTY, Placement, TransferPlan, execute, plan_transfers, row_copy
+from elastic_ep.eplb import (
+    EMPTY,
+    Placement,
+    TransferPlan,
+    execute,
+    plan_transfers,
+    prepare_execution,
+    row_copy,
+)
 from elastic_ep.eplb.copy_engine import engine_available
 from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
@@ -189,12 +202,22 @@ def _run_scenario(
     shapes: list[tuple[int, ...]],
     dtype: torch.dtype,
     copy: str,
+    mode: str,
 ) -> dict[str, Any] | None:
-    """Time ``plan`` (and restore with the reverse plan between repeats) on ``group_ranks`` ranks."""
+    """Time ``plan`` (and restore with the reverse plan between repeats) on ``group_ranks`` ranks:
+    ``mode`` "execute" times ``execute``; "prepared" times ``PreparedExecution.run`` of a
+    ``prepare_execution`` done before the barrier (its buffer counts in the extra memory)."""
     if rank >= group_ranks:
         return None
     group = StatelessGroup(
-        rdzv, f"bench-{name}-{copy}", epoch, rank, group_ranks, args.backend, device, timeout_s=300
+        rdzv,
+        f"bench-{name}-{copy}-{mode}",
+        epoch,
+        rank,
+        group_ranks,
+        args.backend,
+        device,
+        timeout_s=300,
     )
     mapping = plan.rank_mapping
     old = mapping.old_rank(rank) if numbering == "new" else rank
@@ -209,12 +232,15 @@ def _run_scenario(
     times, peaks, starts, stats = [], [], [], None
     for i in range(args.repeats + 1):
         _sync(device)
-        group.barrier()
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        run: Any = functools.partial(execute, plan, weights, group, buffer_bytes=budget, copy=copy)
+        if mode == "prepared":  # the host work before the barrier, not timed
+            run = prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy).run
+        group.barrier()
         start = time.perf_counter()
-        stats = execute(plan, weights, group, buffer_bytes=budget, copy=copy)
+        stats = run()
         _sync(device)
         elapsed = time.perf_counter() - start
         peak = (
@@ -256,6 +282,7 @@ def _run_scenario(
     return {
         "scenario": name,
         "copy": copy,
+        "mode": mode,
         "ranks": group_ranks,
         "seconds": seconds,
         "moved_gb": sum(stats.bytes_received_per_rank) / 1e9,
@@ -387,10 +414,16 @@ def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, que
         (2 * args.intermediate, args.hidden),
         (args.hidden, args.intermediate),
     ]
-    runs = [(s, copy) for s in _scenarios(args) for copy in _copy_paths(args, device)]
-    for epoch, ((name, plan, ranks, numbering), copy) in enumerate(runs):
+    modes = ["execute", "prepared"] if args.mode == "both" else [args.mode]
+    runs = [
+        (s, copy, mode)
+        for s in _scenarios(args)
+        for copy in _copy_paths(args, device)
+        for mode in modes
+    ]
+    for epoch, ((name, plan, ranks, numbering), copy, mode) in enumerate(runs):
         row = _run_scenario(
-            args, rank, rdzv, epoch, name, plan, ranks, numbering, device, shapes, dtype, copy
+            args, rank, rdzv, epoch, name, plan, ranks, numbering, device, shapes, dtype, copy, mode
         )
         if row is not None:
             result["scenarios"].append(row)
@@ -421,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["all", "auto", "torch", "triton", "engine"],
         default="all",
         help="execute's copy path; 'all' runs every one the backend can, side by side",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["execute", "prepared", "both"],
+        default="both",
+        help="time execute (host work included), or the run of a prepare_execution done "
+        "beforehand, or both side by side",
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", help="append rank 0's host profile of each scenario here")
@@ -461,9 +501,9 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None
             s["peak_extra_mb"]
             for r in results.values()
             for s in r["scenarios"]
-            if (s["scenario"], s["copy"]) == key
+            if (s["scenario"], s["copy"], s["mode"]) == key
         )
-        for key in {(row["scenario"], row["copy"]) for row in rows}
+        for key in {(row["scenario"], row["copy"], row["mode"]) for row in rows}
     }
     device = torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu"
     print(
@@ -476,15 +516,15 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None
         f"StatelessGroup) {raw['a2a']:.1f} GB/s"
     )
     print(
-        f"{'scenario':<12} {'copy':<6} {'ms':>8} {'moved GB':>9} {'busiest GB':>10} "
+        f"{'scenario':<12} {'copy':<6} {'mode':<8} {'ms':>8} {'moved GB':>9} {'busiest GB':>10} "
         f"{'GB/s/GPU':>9} {'% raw':>6} {'chunks':>6} {'peak MiB':>9} {'plan ms':>8} {'start ms':>8}"
     )
     best_raw = max(raw["stateless"], raw["torch"])  # "% raw" is against the ring
     for row in rows:
         row["pct_of_raw"] = 100 * row["gbps_per_gpu"] / best_raw
-        row["peak_extra_mb"] = peaks[(row["scenario"], row["copy"])]
+        row["peak_extra_mb"] = peaks[(row["scenario"], row["copy"], row["mode"])]
         print(
-            f"{row['scenario']:<12} {row['copy']:<6} {row['seconds'] * 1e3:8.1f} "
+            f"{row['scenario']:<12} {row['copy']:<6} {row['mode']:<8} {row['seconds'] * 1e3:8.1f} "
             f"{row['moved_gb']:9.2f} {row['busiest_rank_gb']:10.2f} {row['gbps_per_gpu']:9.1f} "
             f"{row['pct_of_raw']:6.1f} {row['chunks']:6d} {row['peak_extra_mb']:9.1f} "
             f"{row['phase_ms']['plan']:8.2f} {row['first_transfer_ms']:8.2f}"

@@ -18,10 +18,12 @@ from elastic_ep.eplb import (
     ExecutionStats,
     Placement,
     PlacementBuffers,
+    PreparedExecution,
     TransferPlan,
     execute,
     plan,
     plan_transfers,
+    prepare_execution,
     rebalance_experts,
 )
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError, ScalingInProgress
@@ -54,6 +56,7 @@ __all__ = [
     "PeerFailure",
     "Placement",
     "PlacementBuffers",
+    "PreparedExecution",
     "RankMapping",
     "ReconfigureError",
     "Rendezvous",
@@ -69,6 +72,7 @@ __all__ = [
     "kv_blocks_for_budget",
     "plan",
     "plan_transfers",
+    "prepare_execution",
     "rebalance_experts",
     "sync_kv_budget",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +21,10 @@ from elastic_ep.eplb import (
     LostExpertsError,
     Phase,
     Placement,
+    TransferPlan,
     execute,
     plan_transfers,
+    prepare_execution,
     required_buffer_bytes,
 )
 from elastic_ep.groups import Rendezvous, StatelessGroup
@@ -120,6 +123,14 @@ def _ranks_of(sc: Scenario, group_rank: int) -> tuple[int | None, int | None]:
     return group_rank, sc.mapping.new_rank(group_rank)
 
 
+def _prepared_then_run(
+    plan: TransferPlan, weights: list[list[torch.Tensor]], group: StatelessGroup, **options: Any
+) -> ExecutionStats:
+    prepared = prepare_execution(plan, weights, group, **options)
+    group.barrier()  # peers may still be preparing; preparing must not need them
+    return prepared.run()
+
+
 def _run_scenarios(
     rank: int, world_size: int, port: int, specs: Sequence[tuple[str, int, int, int, int]]
 ) -> list[tuple[str, ExecutionStats, int, int]]:
@@ -140,9 +151,11 @@ def _run_scenarios(
             (r.layer, r.expert): expert_weights(r.layer, r.expert)
             for r in plan.replan(sc.dead).reloads
         }
+        # Every rank draws the same: execute, or prepare_execution (no communication) then run.
+        run = execute if rng.random() < 0.5 else _prepared_then_run
         stats, peak = measured_peak(
-            lambda sc=sc, plan=plan, weights=weights, budget=budget, overlap=overlap, truth=truth: (
-                execute(
+            lambda sc=sc, plan=plan, weights=weights, budget=budget, overlap=overlap, truth=truth, run=run: (
+                run(
                     plan,
                     weights,
                     group,
@@ -153,6 +166,7 @@ def _run_scenarios(
                 )
             )
         )
+        assert 0 <= stats.first_transfer_seconds <= stats.total_seconds
         assert isinstance(stats, ExecutionStats)
         check_after(sc, new, before, weights)
         assert stats.peak_extra_bytes <= budget, (sc.name, stats.peak_extra_bytes, budget)
@@ -304,9 +318,19 @@ def _errors(rank: int, world_size: int, port: int) -> dict[str, str]:
     with pytest.raises(ValueError, match="copy='engine' needs a CUDA group"):
         execute(plan, weights, group, copy="engine")
     assert unchanged()
-    # And after all that the group still runs the real thing.
-    stats = execute(plan, weights, group, buffer_bytes=need)
+    # Prepared with a budget the other rank does not share: the run's check finds it.
+    prepared = prepare_execution(plan, weights, group, buffer_bytes=need * (2 + rank))
+    with pytest.raises(ValueError, match="run different plans"):
+        prepared.run()
+    with pytest.raises(RuntimeError, match="already ran"):
+        prepared.run()
+    assert unchanged()
+    # And after all that the group still runs the real thing, prepared, once.
+    prepared = prepare_execution(plan, weights, group, buffer_bytes=need)
+    stats = prepared.run()
     check_after(sc, rank, before, weights)
+    with pytest.raises(RuntimeError, match="already ran"):
+        prepared.run()
     out["ok"] = str(stats.num_chunks)
     group.barrier()
     group.destroy()

@@ -1,5 +1,6 @@
-"""execute over NCCL on 2 GPUs: bit-exact after every kind of scale event, within the buffer,
-with the multi-tensor (torch), the fused Triton and the copy-engine paths."""
+"""execute (and prepare_execution + run) over NCCL on 2 GPUs: bit-exact after every kind of
+scale event, within the buffer, with the multi-tensor (torch), the fused Triton and the
+copy-engine paths."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from tests.procs import run_ranks
 from tests.test_executor import (
+    _prepared_then_run,
     _ranks_of,
     check_after,
     expert_weights,
@@ -46,7 +48,9 @@ def _nccl_scenarios(
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        stats = execute(
+        # Both ranks draw the same: execute, or prepare_execution then run.
+        run = execute if rng.random() < 0.5 else _prepared_then_run
+        stats = run(
             plan,
             weights,
             group,
@@ -98,7 +102,8 @@ def _one_gpu_local_moves(rank: int, world_size: int, port: int, copy: str) -> li
         before = initial_weights(sc, 0, 0, tag=0)
         budget = required_buffer_bytes(plan, before, 1) * rng.choice([1, 2, 100])
         weights = [[t.to(device) for t in layer] for layer in before]
-        stats = execute(
+        run = execute if rng.random() < 0.5 else _prepared_then_run
+        stats = run(
             plan, weights, group, buffer_bytes=budget, overlap=rng.random() < 0.7, copy=copy
         )
         check_after(sc, 0, before, [[t.cpu() for t in layer] for layer in weights])

@@ -32,7 +32,9 @@ from elastic_ep.eplb.executor import (
     GroupRanks,
     LostExpertsError,
     Phase,
+    PreparedExecution,
     execute,
+    prepare_execution,
     required_buffer_bytes,
 )
 from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log
@@ -59,6 +61,7 @@ __all__ = [
     "Placement",
     "PlacementBuffers",
     "PlanReport",
+    "PreparedExecution",
     "Reload",
     "Step",
     "Transfer",
@@ -68,6 +71,7 @@ __all__ = [
     "plan",
     "plan_transfers",
     "plan_with_report",
+    "prepare_execution",
     "rebalance_experts",
     "required_buffer_bytes",
 ]
