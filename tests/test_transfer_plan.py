@@ -23,7 +23,7 @@ from elastic_ep.eplb import (
     TransferPlan,
     plan_transfers,
 )
-from elastic_ep.eplb.exec_chunks import cut_chunks, step_costs
+from elastic_ep.eplb.exec_chunks import RAMP, cut_chunks, step_costs
 from elastic_ep.eplb.executor import GroupRanks
 from elastic_ep.eplb.step_order import interleave_steps
 from elastic_ep.rank_mapping import RankMapping
@@ -427,11 +427,17 @@ def test_step_experts_and_greedy_chunks(
     chunks = cut_chunks(plan, rows, ranks, world, budget, overlap)
     assert [s for c in chunks for s in c.steps] == list(plan.steps)
     cap = budget // 2 if overlap else budget
-    at = 0
-    for chunk in chunks:
-        used = cost[at : at + len(chunk.steps)].sum(axis=0)
+    small = cap // RAMP if overlap else cap  # the first chunk's cap, and the last one's
+    starts = [0, *itertools.accumulate(len(c.steps) for c in chunks)]
+    for i, chunk in enumerate(chunks):
+        at, end = starts[i], starts[i + 1]
+        used = cost[at:end].sum(axis=0)
         assert chunk.estimate == tuple(int(u) for u in used)
-        assert len(chunk.steps) == 1 or used.max() <= cap
-        at += len(chunk.steps)
-        if at < len(plan.steps):  # the next step would not have fit
-            assert (used + cost[at]).max() > cap
+        limit = small if i == 0 else cap
+        assert end - at == 1 or used.max() <= limit
+        tail_split = i == len(chunks) - 2 and overlap
+        if end < len(plan.steps) and not tail_split:  # greedy: the next step would not fit
+            assert (used + cost[end]).max() > limit
+    if overlap and len(plan.steps) > 1 and len(chunks) > 1:
+        last = cost[starts[-2] :]
+        assert last.sum(axis=0).max() <= small or len(last) == 1  # small, or one big step

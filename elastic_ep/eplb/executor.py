@@ -701,12 +701,12 @@ class _Runner:
     def launch(self, k: int) -> _Launches:
         """Chunk ``k``'s launches. A layout's cost is mostly fixed (0.2 ms of host time per call
         on the 2-core VM, 1.4 ms on the 2x H200 machine's host), so a plan of up to
-        ``SMALL_PLAN_CHUNKS`` chunks is laid out at once; a larger one in batches of 1, 2, 4, ...
-        chunks: chunk 0 alone, so that the first transfer starts early, then each batch while the
-        chunks before it transfer."""
+        ``SMALL_PLAN_CHUNKS`` chunks is laid out at once; a larger one in batches of 2, 4, 8, ...
+        chunks: chunks 0 and 1 first (chunk 0 is short, see ``exec_chunks.RAMP``), so that the
+        first transfer starts early, then each batch while the chunk before it transfers."""
         if k == len(self.launches):
             chunks = len(self.chunks)
-            self.lay_out(k, chunks if chunks <= SMALL_PLAN_CHUNKS else min(chunks, 2 * k + 1))
+            self.lay_out(k, chunks if chunks <= SMALL_PLAN_CHUNKS else min(chunks, 2 * k + 2))
         return self.launches[k]
 
     def lay_out(self, first: int, last: int) -> None:
