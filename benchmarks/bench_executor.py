@@ -66,12 +66,19 @@ from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held open together while picked: one at a time, the OS may
+    hand the same port out twice, and two stores then collide)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 # ---- placements ------------------------------------------------------------------------------
@@ -477,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} CUDA devices")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port, torch_port = _free_port(), _free_port()
+    port, torch_port = _free_ports(2)
     procs = [
         ctx.Process(target=_worker, args=(r, args, port, torch_port, queue))
         for r in range(args.devices)
