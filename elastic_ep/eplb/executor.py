@@ -245,8 +245,9 @@ def prepare_execution(
     errors as for :func:`execute`.
 
     Run it later with :meth:`PreparedExecution.run` (collective), e.g. prepare while the engine
-    still serves and run when it pauses: the run then spends its time moving data (on 4x H200 a
-    10% drift of DeepSeek-V2-Lite starts transferring ~2 ms sooner). Until it runs, the
+    still serves and run when it pauses: the run then spends its time moving data (on 2x H200 a
+    10% drift of DeepSeek-V2-Lite posts its first transfer 0.4-1.0 ms after the call instead of
+    1.7-2.2 ms, and takes 5.4-6.1 ms instead of 7.0-8.1 ms). Until it runs, the
     prepared execution holds the staging buffer (``buffer_bytes`` at most) and the addresses of
     ``weights``: the same tensors must be passed to nothing else that reallocates them.
     """
@@ -676,7 +677,7 @@ class _Runner:
         self.chunk_starts = [0, *itertools.accumulate(len(c.steps) for c in chunks)]
         self.launches: list[_Launches] = []
         self.reloaded: list[tuple[int, int]] = []
-        self.first_transfer = time.perf_counter()  # set again when the first chunk is posted
+        self.first_transfer = 0.0  # perf_counter when the first chunk is posted (see run)
 
     def size_buffer(self, overlap_budget: int) -> None:
         """Decide which chunks overlap and allocate the buffer, from the estimated sizes (upper
@@ -792,6 +793,7 @@ class _Runner:
         called once chunk 0 is packed, so its result is awaited while the host prepares."""
         if not self.chunks:
             before_first_transfer()
+            self.first_transfer = time.perf_counter()
         pending: tuple[P2PHandle | None, _Launches] | None = None
         for k in range(len(self.chunks)):
             chunk = self.launch(k)
