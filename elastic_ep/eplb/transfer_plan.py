@@ -483,11 +483,6 @@ def _interleave(layers: Sequence[_LayerSteps], mapping: RankMapping) -> tuple[St
     a batch: on 4x H200 a chunk whose sends went mostly to one peer ran at ~140 GB/s for that
     pair while the rank had ~300 GB/s."""
     processes = mapping.old_world_size + mapping.new_world_size
-
-    def process(new_rank: int) -> int:
-        old = mapping.new_to_old[new_rank]
-        return old if old is not None else mapping.old_world_size + new_rank
-
     uses = []
     for layer in layers:
         row = []
@@ -495,7 +490,7 @@ def _interleave(layers: Sequence[_LayerSteps], mapping: RankMapping) -> tuple[St
             use: dict[int, int] = {}
             for op in step.ops:
                 if isinstance(op, Transfer):
-                    receiver = process(op.dst)
+                    receiver = _process(mapping, op.dst)
                     pair = (2 + op.src) * processes + receiver
                     for resource in (op.src, processes + receiver, pair):
                         use[resource] = use.get(resource, 0) + 1
@@ -503,6 +498,13 @@ def _interleave(layers: Sequence[_LayerSteps], mapping: RankMapping) -> tuple[St
         uses.append(row)
     order = interleave_steps(uses, [layer.successors for layer in layers])
     return tuple(layers[layer].steps[i] for layer, i in order)
+
+
+def _process(mapping: RankMapping, new_rank: int) -> int:
+    """One id per process, whether it has an old rank or not: its old rank if it had one, else
+    ``old_world_size + new_rank``."""
+    old = mapping.new_to_old[new_rank]
+    return old if old is not None else mapping.old_world_size + new_rank
 
 
 def _pick_slot(slots: Sequence[int], expert: int, written: set[int]) -> int:
@@ -516,22 +518,17 @@ def _layer_steps(layer: int, ops: list[Op], mapping: RankMapping) -> _LayerSteps
     """Group ``ops`` into steps (strongly connected components of "must read before that
     write"), with the order between steps that keeps every read no later than the write to the
     same slot."""
-
-    def process(new_rank: int) -> int:  # one id per process, whether it has an old rank or not
-        old = mapping.new_to_old[new_rank]
-        return old if old is not None else mapping.old_world_size + new_rank
-
     writer: dict[tuple[int, int], int] = {}
     for index, op in enumerate(ops):
         receiver = op.dst if isinstance(op, Transfer) else op.rank
         for slot in op.dst_slots:
-            writer[(process(receiver), slot)] = index
+            writer[(_process(mapping, receiver), slot)] = index
     before: list[list[int]] = [[] for _ in ops]  # before[r] = ops that must not precede op r
     for index, op in enumerate(ops):
         if isinstance(op, Transfer):
             read = (op.src, op.src_slot)
         elif isinstance(op, LocalCopy):
-            read = (process(op.rank), op.src_slot)
+            read = (_process(mapping, op.rank), op.src_slot)
         else:
             continue
         w = writer.get(read)
