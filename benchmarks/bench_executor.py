@@ -271,14 +271,13 @@ def _run_scenario(
     assert stats is not None
     for tool in ("trace", "profile"):  # one more run each, not timed: what rank 0 did
         if getattr(args, tool):
-            _observed(
-                tool,
-                args,
-                rank,
-                f"{name}-{copy}",
-                lambda: execute(plan, weights, group, buffer_bytes=budget, copy=copy),
-                device,
-            )
+            if mode == "prepared":
+                run = prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy).run
+            else:
+                run = functools.partial(
+                    execute, plan, weights, group, buffer_bytes=budget, copy=copy
+                )
+            _observed(tool, args, rank, f"{name}-{copy}-{mode}", run, device)
     seconds = statistics.median(times)
     busiest = max(
         max(s, r)

@@ -319,6 +319,28 @@ def test_steps_balance_ranks_within_windows() -> None:
     assert _busiest_per_window(layer_order, 4, window) > 1.06 * busiest
 
 
+def test_local_copies_spread_over_the_plan() -> None:
+    """Local copies overlap transfers only where they share chunks with them: in every tenth of
+    a 2-rank full reshuffle's steps both kinds appear at about their share (they used to all come
+    first, so the first chunks staged local copies with nothing on the network)."""
+    rng = random.Random(0)
+    previous = random_placement(rng, 26, 64, 2, 40, empty=0)
+    plan = plan_transfers(previous, random_placement(rng, 26, 64, 2, 40, empty=0))
+    kinds = [
+        [isinstance(op, Transfer) for op in step.ops if not isinstance(op, Reload)]
+        for step in plan.steps
+    ]
+    transfers = sum(sum(k) for k in kinds)
+    copies = sum(len(k) - sum(k) for k in kinds)
+    assert transfers > 500 and copies > 100
+    tenth = len(kinds) // 10
+    for at in range(0, 10 * tenth, tenth):
+        window = [t for k in kinds[at : at + tenth] for t in k]
+        share = len(window) / (transfers + copies)
+        assert 0.7 * share < sum(window) / transfers < 1.3 * share, at
+        assert 0.7 * share < (len(window) - sum(window)) / copies < 1.3 * share, at
+
+
 def test_step_buffer_counts_receives_and_staged_copies() -> None:
     prev = Placement(torch.tensor([[0, 1, 2, 3]]), 4, 2)
     swap_local = plan_transfers(prev, Placement(torch.tensor([[1, 0, 2, 3]]), 4, 2))

@@ -21,7 +21,7 @@ import numpy as np
 
 Use = tuple[tuple[int, int], ...]
 """What one step moves: ``(resource, items)`` pairs, resources ascending (e.g. a process's sends
-or its receives); empty for a step that moves nothing over the network."""
+or its receives); empty for a step that uses none."""
 
 
 def interleave_steps(

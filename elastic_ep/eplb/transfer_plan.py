@@ -477,12 +477,17 @@ class _LayerSteps:
 
 def _interleave(layers: Sequence[_LayerSteps], mapping: RankMapping) -> tuple[Step, ...]:
     """All layers' steps in one sequence, ordered by :func:`interleave_steps` on what each
-    moves over the network: per transfer one send on the sender, one receive on the receiver
-    and one item on that (sender, receiver) pair, counted per process (an old rank and its new
-    rank are one process). Pairs count because NCCL splits a rank's channels among the peers of
-    a batch: on 4x H200 a chunk whose sends went mostly to one peer ran at ~140 GB/s for that
-    pair while the rank had ~300 GB/s."""
+    moves: per transfer one send on the sender, one receive on the receiver and one item on that
+    (sender, receiver) pair; per local copy one item per slot it writes (and one more if staged)
+    on its rank's copies. Counted per process (an old rank and its new rank are one process).
+
+    Pairs count because NCCL splits a rank's channels among the peers of a batch: on 4x H200 a
+    chunk whose sends went mostly to one peer ran at ~140 GB/s for that pair while the rank had
+    ~300 GB/s. Local copies count so that they spread over the chunks, where they overlap
+    transfers: as steps that use no resource they came first, and on a 2-rank full reshuffle
+    the first two chunks (1.1 GB of staging) held nothing but local copies."""
     processes = mapping.old_world_size + mapping.new_world_size
+    local_copies = (2 + mapping.old_world_size) * processes  # above every pair's resource
     uses = []
     for layer in layers:
         row = []
@@ -494,6 +499,9 @@ def _interleave(layers: Sequence[_LayerSteps], mapping: RankMapping) -> tuple[St
                     pair = (2 + op.src) * processes + receiver
                     for resource in (op.src, processes + receiver, pair):
                         use[resource] = use.get(resource, 0) + 1
+                elif isinstance(op, LocalCopy):
+                    resource = local_copies + _process(mapping, op.rank)
+                    use[resource] = use.get(resource, 0) + len(op.dst_slots) + op.staged
             row.append(tuple(sorted(use.items())))
         uses.append(row)
     order = interleave_steps(uses, [layer.successors for layer in layers])
