@@ -803,25 +803,28 @@ class _Runner:
         ``k-1``'s slot-to-slot copies and write-back (nothing a post waits for follows a pack),
         then pack chunk ``k+1`` into the buffer half chunk ``k-1`` freed. The last chunk's (and
         a chunk's that no other overlaps) slot-to-slot copies go right after its post, beside its
-        transfer: their sources no earlier chunk writes and their targets no later one reads.
-        The plan check is posted before chunk 0's pack (packing reads the weights and writes
-        only the buffer) and awaited before the first transfer."""
+        transfer: a chunk's write-back may overwrite their sources, an earlier chunk's cannot.
+        Slot-to-slot copies keep chunk order (a later chunk may overwrite an earlier one's
+        source). The plan check is posted before chunk 0's pack (packing reads the weights and
+        writes only the buffer) and awaited before the first transfer."""
         check.start()
         chunks = len(self.chunks)
         if chunks:
             self.pack(self.launch(0))
         check.wait()
         self.first_transfer = time.perf_counter()
-        posted: tuple[P2PHandle | None, _Launches, bool] | None = None
+        directs = 0  # chunks whose slot-to-slot copies are launched
+        posted: tuple[P2PHandle | None, _Launches] | None = None
         for k in range(chunks):
             chunk = self.launch(k)
             handle = self.post(chunk)
             alone = k == chunks - 1 or not self.overlapped[k]
-            if alone:
-                self.direct(chunk)
+            while directs <= (k if alone else k - 1):
+                self.direct(self.launch(directs))
+                directs += 1
             if posted is not None:
                 self.write_back(*posted)
-            posted = (handle, chunk, alone)
+            posted = (handle, chunk)
             if not self.overlapped[k]:  # chunk k+1 needs chunk k's buffer
                 self.write_back(*posted)
                 posted = None
@@ -838,8 +841,7 @@ class _Runner:
         self.timer.add(Phase.STAGE, start)
 
     def direct(self, chunk: _Launches) -> None:
-        """The chunk's slot-to-slot copies: before its write-back, which may overwrite their
-        sources."""
+        """The chunk's slot-to-slot copies (before its write-back)."""
         start = time.perf_counter()
         chunk.direct()
         self.timer.add(Phase.WRITE_BACK, start)
@@ -852,11 +854,9 @@ class _Runner:
         self.timer.add(Phase.P2P, start)
         return handle
 
-    def write_back(self, handle: P2PHandle | None, chunk: _Launches, direct_done: bool) -> None:
-        """The chunk's slot-to-slot copies unless done, then wait for its transfers and write
-        everything this rank receives into place."""
-        if not direct_done:
-            self.direct(chunk)
+    def write_back(self, handle: P2PHandle | None, chunk: _Launches) -> None:
+        """Wait for the chunk's transfers, then write everything this rank receives into place
+        (after the chunk's slot-to-slot copies)."""
         start = time.perf_counter()
         if handle is not None:
             handle.wait()
