@@ -20,11 +20,9 @@ if TYPE_CHECKING:
     from elastic_ep.eplb.executor import GroupRanks
 
 
-RAMP = (4, 2)
-"""With overlap, the first chunks get ``1 / 4`` and ``1 / 2`` of the cap, and so do the last
-ones (in reverse): nothing hides the first pack and the last write-back, and each transfer must
-hide the write-back before it and the pack after it (on 2x H200 a full chunk's pack or
-write-back takes ~0.3-0.5 ms beside its ~1.3 ms transfer)."""
+RAMP = 4
+"""With overlap, the first and the last chunk are cut to ``1 / RAMP`` of the cap: nothing hides
+the first one's pack and the last one's write-back (on 2x H200, ~0.3 ms each for a full chunk)."""
 
 
 @dataclass(frozen=True)
@@ -43,17 +41,14 @@ def cut_chunks(
     budget: int,
     overlap: bool,
 ) -> list[Chunk]:
-    """Cut the plan's steps, in order, into chunks whose estimated region fits on every rank.
-
-    Without overlap: greedily, each chunk within ``budget``. With overlap, a chunk gets half of
-    it (the cap), so two consecutive chunks can be live at once, and the ends ramp
-    (:data:`RAMP`): chunks of at most cap/4 and cap/2 at the start and, mirrored, at the end;
-    between them as few chunks as fit the cap, evened out (a sliver of a chunk could not hide the
-    write-back before it). A plan too small for both ramps is cut evenly within cap/2, or cap/4.
+    """Pack consecutive steps greedily into chunks whose estimated region fits on every rank;
+    overlapped, the first chunk and a split-off end of the last get ``1 / RAMP`` of the cap.
 
     Args:
         row_bytes: per layer, the aligned bytes of one slot of every kind together (an upper
             bound of what one row costs in a region).
+        budget: the buffer budget of each rank; with ``overlap`` a chunk gets half of it, so two
+            consecutive chunks can be live at once.
     Raises:
         ValueError: a step alone needs more than ``budget`` on some rank (nothing moved yet).
     """
@@ -68,77 +63,35 @@ def cut_chunks(
             f"{cost[i, worst] // row_bytes[layer]} expert rows ({cost[i, worst]} bytes) on "
             f"group rank {worst}; nothing was moved"
         )
-    totals = _Totals(cost)
-    steps = len(cost)
-    if not overlap:
-        bounds = totals.greedy(0, steps, budget)
-    else:
-        cap = budget // 2
-        first, second = (cap // part for part in RAMP)
-        head, tail = totals.end(0, first), totals.start(steps, first)
-        if head >= tail:
-            bounds = totals.even(0, steps, first)
-        else:
-            head2, tail2 = totals.end(head, second), totals.start(tail, second)
-            if head2 >= tail2:
-                bounds = [0, *totals.even(head, tail, second), steps]
-            else:
-                bounds = [0, head, *totals.even(head2, tail2, cap), tail, steps]
+    cap = budget // 2 if overlap else budget
+    # Running totals per rank: a chunk [a, b) costs total[b] - total[a], so its end is where the
+    # first rank's total passes its start plus the cap (totals never decrease).
+    total = np.zeros((len(cost) + 1, world_size), dtype=np.int64)
+    np.cumsum(cost, axis=0, out=total[1:])
+    bounds = [0]
+    while bounds[-1] < len(cost):
+        start = bounds[-1]
+        # Overlapped, the first chunk's pack and the last one's write-back overlap no transfer:
+        # both get a fraction of the cap.
+        limit = cap // RAMP if overlap and start == 0 else cap
+        end = min(
+            int(np.searchsorted(total[:, g], total[start, g] + limit, side="right")) - 1
+            for g in range(world_size)
+        )
+        bounds.append(max(end, start + 1))
+    if overlap and len(cost) > 1:
+        start = bounds[-2]
+        tail = max(  # at least the last step
+            int(np.searchsorted(total[:, g], total[-1, g] - cap // RAMP, side="left"))
+            for g in range(world_size)
+        )
+        tail = min(tail, len(cost) - 1)
+        if start < tail:
+            bounds.insert(-1, tail)
     return [
-        Chunk(plan.steps[a:b], tuple(int(x) for x in totals.total[b] - totals.total[a]))
+        Chunk(plan.steps[a:b], tuple(int(x) for x in total[b] - total[a]))
         for a, b in itertools.pairwise(bounds)
     ]
-
-
-class _Totals:
-    """Running region bytes per rank over the steps: steps ``[a, b)`` cost ``total[b] -
-    total[a]`` (totals never decrease, so chunk ends are binary searches)."""
-
-    def __init__(self, cost: np.ndarray) -> None:
-        self.total = np.zeros((len(cost) + 1, cost.shape[1]), dtype=np.int64)
-        np.cumsum(cost, axis=0, out=self.total[1:])
-        # Every rank's column in one ascending array (column g shifted up by g * lift), so one
-        # searchsorted finds a position in every column.
-        rows, ranks = self.total.shape
-        self.lift = 2 * int(self.total[-1].max(initial=0)) + 1
-        self.lifts = np.arange(ranks, dtype=np.int64) * self.lift
-        self.starts = np.arange(ranks, dtype=np.int64) * rows
-        self.columns = (self.total + self.lifts).T.ravel()
-
-    def end(self, start: int, limit: int) -> int:
-        """The furthest end of a chunk from ``start`` within ``limit`` (at least one step)."""
-        limit = min(limit, self.lift // 2)  # within a column's lift
-        at = np.searchsorted(self.columns, self.total[start] + self.lifts + limit, side="right")
-        return max(int((at - self.starts).min()) - 1, start + 1)
-
-    def start(self, end: int, limit: int) -> int:
-        """The earliest start of a chunk up to ``end`` within ``limit`` (at least one step)."""
-        limit = min(limit, self.lift // 2)
-        at = np.searchsorted(self.columns, self.total[end] + self.lifts - limit, side="left")
-        return min(int((at - self.starts).max()), end - 1)
-
-    def greedy(self, start: int, stop: int, limit: int) -> list[int]:
-        """Bounds of chunks each as long as ``limit`` allows, from ``start`` to ``stop``."""
-        bounds = [start]
-        while bounds[-1] < stop:
-            bounds.append(min(self.end(bounds[-1], limit), stop))
-        return bounds
-
-    def even(self, start: int, stop: int, limit: int) -> list[int]:
-        """Bounds of as few chunks within ``limit`` as the greedy cut, under the lowest common
-        limit that keeps their number (to 1/64 of ``limit``)."""
-        bounds = self.greedy(start, stop, limit)
-        chunks = len(bounds) - 1
-        low = int(max(self.total[stop] - self.total[start])) // max(chunks, 1)
-        high = limit
-        while high - low > limit // 64:
-            middle = (low + high) // 2
-            trial = self.greedy(start, stop, middle)
-            if len(trial) - 1 <= chunks:
-                high, bounds = middle, trial
-            else:
-                low = middle
-        return bounds
 
 
 def min_buffer_bytes(

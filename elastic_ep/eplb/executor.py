@@ -62,9 +62,8 @@ DEFAULT_BUFFER_BYTES = 1 << 30
 COPY_PATHS = ("auto", "torch", "triton", "engine")
 """Values of ``execute``'s ``copy`` argument."""
 
-FIRST_LAYOUT_CHUNKS = 4
-"""Chunks ``execute`` lays out before its first transfer (see ``_Runner.launch``): the ramp's
-two short chunks and two full ones, whose transfers hide the next layout."""
+SMALL_PLAN_CHUNKS = 4
+"""Plans of at most this many chunks are laid out in one call (see ``_Runner.launch``)."""
 
 ReloadHook = Callable[[int, int], Sequence[torch.Tensor]]
 """``reload(layer, expert) -> tensors``: one tensor per weight kind, each shaped like one slot."""
@@ -711,12 +710,14 @@ class _Runner:
             self.address = np.array([0 if t is None else t.data_ptr() for t in tensors])
 
     def launch(self, k: int) -> _Launches:
-        """Chunk ``k``'s launches, laid out on first use in batches of 4, 8, 16, ... chunks: a
-        layout's cost is mostly fixed (0.2 ms of host time per call on the 2-core VM, 1.4 ms on
-        the 2x H200 machine's host), the first batch delays the first transfer, and each later
-        one runs while the chunks before it transfer (``FIRST_LAYOUT_CHUNKS``)."""
+        """Chunk ``k``'s launches. A layout's cost is mostly fixed (0.2 ms of host time per call
+        on the 2-core VM, 1.4 ms on the 2x H200 machine's host), so a plan of up to
+        ``SMALL_PLAN_CHUNKS`` chunks is laid out at once; a larger one in batches of 2, 4, 8, ...
+        chunks: chunks 0 and 1 first (chunk 0 is short, see ``exec_chunks.RAMP``), so that the
+        first transfer starts early, then each batch while the chunk before it transfers."""
         if k == len(self.launches):
-            self.lay_out(k, min(len(self.chunks), 2 * k + FIRST_LAYOUT_CHUNKS))
+            chunks = len(self.chunks)
+            self.lay_out(k, chunks if chunks <= SMALL_PLAN_CHUNKS else min(chunks, 2 * k + 2))
         return self.launches[k]
 
     def lay_out(self, first: int, last: int) -> None:
