@@ -108,7 +108,8 @@ def _once(runner: executor._Runner, device: torch.device) -> tuple[float, float,
     for k in range(len(runner.chunks)):
         chunk = runner.launch(k)
         runner.pack(chunk)
-        runner.finish(None, chunk)
+        runner.direct(chunk)
+        runner.write_back(None, chunk)
     host = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
