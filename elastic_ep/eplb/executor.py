@@ -329,9 +329,9 @@ class PreparedExecution:
         self.plan, self.group, self._layout, self._digest = plan, group, layout, digest
         self.buffer_bytes, self._overlap = buffer_bytes, overlap
         self._runner: _Runner | None = runner
+        # Made by _lay_out_all when prepared ahead, else by the run (the byte counts after it).
         self._check: _PlanCheck | None = None
-        slot_bytes = [sum(layer) for layer in runner.kind_bytes]
-        self._bytes_sent, self._bytes_received = _bytes_per_group_rank(plan, slot_bytes, layout)
+        self._bytes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def run(self) -> ExecutionStats:
         """Move the weights (collective: every group rank runs its prepared execution of the
@@ -355,6 +355,7 @@ class PreparedExecution:
         assert runner is not None
         with self._device_context():
             self._check = _PlanCheck(self.group, self._digest, self._layout.group_rank)
+            self._bytes = _bytes_per_group_rank(self.plan, runner.kind_bytes, self._layout)
             runner.size_buffer(self.buffer_bytes if self._overlap else 0)
             runner.lay_out(0, len(runner.chunks))
 
@@ -373,7 +374,7 @@ class PreparedExecution:
             runner.run(check)
         if group.device.type == "cuda":
             torch.cuda.synchronize(group.device)
-        sent, received = self._bytes_sent, self._bytes_received
+        sent, received = self._bytes or _bytes_per_group_rank(self.plan, runner.kind_bytes, layout)
         me = layout.group_rank
         return ExecutionStats(
             group_rank=me,
@@ -615,8 +616,10 @@ class _PlanCheck:
 
 
 def _bytes_per_group_rank(
-    plan: TransferPlan, slot_bytes: list[int], layout: _Layout
+    plan: TransferPlan, kind_bytes: list[list[int]], layout: _Layout
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bytes every group rank sends and receives (exact, from the plan)."""
+    slot_bytes = [sum(layer) for layer in kind_bytes]
     table = plan.op_table
     nbytes = np.asarray(slot_bytes, dtype=np.int64)[table.layer[table.transfer]]
     # _Layout.resolve checked that every sender and receiver is in the group.
@@ -804,8 +807,8 @@ class _Runner:
         then pack chunk ``k+1`` into the buffer half chunk ``k-1`` freed. The last chunk's (and
         a chunk's that no other overlaps) slot-to-slot copies go right after its post, beside its
         transfer: a chunk's write-back may overwrite their sources, an earlier chunk's cannot.
-        Slot-to-slot copies keep chunk order (a later chunk may overwrite an earlier one's
-        source). The plan check is posted before chunk 0's pack (packing reads the weights and
+        Each chunk's slot-to-slot copies thus come before its own write-back and every later
+        chunk's. The plan check is posted before chunk 0's pack (packing reads the weights and
         writes only the buffer) and awaited before the first transfer."""
         check.start()
         chunks = len(self.chunks)
