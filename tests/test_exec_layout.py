@@ -134,6 +134,9 @@ def test_a_batch_of_chunks_is_laid_out_as_in_the_whole(
     old = ranks.old.index(g) if g in ranks.old else None
     new = ranks.new.index(g) if g in ranks.new else None
     whole = lay_out_chunks(plan, starts, kind_bytes, ranks, old, new, budget)
+    if not chunks:  # a drift that moves nothing
+        assert not plan.steps and not whole.chunks
+        return
     first = data.draw(st.integers(0, len(chunks) - 1))
     last = data.draw(st.integers(first + 1, len(chunks)))
     part = lay_out_chunks(plan, starts, kind_bytes, ranks, old, new, budget, first, last)
