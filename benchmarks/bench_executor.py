@@ -236,15 +236,21 @@ def _run_scenario(
     weights = _weights(plan.new.num_layers, slots, shapes, device, dtype)
     back = plan_transfers(plan.new, plan.previous, _inverse(mapping))
     budget = args.buffer_mb << 20
+
+    def runner() -> Any:
+        """What one timed (or observed) run calls: for "prepared", the host work happens here,
+        before the barrier and the clock."""
+        if mode == "prepared":
+            return prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy).run
+        return functools.partial(execute, plan, weights, group, buffer_bytes=budget, copy=copy)
+
     times, peaks, starts, stats = [], [], [], None
     for i in range(args.repeats + 1):
         _sync(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        run: Any = functools.partial(execute, plan, weights, group, buffer_bytes=budget, copy=copy)
-        if mode == "prepared":  # the host work before the barrier, not timed
-            run = prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy).run
+        run = runner()
         group.barrier()
         start = time.perf_counter()
         stats = run()
@@ -271,13 +277,7 @@ def _run_scenario(
     assert stats is not None
     for tool in ("trace", "profile"):  # one more run each, not timed: what rank 0 did
         if getattr(args, tool):
-            if mode == "prepared":
-                run = prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy).run
-            else:
-                run = functools.partial(
-                    execute, plan, weights, group, buffer_bytes=budget, copy=copy
-                )
-            _observed(tool, args, rank, f"{name}-{copy}-{mode}", run, device)
+            _observed(tool, args, rank, f"{name}-{copy}-{mode}", runner(), device)
     seconds = statistics.median(times)
     busiest = max(
         max(s, r)
