@@ -50,6 +50,7 @@ from elastic_ep.eplb.exec_layout import ChunkLayout, RowSet, aligned, kinds_of, 
 from elastic_ep.eplb.row_copy import RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError, PeerFailure
+from elastic_ep.groups.polling import wait_until
 from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 
@@ -597,17 +598,13 @@ class _PlanCheck:
     def wait(self) -> None:
         """Raise unless every rank has this digest (PeerFailure past the group's timeout)."""
         group = self.group
-        if self.arrived is not None:
-            deadline = time.monotonic() + group.timeout_s
-            while not self.arrived.query():
-                if time.monotonic() > deadline:
-                    raise PeerFailure(
-                        f"group {group.name!r} epoch {group.epoch} rank {group.rank}: the plan "
-                        f"check did not complete within {group.timeout_s:g} s; nothing was moved",
-                        group=group.name,
-                        epoch=group.epoch,
-                    )
-                time.sleep(0)
+        if self.arrived is not None and not wait_until(self.arrived.query, group.timeout_s):
+            raise PeerFailure(
+                f"group {group.name!r} epoch {group.epoch} rank {group.rank}: the plan "
+                f"check did not complete within {group.timeout_s:g} s; nothing was moved",
+                group=group.name,
+                epoch=group.epoch,
+            )
         if self.result.tolist() != [self.digest, -self.digest]:
             raise ValueError(
                 f"group rank {self.group_rank}: the ranks of the group run different plans, "

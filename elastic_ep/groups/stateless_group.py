@@ -26,6 +26,7 @@ from torch.distributed import ProcessGroup, ReduceOp, Store, Work
 
 from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.backend import Backend, default_device, make_process_group
+from elastic_ep.groups.polling import wait_until
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
 
 
@@ -488,14 +489,20 @@ class StatelessGroup:
 
     def _wait(self, work: Work, op: str, *, peer: int | None, sync: bool) -> None:
         # gloo completes (or times out) on the CPU. NCCL work is stream-ordered: plain wait() only
-        # orders the current stream; sync=True blocks the CPU with the group's timeout.
+        # orders the current stream; sync=True first polls its completion on the CPU within the
+        # group's timeout (torch's own timed wait polls once per millisecond: see polling).
         try:
-            if sync and self._backend is Backend.NCCL:
-                work.wait(timedelta(seconds=self._timeout_s))
-            else:
+            completed = (
+                not sync
+                or self._backend is not Backend.NCCL
+                or wait_until(work.is_completed, self._timeout_s)
+            )
+            if completed:
                 work.wait()
         except RuntimeError as err:
             raise self._broken(op, err, peer=peer) from err
+        if not completed:
+            raise self._broken(op, TimeoutError("not completed"), peer=peer)
 
     def _post_p2p(
         self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]
