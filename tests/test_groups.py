@@ -62,6 +62,15 @@ def _collectives(rank: int, world_size: int, port: int) -> dict[str, object]:
     assert handle is not None
     handle.wait()
     out["ring_async"] = c.tolist()
+    # A prepared batch posts the tensors it was given, each time it is posted.
+    outgoing, incoming = torch.zeros(2), torch.zeros(2)
+    batch = g.prepare_p2p([(outgoing, right)], [(incoming, left)])
+    posted = []
+    for round_ in (1.0, 2.0):
+        outgoing.fill_(10 * round_ + rank)
+        batch.post().wait()
+        posted.append(incoming.tolist())
+    out["prepared"] = posted
     g.barrier()
     g.destroy()
     g.destroy()
@@ -90,6 +99,7 @@ def test_collectives_p2p_objects() -> None:
         left, right = (rank - 1) % ws, (rank + 1) % ws
         assert out["ring"] == ([float(left)] * 4, [left, 7], [float(rank)] * 3)
         assert out["ring_async"] == [float(k * right) for k in range(5)]
+        assert out["prepared"] == [[10.0 + left] * 2, [20.0 + left] * 2]
         assert out["closed"] is True
 
 
@@ -171,6 +181,11 @@ def test_single_rank_group_and_bad_calls(rdzv: Rendezvous) -> None:
         g.all_to_all_single(torch.zeros(3), torch.zeros(3), [2], [3])
     with pytest.raises(ValueError, match="recvs from self"):
         g.batch_p2p([(torch.zeros(1), 0)], [])
+    with pytest.raises(ValueError, match="outside the group"):
+        g.prepare_p2p([(torch.zeros(1), 1)], [])
+    own = torch.zeros(2)
+    g.prepare_p2p([(torch.ones(2), 0)], [(own, 0)]).post().wait()
+    assert own.tolist() == [1.0, 1.0]
     assert g.broadcast_object({"a": 1}) == {"a": 1}
     g.abort()
     g.abort()

@@ -51,7 +51,7 @@ from elastic_ep.eplb.row_copy import RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.polling import wait_until
-from elastic_ep.groups.stateless_group import P2PHandle, StatelessGroup
+from elastic_ep.groups.stateless_group import P2PBatch, P2PHandle, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 
 ALIGN_ANCHOR = 16
@@ -583,16 +583,16 @@ class _PlanCheck:
             self.both = torch.full((2,), digest, dtype=torch.int64, device=group.device)
             self.both[1:].neg_()
             self.result = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            self.arrived: torch.cuda.Event | None = torch.cuda.Event()
         else:
             self.both = self.result = torch.tensor([digest, -digest], dtype=torch.int64)
-        self.arrived: torch.cuda.Event | None = None
+            self.arrived = None
 
     def start(self) -> None:
         """Post the all-reduce (on CUDA it waits for nothing of this stream's but the fill)."""
         self.group.all_reduce(self.both, op=torch.distributed.ReduceOp.MAX)
-        if self.group.device.type == "cuda":
+        if self.arrived is not None:
             self.result.copy_(self.both, non_blocking=True)
-            self.arrived = torch.cuda.Event()
             self.arrived.record()
 
     def wait(self) -> None:
@@ -651,10 +651,12 @@ def _torch_copy(flat: Sequence[torch.Tensor | None], rows: RowSet) -> None:
 
 @dataclass(frozen=True)
 class _Launches:
-    """One chunk's layout and its three launches: pack, slot-to-slot copies (first: other
-    writes may overwrite their sources), and write-back."""
+    """One chunk's layout, its transfers (checked, None if it has none) and its three copy
+    launches: pack, slot-to-slot copies (first: other writes may overwrite their sources), and
+    write-back."""
 
     layout: ChunkLayout
+    transfers: P2PBatch | None
     pack: Callable[[], None]
     direct: Callable[[], None]
     unpack: Callable[[], None]
@@ -744,9 +746,19 @@ class _Runner:
             dst = [self.address[r.dst_tensor] + r.dst_offset for r in row_sets]
             copies = self._fused_copies(src, dst, row_sets, len(layout.chunks))
         self.launches.extend(
-            _Launches(chunk, *(kind[c] for kind in copies)) for c, chunk in enumerate(layout.chunks)
+            _Launches(chunk, self._transfers(chunk), *(kind[c] for kind in copies))
+            for c, chunk in enumerate(layout.chunks)
         )
         self.timer.add(Phase.PLAN, start)
+
+    def _transfers(self, chunk: ChunkLayout) -> P2PBatch | None:
+        """The chunk's transfers between buffer regions, checked now (off the run's path)."""
+        if not chunk.sends and not chunk.recvs:
+            return None
+        return self.group.prepare_p2p(
+            [(self.buffer[o : o + n], peer) for peer, o, n in chunk.sends],
+            [(self.buffer[o : o + n], peer) for peer, o, n in chunk.recvs],
+        )
 
     @staticmethod
     def _torch_copies(
@@ -794,7 +806,7 @@ class _Runner:
         )
         table.upload()
         return [
-            [functools.partial(table.copy, r) for r in launches[i * chunks : (i + 1) * chunks]]
+            [table.launcher(r) for r in launches[i * chunks : (i + 1) * chunks]]
             for i in range(len(row_sets))
         ]
 
@@ -848,9 +860,7 @@ class _Runner:
 
     def post(self, chunk: _Launches) -> P2PHandle | None:
         start = time.perf_counter()
-        sends = [(self.buffer[o : o + n], peer) for peer, o, n in chunk.layout.sends]
-        recvs = [(self.buffer[o : o + n], peer) for peer, o, n in chunk.layout.recvs]
-        handle = self.group.batch_p2p(sends, recvs, async_op=True) if sends or recvs else None
+        handle = None if chunk.transfers is None else chunk.transfers.post()
         self.timer.add(Phase.P2P, start)
         return handle
 

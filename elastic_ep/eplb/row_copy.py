@@ -15,7 +15,7 @@ row of the same launch writes: the order between rows is undefined.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,16 +231,30 @@ class RowTable:
         (default: the compiled Triton kernel; tests pass an interpreted one) on ``programs``
         programs of ``num_warps`` warps (default: ``SM_SHARE`` of the device's SMs, one per block
         off CUDA, and ``NUM_WARPS``), fewer programs if the rows have fewer blocks."""
+        self.launcher(rows, kernel, programs, num_warps)()
+
+    def launcher(
+        self,
+        rows: Rows,
+        kernel: Any = None,
+        programs: int | None = None,
+        num_warps: int | None = None,
+    ) -> Callable[[], None]:
+        """:meth:`copy` of ``rows`` with its arguments built now: the call only launches (on
+        an H200 host, ~28 us of host time against ~58 us for :meth:`copy`)."""
         if not rows.blocks:
-            return
+            return _nothing
         if self.table is None:
             raise RuntimeError("RowTable.upload() must run before copy()")
         if programs is None:
             programs = programs_for(self.anchor.device) or rows.blocks
-        part = self.table[:, rows.start : rows.start + rows.count]
+        part = self.table[:, rows.start : rows.start + rows.count].unbind()
         anchor = self.anchor if rows.word == 1 else self.anchor.view(torch.int32)
-        kernel = _copy_rows_kernel if kernel is None else kernel
-        kernel[(max(1, min(programs, rows.blocks)),)](
+        launch = (_copy_rows_kernel if kernel is None else kernel)[
+            (max(1, min(programs, rows.blocks)),)
+        ]
+        return functools.partial(
+            launch,
             anchor,
             *part,
             rows.count,
@@ -248,6 +262,10 @@ class RowTable:
             ALIGN=rows.align,
             num_warps=NUM_WARPS if num_warps is None else num_warps,
         )
+
+
+def _nothing() -> None:
+    """The launch of rows with no bytes."""
 
 
 def programs_for(device: torch.device) -> int | None:

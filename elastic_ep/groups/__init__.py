@@ -10,7 +10,12 @@
 from elastic_ep.groups.backend import Backend
 from elastic_ep.groups.layout import GroupLayout
 from elastic_ep.groups.rendezvous import Rendezvous
-from elastic_ep.groups.stateless_group import GroupClosedError, P2PHandle, StatelessGroup
+from elastic_ep.groups.stateless_group import (
+    GroupClosedError,
+    P2PBatch,
+    P2PHandle,
+    StatelessGroup,
+)
 from elastic_ep.groups.world import WORLD, ElasticWorld, MemberState, PendingEpoch
 
 __all__ = [
@@ -20,6 +25,7 @@ __all__ = [
     "GroupClosedError",
     "GroupLayout",
     "MemberState",
+    "P2PBatch",
     "P2PHandle",
     "PendingEpoch",
     "Rendezvous",

@@ -1,11 +1,11 @@
 """Waiting on the host for device work, with a deadline and without a coarse sleep.
 
 torch's ``Work.wait(timeout)`` on NCCL polls completion with a 1 ms sleep between polls, so every
-rank leaves a barrier at its own point of that millisecond: on 4x H200 the ranks left one up to
-~1 ms apart, and the slowest rank's lag was the first thing any timed run after it paid. Polling
-here yields the core between polls (``sleep(0)``) for the first :data:`SPIN_S`, which covers a
-healthy collective, then sleeps :data:`BACKOFF_S` per poll, so a long wait for a slow peer does
-not keep a core busy.
+rank leaves a barrier at its own point of that millisecond: on 4x H200 the ranks left one a
+median 860 us apart (1.1 ms at worst), and a barrier in a loop took 1.09 ms; polled here, 40 us
+apart and 0.40 ms. Polling yields the core between polls (``sleep(0)``) for the first
+:data:`SPIN_S`, which covers a healthy collective, then sleeps :data:`BACKOFF_S` per poll, so a
+long wait for a slow peer does not keep a core busy.
 """
 
 from __future__ import annotations

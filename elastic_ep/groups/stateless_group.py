@@ -42,8 +42,32 @@ def _check_int(name: str, value: object, *, minimum: int) -> int:
     return value
 
 
+class P2PBatch:
+    """A checked batch of point-to-point transfers, from :meth:`StatelessGroup.prepare_p2p`.
+
+    :meth:`post` posts it (again on each call) and returns its :class:`P2PHandle`; the tensors
+    are the ones given when prepared."""
+
+    def __init__(
+        self,
+        group: StatelessGroup,
+        sends: list[tuple[torch.Tensor, int]],
+        recvs: list[tuple[torch.Tensor, int]],
+        self_copies: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self._group, self._sends, self._recvs, self._self_copies = group, sends, recvs, self_copies
+        self._peers = [p for _, p in sends] + [p for _, p in recvs]
+
+    def post(self) -> P2PHandle:
+        """Post the batch (transfers to this rank itself are copied first, in order)."""
+        for source, target in self._self_copies:
+            target.copy_(source)
+        return P2PHandle(self._group, self._group._post_p2p(self._sends, self._recvs), self._peers)
+
+
 class P2PHandle:
-    """Pending batch of sends/receives started by ``StatelessGroup.batch_p2p(..., async_op=True)``.
+    """Pending batch of sends/receives started by ``StatelessGroup.batch_p2p(..., async_op=True)``
+    or :meth:`P2PBatch.post`.
 
     :meth:`wait` blocks until every transfer is done (on NCCL: until the current stream is
     ordered after them) and raises PeerFailure if a peer failed.
@@ -334,6 +358,18 @@ class StatelessGroup:
         Returns:
             the handle, or None when ``async_op`` is False.
         """
+        handle = self.prepare_p2p(sends, recvs).post()
+        if async_op:
+            return handle
+        handle.wait()
+        return None
+
+    def prepare_p2p(
+        self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
+    ) -> P2PBatch:
+        """Check a batch for :meth:`batch_p2p` now, post it later (``P2PBatch.post``): the
+        checks cost a few microseconds per transfer, which a caller that posts a known batch
+        at a critical moment pays ahead. Arguments as for :meth:`batch_p2p`."""
         self._usable("batch_p2p")
         for kind, pairs in (("sends", sends), ("recvs", recvs)):
             for i, pair in enumerate(pairs):
@@ -352,17 +388,12 @@ class StatelessGroup:
                 raise ValueError(
                     f"self transfer {i}: send {s.dtype}{tuple(s.shape)} != recv {r.dtype}{tuple(r.shape)}"
                 )
-        remote_sends = [(t, p) for t, p in sends if p != self._rank]
-        remote_recvs = [(t, p) for t, p in recvs if p != self._rank]
-        for s, r in zip(self_sends, self_recvs, strict=True):
-            r.copy_(s)
-        peers = [p for _, p in remote_sends] + [p for _, p in remote_recvs]
-        works = self._post_p2p(remote_sends, remote_recvs)
-        handle = P2PHandle(self, works, peers)
-        if async_op:
-            return handle
-        handle.wait()
-        return None
+        return P2PBatch(
+            self,
+            [(t, p) for t, p in sends if p != self._rank],
+            [(t, p) for t, p in recvs if p != self._rank],
+            list(zip(self_sends, self_recvs, strict=True)),
+        )
 
     # ---- teardown -----------------------------------------------------------------------
     def destroy(self) -> None:
