@@ -10,10 +10,13 @@ and ``w2`` [2048, 1408] per expert (17.3 MB). Scenarios, each run in one process
 
 Raw baselines: a ring exchange (every rank sends ``--raw-mb`` to its right neighbour and receives
 as much from its left) through ``StatelessGroup.batch_p2p`` and through torch's own default
-process group (``torch.distributed.batch_isend_irecv``); "% raw" divides by the faster of the two.
-Also reported: an all-to-all of one message to and from every peer (``StatelessGroup.batch_p2p``),
-the pattern of a reshuffle, which NCCL carries slower than the ring (on 4x H200 ~140 against
-~310 GB/s: it splits a rank's channels among its peers).
+process group (``torch.distributed.batch_isend_irecv``). Before every timed run of a scenario the
+ring runs both ways (the faster counts), so each scenario has a raw figure of the same minutes
+("raw ring": the median over its runs, of the slowest rank); "% raw" divides by it. NCCL's ring
+rate moved 275-335 GB/s from one run to the next on one machine, so a raw figure taken once at
+the start could be off by 10% for a scenario timed later. The start of a run also measures both
+rings once, and an all-to-all of one message to and from every peer (``StatelessGroup.batch_p2p``,
+256-byte aligned parts), the pattern of a reshuffle's chunk.
 
 "Per-GPU bandwidth" of a scenario is the busiest rank's traffic (max over ranks of the bytes it
 sends or receives, whichever is larger) divided by the wall time; for the ring it is the bytes each
@@ -156,7 +159,8 @@ def _ring(
     right, left = (rank + 1) % world, (rank - 1) % world
     if how == "a2a":  # the reshuffle's pattern: one message to and from every peer
         peers = [p for p in range(world) if p != rank]
-        part = send.numel() // len(peers)
+        # 256-byte aligned parts: NCCL moved 2-byte aligned ones at half the rate on 4x H200
+        part = send.numel() // len(peers) // 128 * 128
         group.batch_p2p(
             [(send[i * part : (i + 1) * part], p) for i, p in enumerate(peers)],
             [(recv[i * part : (i + 1) * part], p) for i, p in enumerate(peers)],
@@ -244,8 +248,11 @@ def _run_scenario(
             return prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy).run
         return functools.partial(execute, plan, weights, group, buffer_bytes=budget, copy=copy)
 
-    times, peaks, starts, stats = [], [], [], None
+    ring_send = torch.ones((args.raw_mb << 20) // 2, dtype=torch.bfloat16, device=device)
+    ring_recv = torch.empty_like(ring_send)
+    times, peaks, starts, rings, stats = [], [], [], [], None
     for i in range(args.repeats + 1):
+        ring = _ring_beside(ring_send, ring_recv, rank, group_ranks, group, device)
         _sync(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
@@ -262,6 +269,7 @@ def _run_scenario(
             else stats.peak_extra_bytes
         )
         if i > 0:  # the first run warms up
+            rings.append(ring)
             times.append(elapsed)
             peaks.append(peak)
             starts.append(stats.first_transfer_seconds)
@@ -301,7 +309,32 @@ def _run_scenario(
         "phase_ms": {phase.value: sec * 1e3 for phase, sec in stats.seconds},
         "total_ms": stats.total_seconds * 1e3,
         "first_transfer_ms": statistics.median(starts) * 1e3,
+        "ring_gbps": ring_send.numel() * ring_send.element_size() / statistics.median(rings) / 1e9,
     }
+
+
+def _ring_beside(
+    send: torch.Tensor,
+    recv: torch.Tensor,
+    rank: int,
+    world: int,
+    group: StatelessGroup,
+    device: torch.device,
+) -> float:
+    """Seconds of one raw ring exchange, just before a timed run: the raw figure of the same
+    minutes (NCCL's ring rate moved 275-335 GB/s between runs on one machine). The faster of
+    ``StatelessGroup.batch_p2p`` and torch's ``batch_isend_irecv`` (the default process group),
+    each timed on its second exchange, when the ranks are in step."""
+    best = math.inf
+    for how in ("stateless", "torch"):
+        group.barrier()
+        _ring(send, recv, rank, world, how, group)
+        _sync(device)
+        start = time.perf_counter()
+        _ring(send, recv, rank, world, how, group)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _observed(
@@ -502,15 +535,19 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None
         how: min(r["raw"][how] for r in results.values()) for how in ("stateless", "torch", "a2a")
     }
     rows = results[0]["scenarios"]
-    peaks = {
-        key: max(
-            s["peak_extra_mb"]
-            for r in results.values()
-            for s in r["scenarios"]
-            if (s["scenario"], s["copy"], s["mode"]) == key
-        )
-        for key in {(row["scenario"], row["copy"], row["mode"]) for row in rows}
-    }
+
+    def over_ranks(field: str, pick: Any) -> dict[tuple[str, str, str], float]:
+        return {
+            key: pick(
+                s[field]
+                for r in results.values()
+                for s in r["scenarios"]
+                if (s["scenario"], s["copy"], s["mode"]) == key
+            )
+            for key in {(row["scenario"], row["copy"], row["mode"]) for row in rows}
+        }
+
+    peaks, rings = over_ranks("peak_extra_mb", max), over_ranks("ring_gbps", min)
     device = torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu"
     print(
         f"\n{args.devices} x {device}, {args.backend}, {args.layers} layers x {args.experts} experts, "
@@ -523,17 +560,21 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> None
     )
     print(
         f"{'scenario':<12} {'copy':<6} {'mode':<8} {'ms':>8} {'moved GB':>9} {'busiest GB':>10} "
-        f"{'GB/s/GPU':>9} {'% raw':>6} {'chunks':>6} {'peak MiB':>9} {'plan ms':>8} {'start ms':>8}"
+        f"{'GB/s/GPU':>9} {'raw ring':>8} {'% raw':>6} {'chunks':>6} {'peak MiB':>9} "
+        f"{'plan ms':>8} {'start ms':>8}"
     )
-    best_raw = max(raw["stateless"], raw["torch"])  # "% raw" is against the ring
     for row in rows:
-        row["pct_of_raw"] = 100 * row["gbps_per_gpu"] / best_raw
-        row["peak_extra_mb"] = peaks[(row["scenario"], row["copy"], row["mode"])]
+        key = (row["scenario"], row["copy"], row["mode"])
+        # "% raw" is against the ring timed beside the scenario's runs (the slowest rank's).
+        row["raw_ring_gbps"] = rings[key]
+        row["pct_of_raw"] = 100 * row["gbps_per_gpu"] / rings[key]
+        row["peak_extra_mb"] = peaks[key]
         print(
             f"{row['scenario']:<12} {row['copy']:<6} {row['mode']:<8} {row['seconds'] * 1e3:8.1f} "
             f"{row['moved_gb']:9.2f} {row['busiest_rank_gb']:10.2f} {row['gbps_per_gpu']:9.1f} "
-            f"{row['pct_of_raw']:6.1f} {row['chunks']:6d} {row['peak_extra_mb']:9.1f} "
-            f"{row['phase_ms']['plan']:8.2f} {row['first_transfer_ms']:8.2f}"
+            f"{row['raw_ring_gbps']:8.1f} {row['pct_of_raw']:6.1f} {row['chunks']:6d} "
+            f"{row['peak_extra_mb']:9.1f} {row['phase_ms']['plan']:8.2f} "
+            f"{row['first_transfer_ms']:8.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:
