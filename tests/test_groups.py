@@ -167,6 +167,22 @@ def test_bad_arguments(rdzv: Rendezvous, kwargs: dict, exc: type, match: str) ->
         StatelessGroup(rdzv, **args)
 
 
+def test_wait_for_breaks_the_group_at_its_timeout(rdzv: Rendezvous) -> None:
+    g = StatelessGroup(rdzv, "waits", 0, 0, 1, timeout_s=0.2)
+    polls = []
+    g.wait_for(lambda: len(polls) > 2 or polls.append(1) is not None, "a wait that ends")
+    assert g.failure is None
+    started = time.monotonic()
+    with pytest.raises(PeerFailure, match="a wait that never ends on group 'waits'"):
+        g.wait_for(lambda: False, "a wait that never ends")
+    assert time.monotonic() - started >= 0.2
+    assert g.failure is not None
+    with pytest.raises(PeerFailure, match="broken"):
+        g.all_reduce(torch.zeros(1))
+    g.destroy()
+    assert g.closed
+
+
 def test_single_rank_group_and_bad_calls(rdzv: Rendezvous) -> None:
     g = StatelessGroup(rdzv, "solo", 3, 0, 1, timeout_s=2)
     assert (g.name, g.epoch, g.rank, g.world_size, g.backend) == ("solo", 3, 0, 1, "gloo")

@@ -395,6 +395,25 @@ class StatelessGroup:
             list(zip(self_sends, self_recvs, strict=True)),
         )
 
+    def wait_for(self, done: Callable[[], bool], what: str, *, peer: int | None = None) -> None:
+        """Wait on the CPU until ``done()`` (e.g. ``work.is_completed`` or a CUDA event's
+        ``query`` after this group's work), polling without torch's 1 ms sleep (see
+        :mod:`elastic_ep.groups.polling`). Past ``timeout_s`` the group is broken and its
+        communicator aborted at once, as torch's own timed wait does: a kernel left waiting
+        for a dead peer holds back every later launch on the streams that wait for it, a new
+        group's first collective included.
+
+        Raises:
+            PeerFailure: ``done()`` stayed False for ``timeout_s`` (``what`` names the wait).
+        """
+        if wait_until(done, self._timeout_s):
+            return
+        failure = self._broken(what, TimeoutError("not completed"), peer=peer)
+        if self._pg is not None:
+            with contextlib.suppress(RuntimeError):
+                self._pg.abort()
+        raise failure
+
     # ---- teardown -----------------------------------------------------------------------
     def destroy(self) -> None:
         """Release the group (connections, threads, store client). Idempotent.
@@ -520,20 +539,13 @@ class StatelessGroup:
 
     def _wait(self, work: Work, op: str, *, peer: int | None, sync: bool) -> None:
         # gloo completes (or times out) on the CPU. NCCL work is stream-ordered: plain wait() only
-        # orders the current stream; sync=True first polls its completion on the CPU within the
-        # group's timeout (torch's own timed wait polls once per millisecond: see polling).
+        # orders the current stream; sync=True first waits for its completion on the CPU.
+        if sync and self._backend is Backend.NCCL:
+            self.wait_for(work.is_completed, op, peer=peer)
         try:
-            completed = (
-                not sync
-                or self._backend is not Backend.NCCL
-                or wait_until(work.is_completed, self._timeout_s)
-            )
-            if completed:
-                work.wait()
+            work.wait()
         except RuntimeError as err:
             raise self._broken(op, err, peer=peer) from err
-        if not completed:
-            raise self._broken(op, TimeoutError("not completed"), peer=peer)
 
     def _post_p2p(
         self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]
