@@ -1,7 +1,9 @@
 """Run a function in N real processes (one per rank) with a hard deadline.
 
 Used by the multi-process tests: every rank calls ``target(rank, world_size, port, *args)`` in its
-own process; the TCPStore port is a free loopback port chosen here. Results come back in rank
+own process; ``port`` is the loopback port of the job's TCPStore, whose server this process runs
+(bound to a free port as it starts: a port picked first and bound later by a rank could be taken
+in between), so every rank connects as a client (``is_master=False``). Results come back in rank
 order. A rank that raises, dies, or outlives the deadline fails the call, and every child still
 alive is killed, so a test can never hang.
 """
@@ -18,6 +20,8 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from elastic_ep.groups import Rendezvous
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "numpy", "elastic_ep"])
@@ -64,7 +68,10 @@ def run_ranks(
     Returns:
         the return value of each rank, in rank order.
     """
-    port = free_port() if port is None else port
+    server = None
+    if port is None:
+        server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=timeout)
+        port = server.port
     out = _CTX.Queue()
     procs = [
         _CTX.Process(target=_child, args=(target, r, world_size, port, args, out), daemon=True)
@@ -98,6 +105,8 @@ def run_ranks(
                 with contextlib.suppress(ProcessLookupError):  # it may exit after is_alive()
                     os.kill(p.pid, signal.SIGKILL)
             p.join(timeout=5)
+        if server is not None:
+            server.close()
     errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(results.items()) if s == "error"]
     if errors:
         raise RankFailed("\n".join(errors))

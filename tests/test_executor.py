@@ -114,7 +114,7 @@ def measured_peak(fn) -> tuple[object, int]:  # type: ignore[no-untyped-def]
 
 
 def _rdzv(rank: int, port: int) -> Rendezvous:
-    return Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=30)
+    return Rendezvous("127.0.0.1", port, is_master=False, timeout_s=30)
 
 
 def _ranks_of(sc: Scenario, group_rank: int) -> tuple[int | None, int | None]:

@@ -33,7 +33,7 @@ def _nccl_scenarios(
 ) -> list[tuple[str, int]]:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     group = StatelessGroup(rdzv, "eplb-gpu", 0, rank, world_size, "nccl", device, timeout_s=60)
     rng = random.Random(seed)
     out = []
@@ -92,7 +92,7 @@ def _one_gpu_local_moves(rank: int, world_size: int, port: int, copy: str) -> li
     copies, no transfers), bit for bit."""
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    rdzv = Rendezvous("127.0.0.1", port, is_master=True, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     group = StatelessGroup(rdzv, "eplb-1gpu", 0, 0, 1, "nccl", device, timeout_s=60)
     rng = random.Random(7)
     chunks = []

@@ -65,7 +65,7 @@ def _kill_cycles(rank: int, world_size: int, port: int) -> dict[str, object] | N
     if rank >= SURVIVORS:
         _victim(port, rank - SURVIVORS)
         return None
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=200)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=200)
     world = ElasticWorld(rdzv, rank, timeout_s=TIMEOUT_S, build_timeout_s=20)
     survivors = list(range(SURVIVORS))
     world.start(survivors)
@@ -125,7 +125,7 @@ def test_kill_rebuild_cycles_without_leaks() -> None:
 
 
 def _dead_peer_teardown(rank: int, world_size: int, port: int) -> dict[str, float]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=30)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=30)
     a = StatelessGroup(rdzv, "a", 0, rank, world_size, timeout_s=5)
     b = StatelessGroup(rdzv, "b", 0, rank, world_size, timeout_s=5)
     a.barrier()
@@ -159,7 +159,7 @@ def test_abort_and_destroy_with_dead_peer_do_not_hang() -> None:
 
 
 def _peer_stops_answering(rank: int, world_size: int, port: int) -> dict[str, object]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=30)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=30)
     g = StatelessGroup(rdzv, "g", 0, rank, world_size, timeout_s=1.5)
     g.barrier()
     if rank == 2:

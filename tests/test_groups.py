@@ -10,11 +10,11 @@ import torch.distributed as dist
 
 from elastic_ep.errors import PeerFailure
 from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
-from tests.procs import free_port, run_ranks
+from tests.procs import run_ranks
 
 
 def _rdzv(rank: int, port: int) -> Rendezvous:
-    return Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=20)
+    return Rendezvous("127.0.0.1", port, is_master=False, timeout_s=20)
 
 
 def _collectives(rank: int, world_size: int, port: int) -> dict[str, object]:
@@ -140,7 +140,7 @@ def test_build_with_missing_rank_raises_peer_failure_in_time() -> None:
 
 @pytest.fixture
 def rdzv() -> Rendezvous:
-    r = Rendezvous("127.0.0.1", free_port(), is_master=True, timeout_s=5)
+    r = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=5)
     yield r
     r.close()
 

@@ -98,10 +98,19 @@ def test_rendezvous_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     master.close()
 
 
-def test_rendezvous_bad_arguments() -> None:
+def test_rendezvous_bad_arguments_and_port_zero() -> None:
     with pytest.raises(ValueError, match="port"):
-        Rendezvous("127.0.0.1", 0, is_master=True)
+        Rendezvous("127.0.0.1", 0, is_master=False)
+    with pytest.raises(ValueError, match="port"):
+        Rendezvous("127.0.0.1", -1, is_master=True)
+    master = Rendezvous("127.0.0.1", 0, is_master=True)  # binds a free port
+    assert 0 < master.port < 65536
+    client = Rendezvous("127.0.0.1", master.port, is_master=False)
+    client.store.set("k", "v")
+    assert master.store.get("k") == b"v"
+    client.close()
+    master.close()
     with pytest.raises(ValueError, match="host"):
         Rendezvous("", 1234, is_master=True)
     with pytest.raises(ValueError, match="timeout_s"):
-        Rendezvous("127.0.0.1", free_port(), is_master=True, timeout_s=0)
+        Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=0)

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.kv import UNKNOWN, KVBudgetUnknownError, kv_blocks_for_budget, sync_kv_budget
-from tests.procs import free_port, run_ranks
+from tests.procs import run_ranks
 
 _BAD = [True, np.bool_(False), -5, -2, 3.5, "10", 2**63 - 1, 2**70]
 
 
 def _sync(rank: int, world_size: int, port: int) -> dict[str, object]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=20)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=20)
     g = StatelessGroup(rdzv, "kv", 0, rank, world_size, timeout_s=5)
     out: dict[str, object] = {}
     mixed: list[int | None] = [7_000, None, UNKNOWN, 9_000]
@@ -60,7 +60,7 @@ def test_sync_kv_budget_rejects_a_non_group() -> None:
 
 @pytest.fixture(scope="module")
 def solo() -> StatelessGroup:
-    rdzv = Rendezvous("127.0.0.1", free_port(), is_master=True, timeout_s=5)
+    rdzv = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=5)
     g = StatelessGroup(rdzv, "solo", 0, 0, 1, timeout_s=5)
     yield g
     g.destroy()

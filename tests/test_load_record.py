@@ -83,7 +83,7 @@ def test_bad_arguments() -> None:
 
 
 def _aggregate_rank(rank: int, world_size: int, port: int) -> list[list[float]]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=20)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=20)
     group = StatelessGroup(rdzv, "load", 0, rank, world_size, timeout_s=20)
     record = LoadRecord(1, 3, 3, window=2)
     phy2log = torch.tensor([0, 1, 2])

@@ -41,7 +41,7 @@ def _needs_gpus(count: int) -> None:
 def _nccl_rank(rank: int, world_size: int, port: int) -> dict:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     gen = torch.Generator().manual_seed(5)
     buffers = PlacementBuffers(CONFIG.num_layers, CONFIG.num_experts, 3.0, device=device)
     record = LoadRecord(CONFIG.num_layers, CONFIG.num_experts, buffers.capacity, 4, device=device)
@@ -151,7 +151,7 @@ def _nccl_scale_rank(rank: int, world_size: int, port: int) -> list[float]:
     """1 GPU -> 2 (rank 1 joins; weights moved by the executor over NCCL) -> 1 (rank 1 leaves)."""
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     gen = torch.Generator().manual_seed(9)
     per_rank = 40
     layout = [1, 2, 1]

@@ -76,7 +76,7 @@ def _check_forward(model: EPMoEModel, epoch: int, rank: int, count: int) -> floa
 
 def _scale_rank(rank: int, world_size: int, port: int) -> dict:
     """Epochs: 2 ranks -> 4 (scale up) -> 3 (scale down) -> 2 (rank 2 dies; reload)."""
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     gen = torch.Generator().manual_seed(42)  # same placements on every rank
     worlds = [2, 4, 3, 2]
     placements = [
@@ -181,7 +181,7 @@ def test_output_equals_reference_before_and_after_each_scale() -> None:
 def _random_placements_rank(rank: int, world_size: int, port: int) -> list[float]:
     """One group; several random placements (replicas, even on one rank, and empty slots) and
     slot counts per rank; each rank's model rebuilt from (placement, rank)."""
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     group = StatelessGroup(rdzv, "ep", 0, rank, world_size, timeout_s=TIMEOUT_S)
     gen = torch.Generator().manual_seed(3)
     buffers = PlacementBuffers(CONFIG.num_layers, CONFIG.num_experts, 3.0)
@@ -210,7 +210,7 @@ def test_output_equals_reference_for_random_placements() -> None:
 
 
 def _bad_dispatch_rank(rank: int, world_size: int, port: int) -> list[str]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     group = StatelessGroup(rdzv, "ep", 0, rank, world_size, timeout_s=TIMEOUT_S)
     backend = AllToAllBackend.build(group, 2)
     hidden = torch.randn(3, 4)
@@ -276,7 +276,7 @@ def _failing_peer_rank(rank: int, world_size: int, port: int) -> dict:
     """Round 1: a group aborted before dispatch and before combine -> GroupClosedError. Round 2
     (raw gloo group): rank 1 dies after a dispatch, rank 0's combine -> PeerFailure; rank 0's
     next dispatch on the broken group -> PeerFailure too."""
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=60)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=60)
     hidden = torch.randn(4, 8)
     slots = torch.tensor([[0], [1], [2], [3]])  # 2 slots a rank: rows go to both ranks
     weights = torch.ones(4, 1)

@@ -27,7 +27,6 @@ from elastic_ep.moe import (
 )
 from elastic_ep.moe.all_to_all import _grouped_position
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError
-from tests.procs import free_port
 
 CONFIG = MoEModelConfig(
     num_layers=2, num_experts=6, hidden_size=8, intermediate_size=4, top_k=2, seed=1
@@ -118,7 +117,7 @@ def test_build_local_model_loads_the_ranks_slots() -> None:
 @pytest.fixture
 def solo_group() -> Iterator[StatelessGroup]:
     """A real one-rank gloo group in this process."""
-    rdzv = Rendezvous("127.0.0.1", free_port(), is_master=True, timeout_s=10)
+    rdzv = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=10)
     group = StatelessGroup(rdzv, "solo", 0, 0, 1, timeout_s=10)
     yield group
     group.destroy()

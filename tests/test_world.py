@@ -14,7 +14,7 @@ from elastic_ep.errors import ReconfigureError
 from elastic_ep.groups import ElasticWorld, GroupLayout, MemberState, Rendezvous
 from elastic_ep.kv import sync_kv_budget
 from elastic_ep.rank_mapping import RankMapping
-from tests.procs import free_port, run_ranks
+from tests.procs import run_ranks
 
 
 def _pairs(n: int) -> GroupLayout:
@@ -34,7 +34,7 @@ def _world(rdzv: Rendezvous, member: int) -> ElasticWorld:
 
 
 def _rebuilds(proc: int, world_size: int, port: int) -> list[dict[str, object]]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=proc == 0, timeout_s=30)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=30)
     world = _world(rdzv, proc)
     log: list[dict[str, object]] = []
     for epoch, members in _SCHEDULE:
@@ -119,7 +119,7 @@ def test_rebuild_4_2_3_4_with_rejoin_and_kv_budget() -> None:
 
 
 def _never_arrives(proc: int, world_size: int, port: int) -> dict[str, object]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=proc == 0, timeout_s=30)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=30)
     world = ElasticWorld(rdzv, proc, timeout_s=5, build_timeout_s=1.5)
     world.start([0, 1])
     out: dict[str, object] = {}
@@ -163,7 +163,7 @@ def test_member_never_arrives_then_next_reconfigure_works() -> None:
 
 @pytest.fixture
 def solo() -> ElasticWorld:
-    rdzv = Rendezvous("127.0.0.1", free_port(), is_master=True, timeout_s=5)
+    rdzv = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=5)
     world = ElasticWorld(rdzv, 5, timeout_s=2)
     yield world
     world.close()
@@ -207,7 +207,7 @@ def test_bad_input_leaves_state_intact(solo: ElasticWorld) -> None:
     ],
 )
 def test_bad_world_arguments(kwargs: dict, exc: type, match: str) -> None:
-    rdzv = Rendezvous("127.0.0.1", free_port(), is_master=True, timeout_s=5)
+    rdzv = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=5)
     args = {"member_id": 0, **kwargs}
     member = args.pop("member_id")
     with pytest.raises(exc, match=match):
@@ -226,7 +226,7 @@ def test_layout_validation() -> None:
 
 
 def _background_standby(proc: int, world_size: int, port: int) -> dict[str, object]:
-    rdzv = Rendezvous("127.0.0.1", port, is_master=proc == 0, timeout_s=30)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=30)
     old_members, new_members = [0, 1, 2], [0, 1, 2, 3]
     world = ElasticWorld(rdzv, proc, timeout_s=10)
     if proc == 3:  # the joiner arrives late, so the others' standby build is still waiting

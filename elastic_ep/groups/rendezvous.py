@@ -62,7 +62,8 @@ class Rendezvous:
 
     Args:
         host: address of the TCPStore server (the master's address).
-        port: its TCP port.
+        port: its TCP port; ``0`` on the master binds a free one (read it from :attr:`port`:
+            picking a free port first and binding it later races with other sockets).
         is_master: True in exactly one process of the job: that process runs the server (and
             must outlive every other user of the store).
         timeout_s: timeout of the shared :attr:`store` client for connecting and for its waits.
@@ -73,8 +74,10 @@ class Rendezvous:
             raise ValueError(f"host must be a non-empty string, got {host!r}")
         if isinstance(port, bool) or not isinstance(port, int):
             raise TypeError(f"port must be an int, got {type(port).__name__}")
-        if not 0 < port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {port}")
+        if not (0 if is_master else 1) <= port < 65536:
+            raise ValueError(
+                f"port must be in 1..65535 (0 on the master: any free port), got {port}"
+            )
         check_timeout(timeout_s)
         self.host = host
         self.port = port
@@ -89,6 +92,7 @@ class Rendezvous:
             timeout=timedelta(seconds=timeout_s),
             wait_for_workers=False,
         )
+        self.port = self._store.port
 
     @classmethod
     def from_env(cls, *, timeout_s: float = 60.0) -> Rendezvous:

@@ -14,7 +14,6 @@ next request starts from a clean state. A monitor thread marks dead rank process
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import replace
@@ -34,12 +33,6 @@ _FINAL = (ScalePhase.COMPLETED, ScalePhase.ROLLED_BACK, ScalePhase.FAILED)
 
 class ScaleConflict(ElasticEPError):
     """A scale or rebalance request arrived while another one (or a recovery) was running."""
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class ElasticCoordinator:
@@ -75,7 +68,7 @@ class ElasticCoordinator:
         self._timeout_s = timeout_s
         self._poll_s = poll_interval_s
         self._leave_timeout_s = leave_timeout_s
-        self._rdzv = Rendezvous(host, port or _free_port(host), is_master=True, timeout_s=timeout_s)
+        self._rdzv = Rendezvous(host, port or 0, is_master=True, timeout_s=timeout_s)
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
         self._lock = threading.RLock()
         self._handles: dict[int, RankHandle] = {}
