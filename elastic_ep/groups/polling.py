@@ -2,10 +2,10 @@
 
 torch's ``Work.wait(timeout)`` on NCCL polls completion with a 1 ms sleep between polls, so every
 rank leaves a barrier at its own point of that millisecond: on 4x H200 the ranks left one a
-median 860 us apart (1.1 ms at worst), and a barrier in a loop took 1.09 ms; polled here, 40 us
-apart and 0.40 ms. Polling yields the core between polls (``sleep(0)``) for the first
-:data:`SPIN_S`, which covers a healthy collective, then sleeps :data:`BACKOFF_S` per poll, so a
-long wait for a slow peer does not keep a core busy.
+median 901 us apart, and a barrier in a loop took 1.11 ms; polled here, 41 us apart and 0.40 ms
+(``benchmarks/bench_barrier.py``). Polling yields the core between polls (``sleep(0)``) for the
+first :data:`SPIN_S`, which covers a healthy collective, then sleeps :data:`BACKOFF_S` per poll,
+so a long wait for a slow peer does not keep a core busy.
 """
 
 from __future__ import annotations
