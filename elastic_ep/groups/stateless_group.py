@@ -243,13 +243,20 @@ class StatelessGroup:
 
     # ---- collectives --------------------------------------------------------------------
     def all_reduce(
-        self, tensor: torch.Tensor, op: ReduceOp.RedOpType = ReduceOp.SUM
+        self, tensor: torch.Tensor, op: ReduceOp.RedOpType = ReduceOp.SUM, *, sync: bool = False
     ) -> torch.Tensor:
-        """Reduce ``tensor`` (any shape/dtype, on ``device``) over all ranks, in place; returns it."""
+        """Reduce ``tensor`` (any shape/dtype, on ``device``) over all ranks, in place; returns it.
+
+        On NCCL the reduction is stream-ordered; ``sync=True`` also waits for it on the CPU
+        within ``timeout_s`` (PeerFailure past it). Pass it when the host reads the result: a
+        plain read (``.item()``) of a reduction that a dead peer never completes has no bound
+        of its own, and what it reads once torch's watchdog has aborted the communicator is
+        not the reduction.
+        """
         self._check_tensor("tensor", tensor)
         opts = torch.distributed.AllreduceOptions()
         opts.reduceOp = ReduceOp(op)
-        self._run("all_reduce", lambda pg: pg.allreduce([tensor], opts))
+        self._run("all_reduce", lambda pg: pg.allreduce([tensor], opts), sync=sync)
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ def sync_kv_budget(group: StatelessGroup, local_bytes: int | None) -> int:
         raise TypeError(f"group must be a StatelessGroup, got {type(group).__name__}")
     value = _local_value(local_bytes)
     t = torch.tensor([value], dtype=torch.int64, device=group.device)
-    group.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    group.all_reduce(t, op=torch.distributed.ReduceOp.MIN, sync=True)
     budget = int(t.item())
     if budget == _INT64_MAX:
         raise KVBudgetUnknownError(

@@ -472,7 +472,7 @@ class ElasticRank:
         group = staged.groups.transfer_group
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=group.device)
         try:
-            group.all_reduce(flag, ReduceOp.MAX)
+            group.all_reduce(flag, ReduceOp.MAX, sync=True)  # read below: bounded wait
         except PeerFailure:
             return False
         return int(flag) == 0
