@@ -546,11 +546,17 @@ class StatelessGroup:
 
     def _wait(self, work: Work, op: str, *, peer: int | None, sync: bool) -> None:
         # gloo completes (or times out) on the CPU. NCCL work is stream-ordered: plain wait() only
-        # orders the current stream; sync=True first waits for its completion on the CPU.
-        if sync and self._backend is Backend.NCCL:
+        # orders the current stream; sync=True first waits for its completion on the CPU, then
+        # waits with a timeout: torch raises a completed work's error (e.g. one its watchdog
+        # found first) only from a timed wait, which returns at once for a completed work.
+        timed = sync and self._backend is Backend.NCCL
+        if timed:
             self.wait_for(work.is_completed, op, peer=peer)
         try:
-            work.wait()
+            if timed:
+                work.wait(timedelta(seconds=self._timeout_s))
+            else:
+                work.wait()
         except RuntimeError as err:
             raise self._broken(op, err, peer=peer) from err
 
