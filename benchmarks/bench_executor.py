@@ -69,21 +69,6 @@ from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held open together while picked: one at a time, the OS may
-    hand the same port out twice, and two stores then collide)."""
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 # ---- placements ------------------------------------------------------------------------------
 def random_placement(
     rng: random.Random, layers: int, experts: int, ranks: int, slots: int
@@ -425,7 +410,7 @@ def _copy_paths(args: argparse.Namespace, device: torch.device) -> list[str]:
     return ["torch", *fused, *(["engine"] if engine_available(device) else [])]
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, queue: Any) -> None:
+def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if args.triton_grid:  # an A/B knob of this benchmark: the kernel reads these per launch
@@ -435,10 +420,10 @@ def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, que
         torch.cuda.set_device(device)
     else:  # ranks share the CPU cores: oversubscribed OpenMP threads spin and stall
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=300)
-    dist.init_process_group(
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=300)
+    dist.init_process_group(  # torch's own group, for its batch_isend_irecv ring
         args.backend,
-        init_method=f"tcp://127.0.0.1:{torch_port}",
+        store=dist.PrefixStore("torch-default", rdzv.store),
         rank=rank,
         world_size=args.devices,
         timeout=timedelta(seconds=300),
@@ -470,8 +455,6 @@ def _worker(rank: int, args: argparse.Namespace, port: int, torch_port: int, que
     group.destroy()
     dist.destroy_process_group()
     queue.put((rank, result))
-    if rank == 0:
-        time.sleep(1.0)  # the store's server lives in rank 0: let the others disconnect first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,16 +499,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} CUDA devices")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port, torch_port = _free_ports(2)
+    # The job's store server lives here, bound to a free port as it starts (a port picked
+    # first and bound later by a rank could be taken in between).
+    server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=300)
     procs = [
-        ctx.Process(target=_worker, args=(r, args, port, torch_port, queue))
-        for r in range(args.devices)
+        ctx.Process(target=_worker, args=(r, args, server.port, queue)) for r in range(args.devices)
     ]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=900) for _ in procs)
     for p in procs:
         p.join(timeout=60)
+    server.close()
     report(args, results)
     return 0
 

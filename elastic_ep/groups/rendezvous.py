@@ -80,7 +80,6 @@ class Rendezvous:
             )
         check_timeout(timeout_s)
         self.host = host
-        self.port = port
         self.is_master = bool(is_master)
         self.timeout_s = float(timeout_s)
         self._idle: list[Store] = []
@@ -92,7 +91,7 @@ class Rendezvous:
             timeout=timedelta(seconds=timeout_s),
             wait_for_workers=False,
         )
-        self.port = self._store.port
+        self.port = self._store.port  # the bound one: ``port`` may be 0 on the master
 
     @classmethod
     def from_env(cls, *, timeout_s: float = 60.0) -> Rendezvous:
