@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +30,7 @@ from elastic_ep.eplb import (
     prepare_execution,
     required_buffer_bytes,
 )
+from elastic_ep.errors import PeerFailure
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 from tests.procs import run_ranks
@@ -369,3 +373,45 @@ def test_group_ranks_defaults() -> None:
     assert GroupRanks.for_world_size(m, 3) == GroupRanks((0, 1, 2), (0, 2))
     with pytest.raises(ValueError, match="matches neither"):
         GroupRanks.for_world_size(m, 4)
+
+
+def peer_dies_mid_run(
+    rank: int, world_size: int, port: int, backend: str, timeout_s: float
+) -> float | None:
+    """A 'dead'-kind plan on 2 ranks whose rank 1 reloads an expert in its first chunks and
+    exchanges weights with rank 0 in later ones: rank 1's reload hook kills its own process.
+    Rank 0 must raise PeerFailure (not return) within the group's timeout; returns the seconds
+    it took."""
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    group = StatelessGroup(
+        _rdzv(rank, port), "eplb-death", 0, rank, world_size, backend, device, timeout_s=timeout_s
+    )
+    sc = make_scenario("dead", 0, 2, 4, 8)  # rank 1: a reload at step 0, transfers to step 15
+    plan = plan_transfers(sc.previous, sc.new, sc.mapping, dead_ranks=sc.dead)
+    old, new = _ranks_of(sc, rank)
+    before = initial_weights(sc, old, new, tag=rank)
+    weights = [[t.to(device) for t in layer] for layer in before]
+
+    def reload(layer: int, expert: int) -> list[torch.Tensor]:
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return expert_weights(layer, expert)
+
+    # The smallest buffer: one step per chunk, so transfers follow the first reload.
+    budget = required_buffer_bytes(plan, before, world_size)
+    group.barrier()
+    started = time.monotonic()
+    try:
+        execute(plan, weights, group, buffer_bytes=budget, reload=reload, overlap=False)
+    except PeerFailure:
+        return time.monotonic() - started
+    finally:
+        group.abort()
+    raise AssertionError(f"rank {rank}: execute returned although its peer died")
+
+
+def test_peer_dying_mid_run_raises_peer_failure_on_the_survivor() -> None:
+    survivor, _ = run_ranks(peer_dies_mid_run, 2, "gloo", 5.0, timeout=60, expect_dead=[1])
+    assert survivor < 2 * 5.0

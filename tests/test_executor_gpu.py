@@ -20,6 +20,7 @@ from tests.test_executor import (
     check_after,
     expert_weights,
     initial_weights,
+    peer_dies_mid_run,
 )
 from tests.test_transfer_plan import KINDS, make_scenario
 
@@ -118,3 +119,13 @@ def test_one_gpu_local_moves_bit_exact(copy: str) -> None:
     _skip_if_missing(copy)
     (chunks,) = run_ranks(_one_gpu_local_moves, 1, copy, timeout=180)
     assert len(chunks) == 6 and all(c >= 1 for c in chunks)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
+)
+def test_nccl_peer_dying_mid_run_raises_peer_failure() -> None:
+    """Over NCCL a transfer that waits for a dead peer ends without an error on the stream once
+    torch's watchdog aborts it: execute must still raise, within the timeout."""
+    survivor, _ = run_ranks(peer_dies_mid_run, 2, "nccl", 5.0, timeout=120, expect_dead=[1])
+    assert survivor < 2 * 5.0

@@ -138,8 +138,9 @@ class ExecutionStats:
         group_rank: this rank in the group that ran the plan.
         bytes_sent / bytes_received: this rank's network bytes.
         bytes_sent_per_rank / bytes_received_per_rank: every group rank's (exact, from the plan).
-        seconds: wall time per :class:`Phase` on this rank (on CUDA, ``execute`` synchronizes at
-            the end, so their sum bounds the device work; the split between phases is host time).
+        seconds: wall time per :class:`Phase` on this rank (on CUDA, ``execute`` waits for its
+            device work at the end, so their sum bounds it; the split between phases is host
+            time).
         total_seconds: wall time of the whole call.
         first_transfer_seconds: from the call to posting this rank's first transfer (host
             time): what it spent validating, checking the plan with its peers and laying out
@@ -216,7 +217,8 @@ def execute(
         TypeError/ValueError: bad arguments (nothing moved), e.g. a sender or receiver not in the
             group, weights too small, ``buffer_bytes`` below what one step needs.
         LostExpertsError: experts must be reloaded but ``reload`` is None (nothing moved).
-        PeerFailure: a peer died during the transfer (weights partly moved).
+        PeerFailure: a peer died during the transfer (weights partly moved), seen within the
+            group's ``timeout_s``; on NCCL the group is then aborted.
 
     The host work (validation, chunking, layout) runs first, chunks laid out in growing batches
     while earlier ones transfer; :func:`prepare_execution` does all of it ahead of time instead.
@@ -372,8 +374,13 @@ class PreparedExecution:
             if not lay_out_ahead:
                 runner.size_buffer(self.buffer_bytes if self._overlap else 0)
             runner.run(check)
-        if group.device.type == "cuda":
-            torch.cuda.synchronize(group.device)
+            done = torch.cuda.Event() if group.device.type == "cuda" else None
+            if done is not None:
+                done.record()  # after the last write-back, which waited for every transfer
+        if done is not None:
+            group.wait_for(done.query, "execute's transfers (weights partly moved)")
+        for handle in runner.handles:
+            handle.raise_if_failed()
         sent, received = self._bytes or _bytes_per_group_rank(self.plan, runner.kind_bytes, layout)
         me = layout.group_rank
         return ExecutionStats(
@@ -683,6 +690,7 @@ class _Runner:
         self.launches: list[_Launches] = []
         self.reloaded: list[tuple[int, int]] = []
         self.first_transfer = 0.0  # perf_counter when the first chunk is posted (see run)
+        self.handles: list[P2PHandle] = []  # every posted chunk's, checked after the run
 
     def size_buffer(self, overlap_budget: int) -> None:
         """Decide which chunks overlap and allocate the buffer, from the estimated sizes (upper
@@ -854,6 +862,8 @@ class _Runner:
     def post(self, chunk: _Launches) -> P2PHandle | None:
         start = time.perf_counter()
         handle = None if chunk.transfers is None else chunk.transfers.post()
+        if handle is not None:
+            self.handles.append(handle)
         self.timer.add(Phase.P2P, start)
         return handle
 

@@ -76,13 +76,24 @@ class P2PHandle:
     def __init__(self, group: StatelessGroup, works: list[Work], peers: list[int]) -> None:
         self._group = group
         self._works = works
-        self._peers = peers
+        self._posted = list(works)
+        self._peer = peers[0] if len(set(peers)) == 1 else None
 
     def wait(self) -> None:
         works, self._works = self._works, []
-        peer = self._peers[0] if len(set(self._peers)) == 1 else None
         for work in works:
-            self._group._wait(work, "batch_p2p", peer=peer, sync=False)
+            self._group._wait(work, "batch_p2p", peer=self._peer, sync=False)
+
+    def raise_if_failed(self) -> None:
+        """Raise PeerFailure if a transfer of the batch failed; call it once they are done (on
+        NCCL: once an event recorded after :meth:`wait` has completed). On NCCL, a transfer that
+        torch's watchdog ended for a dead peer lets its stream go on without an error: only the
+        work records it. On gloo, :meth:`wait` completed the transfers and raised already (a
+        gloo work cannot be waited twice)."""
+        if self._group._backend is not Backend.NCCL:
+            return
+        for work in self._posted:
+            self._group._wait(work, "batch_p2p", peer=self._peer, sync=True)
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self._works)
