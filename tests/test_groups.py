@@ -23,6 +23,15 @@ def _collectives(rank: int, world_size: int, port: int) -> dict[str, object]:
     out: dict[str, object] = {}
     out["sum"] = g.all_reduce(torch.tensor([rank + 1.0, 2.0 * rank])).tolist()
     out["max"] = g.all_reduce(torch.tensor([rank]), op=dist.ReduceOp.MAX).item()
+    pending_sum = torch.tensor([float(rank)])
+    reduced = g.all_reduce(pending_sum, async_op=True)
+    reduced.wait()
+    reduced.raise_if_failed()
+    out["async_sum"] = pending_sum.item()
+    try:
+        g.all_reduce(torch.zeros(1), sync=True, async_op=True)
+    except ValueError as err:
+        out["sync_and_async"] = str(err)
     t = torch.full((2,), float(rank))
     dist.all_reduce(t, group=g.process_group)
     out["torch_all_reduce"] = t.tolist()
@@ -87,6 +96,8 @@ def test_collectives_p2p_objects() -> None:
     for rank, out in enumerate(results):
         assert out["sum"] == [10.0, 12.0]
         assert out["max"] == 3
+        assert out["async_sum"] == 6.0
+        assert "cannot go with async_op" in str(out["sync_and_async"])
         assert out["torch_all_reduce"] == [6.0, 6.0]
         assert out["bcast"] == [2.0, 2.0, 2.0]
         assert out["objects"] == [{"rank": r, "pad": "x" * r * 100} for r in range(ws)]

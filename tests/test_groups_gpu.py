@@ -40,6 +40,14 @@ def _nccl_ops(rank: int, n: int, port: int) -> dict[str, object]:
     g = StatelessGroup(rdzv, "nccl", 0, rank, n, "nccl", timeout_s=30)
     out["build_s"] = time.monotonic() - start
     out["sum"] = g.all_reduce(torch.full((4,), rank + 1.0, device=dev)).tolist()
+    pending = torch.full((2,), float(rank), device=dev)
+    reduced = g.all_reduce(pending, async_op=True)
+    reduced.wait()
+    arrived = torch.cuda.Event()
+    arrived.record()
+    g.wait_for(arrived.query, "the async all_reduce")
+    reduced.raise_if_failed()
+    out["async_sum"] = pending.tolist()
     t = torch.ones(3, device=dev)
     dist.all_reduce(t, group=g.process_group)
     out["torch_sum"] = t.tolist()
@@ -100,6 +108,7 @@ def test_nccl_collectives_p2p_rebuild_abort() -> None:
         assert out["a2a"] == [
             j * 100 + rank * 10 + k for j in range(n) for k in range((j + rank) % 3)
         ]
+        assert out["async_sum"] == [n * (n - 1) / 2] * 2
         left, right = (rank - 1) % n, (rank + 1) % n
         assert out["ring"] == (float(left), float(left), 7.0, right * 2.0)
         assert out["old_still"] == n and out["new_sum"] == n * (n - 1) / 2

@@ -50,7 +50,7 @@ from elastic_ep.eplb.exec_layout import ChunkLayout, RowSet, aligned, kinds_of, 
 from elastic_ep.eplb.row_copy import RowTable, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
-from elastic_ep.groups.stateless_group import P2PBatch, P2PHandle, StatelessGroup
+from elastic_ep.groups.stateless_group import P2PBatch, StatelessGroup, WorkHandle
 from elastic_ep.rank_mapping import RankMapping
 
 ALIGN_ANCHOR = 16
@@ -593,18 +593,28 @@ class _PlanCheck:
         else:
             self.both = self.result = torch.tensor([digest, -digest], dtype=torch.int64)
             self.arrived = None
+        self.reduced: WorkHandle | None = None
 
     def start(self) -> None:
         """Post the all-reduce (on CUDA it waits for nothing of this stream's but the fill)."""
-        self.group.all_reduce(self.both, op=torch.distributed.ReduceOp.MAX)
+        self.reduced = self.group.all_reduce(
+            self.both, op=torch.distributed.ReduceOp.MAX, async_op=True
+        )
         if self.arrived is not None:
+            self.reduced.wait()
             self.result.copy_(self.both, non_blocking=True)
             self.arrived.record()
 
     def wait(self) -> None:
-        """Raise unless every rank has this digest (PeerFailure past the group's timeout)."""
-        if self.arrived is not None:
+        """Raise unless every rank has this digest (PeerFailure past the group's timeout, or
+        once torch's watchdog has failed the reduction: the event completes then too, over an
+        unreduced result)."""
+        assert self.reduced is not None, "start() comes first"
+        if self.arrived is None:
+            self.reduced.wait()
+        else:
             self.group.wait_for(self.arrived.query, "execute's plan check (nothing was moved)")
+            self.reduced.raise_if_failed()
         if self.result.tolist() != [self.digest, -self.digest]:
             raise ValueError(
                 f"group rank {self.group_rank}: the ranks of the group run different plans, "
@@ -690,7 +700,7 @@ class _Runner:
         self.launches: list[_Launches] = []
         self.reloaded: list[tuple[int, int]] = []
         self.first_transfer = 0.0  # perf_counter when the first chunk is posted (see run)
-        self.handles: list[P2PHandle] = []  # every posted chunk's, checked after the run
+        self.handles: list[WorkHandle] = []  # every posted chunk's, checked after the run
 
     def size_buffer(self, overlap_budget: int) -> None:
         """Decide which chunks overlap and allocate the buffer, from the estimated sizes (upper
@@ -827,7 +837,7 @@ class _Runner:
         check.wait()
         self.first_transfer = time.perf_counter()
         directs = 0  # chunks whose slot-to-slot copies are launched
-        posted: tuple[P2PHandle | None, _Launches] | None = None
+        posted: tuple[WorkHandle | None, _Launches] | None = None
         for k in range(chunks):
             chunk = self.launch(k)
             handle = self.post(chunk)
@@ -859,7 +869,7 @@ class _Runner:
         chunk.direct()
         self.timer.add(Phase.WRITE_BACK, start)
 
-    def post(self, chunk: _Launches) -> P2PHandle | None:
+    def post(self, chunk: _Launches) -> WorkHandle | None:
         start = time.perf_counter()
         handle = None if chunk.transfers is None else chunk.transfers.post()
         if handle is not None:
@@ -867,7 +877,7 @@ class _Runner:
         self.timer.add(Phase.P2P, start)
         return handle
 
-    def write_back(self, handle: P2PHandle | None, chunk: _Launches) -> None:
+    def write_back(self, handle: WorkHandle | None, chunk: _Launches) -> None:
         """Wait for the chunk's transfers, then write everything this rank receives into place
         (after the chunk's slot-to-slot copies)."""
         start = time.perf_counter()

@@ -13,8 +13,8 @@ from elastic_ep.groups.rendezvous import Rendezvous
 from elastic_ep.groups.stateless_group import (
     GroupClosedError,
     P2PBatch,
-    P2PHandle,
     StatelessGroup,
+    WorkHandle,
 )
 from elastic_ep.groups.world import WORLD, ElasticWorld, MemberState, PendingEpoch
 
@@ -26,8 +26,8 @@ __all__ = [
     "GroupLayout",
     "MemberState",
     "P2PBatch",
-    "P2PHandle",
     "PendingEpoch",
     "Rendezvous",
     "StatelessGroup",
+    "WorkHandle",
 ]

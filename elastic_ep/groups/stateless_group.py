@@ -19,7 +19,7 @@ import contextlib
 import pickle
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch.distributed import ProcessGroup, ReduceOp, Store, Work
@@ -45,7 +45,7 @@ def _check_int(name: str, value: object, *, minimum: int) -> int:
 class P2PBatch:
     """A checked batch of point-to-point transfers, from :meth:`StatelessGroup.prepare_p2p`.
 
-    :meth:`post` posts it (again on each call) and returns its :class:`P2PHandle`; the tensors
+    :meth:`post` posts it (again on each call) and returns its :class:`WorkHandle`; the tensors
     are the ones given when prepared."""
 
     def __init__(
@@ -58,23 +58,25 @@ class P2PBatch:
         self._group, self._sends, self._recvs, self._self_copies = group, sends, recvs, self_copies
         self._peers = [p for _, p in sends] + [p for _, p in recvs]
 
-    def post(self) -> P2PHandle:
+    def post(self) -> WorkHandle:
         """Post the batch (transfers to this rank itself are copied first, in order)."""
         for source, target in self._self_copies:
             target.copy_(source)
-        return P2PHandle(self._group, self._group._post_p2p(self._sends, self._recvs), self._peers)
+        works = self._group._post_p2p(self._sends, self._recvs)
+        return WorkHandle(self._group, "batch_p2p", works, self._peers)
 
 
-class P2PHandle:
-    """Pending batch of sends/receives started by ``StatelessGroup.batch_p2p(..., async_op=True)``
-    or :meth:`P2PBatch.post`.
+class WorkHandle:
+    """Pending work of one operation: a batch of transfers (``batch_p2p(..., async_op=True)``,
+    :meth:`P2PBatch.post`) or a collective (``all_reduce(..., async_op=True)``).
 
-    :meth:`wait` blocks until every transfer is done (on NCCL: until the current stream is
-    ordered after them) and raises PeerFailure if a peer failed.
+    :meth:`wait` blocks until the work is done (on NCCL: until the current stream is ordered
+    after it) and raises PeerFailure if a peer failed.
     """
 
-    def __init__(self, group: StatelessGroup, works: list[Work], peers: list[int]) -> None:
+    def __init__(self, group: StatelessGroup, op: str, works: list[Work], peers: list[int]) -> None:
         self._group = group
+        self._op = op
         self._works = works
         self._posted = list(works)
         self._peer = peers[0] if len(set(peers)) == 1 else None
@@ -82,18 +84,18 @@ class P2PHandle:
     def wait(self) -> None:
         works, self._works = self._works, []
         for work in works:
-            self._group._wait(work, "batch_p2p", peer=self._peer, sync=False)
+            self._group._wait(work, self._op, peer=self._peer, sync=False)
 
     def raise_if_failed(self) -> None:
-        """Raise PeerFailure if a transfer of the batch failed; call it once they are done (on
-        NCCL: once an event recorded after :meth:`wait` has completed). On NCCL, a transfer that
-        torch's watchdog ended for a dead peer lets its stream go on without an error: only the
-        work records it. On gloo, :meth:`wait` completed the transfers and raised already (a
-        gloo work cannot be waited twice)."""
+        """Raise PeerFailure if the work failed; call it once it is done (on NCCL: once an event
+        recorded after :meth:`wait` has completed). On NCCL, work that torch's watchdog ended for
+        a dead peer lets its stream go on without an error: only the work records it. On gloo,
+        :meth:`wait` completed the work and raised already (a gloo work cannot be waited twice).
+        """
         if self._group._backend is not Backend.NCCL:
             return
         for work in self._posted:
-            self._group._wait(work, "batch_p2p", peer=self._peer, sync=True)
+            self._group._wait(work, self._op, peer=self._peer, sync=True)
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self._works)
@@ -253,9 +255,34 @@ class StatelessGroup:
         )
 
     # ---- collectives --------------------------------------------------------------------
+    @overload
     def all_reduce(
-        self, tensor: torch.Tensor, op: ReduceOp.RedOpType = ReduceOp.SUM, *, sync: bool = False
-    ) -> torch.Tensor:
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp.RedOpType = ...,
+        *,
+        sync: bool = ...,
+        async_op: Literal[False] = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp.RedOpType = ...,
+        *,
+        sync: bool = ...,
+        async_op: Literal[True],
+    ) -> WorkHandle: ...
+
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp.RedOpType = ReduceOp.SUM,
+        *,
+        sync: bool = False,
+        async_op: bool = False,
+    ) -> torch.Tensor | WorkHandle:
         """Reduce ``tensor`` (any shape/dtype, on ``device``) over all ranks, in place; returns it.
 
         On NCCL the reduction is stream-ordered; ``sync=True`` also waits for it on the CPU
@@ -263,10 +290,23 @@ class StatelessGroup:
         plain read (``.item()``) of a reduction that a dead peer never completes has no bound
         of its own, and what it reads once torch's watchdog has aborted the communicator is
         not the reduction.
+
+        ``async_op=True`` returns a :class:`WorkHandle` at once instead (``sync`` must be
+        False): ``wait()`` on it before using ``tensor``; a host that reads ``tensor`` after an
+        event on the stream calls ``raise_if_failed()`` too.
         """
         self._check_tensor("tensor", tensor)
+        if async_op and sync:
+            raise ValueError("all_reduce: sync=True waits here; it cannot go with async_op=True")
         opts = torch.distributed.AllreduceOptions()
         opts.reduceOp = ReduceOp(op)
+        if async_op:
+            return WorkHandle(
+                self,
+                "all_reduce",
+                [self._start("all_reduce", lambda pg: pg.allreduce([tensor], opts))],
+                [],
+            )
         self._run("all_reduce", lambda pg: pg.allreduce([tensor], opts), sync=sync)
         return tensor
 
@@ -364,7 +404,7 @@ class StatelessGroup:
         recvs: Sequence[tuple[torch.Tensor, int]],
         *,
         async_op: bool = False,
-    ) -> P2PHandle | None:
+    ) -> WorkHandle | None:
         """Post a batch of point-to-point transfers; coalesced into one launch on NCCL.
 
         Args:
@@ -372,7 +412,7 @@ class StatelessGroup:
             recvs: ``(tensor, src_rank)`` pairs; each tensor is filled in place. Between one pair
                 of ranks, the k-th send is received by the k-th recv (same shape and dtype).
                 Transfers to/from this rank itself are done as local copies, in the same order.
-            async_op: if True return a :class:`P2PHandle` to ``wait()`` on; otherwise wait here.
+            async_op: if True return a :class:`WorkHandle` to ``wait()`` on; otherwise wait here.
         Returns:
             the handle, or None when ``async_op`` is False.
         """
@@ -540,6 +580,15 @@ class StatelessGroup:
             member=peer,
         )
 
+    def _start(
+        self, op: str, start: Callable[[ProcessGroup], Work], *, peer: int | None = None
+    ) -> Work:
+        pg = self._usable(op)
+        try:
+            return start(pg)
+        except RuntimeError as err:
+            raise self._broken(op, err, peer=peer) from err
+
     def _run(
         self,
         op: str,
@@ -548,12 +597,7 @@ class StatelessGroup:
         peer: int | None = None,
         sync: bool = False,
     ) -> None:
-        pg = self._usable(op)
-        try:
-            work = start(pg)
-        except RuntimeError as err:
-            raise self._broken(op, err, peer=peer) from err
-        self._wait(work, op, peer=peer, sync=sync)
+        self._wait(self._start(op, start, peer=peer), op, peer=peer, sync=sync)
 
     def _wait(self, work: Work, op: str, *, peer: int | None, sync: bool) -> None:
         # gloo completes (or times out) on the CPU. NCCL work is stream-ordered: plain wait() only
