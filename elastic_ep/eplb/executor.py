@@ -203,7 +203,9 @@ def execute(
         dead_ranks: old ranks that died (besides ``plan.dead_ranks``); they send nothing. If any
             is new to the plan, the plan is recomputed with them (the same on every rank).
         reload: called as ``reload(layer, expert)`` on the receiving rank for each expert whose
-            every replica was on a dead rank; returns one tensor per kind shaped like one slot.
+            every replica was on a dead rank; returns one tensor per kind shaped like one slot,
+            on the CPU (pinned saves a copy) or the group's device. It runs when its chunk is
+            written back, beside the transfers; the upload does not wait for them on the host.
         ranks: group rank of each old and new rank; default
             ``GroupRanks.for_world_size(plan.rank_mapping, group.world_size)``.
         overlap: post the next chunk's transfers before writing back the current one.
@@ -890,7 +892,7 @@ class _Runner:
             weights = self.weights[op.layer]
             for w, src in zip(weights, self._reload(op, weights), strict=True):
                 for slot in op.dst_slots:
-                    w[slot].copy_(src)
+                    w[slot].copy_(src, non_blocking=True)
         self.timer.add(Phase.WRITE_BACK, start)
 
     def _reload(self, op: Reload, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -906,4 +908,9 @@ class _Runner:
                 f"{[(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in tensors]}"
             )
         self.reloaded.append((op.layer, op.expert))
-        return [t.to(w.device) for t, w in zip(tensors, weights, strict=True)]
+        if weights[0].device.type != "cuda":
+            return tensors
+        # From pinned memory the upload is queued on the stream; from pageable memory torch
+        # would wait for the stream first, i.e. for the transfers before it, with no bound when
+        # a peer has died (a test's survivor hung there). The host-to-host copy is the price.
+        return [t.pin_memory() if t.device.type == "cpu" else t for t in tensors]
