@@ -47,7 +47,7 @@ import torch
 from elastic_ep.eplb.copy_engine import batch_copy, engine_available
 from elastic_ep.eplb.exec_chunks import Chunk, cut_chunks, min_buffer_bytes
 from elastic_ep.eplb.exec_layout import ChunkLayout, RowSet, aligned, kinds_of, lay_out_chunks
-from elastic_ep.eplb.row_copy import RowTable, triton_available
+from elastic_ep.eplb.row_copy import RowTable, ensure_warm, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PBatch, StatelessGroup, WorkHandle
@@ -301,6 +301,9 @@ def _prepare(
     kind_bytes = _kind_bytes(weights)
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     chunks = cut_chunks(plan, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap)
+    copy_path = _copy_path(copy, group.device)
+    if copy_path == "triton":
+        ensure_warm(group.device)  # not at a first launch mid-run: see ensure_warm
     runner = _Runner(
         plan,
         weights,
@@ -310,7 +313,7 @@ def _prepare(
         kind_bytes,
         reload,
         timer,
-        _copy_path(copy, group.device),
+        copy_path,
     )
     digest = _digest(plan, buffer_bytes, overlap, kinds, layout)
     return PreparedExecution(plan, group, layout, runner, digest, buffer_bytes, overlap)

@@ -15,6 +15,7 @@ row of the same launch writes: the order between rows is undefined.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,22 @@ def warm_up(device: torch.device | str) -> None:
             expected[start:end] = anchor[start:end]
         if not torch.equal(anchor[64:], expected):  # syncs the stream
             raise RuntimeError(f"the row-copy kernel copied wrong bytes on {dev}")
+
+
+_warm: set[torch.device] = set()
+_warm_lock = threading.Lock()
+
+
+def ensure_warm(device: torch.device | str) -> None:
+    """:func:`warm_up` once per device and process (a caller that finds it running waits for
+    it). ``execute`` calls it before it posts anything: CUDA loads a kernel at its first launch,
+    and loading waits for the device to go idle, so a first launch mid-run waits for transfers
+    that a dead peer never completes, with no bound on the host."""
+    dev = torch.device(device)
+    with _warm_lock:
+        if dev not in _warm:
+            warm_up(dev)
+            _warm.add(dev)
 
 
 @dataclass(frozen=True)

@@ -227,12 +227,12 @@ class ElasticRank:
         if spec.role is RankRole.JOINER:
             if device is not None:
                 threading.Thread(
-                    target=row_copy.warm_up, args=(device,), name="elastic-warm-up", daemon=True
+                    target=row_copy.ensure_warm, args=(device,), name="elastic-warm-up", daemon=True
                 ).start()
             self._join(spec)
         else:
             if device is not None:
-                row_copy.warm_up(device)
+                row_copy.ensure_warm(device)
             assert placement is not None
             self._seen_seq = self._channel.latest_seq()
             self.placement = placement
