@@ -64,6 +64,10 @@ def _gloo_devices() -> tuple[object, ...]:
     return (ProcessGroupGloo.create_default_device(),)
 
 
+WATCHDOG_FACTOR = 2
+"""torch's NCCL watchdog times a work out after this many times the group's ``timeout_s``."""
+
+
 def make_process_group(
     store: Store,
     rank: int,
@@ -74,7 +78,8 @@ def make_process_group(
     build_timeout_s: float,
     group_name: str,
 ) -> ProcessGroup:
-    """Build a ProcessGroup of one backend on ``store``; operations time out after ``timeout_s``.
+    """Build a ProcessGroup of one backend on ``store``; operations time out after ``timeout_s``
+    (gloo's own timeout; NCCL's watchdog after ``WATCHDOG_FACTOR`` times it).
 
     gloo connects its full mesh inside the constructor, waiting for every peer up to
     ``build_timeout_s``; NCCL creates its communicator here (eagerly) and connects peers at the
@@ -107,7 +112,10 @@ def make_process_group(
         # at its first communicator: an engine that made one before should export it itself.
         os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
         nccl_opts = ProcessGroupNCCL.Options()
-        nccl_opts._timeout = timeout
+        # torch's watchdog is the backstop, not the bound: the group's own timed waits come
+        # first, abort the communicator and raise PeerFailure. A watchdog that fired first
+        # began a debug dump that held the next abort of the group for a minute (2x H200).
+        nccl_opts._timeout = timeout * WATCHDOG_FACTOR
         # Communication kernels ahead of queued compute blocks: the executor's copies (and an
         # engine's kernels) would otherwise fill the SMs and hold a transfer's launch back.
         nccl_opts.is_high_priority_stream = True
