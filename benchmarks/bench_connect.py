@@ -35,7 +35,6 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_module
-import socket
 import statistics
 import threading
 import time
@@ -45,12 +44,6 @@ import torch
 import torch.distributed as dist
 
 from elastic_ep.groups import Rendezvous, StatelessGroup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Clock:
@@ -256,7 +249,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
         torch.ones(1, device=device)  # CUDA context outside the timed steps
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=120)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=120)
     control = StatelessGroup(rdzv, "control", 0, rank, args.devices, "gloo", timeout_s=120)
     clock = _Clock(control, device)
     result: dict[str, Any] = {}
@@ -299,7 +292,6 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
         queue.put(result)
     for g in groups:
         g.destroy()
-    time.sleep(0.5)  # rank 0 serves the store: let the others finish first
     control.destroy()
 
 
@@ -329,8 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args, port, queue)) for r in range(args.devices)]
+    # The parent serves the store, on a port bound now (a port picked, then bound by a rank,
+    # can be taken in between).
+    server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=120)
+    procs = [
+        ctx.Process(target=_worker, args=(r, args, server.port, queue)) for r in range(args.devices)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 900

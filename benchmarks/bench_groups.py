@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
@@ -26,12 +25,6 @@ import torch
 import torch.distributed as dist
 
 from elastic_ep.groups import Rendezvous, StatelessGroup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _raw_group(store: dist.Store, rank: int, size: int, backend: str, timeout_s: float) -> Any:
@@ -57,7 +50,7 @@ def _worker(rank: int, size: int, port: int, backend: str, reps: int, out: Any) 
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
         torch.ones(1, device=device)  # CUDA context outside the timed region
-    rdzv = Rendezvous("127.0.0.1", port, is_master=rank == 0, timeout_s=120)
+    rdzv = Rendezvous("127.0.0.1", port, is_master=False, timeout_s=120)
     control = StatelessGroup(rdzv, "control", 0, rank, size, timeout_s=120)
     times: dict[str, list[float]] = {
         "raw_build": [],
@@ -136,7 +129,9 @@ def main() -> None:
         parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} GPUs")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
-    port, out = _free_port(), ctx.Queue()
+    # The parent serves the store, on a port bound now (see bench_connect).
+    server, out = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=120), ctx.Queue()
+    port = server.port
     procs = [
         ctx.Process(target=_worker, args=(r, args.devices, port, args.backend, args.reps, out))
         for r in range(args.devices)

@@ -40,7 +40,6 @@ import math
 import multiprocessing as mp
 import pickle
 import queue
-import socket
 import statistics
 import sys
 import time
@@ -112,12 +111,6 @@ class RankSetup:
     device: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -153,7 +146,7 @@ def _floor_worker(rank: int, cfg: BenchConfig, port: int, raw_mb: int, reps: int
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.ones(1, device=device)  # CUDA context outside the timed region
-    store = dist.TCPStore("127.0.0.1", port, cfg.devices, rank == 0, timedelta(seconds=120))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     control = dist.ProcessGroupGloo(
         dist.PrefixStore("control", store), rank, cfg.devices, timedelta(seconds=120)
     )
@@ -203,7 +196,9 @@ def _floor_worker(rank: int, cfg: BenchConfig, port: int, raw_mb: int, reps: int
 def measure_floors(cfg: BenchConfig, raw_mb: int, reps: int) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    # The parent serves the store, on a port bound now (see bench_connect).
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=120))
+    port = server.port
     procs = [
         ctx.Process(target=_floor_worker, args=(r, cfg, port, raw_mb, reps, out), daemon=True)
         for r in range(cfg.devices)
