@@ -31,7 +31,9 @@ By default every scenario runs with every copy path of ``execute`` the backend c
 all``), side by side: ``torch`` (multi-tensor copies), and on CUDA ``triton`` (one fused gather /
 scatter kernel launch per chunk) and ``engine`` (one batch of copy-engine copies per chunk); and
 each both ways (``--mode both``): ``execute`` (its host work included) and ``prepared`` (the run
-of a ``prepare_execution`` done before the timed region). ``start ms`` is the median
+of a ``prepare_execution`` done before the timed region); ``--mode all`` adds ``checked`` (also
+``PreparedExecution.check`` before the timed region, so the run skips the plan check's round
+trip). ``start ms`` is the median
 ``first_transfer_seconds``: from the call to the first transfer posted.
     python benchmarks/bench_executor.py --backend gloo --devices 2 --small
 """
@@ -201,7 +203,8 @@ def _run_scenario(
     mode: str,
 ) -> dict[str, Any] | None:
     """Time ``plan`` (and restore with the reverse plan between repeats) on ``group_ranks`` ranks:
-    ``mode`` "execute" times ``execute``; "prepared" times ``PreparedExecution.run`` of a
+    ``mode`` "execute" times ``execute``; "prepared" ("checked": and checked) times
+    ``PreparedExecution.run`` of a
     ``prepare_execution`` done before the barrier (its buffer counts in the extra memory)."""
     if rank >= group_ranks:
         return None
@@ -229,8 +232,11 @@ def _run_scenario(
     def runner() -> Any:
         """What one timed (or observed) run calls: for "prepared", the host work happens here,
         before the barrier and the clock."""
-        if mode == "prepared":
-            return prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy).run
+        if mode in ("prepared", "checked"):
+            prepared = prepare_execution(plan, weights, group, buffer_bytes=budget, copy=copy)
+            if mode == "checked":
+                prepared.check()
+            return prepared.run
         return functools.partial(execute, plan, weights, group, buffer_bytes=budget, copy=copy)
 
     ring_send = torch.ones((args.raw_mb << 20) // 2, dtype=torch.bfloat16, device=device)
@@ -438,7 +444,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
         (2 * args.intermediate, args.hidden),
         (args.hidden, args.intermediate),
     ]
-    modes = ["execute", "prepared"] if args.mode == "both" else [args.mode]
+    modes = {"both": ["execute", "prepared"], "all": ["execute", "prepared", "checked"]}.get(
+        args.mode, [args.mode]
+    )
     runs = [
         (s, copy, mode)
         for s in _scenarios(args)
@@ -479,10 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--mode",
-        choices=["execute", "prepared", "both"],
+        choices=["execute", "prepared", "checked", "both", "all"],
         default="both",
         help="time execute (host work included), or the run of a prepare_execution done "
-        "beforehand, or both side by side",
+        "beforehand ('checked': and checked beforehand); 'both': the first two side by side, "
+        "'all': the three",
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", help="append rank 0's host profile of each scenario here")

@@ -135,6 +135,14 @@ def _prepared_then_run(
     return prepared.run()
 
 
+def _checked_then_run(
+    plan: TransferPlan, weights: list[list[torch.Tensor]], group: StatelessGroup, **options: Any
+) -> ExecutionStats:
+    prepared = prepare_execution(plan, weights, group, **options)
+    prepared.check()  # collective: the run then skips its own check
+    return prepared.run()
+
+
 def _run_scenarios(
     rank: int, world_size: int, port: int, specs: Sequence[tuple[str, int, int, int, int]]
 ) -> list[tuple[str, ExecutionStats, int, int]]:
@@ -155,8 +163,9 @@ def _run_scenarios(
             (r.layer, r.expert): expert_weights(r.layer, r.expert)
             for r in plan.replan(sc.dead).reloads
         }
-        # Every rank draws the same: execute, or prepare_execution (no communication) then run.
-        run = execute if rng.random() < 0.5 else _prepared_then_run
+        # Every rank draws the same: execute, or prepare_execution (no communication) then run,
+        # with or without a check ahead.
+        run = rng.choice([execute, _prepared_then_run, _checked_then_run])
         stats, peak = measured_peak(
             lambda sc=sc, plan=plan, weights=weights, budget=budget, overlap=overlap, truth=truth, run=run: (
                 run(
@@ -328,9 +337,17 @@ def _errors(rank: int, world_size: int, port: int) -> dict[str, str]:
         prepared.run()
     with pytest.raises(RuntimeError, match="already ran"):
         prepared.run()
+    with pytest.raises(RuntimeError, match="already ran"):
+        prepared.check()
+    prepared = prepare_execution(plan, weights, group, buffer_bytes=need * (2 + rank))
+    with pytest.raises(ValueError, match="run different plans"):
+        prepared.check()  # ahead of the run, with the same answer
     assert unchanged()
-    # And after all that the group still runs the real thing, prepared, once.
+    # And after all that the group still runs the real thing, prepared and checked, once.
     prepared = prepare_execution(plan, weights, group, buffer_bytes=need)
+    prepared.check()
+    with pytest.raises(RuntimeError, match="checked already"):
+        prepared.check()
     stats = prepared.run()
     check_after(sc, rank, before, weights)
     with pytest.raises(RuntimeError, match="already ran"):

@@ -15,6 +15,7 @@ from elastic_ep.eplb.row_copy import triton_available
 from elastic_ep.groups import Rendezvous, StatelessGroup
 from tests.procs import run_ranks
 from tests.test_executor import (
+    _checked_then_run,
     _prepared_then_run,
     _ranks_of,
     check_after,
@@ -49,8 +50,8 @@ def _nccl_scenarios(
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        # Both ranks draw the same: execute, or prepare_execution then run.
-        run = execute if rng.random() < 0.5 else _prepared_then_run
+        # Both ranks draw the same: execute, or prepare_execution then run (checked ahead or not).
+        run = rng.choice([execute, _prepared_then_run, _checked_then_run])
         stats = run(
             plan,
             weights,
@@ -103,7 +104,7 @@ def _one_gpu_local_moves(rank: int, world_size: int, port: int, copy: str) -> li
         before = initial_weights(sc, 0, 0, tag=0)
         budget = required_buffer_bytes(plan, before, 1) * rng.choice([1, 2, 100])
         weights = [[t.to(device) for t in layer] for layer in before]
-        run = execute if rng.random() < 0.5 else _prepared_then_run
+        run = rng.choice([execute, _prepared_then_run, _checked_then_run])
         stats = run(
             plan, weights, group, buffer_bytes=budget, overlap=rng.random() < 0.7, copy=copy
         )

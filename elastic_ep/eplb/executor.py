@@ -350,6 +350,27 @@ class PreparedExecution:
         """
         return self._run(time.perf_counter(), lay_out_ahead=True)
 
+    def check(self) -> None:
+        """Verify now that every group rank prepared the same plan, budget, options and weight
+        shapes, instead of at the start of :meth:`run` (collective: every group rank calls it
+        before its run; one small all-reduce). :meth:`run` then posts its first transfer without
+        that round trip, e.g. an engine checks while it still serves and runs when it pauses.
+
+        Raises:
+            ValueError: the ranks prepared different executions (nothing moved; the group stays
+                usable).
+            PeerFailure: a peer failed, or did not call it within the group's timeout.
+            RuntimeError: it already ran, or was checked.
+        """
+        check = self._check
+        if self._runner is None or check is None:
+            raise RuntimeError("this PreparedExecution already ran; prepare the next one")
+        if check.passed:
+            raise RuntimeError("this PreparedExecution was checked already")
+        with self._device_context():
+            check.start()
+            check.wait()
+
     def _device_context(self) -> contextlib.AbstractContextManager[object]:
         """On CUDA, the executor's own stream (the preparation's uploads and the run's work are
         ordered on it)."""
@@ -599,6 +620,7 @@ class _PlanCheck:
             self.both = self.result = torch.tensor([digest, -digest], dtype=torch.int64)
             self.arrived = None
         self.reduced: WorkHandle | None = None
+        self.passed = False
 
     def start(self) -> None:
         """Post the all-reduce (on CUDA it waits for nothing of this stream's but the fill)."""
@@ -625,6 +647,7 @@ class _PlanCheck:
                 f"group rank {self.group_rank}: the ranks of the group run different plans, "
                 "buffer_bytes, overlap, rank layouts or weight shapes; nothing was moved"
             )
+        self.passed = True
 
 
 def _bytes_per_group_rank(
@@ -835,11 +858,13 @@ class _Runner:
         Each chunk's slot-to-slot copies thus come before its own write-back and every later
         chunk's. The plan check is posted before chunk 0's pack (packing reads the weights and
         writes only the buffer) and awaited before the first transfer."""
-        check.start()
+        if not check.passed:  # else PreparedExecution.check ran it ahead
+            check.start()
         chunks = len(self.chunks)
         if chunks:
             self.pack(self.launch(0))
-        check.wait()
+        if not check.passed:
+            check.wait()
         self.first_transfer = time.perf_counter()
         directs = 0  # chunks whose slot-to-slot copies are launched
         posted: tuple[WorkHandle | None, _Launches] | None = None
