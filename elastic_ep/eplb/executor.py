@@ -251,7 +251,9 @@ def prepare_execution(
     Run it later with :meth:`PreparedExecution.run` (collective), e.g. prepare while the engine
     still serves and run when it pauses: the run then spends its time moving data (on 4x H200 a
     10% drift of DeepSeek-V2-Lite posts its first transfer 0.3-0.4 ms after the call instead of
-    1.9-3.5 ms, and takes 4.6-5.1 ms instead of 7.2-8.5 ms). Until it runs, the
+    1.9-3.5 ms, and takes 4.6-5.1 ms instead of 7.2-8.5 ms); :meth:`PreparedExecution.check`
+    (collective) can also verify the peers ahead, which takes the plan check off the run's
+    start. Until it runs, the
     prepared execution holds the staging buffer (``buffer_bytes`` at most) and the addresses of
     ``weights``: the same tensors must be passed to nothing else that reallocates them.
     """
