@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +12,7 @@ from hypothesis import strategies as st
 
 from elastic_ep.eplb import row_copy
 from elastic_ep.eplb.row_copy import RowTable
+from tests.procs import run_ranks
 
 DTYPES = [torch.uint8, torch.int16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -199,6 +203,82 @@ def test_warm_up_launches_the_kernel_and_checks_its_copy() -> None:
     table.upload()
     table.copy(rows)
     assert torch.equal(dst, src.flip(0))
+
+
+def test_warm_up_rejects_an_unknown_path() -> None:
+    with pytest.raises(ValueError, match="path must be 'triton' or 'torch'"):
+        row_copy.warm_up("cpu", "engine")
+
+
+def test_torch_copy_rows_copies_exactly_the_rows() -> None:
+    flat = [torch.arange(32, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)]
+    as_array = functools.partial(np.array, dtype=np.int64)
+    row_copy.torch_copy_rows(
+        flat,
+        as_array([0, 0]),
+        as_array([3, 20]),
+        as_array([1, 1]),
+        as_array([0, 9]),
+        as_array([5, 4]),
+    )
+    expected = torch.zeros(16, dtype=torch.uint8)
+    expected[:5], expected[9:13] = torch.arange(3, 8), torch.arange(20, 24)
+    assert torch.equal(flat[1], expected)
+
+
+def _first_copy_beside_a_busy_stream(
+    rank: int, world_size: int, port: int, path: str, warm: bool
+) -> bool:
+    """In a fresh process: keep the GPU busy for ~1 s on one stream, then launch the copy
+    ``path`` runs (as ``execute`` would, mid-run) on another. Returns whether that launch
+    waited for the busy stream, and checks its bytes."""
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    side, copying = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1000)  # loads the sleep kernel
+    source = torch.arange(64, dtype=torch.uint8, device=dev)
+    target = torch.zeros(64, dtype=torch.uint8, device=dev)
+    copies = [(4, 8, 16), (30, 40, 8)]  # (source offset, target offset, bytes): a multi-tensor copy
+    table = RowTable(source)
+    rows = table.add([(source.data_ptr() + a, target.data_ptr() + b, n) for a, b, n in copies])
+    table.upload()
+    torch.cuda.synchronize()
+    if warm:
+        row_copy.ensure_warm(dev, path)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(int(2e9))  # about a second at 2 GHz
+        busy = torch.cuda.Event()
+        busy.record()
+    with torch.cuda.stream(copying):
+        if path == "torch":
+            src, dst, nbytes = np.array(copies, dtype=np.int64).T
+            row_copy.torch_copy_rows([source, target], src * 0, src, dst * 0 + 1, dst, nbytes)
+        else:
+            table.copy(rows)
+    waited = busy.query()
+    torch.cuda.synchronize()
+    expected = torch.zeros_like(target)
+    for a, b, n in copies:
+        expected[b : b + n] = source[a : a + n]
+    assert torch.equal(target, expected)
+    return waited
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_a_warmed_copy_path_does_not_wait_for_a_busy_device(path: str) -> None:
+    """CUDA loads a kernel at its first launch once the device is idle: mid-run, behind
+    transfers a dead peer never completes, that is a wait without a bound. After
+    ``ensure_warm(device, path)`` the path's launches must not wait."""
+    if path == "triton":
+        pytest.importorskip("triton")
+    (cold,) = run_ranks(_first_copy_beside_a_busy_stream, 1, path, False, timeout=120)
+    if not cold:
+        pytest.skip("this CUDA loads kernels eagerly: a cold launch did not wait either")
+    (warmed,) = run_ranks(_first_copy_beside_a_busy_stream, 1, path, True, timeout=120)
+    assert not warmed
 
 
 def test_kernel_variants_do_not_depend_on_slice_or_loop_counts() -> None:

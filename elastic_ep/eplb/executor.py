@@ -47,7 +47,7 @@ import torch
 from elastic_ep.eplb.copy_engine import batch_copy, engine_available
 from elastic_ep.eplb.exec_chunks import Chunk, cut_chunks, min_buffer_bytes
 from elastic_ep.eplb.exec_layout import ChunkLayout, RowSet, aligned, kinds_of, lay_out_chunks
-from elastic_ep.eplb.row_copy import RowTable, ensure_warm, triton_available
+from elastic_ep.eplb.row_copy import RowTable, ensure_warm, torch_copy_rows, triton_available
 from elastic_ep.eplb.transfer_plan import Reload, Transfer, TransferPlan
 from elastic_ep.errors import ElasticEPError
 from elastic_ep.groups.stateless_group import P2PBatch, StatelessGroup, WorkHandle
@@ -304,8 +304,8 @@ def _prepare(
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     chunks = cut_chunks(plan, row_bytes, layout.ranks, layout.world_size, buffer_bytes, overlap)
     copy_path = _copy_path(copy, group.device)
-    if copy_path == "triton":
-        ensure_warm(group.device)  # not at a first launch mid-run: see ensure_warm
+    if copy_path in ("triton", "torch"):
+        ensure_warm(group.device, copy_path)  # not at a first launch mid-run: see ensure_warm
     runner = _Runner(
         plan,
         weights,
@@ -672,21 +672,9 @@ def _bytes_per_group_rank(
 
 def _torch_copy(flat: Sequence[torch.Tensor | None], rows: RowSet) -> None:
     """One multi-tensor copy of ``rows`` between byte views (``flat[tensor number]``)."""
-    if not len(rows.nbytes):
-        return
-    columns = zip(
-        rows.src_tensor.tolist(),
-        rows.src_offset.tolist(),
-        rows.dst_tensor.tolist(),
-        rows.dst_offset.tolist(),
-        rows.nbytes.tolist(),
-        strict=True,
+    torch_copy_rows(
+        flat, rows.src_tensor, rows.src_offset, rows.dst_tensor, rows.dst_offset, rows.nbytes
     )
-    sources, targets = [], []
-    for src, src_at, dst, dst_at, n in columns:
-        sources.append(flat[src][src_at : src_at + n])
-        targets.append(flat[dst][dst_at : dst_at + n])
-    torch._foreach_copy_(targets, sources)
 
 
 @dataclass(frozen=True)

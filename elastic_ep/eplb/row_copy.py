@@ -29,15 +29,20 @@ try:
 except ImportError:  # the torch path still works; only ``copy="triton"`` needs it
     triton = None
 
-BLOCK = 4096
-"""Words each Triton program copies per iteration."""
+BLOCK = 8192
+"""Words each Triton program copies per iteration (32 KiB in flight per program). On 2x H200,
+where the copies beside the transfers are the run's critical path, the executor's reshuffle
+took 28.8 ms with 4096, 24.7 ms with 8192 and 28.1 ms with 16384 (one machine session)."""
 
-SM_SHARE = 0.73
+SM_SHARE = 0.5
 """Share of the GPU's SMs a launch runs on (one program each): the rest stay free for NCCL.
 On one H200 (benchmarks/bench_row_copy.py --beside-nccl, an NCCL send/recv held to 2-16
 channels, 97-673 GB/s, as a transfer over NVLink): the former grid of ~240 programs of 4 warps
-slowed NCCL to 69-78% (the 2x H200 executor timeline had shown ~75%); 96 programs of 16 warps
-left it at 98-104% while copying 1.15-1.37 TB/s beside it (1.30 TB/s alone)."""
+slowed NCCL to 69-78%; 96 programs (0.73) of 16 warps left it at 98-104% while copying
+1.15-1.37 TB/s beside it (1.30 TB/s alone). On 4x H200, where a rank's transfers go to three
+peers over more channels, the executor's reshuffle took 23.8-24.0 ms at 0.73 and 21.8-22.4 ms
+at 0.5 (0.42: 22.0-22.3, 0.6: 22.5-22.7), the drift and the scale events the same
+(benchmarks/bench_executor.py --triton-grid, one machine session)."""
 
 NUM_WARPS = 16
 """Warps per program: enough loads in flight for a program to stream ~13 GB/s on its own."""
@@ -85,51 +90,86 @@ if triton is not None:
                 tl.store(anchor + dst + offs, tl.load(anchor + src + offs, mask=mask), mask=mask)
 
 
-def warm_up(device: torch.device | str) -> None:
-    """Compile the kernel (or load it from Triton's cache) for each of its variants (16-byte
-    aligned words, 4-byte aligned words, bytes) and launch each once on ``device``, so a
-    process's first ``execute`` does not pay it (a fresh process's first launch took 1.6 s on
-    H200). Runs on a stream of its own and returns once the launches are done, having checked
-    their copies; no-op without CUDA or Triton."""
+def warm_up(device: torch.device | str, path: str = "triton") -> None:
+    """Load (and for Triton compile, or load from Triton's cache) the kernels of ``execute``'s
+    copy ``path`` on ``device`` and launch each once, so a process's first ``execute`` does not
+    pay it (a fresh process's first Triton launch took 1.6 s on H200). ``"triton"``: the row-copy
+    kernel's three variants (16-byte aligned words, 4-byte aligned words, bytes); ``"torch"``:
+    the multi-tensor copy of :func:`torch_copy_rows`. Runs on a stream of its own and returns
+    once the launches are done, having checked their copies; no-op off CUDA, and for
+    ``"triton"`` without Triton."""
     dev = torch.device(device)
-    if triton is None or dev.type != "cuda":
+    if path not in ("triton", "torch"):
+        raise ValueError(f"path must be 'triton' or 'torch', got {path!r}")
+    if dev.type != "cuda" or (path == "triton" and triton is None):
         return
     with torch.cuda.device(dev), torch.cuda.stream(torch.cuda.Stream(dev)):
         anchor = torch.zeros(128, dtype=torch.uint8, device=dev)
         anchor[:64] = torch.arange(1, 65, dtype=torch.uint8, device=dev)
         base = anchor.data_ptr()
-        table = RowTable(anchor)
-        variants = [
-            table.add([(base, base + 64, 32)]),  # words, 16-byte aligned
-            table.add([(base + 36, base + 100, 8)]),  # words, 4-byte aligned
-            table.add([(base + 45, base + 109, 3)]),  # bytes
-        ]
-        if [(v.word, v.align) for v in variants] != [(4, 4), (4, 1), (1, 1)]:
-            raise RuntimeError(f"warm-up rows do not cover the kernel's variants: {variants}")
-        table.upload()
-        for rows in variants:
-            table.copy(rows)
+        rows = [(0, 64, 32), (36, 100, 8), (45, 109, 3)]  # (source, destination, bytes)
+        if path == "torch":
+            src, dst, nbytes = np.array(rows, dtype=np.int64).T
+            tensor = np.zeros(len(rows), dtype=np.int64)  # all rows within the anchor
+            torch_copy_rows([anchor], tensor, src, tensor, dst, nbytes)
+        else:
+            table = RowTable(anchor)
+            variants = [table.add([(base + src, base + dst, n)]) for src, dst, n in rows]
+            if [(v.word, v.align) for v in variants] != [(4, 4), (4, 1), (1, 1)]:
+                raise RuntimeError(f"warm-up rows do not cover the kernel's variants: {variants}")
+            table.upload()
+            for launch in variants:
+                table.copy(launch)
         expected = torch.zeros_like(anchor[64:])  # bytes no row writes stay 0
-        for start, end in ((0, 32), (36, 44), (45, 48)):
-            expected[start:end] = anchor[start:end]
+        for src, _, n in rows:
+            expected[src : src + n] = anchor[src : src + n]
         if not torch.equal(anchor[64:], expected):  # syncs the stream
-            raise RuntimeError(f"the row-copy kernel copied wrong bytes on {dev}")
+            raise RuntimeError(f"the {path} row copy copied wrong bytes on {dev}")
 
 
-_warm: set[torch.device] = set()
+_warm: set[tuple[torch.device, str]] = set()
 _warm_lock = threading.Lock()
 
 
-def ensure_warm(device: torch.device | str) -> None:
-    """:func:`warm_up` once per device and process (a caller that finds it running waits for
-    it). ``execute`` calls it before it posts anything: CUDA loads a kernel at its first launch,
-    and loading waits for the device to go idle, so a first launch mid-run waits for transfers
-    that a dead peer never completes, with no bound on the host."""
+def ensure_warm(device: torch.device | str, path: str = "triton") -> None:
+    """:func:`warm_up` of ``path`` once per device and process (a caller that finds it running
+    waits for it). ``execute`` calls it before it posts anything: CUDA loads a kernel at its
+    first launch, and loading waits for the device to go idle, so a first launch mid-run waits
+    for transfers that a dead peer never completes, with no bound on the host."""
     dev = torch.device(device)
     with _warm_lock:
-        if dev not in _warm:
-            warm_up(dev)
-            _warm.add(dev)
+        if (dev, path) not in _warm:
+            warm_up(dev, path)
+            _warm.add((dev, path))
+
+
+def torch_copy_rows(
+    flat: Sequence[torch.Tensor | None],
+    src_tensor: np.ndarray,
+    src_offset: np.ndarray,
+    dst_tensor: np.ndarray,
+    dst_offset: np.ndarray,
+    nbytes: np.ndarray,
+) -> None:
+    """Copy byte rows with one multi-tensor copy (``torch._foreach_copy_``): row ``i`` copies
+    ``nbytes[i]`` bytes from ``flat[src_tensor[i]]`` at ``src_offset[i]`` to
+    ``flat[dst_tensor[i]]`` at ``dst_offset[i]``. ``flat``: uint8 ``[bytes]`` views, by tensor
+    number; the arrays are int64 ``[rows]``."""
+    if not len(nbytes):
+        return
+    columns = zip(
+        src_tensor.tolist(),
+        src_offset.tolist(),
+        dst_tensor.tolist(),
+        dst_offset.tolist(),
+        nbytes.tolist(),
+        strict=True,
+    )
+    sources, targets = [], []
+    for src, src_at, dst, dst_at, n in columns:
+        sources.append(flat[src][src_at : src_at + n])
+        targets.append(flat[dst][dst_at : dst_at + n])
+    torch._foreach_copy_(targets, sources)
 
 
 @dataclass(frozen=True)
