@@ -41,8 +41,9 @@ channels, 97-673 GB/s, as a transfer over NVLink): the former grid of ~240 progr
 slowed NCCL to 69-78%; 96 programs (0.73) of 16 warps left it at 98-104% while copying
 1.15-1.37 TB/s beside it (1.30 TB/s alone). On 4x H200, where a rank's transfers go to three
 peers over more channels, the executor's reshuffle took 23.8-24.0 ms at 0.73 and 21.8-22.4 ms
-at 0.5 (0.42: 22.0-22.3, 0.6: 22.5-22.7), the drift and the scale events the same
-(benchmarks/bench_executor.py --triton-grid, one machine session)."""
+at 0.5 (0.42: 22.0-22.3, 0.6: 22.5-22.7), the drift and the scale events the same; on 2x
+H200 scale-up 1->2 took 50.9-51.2 ms against 53.5-54.1 (benchmarks/bench_executor.py
+--triton-grid, one machine session each)."""
 
 NUM_WARPS = 16
 """Warps per program: enough loads in flight for a program to stream ~13 GB/s on its own."""
