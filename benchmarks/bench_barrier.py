@@ -22,10 +22,9 @@ import statistics
 import sys
 import time
 from datetime import timedelta
-from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+from ranks import run_ranks
 
 from elastic_ep.groups import Rendezvous, StatelessGroup
 
@@ -45,7 +44,7 @@ def _stamps(group: StatelessGroup, how: str, barriers: int, token: torch.Tensor)
     return out
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
+def _worker(rank: int, port: int, args: argparse.Namespace) -> list[dict[str, list[list[float]]]]:
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -56,11 +55,10 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     for _ in range(2):
         for how in VARIANTS:
             runs[how].append(_stamps(group, how, args.barriers, token))
-    everyone = group.all_gather_object(runs)
-    if rank == 0:
-        queue.put(everyone)
+    everyone: list[dict[str, list[list[float]]]] = group.all_gather_object(runs)
     group.barrier()
     group.destroy()
+    return everyone
 
 
 def summarize(everyone: list[dict[str, list[list[float]]]], skip: int) -> dict[str, dict]:
@@ -96,18 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--barriers must be >= 20 (the first 10 of each run warm up)")
     if args.backend == "nccl" and torch.cuda.device_count() < args.devices:
         parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} CUDA devices")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=60)
-    procs = [
-        ctx.Process(target=_worker, args=(r, args, server.port, queue)) for r in range(args.devices)
-    ]
-    for p in procs:
-        p.start()
-    everyone = queue.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
-    server.close()
+    everyone = run_ranks(_worker, args.devices, args, timeout_s=600)[0]
     table = summarize(everyone, skip=10)
     device = torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu"
     print(f"{args.devices} x {device}, {args.backend}, {args.barriers} barriers x 2 runs")

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
-import queue as queue_module
 import statistics
 import threading
 import time
@@ -42,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ranks import run_ranks
 
 from elastic_ep.groups import Rendezvous, StatelessGroup
 
@@ -239,7 +238,7 @@ def _stress(
     }
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
+def _worker(rank: int, port: int, args: argparse.Namespace) -> dict[str, Any] | None:
     for item in filter(None, args.env.split(",")):
         name, _, value = item.partition("=")
         os.environ[name] = value
@@ -288,11 +287,10 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
         result.update(_stress(rdzv, control, groups[0], args.stress, args.stress_limit_s, args.mb))
     result.update({k: 1e3 * v for k, v in clock.times.items()})  # ms
     control.barrier()
-    if rank == 0:
-        queue.put(result)
     for g in groups:
         g.destroy()
     control.destroy()
+    return result if rank == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,29 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices < 2 or (args.backend == "nccl" and torch.cuda.device_count() < args.devices):
         print(f"bench_connect needs {args.devices} >= 2 devices")
         return 1
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    # The parent serves the store, on a port bound now (a port picked, then bound by a rank,
-    # can be taken in between).
-    server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=120)
-    procs = [
-        ctx.Process(target=_worker, args=(r, args, server.port, queue)) for r in range(args.devices)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 900
-    while True:  # a rank that dies would leave rank 0's result missing: stop waiting then
-        try:
-            result = queue.get(timeout=5)
-            break
-        except queue_module.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                print("a rank failed; no result")
-                return 1
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        result = run_ranks(_worker, args.devices, args)[0]
+    except RuntimeError as err:
+        print(f"a rank failed; no result: {err}")
+        return 1
     result = {
         "devices": args.devices,
         "env": args.env,
@@ -355,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+    return 0
 
 
 if __name__ == "__main__":

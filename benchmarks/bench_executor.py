@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
 
 from elastic_ep.eplb import (
     EMPTY,
@@ -426,7 +426,7 @@ def _copy_paths(args: argparse.Namespace, device: torch.device) -> list[str]:
     return ["torch", *fused, *(["engine"] if engine_available(device) else [])]
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
+def _worker(rank: int, port: int, args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if args.triton_grid:  # an A/B knob of this benchmark: the kernel reads these per launch
@@ -475,7 +475,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     group.barrier()
     group.destroy()
     dist.destroy_process_group()
-    queue.put((rank, result))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,21 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         args.layers, args.hidden, args.intermediate, args.raw_mb, args.buffer_mb = 4, 64, 48, 4, 1
     if args.backend == "nccl" and torch.cuda.device_count() < args.devices:
         parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} CUDA devices")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    # The job's store server lives here, bound to a free port as it starts (a port picked
-    # first and bound later by a rank could be taken in between).
-    server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=300)
-    procs = [
-        ctx.Process(target=_worker, args=(r, args, server.port, queue)) for r in range(args.devices)
-    ]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    server.close()
-    report(args, results)
+    report(args, dict(enumerate(run_ranks(_worker, args.devices, args))))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ranks import run_ranks
 
 from elastic_ep.groups import Rendezvous, StatelessGroup
 
@@ -43,7 +43,9 @@ def _first_collective(all_reduce: Any, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _worker(rank: int, size: int, port: int, backend: str, reps: int, out: Any) -> None:
+def _worker(
+    rank: int, port: int, size: int, backend: str, reps: int
+) -> dict[str, list[float]] | None:
     torch.set_num_threads(1)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -89,10 +91,7 @@ def _worker(rank: int, size: int, port: int, backend: str, reps: int, out: Any) 
         times["lib_destroy"].append(slowest(time.perf_counter() - start))
     control.barrier()
     control.destroy()
-    if rank == 0:
-        out.put(times)
-    else:
-        time.sleep(0.5)  # let rank 0 (the store server) finish last
+    return times if rank == 0 else None
 
 
 def _ms(xs: list[float]) -> float:
@@ -128,21 +127,9 @@ def main() -> None:
     if args.backend == "nccl" and torch.cuda.device_count() < args.devices:
         parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} GPUs")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = mp.get_context("spawn")
-    # The parent serves the store, on a port bound now (see bench_connect).
-    server, out = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=120), ctx.Queue()
-    port = server.port
-    procs = [
-        ctx.Process(target=_worker, args=(r, args.devices, port, args.backend, args.reps, out))
-        for r in range(args.devices)
+    times = run_ranks(_worker, args.devices, args.devices, args.backend, args.reps, timeout_s=600)[
+        0
     ]
-    for p in procs:
-        p.start()
-    times = out.get(timeout=600)
-    for p in procs:
-        p.join(60)
-        if p.is_alive():
-            p.kill()
     res = summarize(times)
     print(f"\n{args.backend}, {args.devices} processes, {args.reps} reps (slowest rank; ms)")
     print(f"{'':14}{'raw torch':>12}{'StatelessGroup':>16}{'ratio':>8}")

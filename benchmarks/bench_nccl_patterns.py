@@ -22,20 +22,20 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+from ranks import run_ranks
 
 from elastic_ep.groups import Rendezvous, StatelessGroup
 
 MB = 1 << 20
 
-# The 4x drift's chunks 2 and 3 (busiest ranks 560 and 395 MB) as the executor cut them.
-DRIFT_CHUNK2 = [[0, 165, 99, 99], [148, 0, 115, 132], [115, 181, 0, 66], [165, 214, 132, 0]]
-DRIFT_CHUNK3 = [[0, 115, 82, 49], [99, 0, 49, 99], [82, 132, 0, 66], [99, 148, 99, 0]]
-
 Matrix = list[list[float]]
+"""MB per ``[sender][receiver]`` pair."""
+
+# The 4x drift's chunks 2 and 3 (busiest ranks 560 and 395 MB) as the executor cut them.
+DRIFT_CHUNK2: Matrix = [[0, 165, 99, 99], [148, 0, 115, 132], [115, 181, 0, 66], [165, 214, 132, 0]]
+DRIFT_CHUNK3: Matrix = [[0, 115, 82, 49], [99, 0, 49, 99], [82, 132, 0, 66], [99, 148, 99, 0]]
 
 
 def patterns(n: int) -> dict[str, Matrix]:
@@ -85,7 +85,9 @@ def _parts(buffer: torch.Tensor, sizes_mb: list[float]) -> list[torch.Tensor]:
     return parts
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
+def _worker(
+    rank: int, port: int, args: argparse.Namespace
+) -> dict[tuple[str, str], tuple[float, float]]:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     n = args.devices
     if args.backend == "nccl":
@@ -139,7 +141,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
             results[(name, how)] = (statistics.median(times), busiest * MB)
     group.barrier()
     group.destroy()
-    queue.put((rank, results))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,18 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--devices must be >= 2")
     if args.backend == "nccl" and torch.cuda.device_count() < args.devices:
         parser.error(f"--devices {args.devices} but only {torch.cuda.device_count()} CUDA devices")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=120)
-    procs = [
-        ctx.Process(target=_worker, args=(r, args, server.port, queue)) for r in range(args.devices)
-    ]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    server.close()
+    results = dict(enumerate(run_ranks(_worker, args.devices, args, timeout_s=600)))
     print(f"{args.devices} ranks, {args.backend}, pair MB x {args.scale}")
     print(f"{'pattern':<22} {'how':<10} {'busiest MB':>10} {'ms':>8} {'GB/s':>7}")
     for key in results[0]:

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import pickle
-import queue
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from markdown_section import write_section
+from ranks import run_ranks
 
 from elastic_ep.eplb import Placement, plan
 from elastic_ep.rank_mapping import RankMapping
@@ -140,7 +139,9 @@ def _ring(pg: Any, send: torch.Tensor, recv: torch.Tensor, rank: int, size: int)
     _sync(send.device)
 
 
-def _floor_worker(rank: int, cfg: BenchConfig, port: int, raw_mb: int, reps: int, out: Any) -> None:
+def _floor_worker(
+    rank: int, port: int, cfg: BenchConfig, raw_mb: int, reps: int
+) -> dict[str, float] | None:
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if cfg.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -182,50 +183,21 @@ def _floor_worker(rank: int, cfg: BenchConfig, port: int, raw_mb: int, reps: int
         ring.append(slowest(time.perf_counter() - start))
     control.barrier().wait()
     pg.shutdown()
-    if rank == 0:
-        out.put(
-            {
-                "build_cold_s": builds[0],
-                "build_warm_s": statistics.median(builds[1:]),
-                "p2p_GBps": (raw_mb << 20) / statistics.median(ring) / 1e9,
-            }
-        )
     control.barrier().wait()
+    if rank != 0:
+        return None
+    return {
+        "build_cold_s": builds[0],
+        "build_warm_s": statistics.median(builds[1:]),
+        "p2p_GBps": (raw_mb << 20) / statistics.median(ring) / 1e9,
+    }
 
 
 def measure_floors(cfg: BenchConfig, raw_mb: int, reps: int) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    # The parent serves the store, on a port bound now (see bench_connect).
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=120))
-    port = server.port
-    procs = [
-        ctx.Process(target=_floor_worker, args=(r, cfg, port, raw_mb, reps, out), daemon=True)
-        for r in range(cfg.devices)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        floors = _first_result(out, procs, timeout_s=300)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    floors: dict[str, float] = run_ranks(
+        _floor_worker, cfg.devices, cfg, raw_mb, reps, timeout_s=300
+    )[0]
     return floors
-
-
-def _first_result(out: Any, procs: list[Any], timeout_s: float) -> dict[str, float]:
-    """The first worker result, or RuntimeError as soon as a worker dies without one."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            return out.get(timeout=0.5)  # type: ignore[no-any-return]
-        except queue.Empty:
-            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if failed:
-                raise RuntimeError(f"a floor worker failed (exit codes {failed})") from None
-    raise RuntimeError(f"the floor workers gave no result within {timeout_s:g} s")
 
 
 # ---- the elastic ranks --------------------------------------------------------------------------
