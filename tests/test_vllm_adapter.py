@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from elastic_ep.adapters.vllm import (
     ElasticEplbPolicy,
+    PolicyArgumentError,
     load_policy_modules,
     register,
     vllm_policy_class,
@@ -118,3 +121,75 @@ def test_against_real_vllm_classes() -> None:
         theirs = Placement(default.DefaultEplbPolicy.rebalance_experts(weight, 80, 1, 1, 8), 64, 8)
         ours.validate(distinct_ranks=True)
         assert ours.balancedness(weight) >= theirs.balancedness(weight) - 1e-9
+
+
+def test_bad_num_replicas_is_value_and_assertion_error() -> None:
+    weight = torch.ones(1, 4)
+    for kind in (ValueError, AssertionError, PolicyArgumentError):
+        with pytest.raises(kind, match="not a multiple of num_ranks"):
+            ElasticEplbPolicy.rebalance_experts(weight, 7, 2, 2, 4)
+
+
+@st.composite
+def old_and_new_maps(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
+    layers = draw(st.integers(1, 3))
+    ranks = draw(st.integers(1, 4))
+    slots = draw(st.integers(1, 5))
+    experts = draw(st.integers(1, 6))
+    values = st.integers(-1, experts - 1)
+    shape = (layers, ranks * slots)
+    old = np.array(
+        draw(st.lists(values, min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))
+    )
+    new = np.array(
+        draw(st.lists(values, min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))
+    )
+    return old.reshape(shape), new.reshape(shape), ranks
+
+
+@settings(max_examples=200, deadline=None)
+@given(old_and_new_maps())
+def test_preserve_intragpu_slots_properties(maps: tuple[np.ndarray, np.ndarray, int]) -> None:
+    old, new, ranks = maps
+    post = ElasticEplbPolicy.preserve_intragpu_slots(new, ranks, old)
+    slots = new.shape[1] // ranks
+    for layer in range(new.shape[0]):
+        for rank in range(ranks):
+            cut = slice(rank * slots, (rank + 1) * slots)
+            old_seg, new_seg, post_seg = old[layer, cut], new[layer, cut], post[layer, cut]
+            # the rank holds the same experts as the new map says
+            assert sorted(post_seg.tolist()) == sorted(new_seg.tolist())
+            # an expert kept on the rank sits in its old slots, as often as it is kept
+            for expert in set(old_seg.tolist()):
+                keep = min(int((old_seg == expert).sum()), int((new_seg == expert).sum()))
+                first_old = np.flatnonzero(old_seg == expert)[:keep]
+                assert (post_seg[first_old] == expert).all()
+
+
+def test_rebalance_keeps_kept_experts_in_their_slots() -> None:
+    load = make_load("zipf", 4, 32, seed=6)
+    old = ElasticEplbPolicy.rebalance_experts(torch.from_numpy(load), 48, 1, 1, 6)
+    drifted = load * np.random.default_rng(7).lognormal(0, 0.2, load.shape)
+    new = ElasticEplbPolicy.rebalance_experts(torch.from_numpy(drifted), 48, 1, 1, 6, old)
+    assert not np.array_equal(new.numpy(), old.numpy())
+    post = ElasticEplbPolicy.preserve_intragpu_slots(new.numpy(), 6, old.numpy())
+    assert np.array_equal(post, new.numpy())
+
+
+def test_preserve_intragpu_slots_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="must be equal"):
+        ElasticEplbPolicy.preserve_intragpu_slots(np.zeros((1, 8)), 2, np.zeros((1, 6)))
+    with pytest.raises(ValueError, match="not a multiple of num_ranks=3"):
+        ElasticEplbPolicy.preserve_intragpu_slots(np.zeros((1, 8)), 3, np.zeros((1, 8)))
+
+
+@pytest.mark.skipif(
+    find_wheel() is None, reason="no vLLM wheel (pip download vllm==0.33.0 --no-deps)"
+)
+@settings(max_examples=200, deadline=None)
+@given(old_and_new_maps())
+def test_preserve_intragpu_slots_equals_vllms(maps: tuple[np.ndarray, np.ndarray, int]) -> None:
+    old, new, ranks = maps
+    _, default, _ = load_policy_modules(find_wheel())
+    theirs = default.DefaultEplbPolicy.preserve_intragpu_slots(new, ranks, old)
+    assert np.array_equal(ElasticEplbPolicy.preserve_intragpu_slots(new, ranks, old), theirs)

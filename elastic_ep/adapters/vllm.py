@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from elastic_ep.eplb.placement import Placement
@@ -29,8 +30,15 @@ POLICY_NAME = "default"
 """The only policy name vLLM's config accepts, hence the key :func:`register` replaces."""
 
 
+class PolicyArgumentError(ValueError, AssertionError):
+    """A bad argument to the policy. A ``ValueError`` like every bad argument in elastic_ep, and an
+    ``AssertionError`` as vLLM's default policy raises for the same inputs, so callers written
+    for either catch it."""
+
+
 class ElasticEplbPolicy:
-    """vLLM ``AbstractEplbPolicy`` interface: ``rebalance_experts`` as a classmethod."""
+    """vLLM ``AbstractEplbPolicy`` interface: ``rebalance_experts`` and
+    ``preserve_intragpu_slots`` as classmethods."""
 
     @classmethod
     def rebalance_experts(
@@ -58,7 +66,7 @@ class ElasticEplbPolicy:
             int64 [L, P]: logical expert of every physical slot (-1 = empty).
         """
         if num_ranks < 1 or num_replicas % num_ranks:
-            raise ValueError(
+            raise PolicyArgumentError(
                 f"num_replicas={num_replicas} is not a multiple of num_ranks={num_ranks}"
             )
         slots = num_replicas // num_ranks
@@ -67,7 +75,7 @@ class ElasticEplbPolicy:
         if old_global_expert_indices is not None:
             old = old_global_expert_indices.detach().to("cpu", torch.int64)
             if old.dim() != 2 or old.shape[1] % slots:
-                raise ValueError(
+                raise PolicyArgumentError(
                     f"old_global_expert_indices must be [layers, old_ranks * {slots}], "
                     f"got {tuple(old.shape)}"
                 )
@@ -82,7 +90,72 @@ class ElasticEplbPolicy:
             previous=previous,
             rank_mapping=mapping,
         )
-        return placement.phy2log
+        if previous is None or previous.num_ranks != num_ranks:
+            return placement.phy2log
+        # Experts a rank keeps stay in their slots, as vLLM's default policy leaves them.
+        kept = cls.preserve_intragpu_slots(
+            placement.phy2log.numpy(), num_ranks, previous.phy2log.numpy()
+        )
+        return torch.from_numpy(kept)
+
+    @classmethod
+    def preserve_intragpu_slots(
+        cls, phy2log: np.ndarray, num_ranks: int, old_phy2log: np.ndarray
+    ) -> np.ndarray:
+        """Reorder each rank's slots so that an expert it keeps stays in its old slot.
+
+        vLLM's default policy applies this to its own result when the ranks and slots per rank
+        are unchanged, and so does :meth:`rebalance_experts` here. Per rank and layer, the multiset of experts is that of
+        ``phy2log``; an expert the rank held before takes its first old slot (once per old
+        occurrence), and the other experts fill the remaining slots in their order in
+        ``phy2log``.
+
+        Args:
+            phy2log: int [L, P], the new map (-1 = empty), P a multiple of ``num_ranks``.
+            num_ranks: R, EP ranks.
+            old_phy2log: int [L, P], the current map.
+
+        Returns:
+            int [L, P], ``phy2log`` with each rank's slots reordered (a new array).
+        """
+        new = np.asarray(phy2log)
+        old = np.asarray(old_phy2log)
+        if new.ndim != 2 or old.shape != new.shape:
+            raise PolicyArgumentError(
+                f"phy2log {new.shape} and old_phy2log {old.shape} must be equal [layers, slots]"
+            )
+        if num_ranks < 1 or new.shape[1] % num_ranks:
+            raise PolicyArgumentError(
+                f"{new.shape[1]} slots are not a multiple of num_ranks={num_ranks}"
+            )
+        slots = new.shape[1] // num_ranks
+        # One row per (layer, rank): its slots' experts.
+        new_rows = new.reshape(-1, slots)
+        old_rows = old.reshape(-1, slots)
+        result = np.empty_like(new_rows)
+        taken = np.zeros(new_rows.shape, dtype=bool)  # new entries already placed
+        kept = np.zeros(new_rows.shape, dtype=bool)  # old slots that keep their expert
+        rows = np.arange(new_rows.shape[0])
+        for slot in range(slots):
+            match = (new_rows == old_rows[:, slot : slot + 1]) & ~taken
+            has = match.any(axis=1)
+            first = match.argmax(axis=1)
+            result[has, slot] = new_rows[rows[has], first[has]]
+            taken[rows[has], first[has]] = True
+            kept[has, slot] = True
+        # The rest, in phy2log's order, into the free slots in slot order: a stable sort puts
+        # each row's untaken entries (and free slots) first, in their original order.
+        sources = np.argsort(taken, axis=1, kind="stable")
+        targets = np.argsort(kept, axis=1, kind="stable")
+        free = (~kept).sum(axis=1)
+        for count in np.unique(free):
+            if count == 0:
+                continue
+            sel = rows[free == count]
+            src = sources[sel, :count]
+            dst = targets[sel, :count]
+            result[sel[:, None], dst] = new_rows[sel[:, None], src]
+        return result.reshape(new.shape)
 
 
 def vllm_policy_class(abstract: type | None = None) -> type:
