@@ -94,7 +94,7 @@ def rank_main(spec: RankSpec) -> None:
     register_dispatch_backend(resources)  # an all-to-all on each epoch's world group
     gate = TrafficGate()
     free_kv = (1024 - spec.member_id) * KV_BLOCK_BYTES  # a real engine measures free memory
-    load = torch.zeros(layers, experts, dtype=torch.float64)
+    load = torch.zeros(layers, experts, dtype=torch.float64)  # summed over the ranks, per step
     try:
         agent = ElasticRank(
             spec,
