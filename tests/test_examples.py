@@ -136,8 +136,8 @@ def test_vllm_plugin_installs_and_its_entry_point_registers_the_policy(tmp_path:
     source, target = tmp_path / "src", tmp_path / "site"
     shutil.copytree(PLUGIN, source)  # the build writes next to its sources: keep the repo clean
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(source)],
+        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
+         "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True,
         timeout=100,
     )  # fmt: skip
