@@ -19,26 +19,75 @@ from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.planner import as_load_array, plan_with_report
 from elastic_ep.rank_mapping import RankMapping
 
+PLACEMENT_KEYS = ("phy2log", "log2phy", "logcnt")
+"""Keys of a placement file (what ``plan --out`` writes); a load file has none of them."""
 
-def read_matrix(path: Path) -> np.ndarray:
-    """2-D array from a .npy, .pt (a tensor, or a dict with one) or .csv file."""
+
+def _load_torch_file(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as err:  # unpickling, zip and format errors all mean "not a torch file"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a torch tensor file ({first})") from None
+
+
+def _from_dict(path: Path, obj: dict, kind: str) -> object:
+    is_placement = any(k in obj for k in PLACEMENT_KEYS)
+    if kind == "load" and is_placement:
+        raise ValueError(
+            f"{path} is a placement file (keys {sorted(k for k in obj if k in PLACEMENT_KEYS)}), "
+            "not a load matrix; pass it as --previous"
+        )
+    if kind == "placement" and not is_placement:
+        raise ValueError(f"{path}: a placement file needs a 'phy2log' key, found {sorted(obj)}")
+    key = "phy2log" if kind == "placement" else "load"
+    if key in obj:
+        return obj[key]
+    tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1:
+        raise ValueError(f"{path}: a dict needs a '{key}' key")
+    return tensors[0]
+
+
+def read_matrix(path: Path, kind: str = "load") -> np.ndarray:
+    """2-D array from a .npy, .pt (a tensor, or a dict with one) or .csv file.
+
+    ``kind`` is ``"load"`` (an [L, E] load; a placement file is refused) or ``"placement"`` (a
+    phy2log [L, R * S], e.g. the ``phy2log`` key of a file ``plan --out`` wrote). Every error is
+    a ``ValueError`` naming the file.
+    """
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as err:  # a text or pickled file named .npy
+            raise ValueError(f"{path}: not a numpy .npy array file ({err})") from None
     if suffix == ".csv":
-        return np.loadtxt(path, delimiter=",", ndmin=2)
+        try:
+            return np.loadtxt(path, delimiter=",", ndmin=2)
+        except ValueError as err:
+            raise ValueError(f"{path}: not a comma-separated matrix ({err})") from None
     if suffix == ".pt":
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_torch_file(path)
         if isinstance(obj, dict):
-            tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
-            key = "phy2log" if "phy2log" in obj else "load" if "load" in obj else None
-            if key is None and len(tensors) != 1:
-                raise ValueError(f"{path}: a dict needs a 'load' or 'phy2log' key")
-            obj = obj[key] if key else tensors[0]
+            obj = _from_dict(path, obj, kind)
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{path}: expected a tensor, found {type(obj).__name__}")
         return obj.numpy()
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .npy, .pt or .csv)")
+
+
+def _check_output_path(path: Path | None, option: str) -> None:
+    """Refuse an output whose folder is missing before any work is done."""
+    if path is None:
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder, not a file")
 
 
 def contiguous_placement(layers: int, experts: int, ranks: int, slots: int) -> Placement:
@@ -51,11 +100,24 @@ def contiguous_placement(layers: int, experts: int, ranks: int, slots: int) -> P
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    load = as_load_array(read_matrix(args.load))
+    _check_output_path(args.out, "--out")
+    _check_output_path(args.plot, "--plot")
+    try:
+        load = as_load_array(read_matrix(args.load))
+    except TypeError as err:
+        raise TypeError(f"{args.load}: {err}") from None
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(
+            message if str(args.load) in message else f"{args.load}: {message}"
+        ) from None
     layers, experts = load.shape
     previous, mapping = None, None
     if args.previous is not None:
-        phy2log = torch.from_numpy(read_matrix(args.previous).astype(np.int64))
+        matrix = read_matrix(args.previous, kind="placement")
+        if matrix.dtype.kind not in "iu" and not np.array_equal(matrix, np.round(matrix)):
+            raise ValueError(f"{args.previous}: phy2log must hold integer expert ids")
+        phy2log = torch.from_numpy(matrix.astype(np.int64))
         if phy2log.dim() != 2 or phy2log.shape[1] % args.slots:
             raise ValueError(
                 f"{args.previous}: phy2log must be [layers, old_ranks * {args.slots}], "
