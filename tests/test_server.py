@@ -224,8 +224,11 @@ def test_weak_tokens_are_refused(token: str) -> None:
 
 def test_non_loopback_bind_needs_a_token_or_insecure(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ELASTIC_EP_TOKEN", raising=False)
-    with pytest.raises(ValueError, match="not loopback"):
-        ControlServer(Controller(), host="0.0.0.0")
+    for host in ("0.0.0.0", ""):  # "" binds every interface too
+        with pytest.raises(ValueError, match="not loopback"):
+            ControlServer(Controller(), host=host)
+    with pytest.raises(ValueError, match="cannot resolve host"):
+        ControlServer(Controller(), host="no-such-host.invalid")
     ControlServer(Controller(), host="0.0.0.0", allow_insecure=True).stop()
     with ControlServer(Controller(), host="0.0.0.0", token=TOKEN) as srv:
         port = srv.url.rsplit(":", 1)[1]

@@ -62,9 +62,12 @@ def openapi_description() -> dict[str, Any]:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or a name) resolves only to loopback addresses."""
+    """Whether ``host`` (an address or a name) resolves only to loopback addresses (``""``, every
+    interface, does not)."""
+    if not host:
+        return False
     try:
-        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise ValueError(f"cannot resolve host {host!r}: {err}") from None
     addrs = {str(info[4][0]).split("%")[0] for info in infos}  # "%": an IPv6 scope id
