@@ -66,3 +66,8 @@ def rank_main(spec: RankSpec) -> None:
         if int(token) != agent.world_size:
             raise AssertionError(f"forward gave {int(token)} on a world of {agent.world_size}")
         time.sleep(0.005)
+
+
+def crash_main(spec: RankSpec) -> None:
+    """An engine that fails as it starts (the launcher must exit with one line, not hang)."""
+    raise RuntimeError(f"engine of member {spec.member_id} failed to load its model")

@@ -183,3 +183,17 @@ def test_bad_arguments_are_one_line(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert message in err and err.count("\n") == 1 and "see --help" in err
+
+
+def test_an_engine_that_crashes_ends_the_launch_with_one_line() -> None:
+    job = Launched(
+        "--entry", "tests.launch_engine:crash_main", "--ranks", "2", "--max-ranks", "2",
+        "--http", "127.0.0.1:0",
+    )  # fmt: skip
+    try:
+        assert job.proc.wait(timeout=120) == 2
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+    job.wait_for(r"elastic_ep launch: error: initial members \[0, 1\] did not start", 10)
+    assert any("failed to load its model" in line for line in job.seen)  # the rank's own error
