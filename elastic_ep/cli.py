@@ -1,7 +1,10 @@
 """Command line: ``python -m elastic_ep <command>`` (also installed as ``elastic-ep``).
 
-Each command is one ``add_<name>_command(subparsers)`` function that registers its arguments and
-sets ``handler``; list it in ``COMMANDS`` to enable it.
+Commands: ``plan`` (a placement from a load file), ``demo``, ``launch`` (an elastic job of your
+engine: :mod:`elastic_ep.launch`), and ``scale``/``rebalance``/``status`` (talk to a launched
+job's endpoint: :mod:`elastic_ep.control_client`). Each command is one
+``add_<name>_command(subparsers)`` function that registers its arguments and sets ``handler``;
+list it in ``COMMANDS`` to enable it. Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations

@@ -159,6 +159,11 @@ def config_from_args(args: Any) -> LaunchConfig:
             raise ValueError("--backend nccl needs --devices N (one rank process per GPU)")
         if args.devices < args.max_ranks:
             raise ValueError(f"--devices {args.devices} is below --max-ranks {args.max_ranks}")
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if args.devices > visible:
+            raise ValueError(f"--devices {args.devices}: only {visible} CUDA devices are visible")
     elif args.devices is not None:
         raise ValueError("--devices is for --backend nccl (gloo ranks run on the CPU)")
     config = None

@@ -144,6 +144,8 @@ LAUNCH = ["launch", "--entry", ENGINE, "--ranks", "2", "--max-ranks", "4"]
         ([*LAUNCH, "--token", "short"], "at least 16 printable"),
         ([*LAUNCH, "--backend", "nccl"], "needs --devices"),
         ([*LAUNCH, "--devices", "2"], "--devices is for --backend nccl"),
+        ([*LAUNCH, "--backend", "nccl", "--devices", "2"], "--devices 2 is below --max-ranks 4"),
+        ([*LAUNCH, "--backend", "nccl", "--devices", "512"], "CUDA devices are visible"),
         ([*LAUNCH, "--config", "{bad"], "--config is not valid JSON"),
         (["scale", "3", "--url", "ftp://host:1"], "expected http://HOST:PORT"),
         (["status", "--url", "http://127.0.0.1:PORT"], "cannot reach http://127.0.0.1:"),

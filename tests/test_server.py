@@ -146,6 +146,7 @@ def test_bad_requests_are_400_without_state_change(server: Any, payload: dict, m
         (b"[" * 50_000 + b"]" * 10_000, "not valid JSON"),  # nested past the recursion limit
         (b'{"world_size": ' + b"9" * 5000 + b"}", "not valid JSON"),  # int past the digit cap
         (b"[3]", "must be a JSON object"),
+        (b"null", "must be a JSON object"),
     ],
 )
 def test_malformed_bodies_are_400(server: Any, raw: bytes, match: str) -> None:

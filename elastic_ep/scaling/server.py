@@ -30,7 +30,9 @@ import ipaddress
 import json
 import os
 import socket
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +46,7 @@ from elastic_ep.scaling.status import ScaleStatus
 
 MAX_BODY_BYTES = 64 * 1024
 TOKEN_ENV = "ELASTIC_EP_TOKEN"
+_NO_BODY = object()  # no usable body: the answer is sent already (``None`` is JSON's null)
 MIN_TOKEN_CHARS = 16
 
 
@@ -192,42 +195,43 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: GET {path}"})
 
     def _read_body(self, empty_ok: bool) -> Any:
-        """The request's JSON body, or ``None`` after answering the error (400/411/413)."""
+        """The request's JSON body (any JSON value, ``null`` too), or ``_NO_BODY`` after answering
+        the error (400/411/413) or when the connection was cut."""
         if "Transfer-Encoding" in self.headers:
             self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "send a Content-Length, not chunks"})
-            return None
+            return _NO_BODY
         raw_length = self.headers.get("Content-Length")
         if raw_length is None:
             self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length is required"})
-            return None
+            return _NO_BODY
         if not raw_length.strip().isdigit():
             self._send(HTTPStatus.BAD_REQUEST, {"error": "Content-Length must be an integer"})
-            return None
+            return _NO_BODY
         length = int(raw_length)
         if length > self.server.max_body_bytes:
             self._send(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 {"error": f"body must be at most {self.server.max_body_bytes} bytes"},
             )
-            return None
+            return _NO_BODY
         try:
             data = self.rfile.read(length) if length else b""
         except OSError:  # the read deadline passed or the client reset: nothing is done
             self.close_connection = True
-            return None
+            return _NO_BODY
         if len(data) < length:
             self._send(HTTPStatus.BAD_REQUEST, {"error": "the body is shorter than its length"})
-            return None
+            return _NO_BODY
         if not data.strip():
             if empty_ok:
                 return {}
             self._send(HTTPStatus.BAD_REQUEST, {"error": "the body must be a JSON object"})
-            return None
+            return _NO_BODY
         try:
             return json.loads(data)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and over-long ints too
             self._send(HTTPStatus.BAD_REQUEST, {"error": f"body is not valid JSON: {exc}"})
-            return None
+            return _NO_BODY
 
     def do_POST(self) -> None:
         parsers: dict[str, Callable[[Any], ScaleRequest | RebalanceRequest]] = {
@@ -242,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized(True):
             return
         body = self._read_body(empty_ok=path == "/rebalance")
-        if body is None or self._expired.is_set():
+        if body is _NO_BODY or self._expired.is_set():
             return  # answered, or cut off: a request that did not arrive whole changes nothing
         try:
             status = self.server.controller.submit(parse(body))
@@ -319,7 +323,11 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that vanished mid-request is not the server's error; nothing changed
+        """A client that vanished mid-request is not the server's error; anything else is logged
+        (the connection closes without an answer, and nothing has changed)."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            traceback.print_exc()
 
 
 class ControlServer:
