@@ -100,9 +100,19 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.fixture()
 def secured(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A token, two connections at most, and a deadline no test request comes near."""
     monkeypatch.delenv("ELASTIC_EP_TOKEN", raising=False)
     ctl = Controller()
-    with ControlServer(ctl, token=TOKEN, read_timeout_s=1.0, max_connections=2) as srv:
+    with ControlServer(ctl, token=TOKEN, read_timeout_s=60.0, max_connections=2) as srv:
+        yield srv, ctl
+
+
+@pytest.fixture()
+def impatient(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A token and a 1 s deadline per request (the stalling clients' tests)."""
+    monkeypatch.delenv("ELASTIC_EP_TOKEN", raising=False)
+    ctl = Controller()
+    with ControlServer(ctl, token=TOKEN, read_timeout_s=1.0) as srv:
         yield srv, ctl
 
 
@@ -276,8 +286,8 @@ def test_missing_or_bad_length(secured: Any, headers: str) -> None:
         '{"world_'.encode(),  # in the body
     ],
 )
-def test_half_a_request_is_cut_off_and_changes_nothing(secured: Any, partial: bytes) -> None:
-    srv, ctl = secured
+def test_half_a_request_is_cut_off_and_changes_nothing(impatient: Any, partial: bytes) -> None:
+    srv, ctl = impatient
     host, port = srv.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(partial)
@@ -286,11 +296,11 @@ def test_half_a_request_is_cut_off_and_changes_nothing(secured: Any, partial: by
     assert call(srv.url + "/status")[0] == 200
 
 
-def test_a_trickling_client_is_cut_off(secured: Any) -> None:
+def test_a_trickling_client_is_cut_off(impatient: Any) -> None:
     """Header bytes one at a time, each well within the per-read timeout: the request's deadline
     ends it, and the headers cut short there (a whole rebalance, were they taken as ended)
     change nothing."""
-    srv, ctl = secured
+    srv, ctl = impatient
     host, port = srv.url.removeprefix("http://").rsplit(":", 1)
     head = f"POST /rebalance HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n"
     closed = False

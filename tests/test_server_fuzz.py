@@ -121,6 +121,7 @@ def fast() -> Any:
     print(f"\n{tally}")
 
 
+@pytest.mark.timeout(180)
 @fast_schema.parametrize()
 @fast_schema.given(auth=AUTH)
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
@@ -149,6 +150,7 @@ def coordinator() -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 @live_schema.parametrize()
 @live_schema.given(auth=AUTH)
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
