@@ -35,6 +35,7 @@ from elastic_ep.scaling import (
     RankSpec,
     ScaleLimits,
 )
+from elastic_ep.scaling.server import is_loopback
 
 DEFAULT_HTTP = "127.0.0.1:8470"
 """Where ``launch`` serves the endpoint and the client commands look for it by default."""
@@ -207,7 +208,12 @@ def run_launch(cfg: LaunchConfig, stop: threading.Event | None = None) -> int:
         raise
     try:
         server.start()
-        auth = "bearer token required" if server.has_token else "no token (loopback only)"
+        if server.has_token:
+            auth = "bearer token required"
+        elif is_loopback(cfg.http[0]):
+            auth = "no token (loopback only)"
+        else:
+            auth = "NO TOKEN: --insecure, anyone who reaches this port can scale the job"
         say(f"control endpoint {server.url} ({auth})")
         store_host, store_port = coord.store_address
         say(

@@ -29,8 +29,11 @@ ENGINE = "tests.launch_engine:rank_main"
 class Launched:
     """The launcher's process and its stdout lines, read on a thread (every wait is bounded)."""
 
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "ELASTIC_EP_TOKEN": TOKEN}
+    def __init__(self, *args: str, token: str | None = TOKEN) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("ELASTIC_EP_TOKEN", None)
+        if token is not None:
+            env["ELASTIC_EP_TOKEN"] = token
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "elastic_ep", "launch", *args],
             cwd=ROOT,
@@ -47,6 +50,17 @@ class Launched:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
+
+    def stop(self) -> None:
+        """SIGTERM, then the launcher must log "stopped" and exit 0 (bounded; killed if not)."""
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            self.wait_for(r"stopped", timeout_s=60)
+            assert self.proc.wait(timeout=60) == 0
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
     def wait_for(self, pattern: str, timeout_s: float = 120.0) -> re.Match[str]:
         while True:
@@ -106,13 +120,8 @@ def test_launch_scale_rebalance_status_and_stop(
         code, out, _ = _run(capsys, "status", "--json")
         assert code == 0 and '"world_size": 2' in out and '"event_id": 3' in out
 
-        job.proc.send_signal(signal.SIGTERM)
-        job.wait_for(r"stopped", timeout_s=60)
-        assert job.proc.wait(timeout=60) == 0
     finally:
-        if job.proc.poll() is None:
-            job.proc.kill()
-            job.proc.wait(timeout=10)
+        job.stop()
 
 
 def _closed_port() -> int:
@@ -187,6 +196,7 @@ def test_bad_arguments_are_one_line(
     assert message in err and err.count("\n") == 1 and "see --help" in err
 
 
+@pytest.mark.slow
 def test_an_engine_that_crashes_ends_the_launch_with_one_line() -> None:
     job = Launched(
         "--entry", "tests.launch_engine:crash_main", "--ranks", "2", "--max-ranks", "2",
@@ -199,3 +209,22 @@ def test_an_engine_that_crashes_ends_the_launch_with_one_line() -> None:
             job.proc.kill()
     job.wait_for(r"elastic_ep launch: error: initial members \[0, 1\] did not start", 10)
     assert any("failed to load its model" in line for line in job.seen)  # the rank's own error
+
+
+@pytest.mark.slow
+def test_insecure_launch_warns_and_serves(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--insecure`` on every interface without a token: the log says so, the endpoint serves."""
+    monkeypatch.delenv("ELASTIC_EP_TOKEN", raising=False)
+    job = Launched(
+        "--entry", ENGINE, "--ranks", "2", "--max-ranks", "2", "--http", "0.0.0.0:0", "--insecure",
+        token=None,
+    )  # fmt: skip
+    try:
+        port = job.wait_for(r"control endpoint http://0\.0\.0\.0:(\d+) \(NO TOKEN: --insecure")[1]
+        job.wait_for(r"serving 2 ranks")
+        code, out, _ = _run(capsys, "status", "--url", f"http://127.0.0.1:{port}")
+        assert code == 0 and "world 2" in out
+    finally:
+        job.stop()
