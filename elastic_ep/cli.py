@@ -1,44 +1,99 @@
 """Command line: ``python -m elastic_ep <command>`` (also installed as ``elastic-ep``).
 
-Each command is one ``add_<name>_command(subparsers)`` function that registers its arguments and
-sets ``handler``; list it in ``COMMANDS`` to enable it.
+Commands: ``plan`` (a placement from a load file), ``demo``, ``launch`` (an elastic job of your
+engine: :mod:`elastic_ep.launch`), and ``scale``/``rebalance``/``status`` (talk to a launched
+job's endpoint: :mod:`elastic_ep.control_client`). Each command is one
+``add_<name>_command(subparsers)`` function that registers its arguments and sets ``handler``;
+list it in ``COMMANDS`` to enable it. Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.planner import as_load_array, plan_with_report
+from elastic_ep.errors import ElasticEPError
 from elastic_ep.rank_mapping import RankMapping
 
+PLACEMENT_KEYS = ("phy2log", "log2phy", "logcnt")
+"""Keys of a placement file (what ``plan --out`` writes); a load file has none of them."""
 
-def read_matrix(path: Path) -> np.ndarray:
-    """2-D array from a .npy, .pt (a tensor, or a dict with one) or .csv file."""
+
+def _load_torch_file(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as err:  # unpickling, zip and format errors all mean "not a torch file"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a torch tensor file ({first})") from None
+
+
+def _from_dict(path: Path, obj: dict, kind: str) -> object:
+    is_placement = any(k in obj for k in PLACEMENT_KEYS)
+    if kind == "load" and is_placement:
+        raise ValueError(
+            f"{path} is a placement file (keys {sorted(k for k in obj if k in PLACEMENT_KEYS)}), "
+            "not a load matrix; pass it as --previous"
+        )
+    if kind == "placement" and not is_placement:
+        raise ValueError(f"{path}: a placement file needs a 'phy2log' key, found {sorted(obj)}")
+    key = "phy2log" if kind == "placement" else "load"
+    if key in obj:
+        return obj[key]
+    tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1:
+        raise ValueError(f"{path}: a dict needs a '{key}' key")
+    return tensors[0]
+
+
+def read_matrix(path: Path, kind: str = "load") -> np.ndarray:
+    """2-D array from a .npy, .pt (a tensor, or a dict with one) or .csv file.
+
+    ``kind`` is ``"load"`` (an [L, E] load; a placement file is refused) or ``"placement"`` (a
+    phy2log [L, R * S], e.g. the ``phy2log`` key of a file ``plan --out`` wrote). Every error is
+    a ``ValueError`` naming the file.
+    """
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as err:  # a text or pickled file named .npy
+            raise ValueError(f"{path}: not a numpy .npy array file ({err})") from None
     if suffix == ".csv":
-        return np.loadtxt(path, delimiter=",", ndmin=2)
+        try:
+            return np.loadtxt(path, delimiter=",", ndmin=2)
+        except ValueError as err:
+            raise ValueError(f"{path}: not a comma-separated matrix ({err})") from None
     if suffix == ".pt":
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_torch_file(path)
         if isinstance(obj, dict):
-            tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
-            key = "phy2log" if "phy2log" in obj else "load" if "load" in obj else None
-            if key is None and len(tensors) != 1:
-                raise ValueError(f"{path}: a dict needs a 'load' or 'phy2log' key")
-            obj = obj[key] if key else tensors[0]
+            obj = _from_dict(path, obj, kind)
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{path}: expected a tensor, found {type(obj).__name__}")
         return obj.numpy()
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .npy, .pt or .csv)")
+
+
+def _check_output_path(path: Path | None, option: str) -> None:
+    """Refuse an output whose folder is missing before any work is done."""
+    if path is None:
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder, not a file")
 
 
 def contiguous_placement(layers: int, experts: int, ranks: int, slots: int) -> Placement:
@@ -51,11 +106,24 @@ def contiguous_placement(layers: int, experts: int, ranks: int, slots: int) -> P
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    load = as_load_array(read_matrix(args.load))
+    _check_output_path(args.out, "--out")
+    _check_output_path(args.plot, "--plot")
+    try:
+        load = as_load_array(read_matrix(args.load))
+    except TypeError as err:
+        raise TypeError(f"{args.load}: {err}") from None
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(
+            message if str(args.load) in message else f"{args.load}: {message}"
+        ) from None
     layers, experts = load.shape
     previous, mapping = None, None
     if args.previous is not None:
-        phy2log = torch.from_numpy(read_matrix(args.previous).astype(np.int64))
+        matrix = read_matrix(args.previous, kind="placement")
+        if matrix.dtype.kind not in "iu" and not np.array_equal(matrix, np.round(matrix)):
+            raise ValueError(f"{args.previous}: phy2log must hold integer expert ids")
+        phy2log = torch.from_numpy(matrix.astype(np.int64))
         if phy2log.dim() != 2 or phy2log.shape[1] % args.slots:
             raise ValueError(
                 f"{args.previous}: phy2log must be [layers, old_ranks * {args.slots}], "
@@ -195,11 +263,150 @@ def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     cmd.set_defaults(handler=run)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plan_command, add_demo_command]
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_endpoint_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--url", help="the control endpoint (default $ELASTIC_EP_URL, else http://127.0.0.1:8470)"
+    )
+    cmd.add_argument(
+        "--token", help="bearer token (default $ELASTIC_EP_TOKEN; prefer the variable)"
+    )
+
+
+def add_launch_command(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser(
+        "launch",
+        help="start an elastic job of your engine: coordinator, ranks, control endpoint",
+        description="Start --ranks processes of the engine function (called with its RankSpec), "
+        "host the job's store and serve the control endpoint until Ctrl-C or SIGTERM. See "
+        "docs/scaling.md (command line) and docs/security.md.",
+    )
+    cmd.add_argument("--entry", required=True, help="the rank's function, pkg.module:function")
+    cmd.add_argument("--ranks", type=_positive_int, required=True, help="initial ranks")
+    cmd.add_argument("--max-ranks", type=_positive_int, required=True, help="most ranks")
+    cmd.add_argument("--experts", type=_positive_int, help="logical experts per layer E")
+    cmd.add_argument(
+        "--slots",
+        type=_positive_int,
+        help="expert slots per rank S (with --experts: scale refuses sizes that cannot hold E)",
+    )
+    cmd.add_argument("--config", help="JSON passed to every rank as spec.config")
+    cmd.add_argument("--http", default="127.0.0.1:8470", help="HOST:PORT of the endpoint")
+    cmd.add_argument(
+        "--store",
+        default="127.0.0.1:0",
+        help="HOST:PORT the job's TCPStore binds (ranks connect to it; use the cluster's "
+        "private interface across hosts)",
+    )
+    cmd.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    cmd.add_argument("--devices", type=_positive_int, help="GPUs, with --backend nccl")
+    cmd.add_argument("--token", help="bearer token for POSTs (default $ELASTIC_EP_TOKEN)")
+    cmd.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --http without a token (anyone reaching it can scale)",
+    )
+    cmd.add_argument(
+        "--timeout-s", type=_positive_float, default=30.0, help="the ranks' group timeout"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from elastic_ep.launch import config_from_args, run_launch
+
+        return run_launch(config_from_args(args))
+
+    cmd.set_defaults(handler=run)
+
+
+def _event_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--mode", choices=("drain", "reject"), default="drain", help="traffic gate")
+    cmd.add_argument("--timeout-s", type=_positive_float, default=60.0, help="bound on the event")
+    cmd.add_argument("--no-wait", action="store_true", help="return once the event has started")
+    _add_endpoint_options(cmd)
+
+
+def add_scale_command(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser("scale", help="scale a running job to N ranks")
+    cmd.add_argument("world_size", type=_positive_int, help="the new number of ranks")
+    _event_options(cmd)
+
+    def run(args: argparse.Namespace) -> int:
+        from elastic_ep.control_client import Endpoint, run_event
+
+        body = {"world_size": args.world_size, "mode": args.mode, "timeout_s": args.timeout_s}
+        endpoint = Endpoint.from_args(args.url, args.token)
+        return run_event(endpoint, "/scale", body, wait=not args.no_wait)
+
+    cmd.set_defaults(handler=run)
+
+
+def add_rebalance_command(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser("rebalance", help="re-plan a running job's expert placement")
+    _event_options(cmd)
+
+    def run(args: argparse.Namespace) -> int:
+        from elastic_ep.control_client import Endpoint, run_event
+
+        body = {"mode": args.mode, "timeout_s": args.timeout_s}
+        endpoint = Endpoint.from_args(args.url, args.token)
+        return run_event(endpoint, "/rebalance", body, wait=not args.no_wait)
+
+    cmd.set_defaults(handler=run)
+
+
+def add_status_command(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser("status", help="print a running job's elastic state")
+    cmd.add_argument("--json", action="store_true", help="print the JSON as the endpoint sends it")
+    _add_endpoint_options(cmd)
+
+    def run(args: argparse.Namespace) -> int:
+        from elastic_ep.control_client import Endpoint, describe
+
+        status = Endpoint.from_args(args.url, args.token).call("GET", "/status")
+        print(json.dumps(status) if args.json else describe(status))
+        return 0
+
+    cmd.set_defaults(handler=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_plan_command,
+    add_demo_command,
+    add_launch_command,
+    add_scale_command,
+    add_rebalance_command,
+    add_status_command,
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elastic_ep", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="elastic_ep", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add_command in COMMANDS:
         add_command(subparsers)
@@ -211,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, ElasticEPError) as err:
         print(f"elastic_ep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"elastic_ep {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -141,3 +141,75 @@ def test_module_entry_point(load_file: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "balancedness" in result.stdout
+
+
+def _plan(*args: str) -> list[str]:
+    return ["plan", "--ranks", "4", "--slots", "10", *args]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "", "nothing is printed before an error"
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("option", ["--load", "--previous"])
+def test_a_pt_that_is_not_a_torch_file(
+    tmp_path: Path, load_file: Path, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "notes.pt"
+    bad.write_text("these are notes, not a tensor\n")
+    args = (
+        ["--load", str(bad)] if option == "--load" else ["--load", str(load_file), option, str(bad)]
+    )
+    assert main(_plan(*args)) == 2
+    err = _one_line_error(capsys)
+    assert f"{bad}: not a torch tensor file" in err
+
+
+def test_out_into_a_missing_folder_fails_before_planning(
+    tmp_path: Path, load_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "missing" / "dir" / "p.pt"
+    assert main(_plan("--load", str(load_file), "--out", str(out))) == 2
+    err = _one_line_error(capsys)
+    assert f"--out {out}: the folder {out.parent} does not exist" in err
+    assert main(_plan("--load", str(load_file), "--out", str(tmp_path))) == 2
+    assert "is a folder" in _one_line_error(capsys)
+
+
+def test_a_text_file_named_npy_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "load.npy"
+    bad.write_text("1,2,3\n4,5,6\n")
+    assert main(_plan("--load", str(bad))) == 2
+    assert f"{bad}: not a numpy .npy array file" in _one_line_error(capsys)
+
+
+def test_a_placement_file_as_load_is_refused(
+    tmp_path: Path, load_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    placement = tmp_path / "placement.pt"
+    assert main(_plan("--load", str(load_file), "--out", str(placement))) == 0
+    capsys.readouterr()
+    assert main(_plan("--load", str(placement))) == 2
+    err = _one_line_error(capsys)
+    assert f"{placement} is a placement file" in err and "--previous" in err
+    # and a load file as --previous is refused the other way round
+    load_pt = tmp_path / "load.pt"
+    torch.save({"load": torch.from_numpy(np.load(load_file))}, load_pt)
+    assert main(_plan("--load", str(load_file), "--previous", str(load_pt))) == 2
+    assert "needs a 'phy2log' key" in _one_line_error(capsys)
+
+
+def test_a_bad_load_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "negative.csv"
+    bad.write_text("1,-2\n3,4\n")
+    assert main(["plan", "--load", str(bad), "--ranks", "1", "--slots", "2"]) == 2
+    assert f"{bad}: load[0, 1] = -2.0 is negative" in _one_line_error(capsys)
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("1,2\n3\n")
+    assert main(["plan", "--load", str(ragged), "--ranks", "1", "--slots", "2"]) == 2
+    assert f"{ragged}: not a comma-separated matrix" in _one_line_error(capsys)

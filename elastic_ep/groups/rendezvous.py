@@ -15,6 +15,7 @@ hold up other users of :attr:`Rendezvous.store` (e.g. a coordinator polling for 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from datetime import timedelta
 
@@ -56,12 +57,21 @@ def prefix_of(*parts: str | int) -> str:
     return "/".join(out)
 
 
+def _listen_on(host: str, port: int) -> int:
+    """A listening socket bound to ``host`` only, its fd handed to the TCPStore server (which
+    then owns and closes it): on its own the server listens on every interface of the machine."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    server = socket.create_server(address[:2], family=family, backlog=1024)
+    return server.detach()
+
+
 class Rendezvous:
     """One long-lived TCPStore per job; every group's keys live under a prefix naming the group and
     its epoch, so no key of an old epoch can be read by a new one.
 
     Args:
-        host: address of the TCPStore server (the master's address).
+        host: address of the TCPStore server (the master's address); the master's server
+            listens on this address only (e.g. the cluster's private interface).
         port: its TCP port; ``0`` on the master binds a free one (read it from :attr:`port`:
             picking a free port first and binding it later races with other sockets).
         is_master: True in exactly one process of the job: that process runs the server (and
@@ -84,12 +94,14 @@ class Rendezvous:
         self.timeout_s = float(timeout_s)
         self._idle: list[Store] = []
         self._idle_lock = threading.Lock()
+        listen_fd = _listen_on(host, port) if self.is_master else None
         self._store: TCPStore | None = TCPStore(
             host,
             port,
             is_master=self.is_master,
             timeout=timedelta(seconds=timeout_s),
             wait_for_workers=False,
+            master_listen_fd=listen_fd,
         )
         self.port = self._store.port  # the bound one: ``port`` may be 0 on the master
 
