@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.packing import expert_counts, presence_of, slot_loads
+from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.replication import replica_counts
 
 SWAP_PARTNERS = 8  # lightest ranks tried as swap partners of the heaviest one
@@ -58,8 +58,6 @@ def fill_missing(
     left = budget + (have == 0).sum(1)
     items = _queue(by_weight, orphan, extra, left)
     width = items.shape[1]
-    present = presence_of(slots, num_experts)
-    present[:, :, 0] = 0
     slot_w = slot_loads(slots, per_replica)
     rank_load = slot_w.sum(2)
     open_slots = (slots < 0).sum(2)
@@ -72,14 +70,13 @@ def fill_missing(
                 per_replica,
                 counts,
                 have,
-                present,
                 rank_load,
                 open_slots,
                 b,
                 items[b, k],
             )
             left[placed] -= 1
-    _fill_empty_slots(slots, load, have, present, left)
+    _fill_empty_slots(slots, load, have, left)
 
 
 def _queue(
@@ -102,7 +99,7 @@ def _queue(
 
 
 def _fill_empty_slots(
-    slots: np.ndarray, load: np.ndarray, have: np.ndarray, present: np.ndarray, left: np.ndarray
+    slots: np.ndarray, load: np.ndarray, have: np.ndarray, left: np.ndarray
 ) -> None:
     """Put an extra replica of the expert with the highest load per replica that the rank lacks
     into each empty slot still left (its only rank-free replicas were wanted on the ranks that
@@ -115,14 +112,16 @@ def _fill_empty_slots(
             return
         where = empty[b].argmax(1)
         rank, slot = where // per_rank, where % per_rank
-        gain = np.where(present[b, rank, 1:] > 0, -np.inf, load[b] / np.maximum(have[b], 1))
+        gain = load[b] / np.maximum(have[b], 1)
+        held = slots[b, rank]  # [n, S]
+        row = np.broadcast_to(np.arange(b.size)[:, None], held.shape)
+        gain[row[held >= 0], held[held >= 0]] = -np.inf
         expert = gain.argmax(1)
         ok = np.isfinite(gain[np.arange(b.size), expert])
         left[b[~ok]] = 0  # nothing fits that rank: leave the slot empty
         b, rank, slot, expert = b[ok], rank[ok], slot[ok], expert[ok]
         slots[b, rank, slot] = expert
         have[b, expert] += 1
-        present[b, rank, expert + 1] += 1
         left[b] -= 1
 
 
@@ -132,7 +131,6 @@ def _place_one(
     per_replica: np.ndarray,
     counts: np.ndarray,
     have: np.ndarray,
-    present: np.ndarray,
     rank_load: np.ndarray,
     open_slots: np.ndarray,
     b: np.ndarray,
@@ -142,7 +140,7 @@ def _place_one(
     returns the rows where it found room. Updates every state array in place (``slot_w``
     [B, R, S] and ``rank_load`` [B, R] hold loads at the wanted replica counts, ``open_slots``
     int64 [B, R] counts the empty slots of each rank)."""
-    lacks = present[b, :, expert + 1] == 0  # [n, R]
+    lacks = ~(slots[b] == expert[:, None, None]).any(2)  # [n, R]
     # Fill empty slots before evicting (an empty slot left at the end is capacity lost): the
     # lightest rank lacking the expert that has one, at its first empty slot.
     open_rank = (open_slots[b] > 0) & lacks
@@ -164,12 +162,10 @@ def _place_one(
     gone = evicted >= 0
     open_slots[b[~gone], rank[~gone]] -= 1
     have[b[gone], evicted[gone]] -= 1
-    present[b[gone], rank[gone], evicted[gone] + 1] -= 1
     rank_load[b, rank] += per_replica[b, expert] - slot_w[b, rank, slot]
     slot_w[b, rank, slot] = per_replica[b, expert]
     slots[b, rank, slot] = expert
     have[b, expert] += 1
-    present[b, rank, expert + 1] += 1
     return b
 
 
@@ -221,11 +217,8 @@ def swap_towards(
     # Flat layouts, one row per (row, rank), so that every gather is a single index.
     weight = slot_loads(slots, per_replica).reshape(-1, per_rank)
     flat_slots = slots.reshape(-1, per_rank)
-    present = (presence_of(slots, num_experts) > 0).reshape(rows * ranks, -1)
-    present[:, 0] = False
-    fresh = (presence_of(kept, num_experts) == 0).reshape(rows * ranks, -1)
-    fresh[:, 0] = False  # receiving an expert a rank did not hold costs one transfer
-    spent = (present & fresh).reshape(rows, -1).sum(1)
+    before = kept.reshape(-1, per_rank)
+    spent = received_count(slots, kept)
     loads = weight.sum(1)
     active = np.arange(rows)
     for _ in range(max_steps):
@@ -239,8 +232,7 @@ def swap_towards(
             flat_slots,
             weight,
             loads,
-            present,
-            fresh,
+            before,
             active,
             rank_loads[keep],
             budget[active] - spent[active],
@@ -259,11 +251,6 @@ def swap_towards(
         weight[heavy, h_slot], weight[partner, p_slot] = wy, wx
         loads[heavy] += wy - wx
         loads[partner] += wx - wy
-        present[heavy, x + 1] = False
-        present[partner, y + 1] = False
-        present[heavy, y + 1] = True
-        present[partner, x + 1] = True
-        present[heavy, 0] = present[partner, 0] = False
         spent[active] += cost[improved]
 
 
@@ -271,8 +258,7 @@ def _best_paid_swap(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
-    present: np.ndarray,
-    fresh: np.ndarray,
+    before: np.ndarray,
     active: np.ndarray,
     rank_loads: np.ndarray,
     left: np.ndarray,
@@ -283,7 +269,7 @@ def _best_paid_swap(
 
     Args:
         slots, weight: int64 / float64 [B * R, S]; loads: float64 [B * R].
-        present, fresh: bool [B * R, E + 1]: rank holds the expert now / did not hold it before.
+        before: int64 [B * R, S], what every rank held before (-1 = nothing).
         active: int64 [A], the rows to search; rank_loads: float64 [A, R], their rank loads.
         left: int64 [A], transfers each row may still spend.
     """
@@ -310,18 +296,20 @@ def _best_paid_swap(
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
     # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
-    width = fresh.shape[1]
-    fresh_flat, present_flat = fresh.ravel(), present.ravel()
-    x_to = (partner * width)[:, None, :] + hx[:, :, None]  # heavy item on partner: [A, S, M]
-    y_to = (heavy * width)[:, None, None] + px  # partner item on heavy: [A, M, S]
+    heavy_x, part_x = hx - 1, px - 1  # [A, S], [A, M, S]
+    heavy_before, part_before = before[heavy], before[partner]  # [A, S], [A, M, S]
+    # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
+    new_on_partner = _lacks(part_before[:, None], heavy_x[:, :, None])  # [A, S, M]
+    new_on_heavy = _lacks(heavy_before[:, None, None], part_x)  # [A, M, S]
     x_side = np.subtract(
-        fresh_flat[x_to], fresh_flat[(heavy * width)[:, None] + hx][..., None], dtype=np.float64
+        new_on_partner, _lacks(heavy_before[:, None], heavy_x)[:, :, None], dtype=np.float64
     )
-    y_side = np.subtract(
-        fresh_flat[y_to], fresh_flat[(partner * width)[..., None] + px], dtype=np.float64
-    )
-    x_side[present_flat[x_to] | (partner == heavy[:, None])[:, None, :]] = np.inf
-    y_side[present_flat[y_to]] = np.inf
+    y_side = np.subtract(new_on_heavy, _lacks(part_before[:, :, None], part_x), dtype=np.float64)
+    x_side[
+        _holds(slots[partner][:, None], heavy_x[:, :, None])
+        | (partner == heavy[:, None])[:, None, :]
+    ] = np.inf
+    y_side[_holds(slots[heavy][:, None, None], part_x)] = np.inf
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
@@ -346,6 +334,23 @@ def _best_paid_swap(
         p_slot,
         np.where(improved, spent, 0.0).astype(np.int64),
     )
+
+
+def _holds(rank_slots: np.ndarray, expert: np.ndarray) -> np.ndarray:
+    """bool: whether ``expert`` (any shape X, -1 = none) is among ``rank_slots`` (X + [S])."""
+    return (rank_slots == expert[..., None]).any(-1) & (expert >= 0)
+
+
+def _lacks(rank_slots: np.ndarray, expert: np.ndarray) -> np.ndarray:
+    """bool: whether receiving ``expert`` (X, -1 = none) costs a transfer to ``rank_slots``."""
+    return ~(rank_slots == expert[..., None]).any(-1) & (expert >= 0)
+
+
+def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """int64 [B]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``
+    (both int64 [B, R, S]; no expert twice on one rank)."""
+    new = _lacks(kept[:, :, None, :], slots)  # [B, R, S]
+    return new.reshape(slots.shape[0], -1).sum(1)
 
 
 def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from elastic_ep.eplb.hierarchical import hierarchical_slots, repair_within_nodes
-from elastic_ep.eplb.incremental import drop_duplicates, repair
+from elastic_ep.eplb.incremental import drop_duplicates, received_count, repair
 from elastic_ep.eplb.packing import expert_counts, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement
-from elastic_ep.eplb.relabel import align_slots, relabel_cost_floor, relabel_packs
+from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 2
@@ -168,7 +168,7 @@ def plan_with_report(
     return PlanReport(
         placement=_to_placement(chosen, experts, num_ranks),
         lost=previous.lost_with(dead) if dead else torch.zeros(layers, experts, dtype=torch.bool),
-        transfers=torch.from_numpy(transfers_between(chosen, kept, experts)),
+        transfers=torch.from_numpy(received_count(chosen, kept)),
         repaired=torch.from_numpy(repaired),
     )
 
@@ -218,7 +218,6 @@ def _prefer_repair(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring)."""
     layers, ranks, slots = kept.shape
-    experts = load.shape[1]
     limit = ranks * slots if max_transfers is None else max_transfers
     target = layer_balancedness(fresh, load) - tolerance
     budget = np.full(layers, limit)
@@ -226,15 +225,17 @@ def _prefer_repair(
         repaired, usable = repair(load, kept, target, budget), np.ones(layers, dtype=bool)
     else:
         repaired, usable = repair_within_nodes(load, kept, target, budget, groups, nodes)
-    repair_cost = transfers_between(repaired, kept, experts)
+    repair_cost = received_count(repaired, kept)
     usable &= repair_cost <= limit
     good_enough = usable & (layer_balancedness(repaired, load) >= target - 1e-12)
     chosen, use_repair = repaired, good_enough.copy()
-    # The relabelling (an assignment problem per layer) only runs where the fresh plan could win.
-    contest = np.flatnonzero(~good_enough | (repair_cost > relabel_cost_floor(fresh, kept)))
+    # The relabelled fresh plan (an assignment per layer) only where the repair misses its
+    # target: where the repair reaches it, it moves fewer weights (tests/test_planner_elastic.py).
+    contest = np.flatnonzero(~good_enough)
     if contest.size:
-        relabelled = align_slots(relabel_packs(fresh[contest], kept[contest], nodes), kept[contest])
-        fresh_cost = transfers_between(relabelled, kept[contest], experts)
+        packs, before = fresh[contest], kept[contest]
+        relabelled = align_slots(relabel_packs(packs, overlap_edges(packs, before), nodes), before)
+        fresh_cost = received_count(relabelled, before)
         keep_repair = good_enough[contest] & (repair_cost[contest] <= fresh_cost)
         keep_repair |= usable[contest] & (fresh_cost > limit)
         over = np.flatnonzero(~keep_repair & (fresh_cost > limit))
@@ -257,17 +258,6 @@ def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
         if old_rank is not None:
             out[:, new_rank] = old[:, old_rank]
     return out
-
-
-def transfers_between(slots: np.ndarray, kept: np.ndarray, num_experts: int) -> np.ndarray:
-    """int64 [L]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``."""
-    layers, ranks, _ = slots.shape
-    # Cell (layer, rank, expert + 1) of every slot; the slots of one rank hold distinct experts.
-    base = (np.arange(layers * ranks) * (num_experts + 1) + 1).reshape(layers, ranks, 1)
-    held = np.zeros(layers * ranks * (num_experts + 1), dtype=bool)
-    held[(base + kept).ravel()] = True
-    received = ~held[base + slots] & (slots >= 0)
-    return np.count_nonzero(received.reshape(layers, -1), axis=1)
 
 
 def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
