@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -146,9 +147,11 @@ def timed(
 
 
 def minimum_moves(previous: Placement, mapping: RankMapping, slots: int) -> int:
+    """Fewest weights any full placement receives: per layer, the experts with no surviving
+    replica or the joined ranks' slots, whichever is more (orphans can fill joined slots)."""
     survivors = [o for o in range(previous.num_ranks) if mapping.new_rank(o) is not None]
-    orphaned = int((~previous.presence[:, survivors].any(1)).sum())
-    return orphaned + previous.num_layers * len(mapping.joined) * slots
+    orphaned = (~previous.presence[:, survivors].any(1)).sum(1)
+    return int(orphaned.clamp(min=len(mapping.joined) * slots).sum())
 
 
 def run_cell(cell: Cell, vllm_policy: Any, repeats: int) -> list[SweepRow]:
@@ -180,6 +183,8 @@ def run_cell(cell: Cell, vllm_policy: Any, repeats: int) -> list[SweepRow]:
             now = load
             mapping, dead = event_mapping(cell, event)
         new_ranks = mapping.new_world_size
+        if new_ranks * cell.slots < cell.experts:
+            continue  # the smaller world cannot hold every expert
         now_weight = torch.from_numpy(now)
         old = on_new_ranks(base.phy2log, mapping, cell.slots)
         ours_ms, report, vllm_ms, theirs = timed(
@@ -249,6 +254,82 @@ def repeats_for(cell: Cell) -> int:
     """Fewer repetitions where one call is long (vLLM's time grows with L x R x S)."""
     work = cell.layers * cell.ranks * cell.slots
     return 5 if work <= 20_000 else 3 if work <= 100_000 else 1
+
+
+def summary(rows: list[SweepRow]) -> str:
+    """Per policy and event: worst and median speed-up over vLLM and the quality figures."""
+    lines = [
+        "| policy | event | cells | worst speed-up | median speed-up | worst bal. - vLLM "
+        "| worst moved / min. | 1024-rank ms (58 x 256, 1 slot) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for policy in ("global", "hier"):
+        for event in EVENTS:
+            part = [r for r in rows if r.policy == policy and r.event == event]
+            if not part:
+                continue
+            speed = sorted(r.speedup for r in part)
+            gap = min(r.ours_balance - r.vllm_balance for r in part)
+            ratio = ""
+            if event in ("up", "down", "dead"):
+                worst = max(
+                    r.ours_moved_pct / max(r.minimum_moved_pct, 1e-9)
+                    for r in part
+                    if r.ours_moved_pct is not None and r.minimum_moved_pct
+                )
+                ratio = f"{worst:.2f}x"
+            elif event == "drift":
+                worst_moved = max(r.ours_moved_pct or 0.0 for r in part)
+                ratio = (
+                    f"{worst_moved:.1f}% moved, recovers >= {min(recovered(r) for r in part):.2f}"
+                )
+            big = [r for r in part if r.ranks == 1024 and r.slots == 1 and r.experts == 256]
+            lines.append(
+                f"| {policy} | {event} | {len(part)} | {speed[0]:.1f}x | "
+                f"{speed[len(speed) // 2]:.1f}x | {gap:+.4f} | {ratio} | "
+                f"{f'{big[0].ours_ms:.0f} (vLLM {big[0].vllm_ms:.0f})' if big else ''} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def recovered(row: SweepRow) -> float:
+    """Share of the balancedness a fresh plan gains over the kept placement that ``row``'s
+    movement-aware plan gains (1.0 where there is nothing to gain)."""
+    assert row.keep_balance is not None and row.fresh_balance is not None
+    gain = row.fresh_balance - row.keep_balance
+    return 1.0 if gain <= 1e-4 else (row.ours_balance - row.keep_balance) / gain
+
+
+def plot(rows: list[SweepRow], path: Path) -> None:
+    """Log-log time vs ranks of both planners, one panel per event, global and hierarchical,
+    each point the median over the models and slots per rank of that rank count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(EVENTS), figsize=(4 * len(EVENTS), 3.6), sharey=True)
+    for ax, event in zip(axes, EVENTS, strict=True):
+        for policy, style in (("global", "-"), ("hier", "--")):
+            part = [r for r in rows if r.event == event and r.policy == policy]
+            ranks = sorted({r.ranks for r in part})
+            for who, color in (("ours", "tab:blue"), ("vLLM", "tab:red")):
+                ms = [
+                    statistics.median(
+                        r.ours_ms if who == "ours" else r.vllm_ms for r in part if r.ranks == k
+                    )
+                    for k in ranks
+                ]
+                ax.plot(ranks, ms, style, color=color, marker="o", ms=3, label=f"{who} {policy}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(event)
+        ax.set_xlabel("ranks")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms per call (median over models and slots)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def sweep_table(rows: list[SweepRow]) -> str:

@@ -21,7 +21,8 @@ import numpy as np
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.replication import replica_counts
 
-SWAP_PARTNERS = 8  # lightest ranks tried as swap partners of the heaviest one
+SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
+SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 
 
@@ -217,72 +218,83 @@ def swap_towards(
     # Flat layouts, one row per (row, rank), so that every gather is a single index.
     weight = slot_loads(slots, per_replica).reshape(-1, per_rank)
     flat_slots = slots.reshape(-1, per_rank)
-    before = kept.reshape(-1, per_rank)
+    held = expert_bits(flat_slots, num_experts)
+    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts)
     spent = received_count(slots, kept)
     loads = weight.sum(1)
+    if ranks < 2:
+        return
+    partners = min(SWAP_PARTNERS, ranks - 1)
+    pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
     active = np.arange(rows)
     for _ in range(max_steps):
         rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
-        balance = rank_loads.mean(1) / np.maximum(rank_loads.max(1), 1e-300)
+        peak = rank_loads.max(1)
+        balance = rank_loads.mean(1) / np.maximum(peak, 1e-300)
         keep = (balance < target[active]) & (spent[active] < budget[active])
-        active = active[keep]
+        active, rank_loads = active[keep], rank_loads[keep]
         if active.size == 0:
             return
+        # The `pairs` heaviest ranks, each with its own `partners` of the lightest, disjoint:
+        # the i-th heaviest gets the lightest ranks i, i + pairs, i + 2 * pairs, ...
+        order = np.argsort(rank_loads, axis=1, kind="stable") + (active * ranks)[:, None]
+        heavy = order[:, : -pairs - 1 : -1]  # [A, k]
+        partner = order[:, : pairs * partners].reshape(-1, partners, pairs).transpose(0, 2, 1)
+        # Heavy ranks after the first only while above the row's target peak.
+        limit = rank_loads.mean(1) / target[active]
+        wanted = loads[heavy] > limit[:, None]
+        wanted[:, 0] = True
+        row, which = np.nonzero(wanted)
+        left = (budget[active] - spent[active]) // wanted.sum(1)
         found = _best_paid_swap(
             flat_slots,
             weight,
             loads,
-            before,
-            active,
-            rank_loads[keep],
-            budget[active] - spent[active],
+            (held, held_before),
+            heavy[row, which],
+            partner[row, which],
+            left[row],
         )
-        improved, heavy, h_slot, partner, p_slot, cost = found
-        active = active[improved]
-        heavy, h_slot, partner, p_slot = (
-            heavy[improved],
-            h_slot[improved],
-            partner[improved],
-            p_slot[improved],
-        )
-        x, y = flat_slots[heavy, h_slot], flat_slots[partner, p_slot]
-        wx, wy = weight[heavy, h_slot], weight[partner, p_slot]
-        flat_slots[heavy, h_slot], flat_slots[partner, p_slot] = y, x
-        weight[heavy, h_slot], weight[partner, p_slot] = wy, wx
-        loads[heavy] += wy - wx
-        loads[partner] += wx - wy
-        spent[active] += cost[improved]
+        improved, h_rank, h_slot, p_rank, p_slot, cost = (part[found[0]] for part in found)
+        if not improved.any():
+            return
+        x, y = flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot]
+        wx, wy = weight[h_rank, h_slot], weight[p_rank, p_slot]
+        flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot] = y, x
+        weight[h_rank, h_slot], weight[p_rank, p_slot] = wy, wx
+        loads[h_rank] += wy - wx
+        loads[p_rank] += wx - wy
+        _move_bit(held, h_rank, x, y)
+        _move_bit(held, p_rank, y, x)
+        np.add.at(spent, active[row[found[0]]], cost)
+        still = np.zeros(rows, dtype=bool)
+        still[active[row[found[0]]]] = True
+        active = np.flatnonzero(still)
 
 
 def _best_paid_swap(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
-    before: np.ndarray,
-    active: np.ndarray,
-    rank_loads: np.ndarray,
+    bits: tuple[np.ndarray, np.ndarray],
+    heavy: np.ndarray,
+    partner: np.ndarray,
     left: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
-    """Best swap per active row by load gain per transfer, between the heaviest rank and one
-    of the lightest; returns (improved, heavy rank, heavy slot, partner rank, partner slot,
-    transfers it costs), each [A], ranks as flat ids.
+    """Best swap per heavy rank by load gain per transfer, with one of its partners; returns
+    (improved, heavy rank, heavy slot, partner rank, partner slot, transfers it costs), each
+    [A], ranks as flat ids.
 
     Args:
         slots, weight: int64 / float64 [B * R, S]; loads: float64 [B * R].
-        before: int64 [B * R, S], what every rank held before (-1 = nothing).
-        active: int64 [A], the rows to search; rank_loads: float64 [A, R], their rank loads.
-        left: int64 [A], transfers each row may still spend.
+        bits: :func:`expert_bits` of what every rank holds now and held before.
+        heavy: int64 [A], flat ids of the heavy ranks; partner: int64 [A, M], their partners
+            (no rank in two of these).
+        left: int64 [A], transfers each heavy rank's swap may spend.
     """
-    rows, ranks = rank_loads.shape
+    rows = heavy.size
     r_idx = np.arange(rows)
-    first = active * ranks
-    heavy = rank_loads.argmax(1) + first
     heavy_load = loads[heavy]
-    if ranks > SWAP_PARTNERS:
-        partner = np.argpartition(rank_loads, SWAP_PARTNERS - 1, axis=1)[:, :SWAP_PARTNERS]
-        partner += first[:, None]
-    else:
-        partner = first[:, None] + np.arange(ranks)
     hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
     px = slots[partner] + 1  # [A, M, S]
     per_rank, pairs = hx.shape[1], px.shape[1] * px.shape[2]
@@ -296,20 +308,26 @@ def _best_paid_swap(
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
     # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
+    held, held_before = bits
     heavy_x, part_x = hx - 1, px - 1  # [A, S], [A, M, S]
-    heavy_before, part_before = before[heavy], before[partner]  # [A, S], [A, M, S]
     # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
-    new_on_partner = _lacks(part_before[:, None], heavy_x[:, :, None])  # [A, S, M]
-    new_on_heavy = _lacks(heavy_before[:, None, None], part_x)  # [A, M, S]
+    new_on_partner = ~has_expert(held_before, partner[:, None, :], heavy_x[:, :, None])
+    new_on_heavy = ~has_expert(held_before, heavy[:, None, None], part_x)  # [A, M, S]
     x_side = np.subtract(
-        new_on_partner, _lacks(heavy_before[:, None], heavy_x)[:, :, None], dtype=np.float64
+        new_on_partner & (heavy_x >= 0)[:, :, None],
+        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & (heavy_x >= 0)[:, :, None],
+        dtype=np.float64,
+    )  # [A, S, M]
+    y_side = np.subtract(
+        new_on_heavy & (part_x >= 0),
+        ~has_expert(held_before, partner[:, :, None], part_x) & (part_x >= 0),
+        dtype=np.float64,
     )
-    y_side = np.subtract(new_on_heavy, _lacks(part_before[:, :, None], part_x), dtype=np.float64)
     x_side[
-        _holds(slots[partner][:, None], heavy_x[:, :, None])
+        has_expert(held, partner[:, None, :], heavy_x[:, :, None])
         | (partner == heavy[:, None])[:, None, :]
     ] = np.inf
-    y_side[_holds(slots[heavy][:, None, None], part_x)] = np.inf
+    y_side[has_expert(held, heavy[:, None, None], part_x)] = np.inf
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
@@ -336,20 +354,46 @@ def _best_paid_swap(
     )
 
 
-def _holds(rank_slots: np.ndarray, expert: np.ndarray) -> np.ndarray:
-    """bool: whether ``expert`` (any shape X, -1 = none) is among ``rank_slots`` (X + [S])."""
-    return (rank_slots == expert[..., None]).any(-1) & (expert >= 0)
+def expert_bits(slots: np.ndarray, num_experts: int) -> np.ndarray:
+    """uint64 [N, W]: bit ``e + 1`` set where row n of ``slots`` (int64 [N, S], -1 = empty)
+    holds expert e; W = (E + 64) // 64 words (bit 0, "empty", is never set)."""
+    rows = slots.shape[0]
+    width = (num_experts + 64) // 64
+    ids = slots + 1
+    bits = np.zeros(rows * width, dtype=np.uint64)
+    cell = (np.arange(rows)[:, None] * width + (ids >> 6))[slots >= 0]
+    np.bitwise_or.at(
+        bits, cell, np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))[slots >= 0]
+    )
+    return bits.reshape(rows, width)
 
 
-def _lacks(rank_slots: np.ndarray, expert: np.ndarray) -> np.ndarray:
-    """bool: whether receiving ``expert`` (X, -1 = none) costs a transfer to ``rank_slots``."""
-    return ~(rank_slots == expert[..., None]).any(-1) & (expert >= 0)
+def has_expert(bits: np.ndarray, rank: np.ndarray, expert: np.ndarray) -> np.ndarray:
+    """bool (broadcast shape of ``rank`` and ``expert``): whether flat rank ``rank`` holds
+    ``expert`` (-1 = nothing: False) in ``bits`` (from :func:`expert_bits`)."""
+    ids = expert + 1
+    word = bits.ravel()[rank * bits.shape[1] + (ids >> 6)]
+    return (np.right_shift(word, (ids & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+
+
+def _move_bit(bits: np.ndarray, rank: np.ndarray, gone: np.ndarray, came: np.ndarray) -> None:
+    """In ``bits``, rank ``rank[i]`` (distinct) drops expert ``gone[i]`` and gains ``came[i]``
+    (-1 = nothing)."""
+    for expert, keep in ((gone, False), (came, True)):
+        ids = expert + 1
+        word = ids >> 6
+        mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
+        mask[expert < 0] = 0
+        if keep:
+            bits[rank, word] |= mask
+        else:
+            bits[rank, word] &= ~mask
 
 
 def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """int64 [B]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``
     (both int64 [B, R, S]; no expert twice on one rank)."""
-    new = _lacks(kept[:, :, None, :], slots)  # [B, R, S]
+    new = ~(kept[:, :, None, :] == slots[..., None]).any(3) & (slots >= 0)  # [B, R, S]
     return new.reshape(slots.shape[0], -1).sum(1)
 
 

@@ -61,7 +61,10 @@ def overlap_edges(packs: np.ndarray, kept: np.ndarray) -> Overlap:
     rank = old_rank[start[new_key[source]] + offset]
     layer = new_key[source] // num_experts
     edge = (layer * ranks + new_pack[source]) * ranks + rank
-    edge, weight = np.unique(edge, return_counts=True)
+    edge.sort()
+    first = np.flatnonzero(np.diff(edge, prepend=-1))  # runs of one (layer, pack, rank)
+    weight = np.diff(first, append=edge.size)
+    edge = edge[first]
     pair, rank = np.divmod(edge, ranks)
     layer, pack = np.divmod(pair, ranks)
     return Overlap(layer, pack, rank, weight.astype(np.int64))
