@@ -22,6 +22,7 @@ from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.replication import replica_counts
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
+FILL_CHUNK_DIVISOR = 4  # replicas placed at once per row: a quarter of the ranks
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 
@@ -58,26 +59,38 @@ def fill_missing(
     extra = np.take_along_axis(need, by_weight, axis=1) - orphan
     left = budget + (have == 0).sum(1)
     items = _queue(by_weight, orphan, extra, left)
-    width = items.shape[1]
     slot_w = slot_loads(slots, per_replica)
     rank_load = slot_w.sum(2)
     open_slots = (slots < 0).sum(2)
-    for k in range(width):
+    state = (slots, slot_w, per_replica, counts, have, rank_load, open_slots)
+    chunk = max(1, slots.shape[1] // FILL_CHUNK_DIVISOR)
+    while items.size:
+        missed = np.zeros(items.shape, dtype=bool)
+        for start in range(0, items.shape[1], chunk):
+            part = items[:, start : start + chunk]
+            b = np.flatnonzero((part >= 0).any(1))
+            if b.size:
+                placed = _place_chunk(*state, b, part[b])
+                left[b] -= placed.sum(1)
+                missed[b, start : start + chunk] = ~placed & (part[b] >= 0)
+        if missed.sum() == (items >= 0).sum():
+            break  # no progress in chunks: the rest one at a time
+        items = _compact(items, missed)
+    for k in range(items.shape[1]):
         b = np.flatnonzero(items[:, k] >= 0)
-        if b.size:
-            placed = _place_one(
-                slots,
-                slot_w,
-                per_replica,
-                counts,
-                have,
-                rank_load,
-                open_slots,
-                b,
-                items[b, k],
-            )
-            left[placed] -= 1
+        placed = _place_one(*state, b, items[b, k])
+        left[placed] -= 1
     _fill_empty_slots(slots, load, have, left)
+
+
+def _compact(items: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """int64 [B, W'] (-1 padded): the ``items`` [B, W] where ``keep`` (bool [B, W]), in order."""
+    row, column = np.nonzero(keep)
+    per_row = np.bincount(row, minlength=items.shape[0])
+    position = np.arange(row.size) - (np.cumsum(per_row) - per_row)[row]
+    out = np.full((items.shape[0], int(per_row.max(initial=0))), -1, dtype=np.int64)
+    out[row, position] = items[row, column]
+    return out
 
 
 def _queue(
@@ -124,6 +137,67 @@ def _fill_empty_slots(
         slots[b, rank, slot] = expert
         have[b, expert] += 1
         left[b] -= 1
+
+
+def _place_chunk(
+    slots: np.ndarray,
+    slot_w: np.ndarray,
+    per_replica: np.ndarray,
+    counts: np.ndarray,
+    have: np.ndarray,
+    rank_load: np.ndarray,
+    open_slots: np.ndarray,
+    b: np.ndarray,
+    expert: np.ndarray,
+) -> np.ndarray:
+    """Place the replicas ``expert`` int64 [n, c] (heaviest first, -1 = none) of rows ``b``
+    at once, the j-th on the j-th best rank: ranks with an empty slot first, lightest first,
+    then ranks holding a surplus replica, lightest after evicting it. An item whose rank
+    already holds its expert, or whose eviction would take an expert below its wanted count,
+    is not placed; returns bool [n, c], placed. State arrays as in :func:`_place_one`."""
+    n, width = expert.shape
+    cur = slots[b]  # [n, R, S]
+    weight = slot_w[b]
+    loads = rank_load[b]
+    surplus = have[b] - counts[b]  # [n, E]
+    row = np.arange(n)[:, None, None]
+    evictable = (cur >= 0) & (surplus[row, np.maximum(cur, 0)] > 0)
+    evict_slot = np.where(evictable, weight, -np.inf).argmax(2)  # [n, R]
+    relief = np.take_along_axis(weight, evict_slot[..., None], 2)[..., 0]
+    is_open = open_slots[b] > 0
+    usable = is_open | evictable.any(2)
+    # Ranks in order: open ones by load, then evictable ones by load after the eviction.
+    order = np.lexsort((np.where(is_open, loads, loads - relief), ~is_open, ~usable), axis=1)
+    rank = order[:, :width]  # [n, c]
+    rows = np.arange(n)[:, None]
+    held = (cur[rows, rank] == expert[..., None]).any(2)
+    placed = (expert >= 0) & usable[rows, rank] & ~held
+    opened = is_open[rows, rank]
+    slot = np.where(opened, (cur[rows, rank] < 0).argmax(2), evict_slot[rows, rank])
+    evicted = np.where(placed & ~opened, cur[rows, rank, slot], -1)
+    # At most `surplus` evictions of one expert per row, heaviest items first.
+    i, j = np.nonzero(evicted >= 0)
+    if i.size:
+        key = i * per_replica.shape[1] + evicted[i, j]
+        by_key = np.argsort(key, kind="stable")
+        sorted_key = key[by_key]
+        starts = np.flatnonzero(np.diff(sorted_key, prepend=-1))
+        run = np.arange(key.size) - np.repeat(starts, np.diff(starts, append=key.size))
+        nth = np.empty_like(run)
+        nth[by_key] = run
+        over = nth >= surplus[i, evicted[i, j]]
+        placed[i[over], j[over]] = False
+        evicted[i[over], j[over]] = -1
+    i, j = np.nonzero(placed)
+    rb, rr, rs, x = b[i], rank[i, j], slot[i, j], expert[i, j]
+    gone = evicted[i, j]
+    open_slots[rb[gone < 0], rr[gone < 0]] -= 1
+    np.subtract.at(have, (rb[gone >= 0], gone[gone >= 0]), 1)
+    np.add.at(have, (rb, x), 1)
+    rank_load[rb, rr] += per_replica[rb, x] - slot_w[rb, rr, rs]
+    slot_w[rb, rr, rs] = per_replica[rb, x]
+    slots[rb, rr, rs] = x
+    return placed
 
 
 def _place_one(
@@ -403,7 +477,11 @@ def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def repair(
-    load: np.ndarray, kept: np.ndarray, target: np.ndarray, budget: np.ndarray
+    load: np.ndarray,
+    kept: np.ndarray,
+    target: np.ndarray,
+    budget: np.ndarray,
+    counts: np.ndarray | None = None,
 ) -> np.ndarray:
     """int64 [B, R, S]: ``kept`` repaired for ``load``: missing replicas placed, then swaps.
 
@@ -413,11 +491,14 @@ def repair(
         target: float64 [B], balancedness at which swapping stops.
         budget: int64 [B], most weights received per row (experts without any replica are
             placed regardless).
+        counts: int64 [B, E], the replica counts wanted if already known (see
+            :func:`elastic_ep.eplb.replication.replica_counts`).
     """
     _, ranks, per_rank = kept.shape
     num_experts = load.shape[1]
     slots = kept.copy()
-    counts = replica_counts(load, ranks * per_rank, ranks)
+    if counts is None:
+        counts = replica_counts(load, ranks * per_rank, ranks)
     orphans = (_replica_counts_of(kept, num_experts) == 0).sum(1)
     fill_missing(slots, load, counts, np.maximum(budget - orphans, 0))
     swap_towards(slots, kept, load, target, budget, max_steps=ranks * per_rank)

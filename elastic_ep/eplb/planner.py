@@ -27,6 +27,7 @@ from elastic_ep.eplb.incremental import drop_duplicates, received_count, repair
 from elastic_ep.eplb.packing import expert_counts, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
+from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 2
@@ -161,9 +162,13 @@ def plan_with_report(
             f"{layer} that have no replica left on the new ranks and must be placed"
         )
     steps = REPAIR_SWAP_STEPS if swap_steps is None else swap_steps
-    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
+    # Global plans: the fresh plan and the repair want the same replica counts.
+    counts = (
+        None if num_nodes > 1 else replica_counts(weights, num_ranks * slots_per_rank, num_ranks)
+    )
+    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
     chosen, repaired = _prefer_repair(
-        weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes
+        weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
     )
     return PlanReport(
         placement=_to_placement(chosen, experts, num_ranks),
@@ -200,11 +205,17 @@ def _check_fresh(
 
 
 def _fresh(
-    load: np.ndarray, ranks: int, slots: int, groups: int, nodes: int, swap_steps: int
+    load: np.ndarray,
+    ranks: int,
+    slots: int,
+    groups: int,
+    nodes: int,
+    swap_steps: int,
+    counts: np.ndarray | None = None,
 ) -> np.ndarray:
     if nodes > 1:
         return hierarchical_slots(load, groups, nodes, ranks, slots, swap_steps)
-    return static_slots(load, ranks, slots, swap_steps)
+    return static_slots(load, ranks, slots, swap_steps, counts)
 
 
 def _prefer_repair(
@@ -215,14 +226,16 @@ def _prefer_repair(
     tolerance: float,
     groups: int,
     nodes: int,
+    counts: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring)."""
+    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring); ``counts``
+    int64 [L, E] are the global plan's replica counts (``None`` for hierarchical plans)."""
     layers, ranks, slots = kept.shape
     limit = ranks * slots if max_transfers is None else max_transfers
     target = layer_balancedness(fresh, load) - tolerance
     budget = np.full(layers, limit)
     if nodes == 1:
-        repaired, usable = repair(load, kept, target, budget), np.ones(layers, dtype=bool)
+        repaired, usable = repair(load, kept, target, budget, counts), np.ones(layers, dtype=bool)
     else:
         repaired, usable = repair_within_nodes(load, kept, target, budget, groups, nodes)
     repair_cost = received_count(repaired, kept)
@@ -232,6 +245,19 @@ def _prefer_repair(
     # The relabelled fresh plan (an assignment per layer) only where the repair misses its
     # target: where the repair reaches it, it moves fewer weights (tests/test_planner_elastic.py).
     contest = np.flatnonzero(~good_enough)
+    import os
+
+    if os.environ.get("DBG"):
+        print(
+            "contest",
+            contest.size,
+            "usable",
+            usable.sum(),
+            "bal",
+            layer_balancedness(repaired, load)[:6],
+            "target",
+            target[:6],
+        )
     if contest.size:
         packs, before = fresh[contest], kept[contest]
         relabelled = align_slots(relabel_packs(packs, overlap_edges(packs, before), nodes), before)

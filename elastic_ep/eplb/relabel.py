@@ -22,6 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+RELABEL_FAN = 8
+"""Most old replicas of its expert one new replica is joined with (see :func:`overlap_edges`)."""
+
 
 class Overlap(NamedTuple):
     """Sparse overlap graph between the packs of a plan and the old ranks, sorted by layer.
@@ -37,7 +40,13 @@ class Overlap(NamedTuple):
 
 def overlap_edges(packs: np.ndarray, kept: np.ndarray) -> Overlap:
     """The :class:`Overlap` of ``packs`` and ``kept`` (both int64 [B, R, S], -1 = empty, no
-    expert twice on one rank)."""
+    expert twice on one rank), exact for experts with at most ``RELABEL_FAN`` old replicas.
+
+    An expert with more old replicas m (a heavy one, replicated on many ranks) would add n x m
+    edges; its i-th new replica is joined only with the ``RELABEL_FAN`` old ones from
+    ``i * m // n`` on, a band that still holds a perfect matching of its replicas, so the edges
+    stay within ``RELABEL_FAN * R * S`` per layer. Overlaps through heavy experts outside the
+    band are not seen by the matching (the transfers are counted exactly afterwards)."""
     batch, ranks, per_rank = packs.shape
     num_experts = int(max(packs.max(), kept.max())) + 1
     rank_of_slot = np.arange(ranks * per_rank) // per_rank
@@ -54,10 +63,18 @@ def overlap_edges(packs: np.ndarray, kept: np.ndarray) -> Overlap:
     new_valid = new >= 0
     new_key = (new + row_base)[new_valid]
     new_pack = np.broadcast_to(rank_of_slot, new.shape)[new_valid]
-    # Join: every new replica meets every old replica of its (layer, expert).
-    fan = count[new_key]
+    # The i-th of n new replicas of an expert with m old ones meets the old replicas
+    # i * m // n + t (mod m), t < min(m, RELABEL_FAN): all of them when m <= RELABEL_FAN.
+    new_count = np.bincount(new_key, minlength=batch * num_experts)
+    by_key = np.argsort(new_key, kind="stable")
+    nth = np.empty(new_key.size, dtype=np.int64)
+    nth[by_key] = np.arange(new_key.size) - (np.cumsum(new_count) - new_count)[new_key[by_key]]
+    many = count[new_key]
+    fan = np.minimum(many, RELABEL_FAN)
     source = np.repeat(np.arange(new_key.size), fan)
-    offset = np.arange(source.size) - np.repeat(np.cumsum(fan) - fan, fan)
+    step = np.arange(source.size) - np.repeat(np.cumsum(fan) - fan, fan)
+    first = nth * many // new_count[new_key]
+    offset = (first[source] + step) % many[source]
     rank = old_rank[start[new_key[source]] + offset]
     layer = new_key[source] // num_experts
     edge = (layer * ranks + new_pack[source]) * ranks + rank
@@ -73,7 +90,7 @@ def overlap_edges(packs: np.ndarray, kept: np.ndarray) -> Overlap:
 def greedy_matching(
     left: np.ndarray, right: np.ndarray, weight: np.ndarray, num_vertices: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy maximum-weight matching: heaviest edge first, ties by position.
+    """Greedy maximum-weight matching: heaviest edge first, ties in a fixed scrambled order.
 
     Args:
         left, right: int64 [M], the endpoints of every edge, each in [0, num_vertices) (left
@@ -84,7 +101,10 @@ def greedy_matching(
         int64 [num_vertices] twice: the right vertex matched to each left vertex and the left
         vertex matched to each right one, -1 where unmatched.
     """
-    order = np.argsort(-weight, kind="stable")
+    # Heaviest first; ties in a scrambled but fixed order (a multiplicative hash of the
+    # position), which keeps the chains of equal edges, and so the rounds, short.
+    scramble = (np.arange(weight.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> 40
+    order = np.lexsort((scramble, -weight))
     left, right = left[order], right[order]
     right_of = np.full(num_vertices, -1, dtype=np.int64)
     left_of = np.full(num_vertices, -1, dtype=np.int64)
