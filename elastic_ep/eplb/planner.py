@@ -245,19 +245,6 @@ def _prefer_repair(
     # The relabelled fresh plan (an assignment per layer) only where the repair misses its
     # target: where the repair reaches it, it moves fewer weights (tests/test_planner_elastic.py).
     contest = np.flatnonzero(~good_enough)
-    import os
-
-    if os.environ.get("DBG"):
-        print(
-            "contest",
-            contest.size,
-            "usable",
-            usable.sum(),
-            "bal",
-            layer_balancedness(repaired, load)[:6],
-            "target",
-            target[:6],
-        )
     if contest.size:
         packs, before = fresh[contest], kept[contest]
         relabelled = align_slots(relabel_packs(packs, overlap_edges(packs, before), nodes), before)
