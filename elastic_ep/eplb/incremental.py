@@ -298,7 +298,8 @@ def swap_towards(
     loads = weight.sum(1)
     if ranks < 2:
         return
-    partners = min(SWAP_PARTNERS, ranks - 1)
+    # Fewer partners per heavy rank on few ranks, so that several heavy ranks move per step.
+    partners = min(SWAP_PARTNERS, max(1, ranks // 4))
     pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
     active = np.arange(rows)
     for _ in range(max_steps):

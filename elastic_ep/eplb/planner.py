@@ -4,14 +4,17 @@
 Given a ``previous`` placement it also builds a movement-aware repair of that placement and, per
 layer, keeps whichever of the two reaches the target balancedness with fewer weights received:
 
-* fresh plan, its packs relabelled onto the ranks that already hold most of their experts
-  (optimal assignment) and each rank's experts kept in their old slots;
-* repair: keep every replica still wanted, place the missing ones, then swap until within
-  ``balance_tolerance`` of the fresh plan's balancedness or out of budget. Hierarchical plans
-  repair each node on its own, keeping every group on the node that holds most of it.
+* repair: keep every replica still wanted, place the missing ones, then swap until the
+  layer's target balancedness is reached or the budget is spent. Hierarchical plans repair each
+  node on its own, keeping every group on the node that holds most of it;
+* where the repair misses the target: the fresh plan, its packs relabelled onto the ranks that
+  already hold most of their experts (a greedy matching on the sparse overlap graph,
+  :mod:`elastic_ep.eplb.relabel`) and each rank's experts kept in their old slots.
 
-The target of a layer is the fresh plan's balancedness of that layer minus ``balance_tolerance``.
-A layer whose fresh plan needs more than ``max_transfers`` takes the repair.
+The target of a layer is the fresh plan's balancedness minus ``balance_tolerance``; where the
+fresh plan gains more than ``balance_tolerance`` over the previous placement, the target also
+keeps ``RECOVERED`` (90%) of that gain. A layer whose fresh plan needs more than
+``max_transfers`` takes the repair.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 2
 """Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
+RECOVERED = 0.9
+"""Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
 REPAIR_SWAP_STEPS = 8
 """Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
 
@@ -232,7 +237,12 @@ def _prefer_repair(
     int64 [L, E] are the global plan's replica counts (``None`` for hierarchical plans)."""
     layers, ranks, slots = kept.shape
     limit = ranks * slots if max_transfers is None else max_transfers
-    target = layer_balancedness(fresh, load) - tolerance
+    fresh_balance = layer_balancedness(fresh, load)
+    # Within `tolerance` of the fresh plan; where the fresh plan gains more than that over
+    # leaving the placement as it is, also keep RECOVERED of that gain.
+    gain = fresh_balance - layer_balancedness(kept, load)
+    shortfall = np.where(gain > tolerance, (1.0 - RECOVERED) * gain, tolerance)
+    target = fresh_balance - np.minimum(tolerance, shortfall)
     budget = np.full(layers, limit)
     if nodes == 1:
         repaired, usable = repair(load, kept, target, budget, counts), np.ones(layers, dtype=bool)
