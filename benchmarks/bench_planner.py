@@ -37,7 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 from markdown_section import write_section
-from planner_sweep import RANKS, cells, plot, repeats_for, run_cell, summary, sweep_table
+from planner_sweep import (
+    RANKS,
+    SweepRow,
+    cells,
+    plot,
+    repeats_for,
+    run_cell,
+    summary,
+    sweep_table,
+)
 
 from elastic_ep import RankMapping
 from elastic_ep.adapters.vllm import load_policy_modules
@@ -263,7 +272,8 @@ def machine_line() -> str:
 
 def run_sweep(vllm_policy: Any, version: str, args: argparse.Namespace) -> None:
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
-    rows = []
+    rows: list[SweepRow] = []
+    run_cell(next(cells((8,))), vllm_policy, 1)  # warm-up: first-call imports and caches
     start = time.perf_counter()
     for cell in cells(ranks):
         done = run_cell(cell, vllm_policy, repeats_for(cell))
@@ -275,19 +285,37 @@ def run_sweep(vllm_policy: Any, version: str, args: argparse.Namespace) -> None:
             f"({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-    minutes = (time.perf_counter() - start) / 60
+        if args.json:  # after every cell, so that an interrupted sweep keeps its rows
+            _write_sweep_json(args.json, version, rows, time.perf_counter() - start)
+    report_sweep(rows, version, machine_line(), (time.perf_counter() - start) / 60, args)
+
+
+def _write_sweep_json(path: Path, version: str, rows: list[SweepRow], seconds: float) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "vllm_version": version,
+                "machine": machine_line(),
+                "seconds": seconds,
+                "rows": [asdict(r) for r in rows],
+            },
+            indent=1,
+        )
+    )
+
+
+def report_sweep(
+    rows: list[SweepRow], version: str, machine: str, minutes: float, args: argparse.Namespace
+) -> None:
+    """Print the summary; write the plot and the markdown section where asked."""
     head = (
-        f"`python benchmarks/bench_planner.py --sweep` ({machine_line()}; 1 thread; "
+        f"`python benchmarks/bench_planner.py --sweep` ({machine}; 1 thread; "
         f"{minutes:.1f} min in all; vLLM {version} DefaultEplbPolicy in the same run, calls "
-        f"alternating; seed {SEED}). Speed-up = vLLM ms / ours ms; moved = weights received, "
-        f"% of the new slots; min. = per layer the experts with no surviving replica or the "
-        f"joined slots, whichever is more.\n\n"
+        f"alternating, CPU time of each call; seed {SEED}). Speed-up = vLLM ms / ours ms; "
+        f"moved = weights received, % of the new slots; min. = per layer the experts with no "
+        f"surviving replica or the joined slots, whichever is more.\n\n"
     )
     print(summary(rows))
-    if args.json:
-        args.json.write_text(
-            json.dumps({"vllm_version": version, "rows": [asdict(r) for r in rows]}, indent=1)
-        )
     if args.plot:
         plot(rows, args.plot)
     if args.markdown:
@@ -310,7 +338,15 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="the growth grid (planner_sweep.py)")
     parser.add_argument("--plot", type=Path, help="with --sweep: time vs ranks, log-log (PNG)")
     parser.add_argument("--ranks", help="with --sweep: comma-separated subset of the rank counts")
+    parser.add_argument(
+        "--from-json", type=Path, help="with --sweep: report a saved sweep (--json) again"
+    )
     args = parser.parse_args()
+    if args.sweep and args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        rows = [SweepRow(**row) for row in saved["rows"]]
+        report_sweep(rows, saved["vllm_version"], saved["machine"], saved["seconds"] / 60, args)
+        return
     torch.set_num_threads(1)
     wheel = args.vllm_wheel
     if wheel is None:

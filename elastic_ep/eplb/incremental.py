@@ -63,7 +63,9 @@ def fill_missing(
     rank_load = slot_w.sum(2)
     open_slots = (slots < 0).sum(2)
     state = (slots, slot_w, per_replica, counts, have, rank_load, open_slots)
-    chunk = max(1, slots.shape[1] // FILL_CHUNK_DIVISOR)
+    # With one slot per rank a rank's load is its replica's, wherever it goes: all at once.
+    ranks, per_rank = slots.shape[1], slots.shape[2]
+    chunk = ranks if per_rank == 1 else max(1, ranks // FILL_CHUNK_DIVISOR)
     while items.size:
         missed = np.zeros(items.shape, dtype=bool)
         for start in range(0, items.shape[1], chunk):
@@ -502,5 +504,7 @@ def repair(
         counts = replica_counts(load, ranks * per_rank, ranks)
     orphans = (_replica_counts_of(kept, num_experts) == 0).sum(1)
     fill_missing(slots, load, counts, np.maximum(budget - orphans, 0))
+    if per_rank == 1:
+        return slots  # a swap of single slots only exchanges two ranks' loads
     swap_towards(slots, kept, load, target, budget, max_steps=ranks * per_rank)
     return slots

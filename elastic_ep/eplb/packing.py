@@ -325,6 +325,8 @@ def static_slots(
     per_replica = load / counts
     items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
     slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
+    if slots_per_rank == 1:
+        return slots  # a swap of single slots only exchanges two ranks' loads
     pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
     improve_by_swaps(slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load)
     return slots

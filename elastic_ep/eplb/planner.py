@@ -13,7 +13,9 @@ layer, keeps whichever of the two reaches the target balancedness with fewer wei
 
 The target of a layer is the fresh plan's balancedness minus ``balance_tolerance``; where the
 fresh plan gains more than ``balance_tolerance`` over the previous placement, the target also
-keeps ``RECOVERED`` (90%) of that gain. A layer whose fresh plan needs more than
+keeps ``RECOVERED`` (90%) of that gain. A repair short of its target by less than
+``balance_tolerance`` is kept when the relabelled fresh plan would move more than
+``NEAR_MISS_MOVES`` times its weights. A layer whose fresh plan needs more than
 ``max_transfers`` takes the repair.
 """
 
@@ -37,6 +39,9 @@ DEFAULT_SWAP_STEPS = 2
 """Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
 RECOVERED = 0.9
 """Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
+NEAR_MISS_MOVES = 2
+"""A repair short of its target by less than the tolerance is kept where the relabelled fresh
+plan would move more than this many times its weights."""
 REPAIR_SWAP_STEPS = 8
 """Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
 
@@ -250,7 +255,9 @@ def _prefer_repair(
         repaired, usable = repair_within_nodes(load, kept, target, budget, groups, nodes)
     repair_cost = received_count(repaired, kept)
     usable &= repair_cost <= limit
-    good_enough = usable & (layer_balancedness(repaired, load) >= target - 1e-12)
+    repair_balance = layer_balancedness(repaired, load)
+    good_enough = usable & (repair_balance >= target - 1e-12)
+    near = usable & (repair_balance >= target - tolerance)
     chosen, use_repair = repaired, good_enough.copy()
     # The relabelled fresh plan (an assignment per layer) only where the repair misses its
     # target: where the repair reaches it, it moves fewer weights (tests/test_planner_elastic.py).
@@ -259,8 +266,11 @@ def _prefer_repair(
         packs, before = fresh[contest], kept[contest]
         relabelled = align_slots(relabel_packs(packs, overlap_edges(packs, before), nodes), before)
         fresh_cost = received_count(relabelled, before)
-        keep_repair = good_enough[contest] & (repair_cost[contest] <= fresh_cost)
-        keep_repair |= usable[contest] & (fresh_cost > limit)
+        keep_repair = usable[contest] & (fresh_cost > limit)
+        # A repair short of its target by less than `tolerance` stays when the fresh plan
+        # would move over twice its weights (with few slots per rank, a fresh plan's packs
+        # share little with the old ranks).
+        keep_repair |= near[contest] & (fresh_cost > NEAR_MISS_MOVES * repair_cost[contest])
         over = np.flatnonzero(~keep_repair & (fresh_cost > limit))
         if over.size:
             raise ValueError(
