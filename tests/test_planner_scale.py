@@ -161,3 +161,46 @@ def test_relabel_is_a_permutation_and_optimal_with_one_slot(
         have = np.stack([np.bincount(row[row >= 0], minlength=experts) for row in old])
         want = np.stack([np.bincount(row[row >= 0], minlength=experts) for row in new])
         assert int(received.sum()) == int(np.maximum(want - have, 0).sum())
+
+
+@pytest.mark.parametrize(("old_nodes", "new_nodes"), [(4, 8), (8, 4)])
+def test_hierarchical_whole_node_events_move_at_most_twice_the_minimum(
+    old_nodes: int, new_nodes: int
+) -> None:
+    load = zipf_load(3, layers=8)
+    previous = plan(load, 8 * old_nodes, 10, num_groups=8, num_nodes=old_nodes)
+    mapping = RankMapping.resize(8 * old_nodes, 8 * new_nodes)  # whole nodes join or leave
+    report = plan_with_report(
+        load,
+        8 * new_nodes,
+        10,
+        num_groups=8,
+        num_nodes=new_nodes,
+        previous=previous,
+        rank_mapping=mapping,
+    )
+    survivors = [r for r in range(previous.num_ranks) if mapping.new_rank(r) is not None]
+    orphans = (~previous.presence[:, survivors].any(1)).sum(1)
+    minimum = int(orphans.clamp(min=len(mapping.joined) * 10).sum())
+    assert int(report.transfers.sum()) <= 2 * minimum
+    group = report.placement.phy2log.view(8, new_nodes, -1) // 32
+    for layer in range(8):
+        for node in range(new_nodes):
+            assert group[layer, node].unique().numel() == 8 // new_nodes
+
+
+def test_hierarchical_mapping_that_splits_nodes_is_handled() -> None:
+    load = zipf_load(4, layers=4)
+    previous = plan(load, 32, 10, num_groups=8, num_nodes=4)
+    swapped = list(range(32))
+    swapped[7], swapped[8] = 8, 7  # ranks 7 and 8 change node
+    mapping = RankMapping(tuple(swapped), 32)
+    report = plan_with_report(
+        load, 32, 10, num_groups=8, num_nodes=4, previous=previous, rank_mapping=mapping
+    )
+    report.placement.validate(distinct_ranks=True)
+    group = report.placement.phy2log.view(4, 4, -1) // 32
+    assert all(group[layer, node].unique().numel() == 2 for layer in range(4) for node in range(4))
+    # Only the two ranks that changed node receive weights.
+    received = report.placement.transfers_from(previous, mapping)
+    assert set(torch.nonzero(received.sum(0)).flatten().tolist()) <= {7, 8}

@@ -277,6 +277,7 @@ def swap_towards(
     target: np.ndarray,
     budget: np.ndarray,
     max_steps: int,
+    partners: int = SWAP_PARTNERS,
 ) -> None:
     """Improve ``slots`` in place by swaps, see the module docstring.
 
@@ -287,6 +288,7 @@ def swap_towards(
         target: float64 [B], balancedness at which a row stops.
         budget: int64 [B], the most weights a row may receive in total.
         max_steps: most swaps per row.
+        partners: light ranks tried with each heavy rank (at most R / 4).
     """
     rows, ranks, per_rank = slots.shape
     num_experts = load.shape[1]
@@ -301,7 +303,7 @@ def swap_towards(
     if ranks < 2:
         return
     # Fewer partners per heavy rank on few ranks, so that several heavy ranks move per step.
-    partners = min(SWAP_PARTNERS, max(1, ranks // 4))
+    partners = min(partners, max(1, ranks // 4))
     pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
     active = np.arange(rows)
     for _ in range(max_steps):
@@ -474,6 +476,14 @@ def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return new.reshape(slots.shape[0], -1).sum(1)
 
 
+def _balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [B]: mean / max rank load of every row (1.0 for a row without load)."""
+    counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
+    rank_load = slot_loads(slots, load / counts).sum(2)
+    peak = rank_load.max(1)
+    return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
+
+
 def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
     """int64 [B, E]: replicas of each expert in ``slots``."""
     return expert_counts(slots, num_experts)
@@ -507,4 +517,18 @@ def repair(
     if per_rank == 1:
         return slots  # a swap of single slots only exchanges two ranks' loads
     swap_towards(slots, kept, load, target, budget, max_steps=ranks * per_rank)
+    # Rows still short of their target: once more, each heavy rank with more partners.
+    short = np.flatnonzero(_balance(slots, load) < target)
+    if short.size and ranks > 4 * SWAP_PARTNERS:
+        part = slots[short]
+        swap_towards(
+            part,
+            kept[short],
+            load[short],
+            target[short],
+            budget[short],
+            max_steps=ranks * per_rank,
+            partners=ranks // 4,
+        )
+        slots[short] = part
     return slots
