@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from elastic_ep import RankMapping
-from elastic_ep.eplb import Placement, plan_with_report
+from elastic_ep.eplb import Placement, plan, plan_with_report
 
 RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
 SLOTS = (1, 2, 3, 5, 9)
@@ -167,13 +167,10 @@ def run_cell(cell: Cell, vllm_policy: Any, repeats: int) -> list[SweepRow]:
 
     weight = torch.from_numpy(load)
     ours_ms, mine, vllm_ms, base = timed(
-        lambda: plan_with_report(
-            load, cell.ranks, cell.slots, num_groups=groups, num_nodes=cell.nodes
-        ),
+        lambda: plan(load, cell.ranks, cell.slots, num_groups=groups, num_nodes=cell.nodes),
         lambda: vllm(weight, cell.ranks, None),
         repeats,
     )
-    mine = mine.placement
     rows.append(_row(cell, "fresh", cell.ranks, ours_ms, vllm_ms, mine, base, weight))
     for event in EVENTS[1:]:
         if event == "drift":
