@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from markdown_section import write_section
 from planner_sweep import (
+    MODELS,
     RANKS,
     SweepRow,
     cells,
@@ -272,10 +273,11 @@ def machine_line() -> str:
 
 def run_sweep(vllm_policy: Any, version: str, args: argparse.Namespace) -> None:
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
+    experts = tuple(int(e) for e in args.experts.split(",")) if args.experts else tuple(MODELS)
     rows: list[SweepRow] = []
     run_cell(next(cells((8,))), vllm_policy, 1)  # warm-up: first-call imports and caches
     start = time.perf_counter()
-    for cell in cells(ranks):
+    for cell in cells(ranks, experts):
         done = run_cell(cell, vllm_policy, repeats_for(cell))
         rows.extend(done)
         worst = min(r.speedup for r in done[1:])
@@ -338,14 +340,26 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="the growth grid (planner_sweep.py)")
     parser.add_argument("--plot", type=Path, help="with --sweep: time vs ranks, log-log (PNG)")
     parser.add_argument("--ranks", help="with --sweep: comma-separated subset of the rank counts")
+    parser.add_argument("--experts", help="with --sweep: comma-separated subset of 64,128,256,384")
     parser.add_argument(
-        "--from-json", type=Path, help="with --sweep: report a saved sweep (--json) again"
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="with --sweep: report saved sweeps (--json) again, merged (first file wins a cell)",
     )
     args = parser.parse_args()
     if args.sweep and args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        rows = [SweepRow(**row) for row in saved["rows"]]
-        report_sweep(rows, saved["vllm_version"], saved["machine"], saved["seconds"] / 60, args)
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        rows, seen = [], set()
+        for part in saved:
+            for row in map(lambda r: SweepRow(**r), part["rows"]):
+                key = (row.experts, row.ranks, row.slots, row.policy, row.event)
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+        rows.sort(key=lambda r: (r.experts, r.ranks, r.slots, r.policy != "global"))
+        minutes = sum(part["seconds"] for part in saved) / 60
+        report_sweep(rows, saved[0]["vllm_version"], saved[0]["machine"], minutes, args)
         return
     torch.set_num_threads(1)
     wheel = args.vllm_wheel
