@@ -317,9 +317,12 @@ def recovered(row: SweepRow) -> float:
     return 1.0 if gain <= 1e-4 else (row.ours_balance - row.keep_balance) / gain
 
 
+PLOT_MODEL, PLOT_SLOTS = 256, 9  # the cells plotted: 58 x 256 experts, 9 slots per rank
+
+
 def plot(rows: list[SweepRow], path: Path) -> None:
     """Log-log time vs ranks of both planners, one panel per event, global and hierarchical,
-    each point the median over the models and slots per rank of that rank count."""
+    for the 58 x 256 model at 9 slots per rank (every rank count from 32 has that cell)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,22 +331,27 @@ def plot(rows: list[SweepRow], path: Path) -> None:
     fig, axes = plt.subplots(1, len(EVENTS), figsize=(4 * len(EVENTS), 3.6), sharey=True)
     for ax, event in zip(axes, EVENTS, strict=True):
         for policy, style in (("global", "-"), ("hier", "--")):
-            part = [r for r in rows if r.event == event and r.policy == policy]
-            ranks = sorted({r.ranks for r in part})
+            part = sorted(
+                (
+                    r
+                    for r in rows
+                    if r.event == event
+                    and r.policy == policy
+                    and r.experts == PLOT_MODEL
+                    and r.slots == PLOT_SLOTS
+                ),
+                key=lambda r: r.ranks,
+            )
+            ranks = [r.ranks for r in part]
             for who, color in (("ours", "tab:blue"), ("vLLM", "tab:red")):
-                ms = [
-                    statistics.median(
-                        r.ours_ms if who == "ours" else r.vllm_ms for r in part if r.ranks == k
-                    )
-                    for k in ranks
-                ]
+                ms = [r.ours_ms if who == "ours" else r.vllm_ms for r in part]
                 ax.plot(ranks, ms, style, color=color, marker="o", ms=3, label=f"{who} {policy}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(event)
         ax.set_xlabel("ranks")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("ms per call (median over models and slots)")
+    axes[0].set_ylabel(f"CPU ms per call ({PLOT_MODEL} experts, {PLOT_SLOTS} slots/rank)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
