@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
 from elastic_ep.eplb import Placement, plan, plan_with_report
+from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
 from elastic_ep.eplb.relabel import greedy_matching, overlap_edges, relabel_packs
 
 LAYERS, EXPERTS = 4, 256
@@ -204,3 +205,24 @@ def test_hierarchical_mapping_that_splits_nodes_is_handled() -> None:
     # Only the two ranks that changed node receive weights.
     received = report.placement.transfers_from(previous, mapping)
     assert set(torch.nonzero(received.sum(0)).flatten().tolist()) <= {7, 8}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 200), st.integers(0, 2**16))
+def test_expert_bits_match_slot_membership(ranks: int, slots: int, experts: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    table = np.stack(
+        [rng.permutation(np.arange(-1, experts))[:slots] for _ in range(ranks)]
+    ).astype(np.int64)
+    table[table < 0] = -1
+    bits = expert_bits(table, experts)
+    rank, expert = np.meshgrid(np.arange(ranks), np.arange(-1, experts), indexing="ij")
+    held = (table[:, None, :] == expert[..., None]).any(2) & (expert >= 0)
+    assert np.array_equal(has_expert(bits, rank, expert), held)
+    # Rank 0 swaps its first slot's expert for one it lacks (or for nothing).
+    gone = table[0, 0]
+    came = next((e for e in range(experts) if not held[0, e + 1]), -1)
+    move_bit(bits, np.array([0]), np.array([gone]), np.array([came]))
+    table[0, 0] = came
+    held = (table[:, None, :] == expert[..., None]).any(2) & (expert >= 0)
+    assert np.array_equal(has_expert(bits, rank, expert), held)

@@ -9,15 +9,21 @@ that did not hold it in ``kept``; that is the only cost counted. :func:`repair` 
    where it leaves the lowest rank load, in an empty slot or, once none is left, over a surplus
    replica (an expert with more replicas than it now needs). Experts with no replica left come
    first and are always placed; the others only while the transfer budget lasts.
-2. :func:`swap_towards`: swaps between each row's heaviest rank and one of the lightest, best
-   load gain per weight received first, until the row reaches its target balancedness, no swap
-   helps, or the budget is spent. Swaps that undo an earlier transfer are free.
+   Replicas go a chunk at a time (the j-th heaviest of a chunk to the j-th best rank); one
+   that cannot take its rank waits for the next pass, and when a pass places nothing the rest
+   go one at a time.
+2. :func:`swap_towards`: swaps between heavy and light ranks, best load gain per weight
+   received first, until the row reaches its target balancedness, no swap helps, or the budget
+   is spent. Each step improves up to ``SWAP_PAIRS`` heavy ranks per row, each with its own
+   light partners. Swaps that undo an earlier transfer are free. Rows still short of their
+   target get a second pass with more partners per heavy rank.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.replication import replica_counts
 
@@ -343,8 +349,8 @@ def swap_towards(
         weight[h_rank, h_slot], weight[p_rank, p_slot] = wy, wx
         loads[h_rank] += wy - wx
         loads[p_rank] += wx - wy
-        _move_bit(held, h_rank, x, y)
-        _move_bit(held, p_rank, y, x)
+        move_bit(held, h_rank, x, y)
+        move_bit(held, p_rank, y, x)
         np.add.at(spent, active[row[found[0]]], cost)
         still = np.zeros(rows, dtype=bool)
         still[active[row[found[0]]]] = True
@@ -431,42 +437,6 @@ def _best_paid_swap(
         p_slot,
         np.where(improved, spent, 0.0).astype(np.int64),
     )
-
-
-def expert_bits(slots: np.ndarray, num_experts: int) -> np.ndarray:
-    """uint64 [N, W]: bit ``e + 1`` set where row n of ``slots`` (int64 [N, S], -1 = empty)
-    holds expert e; W = (E + 64) // 64 words (bit 0, "empty", is never set)."""
-    rows = slots.shape[0]
-    width = (num_experts + 64) // 64
-    ids = slots + 1
-    bits = np.zeros(rows * width, dtype=np.uint64)
-    cell = (np.arange(rows)[:, None] * width + (ids >> 6))[slots >= 0]
-    np.bitwise_or.at(
-        bits, cell, np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))[slots >= 0]
-    )
-    return bits.reshape(rows, width)
-
-
-def has_expert(bits: np.ndarray, rank: np.ndarray, expert: np.ndarray) -> np.ndarray:
-    """bool (broadcast shape of ``rank`` and ``expert``): whether flat rank ``rank`` holds
-    ``expert`` (-1 = nothing: False) in ``bits`` (from :func:`expert_bits`)."""
-    ids = expert + 1
-    word = bits.ravel()[rank * bits.shape[1] + (ids >> 6)]
-    return (np.right_shift(word, (ids & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
-
-
-def _move_bit(bits: np.ndarray, rank: np.ndarray, gone: np.ndarray, came: np.ndarray) -> None:
-    """In ``bits``, rank ``rank[i]`` (distinct) drops expert ``gone[i]`` and gains ``came[i]``
-    (-1 = nothing)."""
-    for expert, keep in ((gone, False), (came, True)):
-        ids = expert + 1
-        word = ids >> 6
-        mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
-        mask[expert < 0] = 0
-        if keep:
-            bits[rank, word] |= mask
-        else:
-            bits[rank, word] &= ~mask
 
 
 def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
