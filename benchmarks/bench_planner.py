@@ -6,6 +6,11 @@ from an installed vllm, or read from its wheel without installing it:
     pip download vllm==0.33.0 --no-deps -d .carry/wheels
     python benchmarks/bench_planner.py [--vllm-wheel PATH] [--json out.json] \
         [--markdown docs/performance.md]
+    python benchmarks/bench_planner.py --sweep [--plot docs/img/planner_sweep.png] \
+        [--json sweep.json] [--markdown docs/planner.md] [--ranks 8,64,1024]
+
+``--sweep`` runs the growth grid of :mod:`planner_sweep` (ranks 8..1024, slots per rank,
+four models, global and hierarchical, fresh / drift / scale / dead) instead of the cases below.
 
 Cases: V3 (58 layers x 256 experts, 8 groups, 4 nodes, 32 ranks, 288 and 320 slots,
 hierarchical and global) and V2-Lite (26 x 64, 8 ranks, 80 slots); loads lognormal(0, 0.6) and
@@ -32,6 +37,17 @@ from typing import Any
 import numpy as np
 import torch
 from markdown_section import write_section
+from planner_sweep import (
+    MODELS,
+    RANKS,
+    SweepRow,
+    cells,
+    plot,
+    repeats_for,
+    run_cell,
+    summary,
+    sweep_table,
+)
 
 from elastic_ep import RankMapping
 from elastic_ep.adapters.vllm import load_policy_modules
@@ -244,6 +260,75 @@ def table(rows: list[Row]) -> str:
 
 
 MARK = "<!-- bench_planner -->"
+SWEEP_MARK = "<!-- bench_planner_sweep -->"
+
+
+def machine_line() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, torch {torch.__version__}"
+    )
+
+
+def run_sweep(vllm_policy: Any, version: str, args: argparse.Namespace) -> None:
+    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
+    experts = tuple(int(e) for e in args.experts.split(",")) if args.experts else tuple(MODELS)
+    rows: list[SweepRow] = []
+    run_cell(next(cells((8,))), vllm_policy, 1)  # warm-up: first-call imports and caches
+    start = time.perf_counter()
+    for cell in cells(ranks, experts):
+        done = run_cell(cell, vllm_policy, repeats_for(cell))
+        rows.extend(done)
+        worst = min(r.speedup for r in done[1:])
+        print(
+            f"{cell.experts:3d} x {cell.layers:2d}  {cell.ranks:4d} x {cell.slots}  "
+            f"{cell.policy:6s} fresh {done[0].speedup:5.1f}x, movement-aware >= {worst:4.1f}x  "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+        if args.json:  # after every cell, so that an interrupted sweep keeps its rows
+            _write_sweep_json(args.json, version, rows, time.perf_counter() - start)
+    report_sweep(rows, version, machine_line(), (time.perf_counter() - start) / 60, args)
+
+
+def _write_sweep_json(path: Path, version: str, rows: list[SweepRow], seconds: float) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "vllm_version": version,
+                "machine": machine_line(),
+                "seconds": seconds,
+                "rows": [asdict(r) for r in rows],
+            },
+            indent=1,
+        )
+    )
+
+
+def report_sweep(
+    rows: list[SweepRow], version: str, machine: str, minutes: float, args: argparse.Namespace
+) -> None:
+    """Print the summary; write the plot and the markdown section where asked."""
+    head = (
+        f"`python benchmarks/bench_planner.py --sweep` ({machine}; 1 thread; "
+        f"{minutes:.1f} min in all; vLLM {version} DefaultEplbPolicy in the same run, calls "
+        f"alternating, CPU time of each call; seed {SEED}). Speed-up = vLLM ms / ours ms; "
+        f"moved = weights received, % of the new slots; min. = per layer the experts with no "
+        f"surviving replica or the joined slots, whichever is more.\n\n"
+    )
+    print(summary(rows))
+    if args.plot:
+        plot(rows, args.plot)
+    if args.markdown:
+        body = (
+            head
+            + summary(rows)
+            + "\n<details><summary>All cells</summary>\n\n"
+            + sweep_table(rows)
+            + "\n</details>\n"
+        )
+        write_section(args.markdown, SWEEP_MARK, body)
 
 
 def main() -> None:
@@ -252,7 +337,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="runs per timing (median)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--markdown", type=Path, help="rewrite the planner section of this file")
+    parser.add_argument("--sweep", action="store_true", help="the growth grid (planner_sweep.py)")
+    parser.add_argument("--plot", type=Path, help="with --sweep: time vs ranks, log-log (PNG)")
+    parser.add_argument("--ranks", help="with --sweep: comma-separated subset of the rank counts")
+    parser.add_argument("--experts", help="with --sweep: comma-separated subset of 64,128,256,384")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="with --sweep: report saved sweeps (--json) again, merged (first file wins a cell)",
+    )
     args = parser.parse_args()
+    if args.sweep and args.from_json:
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        rows, seen = [], set()
+        for part in saved:
+            for row in map(lambda r: SweepRow(**r), part["rows"]):
+                key = (row.experts, row.ranks, row.slots, row.policy, row.event)
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+        rows.sort(key=lambda r: (r.experts, r.ranks, r.slots, r.policy != "global"))
+        minutes = sum(part["seconds"] for part in saved) / 60
+        report_sweep(rows, saved[0]["vllm_version"], saved[0]["machine"], minutes, args)
+        return
     torch.set_num_threads(1)
     wheel = args.vllm_wheel
     if wheel is None:
@@ -268,12 +376,11 @@ def main() -> None:
     _, default, version = load_policy_modules(wheel)
     source = "installed package" if wheel is None else wheel.name
     print(f"vLLM {version} DefaultEplbPolicy from {source}; torch threads = 1")
+    if args.sweep:
+        run_sweep(default.DefaultEplbPolicy, version, args)
+        return
     rows = run(default.DefaultEplbPolicy, args.repeats)
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__}"
-    )
+    machine = machine_line()
     body = (
         f"### Planner vs vLLM {version} DefaultEplbPolicy\n\n"
         f"`python benchmarks/bench_planner.py` ({machine}; 1 thread; median of {args.repeats} "

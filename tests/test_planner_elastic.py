@@ -73,7 +73,8 @@ def test_elastic_plan_invariants(event: tuple, max_transfers: int | None) -> Non
         assert bool(((placement.phy2log >= 0).sum(1) == expected).all())  # -1 only if unusable
         fresh = plan(load, ranks, slots)
         layer_balance = _layer_balance(placement, load)
-        assert bool((layer_balance >= _layer_balance(fresh, load) - 0.01 - 1e-9).all())
+        # within the tolerance (0.01), twice that where the repair is kept as a near miss
+        assert bool((layer_balance >= _layer_balance(fresh, load) - 0.02 - 1e-9).all())
     expected_lost = previous.lost_with(dead) if dead else torch.zeros_like(report.lost)
     assert torch.equal(report.lost, expected_lost)
     again = plan_with_report(load, ranks, slots, **kwargs)

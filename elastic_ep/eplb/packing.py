@@ -306,7 +306,11 @@ def _best_swaps(
 
 
 def static_slots(
-    load: np.ndarray, num_ranks: int, slots_per_rank: int, swap_steps: int
+    load: np.ndarray,
+    num_ranks: int,
+    slots_per_rank: int,
+    swap_steps: int,
+    counts: np.ndarray | None = None,
 ) -> np.ndarray:
     """int64 [B, R, S]: a fresh plan per row, ignoring any previous placement.
 
@@ -314,11 +318,15 @@ def static_slots(
         load: float64 [B, E], finite, non-negative.
         num_ranks: R; slots_per_rank: S (R * S >= E).
         swap_steps: improvement swaps per row after the rounds.
+        counts: int64 [B, E], :func:`replica_counts` of these arguments if already known.
     """
-    counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
+    if counts is None:
+        counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
     per_replica = load / counts
     items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
     slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
+    if slots_per_rank == 1:
+        return slots  # a swap of single slots only exchanges two ranks' loads
     pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
     improve_by_swaps(slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load)
     return slots

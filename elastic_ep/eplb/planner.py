@@ -4,14 +4,19 @@
 Given a ``previous`` placement it also builds a movement-aware repair of that placement and, per
 layer, keeps whichever of the two reaches the target balancedness with fewer weights received:
 
-* fresh plan, its packs relabelled onto the ranks that already hold most of their experts
-  (optimal assignment) and each rank's experts kept in their old slots;
-* repair: keep every replica still wanted, place the missing ones, then swap until within
-  ``balance_tolerance`` of the fresh plan's balancedness or out of budget. Hierarchical plans
-  repair each node on its own, keeping every group on the node that holds most of it.
+* repair: keep every replica still wanted, place the missing ones, then swap until the
+  layer's target balancedness is reached or the budget is spent. Hierarchical plans repair each
+  node on its own, keeping every group on the node that holds most of it;
+* where the repair misses the target: the fresh plan, its packs relabelled onto the ranks that
+  already hold most of their experts (a greedy matching on the sparse overlap graph,
+  :mod:`elastic_ep.eplb.relabel`) and each rank's experts kept in their old slots.
 
-The target of a layer is the fresh plan's balancedness of that layer minus ``balance_tolerance``.
-A layer whose fresh plan needs more than ``max_transfers`` takes the repair.
+The target of a layer is the fresh plan's balancedness minus ``balance_tolerance``; where the
+fresh plan gains more than ``balance_tolerance`` over the previous placement, the target also
+keeps ``RECOVERED`` (90%) of that gain. A repair short of its target by less than
+``balance_tolerance`` is kept when the relabelled fresh plan would move more than
+``NEAR_MISS_MOVES`` times its weights. A layer whose fresh plan needs more than
+``max_transfers`` takes the repair.
 """
 
 from __future__ import annotations
@@ -23,14 +28,20 @@ import numpy as np
 import torch
 
 from elastic_ep.eplb.hierarchical import hierarchical_slots, repair_within_nodes
-from elastic_ep.eplb.incremental import drop_duplicates, repair
+from elastic_ep.eplb.incremental import drop_duplicates, received_count, repair
 from elastic_ep.eplb.packing import expert_counts, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement
-from elastic_ep.eplb.relabel import align_slots, relabel_cost_floor, relabel_packs
+from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
+from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 2
 """Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
+RECOVERED = 0.9
+"""Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
+NEAR_MISS_MOVES = 2
+"""A repair short of its target by less than the tolerance is kept where the relabelled fresh
+plan would move more than this many times its weights."""
 REPAIR_SWAP_STEPS = 8
 """Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
 
@@ -161,14 +172,18 @@ def plan_with_report(
             f"{layer} that have no replica left on the new ranks and must be placed"
         )
     steps = REPAIR_SWAP_STEPS if swap_steps is None else swap_steps
-    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
+    # Global plans: the fresh plan and the repair want the same replica counts.
+    counts = (
+        None if num_nodes > 1 else replica_counts(weights, num_ranks * slots_per_rank, num_ranks)
+    )
+    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
     chosen, repaired = _prefer_repair(
-        weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes
+        weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
     )
     return PlanReport(
         placement=_to_placement(chosen, experts, num_ranks),
         lost=previous.lost_with(dead) if dead else torch.zeros(layers, experts, dtype=torch.bool),
-        transfers=torch.from_numpy(transfers_between(chosen, kept, experts)),
+        transfers=torch.from_numpy(received_count(chosen, kept)),
         repaired=torch.from_numpy(repaired),
     )
 
@@ -200,11 +215,17 @@ def _check_fresh(
 
 
 def _fresh(
-    load: np.ndarray, ranks: int, slots: int, groups: int, nodes: int, swap_steps: int
+    load: np.ndarray,
+    ranks: int,
+    slots: int,
+    groups: int,
+    nodes: int,
+    swap_steps: int,
+    counts: np.ndarray | None = None,
 ) -> np.ndarray:
     if nodes > 1:
         return hierarchical_slots(load, groups, nodes, ranks, slots, swap_steps)
-    return static_slots(load, ranks, slots, swap_steps)
+    return static_slots(load, ranks, slots, swap_steps, counts)
 
 
 def _prefer_repair(
@@ -215,28 +236,41 @@ def _prefer_repair(
     tolerance: float,
     groups: int,
     nodes: int,
+    counts: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring)."""
+    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring); ``counts``
+    int64 [L, E] are the global plan's replica counts (``None`` for hierarchical plans)."""
     layers, ranks, slots = kept.shape
-    experts = load.shape[1]
     limit = ranks * slots if max_transfers is None else max_transfers
-    target = layer_balancedness(fresh, load) - tolerance
+    fresh_balance = layer_balancedness(fresh, load)
+    # Within `tolerance` of the fresh plan; where the fresh plan gains more than that over
+    # leaving the placement as it is, also keep RECOVERED of that gain.
+    gain = fresh_balance - layer_balancedness(kept, load)
+    shortfall = np.where(gain > tolerance, (1.0 - RECOVERED) * gain, tolerance)
+    target = fresh_balance - np.minimum(tolerance, shortfall)
     budget = np.full(layers, limit)
     if nodes == 1:
-        repaired, usable = repair(load, kept, target, budget), np.ones(layers, dtype=bool)
+        repaired, usable = repair(load, kept, target, budget, counts), np.ones(layers, dtype=bool)
     else:
         repaired, usable = repair_within_nodes(load, kept, target, budget, groups, nodes)
-    repair_cost = transfers_between(repaired, kept, experts)
+    repair_cost = received_count(repaired, kept)
     usable &= repair_cost <= limit
-    good_enough = usable & (layer_balancedness(repaired, load) >= target - 1e-12)
+    repair_balance = layer_balancedness(repaired, load)
+    good_enough = usable & (repair_balance >= target - 1e-12)
+    near = usable & (repair_balance >= target - tolerance)
     chosen, use_repair = repaired, good_enough.copy()
-    # The relabelling (an assignment problem per layer) only runs where the fresh plan could win.
-    contest = np.flatnonzero(~good_enough | (repair_cost > relabel_cost_floor(fresh, kept)))
+    # The relabelled fresh plan (an assignment per layer) only where the repair misses its
+    # target: where the repair reaches it, it moves fewer weights (tests/test_planner_elastic.py).
+    contest = np.flatnonzero(~good_enough)
     if contest.size:
-        relabelled = align_slots(relabel_packs(fresh[contest], kept[contest], nodes), kept[contest])
-        fresh_cost = transfers_between(relabelled, kept[contest], experts)
-        keep_repair = good_enough[contest] & (repair_cost[contest] <= fresh_cost)
-        keep_repair |= usable[contest] & (fresh_cost > limit)
+        packs, before = fresh[contest], kept[contest]
+        relabelled = align_slots(relabel_packs(packs, overlap_edges(packs, before), nodes), before)
+        fresh_cost = received_count(relabelled, before)
+        keep_repair = usable[contest] & (fresh_cost > limit)
+        # A repair short of its target by less than `tolerance` stays when the fresh plan
+        # would move over twice its weights (with few slots per rank, a fresh plan's packs
+        # share little with the old ranks).
+        keep_repair |= near[contest] & (fresh_cost > NEAR_MISS_MOVES * repair_cost[contest])
         over = np.flatnonzero(~keep_repair & (fresh_cost > limit))
         if over.size:
             raise ValueError(
@@ -257,17 +291,6 @@ def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
         if old_rank is not None:
             out[:, new_rank] = old[:, old_rank]
     return out
-
-
-def transfers_between(slots: np.ndarray, kept: np.ndarray, num_experts: int) -> np.ndarray:
-    """int64 [L]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``."""
-    layers, ranks, _ = slots.shape
-    # Cell (layer, rank, expert + 1) of every slot; the slots of one rank hold distinct experts.
-    base = (np.arange(layers * ranks) * (num_experts + 1) + 1).reshape(layers, ranks, 1)
-    held = np.zeros(layers * ranks * (num_experts + 1), dtype=bool)
-    held[(base + kept).ravel()] = True
-    received = ~held[base + slots] & (slots >= 0)
-    return np.count_nonzero(received.reshape(layers, -1), axis=1)
 
 
 def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:

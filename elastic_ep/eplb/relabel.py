@@ -1,110 +1,186 @@
 """Relabel a fresh plan onto the previous one: which new pack becomes which rank.
 
-A static plan only says which experts share a rank, not which rank. Choosing, for every pack,
-the rank that already holds the most of its experts is an assignment problem; it is solved
-exactly by a Hungarian algorithm batched over layers (and, for hierarchical plans, over nodes).
+A static plan only says which experts share a rank, not which rank. Giving every pack the rank
+that already holds the most of its experts is a maximum-weight bipartite matching between packs
+and old ranks, with weight = experts shared. That graph is sparse: a pack shares experts only
+with the ranks holding one of its S experts, about ``S * replicas`` of them, so the edges number
+``sum over experts of (new replicas x old replicas)`` per layer, not R^2. The edges are built by
+one sort-merge join over (layer, expert) and matched greedily, heaviest edge first (a 1/2
+approximation in general; exact when every pack holds one expert, where the graph is a union of
+complete bipartite blocks, one per expert). The greedy order is applied in rounds, all layers at
+once: an edge that is the best remaining one of both its pack and its rank is taken, which gives
+the same matching as the sequential greedy. Packs left without a shared expert take the ranks
+left over, in order.
+
+Hierarchical plans match nodes first (weight = experts the two nodes share), then ranks only
+within matched node pairs, so node-local packs stay on one node.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
+RELABEL_FAN = 8
+"""Most old replicas of its expert one new replica is joined with (see :func:`overlap_edges`)."""
 
-def max_weight_matching(score: np.ndarray) -> np.ndarray:
-    """int64 [B, n]: column matched to each row, maximising the total score of every batch.
+
+class Overlap(NamedTuple):
+    """Sparse overlap graph between the packs of a plan and the old ranks, sorted by layer.
+
+    Every field is an array [M], one entry per (layer, pack, rank) that share an expert.
+    """
+
+    layer: np.ndarray  # int64
+    pack: np.ndarray  # int64, the pack's index (its rank in the fresh plan)
+    rank: np.ndarray  # int64, the old rank
+    weight: np.ndarray  # int64 >= 1, experts the two share
+
+
+def overlap_edges(packs: np.ndarray, kept: np.ndarray) -> Overlap:
+    """The :class:`Overlap` of ``packs`` and ``kept`` (both int64 [B, R, S], -1 = empty, no
+    expert twice on one rank), exact for experts with at most ``RELABEL_FAN`` old replicas.
+
+    An expert with more old replicas m (a heavy one, replicated on many ranks) would add n x m
+    edges; its i-th new replica is joined only with the ``RELABEL_FAN`` old ones from
+    ``i * m // n`` on, a band that still holds a perfect matching of its replicas, so the edges
+    stay within ``RELABEL_FAN * R * S`` per layer. Overlaps through heavy experts outside the
+    band are not seen by the matching (the transfers are counted exactly afterwards)."""
+    batch, ranks, per_rank = packs.shape
+    num_experts = int(max(packs.max(), kept.max())) + 1
+    rank_of_slot = np.arange(ranks * per_rank) // per_rank
+    row_base = (np.arange(batch) * num_experts)[:, None]
+    old = kept.reshape(batch, -1)
+    old_valid = old >= 0
+    old_key = (old + row_base)[old_valid]  # (layer, expert) of every kept replica
+    old_rank = np.broadcast_to(rank_of_slot, old.shape)[old_valid]
+    order = np.argsort(old_key, kind="stable")
+    old_rank = old_rank[order]
+    count = np.bincount(old_key, minlength=batch * num_experts)
+    start = np.cumsum(count) - count
+    new = packs.reshape(batch, -1)
+    new_valid = new >= 0
+    new_key = (new + row_base)[new_valid]
+    new_pack = np.broadcast_to(rank_of_slot, new.shape)[new_valid]
+    # The i-th of n new replicas of an expert with m old ones meets the old replicas
+    # i * m // n + t (mod m), t < min(m, RELABEL_FAN): all of them when m <= RELABEL_FAN.
+    new_count = np.bincount(new_key, minlength=batch * num_experts)
+    by_key = np.argsort(new_key, kind="stable")
+    nth = np.empty(new_key.size, dtype=np.int64)
+    nth[by_key] = np.arange(new_key.size) - (np.cumsum(new_count) - new_count)[new_key[by_key]]
+    many = count[new_key]
+    fan = np.minimum(many, RELABEL_FAN)
+    source = np.repeat(np.arange(new_key.size), fan)
+    step = np.arange(source.size) - np.repeat(np.cumsum(fan) - fan, fan)
+    first = nth * many // new_count[new_key]
+    offset = (first[source] + step) % many[source]
+    rank = old_rank[start[new_key[source]] + offset]
+    layer = new_key[source] // num_experts
+    edge = (layer * ranks + new_pack[source]) * ranks + rank
+    edge.sort()
+    first = np.flatnonzero(np.diff(edge, prepend=-1))  # runs of one (layer, pack, rank)
+    weight = np.diff(first, append=edge.size)
+    edge = edge[first]
+    pair, rank = np.divmod(edge, ranks)
+    layer, pack = np.divmod(pair, ranks)
+    return Overlap(layer, pack, rank, weight.astype(np.int64))
+
+
+def greedy_matching(
+    left: np.ndarray, right: np.ndarray, weight: np.ndarray, num_vertices: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy maximum-weight matching: heaviest edge first, ties in a fixed scrambled order.
 
     Args:
-        score: float64 [B, n, n] (rows = packs, columns = ranks).
+        left, right: int64 [M], the endpoints of every edge, each in [0, num_vertices) (left
+            and right vertices are separate sets).
+        weight: int64 [M].
 
-    Shortest augmenting paths with potentials (the O(n^3) Hungarian method), with every step
-    applied to all batches still searching at once.
+    Returns:
+        int64 [num_vertices] twice: the right vertex matched to each left vertex and the left
+        vertex matched to each right one, -1 where unmatched.
     """
-    batch, n, _ = score.shape
-    cost = -np.asarray(score, dtype=np.float64)
-    u = np.zeros((batch, n + 1))
-    v = np.zeros((batch, n + 1))
-    row_of_col = np.zeros((batch, n + 1), dtype=np.int64)  # 1-based row, 0 = unmatched
-    way = np.zeros((batch, n + 1), dtype=np.int64)
-    all_b = np.arange(batch)
-    for row in range(1, n + 1):
-        row_of_col[:, 0] = row
-        col = np.zeros(batch, dtype=np.int64)
-        min_slack = np.full((batch, n + 1), np.inf)
-        used = np.zeros((batch, n + 1), dtype=bool)
-        searching = all_b
-        while searching.size:
-            b = searching
-            used[b, col[b]] = True
-            r = row_of_col[b, col[b]]
-            slack = cost[b, r - 1, :] - u[b, r][:, None] - v[b, 1:]
-            free = ~used[b, 1:]
-            better = free & (slack < min_slack[b, 1:])
-            min_slack[b, 1:] = np.where(better, slack, min_slack[b, 1:])
-            way[b, 1:] = np.where(better, col[b][:, None], way[b, 1:])
-            candidate = np.where(free, min_slack[b, 1:], np.inf)
-            nxt = candidate.argmin(1) + 1
-            delta = candidate[np.arange(b.size), nxt - 1]
-            used_b = used[b]
-            matched_rows = np.where(used_b, row_of_col[b], 0)
-            # Matched rows are distinct; unmatched columns all point at the unused row 0.
-            u[b[:, None], matched_rows] += np.where(used_b, delta[:, None], 0.0)
-            v[b] -= np.where(used_b, delta[:, None], 0.0)
-            min_slack[b] -= np.where(used_b, 0.0, delta[:, None])
-            col[b] = nxt
-            searching = b[row_of_col[b, nxt] != 0]
-        # Flip the augmenting path of every batch.
-        while (col != 0).any():
-            b = np.flatnonzero(col)
-            prev = way[b, col[b]]
-            row_of_col[b, col[b]] = row_of_col[b, prev]
-            col[b] = prev
-    col_of_row = np.empty((batch, n), dtype=np.int64)
-    col_of_row[all_b[:, None], row_of_col[:, 1:] - 1] = np.arange(n)
-    return col_of_row
+    # Heaviest first; ties in a scrambled but fixed order (a multiplicative hash of the
+    # position), which keeps the chains of equal edges, and so the rounds, short.
+    scramble = (np.arange(weight.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> 40
+    order = np.lexsort((scramble, -weight))
+    left, right = left[order], right[order]
+    right_of = np.full(num_vertices, -1, dtype=np.int64)
+    left_of = np.full(num_vertices, -1, dtype=np.int64)
+    position = np.arange(left.size)
+    while left.size:
+        # An edge that is the first remaining one of both its endpoints is taken: no better
+        # edge can ever claim either endpoint, as in the sequential greedy.
+        first_left = np.full(num_vertices, left.size, dtype=np.int64)
+        first_right = np.full(num_vertices, left.size, dtype=np.int64)
+        np.minimum.at(first_left, left, position)
+        np.minimum.at(first_right, right, position)
+        taken = (first_left[left] == position) & (first_right[right] == position)
+        right_of[left[taken]] = right[taken]
+        left_of[right[taken]] = left[taken]
+        alive = (right_of[left] < 0) & (left_of[right] < 0)
+        left, right = left[alive], right[alive]
+        position = np.arange(left.size)
+    return right_of, left_of
 
 
-def overlap_of(packs: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """float64 [B, R, R]: experts pack p shares with what rank r held (both [B, R, S])."""
-    num_experts = int(max(packs.max(), kept.max())) + 1
-    now = _presence(packs, num_experts).astype(np.float32)
-    before = _presence(kept, num_experts).astype(np.float32)
-    return np.matmul(now, before.transpose(0, 2, 1)).astype(np.float64)
-
-
-def relabel_cost_floor(packs: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """int64 [B]: a lower bound on the weights received after :func:`relabel_packs` (each pack
-    on the rank it overlaps most, ignoring that two packs may want the same rank)."""
-    sizes = (packs >= 0).sum((1, 2))
-    return sizes - overlap_of(packs, kept).max(2).sum(1).astype(np.int64)
-
-
-def relabel_packs(packs: np.ndarray, kept: np.ndarray, num_nodes: int = 1) -> np.ndarray:
+def relabel_packs(packs: np.ndarray, overlap: Overlap, num_nodes: int = 1) -> np.ndarray:
     """int64 [B, R, S]: ``packs`` with its ranks permuted to keep the most experts in place.
 
     Args:
         packs: int64 [B, R, S], a plan whose rank order is free (-1 = empty).
-        kept: int64 [B, R, S], what each new rank held before (-1 = nothing, e.g. joined).
+        overlap: :func:`overlap_edges` of ``packs`` and what each new rank held before.
         num_nodes: ranks form ``num_nodes`` blocks of consecutive ranks; a pack moves only with
             its whole node block, so node-local packs stay on one node.
     """
     batch, ranks, _ = packs.shape
-    overlap = overlap_of(packs, kept)
     per_node = ranks // num_nodes
-    # Best rank matching inside every (new node block, old node block) pair, then nodes.
-    blocks = overlap.reshape(batch, num_nodes, per_node, num_nodes, per_node).transpose(
-        0, 1, 3, 2, 4
-    )
-    inner = max_weight_matching(blocks.reshape(-1, per_node, per_node))
-    inner_value = np.take_along_axis(
-        blocks.reshape(-1, per_node, per_node), inner[:, :, None], axis=2
-    ).sum((1, 2))
-    node_of_block = max_weight_matching(inner_value.reshape(batch, num_nodes, num_nodes))
-    inner = inner.reshape(batch, num_nodes, num_nodes, per_node)
-    chosen = np.take_along_axis(inner, node_of_block[:, :, None, None], axis=2)[:, :, 0]
-    rank_of_pack = (node_of_block[:, :, None] * per_node + chosen).reshape(batch, ranks)
+    layer, pack, rank, weight = overlap
+    node_of_node = np.zeros(batch * num_nodes, dtype=np.int64)  # new node -> old node
+    if num_nodes > 1:
+        node_pair = (layer * num_nodes + pack // per_node) * num_nodes + rank // per_node
+        node_weight = np.bincount(node_pair, weights=weight, minlength=batch * num_nodes**2)
+        pairs = np.flatnonzero(node_weight)
+        new_node, old_node = np.divmod(pairs, num_nodes)  # new_node: layer * N + node
+        old_node += new_node // num_nodes * num_nodes
+        matched, _ = greedy_matching(
+            new_node, old_node, node_weight[pairs].astype(np.int64), batch * num_nodes
+        )
+        node_of_node = _complete(matched.reshape(batch, num_nodes), 1) % num_nodes
+        inside = node_of_node.ravel()[layer * num_nodes + pack // per_node] == rank // per_node
+        layer, pack, rank, weight = layer[inside], pack[inside], rank[inside], weight[inside]
+    rank_of, _ = greedy_matching(layer * ranks + pack, layer * ranks + rank, weight, batch * ranks)
+    target_node = node_of_node.reshape(batch, num_nodes)
+    rank_of_pack = _complete(rank_of.reshape(batch, ranks), per_node, target_node) % ranks
     out = np.empty_like(packs)
     out[np.arange(batch)[:, None], rank_of_pack] = packs
     return out
+
+
+def _complete(
+    matched: np.ndarray, block: int, target_block: np.ndarray | None = None
+) -> np.ndarray:
+    """int64 [B, n]: the matching ``matched`` [B, n] (flat right vertex ``b * n + j`` or -1)
+    with every unmatched left vertex given an unmatched right vertex of the same row, in
+    order; with ``target_block`` [B, n / block] the left vertices of block k take right
+    vertices of block ``target_block[b, k]`` only (the matching respects blocks)."""
+    batch, n = matched.shape
+    flat = matched.ravel()
+    taken = np.zeros(batch * n, dtype=bool)
+    taken[flat[flat >= 0]] = True
+    left = np.flatnonzero(flat < 0)
+    right = np.flatnonzero(~taken)
+    block_of_right = right // block  # row * (n / block) + block
+    block_of_left = left // block
+    if target_block is not None:
+        block_of_left = (left // n) * (n // block) + target_block.ravel()[block_of_left]
+    # Both sides sorted by (row, block): the counts agree in every (row, block).
+    left = left[np.argsort(block_of_left, kind="stable")]
+    right = right[np.argsort(block_of_right, kind="stable")]
+    flat = flat.copy()
+    flat[left] = right
+    return flat.reshape(batch, n)
 
 
 def align_slots(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -129,11 +205,3 @@ def align_slots(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
     free_row, free_slot = np.nonzero(~claimed)
     out[free_row, free_slot] = new[row, item]
     return out.reshape(shape)
-
-
-def _presence(slots: np.ndarray, num_experts: int) -> np.ndarray:
-    """bool [B, R, E]: whether rank r holds expert e (empty slots ignored)."""
-    batch, ranks, _ = slots.shape
-    present = np.zeros((batch, ranks, num_experts + 1), dtype=bool)
-    present[np.arange(batch)[:, None, None], np.arange(ranks)[None, :, None], slots + 1] = True
-    return present[:, :, 1:]

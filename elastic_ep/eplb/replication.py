@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+_PARTITION_FROM = 4096  # candidates per row from which a partition beats the integer sort
+
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
     """int64 [B, E]: replicas per expert, >= 1 each, <= ``max_replicas``, summing to
@@ -39,8 +41,15 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     starts = np.cumsum(per_expert) - per_expert
     kth = np.arange(rank_of.size) - starts[rank_of] + 1
     priority = top[:, rank_of] / kth  # [B, C]; falls with k and with i
-    # The extra-th largest priority, by an integer sort (see ``descending_order``).
-    cutoff = np.sort(priority.view(np.int64), axis=1)[:, -extra, None].view(np.float64)
+    # The extra-th largest priority, by an integer sort (see ``descending_order``); a
+    # partition where the candidates are many (linear instead of n log n).
+    keys = priority.view(np.int64)
+    width = keys.shape[1]
+    if width > _PARTITION_FROM:
+        cutoff = np.partition(keys, width - extra, axis=1)[:, width - extra, None]
+    else:
+        cutoff = np.sort(keys, axis=1)[:, -extra, None]
+    cutoff = cutoff.view(np.float64)
     chosen = priority > cutoff
     tied = priority == cutoff
     wanted = extra - chosen.sum(1, keepdims=True)

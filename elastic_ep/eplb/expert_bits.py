@@ -1,0 +1,49 @@
+"""Which experts a rank holds, as a bit set per rank: membership by one gather.
+
+The repair's swap search asks, for thousands of (rank, expert) pairs per step, whether the rank
+holds the expert now or held it before. A bool table [R, E] per layer costs R x E to build (15M
+cells at 58 layers x 1024 ranks x 256 experts); comparing against the S slots of the rank costs
+a reduction per query. Bit ``e + 1`` of row r (uint64 words, ``(E + 64) // 64`` per rank) is set
+where rank r holds expert e; bit 0 ("empty", expert -1) is never set, so an empty slot is never
+"held".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def expert_bits(slots: np.ndarray, num_experts: int) -> np.ndarray:
+    """uint64 [N, W]: bit ``e + 1`` set where row n of ``slots`` (int64 [N, S], -1 = empty)
+    holds expert e; W = (E + 64) // 64 words (bit 0, "empty", is never set)."""
+    rows = slots.shape[0]
+    width = (num_experts + 64) // 64
+    ids = slots + 1
+    bits = np.zeros(rows * width, dtype=np.uint64)
+    cell = (np.arange(rows)[:, None] * width + (ids >> 6))[slots >= 0]
+    np.bitwise_or.at(
+        bits, cell, np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))[slots >= 0]
+    )
+    return bits.reshape(rows, width)
+
+
+def has_expert(bits: np.ndarray, rank: np.ndarray, expert: np.ndarray) -> np.ndarray:
+    """bool (broadcast shape of ``rank`` and ``expert``): whether flat rank ``rank`` holds
+    ``expert`` (-1 = nothing: False) in ``bits`` (from :func:`expert_bits`)."""
+    ids = expert + 1
+    word = bits.ravel()[rank * bits.shape[1] + (ids >> 6)]
+    return (np.right_shift(word, (ids & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+
+
+def move_bit(bits: np.ndarray, rank: np.ndarray, gone: np.ndarray, came: np.ndarray) -> None:
+    """In ``bits``, rank ``rank[i]`` (distinct) drops expert ``gone[i]`` and gains ``came[i]``
+    (-1 = nothing)."""
+    for expert, keep in ((gone, False), (came, True)):
+        ids = expert + 1
+        word = ids >> 6
+        mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
+        mask[expert < 0] = 0
+        if keep:
+            bits[rank, word] |= mask
+        else:
+            bits[rank, word] &= ~mask
