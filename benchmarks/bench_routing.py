@@ -13,7 +13,7 @@ and adds per-slot counts into a fixed-address buffer behind a device flag:
 
 Time per layer: 20 launches captured in a CUDA graph, replayed ``--repeats`` times, timed with
 CUDA events (median per launch, batches rotated), so launch gaps are the GPU's, as in a
-graph-captured decode step; ``eager`` adds the host's launch cost (median of single launches).
+graph-captured decode step.
 Imbalance: per batch, for every expert with 2+ replicas, max - min tokens over its replicas; the
 table gives the largest over experts and batches.
 
@@ -26,6 +26,9 @@ kernel's source from) and imports that:
     mkdir -p .carry/vllm_router && unzip -o -j .carry/wheels/vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl \\
         vllm/model_executor/layers/fused_moe/router/base_router.py -d .carry/vllm_router
     python benchmarks/bench_routing.py --vllm .carry/vllm_router/base_router.py [--repeats 50]
+
+``--sweep``: also the kernel's launch shapes (pairs up to which one program runs, pairs per
+program above that) and plain per-pair atomics, at E=256, top-8, beside vLLM.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ BATCHES = 8
 LAUNCHES = 20
 RANKS = 8
 MAX_REPLICAS = 4
+AGGREGATE = [True]
+"""Whether our kernel aggregates atomics per warp (``--sweep`` turns it off for one row)."""
 
 
 def load_vllm_kernel(path: Path) -> Callable[..., torch.Tensor]:
@@ -137,19 +142,6 @@ def graph_time_us(step: Callable[[int], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def eager_time_us(step: Callable[[int], object], repeats: int) -> float:
-    times = []
-    for i in range(repeats):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(i % BATCHES)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 @dataclass(frozen=True)
 class Row:
     experts: int
@@ -159,8 +151,6 @@ class Row:
     kernel_i64_us: float
     vllm_us: float
     torch_us: float
-    kernel_eager_us: float
-    vllm_eager_us: float
     kernel_imbalance: int
     vllm_imbalance: int
     torch_imbalance: int
@@ -200,6 +190,7 @@ def measure(
             slot_counts=record.slot_counts[0],
             expert_counts=record.step_counts[0],
             record_flag=record.recording,
+            warp_aggregate=AGGREGATE[0],
         )
 
     def theirs(i: int) -> torch.Tensor:
@@ -235,8 +226,6 @@ def measure(
         times["kernel_i64"],
         times["vllm"],
         times["torch"],
-        eager_time_us(paths["kernel"], repeats),
-        eager_time_us(theirs, repeats),
         spread["kernel"],
         spread["vllm"],
         spread["torch"],
@@ -246,17 +235,37 @@ def measure(
 def table(rows: list[Row]) -> str:
     lines = [
         "| E | top-k | tokens | kernel us | kernel/vLLM | vLLM us | torch us | kernel int64 us "
-        "| eager kernel / vLLM us | imbalance kernel / vLLM / torch |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| imbalance kernel / vLLM / torch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.experts} | {r.top_k} | {r.tokens} | {r.kernel_us:.2f} | "
             f"{r.kernel_us / r.vllm_us:.2f} | {r.vllm_us:.2f} | {r.torch_us:.1f} | "
-            f"{r.kernel_i64_us:.2f} | {r.kernel_eager_us:.1f} / {r.vllm_eager_us:.1f} | "
+            f"{r.kernel_i64_us:.2f} | "
             f"{r.kernel_imbalance} / {r.vllm_imbalance} / {r.torch_imbalance} |"
         )
     return "\n".join(lines)
+
+
+def sweep(vllm: Callable[..., torch.Tensor], repeats: int) -> None:
+    """Our kernel's launch shapes and plain atomics beside vLLM, at E=256, top-8."""
+    shapes = [(1024, 256, True), (256, 256, True), (1024, 128, True), (1024, 512, True)]
+    shapes.append((1024, 256, False))
+    defaults = (rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK)
+    print(
+        "| one program up to | pairs per program | warp-aggregated | tokens | kernel us | vLLM us |"
+    )
+    print("|---:|---:|---|---:|---:|---:|")
+    for single, block, aggregate in shapes:
+        rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK, AGGREGATE[0] = single, block, aggregate
+        for tokens in (8, 64, 512, 4096, 16384):
+            row = measure(vllm, 256, 8, tokens, repeats)
+            print(
+                f"| {single} | {block} | {aggregate} | {tokens} | {row.kernel_us:.2f} | {row.vllm_us:.2f} |",
+                flush=True,
+            )
+    (rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK), AGGREGATE[0] = defaults, True
 
 
 def main() -> None:
@@ -267,10 +276,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--sweep", action="store_true", help="also the kernel's launch shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     vllm = load_vllm_kernel(args.vllm)
+    if args.sweep:
+        sweep(vllm, args.repeats)
     rows = []
     for experts in args.experts:
         for top_k in args.top_k:

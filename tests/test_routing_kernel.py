@@ -219,7 +219,7 @@ def test_bad_arguments_raise_clearly() -> None:
         rk.new_route_scratch(0, "cpu")
 
 
-@pytest.mark.parametrize(("pairs", "single"), [(8, True), (4096, True), (16384 * 8, False)])
+@pytest.mark.parametrize(("pairs", "single"), [(8, True), (1024, True), (16384 * 8, False)])
 def test_kernel_compiles_for_hopper(pairs: int, single: bool) -> None:
     """The real compiler (no GPU needed): sm_90 code with the warp-wide match, one atomic per
     group of lanes, and a block that never holds a pair in two threads."""
@@ -228,7 +228,7 @@ def test_kernel_compiles_for_hopper(pairs: int, single: bool) -> None:
     from triton.compiler import ASTSource
 
     programs, block, warps = rk.launch_shape(pairs)
-    assert (programs == 1) == single and block >= 32 * warps
+    assert (programs == 1) == single and block == 32 * warps  # one pair per thread
     pointers = ("ids", "log2phy", "logcnt", "out")
     signature = {f"{name}_ptr": "*i64" for name in pointers}
     for name in ("scratch", "slot_counts", "expert_counts", "flag", "num_tokens"):
@@ -255,6 +255,5 @@ def test_kernel_compiles_for_hopper(pairs: int, single: bool) -> None:
     except RuntimeError as err:  # no ptxas in this triton install
         pytest.skip(f"cannot compile for CUDA here: {err}")
     ptx = compiled.asm["ptx"]
-    per_thread = block // (32 * warps)
-    assert ptx.count("match.any.sync.b32") == 3 * per_thread
-    assert ptx.count("red.global.add.u32") == 2 * per_thread
+    assert ptx.count("match.any.sync.b32") == 3
+    assert ptx.count("red.global.add.u32") == 2
