@@ -148,13 +148,19 @@ if triton is not None:
         if HAS_NUM_TOKENS:
             valid = valid & (offs < tl.load(num_tokens_ptr) * top_k)
         expert = tl.where(valid, raw, 0).to(tl.int32)
-        # The ordinal is taken before the replica count arrives (they travel in parallel); an
-        # expert without replicas wastes its counter, which is cleared anyway.
+        if RECORD:
+            recording = tl.load(flag_ptr) != 0
+        # Loads first: the fetch-add below waits for its reply, and a load issued after it would
+        # start only then. An expert without replicas wastes its counter (cleared anyway).
+        count = tl.load(logcnt_ptr + expert, mask=valid, other=0).to(tl.int32)
         if WARP_AGGREGATE:
             ordinal = _warp_fetch_add(scratch_ptr + expert, tl.where(valid, expert, -1))
         else:
             ordinal = tl.atomic_add(scratch_ptr + expert, 1, mask=valid, sem="relaxed")
-        count = tl.load(logcnt_ptr + expert, mask=valid, other=0).to(tl.int32)
+        # ``ordinal >> 31`` is 0 (ordinals are < 2**31), but ties the count's use to the fetch-add's
+        # reply: otherwise ptxas starts the modulo's division before the atomic is issued, so the
+        # atomic waits for the count load and the two round trips run one after the other.
+        count = count | (ordinal >> 31)
         routed = valid & (count > 0)
         entry = (ordinal + rank_offset) % tl.maximum(count, 1)
         slot = tl.load(
@@ -162,7 +168,7 @@ if triton is not None:
         )
         tl.store(out_ptr + offs, slot.to(out_ptr.dtype.element_ty), mask=in_range)
         if RECORD:
-            counted = routed & (tl.load(flag_ptr) != 0)
+            counted = routed & recording
             slot32 = tl.where(counted, slot, 0).to(tl.int32)
             if WARP_AGGREGATE:
                 _warp_add(slot_counts_ptr + slot32, tl.where(counted, slot32, -1))
