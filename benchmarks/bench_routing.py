@@ -28,7 +28,7 @@ kernel's source from) and imports that:
     python benchmarks/bench_routing.py --vllm .carry/vllm_router/base_router.py [--repeats 50]
 
 ``--sweep``: also the kernel's launch shapes (pairs up to which one program runs, pairs per
-program above that) and plain per-pair atomics, at E=256, top-8, beside vLLM.
+program above that) and warp aggregation forced on and off, at E=256, top-8, beside vLLM.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ BATCHES = 8
 LAUNCHES = 20
 RANKS = 8
 MAX_REPLICAS = 4
-AGGREGATE = [True]
-"""Whether our kernel aggregates atomics per warp (``--sweep`` turns it off for one row)."""
+AGGREGATE: list[bool | None] = [None]
+"""Our kernel's ``warp_aggregate`` (None: its default; ``--sweep`` forces it on and off)."""
 
 
 def load_vllm_kernel(path: Path) -> Callable[..., torch.Tensor]:
@@ -250,8 +250,8 @@ def table(rows: list[Row]) -> str:
 
 def sweep(vllm: Callable[..., torch.Tensor], repeats: int) -> None:
     """Our kernel's launch shapes and plain atomics beside vLLM, at E=256, top-8."""
-    shapes = [(1024, 256, True), (256, 256, True), (1024, 128, True), (1024, 512, True)]
-    shapes.append((1024, 256, False))
+    shapes: list[tuple[int, int, bool | None]] = [(1024, 256, None), (1024, 256, True)]
+    shapes += [(1024, 256, False), (1024, 128, None), (256, 256, None)]
     defaults = (rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK)
     print(
         "| one program up to | pairs per program | warp-aggregated | tokens | kernel us | vLLM us |"
@@ -259,13 +259,15 @@ def sweep(vllm: Callable[..., torch.Tensor], repeats: int) -> None:
     print("|---:|---:|---|---:|---:|---:|")
     for single, block, aggregate in shapes:
         rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK, AGGREGATE[0] = single, block, aggregate
+        label = f"above {rk.AGGREGATE_ABOVE_PAIRS} pairs" if aggregate is None else aggregate
         for tokens in (8, 64, 512, 4096, 16384):
             row = measure(vllm, 256, 8, tokens, repeats)
             print(
-                f"| {single} | {block} | {aggregate} | {tokens} | {row.kernel_us:.2f} | {row.vllm_us:.2f} |",
+                f"| {single} | {block} | {label} | {tokens} | {row.kernel_us:.2f} | "
+                f"{row.vllm_us:.2f} |",
                 flush=True,
             )
-    (rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK), AGGREGATE[0] = defaults, True
+    (rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK), AGGREGATE[0] = defaults, None
 
 
 def main() -> None:
