@@ -259,7 +259,7 @@ def sweep(vllm: Callable[..., torch.Tensor], repeats: int) -> None:
     print("|---:|---:|---|---:|---:|---:|")
     for single, block, aggregate in shapes:
         rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK, AGGREGATE[0] = single, block, aggregate
-        label = f"above {rk.AGGREGATE_ABOVE_PAIRS} pairs" if aggregate is None else aggregate
+        label = f"above {rk.LARGE_BATCH_PAIRS} pairs" if aggregate is None else aggregate
         for tokens in (8, 64, 512, 4096, 16384):
             row = measure(vllm, 256, 8, tokens, repeats)
             print(

@@ -37,16 +37,19 @@ def kernel() -> Any:
     return interpreter.InterpretedFunction(rk._route_kernel.fn)
 
 
-SHAPES = pytest.mark.parametrize("many", [False, True], ids=["one program", "many programs"])
-"""Both launch shapes: one program, or blocks of 32 pairs where the last program clears."""
+SHAPES = pytest.mark.parametrize("shape", ["one program", "many programs", "tallied"])
+"""The launch shapes: one program; blocks of 32 pairs where the last program clears the counters;
+the same where it also tallies the counts from them (the large-batch path)."""
 
 
 @contextlib.contextmanager
-def _launch_shape(many: bool) -> Iterator[None]:
+def _launch_shape(shape: str) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
-        if many:
+        if shape != "one program":
             patch.setattr(rk, "SINGLE_PROGRAM_PAIRS", 32)
             patch.setattr(rk, "MULTI_BLOCK", 32)
+        if shape == "tallied":
+            patch.setattr(rk, "LARGE_BATCH_PAIRS", 32)
         yield
 
 
@@ -96,7 +99,7 @@ def _slot_sets(slots: torch.Tensor, ids: torch.Tensor) -> dict[int, set[int]]:
 @settings(max_examples=25, deadline=None)
 @given(placements(), st.integers(0, 60), st.integers(0, 7), st.integers(0, 2**31))
 def test_kernel_counts_equal_the_reference(
-    kernel: Any, many: bool, placement: Placement, tokens: int, offset: int, seed: int
+    kernel: Any, shape: str, placement: Placement, tokens: int, offset: int, seed: int
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     top_k = int(torch.randint(1, placement.num_logical + 1, (1,), generator=gen))
@@ -118,10 +121,11 @@ def test_kernel_counts_equal_the_reference(
         assert int(scratch.abs().sum()) == 0  # counters cleared for the next launch
 
 
+@SHAPES
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 80), st.integers(0, 2**31))
 def test_repeated_row_entries_get_their_multiple(
-    kernel: Any, experts: int, width: int, tokens: int, seed: int
+    kernel: Any, shape: str, experts: int, width: int, tokens: int, seed: int
 ) -> None:
     """A slot that appears k times in an expert's row gets k shares: the split is exact over row
     entries (counts per entry differ by at most one), on both paths."""
@@ -133,10 +137,10 @@ def test_repeated_row_entries_get_their_multiple(
         own = torch.arange(e * width, e * width + int(torch.randint(1, width + 1, (1,))))
         log2phy[e, : logcnt[e]] = own[torch.randint(0, len(own), (int(logcnt[e]),))]
     ids = torch.randint(0, experts, (tokens, 2), generator=gen)
-    for slots in (
-        route_to_slots(ids, log2phy, logcnt, rank_offset=seed % 5),
-        _route(kernel, ids, log2phy, logcnt, capacity, seed % 5)[0],
-    ):
+    with _launch_shape(shape):
+        got, slot_counts, _, _ = _route(kernel, ids, log2phy, logcnt, capacity, seed % 5)
+    assert torch.equal(slot_counts, torch.bincount(got.reshape(-1), minlength=capacity).int())
+    for slots in (route_to_slots(ids, log2phy, logcnt, rank_offset=seed % 5), got):
         per_slot = torch.bincount(slots.reshape(-1), minlength=capacity)
         for e in range(experts):
             n = int((ids == e).sum())
@@ -148,14 +152,14 @@ def test_repeated_row_entries_get_their_multiple(
 
 
 @SHAPES
-def test_padding_invalid_ids_and_record_flag(kernel: Any, many: bool) -> None:
+def test_padding_invalid_ids_and_record_flag(kernel: Any, shape: str) -> None:
     gen = torch.Generator().manual_seed(3)
     placement = random_placement(gen, 1, 8, 2, 6)
     l2p, cnt, p2l = placement.log2phy[0], placement.logcnt[0], placement.phy2log[0]
     ids = _ids(gen, 20, 8, 3)
     ids[4, 1], ids[7, 0] = -1, 8  # out of range: routed nowhere, not counted
     real = 15  # tokens 15.. are padding
-    with _launch_shape(many):
+    with _launch_shape(shape):
         slots, slot_counts, expert_counts, _ = _route(
             kernel, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real])
         )
@@ -171,7 +175,7 @@ def test_padding_invalid_ids_and_record_flag(kernel: Any, many: bool) -> None:
     assert torch.equal(expert_counts, torch.bincount(ids[~bad], minlength=8).to(torch.int32))
     # Not recording: the same slots, nothing added.
     off = torch.zeros(1, dtype=torch.int32)
-    with _launch_shape(many):
+    with _launch_shape(shape):
         slots_off, slot_counts, expert_counts, _ = _route(
             kernel, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real]), record_flag=off
         )
@@ -240,8 +244,10 @@ def test_kernel_compiles_for_hopper(pairs: int, single: bool) -> None:
         "HAS_NUM_TOKENS": True,
         "SINGLE": single,
         "WARP_AGGREGATE": True,
+        "TALLY": not single,
         "BLOCK": block,
         "E_BLOCK": 256,
+        "R_TILE": 4,
     }
     source = ASTSource(
         fn=rk._route_kernel,
@@ -255,6 +261,7 @@ def test_kernel_compiles_for_hopper(pairs: int, single: bool) -> None:
     except RuntimeError as err:  # no ptxas in this triton install
         pytest.skip(f"cannot compile for CUDA here: {err}")
     ptx = compiled.asm["ptx"]
-    # fetch-add, slot count, and (one program) expert count; many: the last adds the counters
-    assert ptx.count("match.any.sync.b32") == (3 if single else 2)
+    # fetch-add, slot and expert counts; large batches: the fetch-add, and the last program
+    # tallies the counts from the counters it swaps for 0
+    assert ptx.count("match.any.sync.b32") == (3 if single else 1)
     assert ("exch" in ptx) == (not single)

@@ -18,13 +18,14 @@ One launch does everything, so it replays inside a captured CUDA graph on the fi
    the same expert first agree (``match.any``) and one lane adds their number, so a hot expert
    costs one atomic per warp, not one per pair; otherwise each pair adds its own.
 3. If recording (``record_flag[0] != 0``, read on the device), add 1 per routed pair to
-   ``slot_counts[slot]`` (again aggregated per warp on CUDA above ``AGGREGATE_ABOVE_PAIRS``).
+   ``slot_counts[slot]`` and ``expert_counts[e]``.
 4. The counters go back to zero for the next launch: after a barrier, by the program itself if it
    is the only one, else by the last program to finish (each bumps ``scratch[E]`` once; the one
    that reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one
-   scratch per layer, one stream). ``expert_counts[e]`` gets 1 per routed pair from a single
-   program, and the whole counter from the last of many (swapped out for 0): a hot expert's
-   address then takes one atomic per warp instead of two.
+   scratch per layer, one stream). For large batches step 3 moves here: the last program swaps
+   each counter for 0, adds it to ``expert_counts[e]``, and adds to each row entry its share of
+   the ordinals (the split is a pure function of ``n_e``, ``logcnt[e]`` and ``rank_offset``), so
+   the per-pair work is a single atomic, as in a hashing kernel.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ pairs would pay those round trips one after another (4 pairs per thread measured
 on H200)."""
 
 
-AGGREGATE_ABOVE_PAIRS = 8192
-"""Warp aggregation pays above this many pairs (a hot expert's atomics queue up at one address);
-below it the match costs more than it saves. On H200, E=256, top-8: 2.34 us aggregated vs 1.93
-plain at 64 pairs, 3.59 vs 3.25 at 4096, 12.1 vs 12.6 at 32768, 37 vs 66 at 131072."""
+LARGE_BATCH_PAIRS = 8192
+"""Above this many pairs, atomics are what the launch waits for (a hot expert's queue up at one
+address), so the compiled kernel aggregates them per warp, and the last program tallies the
+slot and expert counts from the counters instead of one add per pair. Below it the match costs
+more than it saves: on H200, E=256, top-8, warp-aggregated vs plain per-pair atomics took 2.34
+vs 1.93 us at 64 pairs, 3.59 vs 3.25 at 4096, 12.1 vs 12.6 at 32768, 37 vs 66 at 131072."""
 
 
 def triton_available() -> bool:
@@ -127,6 +130,12 @@ if triton is not None:
         )
 
     @triton.jit
+    def _larger(a, b):
+        """``tl.max``'s combine, defined here: Triton's interpreter runs it from a kernel, while
+        it cannot run ``tl.max`` itself (a jit function of another module) from one."""
+        return tl.maximum(a, b)
+
+    @triton.jit
     def _route_kernel(  # unannotated: Triton rejects non-constexpr globals such as Any
         ids_ptr,
         log2phy_ptr,
@@ -146,8 +155,10 @@ if triton is not None:
         HAS_NUM_TOKENS: tl.constexpr,
         SINGLE: tl.constexpr,
         WARP_AGGREGATE: tl.constexpr,
+        TALLY: tl.constexpr,
         BLOCK: tl.constexpr,
         E_BLOCK: tl.constexpr,
+        R_TILE: tl.constexpr,
     ):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_range = offs < numel
@@ -175,18 +186,15 @@ if triton is not None:
             log2phy_ptr + expert.to(tl.int64) * row_stride + entry, mask=routed, other=-1
         )
         tl.store(out_ptr + offs, slot.to(out_ptr.dtype.element_ty), mask=in_range)
-        if RECORD:
+        if RECORD and not TALLY:
             counted = routed & recording
             slot32 = tl.where(counted, slot, 0).to(tl.int32)
             if WARP_AGGREGATE:
                 _warp_add(slot_counts_ptr + slot32, tl.where(counted, slot32, -1))
+                _warp_add(expert_counts_ptr + expert, tl.where(counted, expert, -1))
             else:
                 tl.atomic_add(slot_counts_ptr + slot32, 1, mask=counted, sem="relaxed")
-            if SINGLE:  # many programs: the last one adds the counters instead (less contention)
-                if WARP_AGGREGATE:
-                    _warp_add(expert_counts_ptr + expert, tl.where(counted, expert, -1))
-                else:
-                    tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
+                tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
         # Every lane's fetch-add has returned (its value was used above) before anyone clears.
         tl.debug_barrier()
         if SINGLE:
@@ -199,16 +207,29 @@ if triton is not None:
             for start in range(0, num_experts, E_BLOCK):
                 experts = start + tl.arange(0, E_BLOCK)
                 inside = experts < num_experts
-                if RECORD and not SINGLE:
-                    # The counters hold each expert's valid pairs of the whole batch.
+                if TALLY:
+                    # Counter e holds n_e, the batch's valid pairs of expert e; row entry r got
+                    # the ordinals j < n_e with (j + rank_offset) % c == r: n_e // c of them,
+                    # plus one if (r - rank_offset) mod c < n_e % c.
                     pairs = tl.atomic_xchg(scratch_ptr + experts, 0, mask=inside, sem="relaxed")
-                    replicated = tl.load(logcnt_ptr + experts, mask=inside, other=0) > 0
-                    tl.atomic_add(
-                        expert_counts_ptr + experts,
-                        pairs,
-                        mask=inside & replicated & recording,
-                        sem="relaxed",
-                    )
+                    replicas = tl.load(logcnt_ptr + experts, mask=inside, other=0).to(tl.int32)
+                    take = inside & (replicas > 0) & recording
+                    tl.atomic_add(expert_counts_ptr + experts, pairs, mask=take, sem="relaxed")
+                    c = tl.maximum(replicas, 1)[:, None]
+                    n = pairs[:, None]
+                    for first in range(0, tl.reduce(replicas, 0, _larger), R_TILE):
+                        r = first + tl.arange(0, R_TILE)[None, :]
+                        has = take[:, None] & (r < replicas[:, None])
+                        row = experts.to(tl.int64)[:, None] * row_stride
+                        entry_slot = tl.load(log2phy_ptr + row + r, mask=has, other=0)
+                        rotated = ((r - rank_offset) % c + c) % c
+                        share = n // c + (rotated < n % c).to(tl.int32)
+                        tl.atomic_add(
+                            slot_counts_ptr + entry_slot,
+                            share,
+                            mask=has & (share > 0),
+                            sem="relaxed",
+                        )
                 else:
                     tl.store(scratch_ptr + experts, 0, mask=inside)
             if not SINGLE:
@@ -260,7 +281,7 @@ def route_and_record(
         out: [T, K] of ``topk_ids``' dtype to write into (default: a new tensor).
         kernel: the Triton kernel to launch (tests pass an interpreted one on CPU).
         warp_aggregate: aggregate atomics per warp with PTX (default: for the compiled kernel
-            above ``AGGREGATE_ABOVE_PAIRS`` pairs; never for an interpreted one, which cannot
+            above ``LARGE_BATCH_PAIRS`` pairs; never for an interpreted one, which cannot
             run PTX).
     Returns:
         [T, K] physical slots (``topk_ids``' dtype), -1 where not routed.
@@ -308,8 +329,9 @@ def route_and_record(
     if numel == 0:
         return out
     programs, block, warps = launch_shape(numel)
+    large = numel > LARGE_BATCH_PAIRS
     if warp_aggregate is None:
-        warp_aggregate = kernel is None and numel > AGGREGATE_ABOVE_PAIRS
+        warp_aggregate = kernel is None and large
     (_route_kernel if kernel is None else kernel)[(programs,)](
         ids,
         log2phy,
@@ -329,8 +351,10 @@ def route_and_record(
         HAS_NUM_TOKENS=num_tokens is not None,
         SINGLE=programs == 1,
         WARP_AGGREGATE=warp_aggregate,
+        TALLY=slot_counts is not None and programs > 1 and large,
         BLOCK=block,
         E_BLOCK=min(1024, triton.next_power_of_2(num_experts)),
+        R_TILE=4,
         num_warps=warps,
     )
     return out
