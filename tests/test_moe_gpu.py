@@ -211,7 +211,7 @@ def test_route_kernel_on_cuda_splits_like_the_reference(warp_aggregate: bool) ->
 
 @pytest.mark.timeout(60)
 def test_route_kernel_replays_in_a_cuda_graph_after_update() -> None:
-    """The kernel (one program, and many) captured once; replays follow a placement written in
+    """The kernel (each launch shape) captured once; replays follow a placement written in
     place by ``buffers.update_``, the padding count and the record flag, all on the device."""
     _needs_gpus(1)
     gen = torch.Generator().manual_seed(2)
@@ -221,8 +221,9 @@ def test_route_kernel_replays_in_a_cuda_graph_after_update() -> None:
     first = random_placement(gen, 1, 32, 4, 12)
     second = random_placement(gen, 1, 32, 4, 16)
     buffers.update_(first)
-    batches = [_skewed_ids(gen, n, 4, 32).cuda() for n in (3, 2000)]  # 12 and 8000 pairs
-    valid = [torch.tensor([n], device="cuda") for n in (3, 2000)]
+    sizes = (3, 2000, 2500)  # 12, 8000 and 10000 pairs: one program, many, many and tallied
+    batches = [_skewed_ids(gen, n, 4, 32).cuda() for n in sizes]
+    valid = [torch.tensor([n], device="cuda") for n in sizes]
 
     def route() -> list[torch.Tensor]:
         return [
@@ -250,9 +251,9 @@ def test_route_kernel_replays_in_a_cuda_graph_after_update() -> None:
         captured = route()
     record.reset()
     for placement, recording, real in [
-        (first, True, (3, 2000)),
-        (second, True, (2, 1500)),
-        (second, False, (3, 2000)),
+        (first, True, sizes),
+        (second, True, (2, 1500, 2100)),
+        (second, False, sizes),
     ]:
         buffers.update_(placement)
         record.set_recording(recording)
