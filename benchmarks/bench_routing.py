@@ -27,8 +27,9 @@ kernel's source from) and imports that:
         vllm/model_executor/layers/fused_moe/router/base_router.py -d .carry/vllm_router
     python benchmarks/bench_routing.py --vllm .carry/vllm_router/base_router.py [--repeats 50]
 
-``--sweep``: also the kernel's launch shapes (pairs up to which one program runs, pairs per
-program above that) and warp aggregation forced on and off, at E=256, top-8, beside vLLM.
+``--sweep``: also the kernel's thresholds (``route_kernel.AGGREGATE_ABOVE_PAIRS``,
+``TALLY_ABOVE_PAIRS``; ``--aggregate-above``/``--tally-above`` set them for the table) at E=64 and
+E=384, top-8, beside vLLM.
 """
 
 from __future__ import annotations
@@ -57,8 +58,6 @@ BATCHES = 8
 LAUNCHES = 20
 RANKS = 8
 MAX_REPLICAS = 4
-AGGREGATE: list[bool | None] = [None]
-"""Our kernel's ``warp_aggregate`` (None: its default; ``--sweep`` forces it on and off)."""
 
 
 def load_vllm_kernel(path: Path) -> Callable[..., torch.Tensor]:
@@ -190,7 +189,6 @@ def measure(
             slot_counts=record.slot_counts[0],
             expert_counts=record.step_counts[0],
             record_flag=record.recording,
-            warp_aggregate=AGGREGATE[0],
         )
 
     def theirs(i: int) -> torch.Tensor:
@@ -249,25 +247,24 @@ def table(rows: list[Row]) -> str:
 
 
 def sweep(vllm: Callable[..., torch.Tensor], repeats: int) -> None:
-    """Our kernel's launch shapes and plain atomics beside vLLM, at E=256, top-8."""
-    shapes: list[tuple[int, int, bool | None]] = [(1024, 256, None), (1024, 256, True)]
-    shapes += [(1024, 256, False), (1024, 128, None), (256, 256, None)]
-    defaults = (rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK)
-    print(
-        "| one program up to | pairs per program | warp-aggregated | tokens | kernel us | vLLM us |"
-    )
-    print("|---:|---:|---|---:|---:|---:|")
-    for single, block, aggregate in shapes:
-        rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK, AGGREGATE[0] = single, block, aggregate
-        label = f"above {rk.LARGE_BATCH_PAIRS} pairs" if aggregate is None else aggregate
-        for tokens in (8, 64, 512, 4096, 16384):
-            row = measure(vllm, 256, 8, tokens, repeats)
-            print(
-                f"| {single} | {block} | {label} | {tokens} | {row.kernel_us:.2f} | "
-                f"{row.vllm_us:.2f} |",
-                flush=True,
-            )
-    (rk.SINGLE_PROGRAM_PAIRS, rk.MULTI_BLOCK), AGGREGATE[0] = defaults, None
+    """Our kernel's thresholds (warp aggregation, tally by the last program) beside vLLM, at
+    E=64 and E=384, top-8."""
+    never = 1 << 40
+    variants = [(8192, 8192), (8192, 1024), (1024, 1024), (never, 8192), (never, 1024)]
+    defaults = (rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS)
+    print("| aggregate above | tally above | E | tokens | kernel us | vLLM us |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for aggregate, tally in variants:
+        rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS = aggregate, tally
+        for experts in (64, 384):
+            for tokens in (512, 4096, 16384):
+                row = measure(vllm, experts, 8, tokens, repeats)
+                print(
+                    f"| {'never' if aggregate == never else aggregate} | {tally} | {experts} | "
+                    f"{tokens} | {row.kernel_us:.2f} | {row.vllm_us:.2f} |",
+                    flush=True,
+                )
+    rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS = defaults
 
 
 def main() -> None:
@@ -278,13 +275,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", type=Path, help="write the rows here")
-    parser.add_argument("--sweep", action="store_true", help="also the kernel's launch shapes")
+    parser.add_argument("--sweep", action="store_true", help="also the kernel's thresholds")
+    parser.add_argument("--aggregate-above", type=int, default=rk.AGGREGATE_ABOVE_PAIRS)
+    parser.add_argument("--tally-above", type=int, default=rk.TALLY_ABOVE_PAIRS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     vllm = load_vllm_kernel(args.vllm)
     if args.sweep:
         sweep(vllm, args.repeats)
+    rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS = args.aggregate_above, args.tally_above
+    print(f"aggregate above {args.aggregate_above} pairs, tally above {args.tally_above}")
     rows = []
     for experts in args.experts:
         for top_k in args.top_k:

@@ -49,7 +49,7 @@ def _launch_shape(shape: str) -> Iterator[None]:
             patch.setattr(rk, "SINGLE_PROGRAM_PAIRS", 32)
             patch.setattr(rk, "MULTI_BLOCK", 32)
         if shape == "tallied":
-            patch.setattr(rk, "LARGE_BATCH_PAIRS", 32)
+            patch.setattr(rk, "TALLY_ABOVE_PAIRS", 32)
         yield
 
 

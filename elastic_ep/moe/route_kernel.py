@@ -14,7 +14,7 @@ One launch does everything, so it replays inside a captured CUDA graph on the fi
 
 1. Each program loads a block of ids; invalid ids (outside ``[0, E)``) and the pairs of padded
    tokens (``>= num_tokens``, read on the device) route to -1 and take no ordinal.
-2. Ordinal = fetch-add on ``scratch[e]``. For large batches on CUDA the lanes of a warp that hold
+2. Ordinal = fetch-add on ``scratch[e]``. For large batches on CUDA (``AGGREGATE_ABOVE_PAIRS``) the lanes of a warp that hold
    the same expert first agree (``match.any``) and one lane adds their number, so a hot expert
    costs one atomic per warp, not one per pair; otherwise each pair adds its own.
 3. If recording (``record_flag[0] != 0``, read on the device), add 1 per routed pair to
@@ -22,7 +22,7 @@ One launch does everything, so it replays inside a captured CUDA graph on the fi
 4. The counters go back to zero for the next launch: after a barrier, by the program itself if it
    is the only one, else by the last program to finish (each bumps ``scratch[E]`` once; the one
    that reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one
-   scratch per layer, one stream). For large batches step 3 moves here: the last program swaps
+   scratch per layer, one stream). For large batches (``TALLY_ABOVE_PAIRS``) step 3 moves here: the last program swaps
    each counter for 0, adds it to ``expert_counts[e]``, and adds to each row entry its share of
    the ordinals (the split is a pure function of ``n_e``, ``logcnt[e]`` and ``rank_offset``), so
    the per-pair work is a single atomic, as in a hashing kernel.
@@ -51,12 +51,15 @@ pairs would pay those round trips one after another (4 pairs per thread measured
 on H200)."""
 
 
-LARGE_BATCH_PAIRS = 8192
-"""Above this many pairs, atomics are what the launch waits for (a hot expert's queue up at one
-address), so the compiled kernel aggregates them per warp, and the last program tallies the
-slot and expert counts from the counters instead of one add per pair. Below it the match costs
-more than it saves: on H200, E=256, top-8, warp-aggregated vs plain per-pair atomics took 2.34
-vs 1.93 us at 64 pairs, 3.59 vs 3.25 at 4096, 12.1 vs 12.6 at 32768, 37 vs 66 at 131072."""
+AGGREGATE_ABOVE_PAIRS = 8192
+"""Above this many pairs the compiled kernel aggregates its atomics per warp (a hot expert's
+queue up at one address); below it the match costs more than it saves: on H200, E=256, top-8,
+aggregated vs plain per-pair atomics took 2.34 vs 1.93 us at 64 pairs, 3.59 vs 3.25 at 4096,
+12.1 vs 12.6 at 32768, 37 vs 66 at 131072."""
+
+TALLY_ABOVE_PAIRS = 8192
+"""Above this many pairs (and with more than one program) the last program tallies the slot and
+expert counts from the counters instead of one add per pair per count."""
 
 
 def triton_available() -> bool:
@@ -281,7 +284,7 @@ def route_and_record(
         out: [T, K] of ``topk_ids``' dtype to write into (default: a new tensor).
         kernel: the Triton kernel to launch (tests pass an interpreted one on CPU).
         warp_aggregate: aggregate atomics per warp with PTX (default: for the compiled kernel
-            above ``LARGE_BATCH_PAIRS`` pairs; never for an interpreted one, which cannot
+            above ``AGGREGATE_ABOVE_PAIRS`` pairs; never for an interpreted one, which cannot
             run PTX).
     Returns:
         [T, K] physical slots (``topk_ids``' dtype), -1 where not routed.
@@ -329,9 +332,8 @@ def route_and_record(
     if numel == 0:
         return out
     programs, block, warps = launch_shape(numel)
-    large = numel > LARGE_BATCH_PAIRS
     if warp_aggregate is None:
-        warp_aggregate = kernel is None and large
+        warp_aggregate = kernel is None and numel > AGGREGATE_ABOVE_PAIRS
     (_route_kernel if kernel is None else kernel)[(programs,)](
         ids,
         log2phy,
@@ -351,7 +353,7 @@ def route_and_record(
         HAS_NUM_TOKENS=num_tokens is not None,
         SINGLE=programs == 1,
         WARP_AGGREGATE=warp_aggregate,
-        TALLY=slot_counts is not None and programs > 1 and large,
+        TALLY=slot_counts is not None and programs > 1 and numel > TALLY_ABOVE_PAIRS,
         BLOCK=block,
         E_BLOCK=min(1024, triton.next_power_of_2(num_experts)),
         R_TILE=4,
