@@ -53,9 +53,9 @@ on H200)."""
 
 AGGREGATE_ABOVE_PAIRS = 8192
 """Above this many pairs the compiled kernel aggregates its atomics per warp (a hot expert's
-queue up at one address); below it the match costs more than it saves: on H200, E=256, top-8,
-aggregated vs plain per-pair atomics took 2.34 vs 1.93 us at 64 pairs, 3.59 vs 3.25 at 4096,
-12.1 vs 12.6 at 32768, 37 vs 66 at 131072."""
+queue up at one address); below it the match costs more than it saves. On H200, E=256, top-8,
+aggregated vs plain: 2.60 vs 2.00 us at 64 pairs, 3.56 vs 3.33 at 4096, 7.96 vs 8.65 at 32768,
+18.2 vs 42.5 at 131072 (``bench_routing.py --sweep``)."""
 
 TALLY_ABOVE_PAIRS = 8192
 """Above this many pairs (and with more than one program) the last program tallies the slot and
