@@ -47,7 +47,7 @@ no cross-program "last one clears" atomic on the critical path of small (decode)
 MULTI_BLOCK = 256
 """Pairs per program above ``SINGLE_PROGRAM_PAIRS`` (8 warps). One pair per thread: each pair's
 fetch-add waits for its reply before the next can use the result, so a thread holding several
-pairs would pay those round trips one after another (4 pairs per thread measured 1.2-4x slower
+pairs would pay those round trips one after another (4 pairs per thread measured 1.1-3.7x slower
 on H200)."""
 
 
