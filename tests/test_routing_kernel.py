@@ -219,6 +219,8 @@ def test_bad_arguments_raise_clearly() -> None:
         rk.route_and_record(ids, l2p, cnt, scratch, slot_counts=torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="rank_offset"):
         rk.route_and_record(ids, l2p, cnt, scratch, rank_offset=-1)
+    with pytest.raises(TypeError, match="num_tokens"):
+        rk.route_and_record(ids, l2p, cnt, scratch, num_tokens=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="num_experts"):
         rk.new_route_scratch(0, "cpu")
 

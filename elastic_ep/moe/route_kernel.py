@@ -304,7 +304,11 @@ def route_and_record(
         raise TypeError(
             f"logcnt must be contiguous int64 [{num_experts}], got {logcnt.dtype} {tuple(logcnt.shape)}"
         )
-    if scratch.dtype != torch.int32 or scratch.shape != (num_experts + 1,):
+    if (
+        scratch.dtype != torch.int32
+        or scratch.shape != (num_experts + 1,)
+        or scratch.stride(0) != 1
+    ):
         raise TypeError(
             f"scratch must be int32 [{num_experts + 1}], got {scratch.dtype} {tuple(scratch.shape)}"
         )
@@ -321,6 +325,12 @@ def route_and_record(
         or expert_counts.stride(0) != 1
     ):
         raise TypeError(f"expert_counts must be a contiguous int32 [{num_experts}]")
+    if num_tokens is not None and (
+        num_tokens.dtype not in (torch.int32, torch.int64) or num_tokens.shape != (1,)
+    ):
+        raise TypeError(
+            f"num_tokens must be an int32/int64 [1], got {num_tokens.dtype} {tuple(num_tokens.shape)}"
+        )
     if not isinstance(rank_offset, int) or rank_offset < 0:
         raise ValueError(f"rank_offset must be a non-negative int, got {rank_offset!r}")
     ids = topk_ids.contiguous()
