@@ -1,4 +1,5 @@
-"""The EP MoE layer over NCCL, one process per GPU (skipped without 2 CUDA devices)."""
+"""The EP MoE layer over NCCL, one process per GPU, and the routing kernel on CUDA (skipped
+without CUDA devices)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from elastic_ep.moe import (
     reference_forward,
     route_to_slots,
 )
+from elastic_ep.moe import route_kernel as rk
 from elastic_ep.rank_mapping import RankMapping
 from tests.procs import run_ranks
 from tests.test_routing import random_placement
@@ -78,7 +80,8 @@ def _nccl_rank(rank: int, world_size: int, port: int) -> dict:
 
 @pytest.mark.timeout(240)
 def test_layer_over_nccl_equals_reference() -> None:
-    _needs_gpus(2)
+    """1 to 4 GPUs; on CUDA the layer routes and records with the fused kernel."""
+    _needs_gpus(1)
     world = min(torch.cuda.device_count(), 4)
     results = run_ranks(_nccl_rank, world, timeout=200)
     tokens = sum(16 + 8 * r for r in range(world))
@@ -145,6 +148,128 @@ def test_routing_and_load_record_capture_in_a_cuda_graph() -> None:
         record.end_step()
     picks = torch.bincount(ids.reshape(-1).cpu(), minlength=32).float()
     assert torch.equal(record.logical_load().cpu()[0], 2 * picks)
+
+
+def _skewed_ids(gen: torch.Generator, tokens: int, top_k: int, experts: int) -> torch.Tensor:
+    """int64 [tokens, top_k] distinct per token, drawn from skewed loads; token 0's first
+    choice made every token's, so one expert is as hot as it gets."""
+    probs = torch.softmax(2.0 * torch.randn(experts, generator=gen), 0)
+    ids = torch.multinomial(probs.expand(tokens, -1), top_k, generator=gen)
+    hot = ids[0, 0]
+    ids[(ids == hot).any(1).logical_not(), 0] = hot
+    return ids
+
+
+def _check_routed(
+    slots: torch.Tensor, ids: torch.Tensor, placement: Placement, offset: int
+) -> torch.Tensor:
+    """Assert ``slots`` (kernel) splits like the reference; returns the per-slot counts."""
+    slots, ids = slots.cpu(), ids.cpu()
+    want = route_to_slots(ids, placement.log2phy[0], placement.logcnt[0], rank_offset=offset)
+    assert torch.equal(placement.phy2log[0][slots], ids)
+    per_slot = torch.bincount(slots.reshape(-1), minlength=placement.num_slots)
+    assert torch.equal(per_slot, torch.bincount(want.reshape(-1), minlength=placement.num_slots))
+    for expert in ids.unique().tolist():
+        assert set(slots[ids == expert].tolist()) == set(want[ids == expert].tolist())
+    return per_slot
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("warp_aggregate", [True, False])
+def test_route_kernel_on_cuda_splits_like_the_reference(warp_aggregate: bool) -> None:
+    """One and many programs, a very hot expert, int32 and int64 ids, twice each (the counters
+    must be cleared by the kernel for the second launch)."""
+    _needs_gpus(1)
+    gen = torch.Generator().manual_seed(7)
+    for tokens, top_k, experts in [(1, 8, 64), (8, 6, 256), (512, 8, 384), (16384, 8, 64)]:
+        placement = random_placement(gen, 1, experts, 8, experts // 8 + 4)
+        buffers = PlacementBuffers(1, experts, placement.num_slots / experts, device="cuda")
+        buffers.update_(placement)
+        record = LoadRecord(1, experts, buffers.capacity, 1, device="cuda")
+        scratch = rk.new_route_scratch(experts, "cuda")
+        ids = _skewed_ids(gen, tokens, top_k, experts).cuda()
+        for trial, dtype in enumerate([torch.int64, torch.int32, torch.int64]):
+            slots = rk.route_and_record(
+                ids.to(dtype),
+                buffers.log2phy[0],
+                buffers.logcnt[0],
+                scratch,
+                rank_offset=trial,
+                slot_counts=record.slot_counts[0],
+                expert_counts=record.step_counts[0],
+                record_flag=record.recording,
+                warp_aggregate=warp_aggregate,
+            )
+            assert slots.dtype == dtype
+            per_slot = _check_routed(slots.long(), ids, placement, trial)
+            assert int(scratch.abs().sum()) == 0
+        picks = torch.bincount(ids.reshape(-1).cpu(), minlength=experts)
+        assert torch.equal(record.step_counts[0].cpu(), 3 * picks.to(torch.int32))
+        assert int(record.slot_counts[0].sum()) == 3 * ids.numel()
+        assert int(per_slot.sum()) == ids.numel()
+
+
+@pytest.mark.timeout(60)
+def test_route_kernel_replays_in_a_cuda_graph_after_update() -> None:
+    """The kernel (each launch shape) captured once; replays follow a placement written in
+    place by ``buffers.update_``, the padding count and the record flag, all on the device."""
+    _needs_gpus(1)
+    gen = torch.Generator().manual_seed(2)
+    buffers = PlacementBuffers(1, 32, 2.0, device="cuda")
+    record = LoadRecord(1, 32, buffers.capacity, 4, device="cuda")
+    scratch = rk.new_route_scratch(32, "cuda")
+    first = random_placement(gen, 1, 32, 4, 12)
+    second = random_placement(gen, 1, 32, 4, 16)
+    buffers.update_(first)
+    sizes = (3, 2000, 2500)  # 12, 8000 and 10000 pairs: one program, many, many and tallied
+    batches = [_skewed_ids(gen, n, 4, 32).cuda() for n in sizes]
+    valid = [torch.tensor([n], device="cuda") for n in sizes]
+
+    def route() -> list[torch.Tensor]:
+        return [
+            rk.route_and_record(
+                ids,
+                buffers.log2phy[0],
+                buffers.logcnt[0],
+                scratch,
+                rank_offset=1,
+                slot_counts=record.slot_counts[0],
+                expert_counts=record.step_counts[0],
+                record_flag=record.recording,
+                num_tokens=n,
+            )
+            for ids, n in zip(batches, valid, strict=True)
+        ]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        route()  # compile and warm up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = route()
+    record.reset()
+    for placement, recording, real in [
+        (first, True, sizes),
+        (second, True, (2, 1500, 2100)),
+        (second, False, sizes),
+    ]:
+        buffers.update_(placement)
+        record.set_recording(recording)
+        for n, count in zip(valid, real, strict=True):
+            n.fill_(count)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = torch.zeros(32, dtype=torch.int64)
+        for slots, ids, count in zip(captured, batches, real, strict=True):
+            assert bool((slots[count:] == -1).all())
+            _check_routed(slots[:count], ids[:count], placement, 1)
+            expected += torch.bincount(ids[:count].reshape(-1).cpu(), minlength=32) * recording
+        assert torch.equal(record.step_counts[0].cpu(), expected.to(torch.int32))
+        assert int(record.slot_counts[0].sum()) == int(expected.sum())
+        record.end_step()
+    assert int(scratch.abs().sum()) == 0
 
 
 def _nccl_scale_rank(rank: int, world_size: int, port: int) -> list[float]:

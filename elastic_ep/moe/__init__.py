@@ -3,7 +3,8 @@
 Pieces, in the order a forward uses them:
 - :func:`topk_gating`: logical top-k experts and weights per token;
 - :func:`route_to_slots`: logical ids -> physical slots through the fixed-address placement
-  tables (deterministic spread over replicas);
+  tables (deterministic spread over replicas); :func:`route_and_record`: the same split and the
+  load record in one Triton launch (the layer's path on CUDA);
 - :class:`LoadRecord`: per-step load per slot folded to logical experts, a sliding window,
   aggregated over ranks for the planner;
 - :class:`DispatchBackend` (interface) and :class:`AllToAllBackend` (torch ``all_to_all_single``):
@@ -28,6 +29,7 @@ from elastic_ep.moe.model import (
     seeded_gate,
 )
 from elastic_ep.moe.resources import DISPATCH_RESOURCE, register_dispatch_backend
+from elastic_ep.moe.route_kernel import new_route_scratch, route_and_record
 from elastic_ep.moe.routing import count_slot_tokens_, route_to_slots
 
 __all__ = [
@@ -45,9 +47,11 @@ __all__ = [
     "build_local_model",
     "count_slot_tokens_",
     "expert_mlp",
+    "new_route_scratch",
     "reference_forward",
     "reference_moe",
     "register_dispatch_backend",
+    "route_and_record",
     "route_to_slots",
     "run_local_experts",
     "seeded_expert",

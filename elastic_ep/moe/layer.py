@@ -11,6 +11,7 @@ from elastic_ep.moe.dispatch import DispatchBackend
 from elastic_ep.moe.experts import run_local_experts
 from elastic_ep.moe.gating import topk_gating
 from elastic_ep.moe.load_record import LoadRecord
+from elastic_ep.moe.route_kernel import new_route_scratch, route_and_record, triton_available
 from elastic_ep.moe.routing import route_to_slots
 
 
@@ -22,16 +23,22 @@ class EPMoELayer(torch.nn.Module):
     expert weights in place (what the EPLB executor does); a new epoch is a new backend
     (:meth:`set_backend`).
 
+    Routing runs as one Triton launch on CUDA (:func:`~elastic_ep.moe.route_kernel.route_and_record`,
+    which also records the load) and as torch ops elsewhere (``route_to_slots`` then
+    ``LoadRecord.record_``); both split each expert's pairs over its replicas exactly.
+
     Buffers (weights are buffers, not parameters: this is inference):
         gate_weight: [E, H] router.
         w13: [S_cap, 2*I, H] gate/up projections of the local slots (``S_cap >= S``; slots
             beyond S, and empty slots, are never read).
         w2: [S_cap, H, I] down projections of the local slots.
+        route_scratch: int32 [E + 1] the routing kernel's counters (zero between launches).
     """
 
     gate_weight: torch.Tensor
     w13: torch.Tensor
     w2: torch.Tensor
+    route_scratch: torch.Tensor
 
     def __init__(
         self,
@@ -74,6 +81,9 @@ class EPMoELayer(torch.nn.Module):
         self.register_buffer("gate_weight", gate_weight)
         self.register_buffer("w13", w13)
         self.register_buffer("w2", w2)
+        self.register_buffer(
+            "route_scratch", new_route_scratch(num_experts, gate_weight.device), persistent=False
+        )
 
     def set_backend(self, backend: DispatchBackend[Any] | None) -> None:
         """Bind the dispatch backend of the current epoch (``None`` unbinds)."""
@@ -103,14 +113,33 @@ class EPMoELayer(torch.nn.Module):
         weights, logical_ids = topk_gating(
             hidden, self.gate_weight, self.top_k, renormalize=self.renormalize
         )
-        slot_ids = route_to_slots(
-            logical_ids,
-            tables.log2phy[self.layer],
-            tables.logcnt[self.layer],
-            rank_offset=backend.rank,
-        )
-        if self.load_record is not None:
-            self.load_record.record_(self.layer, slot_ids, tables.phy2log[self.layer])
+        slot_ids = self._route(logical_ids, tables, backend.rank)
         tokens, handle = backend.dispatch(hidden, slot_ids, weights)
         expert_out = run_local_experts(tokens.hidden, tokens.tokens_per_slot, self.w13, self.w2)
         return backend.combine(expert_out, handle)
+
+    def _route(
+        self, logical_ids: torch.Tensor, tables: PlacementBuffers, rank: int
+    ) -> torch.Tensor:
+        """int64 [T, K] slots of ``logical_ids`` (int64 [T, K]), the load recorded if kept."""
+        log2phy, logcnt = tables.log2phy[self.layer], tables.logcnt[self.layer]
+        record = self.load_record
+        if logical_ids.is_cuda and triton_available():
+            if record is None:
+                return route_and_record(
+                    logical_ids, log2phy, logcnt, self.route_scratch, rank_offset=rank
+                )
+            return route_and_record(
+                logical_ids,
+                log2phy,
+                logcnt,
+                self.route_scratch,
+                rank_offset=rank,
+                slot_counts=record.slot_counts[self.layer],
+                expert_counts=record.step_counts[self.layer],
+                record_flag=record.recording,
+            )
+        slot_ids = route_to_slots(logical_ids, log2phy, logcnt, rank_offset=rank)
+        if record is not None:
+            record.record_(self.layer, slot_ids, tables.phy2log[self.layer])
+        return slot_ids

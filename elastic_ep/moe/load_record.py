@@ -8,6 +8,8 @@ joining rank with a different slot count needs no conversion.
 
 Every tensor has a fixed address (allocated once, updated in place), so recording can run inside
 a captured CUDA graph. ``end_step`` and the readers run between steps, outside any graph.
+Recording is gated by a flag on the device (``recording``), so a captured graph can be told to
+stop or resume counting without a re-capture.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class LoadRecord:
         self.window = torch.zeros(window, num_layers, num_logical, dtype=torch.int32, device=device)
         self.step_counts = torch.zeros(num_layers, num_logical, dtype=torch.int32, device=device)
         self.slot_counts = torch.zeros(num_layers, capacity, dtype=torch.int32, device=device)
+        self.recording = torch.ones(1, dtype=torch.int32, device=device)
         self._next_row = 0
         self._steps = 0
 
@@ -85,11 +88,16 @@ class LoadRecord:
             raise ValueError(f"phy2log must be [{self.capacity}], got {tuple(phy2log.shape)}")
         slots = torch.zeros(self.capacity, dtype=torch.int32, device=self.slot_counts.device)
         count_slot_tokens_(slots, slot_ids)
+        slots *= self.recording != 0
         self.slot_counts[layer] += slots
         # Fold slots onto their logical experts; empty slots (-1) land in a dropped extra column.
         logical = torch.zeros(self.num_logical + 1, dtype=torch.int32, device=slots.device)
         logical.scatter_add_(0, phy2log + 1, slots)
         self.step_counts[layer] += logical[1:]
+
+    def set_recording(self, on: bool) -> None:
+        """Start (``True``) or stop counting routed pairs; written in place, between steps."""
+        self.recording.fill_(1 if on else 0)
 
     def end_step(self) -> None:
         """Close the current step: move its counts into the window (oldest row overwritten)."""

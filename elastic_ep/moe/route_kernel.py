@@ -1,0 +1,372 @@
+"""Route logical top-k ids to physical slots and record the load, in one Triton launch.
+
+The same rule as :func:`~elastic_ep.moe.routing.route_to_slots` (the torch reference): the pairs
+``(token, choice)`` of one batch that chose logical expert ``e`` get ordinals ``j = 0, 1, ...``,
+and pair ``j`` goes to entry ``(j + rank_offset) % logcnt[e]`` of ``log2phy[e]``. Here the ordinals
+come from a per-expert atomic counter instead of a stable sort: each expert's ordinals are still
+exactly ``0 .. n_e - 1``, so the tokens per row entry are exactly the reference's (they differ by
+at most one over the entries), but WHICH pair gets which ordinal follows the order the atomics
+land in, so the slot of one pair may differ from the reference's between runs. The split is
+exact over row entries: an entry that appears k times in ``log2phy[e]`` gets k shares.
+
+One launch does everything, so it replays inside a captured CUDA graph on the fixed-address
+:class:`~elastic_ep.eplb.PlacementBuffers` rows:
+
+1. Each program loads a block of ids; invalid ids (outside ``[0, E)``) and the pairs of padded
+   tokens (``>= num_tokens``, read on the device) route to -1 and take no ordinal.
+2. Ordinal = fetch-add on ``scratch[e]``. For large batches on CUDA (``AGGREGATE_ABOVE_PAIRS``) the lanes of a warp that hold
+   the same expert first agree (``match.any``) and one lane adds their number, so a hot expert
+   costs one atomic per warp, not one per pair; otherwise each pair adds its own.
+3. If recording (``record_flag[0] != 0``, read on the device), add 1 per routed pair to
+   ``slot_counts[slot]`` and ``expert_counts[e]``.
+4. The counters go back to zero for the next launch: after a barrier, by the program itself if it
+   is the only one, else by the last program to finish (each bumps ``scratch[E]`` once; the one
+   that reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one
+   scratch per layer, one stream). For large batches (``TALLY_ABOVE_PAIRS``) step 3 moves here: the last program swaps
+   each counter for 0, adds it to ``expert_counts[e]``, and adds to each row entry its share of
+   the ordinals (the split is a pure function of ``n_e``, ``logcnt[e]`` and ``rank_offset``), so
+   the per-pair work is a single atomic, as in a hashing kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path still routes; only the CUDA kernel needs Triton
+    triton = None
+
+SINGLE_PROGRAM_PAIRS = 1024
+"""Batches of at most this many pairs run as one program (up to 32 warps, one pair per thread):
+no cross-program "last one clears" atomic on the critical path of small (decode) batches."""
+
+MULTI_BLOCK = 256
+"""Pairs per program above ``SINGLE_PROGRAM_PAIRS`` (8 warps). One pair per thread: each pair's
+fetch-add waits for its reply before the next can use the result, so a thread holding several
+pairs would pay those round trips one after another (4 pairs per thread measured 1.1-3.7x slower
+on H200)."""
+
+
+AGGREGATE_ABOVE_PAIRS = 8192
+"""Above this many pairs the compiled kernel aggregates its atomics per warp (a hot expert's
+queue up at one address); below it the match costs more than it saves. On H200, E=256, top-8,
+aggregated vs plain: 2.60 vs 2.00 us at 64 pairs, 3.56 vs 3.33 at 4096, 7.96 vs 8.65 at 32768,
+18.2 vs 42.5 at 131072 (``bench_routing.py --sweep``)."""
+
+TALLY_ABOVE_PAIRS = 8192
+"""Above this many pairs (and with more than one program) the last program tallies the slot and
+expert counts from the counters instead of one add per pair per count."""
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def new_route_scratch(num_experts: int, device: torch.device | str) -> torch.Tensor:
+    """int32 [num_experts + 1] zeros: the counters of one layer's launches (kept zero between
+    launches by the kernel itself; allocate once, e.g. as a buffer of the layer)."""
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    return torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _warp_fetch_add(ptr, key):
+        """Per lane: old value of ``*ptr`` plus the lane's rank among the warp's lanes with the
+        same ``key``; one lane of each such group adds the group's size. ``key < 0``: no add."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .pred p_lead, p_on;
+            .reg .b32 peers, below, rank, size, first, old;
+            match.any.sync.b32 peers, $1, 0xffffffff;
+            mov.u32 below, %lanemask_lt;
+            and.b32 below, below, peers;
+            popc.b32 rank, below;
+            popc.b32 size, peers;
+            setp.eq.u32 p_lead, rank, 0;
+            setp.ge.s32 p_on, $1, 0;
+            and.pred p_lead, p_lead, p_on;
+            mov.u32 old, 0;
+            @p_lead atom.global.add.u32 old, [$2], size;
+            brev.b32 first, peers;
+            bfind.shiftamt.u32 first, first;
+            shfl.sync.idx.b32 old, old, first, 31, 0xffffffff;
+            add.u32 $0, old, rank;
+            }""",
+            constraints="=r,r,l",
+            args=[key, ptr],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
+    def _warp_add(ptr, key):
+        """Add, per group of a warp's lanes with the same ``key >= 0``, the group's size to
+        ``*ptr`` (one lane's ``red``). Returns a dummy."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .pred p_lead, p_on;
+            .reg .b32 peers, below, rank, size;
+            match.any.sync.b32 peers, $1, 0xffffffff;
+            mov.u32 below, %lanemask_lt;
+            and.b32 below, below, peers;
+            popc.b32 rank, below;
+            popc.b32 size, peers;
+            setp.eq.u32 p_lead, rank, 0;
+            setp.ge.s32 p_on, $1, 0;
+            and.pred p_lead, p_lead, p_on;
+            @p_lead red.global.add.u32 [$2], size;
+            mov.u32 $0, 0;
+            }""",
+            constraints="=r,r,l",
+            args=[key, ptr],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
+    def _larger(a, b):
+        """``tl.max``'s combine, defined here: Triton's interpreter runs it from a kernel, while
+        it cannot run ``tl.max`` itself (a jit function of another module) from one."""
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _route_kernel(  # unannotated: Triton rejects non-constexpr globals such as Any
+        ids_ptr,
+        log2phy_ptr,
+        logcnt_ptr,
+        out_ptr,
+        scratch_ptr,
+        slot_counts_ptr,
+        expert_counts_ptr,
+        flag_ptr,
+        num_tokens_ptr,
+        numel,
+        top_k,
+        num_experts,
+        row_stride,
+        rank_offset,
+        RECORD: tl.constexpr,
+        HAS_NUM_TOKENS: tl.constexpr,
+        SINGLE: tl.constexpr,
+        WARP_AGGREGATE: tl.constexpr,
+        TALLY: tl.constexpr,
+        BLOCK: tl.constexpr,
+        E_BLOCK: tl.constexpr,
+        R_TILE: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_range = offs < numel
+        raw = tl.load(ids_ptr + offs, mask=in_range, other=-1)
+        valid = in_range & (raw >= 0) & (raw < num_experts)
+        if HAS_NUM_TOKENS:
+            valid = valid & (offs < tl.load(num_tokens_ptr) * top_k)
+        expert = tl.where(valid, raw, 0).to(tl.int32)
+        if RECORD:
+            recording = tl.load(flag_ptr) != 0
+        # Loads first: the fetch-add below waits for its reply, and a load issued after it would
+        # start only then. An expert without replicas wastes its counter (cleared anyway).
+        count = tl.load(logcnt_ptr + expert, mask=valid, other=0).to(tl.int32)
+        if WARP_AGGREGATE:
+            ordinal = _warp_fetch_add(scratch_ptr + expert, tl.where(valid, expert, -1))
+        else:
+            ordinal = tl.atomic_add(scratch_ptr + expert, 1, mask=valid, sem="relaxed")
+        # ``ordinal >> 31`` is 0 (ordinals are < 2**31), but ties the count's use to the fetch-add's
+        # reply: otherwise ptxas starts the modulo's division before the atomic is issued, so the
+        # atomic waits for the count load and the two round trips run one after the other.
+        count = count | (ordinal >> 31)
+        routed = valid & (count > 0)
+        entry = (ordinal + rank_offset) % tl.maximum(count, 1)
+        slot = tl.load(
+            log2phy_ptr + expert.to(tl.int64) * row_stride + entry, mask=routed, other=-1
+        )
+        tl.store(out_ptr + offs, slot.to(out_ptr.dtype.element_ty), mask=in_range)
+        if RECORD and not TALLY:
+            counted = routed & recording
+            slot32 = tl.where(counted, slot, 0).to(tl.int32)
+            if WARP_AGGREGATE:
+                _warp_add(slot_counts_ptr + slot32, tl.where(counted, slot32, -1))
+                _warp_add(expert_counts_ptr + expert, tl.where(counted, expert, -1))
+            else:
+                tl.atomic_add(slot_counts_ptr + slot32, 1, mask=counted, sem="relaxed")
+                tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
+        # Every lane's fetch-add has returned (its value was used above) before anyone clears.
+        tl.debug_barrier()
+        if SINGLE:
+            last = True
+        else:
+            last = tl.atomic_add(scratch_ptr + num_experts, 1, sem="acq_rel") == (
+                tl.num_programs(0) - 1
+            )
+        if last:
+            for start in range(0, num_experts, E_BLOCK):
+                experts = start + tl.arange(0, E_BLOCK)
+                inside = experts < num_experts
+                if TALLY:
+                    # Counter e holds n_e, the batch's valid pairs of expert e; row entry r got
+                    # the ordinals j < n_e with (j + rank_offset) % c == r: n_e // c of them,
+                    # plus one if (r - rank_offset) mod c < n_e % c.
+                    pairs = tl.atomic_xchg(scratch_ptr + experts, 0, mask=inside, sem="relaxed")
+                    replicas = tl.load(logcnt_ptr + experts, mask=inside, other=0).to(tl.int32)
+                    take = inside & (replicas > 0) & recording
+                    tl.atomic_add(expert_counts_ptr + experts, pairs, mask=take, sem="relaxed")
+                    c = tl.maximum(replicas, 1)[:, None]
+                    n = pairs[:, None]
+                    for first in range(0, tl.reduce(replicas, 0, _larger), R_TILE):
+                        r = first + tl.arange(0, R_TILE)[None, :]
+                        has = take[:, None] & (r < replicas[:, None])
+                        row = experts.to(tl.int64)[:, None] * row_stride
+                        entry_slot = tl.load(log2phy_ptr + row + r, mask=has, other=0)
+                        rotated = ((r - rank_offset) % c + c) % c
+                        share = n // c + (rotated < n % c).to(tl.int32)
+                        tl.atomic_add(
+                            slot_counts_ptr + entry_slot,
+                            share,
+                            mask=has & (share > 0),
+                            sem="relaxed",
+                        )
+                else:
+                    tl.store(scratch_ptr + experts, 0, mask=inside)
+            if not SINGLE:
+                tl.store(scratch_ptr + num_experts, 0)
+
+
+def launch_shape(numel: int) -> tuple[int, int, int]:
+    """``(programs, BLOCK, num_warps)`` for ``numel`` pairs, one pair per thread (a warp-wide
+    match must see each pair once): one program up to ``SINGLE_PROGRAM_PAIRS``, else
+    ``MULTI_BLOCK`` pairs per program."""
+    if numel <= SINGLE_PROGRAM_PAIRS:
+        block = max(32, triton.next_power_of_2(numel))
+        return 1, block, block // 32
+    return triton.cdiv(numel, MULTI_BLOCK), MULTI_BLOCK, MULTI_BLOCK // 32
+
+
+def route_and_record(
+    topk_ids: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    scratch: torch.Tensor,
+    *,
+    rank_offset: int = 0,
+    slot_counts: torch.Tensor | None = None,
+    expert_counts: torch.Tensor | None = None,
+    record_flag: torch.Tensor | None = None,
+    num_tokens: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    kernel: Any = None,
+    warp_aggregate: bool | None = None,
+) -> torch.Tensor:
+    """Physical slot of every (token, choice) pair of one layer, and its load recorded: one launch.
+
+    Args:
+        topk_ids: int32 or int64 [T, K] logical expert ids; ids outside ``[0, E)`` route to -1.
+        log2phy: int64 [E, R] this layer's row entries (e.g. ``buffers.log2phy[layer]``), unit
+            stride along R; -1 padded.
+        logcnt: int64 [E] entries used per row (``buffers.logcnt[layer]``); 0 routes to -1.
+        scratch: int32 [E + 1] from :func:`new_route_scratch`, zero between launches.
+        rank_offset: rotates the entry choice (pass the EP rank).
+        slot_counts: int32 [capacity], e.g. ``LoadRecord.slot_counts[layer]``: += routed pairs
+            per slot. Given together with ``expert_counts`` and ``record_flag``.
+        expert_counts: int32 [E], e.g. ``LoadRecord.step_counts[layer]``: += routed pairs per
+            logical expert.
+        record_flag: int32 [1], e.g. ``LoadRecord.recording``: counts are added only while
+            ``record_flag[0] != 0`` (read on the device, so a captured graph follows it).
+        num_tokens: integer [1] on the device: tokens ``>= num_tokens[0]`` are padding, route to
+            -1 and are not counted. ``None``: all T are real.
+        out: [T, K] of ``topk_ids``' dtype to write into (default: a new tensor).
+        kernel: the Triton kernel to launch (tests pass an interpreted one on CPU).
+        warp_aggregate: aggregate atomics per warp with PTX (default: for the compiled kernel
+            above ``AGGREGATE_ABOVE_PAIRS`` pairs; never for an interpreted one, which cannot
+            run PTX).
+    Returns:
+        [T, K] physical slots (``topk_ids``' dtype), -1 where not routed.
+    """
+    if triton is None:
+        raise RuntimeError("route_and_record needs Triton; use routing.route_to_slots instead")
+    if topk_ids.dtype not in (torch.int32, torch.int64) or topk_ids.dim() != 2:
+        raise TypeError(
+            f"topk_ids must be int32/int64 [T, K], got {topk_ids.dtype} {tuple(topk_ids.shape)}"
+        )
+    num_experts = log2phy.shape[0]
+    if log2phy.dtype != torch.int64 or log2phy.dim() != 2 or log2phy.stride(1) != 1:
+        raise TypeError(
+            f"log2phy must be int64 [E, R] with unit stride along R, got {log2phy.dtype} {tuple(log2phy.shape)}"
+        )
+    if logcnt.dtype != torch.int64 or logcnt.shape != (num_experts,) or logcnt.stride(0) != 1:
+        raise TypeError(
+            f"logcnt must be contiguous int64 [{num_experts}], got {logcnt.dtype} {tuple(logcnt.shape)}"
+        )
+    if (
+        scratch.dtype != torch.int32
+        or scratch.shape != (num_experts + 1,)
+        or scratch.stride(0) != 1
+    ):
+        raise TypeError(
+            f"scratch must be int32 [{num_experts + 1}], got {scratch.dtype} {tuple(scratch.shape)}"
+        )
+    record = (slot_counts, expert_counts, record_flag)
+    if any(t is None for t in record) and any(t is not None for t in record):
+        raise ValueError("slot_counts, expert_counts and record_flag go together")
+    if slot_counts is not None and (
+        slot_counts.dtype != torch.int32 or slot_counts.dim() != 1 or slot_counts.stride(0) != 1
+    ):
+        raise TypeError("slot_counts must be a contiguous int32 [capacity]")
+    if expert_counts is not None and (
+        expert_counts.dtype != torch.int32
+        or expert_counts.shape != (num_experts,)
+        or expert_counts.stride(0) != 1
+    ):
+        raise TypeError(f"expert_counts must be a contiguous int32 [{num_experts}]")
+    if num_tokens is not None and (
+        num_tokens.dtype not in (torch.int32, torch.int64) or num_tokens.shape != (1,)
+    ):
+        raise TypeError(
+            f"num_tokens must be an int32/int64 [1], got {num_tokens.dtype} {tuple(num_tokens.shape)}"
+        )
+    if not isinstance(rank_offset, int) or rank_offset < 0:
+        raise ValueError(f"rank_offset must be a non-negative int, got {rank_offset!r}")
+    ids = topk_ids.contiguous()
+    if out is None:
+        out = torch.empty_like(ids)
+    elif out.shape != ids.shape or out.dtype != ids.dtype or not out.is_contiguous():
+        raise TypeError(f"out must be a contiguous {ids.dtype} {tuple(ids.shape)}")
+    numel = ids.numel()
+    if numel == 0:
+        return out
+    programs, block, warps = launch_shape(numel)
+    if warp_aggregate is None:
+        warp_aggregate = kernel is None and numel > AGGREGATE_ABOVE_PAIRS
+    (_route_kernel if kernel is None else kernel)[(programs,)](
+        ids,
+        log2phy,
+        logcnt,
+        out,
+        scratch,
+        slot_counts if slot_counts is not None else scratch,
+        expert_counts if expert_counts is not None else scratch,
+        record_flag if record_flag is not None else scratch,
+        num_tokens if num_tokens is not None else scratch,
+        numel,
+        ids.shape[1],
+        num_experts,
+        log2phy.stride(0),
+        rank_offset,
+        RECORD=slot_counts is not None,
+        HAS_NUM_TOKENS=num_tokens is not None,
+        SINGLE=programs == 1,
+        WARP_AGGREGATE=warp_aggregate,
+        TALLY=slot_counts is not None and programs > 1 and numel > TALLY_ABOVE_PAIRS,
+        BLOCK=block,
+        E_BLOCK=min(1024, triton.next_power_of_2(num_experts)),
+        R_TILE=4,
+        num_warps=warps,
+    )
+    return out

@@ -1,0 +1,269 @@
+"""The fused routing kernel (Triton's CPU interpreter) against the torch reference.
+
+The kernel hands out each expert's ordinals with atomics, so the tokens per replica are exactly the
+reference's while which pair lands on which replica may differ: the checks compare per-slot
+counts, the set of slots each expert uses, and that each pair's slot holds its expert, never the
+slot of one pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elastic_ep.eplb import Placement
+from elastic_ep.moe import LoadRecord, route_to_slots
+from elastic_ep.moe import route_kernel as rk
+from tests.test_routing import placements, random_placement
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Any:
+    """``_route_kernel`` run by Triton's interpreter (its scalar loop bound patched as the
+    row-copy tests do)."""
+    from triton.runtime import interpreter
+
+    from tests.triton_interpreter import interpreted_row_copy_kernel
+
+    interpreted_row_copy_kernel()
+    return interpreter.InterpretedFunction(rk._route_kernel.fn)
+
+
+SHAPES = pytest.mark.parametrize("shape", ["one program", "many programs", "tallied"])
+"""The launch shapes: one program; blocks of 32 pairs where the last program clears the counters;
+the same where it also tallies the counts from them (the large-batch path)."""
+
+
+@contextlib.contextmanager
+def _launch_shape(shape: str) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        if shape != "one program":
+            patch.setattr(rk, "SINGLE_PROGRAM_PAIRS", 32)
+            patch.setattr(rk, "MULTI_BLOCK", 32)
+        if shape == "tallied":
+            patch.setattr(rk, "TALLY_ABOVE_PAIRS", 32)
+        yield
+
+
+def _ids(gen: torch.Generator, tokens: int, experts: int, top_k: int) -> torch.Tensor:
+    if tokens == 0:
+        return torch.empty(0, top_k, dtype=torch.int64)
+    return torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+
+
+def _route(
+    kernel: Any,
+    ids: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    capacity: int,
+    offset: int = 0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slots, slot_counts, expert_counts, scratch after the launch)."""
+    experts = log2phy.shape[0]
+    scratch = rk.new_route_scratch(experts, "cpu")
+    slot_counts = torch.full((capacity,), 3, dtype=torch.int32)
+    expert_counts = torch.full((experts,), 3, dtype=torch.int32)
+    kwargs.setdefault("record_flag", torch.ones(1, dtype=torch.int32))
+    slots = rk.route_and_record(
+        ids,
+        log2phy,
+        logcnt,
+        scratch,
+        rank_offset=offset,
+        slot_counts=slot_counts,
+        expert_counts=expert_counts,
+        kernel=kernel,
+        **kwargs,
+    )
+    return slots, slot_counts - 3, expert_counts - 3, scratch
+
+
+def _slot_sets(slots: torch.Tensor, ids: torch.Tensor) -> dict[int, set[int]]:
+    sets: dict[int, set[int]] = {}
+    for e, s in zip(ids.reshape(-1).tolist(), slots.reshape(-1).tolist(), strict=True):
+        sets.setdefault(e, set()).add(s)
+    return sets
+
+
+@SHAPES
+@settings(max_examples=25, deadline=None)
+@given(placements(), st.integers(0, 60), st.integers(0, 7), st.integers(0, 2**31))
+def test_kernel_counts_equal_the_reference(
+    kernel: Any, shape: str, placement: Placement, tokens: int, offset: int, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    top_k = int(torch.randint(1, placement.num_logical + 1, (1,), generator=gen))
+    ids = _ids(gen, tokens, placement.num_logical, top_k)
+    capacity = placement.num_slots
+    for layer in range(placement.num_layers):
+        l2p, cnt, p2l = placement.log2phy[layer], placement.logcnt[layer], placement.phy2log[layer]
+        slots, slot_counts, expert_counts, scratch = _route(kernel, ids, l2p, cnt, capacity, offset)
+        want = route_to_slots(ids, l2p, cnt, rank_offset=offset)
+        assert slots.shape == ids.shape and slots.dtype == torch.int64
+        assert torch.equal(p2l[slots], ids)  # every pair lands on a slot of its expert
+        per_slot = torch.bincount(want.reshape(-1), minlength=capacity).to(torch.int32)
+        assert torch.equal(torch.bincount(slots.reshape(-1), minlength=capacity), per_slot)
+        assert _slot_sets(slots, ids) == _slot_sets(want, ids)
+        record = LoadRecord(1, placement.num_logical, capacity, 1)
+        record.record_(0, want, p2l)
+        assert torch.equal(slot_counts, record.slot_counts[0])
+        assert torch.equal(expert_counts, record.step_counts[0])
+        assert int(scratch.abs().sum()) == 0  # counters cleared for the next launch
+
+
+@SHAPES
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 80), st.integers(0, 2**31))
+def test_repeated_row_entries_get_their_multiple(
+    kernel: Any, shape: str, experts: int, width: int, tokens: int, seed: int
+) -> None:
+    """A slot that appears k times in an expert's row gets k shares: the split is exact over row
+    entries (counts per entry differ by at most one), on both paths."""
+    gen = torch.Generator().manual_seed(seed)
+    capacity = experts * width
+    logcnt = torch.randint(1, width + 1, (experts,), generator=gen)
+    log2phy = torch.full((experts, width), -1, dtype=torch.int64)
+    for e in range(experts):  # entries drawn with repetition from the expert's own slots
+        own = torch.arange(e * width, e * width + int(torch.randint(1, width + 1, (1,))))
+        log2phy[e, : logcnt[e]] = own[torch.randint(0, len(own), (int(logcnt[e]),))]
+    ids = torch.randint(0, experts, (tokens, 2), generator=gen)
+    with _launch_shape(shape):
+        got, slot_counts, _, _ = _route(kernel, ids, log2phy, logcnt, capacity, seed % 5)
+    assert torch.equal(slot_counts, torch.bincount(got.reshape(-1), minlength=capacity).int())
+    for slots in (route_to_slots(ids, log2phy, logcnt, rank_offset=seed % 5), got):
+        per_slot = torch.bincount(slots.reshape(-1), minlength=capacity)
+        for e in range(experts):
+            n = int((ids == e).sum())
+            c = int(logcnt[e])
+            entries = log2phy[e, :c]
+            for slot in entries.unique().tolist():
+                k = int((entries == slot).sum())
+                assert k * (n // c) <= int(per_slot[slot]) <= k * -(-n // c), (e, slot, k, n, c)
+
+
+@SHAPES
+def test_padding_invalid_ids_and_record_flag(kernel: Any, shape: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    placement = random_placement(gen, 1, 8, 2, 6)
+    l2p, cnt, p2l = placement.log2phy[0], placement.logcnt[0], placement.phy2log[0]
+    ids = _ids(gen, 20, 8, 3)
+    ids[4, 1], ids[7, 0] = -1, 8  # out of range: routed nowhere, not counted
+    real = 15  # tokens 15.. are padding
+    with _launch_shape(shape):
+        slots, slot_counts, expert_counts, _ = _route(
+            kernel, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real])
+        )
+    bad = (ids < 0) | (ids >= 8)
+    bad[real:] = True
+    assert bool((slots[bad] == -1).all()) and bool((slots[~bad] >= 0).all())
+    assert torch.equal(p2l[slots[~bad]], ids[~bad])
+    kept = ids[:real].clone()
+    kept[(kept < 0) | (kept >= 8)] = 0
+    want = route_to_slots(kept, l2p, cnt, rank_offset=1)
+    want[bad[:real]] = -1
+    assert torch.equal(slot_counts, torch.bincount(want[want >= 0], minlength=12).to(torch.int32))
+    assert torch.equal(expert_counts, torch.bincount(ids[~bad], minlength=8).to(torch.int32))
+    # Not recording: the same slots, nothing added.
+    off = torch.zeros(1, dtype=torch.int32)
+    with _launch_shape(shape):
+        slots_off, slot_counts, expert_counts, _ = _route(
+            kernel, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real]), record_flag=off
+        )
+    assert int(slot_counts.abs().sum()) == 0 and int(expert_counts.abs().sum()) == 0
+    assert torch.equal((slots_off == -1), bad)
+
+
+def test_int32_ids_give_int32_slots_and_an_out_tensor_is_filled(kernel: Any) -> None:
+    placement = Placement(torch.tensor([[0, 1, 0, 2, 0, -1]]), 3, 2)
+    ids = torch.tensor([[0, 1], [0, 2], [2, 0], [0, 1]], dtype=torch.int32)
+    out = torch.full((4, 2), -7, dtype=torch.int32)
+    got = rk.route_and_record(
+        ids,
+        placement.log2phy[0],
+        placement.logcnt[0],
+        rk.new_route_scratch(3, "cpu"),
+        rank_offset=1,
+        out=out,
+        kernel=kernel,
+    )
+    assert got is out and out.dtype == torch.int32
+    # Expert 0's four pairs over its three replicas (slots 0, 2, 4), starting at replica 1.
+    assert sorted(out[ids == 0].tolist()) == [0, 2, 2, 4]
+    assert out[ids == 1].tolist() == [1, 1] and out[ids == 2].tolist() == [3, 3]
+
+
+def test_bad_arguments_raise_clearly() -> None:
+    placement = Placement(torch.tensor([[0, 1]]), 2, 1)
+    l2p, cnt = placement.log2phy[0], placement.logcnt[0]
+    scratch = rk.new_route_scratch(2, "cpu")
+    ids = torch.tensor([[0]])
+    with pytest.raises(TypeError, match="topk_ids"):
+        rk.route_and_record(ids.float(), l2p, cnt, scratch)
+    with pytest.raises(TypeError, match="log2phy"):
+        rk.route_and_record(ids, torch.zeros(2, 4, dtype=torch.int64)[:, ::2], cnt, scratch)
+    with pytest.raises(TypeError, match="logcnt"):
+        rk.route_and_record(ids, l2p, cnt[:1], scratch)
+    with pytest.raises(TypeError, match="scratch"):
+        rk.route_and_record(ids, l2p, cnt, scratch[:2])
+    with pytest.raises(ValueError, match="go together"):
+        rk.route_and_record(ids, l2p, cnt, scratch, slot_counts=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rank_offset"):
+        rk.route_and_record(ids, l2p, cnt, scratch, rank_offset=-1)
+    with pytest.raises(TypeError, match="num_tokens"):
+        rk.route_and_record(ids, l2p, cnt, scratch, num_tokens=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="num_experts"):
+        rk.new_route_scratch(0, "cpu")
+
+
+@pytest.mark.parametrize(("pairs", "single"), [(8, True), (1024, True), (16384 * 8, False)])
+def test_kernel_compiles_for_hopper(pairs: int, single: bool) -> None:
+    """The real compiler (no GPU needed): sm_90 code with the warp-wide match, one atomic per
+    group of lanes, and a block that never holds a pair in two threads."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    programs, block, warps = rk.launch_shape(pairs)
+    assert (programs == 1) == single and block == 32 * warps  # one pair per thread
+    pointers = ("ids", "log2phy", "logcnt", "out")
+    signature = {f"{name}_ptr": "*i64" for name in pointers}
+    for name in ("scratch", "slot_counts", "expert_counts", "flag", "num_tokens"):
+        signature[f"{name}_ptr"] = "*i32"
+    for name in ("numel", "top_k", "num_experts", "row_stride", "rank_offset"):
+        signature[name] = "i32"
+    constexprs = {
+        "RECORD": True,
+        "HAS_NUM_TOKENS": True,
+        "SINGLE": single,
+        "WARP_AGGREGATE": True,
+        "TALLY": not single,
+        "BLOCK": block,
+        "E_BLOCK": 256,
+        "R_TILE": 4,
+    }
+    source = ASTSource(
+        fn=rk._route_kernel,
+        signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
+        constexprs=constexprs,
+    )
+    try:
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+        )
+    except RuntimeError as err:  # no ptxas in this triton install
+        pytest.skip(f"cannot compile for CUDA here: {err}")
+    ptx = compiled.asm["ptx"]
+    # fetch-add, slot and expert counts; large batches: the fetch-add, and the last program
+    # tallies the counts from the counters it swaps for 0
+    assert ptx.count("match.any.sync.b32") == (3 if single else 1)
+    assert ("exch" in ptx) == (not single)
