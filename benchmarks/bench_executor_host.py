@@ -3,7 +3,7 @@
 What the executor's host does for rank 0 of a DeepSeek-V2-Lite-sized 2-rank plan (26 layers,
 64 experts, 40 slots per rank, bf16 ``w13``/``w2``; a full reshuffle and a 10% drift), with its
 copies run for real on the device and the transfers left out (one device has no peer): the
-layout of the chunks (``_Runner.launch``, in growing batches), and each chunk's pack and
+layout of the chunks (``Runner.launch``, in growing batches), and each chunk's pack and
 write-back launches.
 Every copy path the device can run, side by side; median of ``--repeats``. On 2 GPUs this host
 work runs beside the transfers, so it bounds how fast the executor can go.
@@ -22,10 +22,12 @@ import time
 import torch
 from bench_executor import drift, random_placement
 
-from elastic_ep.eplb import executor, plan_transfers
+from elastic_ep.eplb import GroupRanks, Phase, plan_transfers
 from elastic_ep.eplb.copy_engine import engine_available
 from elastic_ep.eplb.exec_chunks import cut_chunks
 from elastic_ep.eplb.exec_layout import aligned
+from elastic_ep.eplb.exec_ranks import ProcessRanks
+from elastic_ep.eplb.exec_runner import Runner, Timer
 from elastic_ep.eplb.row_copy import triton_available, warm_up
 
 
@@ -76,19 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: host ms of rank 0's own work, no transfers, median of {args.repeats}")
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     for scenario, plan in plans.items():
-        ranks_of = executor.GroupRanks.new_numbering(plan.rank_mapping)
-        layout = executor._Layout(ranks_of, 0, ranks, 0, 0)
+        ranks_of = GroupRanks.new_numbering(plan.rank_mapping)
+        process = ProcessRanks(ranks_of, 0, ranks, 0, 0)
         chunks = cut_chunks(plan, row_bytes, ranks_of, ranks, budget, True)
         for path in paths:
-            runner = executor._Runner(
+            runner = Runner(
                 plan,
                 weights,
                 _OneDevice(device, ranks),  # type: ignore[arg-type]
-                layout,
+                process,
                 chunks,
                 kind_bytes,
                 None,
-                executor._Timer(),
+                Timer(),
                 path,
             )
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -103,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _once(runner: executor._Runner, device: torch.device) -> tuple[float, float, float]:
+def _once(runner: Runner, device: torch.device) -> tuple[float, float, float]:
     """(host seconds, seconds until the device is done, layout seconds) of one pass."""
-    runner.timer = executor._Timer()
+    runner.timer = Timer()
     runner.launches = []
     start = time.perf_counter()
     for k in range(len(runner.chunks)):
@@ -116,7 +118,7 @@ def _once(runner: executor._Runner, device: torch.device) -> tuple[float, float,
     host = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    layout = runner.timer.seconds[executor.Phase.PLAN]
+    layout = runner.timer.seconds[Phase.PLAN]
     return host - start, time.perf_counter() - start, layout
 
 

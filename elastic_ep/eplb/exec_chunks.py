@@ -10,15 +10,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from elastic_ep.eplb.exec_ranks import GroupRanks
 from elastic_ep.eplb.transfer_plan import Step, TransferPlan
-
-if TYPE_CHECKING:
-    from elastic_ep.eplb.executor import GroupRanks
-
 
 RAMP = 4
 """With overlap, the first and the last chunk are cut to ``1 / RAMP`` of the cap: nothing hides
