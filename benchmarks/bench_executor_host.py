@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, plan in plans.items():
         ranks_of = GroupRanks.new_numbering(plan.rank_mapping)
         process = ProcessRanks(ranks_of, 0, ranks, 0, 0)
-        chunks = cut_chunks(plan, row_bytes, ranks_of, ranks, budget, True)
+        chunks = cut_chunks(plan, row_bytes, ranks_of, budget, True)
         for path in paths:
             runner = Runner(
                 plan,

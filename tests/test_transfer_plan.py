@@ -427,26 +427,28 @@ def test_bad_inputs() -> None:
 def test_step_experts_and_greedy_chunks(
     case: tuple[Scenario, TransferPlan], row_bytes: list[int], budget_rows: int, overlap: bool
 ) -> None:
-    """The plan's step matrices match its steps; chunks cover the steps in order, each within
-    its cap (or a single step), and each as long as the cap allows (greedy)."""
+    """The plan's sparse step counts match its steps; chunks cover the steps in order, each
+    within its cap (or a single step), and each as long as the cap allows (greedy); their
+    estimates are the sums of the dense cost matrix."""
     _, plan = case
     layer, received, sent = plan.step_experts
-    for i, step in enumerate(plan.steps):
-        assert layer[i] == step.layer
-        assert [(r, int(received[i, r])) for r in np.flatnonzero(received[i])] == list(
-            step.buffer_experts
-        )
-        assert [(r, int(sent[i, r])) for r in np.flatnonzero(sent[i])] == list(step.sent_experts)
+    assert layer.tolist() == [step.layer for step in plan.steps]
+    assert [tuple(row) for row in received.tolist()] == [
+        (i, r, n) for i, step in enumerate(plan.steps) for r, n in step.buffer_experts
+    ]
+    assert [tuple(row) for row in sent.tolist()] == [
+        (i, r, n) for i, step in enumerate(plan.steps) for r, n in step.sent_experts
+    ]
     rows = [256 * row_bytes[i % len(row_bytes)] for i in range(plan.new.num_layers)]
     ranks = GroupRanks.new_numbering(plan.rank_mapping)
     world = plan.rank_mapping.new_world_size
     budget = 256 * budget_rows
-    cost = step_costs(plan, rows, ranks, world)
+    cost = step_costs(plan, rows, ranks).dense(world)
     if cost.max(initial=0) > budget:
         with pytest.raises(ValueError, match="cannot hold the smallest movable unit"):
-            cut_chunks(plan, rows, ranks, world, budget, overlap)
+            cut_chunks(plan, rows, ranks, budget, overlap)
         return
-    chunks = cut_chunks(plan, rows, ranks, world, budget, overlap)
+    chunks = cut_chunks(plan, rows, ranks, budget, overlap)
     assert [s for c in chunks for s in c.steps] == list(plan.steps)
     cap = budget // 2 if overlap else budget
     small = cap // RAMP if overlap else cap  # the first chunk's cap, and the last one's
@@ -454,7 +456,7 @@ def test_step_experts_and_greedy_chunks(
     for i, chunk in enumerate(chunks):
         at, end = starts[i], starts[i + 1]
         used = cost[at:end].sum(axis=0)
-        assert chunk.estimate == tuple(int(u) for u in used)
+        assert chunk.estimate == tuple((g, int(u)) for g, u in enumerate(used) if u)
         limit = small if i == 0 else cap
         assert end - at == 1 or used.max() <= limit
         tail_split = i == len(chunks) - 2 and overlap
@@ -463,3 +465,29 @@ def test_step_experts_and_greedy_chunks(
     if overlap and len(plan.steps) > 1 and len(chunks) > 1:
         last = cost[starts[-2] :]
         assert last.sum(axis=0).max() <= small or len(last) == 1  # small, or one big step
+    assert starts == _dense_bounds(cost, budget, overlap)
+
+
+def _dense_bounds(cost: np.ndarray, budget: int, overlap: bool) -> list[int]:
+    """The chunk bounds from the dense cost matrix ``[steps, ranks]`` by running totals per rank
+    (the cut as it was computed before the costs went sparse): the oracle of ``cut_chunks``."""
+    cap = budget // 2 if overlap else budget
+    total = np.zeros((len(cost) + 1, cost.shape[1]), dtype=np.int64)
+    np.cumsum(cost, axis=0, out=total[1:])
+    bounds = [0]
+    while bounds[-1] < len(cost):
+        start = bounds[-1]
+        limit = cap // RAMP if overlap and start == 0 else cap
+        end = min(
+            int(np.searchsorted(total[:, g], total[start, g] + limit, side="right")) - 1
+            for g in range(cost.shape[1])
+        )
+        bounds.append(max(end, start + 1))
+    if overlap and len(cost) > 1:
+        tail = max(
+            int(np.searchsorted(total[:, g], total[-1, g] - cap // RAMP, side="left"))
+            for g in range(cost.shape[1])
+        )
+        if bounds[-2] < min(tail, len(cost) - 1):
+            bounds.insert(-1, min(tail, len(cost) - 1))
+    return bounds

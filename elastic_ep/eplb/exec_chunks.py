@@ -3,6 +3,11 @@
 Pure (no communication, no device work). Every rank cuts the same chunks, from every rank's
 estimated cost, so peers post matching transfers; each rank then lays out only its own part
 (:mod:`elastic_ep.eplb.exec_layout`).
+
+The costs are sparse (:class:`StepCosts`: a step's rows on the few group ranks it touches, from
+the plan's ``step_experts``), and the cut is one greedy pass over them: a chunk grows step by
+step until one more would take some rank past the cap, so the work grows with the plan's steps,
+not with steps x ranks.
 """
 
 from __future__ import annotations
@@ -23,17 +28,49 @@ the first one's pack and the last one's write-back (on 2x H200, ~0.3 ms each for
 
 @dataclass(frozen=True)
 class Chunk:
-    """Consecutive steps run together, and the estimated region bytes on every group rank."""
+    """Consecutive steps run together, and their estimated region bytes.
+
+    Attributes:
+        steps: the chunk's steps, in plan order.
+        estimate: ``(group rank, bytes)`` pairs, ascending by rank, ranks with none omitted.
+    """
 
     steps: tuple[Step, ...]
-    estimate: tuple[int, ...]
+    estimate: tuple[tuple[int, int], ...]
+
+    def bytes_on(self, group_rank: int) -> int:
+        """The estimated region bytes on ``group_rank`` (0 if it has none in this chunk)."""
+        return next((n for g, n in self.estimate if g == group_rank), 0)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Estimated region bytes of every step on the group ranks it touches: the rows it sends,
+    receives or stages there. Rows sorted by step, then group rank (int64 ``[rows]`` each).
+
+    Attributes:
+        start: int64 ``[steps + 1]``: step ``i``'s rows are ``start[i]:start[i + 1]``.
+        group_rank: the rank of each row.
+        nbytes: its bytes.
+    """
+
+    start: np.ndarray
+    group_rank: np.ndarray
+    nbytes: np.ndarray
+
+    def dense(self, world_size: int) -> np.ndarray:
+        """int64 ``[steps, world_size]``: the same costs as a matrix (for small plans)."""
+        out = np.zeros((len(self.start) - 1, world_size), dtype=np.int64)
+        out[np.repeat(np.arange(len(self.start) - 1), np.diff(self.start)), self.group_rank] = (
+            self.nbytes
+        )
+        return out
 
 
 def cut_chunks(
     plan: TransferPlan,
     row_bytes: Sequence[int],
     ranks: GroupRanks,
-    world_size: int,
     budget: int,
     overlap: bool,
 ) -> list[Chunk]:
@@ -48,64 +85,94 @@ def cut_chunks(
     Raises:
         ValueError: a step alone needs more than ``budget`` on some rank (nothing moved yet).
     """
-    cost = step_costs(plan, row_bytes, ranks, world_size)
-    too_big = np.flatnonzero(cost.max(axis=1, initial=0) > budget)
+    cost = step_costs(plan, row_bytes, ranks)
+    too_big = np.flatnonzero(cost.nbytes > budget)
     if too_big.size:
-        i = int(too_big[0])
-        worst = int(cost[i].argmax())
+        i = int(np.searchsorted(cost.start, too_big[0], side="right")) - 1
+        a, b = int(cost.start[i]), int(cost.start[i + 1])
+        worst = a + int(cost.nbytes[a:b].argmax())
         layer = plan.steps[i].layer
+        nbytes = int(cost.nbytes[worst])
         raise ValueError(
             f"buffer_bytes={budget} cannot hold the smallest movable unit of layer {layer}: "
-            f"{cost[i, worst] // row_bytes[layer]} expert rows ({cost[i, worst]} bytes) on "
-            f"group rank {worst}; nothing was moved"
+            f"{nbytes // row_bytes[layer]} expert rows ({nbytes} bytes) on "
+            f"group rank {int(cost.group_rank[worst])}; nothing was moved"
         )
     cap = budget // 2 if overlap else budget
-    # Running totals per rank: a chunk [a, b) costs total[b] - total[a], so its end is where the
-    # first rank's total passes its start plus the cap (totals never decrease).
-    total = np.zeros((len(cost) + 1, world_size), dtype=np.int64)
-    np.cumsum(cost, axis=0, out=total[1:])
+    steps = len(plan.steps)
+    rows = _Rows(cost)
     bounds = [0]
-    while bounds[-1] < len(cost):
+    while bounds[-1] < steps:
         start = bounds[-1]
         # Overlapped, the first chunk's pack and the last one's write-back overlap no transfer:
         # both get a fraction of the cap.
         limit = cap // RAMP if overlap and start == 0 else cap
-        end = min(
-            int(np.searchsorted(total[:, g], total[start, g] + limit, side="right")) - 1
-            for g in range(world_size)
-        )
-        bounds.append(max(end, start + 1))
-    if overlap and len(cost) > 1:
+        bounds.append(max(rows.reach(start, steps, 1, limit), start + 1))
+    if overlap and steps > 1:
         start = bounds[-2]
-        tail = max(  # at least the last step
-            int(np.searchsorted(total[:, g], total[-1, g] - cap // RAMP, side="left"))
-            for g in range(world_size)
-        )
-        tail = min(tail, len(cost) - 1)
+        # The first step from which the rest fits in the small cap on every rank (at least the
+        # last step).
+        tail = min(rows.reach(steps, start, -1, cap // RAMP), steps - 1)
         if start < tail:
             bounds.insert(-1, tail)
-    return [
-        Chunk(plan.steps[a:b], tuple(int(x) for x in total[b] - total[a]))
-        for a, b in itertools.pairwise(bounds)
-    ]
+    return [Chunk(plan.steps[a:b], rows.estimate(a, b)) for a, b in itertools.pairwise(bounds)]
 
 
-def min_buffer_bytes(
-    plan: TransferPlan, row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
-) -> int:
+def min_buffer_bytes(plan: TransferPlan, row_bytes: Sequence[int], ranks: GroupRanks) -> int:
     """The least ``buffer_bytes`` that runs ``plan`` (one step per chunk, no overlap)."""
-    return int(step_costs(plan, row_bytes, ranks, world_size).max(initial=0))
+    return int(step_costs(plan, row_bytes, ranks).nbytes.max(initial=0))
 
 
-def step_costs(
-    plan: TransferPlan, row_bytes: Sequence[int], ranks: GroupRanks, world_size: int
-) -> np.ndarray:
-    """Estimated region bytes of every step on every group rank, int64 ``[steps, world_size]``:
-    the rows it sends, receives or stages there."""
+def step_costs(plan: TransferPlan, row_bytes: Sequence[int], ranks: GroupRanks) -> StepCosts:
+    """Every step's estimated region bytes on the group ranks it touches (an old rank and its
+    new rank are one group rank: their rows add up)."""
     layer, received, sent = plan.step_experts
-    experts = np.zeros((len(layer), world_size), dtype=np.int64)
-    for table, counts in ((ranks.new, received), (ranks.old, sent)):
-        for rank, g in enumerate(table):
-            if g is not None:  # execute checked every sender and receiver is a member
-                experts[:, g] += counts[:, rank]
-    return experts * np.asarray(row_bytes, dtype=np.int64)[layer][:, None]
+    group = [
+        np.array([-1 if g is None else g for g in table], dtype=np.int64)
+        for table in (ranks.new, ranks.old)
+    ]
+    step = np.concatenate([received[:, 0], sent[:, 0]])
+    rank = np.concatenate([group[0][received[:, 1]], group[1][sent[:, 1]]])
+    count = np.concatenate([received[:, 2], sent[:, 2]])
+    member = rank >= 0  # execute checked every sender and receiver is a member
+    step, rank, count = step[member], rank[member], count[member]
+    order = np.lexsort((rank, step))
+    step, rank, count = step[order], rank[order], count[order]
+    first = np.ones(len(step), dtype=bool)
+    first[1:] = (step[1:] != step[:-1]) | (rank[1:] != rank[:-1])
+    at = np.flatnonzero(first)
+    experts = np.add.reduceat(count, at) if len(at) else count[:0]
+    step, rank = step[at], rank[at]
+    nbytes = experts * np.asarray(row_bytes, dtype=np.int64)[layer[step]]
+    start = np.searchsorted(step, np.arange(len(layer) + 1))
+    return StepCosts(start, rank, nbytes)
+
+
+class _Rows:
+    """The costs as Python lists, for the greedy passes (a few steps' rows at a time)."""
+
+    def __init__(self, cost: StepCosts) -> None:
+        self.start = cost.start.tolist()
+        self.rank = cost.group_rank.tolist()
+        self.nbytes = cost.nbytes.tolist()
+
+    def reach(self, at: int, stop: int, direction: int, limit: int) -> int:
+        """From step boundary ``at`` towards ``stop`` (``direction`` 1 or -1), the furthest
+        boundary such that the steps crossed keep every rank's total within ``limit``."""
+        used: dict[int, int] = {}
+        while at != stop:
+            step = at if direction > 0 else at - 1
+            rows = range(self.start[step], self.start[step + 1])
+            if any(used.get(self.rank[r], 0) + self.nbytes[r] > limit for r in rows):
+                break
+            for r in rows:
+                used[self.rank[r]] = used.get(self.rank[r], 0) + self.nbytes[r]
+            at += direction
+        return at
+
+    def estimate(self, first: int, end: int) -> tuple[tuple[int, int], ...]:
+        """``(group rank, bytes)`` of steps ``first`` to ``end`` (exclusive), ascending."""
+        used: dict[int, int] = {}
+        for r in range(self.start[first], self.start[end]):
+            used[self.rank[r]] = used.get(self.rank[r], 0) + self.nbytes[r]
+        return tuple(sorted(used.items()))

@@ -123,7 +123,7 @@ class Runner:
     def size_buffer(self, overlap_budget: int) -> None:
         """Decide which chunks overlap and allocate the buffer, from the estimated sizes (upper
         bounds of the laid-out ones)."""
-        sizes = [c.estimate[self.process.group_rank] for c in self.chunks]
+        sizes = [c.bytes_on(self.process.group_rank) for c in self.chunks]
         # Overlap chunk k+1 with chunk k only if both fit in the budget at once.
         self.overlapped = [a + b <= overlap_budget for a, b in itertools.pairwise(sizes)] + [False]
         pairs = [a + b for a, b, o in zip(sizes, sizes[1:], self.overlapped, strict=False) if o]

@@ -253,7 +253,7 @@ def _prepare(
         )
     slot_kind_bytes = kind_bytes(weights)
     row_bytes = [sum(aligned(b) for b in layer) for layer in slot_kind_bytes]
-    chunks = cut_chunks(plan, row_bytes, process.ranks, process.world_size, buffer_bytes, overlap)
+    chunks = cut_chunks(plan, row_bytes, process.ranks, buffer_bytes, overlap)
     copy_path = _copy_path(copy, group.device)
     if copy_path in ("triton", "torch"):
         ensure_warm(group.device, copy_path)  # not at a first launch mid-run: see ensure_warm
@@ -413,7 +413,7 @@ def required_buffer_bytes(
     if ranks is None:
         ranks = GroupRanks.for_world_size(plan.rank_mapping, world_size)
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes(weights)]
-    return min_buffer_bytes(plan, row_bytes, ranks, world_size)
+    return min_buffer_bytes(plan, row_bytes, ranks)
 
 
 def _bytes_per_group_rank(

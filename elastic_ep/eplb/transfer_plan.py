@@ -183,25 +183,25 @@ class TransferPlan:
 
     @cached_property
     def step_experts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per step, computed once per plan (the executor's chunking reads it on every call):
+        """Per step, computed once per plan (the executor's chunking reads it on every call),
+        sparse: a step touches few ranks, so its size grows with the steps, not steps x ranks.
 
         Returns:
             layer: int64 ``[steps]``, each step's layer.
-            received: int64 ``[steps, new ranks]``, experts of buffer each new rank needs
-                (``Step.buffer_experts``).
-            sent: int64 ``[steps, old ranks]``, experts each old rank sends
-                (``Step.sent_experts``).
+            received: int64 ``[n, 3]``, rows ``(step, new rank, experts)``: experts of buffer
+                the new rank needs in the step (``Step.buffer_experts``), by step then rank.
+            sent: int64 ``[m, 3]``, rows ``(step, old rank, experts)``: experts the old rank
+                sends in the step (``Step.sent_experts``), by step then rank.
         """
         n = len(self.steps)
         layer = np.fromiter((s.layer for s in self.steps), dtype=np.int64, count=n)
-        received = np.zeros((n, self.rank_mapping.new_world_size), dtype=np.int64)
-        sent = np.zeros((n, self.rank_mapping.old_world_size), dtype=np.int64)
-        for i, step in enumerate(self.steps):
-            for rank, count in step.buffer_experts:
-                received[i, rank] = count
-            for rank, count in step.sent_experts:
-                sent[i, rank] = count
-        return layer, received, sent
+        received = [(i, r, c) for i, s in enumerate(self.steps) for r, c in s.buffer_experts]
+        sent = [(i, r, c) for i, s in enumerate(self.steps) for r, c in s.sent_experts]
+        return (
+            layer,
+            np.array(received, dtype=np.int64).reshape(-1, 3),
+            np.array(sent, dtype=np.int64).reshape(-1, 3),
+        )
 
     @cached_property
     def op_table(self) -> OpTable:
