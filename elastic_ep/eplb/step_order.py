@@ -21,6 +21,7 @@ derives the same order.
 from __future__ import annotations
 
 import heapq
+import operator
 from collections.abc import Sequence
 
 Use = tuple[tuple[int, int], ...]
@@ -50,6 +51,8 @@ def interleave_steps(
     kind_of = [[kinds.setdefault(use, len(kinds)) for use in layer] for layer in uses]
     ids: dict[int, int] = {}  # resource -> dense id
     kind_items = [tuple((ids.setdefault(r, len(ids)), n) for r, n in use) for use in kinds]
+    kind_res = [tuple(r for r, _ in items) for items in kind_items]
+    kind_n = [tuple(n for _, n in items) for items in kind_items]
     total = [0] * len(ids)
     for row in kind_of:
         for kind in row:
@@ -60,7 +63,8 @@ def interleave_steps(
     free = kinds.get(())
 
     def key(kind: int) -> float:
-        return sum([n * done[r] for r, n in kind_items[kind]]) / due[kind]
+        items = map(operator.mul, kind_n[kind], map(done.__getitem__, kind_res[kind]))
+        return sum(items) / due[kind]
 
     bucket: list[list[tuple[int, int]]] = [[] for _ in kind_items]  # heaps of ready steps
     version = [0] * len(kind_items)
@@ -92,10 +96,13 @@ def interleave_steps(
         if free is not None and bucket[free]:
             kind = free
         else:
-            pushed, _, _, kind, v = heapq.heappop(picks)
+            pushed, layer, step, kind, v = heapq.heappop(picks)
             if v != version[kind]:
                 continue
-            if key(kind) != pushed:  # its resources advanced since: re-offer (keys only grow)
+            now = key(kind)
+            # Its resources advanced since it was offered: offer it again, unless it still
+            # comes first (every other entry's key is a lower bound of its own: keys only grow).
+            if now != pushed and picks and (now, layer, step) > picks[0][:3]:
                 offer(kind)
                 continue
             for r, n in kind_items[kind]:

@@ -24,6 +24,7 @@ together). The executor may cut the step sequence into chunks anywhere between s
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -381,14 +382,17 @@ class _LayerPlanner:
         self.previous, self.new, self.mapping, self.nodes = previous, new, mapping, nodes
         self.live_old = [r for r in range(previous.num_ranks) if r not in dead]
         self.total_sent = [0] * previous.num_ranks
-        self.old_slots = previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).tolist()
-        self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).tolist()
+        # numpy's tolist is ~20x faster than torch's.
+        self.old_slots = (
+            previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).numpy().tolist()
+        )
+        self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).numpy().tolist()
 
     def plan_layer(self, layer: int) -> _LayerSteps:
         old_slots: list[list[int]] = self.old_slots[layer]
         new_slots: list[list[int]] = self.new_slots[layer]
         # Slots of each old rank that this layer overwrites (survivors only: leavers keep theirs).
-        written_old = [set[int]() for _ in old_slots]
+        written_old: defaultdict[int, set[int]] = defaultdict(set)  # only ranks that write
         needs: list[tuple[int, int, tuple[int, ...]]] = []  # (new rank, expert, dst slots)
         ops: list[Op] = []
         for n, slots in enumerate(new_slots):
@@ -448,7 +452,7 @@ class _LayerPlanner:
         old_slots: list[list[int]],
         layer_sent: list[int],
         total_sent: list[int],
-        written: list[set[int]],
+        written: defaultdict[int, set[int]],
         nodes: NodeLayout | None,
     ) -> tuple[int, int, int, int, int]:
         """Lower is better: same node, fewest sent this layer, a source slot left intact,
