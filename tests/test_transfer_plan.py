@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import random
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -24,9 +27,11 @@ from elastic_ep.eplb import (
     plan_transfers,
 )
 from elastic_ep.eplb.exec_chunks import RAMP, cut_chunks, step_costs
-from elastic_ep.eplb.executor import GroupRanks
+from elastic_ep.eplb.exec_ranks import GroupRanks
 from elastic_ep.eplb.step_order import interleave_steps
 from elastic_ep.rank_mapping import RankMapping
+
+T = TypeVar("T")
 
 
 def random_placement(
@@ -491,3 +496,34 @@ def _dense_bounds(cost: np.ndarray, budget: int, overlap: bool) -> list[int]:
         if bounds[-2] < min(tail, len(cost) - 1):
             bounds.insert(-1, min(tail, len(cost) - 1))
     return bounds
+
+
+def _peak_bytes(fn: Callable[[], T]) -> tuple[int, T]:
+    """Peak bytes traced (Python objects and numpy arrays) while ``fn`` runs, and its result."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_host_work_grows_with_the_plan_not_with_ranks_squared() -> None:
+    """At 1024 ranks (2 layers, one slot each, a 10% drift: ~200 ops) the plan's step counts,
+    the step order and the chunk cut stay small: nothing is steps x ranks (a dense step matrix
+    would be ~1.6 MB here) or ranks x ranks (the step order's pair resources once were 2M Python
+    lists: 660 MB of peak for this plan)."""
+    rng = random.Random(3)
+    previous = random_placement(rng, 2, 256, 1024, 1, empty=0)
+    new = drifted(rng, previous, 0.1)
+    peak, plan = _peak_bytes(lambda: plan_transfers(previous, new))
+    ops = len(plan.op_table.step)
+    assert 100 < ops < 400
+    assert peak < 8 << 20  # 2 MB measured; 660 MB with the dense matrices and pair lists
+    _, received, sent = plan.step_experts
+    assert len(received) <= ops and len(sent) <= ops
+    ranks = GroupRanks.new_numbering(plan.rank_mapping)
+    rows = [1 << 20] * 2
+    peak, chunks = _peak_bytes(lambda: cut_chunks(plan, rows, ranks, 8 << 20, True))
+    assert len(chunks) > 1
+    assert peak < 1_000 * ops
