@@ -24,6 +24,7 @@ from elastic_ep.eplb import (
     Step,
     Transfer,
     TransferPlan,
+    exec_chunks,
     plan_transfers,
 )
 from elastic_ep.eplb.exec_chunks import RAMP, cut_chunks, step_costs
@@ -471,6 +472,11 @@ def test_step_experts_and_greedy_chunks(
         last = cost[starts[-2] :]
         assert last.sum(axis=0).max() <= small or len(last) == 1  # small, or one big step
     assert starts == _dense_bounds(cost, budget, overlap)
+    window, exec_chunks._Rows.WINDOW = exec_chunks._Rows.WINDOW, 1  # the windows' doubling
+    try:
+        assert cut_chunks(plan, rows, ranks, budget, overlap) == chunks
+    finally:
+        exec_chunks._Rows.WINDOW = window
 
 
 def _dense_bounds(cost: np.ndarray, budget: int, overlap: bool) -> list[int]:

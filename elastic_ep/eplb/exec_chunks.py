@@ -149,30 +149,51 @@ def step_costs(plan: TransferPlan, row_bytes: Sequence[int], ranks: GroupRanks) 
 
 
 class _Rows:
-    """The costs as Python lists, for the greedy passes (a few steps' rows at a time)."""
+    """The greedy passes over the costs' rows, with numpy over growing windows of rows."""
+
+    WINDOW = 4096
+    """Rows a pass looks at first; it doubles until the pass stops inside it."""
 
     def __init__(self, cost: StepCosts) -> None:
-        self.start = cost.start.tolist()
-        self.rank = cost.group_rank.tolist()
-        self.nbytes = cost.nbytes.tolist()
+        self.start, self.rank, self.nbytes = cost.start, cost.group_rank, cost.nbytes
 
     def reach(self, at: int, stop: int, direction: int, limit: int) -> int:
         """From step boundary ``at`` towards ``stop`` (``direction`` 1 or -1), the furthest
         boundary such that the steps crossed keep every rank's total within ``limit``."""
-        used: dict[int, int] = {}
-        while at != stop:
-            step = at if direction > 0 else at - 1
-            rows = range(self.start[step], self.start[step + 1])
-            if any(used.get(self.rank[r], 0) + self.nbytes[r] > limit for r in rows):
-                break
-            for r in rows:
-                used[self.rank[r]] = used.get(self.rank[r], 0) + self.nbytes[r]
-            at += direction
-        return at
+        lo, hi = int(self.start[at]), int(self.start[stop])
+        window = self.WINDOW
+        while True:
+            end = lo + direction * window
+            end = min(end, hi) if direction > 0 else max(end, hi)
+            rows = np.arange(lo, end) if direction > 0 else np.arange(lo - 1, end - 1, -1)
+            over = rows[_running_over(self.rank[rows], self.nbytes[rows], limit)]
+            if over.size:  # the first step (in pass order) that takes a rank past the limit
+                row = int(over.min() if direction > 0 else over.max())
+                step = int(np.searchsorted(self.start, row, side="right")) - 1
+                return step if direction > 0 else step + 1
+            if end == hi:
+                return stop
+            window *= 2
 
     def estimate(self, first: int, end: int) -> tuple[tuple[int, int], ...]:
         """``(group rank, bytes)`` of steps ``first`` to ``end`` (exclusive), ascending."""
-        used: dict[int, int] = {}
-        for r in range(self.start[first], self.start[end]):
-            used[self.rank[r]] = used.get(self.rank[r], 0) + self.nbytes[r]
-        return tuple(sorted(used.items()))
+        a, b = self.start[first], self.start[end]
+        order = np.argsort(self.rank[a:b], kind="stable")
+        ranks, nbytes = self.rank[a:b][order], self.nbytes[a:b][order]
+        at = np.flatnonzero(np.diff(ranks, prepend=-1))
+        summed = np.add.reduceat(nbytes, at) if len(at) else nbytes
+        return tuple(zip(ranks[at].tolist(), summed.tolist(), strict=True))
+
+
+def _running_over(rank: np.ndarray, nbytes: np.ndarray, limit: int) -> np.ndarray:
+    """bool ``[rows]``: where a rank's running total (in row order) passes ``limit``."""
+    order = np.argsort(rank, kind="stable")
+    ranks, sizes = rank[order], nbytes[order]
+    total = np.cumsum(sizes)
+    first = np.ones(len(ranks), dtype=bool)
+    first[1:] = ranks[1:] != ranks[:-1]
+    # Each rank's rows are consecutive now: subtract the running total before its first row.
+    before = np.maximum.accumulate(np.where(first, total - sizes, 0))
+    over = np.zeros(len(rank), dtype=bool)
+    over[order] = total - before > limit
+    return over
