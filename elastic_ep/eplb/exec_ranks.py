@@ -98,13 +98,12 @@ class ProcessRanks:
                 f"ranks covers {len(ranks.old)} old and {len(ranks.new)} new ranks, the plan has "
                 f"{mapping.old_world_size} and {mapping.new_world_size}"
             )
+        size = group.world_size
         for what, table in (("old", ranks.old), ("new", ranks.new)):
             members = [g for g in table if g is not None]
-            if any(not 0 <= g < group.world_size for g in members) or len(set(members)) != len(
-                members
-            ):
+            if any(not 0 <= g < size for g in members) or len(set(members)) != len(members):
                 raise ValueError(
-                    f"ranks.{what} = {list(table)} is not a set of distinct ranks of a group of {group.world_size}"
+                    f"ranks.{what} = {list(table)} is not a set of distinct ranks of a group of {size}"
                 )
         for old, new in enumerate(mapping.old_to_new):
             if new is not None and ranks.old[old] != ranks.new[new]:
