@@ -5,9 +5,10 @@ estimated cost, so peers post matching transfers; each rank then lays out only i
 (:mod:`elastic_ep.eplb.exec_layout`).
 
 The costs are sparse (:class:`StepCosts`: a step's rows on the few group ranks it touches, from
-the plan's ``step_experts``), and the cut is one greedy pass over them: a chunk grows step by
-step until one more would take some rank past the cap, so the work grows with the plan's steps,
-not with steps x ranks.
+the plan's ``step_experts``), and the cut is greedy: a chunk grows step by step until one more
+would take some rank past the cap (one forward pass; then one backward pass for the small tail
+of an overlapped run). Each pass runs numpy over windows of rows that double until it stops
+inside one, so the work grows with the rows, not with steps x ranks.
 """
 
 from __future__ import annotations
