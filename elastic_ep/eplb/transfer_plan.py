@@ -398,6 +398,8 @@ class _LayerPlanner:
         for n, slots in enumerate(new_slots):
             o = self.mapping.new_to_old[n]
             before = old_slots[o] if o is not None else []
+            if slots == before:  # most ranks, in a drift: nothing to do (a C-level compare)
+                continue
             want: dict[int, list[int]] = {}
             for i, e in enumerate(slots):
                 if e != EMPTY and (i >= len(before) or before[i] != e):
@@ -406,10 +408,13 @@ class _LayerPlanner:
                         written_old[o].add(i)
             for e in sorted(want):
                 needs.append((n, e, tuple(want[e])))
-        holders: dict[int, list[int]] = {}
+        holders: dict[int, list[int]] = {}  # per expert, its live old ranks, ascending
         for o in self.live_old:
-            for e in set(old_slots[o]) - {EMPTY}:
-                holders.setdefault(e, []).append(o)
+            for e in old_slots[o]:
+                held = holders.setdefault(e, [])
+                if not held or held[-1] != o:
+                    held.append(o)
+        holders.pop(EMPTY, None)
         layer_sent = [0] * len(old_slots)
         remote: list[tuple[int, int, tuple[int, ...]]] = []
         local: list[tuple[int, int, tuple[int, ...], int]] = []  # (new rank, expert, dst, old)
