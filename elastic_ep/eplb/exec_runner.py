@@ -5,8 +5,8 @@ own part of each into launches (:class:`Launches`) and runs them in stream order
 
 * **layout**: chunks are laid out in growing batches just before they run
   (:func:`~elastic_ep.eplb.exec_layout.lay_out_chunks`, numpy over the plan's op table): 2, then
-  4, 8, ... chunks, each batch while the chunk before it transfers; ``prepare_execution`` lays
-  out all of them ahead instead;
+  4, 8, ... chunks, each batch while the chunk before it transfers (a plan of at most
+  ``SMALL_PLAN_CHUNKS`` chunks at once); ``prepare_execution`` lays out all of them ahead;
 * **launches**: per chunk a pack (rows into the buffer), its transfers (one per peer, checked
   ahead as a :class:`~elastic_ep.groups.stateless_group.P2PBatch`), its slot-to-slot copies and
   its write-back (rows out of the buffer, then reloads). Each copy kind is one launch: a slice of

@@ -382,7 +382,7 @@ class _LayerPlanner:
         self.previous, self.new, self.mapping, self.nodes = previous, new, mapping, nodes
         self.live_old = [r for r in range(previous.num_ranks) if r not in dead]
         self.total_sent = [0] * previous.num_ranks
-        # numpy's tolist is ~20x faster than torch's.
+        # numpy's tolist takes half the time of torch's.
         self.old_slots = (
             previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).numpy().tolist()
         )
