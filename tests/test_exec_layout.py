@@ -48,8 +48,8 @@ def test_regions_match_between_peers_and_stay_in_the_buffer(
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     group_world = max(plan.rank_mapping.old_world_size, plan.rank_mapping.new_world_size)
     ranks = GroupRanks.for_world_size(plan.rank_mapping, group_world)
-    budget = min_buffer_bytes(plan, row_bytes, ranks, group_world) * budget_factor
-    chunks = cut_chunks(plan, row_bytes, ranks, group_world, budget, overlap)
+    budget = min_buffer_bytes(plan, row_bytes, ranks) * budget_factor
+    chunks = cut_chunks(plan, row_bytes, ranks, budget, overlap)
     starts = [0, *itertools.accumulate(len(c.steps) for c in chunks)]
     buffer_bytes = budget
 
@@ -70,7 +70,7 @@ def test_regions_match_between_peers_and_stay_in_the_buffer(
             pack, direct, unpack = (
                 r.of_chunk(c) for r in (layouts[g].pack, layouts[g].direct, layouts[g].unpack)
             )
-            assert lay.nbytes <= chunk.estimate[g]
+            assert lay.nbytes <= chunk.bytes_on(g)
             assert lay.base >= 0 and lay.base + lay.nbytes <= buffer_bytes
             assert [len(r.nbytes) for r in (pack, direct, unpack)] == [
                 int(np.diff(r.bounds)[c])
@@ -127,8 +127,8 @@ def test_a_batch_of_chunks_is_laid_out_as_in_the_whole(
     row_bytes = [sum(aligned(b) for b in layer) for layer in kind_bytes]
     group_world = max(plan.rank_mapping.old_world_size, plan.rank_mapping.new_world_size)
     ranks = GroupRanks.for_world_size(plan.rank_mapping, group_world)
-    budget = min_buffer_bytes(plan, row_bytes, ranks, group_world) * 2
-    chunks = cut_chunks(plan, row_bytes, ranks, group_world, budget, True)
+    budget = min_buffer_bytes(plan, row_bytes, ranks) * 2
+    chunks = cut_chunks(plan, row_bytes, ranks, budget, True)
     starts = [0, *itertools.accumulate(len(c.steps) for c in chunks)]
     g = data.draw(st.integers(0, group_world - 1))
     old = ranks.old.index(g) if g in ranks.old else None

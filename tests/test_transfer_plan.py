@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import random
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -21,12 +24,15 @@ from elastic_ep.eplb import (
     Step,
     Transfer,
     TransferPlan,
+    exec_chunks,
     plan_transfers,
 )
 from elastic_ep.eplb.exec_chunks import RAMP, cut_chunks, step_costs
-from elastic_ep.eplb.executor import GroupRanks
+from elastic_ep.eplb.exec_ranks import GroupRanks
 from elastic_ep.eplb.step_order import interleave_steps
 from elastic_ep.rank_mapping import RankMapping
+
+T = TypeVar("T")
 
 
 def random_placement(
@@ -427,26 +433,28 @@ def test_bad_inputs() -> None:
 def test_step_experts_and_greedy_chunks(
     case: tuple[Scenario, TransferPlan], row_bytes: list[int], budget_rows: int, overlap: bool
 ) -> None:
-    """The plan's step matrices match its steps; chunks cover the steps in order, each within
-    its cap (or a single step), and each as long as the cap allows (greedy)."""
+    """The plan's sparse step counts match its steps; chunks cover the steps in order, each
+    within its cap (or a single step), and each as long as the cap allows (greedy); their
+    estimates are the sums of the dense cost matrix."""
     _, plan = case
     layer, received, sent = plan.step_experts
-    for i, step in enumerate(plan.steps):
-        assert layer[i] == step.layer
-        assert [(r, int(received[i, r])) for r in np.flatnonzero(received[i])] == list(
-            step.buffer_experts
-        )
-        assert [(r, int(sent[i, r])) for r in np.flatnonzero(sent[i])] == list(step.sent_experts)
+    assert layer.tolist() == [step.layer for step in plan.steps]
+    assert [tuple(row) for row in received.tolist()] == [
+        (i, r, n) for i, step in enumerate(plan.steps) for r, n in step.buffer_experts
+    ]
+    assert [tuple(row) for row in sent.tolist()] == [
+        (i, r, n) for i, step in enumerate(plan.steps) for r, n in step.sent_experts
+    ]
     rows = [256 * row_bytes[i % len(row_bytes)] for i in range(plan.new.num_layers)]
     ranks = GroupRanks.new_numbering(plan.rank_mapping)
     world = plan.rank_mapping.new_world_size
     budget = 256 * budget_rows
-    cost = step_costs(plan, rows, ranks, world)
+    cost = step_costs(plan, rows, ranks).dense(world)
     if cost.max(initial=0) > budget:
         with pytest.raises(ValueError, match="cannot hold the smallest movable unit"):
-            cut_chunks(plan, rows, ranks, world, budget, overlap)
+            cut_chunks(plan, rows, ranks, budget, overlap)
         return
-    chunks = cut_chunks(plan, rows, ranks, world, budget, overlap)
+    chunks = cut_chunks(plan, rows, ranks, budget, overlap)
     assert [s for c in chunks for s in c.steps] == list(plan.steps)
     cap = budget // 2 if overlap else budget
     small = cap // RAMP if overlap else cap  # the first chunk's cap, and the last one's
@@ -454,7 +462,7 @@ def test_step_experts_and_greedy_chunks(
     for i, chunk in enumerate(chunks):
         at, end = starts[i], starts[i + 1]
         used = cost[at:end].sum(axis=0)
-        assert chunk.estimate == tuple(int(u) for u in used)
+        assert chunk.estimate == tuple((g, int(u)) for g, u in enumerate(used) if u)
         limit = small if i == 0 else cap
         assert end - at == 1 or used.max() <= limit
         tail_split = i == len(chunks) - 2 and overlap
@@ -463,3 +471,65 @@ def test_step_experts_and_greedy_chunks(
     if overlap and len(plan.steps) > 1 and len(chunks) > 1:
         last = cost[starts[-2] :]
         assert last.sum(axis=0).max() <= small or len(last) == 1  # small, or one big step
+    assert starts == _dense_bounds(cost, budget, overlap)
+    window, exec_chunks._Rows.WINDOW = exec_chunks._Rows.WINDOW, 1  # the windows' doubling
+    try:
+        assert cut_chunks(plan, rows, ranks, budget, overlap) == chunks
+    finally:
+        exec_chunks._Rows.WINDOW = window
+
+
+def _dense_bounds(cost: np.ndarray, budget: int, overlap: bool) -> list[int]:
+    """The chunk bounds from the dense cost matrix ``[steps, ranks]`` by running totals per rank
+    (the cut as it was computed before the costs went sparse): the oracle of ``cut_chunks``."""
+    cap = budget // 2 if overlap else budget
+    total = np.zeros((len(cost) + 1, cost.shape[1]), dtype=np.int64)
+    np.cumsum(cost, axis=0, out=total[1:])
+    bounds = [0]
+    while bounds[-1] < len(cost):
+        start = bounds[-1]
+        limit = cap // RAMP if overlap and start == 0 else cap
+        end = min(
+            int(np.searchsorted(total[:, g], total[start, g] + limit, side="right")) - 1
+            for g in range(cost.shape[1])
+        )
+        bounds.append(max(end, start + 1))
+    if overlap and len(cost) > 1:
+        tail = max(
+            int(np.searchsorted(total[:, g], total[-1, g] - cap // RAMP, side="left"))
+            for g in range(cost.shape[1])
+        )
+        if bounds[-2] < min(tail, len(cost) - 1):
+            bounds.insert(-1, min(tail, len(cost) - 1))
+    return bounds
+
+
+def _peak_bytes(fn: Callable[[], T]) -> tuple[int, T]:
+    """Peak bytes traced (Python objects and numpy arrays) while ``fn`` runs, and its result."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_host_work_grows_with_the_plan_not_with_ranks_squared() -> None:
+    """At 1024 ranks (2 layers, one slot each, a 10% drift: ~200 ops) the plan's step counts,
+    the step order and the chunk cut stay small: nothing is steps x ranks (a dense step matrix
+    would be ~1.6 MB here) or ranks x ranks (the step order's pair resources once were 2M Python
+    lists: 660 MB of peak for this plan)."""
+    rng = random.Random(3)
+    previous = random_placement(rng, 2, 256, 1024, 1, empty=0)
+    new = drifted(rng, previous, 0.1)
+    peak, plan = _peak_bytes(lambda: plan_transfers(previous, new))
+    ops = len(plan.op_table.step)
+    assert 100 < ops < 400
+    assert peak < 8 << 20  # 2 MB measured; 660 MB with the dense matrices and pair lists
+    _, received, sent = plan.step_experts
+    assert len(received) <= ops and len(sent) <= ops
+    ranks = GroupRanks.new_numbering(plan.rank_mapping)
+    rows = [1 << 20] * 2
+    peak, chunks = _peak_bytes(lambda: cut_chunks(plan, rows, ranks, 8 << 20, True))
+    assert len(chunks) > 1
+    assert peak < 1_000 * ops

@@ -25,14 +25,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from elastic_ep.eplb.exec_ranks import GroupRanks
 from elastic_ep.eplb.transfer_plan import OpTable, Reload, TransferPlan
-
-if TYPE_CHECKING:
-    from elastic_ep.eplb.executor import GroupRanks
 
 ALIGN = 256
 """Byte alignment of every segment (NCCL and vectorized copies like aligned buffers)."""

@@ -24,6 +24,7 @@ together). The executor may cut the step sequence into chunks anywhere between s
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -183,25 +184,25 @@ class TransferPlan:
 
     @cached_property
     def step_experts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per step, computed once per plan (the executor's chunking reads it on every call):
+        """Per step, computed once per plan (the executor's chunking reads it on every call),
+        sparse: a step touches few ranks, so its size grows with the steps, not steps x ranks.
 
         Returns:
             layer: int64 ``[steps]``, each step's layer.
-            received: int64 ``[steps, new ranks]``, experts of buffer each new rank needs
-                (``Step.buffer_experts``).
-            sent: int64 ``[steps, old ranks]``, experts each old rank sends
-                (``Step.sent_experts``).
+            received: int64 ``[n, 3]``, rows ``(step, new rank, experts)``: experts of buffer
+                the new rank needs in the step (``Step.buffer_experts``), by step then rank.
+            sent: int64 ``[m, 3]``, rows ``(step, old rank, experts)``: experts the old rank
+                sends in the step (``Step.sent_experts``), by step then rank.
         """
         n = len(self.steps)
         layer = np.fromiter((s.layer for s in self.steps), dtype=np.int64, count=n)
-        received = np.zeros((n, self.rank_mapping.new_world_size), dtype=np.int64)
-        sent = np.zeros((n, self.rank_mapping.old_world_size), dtype=np.int64)
-        for i, step in enumerate(self.steps):
-            for rank, count in step.buffer_experts:
-                received[i, rank] = count
-            for rank, count in step.sent_experts:
-                sent[i, rank] = count
-        return layer, received, sent
+        received = [(i, r, c) for i, s in enumerate(self.steps) for r, c in s.buffer_experts]
+        sent = [(i, r, c) for i, s in enumerate(self.steps) for r, c in s.sent_experts]
+        return (
+            layer,
+            np.array(received, dtype=np.int64).reshape(-1, 3),
+            np.array(sent, dtype=np.int64).reshape(-1, 3),
+        )
 
     @cached_property
     def op_table(self) -> OpTable:
@@ -381,19 +382,24 @@ class _LayerPlanner:
         self.previous, self.new, self.mapping, self.nodes = previous, new, mapping, nodes
         self.live_old = [r for r in range(previous.num_ranks) if r not in dead]
         self.total_sent = [0] * previous.num_ranks
-        self.old_slots = previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).tolist()
-        self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).tolist()
+        # numpy's tolist takes half the time of torch's.
+        self.old_slots = (
+            previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).numpy().tolist()
+        )
+        self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).numpy().tolist()
 
     def plan_layer(self, layer: int) -> _LayerSteps:
         old_slots: list[list[int]] = self.old_slots[layer]
         new_slots: list[list[int]] = self.new_slots[layer]
         # Slots of each old rank that this layer overwrites (survivors only: leavers keep theirs).
-        written_old = [set[int]() for _ in old_slots]
+        written_old: defaultdict[int, set[int]] = defaultdict(set)  # only ranks that write
         needs: list[tuple[int, int, tuple[int, ...]]] = []  # (new rank, expert, dst slots)
         ops: list[Op] = []
         for n, slots in enumerate(new_slots):
             o = self.mapping.new_to_old[n]
             before = old_slots[o] if o is not None else []
+            if slots == before:  # most ranks, in a drift: nothing to do (a C-level compare)
+                continue
             want: dict[int, list[int]] = {}
             for i, e in enumerate(slots):
                 if e != EMPTY and (i >= len(before) or before[i] != e):
@@ -402,10 +408,13 @@ class _LayerPlanner:
                         written_old[o].add(i)
             for e in sorted(want):
                 needs.append((n, e, tuple(want[e])))
-        holders: dict[int, list[int]] = {}
+        holders: dict[int, list[int]] = {}  # per expert, its live old ranks, ascending
         for o in self.live_old:
-            for e in set(old_slots[o]) - {EMPTY}:
-                holders.setdefault(e, []).append(o)
+            for e in old_slots[o]:
+                held = holders.setdefault(e, [])
+                if not held or held[-1] != o:
+                    held.append(o)
+        holders.pop(EMPTY, None)
         layer_sent = [0] * len(old_slots)
         remote: list[tuple[int, int, tuple[int, ...]]] = []
         local: list[tuple[int, int, tuple[int, ...], int]] = []  # (new rank, expert, dst, old)
@@ -448,7 +457,7 @@ class _LayerPlanner:
         old_slots: list[list[int]],
         layer_sent: list[int],
         total_sent: list[int],
-        written: list[set[int]],
+        written: defaultdict[int, set[int]],
         nodes: NodeLayout | None,
     ) -> tuple[int, int, int, int, int]:
         """Lower is better: same node, fewest sent this layer, a source slot left intact,
