@@ -6,7 +6,9 @@ Keys (all under ``ctl/``):
 - ``abort/<seq>``: set by the coordinator to abandon a running scale (e.g. a joiner died).
 - ``report/<epoch>/<member>``: a rank's :class:`RankReport` about the event that made ``epoch``.
 - ``world``: the serving ``(epoch, members)``, written by the leader at each commit.
-- ``dead/<member>``: the coordinator saw that member's process die (speeds up recovery).
+- ``dead/<member>``: the coordinator saw that member's process die (speeds up recovery);
+  ``dead/count``: how many marks there are, so a rank looks for deaths with one read instead of
+  one per member.
 - ``recovery/count`` and ``recovery/<n>``: the epochs made by recoveries, in order.
 
 Ranks read the store without blocking (``add(key, 0)``, ``check``); every blocking read has a
@@ -175,6 +177,11 @@ class ControlChannel:
     # ---- failures ---------------------------------------------------------------------
     def mark_dead(self, member: int) -> None:
         put(self._store, f"ctl/dead/{member}", b"1")
+        self._store.add("ctl/dead/count", 1)  # after the mark: a reader of the count finds it
+
+    def dead_count(self) -> int:
+        """How many members were marked dead so far (non-blocking, one store read)."""
+        return int(self._store.add("ctl/dead/count", 0))
 
     def is_marked_dead(self, member: int) -> bool:
         return bool(self._store.check([f"ctl/dead/{member}"]))

@@ -50,6 +50,15 @@ from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, Ran
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
+from elastic_ep.scaling.poll import (
+    DEAD_CHECK_S,
+    IDLE,
+    DeadWatch,
+    PendingVote,
+    PollMode,
+    Vote,
+    Voter,
+)
 from elastic_ep.scaling.recovery import agree_on_survivors, rebuild_after_failure
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
 from elastic_ep.scaling.status import PhaseClock
@@ -70,7 +79,6 @@ from elastic_ep.scaling.transition import (
     staging_stream,
 )
 
-_DEAD_CHECK_S = 0.02  # how often a waiting poll looks for members marked dead
 _SPIN_S = 0.0001  # sleep between completion checks of the poll's all-reduce
 
 
@@ -180,11 +188,18 @@ class ElasticRank:
         recovery_window_s: float | None = None,
         watch_dead_s: float | None = 0.01,
         transfer_in_poll: bool | None = None,
+        poll_mode: PollMode = PollMode.PIPELINED,
     ) -> None:
         if (placement is None) != (spec.role is RankRole.JOINER):
             raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
+        if not isinstance(poll_mode, PollMode):
+            raise TypeError(f"poll_mode must be a PollMode, got {poll_mode!r}")
         self.member = spec.member_id
         self.weights = weights
+        self._poll_mode = poll_mode
+        self._voter: Voter | None = None
+        self._vote_channel: ControlChannel | None = None
+        self._pending: PendingVote | None = None
         self.gate = gate or TrafficGate()
         self.resources = resources or EpochResources()
         self._load = load
@@ -271,45 +286,98 @@ class ElasticRank:
 
     # ---- the safe point ------------------------------------------------------------------
     def poll(self) -> Action:
-        """Act on scale requests and failures; call between forward steps on every rank."""
+        """Act on scale requests and failures; call between forward steps on every rank.
+
+        ``PIPELINED`` (default): acts on the vote the previous poll posted and posts the next;
+        the first poll of an epoch (after the start, a commit or a recovery) only posts and
+        returns ``SERVE``. ``BLOCKING``: votes and acts within the call.
+        """
         if self._first_action is not None:
             action, self._first_action = self._first_action, None
+            self._post_vote()
             return action
-        job = self._job
-        flags = torch.zeros(4, dtype=torch.int64)
-        if self.world.rank == 0:
-            flags[0] = self._channel.latest_seq()
-        if job is not None:
-            now = time.monotonic()
-            draining = (
-                job.command.mode is GateMode.DRAIN
-                and self.gate.in_flight > 0
-                and now < job.drain_deadline
-            )
-            flags[1] = int(not job.done or draining)
-            timed_out = not job.done and now > job.deadline
-            aborted = self.world.rank == 0 and self._channel.aborted(job.command.seq)
-            flags[2] = int(job.error is not None or timed_out or aborted)
-            if timed_out and job.error is None:
-                job.error = f"the scale did not finish within {job.command.timeout_s:g} s"
-            if aborted and job.error is None:
-                job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
-        # 0 = this rank's groups are built and wait for the transfer on the serving thread
-        flags[3] = int(job is None or job.groups is None or job.done)
+        if self._poll_mode is PollMode.BLOCKING:
+            flags = self._flags(read_store=True).to_tensor()
+            try:
+                self._vote(flags)
+            except (PeerFailure, GroupClosedError) as failure:
+                return self.recover(failure)
+            return self._act(Vote.from_tensor(flags))
+        pending, self._pending = self._pending, None
+        if pending is None:  # the first poll of this epoch: nothing posted to read yet
+            self._post_vote()
+            return Action.SERVE
         try:
-            self._vote(flags)
+            vote = pending.result(self.control, self._dead_watch)
         except (PeerFailure, GroupClosedError) as failure:
             return self.recover(failure)
+        action = self._act(vote)
+        if action not in (Action.LEAVE, Action.STOP):
+            self._post_vote()
+        return action
+
+    def _flags(self, *, read_store: bool) -> Vote:
+        """This rank's side of the vote; the leader reads the store only when ``read_store``
+        (in ``PIPELINED`` mode its voter thread does)."""
+        job = self._job
+        leader_reads = read_store and self.world.rank == 0
+        seq = self._channel.latest_seq() if leader_reads else 0
+        # not_waiting False = this rank's groups are built and wait for the transfer poll
         if job is None:
-            return self._maybe_start(int(flags[0]))
-        if flags[2]:
+            return IDLE if seq == 0 else Vote(seq=seq)
+        now = time.monotonic()
+        draining = (
+            job.command.mode is GateMode.DRAIN
+            and self.gate.in_flight > 0
+            and now < job.drain_deadline
+        )
+        timed_out = not job.done and now > job.deadline
+        if timed_out and job.error is None:
+            job.error = f"the scale did not finish within {job.command.timeout_s:g} s"
+        return Vote(
+            seq=seq,
+            busy=not job.done or draining,
+            failed=job.error is not None or timed_out,
+            not_waiting=job.groups is None or job.done,
+            aborted=leader_reads and self._channel.aborted(job.command.seq),
+        )
+
+    def _act(self, vote: Vote) -> Action:
+        """What every rank does for the same agreed ``vote``."""
+        job = self._job
+        if job is None:
+            return self._maybe_start(vote.seq)
+        if vote.aborted and job.error is None:
+            job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
+        if vote.failed or vote.aborted:
             self._rollback(job.error or "another rank failed while staging the next epoch")
             return Action.ROLLED_BACK
-        if flags[1]:
-            if not flags[3]:  # every rank has built its groups: transfer now, in lockstep
+        if vote.busy:
+            if not vote.not_waiting:  # every rank has built its groups: transfer now, in lockstep
                 self._transfer(job)
             return Action.SERVE
         return self._commit(job)
+
+    def _post_vote(self) -> None:
+        """``PIPELINED``: post this rank's flags for the next poll to read."""
+        if self._poll_mode is not PollMode.PIPELINED:
+            return
+        if self._voter is None:
+            if self._vote_channel is None:
+                client = self._rdzv.client(self._timeout_s)
+                self._vote_channel = ControlChannel(client, self._timeout_s)
+            self._voter = Voter(self.control, self._vote_channel)
+        job = self._job
+        self._pending = self._voter.post(
+            self._flags(read_store=False), 0 if job is None else job.command.seq
+        )
+
+    def _drop_votes(self) -> None:
+        """End this epoch's voting (a vote stuck on a dead peer ends at the group timeout)."""
+        self._pending = None
+        if self._voter is not None:
+            self._voter.close()
+            self._voter = None
 
     def _vote(self, flags: torch.Tensor) -> None:
         """MAX all-reduce of the poll flags on the control group, in place."""
@@ -336,12 +404,13 @@ class ElasticRank:
         On CUDA, ``work`` completes when the kernel is enqueued, as with ``work.wait()``.
         """
         start = time.monotonic()
-        next_check = start + _DEAD_CHECK_S
+        next_check = start + DEAD_CHECK_S
+        watch = self._dead_watch
         try:
             while not work.is_completed():
                 now = time.monotonic()
                 if now >= next_check:
-                    dead = [m for m in self.members if self._channel.is_marked_dead(m)]
+                    dead = watch.dead()
                     if dead:
                         raise PeerFailure(
                             f"{group.name!r} epoch {group.epoch}: members {dead} were marked dead "
@@ -350,7 +419,7 @@ class ElasticRank:
                             epoch=group.epoch,
                             member=dead[0],
                         )
-                    next_check = now + _DEAD_CHECK_S
+                    next_check = now + DEAD_CHECK_S
                 time.sleep(_SPIN_S)
             work.wait()
         except RuntimeError as err:  # gloo's own error or timeout
@@ -534,6 +603,7 @@ class ElasticRank:
         start = time.monotonic()
         clock = PhaseClock()
         clock.enter(ScalePhase.RECOVERING)
+        self._drop_votes()
         # in the background: aborting waits for an operation still in flight on the dead rank
         abort_in_background([self.control, self.world])
         if self._job is not None:
@@ -596,6 +666,7 @@ class ElasticRank:
     def close(self) -> None:
         """Tear down resources and groups (idempotent); call after LEAVE or STOP."""
         self._stop_watch.set()
+        self._drop_votes()
         if self._watcher is not None:
             self._watcher.join(timeout=self._timeout_s)
         if self._job is not None:
@@ -616,20 +687,26 @@ class ElasticRank:
     def _serve(
         self, world: StatelessGroup, control: StatelessGroup, members: tuple[int, ...]
     ) -> None:
+        self._drop_votes()  # votes belong to one epoch's control group
         self.world, self.control, self.members = world, control, members
+        self._dead_watch = DeadWatch(self._channel, members)
         self._serving = (members, world)  # one assignment: the watcher reads a consistent pair
 
     def _watch_dead(self, interval_s: float) -> None:
         """Abort the serving world group once the coordinator marks one of its members dead."""
         channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
         aborted = None
+        watched: tuple[tuple[int, ...], StatelessGroup] | None = None
+        watch: DeadWatch | None = None
         while not self._stop_watch.wait(interval_s):
             serving = self._serving
             if serving is aborted:
                 continue
             members, world = serving
             try:
-                if any(channel.is_marked_dead(m) for m in members):
+                if watch is None or serving is not watched:
+                    watch, watched = DeadWatch(channel, members), serving
+                if watch.dead():
                     world.abort()  # the engine's collectives blocked on the dead rank fail now
                     aborted = serving
             except RuntimeError:
