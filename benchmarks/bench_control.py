@@ -188,6 +188,7 @@ def bench_rank(spec: RankSpec) -> None:
         votes = _time_votes(agent, cfg.vote_reps)
         if agent.rank == 0:
             data.set("votes", pickle.dumps(votes))
+    data.set(f"ready/{spec.member_id}", b"1")
     log: list[tuple[float, float, str, int]] = []  # (monotonic, poll seconds, action, store ops)
     token = torch.ones(1)
     try:
@@ -241,6 +242,7 @@ def run_job(ranks: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     coord_ops: dict[str, int] = {}
     try:
         coord.start(ranks, timeout_s=600)
+        data.wait([f"ready/{m}" for m in range(ranks)], timedelta(seconds=600))
         time.sleep(1.0)  # every rank in its loop
         t0, c0 = time.monotonic(), sum(COUNTS.values())
         time.sleep(args.quiet_s)
