@@ -11,8 +11,10 @@ process launch, so the time is the control plane's: votes, group builds, reports
 are a few KB).
 
 TCPStore operations are counted in every process (ranks and coordinator) by a counting wrapper
-around the store client (the ``rendezvous`` module's ``TCPStore`` replaced in each process): an
-event's operations are those in its window minus the quiet rate. Before the first job of each R
+around the store client (the ``rendezvous`` module's ``TCPStore`` replaced in each process), by
+the kind of key: serving operations (the leader's look for a new command, death-counter reads,
+the coordinator's monitor) per step of the quiet window, an event's operations (group builds,
+the command, reports) in its window. Before the first job of each R
 the ranks also time the two vote algorithms alone on the control group: gloo's ring all-reduce
 (the blocking poll's) and the dissemination MAX (the pipelined poll's), for the per-hop model in
 docs/scaling.md.
@@ -68,47 +70,47 @@ class CountingStore(dist.Store):
         self._lock = lock
         self.port = getattr(inner, "port", None)
 
-    def _count(self, op: str) -> None:
+    def _count(self, key: str) -> None:
         with self._lock:
-            self._counts[op] += 1
+            self._counts[kind_of(key)] += 1
 
     def set(self, key: str, value: Any) -> None:
-        self._count("set")
+        self._count(key)
         self._inner.set(key, value)
 
     def get(self, key: str) -> bytes:
-        self._count("get")
+        self._count(key)
         return self._inner.get(key)  # type: ignore[no-any-return]
 
     def add(self, key: str, value: int) -> int:
-        self._count("add")
+        self._count(key)
         return int(self._inner.add(key, value))
 
     def check(self, keys: list[str]) -> bool:
-        self._count("check")
+        self._count(keys[0])
         return bool(self._inner.check(keys))
 
     def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        self._count("wait")
+        self._count(keys[0])
         if timeout is None:
             self._inner.wait(keys)
         else:
             self._inner.wait(keys, timeout)
 
     def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
-        self._count("compare_set")
+        self._count(key)
         return self._inner.compare_set(key, expected, desired)  # type: ignore[no-any-return]
 
     def delete_key(self, key: str) -> bool:
-        self._count("delete_key")
+        self._count(key)
         return bool(self._inner.delete_key(key))
 
     def multi_get(self, keys: list[str]) -> list[bytes]:
-        self._count("multi_get")
+        self._count(keys[0])
         return self._inner.multi_get(keys)  # type: ignore[no-any-return]
 
     def multi_set(self, keys: list[str], values: list[Any]) -> None:
-        self._count("multi_set")
+        self._count(keys[0])
         self._inner.multi_set(keys, values)
 
     def num_keys(self) -> int:
@@ -122,6 +124,36 @@ class CountingStore(dist.Store):
 
 
 COUNTS: collections.Counter[str] = collections.Counter()
+
+PER_STEP = ("seq", "dead", "monitor")
+"""Kinds of store operations made while serving (per step or per wait), not by an event."""
+
+
+def kind_of(key: str) -> str:
+    """What a store operation is for, from its key: ``seq`` (the leader's look for a new
+    command), ``dead`` (death marks), ``monitor`` (the coordinator's look for recoveries),
+    ``group`` (group builds), ``report`` / ``command`` (the event's messages), ``other``."""
+    if key.startswith("group/"):
+        return "group"
+    if key == "ctl/seq":
+        return "seq"
+    if key.startswith("ctl/dead"):
+        return "dead"
+    if key.startswith("ctl/recovery"):
+        return "monitor"
+    if key.startswith("ctl/report"):
+        return "report"
+    if key.startswith("ctl/"):
+        return "command"
+    return "other"
+
+
+def event_ops() -> int:
+    return sum(n for k, n in COUNTS.items() if k not in PER_STEP)
+
+
+def step_ops() -> int:
+    return sum(n for k, n in COUNTS.items() if k in PER_STEP)
 
 
 def count_store_operations() -> None:
@@ -189,14 +221,16 @@ def bench_rank(spec: RankSpec) -> None:
         if agent.rank == 0:
             data.set("votes", pickle.dumps(votes))
     data.set(f"ready/{spec.member_id}", b"1")
-    log: list[tuple[float, float, str, int]] = []  # (monotonic, poll seconds, action, store ops)
+    # (monotonic, poll seconds, action, event store ops, serving store ops, group-build ops)
+    log: list[tuple[float, float, str, int, int, int]] = []
     token = torch.ones(1)
     try:
         while True:
             start = time.perf_counter()
             action = agent.poll()
             took = time.perf_counter() - start
-            log.append((time.monotonic(), took, action.value, sum(COUNTS.values())))
+            entry = (time.monotonic(), took, action.value, event_ops(), step_ops(), COUNTS["group"])
+            log.append(entry)
             if action in (Action.LEAVE, Action.STOP):
                 return
             world = agent.world
@@ -218,12 +252,12 @@ def _wait_done(coord: ElasticCoordinator, limit_s: float) -> ScaleStatus:
     raise TimeoutError(f"event not done within {limit_s:g} s: {coord.status()}")
 
 
-def _ops_in(logs: dict[int, list[tuple[float, float, str, int]]], t0: float, t1: float) -> int:
-    """Store operations the ranks made in [t0, t1] (from each rank's per-step counter)."""
+def _ops_in(logs: dict[int, list[Any]], t0: float, t1: float, column: int) -> int:
+    """Store operations the ranks made in [t0, t1] (from each rank's per-step counters)."""
     total = 0
     for log in logs.values():
-        inside = [e[3] for e in log if t0 <= e[0] <= t1]
-        before = [e[3] for e in log if e[0] < t0]
+        inside = [e[column] for e in log if t0 <= e[0] <= t1]
+        before = [e[column] for e in log if e[0] < t0]
         if inside:
             total += inside[-1] - (before[-1] if before else inside[0])
     return total
@@ -244,20 +278,20 @@ def run_job(ranks: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         coord.start(ranks, timeout_s=600)
         data.wait([f"ready/{m}" for m in range(ranks)], timedelta(seconds=600))
         time.sleep(1.0)  # every rank in its loop
-        t0, c0 = time.monotonic(), sum(COUNTS.values())
+        t0, c0 = time.monotonic(), step_ops()
         time.sleep(args.quiet_s)
         windows["quiet"] = (t0, time.monotonic())
-        coord_ops["quiet"] = sum(COUNTS.values()) - c0
+        coord_ops["quiet"] = step_ops() - c0
         todo: list[tuple[str, Any]] = [("rebalance", RebalanceRequest(timeout_s=120))]
         if ranks > 2:
             todo.append((f"scale {ranks}->{ranks - 1}", ScaleRequest(world_size=ranks - 1)))
         for label, request in todo:
-            c0 = sum(COUNTS.values())
+            c0 = event_ops()
             began = time.monotonic()
             coord.submit(request)
             status = _wait_done(coord, 300)
             windows[label] = (began, time.monotonic())
-            coord_ops[label] = sum(COUNTS.values()) - c0
+            coord_ops[label] = event_ops() - c0
             if status.phase.value != "completed":
                 raise RuntimeError(f"{label} at {ranks} ranks ({mode}): {status}")
             events[label] = {
@@ -269,27 +303,32 @@ def run_job(ranks: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         coord.shutdown(timeout_s=120)
     logs = {}
+    rank_kinds: collections.Counter[str] = collections.Counter()
     for m in range(ranks):
-        log, _ = pickle.loads(data.get(f"log/{m}"))
+        log, kinds = pickle.loads(data.get(f"log/{m}"))
         logs[m] = log
+        rank_kinds.update(kinds)
     q0, q1 = windows["quiet"]
     polls = [e[1] for log in logs.values() for e in log if q0 <= e[0] <= q1]
     steps = sum(1 for log in logs.values() for e in log if q0 <= e[0] <= q1)
-    quiet_ops = _ops_in(logs, q0, q1)
-    quiet_rate = (quiet_ops + coord_ops["quiet"]) / (q1 - q0)  # per second, all processes
+    quiet_ops = _ops_in(logs, q0, q1, 4)
     for label, ev in events.items():
         t0, t1 = windows[label]
-        rank_ops = _ops_in(logs, t0, t1)
+        rank_ops = _ops_in(logs, t0, t1 + 1.0, 3)  # a rank logs at its next poll
         ev["store_ops_ranks"] = rank_ops
         ev["store_ops_coordinator"] = coord_ops[label]
-        ev["store_ops_net"] = round(rank_ops + coord_ops[label] - quiet_rate * (t1 - t0))
+        ev["store_ops"] = rank_ops + coord_ops[label]
+        ev["store_ops_group_builds"] = _ops_in(logs, t0, t1 + 1.0, 5)
     result: dict[str, Any] = {
         "ranks": ranks,
         "mode": mode,
         "poll_median_us": 1e6 * statistics.median(polls),
         "poll_p99_us": 1e6 * statistics.quantiles(polls, n=100)[98],
+        # while serving: per step, all processes together (leader's command look, death-counter
+        # reads of ranks waiting longer than DEAD_CHECK_S, the coordinator's monitor)
         "store_ops_per_step": (quiet_ops + coord_ops["quiet"]) / max(1, steps / ranks),
         "store_ops_per_step_ranks": quiet_ops / max(1, steps / ranks),
+        "job_store_ops_by_kind": {"ranks": dict(rank_kinds), "coordinator": dict(COUNTS)},
         "events": events,
     }
     if args.vote_reps and data.check(["votes"]):
@@ -300,7 +339,8 @@ def run_job(ranks: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| ranks | poll | poll median us | poll p99 us | store ops/step | "
-        "rebalance ms | ops | scale-down ms | ops | ring vote us | dissemination us |",
+        "rebalance ms | ops (groups) | scale-down ms | ops (groups) | ring vote us | "
+        "dissemination us |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -310,8 +350,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['ranks']} | {r['mode']} | {r['poll_median_us']:.0f} | {r['poll_p99_us']:.0f} | "
             f"{r['store_ops_per_step']:.2f} | {1e3 * ev['rebalance']['control_s']:.0f} | "
-            f"{ev['rebalance']['store_ops_net']} | "
-            + (f"{1e3 * down['control_s']:.0f} | {down['store_ops_net']} | " if down else "| | ")
+            f"{ev['rebalance']['store_ops']} ({ev['rebalance']['store_ops_group_builds']}) | "
+            + (
+                f"{1e3 * down['control_s']:.0f} | {down['store_ops']} "
+                f"({down['store_ops_group_builds']}) | "
+                if down
+                else "| | "
+            )
             + f"{votes.get('ring', float('nan')):.0f} | {votes.get('dissemination', float('nan')):.0f} |"
         )
     return "\n".join(lines)
