@@ -25,10 +25,11 @@ from elastic_ep.scaling.launcher import (
 )
 from elastic_ep.scaling.phase import ScalePhase, can_transition, check_transition
 from elastic_ep.scaling.poll import PollMode
-from elastic_ep.scaling.rank_agent import Action, ElasticRank
+from elastic_ep.scaling.rank_agent import ElasticRank
 from elastic_ep.scaling.ray_launcher import RayLauncher, RayRank
 from elastic_ep.scaling.request import RebalanceRequest, ScaleLimits, ScaleRequest
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
+from elastic_ep.scaling.scale_job import Action
 from elastic_ep.scaling.server import ControlServer
 from elastic_ep.scaling.status import EventKind, ScaleStatus
 from elastic_ep.scaling.transition import PlanFn, default_planner

@@ -36,14 +36,12 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
-from torch.distributed import ProcessGroup, Work
+from torch.distributed import AllreduceOptions, ProcessGroup, ReduceOp, Work
 
 from elastic_ep.errors import PeerFailure
 from elastic_ep.groups import StatelessGroup
 from elastic_ep.scaling.channel import ControlChannel
-
-DEAD_CHECK_S = 0.02
-"""How often a waiting vote looks at the death counter (one store read)."""
+from elastic_ep.scaling.deaths import DEAD_CHECK_S, DeadWatch, wait_watching
 
 VOTE_TAG = 0x5E1A0000
 """Base tag of the vote's point-to-point messages (clear of an engine's own small tags: on gloo
@@ -121,26 +119,6 @@ def dissemination_max(
         wait(recv)
         wait(send)
         torch.maximum(flags, incoming, out=flags)
-
-
-class DeadWatch:
-    """Has a member of ``members`` been marked dead? One store read per check (the death
-    counter), and a scan of the members' marks (one read each) at the first check and whenever
-    the counter moved."""
-
-    def __init__(self, channel: ControlChannel, members: tuple[int, ...]) -> None:
-        self._channel = channel
-        self._members = members
-        self._seen: int | None = None
-
-    def dead(self) -> list[int]:
-        count = self._channel.dead_count()
-        if count == self._seen:
-            return []
-        found = [m for m in self._members if self._channel.is_marked_dead(m)]
-        if not found:
-            self._seen = count  # the marks counted are of other epochs' members
-        return found
 
 
 class PendingVote:
@@ -252,3 +230,19 @@ class Voter:
 
 def _wait(work: Work) -> None:
     work.wait()  # gloo's timeout (the group's) bounds it
+
+
+def blocking_vote(group: StatelessGroup, flags: torch.Tensor, watch: DeadWatch) -> None:
+    """``PollMode.BLOCKING``: MAX all-reduce of ``flags`` (int64 [NUM_FLAGS]) on ``group``, in
+    place, waited for on the calling thread (``PeerFailure`` on a failure or a death mark)."""
+    opts = AllreduceOptions()
+    opts.reduceOp = ReduceOp(ReduceOp.MAX)
+    try:
+        work = group.process_group.allreduce([flags], opts)
+    except RuntimeError as err:
+        raise PeerFailure(
+            f"poll on group {group.name!r} epoch {group.epoch} failed: {err}",
+            group=group.name,
+            epoch=group.epoch,
+        ) from err
+    wait_watching(work, group, watch)

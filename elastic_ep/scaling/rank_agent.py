@@ -1,10 +1,12 @@
 """ElasticRank: the per-rank object an engine drives from its serving loop.
 
-The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps. Each poll is
-one tiny collective on the epoch's CPU control group (gloo: the world group itself, or a gloo
-twin of an NCCL world group): a MAX all-reduce of four int64s (the newest command rank 0 saw
-in the store, "still busy", "failed", "not waiting to transfer"), so every rank acts on the
-same request at the same step.
+The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps. Each poll acts
+on a vote every rank agrees on (the newest command rank 0 saw in the store, "still busy",
+"failed", "not waiting to transfer", "aborted"), so every rank acts on the same request at the
+same step. By default the vote is pipelined: posted at one poll to a voter thread, read at the
+next (:mod:`elastic_ep.scaling.poll`, which also keeps the blocking vote); how a rank learns of
+a dead peer is in :mod:`elastic_ep.scaling.deaths`, a running scale's state in
+:mod:`elastic_ep.scaling.scale_job`, the staging in :mod:`elastic_ep.scaling.transition`.
 
 A scale, or a rebalance (same members, a new placement for the engine's load), stages the next
 epoch on a background thread (see :mod:`elastic_ep.scaling.transition`) while the engine keeps
@@ -34,11 +36,9 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
-from torch.distributed import AllreduceOptions, ReduceOp, Work
+from torch.distributed import ReduceOp, Work
 
 from elastic_ep.eplb import row_copy
 from elastic_ep.eplb.buffers import PlacementBuffers
@@ -46,25 +46,17 @@ from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ExecutionStats, Reloa
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError
 from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
-from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
+from elastic_ep.scaling.channel import CommandKind, ControlChannel, RankReport
+from elastic_ep.scaling.deaths import DeadWatch, wait_watching, watch_world
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
-from elastic_ep.scaling.poll import (
-    DEAD_CHECK_S,
-    IDLE,
-    DeadWatch,
-    PendingVote,
-    PollMode,
-    Vote,
-    Voter,
-)
+from elastic_ep.scaling.poll import IDLE, PendingVote, PollMode, Vote, Voter, blocking_vote
 from elastic_ep.scaling.recovery import agree_on_survivors, rebuild_after_failure
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
+from elastic_ep.scaling.scale_job import Action, ScaleJob, destroy_all
 from elastic_ep.scaling.status import PhaseClock
 from elastic_ep.scaling.transition import (
-    GroupRegistry,
-    NextGroups,
     PlanFn,
     StagedEpoch,
     StageInputs,
@@ -78,42 +70,6 @@ from elastic_ep.scaling.transition import (
     stage_next_epoch,
     staging_stream,
 )
-
-_SPIN_S = 0.0001  # sleep between completion checks of the poll's all-reduce
-
-
-class Action(Enum):
-    """What :meth:`ElasticRank.poll` tells the engine to do next."""
-
-    SERVE = "serve"  # run the next forward step (a scale may be staging in the background)
-    COMMITTED = "committed"  # a new epoch was installed: groups, placement, weights changed
-    ROLLED_BACK = "rolled_back"  # a scale failed; the old epoch keeps serving
-    RECOVERED = "recovered"  # a rank died; the survivors now serve a new epoch
-    LEAVE = "leave"  # this rank was scaled away: stop serving and return
-    STOP = "stop"  # the job is shutting down
-
-
-@dataclass
-class _ScaleJob:
-    command: Command
-    clock: PhaseClock
-    deadline: float
-    drain_deadline: float
-    registry: GroupRegistry = field(default_factory=GroupRegistry)
-    groups: NextGroups | None = None  # built, when the serving thread runs the transfer
-    transfer_s: float = 0.0  # the serving thread's time in the transfer poll
-    thread: threading.Thread | None = None
-    staged: StagedEpoch | None = None
-    error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.staged is not None or self.error is not None
-
-
-def _destroy_all(groups: list[StatelessGroup]) -> None:
-    for g in groups:
-        g.destroy()
 
 
 class ElasticRank:
@@ -224,7 +180,7 @@ class ElasticRank:
             spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s
         )
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
-        self._job: _ScaleJob | None = None
+        self._job: ScaleJob | None = None
         self._retiring: list[threading.Thread] = []
         self._stop_watch = threading.Event()
         self.kv_budget_bytes: int | None = None
@@ -266,8 +222,12 @@ class ElasticRank:
             self._report(ScalePhase.COMPLETED, spec.epoch)
         self._watcher: threading.Thread | None = None
         if watch_dead_s is not None and self.world is not self.control:
+            channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
             self._watcher = threading.Thread(
-                target=self._watch_dead, args=(watch_dead_s,), name="elastic-watch", daemon=True
+                target=watch_world,
+                args=(channel, lambda: self._serving, self._stop_watch, watch_dead_s),
+                name="elastic-watch",
+                daemon=True,
             )
             self._watcher.start()
 
@@ -299,7 +259,7 @@ class ElasticRank:
         if self._poll_mode is PollMode.BLOCKING:
             flags = self._flags(read_store=True).to_tensor()
             try:
-                self._vote(flags)
+                blocking_vote(self.control, flags, self._dead_watch)
             except (PeerFailure, GroupClosedError) as failure:
                 return self.recover(failure)
             return self._act(Vote.from_tensor(flags))
@@ -379,57 +339,17 @@ class ElasticRank:
             self._voter.close()
             self._voter = None
 
-    def _vote(self, flags: torch.Tensor) -> None:
-        """MAX all-reduce of the poll flags on the control group, in place."""
-        group = self.control
-        opts = AllreduceOptions()
-        opts.reduceOp = ReduceOp(ReduceOp.MAX)
-        try:
-            work = group.process_group.allreduce([flags], opts)
-        except RuntimeError as err:
-            raise PeerFailure(
-                f"poll on group {group.name!r} epoch {group.epoch} failed: {err}",
-                group=group.name,
-                epoch=group.epoch,
-            ) from err
-        self.wait(work, group)
-
     def wait(self, work: Work, group: StatelessGroup) -> None:
         """Wait for ``work``, an async operation on ``group`` (an epoch group of this agent).
 
-        Unlike a blocking wait, fails within ~20 ms with ``PeerFailure`` once the coordinator marks a member of the serving epoch dead (``ctl/dead/<member>``):
-        only the dead rank's neighbours see the broken connection, the others would wait for
-        the group timeout, and a gloo abort does not wake a blocked wait. The engine may wait
-        for its own gloo collectives this way (``work = group.process_group.allreduce(...)``).
-        On CUDA, ``work`` completes when the kernel is enqueued, as with ``work.wait()``.
+        Unlike a blocking wait, fails within ~20 ms with ``PeerFailure`` once the coordinator
+        marks a member of the serving epoch dead (``ctl/dead/<member>``): only the dead rank's
+        neighbours see the broken connection, the others would wait for the group timeout, and
+        a gloo abort does not wake a blocked wait. The engine may wait for its own gloo
+        collectives this way (``work = group.process_group.allreduce(...)``). On CUDA, ``work``
+        completes when the kernel is enqueued, as with ``work.wait()``.
         """
-        start = time.monotonic()
-        next_check = start + DEAD_CHECK_S
-        watch = self._dead_watch
-        try:
-            while not work.is_completed():
-                now = time.monotonic()
-                if now >= next_check:
-                    dead = watch.dead()
-                    if dead:
-                        raise PeerFailure(
-                            f"{group.name!r} epoch {group.epoch}: members {dead} were marked dead "
-                            "by the coordinator",
-                            group=group.name,
-                            epoch=group.epoch,
-                            member=dead[0],
-                        )
-                    next_check = now + DEAD_CHECK_S
-                time.sleep(_SPIN_S)
-            work.wait()
-        except RuntimeError as err:  # gloo's own error or timeout
-            if isinstance(err, PeerFailure):
-                raise
-            raise PeerFailure(
-                f"{group.name!r} epoch {group.epoch} failed: {err}",
-                group=group.name,
-                epoch=group.epoch,
-            ) from err
+        wait_watching(work, group, self._dead_watch)
 
     def _maybe_start(self, seq: int) -> Action:
         if seq <= self._seen_seq:
@@ -442,7 +362,7 @@ class ElasticRank:
             return Action.SERVE  # made for another epoch (the world changed since): ignore it
         self.gate.close(cmd.mode, retry_after_s=cmd.timeout_s)
         now = time.monotonic()
-        job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
+        job = ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
         job.thread = threading.Thread(
             target=self._stage_in_background,
             args=(job,),
@@ -453,7 +373,7 @@ class ElasticRank:
         job.thread.start()
         return Action.SERVE
 
-    def _stage_in_background(self, job: _ScaleJob) -> None:
+    def _stage_in_background(self, job: ScaleJob) -> None:
         try:
             # the KV callback is asked where the KV sync runs: here, or at the transfer poll
             inputs = self._inputs(self.placement, with_kv=not self._transfer_in_poll)
@@ -475,7 +395,7 @@ class ElasticRank:
         except Exception as exc:
             job.error = f"{type(exc).__name__}: {exc}"
 
-    def _transfer(self, job: _ScaleJob) -> None:
+    def _transfer(self, job: ScaleJob) -> None:
         """KV sync, plan and weight transfer on the serving thread (every rank at this poll)."""
         assert job.groups is not None
         start = time.monotonic()
@@ -491,7 +411,7 @@ class ElasticRank:
         job.transfer_s = time.monotonic() - start
 
     # ---- commit / rollback ---------------------------------------------------------------
-    def _commit(self, job: _ScaleJob) -> Action:
+    def _commit(self, job: ScaleJob) -> Action:
         start = time.monotonic()
         staged = job.staged
         assert staged is not None
@@ -561,7 +481,7 @@ class ElasticRank:
         if cmd.epoch != spec.epoch or self.member not in cmd.new_members:
             raise ReconfigureError(f"member {self.member}: no scale command for epoch {spec.epoch}")
         now = time.monotonic()
-        job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now)
+        job = ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now)
         self._job = job
         try:
             staged = stage_next_epoch(
@@ -655,7 +575,7 @@ class ElasticRank:
         """Destroy the previous epoch's groups off the serving path (their teardown waits on
         peers); ``close`` joins the thread, bounded."""
         thread = threading.Thread(
-            target=_destroy_all, args=(groups,), name="elastic-retire", daemon=True
+            target=destroy_all, args=(groups,), name="elastic-retire", daemon=True
         )
         thread.start()
         self._retiring.append(thread)
@@ -691,26 +611,6 @@ class ElasticRank:
         self.world, self.control, self.members = world, control, members
         self._dead_watch = DeadWatch(self._channel, members)
         self._serving = (members, world)  # one assignment: the watcher reads a consistent pair
-
-    def _watch_dead(self, interval_s: float) -> None:
-        """Abort the serving world group once the coordinator marks one of its members dead."""
-        channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
-        aborted = None
-        watched: tuple[tuple[int, ...], StatelessGroup] | None = None
-        watch: DeadWatch | None = None
-        while not self._stop_watch.wait(interval_s):
-            serving = self._serving
-            if serving is aborted:
-                continue
-            members, world = serving
-            try:
-                if watch is None or serving is not watched:
-                    watch, watched = DeadWatch(channel, members), serving
-                if watch.dead():
-                    world.abort()  # the engine's collectives blocked on the dead rank fail now
-                    aborted = serving
-            except RuntimeError:
-                return  # the store is gone: the job is over
 
     def _inputs(self, previous: Placement | None, *, with_kv: bool = True) -> StageInputs:
         """This rank's staging inputs; the KV callback is asked only when ``with_kv``."""
@@ -756,12 +656,12 @@ class ElasticRank:
             return str(exc)
         return None
 
-    def _enter(self, job: _ScaleJob, phase: ScalePhase) -> None:
+    def _enter(self, job: ScaleJob, phase: ScalePhase) -> None:
         job.clock.enter(phase)
         if self.world.rank == 0:
             self._report(phase, job.command.epoch)
 
-    def _finish(self, job: _ScaleJob, phase: ScalePhase, error: str | None) -> None:
+    def _finish(self, job: ScaleJob, phase: ScalePhase, error: str | None) -> None:
         done = job.staged if phase is ScalePhase.COMPLETED else None
         self._channel.report(
             RankReport(
