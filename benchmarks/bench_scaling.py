@@ -21,15 +21,18 @@ moved. Floors, measured first in the same run with raw torch on the same devices
   left); the transfer floor of an event is the busiest receiver's bytes at that bandwidth.
 
 The serving loop of a bench rank polls and sleeps 1 ms (no NCCL forward), so how fast the
-survivors of a kill notice is up to ``ElasticRank.poll``: its gloo all-reduce is a ring, in which
-only the dead rank's neighbours see the broken connection at once; the others notice when the
-coordinator marks the member dead (the poll checks those marks while it waits).
+survivors of a kill notice is up to ``ElasticRank.poll``: only the dead rank's vote partners see
+the broken connection at once; the others notice when the coordinator marks the member dead (the
+poll checks those marks while it waits for its vote). ``--poll both`` runs the events with the
+pipelined poll (the default: the vote posted at one poll, read at the next) and again with the
+blocking one (the vote inside the poll), and compares them.
 
 Usage::
 
     python benchmarks/bench_scaling.py --backend nccl --devices 4 [--json out.json] \
         [--markdown docs/performance.md]
     python benchmarks/bench_scaling.py --backend gloo --tiny      # CPU, tiny sizes (tests)
+    python benchmarks/bench_scaling.py --backend gloo --tiny --poll both   # poll modes A/B
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import pickle
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,7 @@ from elastic_ep.scaling import (
     ScaleStatus,
 )
 from elastic_ep.scaling.channel import put
+from elastic_ep.scaling.poll import PollMode
 from elastic_ep.scaling.status import EventKind
 
 MARK = "<!-- bench_scaling -->"
@@ -87,6 +91,7 @@ class BenchConfig:
     devices: int
     timeout_s: float
     transfer: str = "auto"  # ElasticRank's transfer_in_poll: auto (its default), poll, stream
+    poll: str = "pipelined"  # ElasticRank's poll_mode (PollMode value)
 
     @property
     def expert_bytes(self) -> int:
@@ -262,6 +267,7 @@ def bench_rank(spec: RankSpec) -> None:
             device=device,
             timeout_s=cfg.timeout_s,
             transfer_in_poll={"auto": None, "poll": True, "stream": False}[cfg.transfer],
+            poll_mode=PollMode(cfg.poll),
         )
     except Exception:
         return  # a joiner of a rolled-back scale
@@ -418,7 +424,8 @@ def table(
     lines = [
         f"{device}; {cfg.layers} layers x {cfg.experts} experts, {cfg.slots} slots per rank, "
         f"expert {cfg.expert_bytes / 1e6:.1f} MB ({cfg.dtype}), backend {cfg.backend}, "
-        f"transfer {cfg.transfer} (ElasticRank transfer_in_poll: auto = on for NCCL).",
+        f"transfer {cfg.transfer} (ElasticRank transfer_in_poll: auto = on for NCCL), "
+        f"poll {cfg.poll}.",
         "",
         f"Floors (same run, raw torch): group build cold {floors['build_cold_s']:.3f} s, warm "
         f"{floors['build_warm_s']:.3f} s; ring P2P {floors['p2p_GBps']:.1f} GB/s per rank. Floor "
@@ -446,6 +453,22 @@ def table(
         f"worst {e2e:.3f} s), blocking <= {TARGET_BLOCKING_S:g} s "
         f"({'met' if block <= TARGET_BLOCKING_S else 'NOT met'}: worst {block:.3f} s).",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def poll_comparison(pipelined: list[dict[str, Any]], blocking: list[dict[str, Any]]) -> str:
+    """Per event: end to end and blocking time with each poll mode, and their ratio."""
+    lines = [
+        "| event | end to end s pipelined / blocking | ratio | blocking s pipelined / blocking | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for new, old in zip(pipelined, blocking, strict=True):
+        e2e = (new["end_to_end_s"], old["end_to_end_s"])
+        blk = (new["blocking_s"], old["blocking_s"])
+        lines.append(
+            f"| {new['event']} | {e2e[0]:.3f} / {e2e[1]:.3f} | {e2e[0] / e2e[1]:.2f} | "
+            f"{blk[0]:.3f} / {blk[1]:.3f} | {blk[0] / blk[1]:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -479,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where a scale's transfer runs: at a lockstep poll (blocking), on the staging "
         "thread's own CUDA stream (overlapped), or the library's default (poll on NCCL)",
     )
+    parser.add_argument(
+        "--poll",
+        choices=("pipelined", "blocking", "both"),
+        default="pipelined",
+        help="ElasticRank's poll mode; both: the events run again with the blocking poll, in "
+        "the same run, and a table compares the two",
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument(
         "--markdown",
@@ -486,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"write the table into this file's {MARK} section (e.g. docs/performance.md)",
     )
     args = parser.parse_args(argv)
-    cfg = config_from(args)
+    cfg = replace(config_from(args), poll="pipelined" if args.poll == "both" else args.poll)
     raw_mb = args.raw_mb or (4 if args.tiny else 256)
     device = (
         torch.cuda.get_device_name(0) + f" x{cfg.devices}"
@@ -499,14 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     print("elastic events ...", flush=True)
     rows = run_events(cfg, floors)
     body = table(cfg, floors, rows, device)
+    result = {"device": device, "config": asdict(cfg), "floors": floors, "events": rows}
+    if args.poll == "both":
+        print("elastic events, blocking poll ...", flush=True)
+        blocking = run_events(replace(cfg, poll="blocking"), floors)
+        result["events_blocking_poll"] = blocking
+        body += "\n" + poll_comparison(rows, blocking)
     print(body)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"device": device, "config": asdict(cfg), "floors": floors, "events": rows},
-                indent=2,
-            )
-        )
+        args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     if args.markdown:
         write_section(args.markdown, MARK, body)

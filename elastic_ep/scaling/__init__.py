@@ -3,8 +3,9 @@
 - :class:`ElasticCoordinator` (controller): validates :class:`ScaleRequest` s and
   :class:`RebalanceRequest` s (same members, new placement), launches joiners
   through a :class:`Launcher` (local processes, or Ray actors with :class:`RayLauncher`), follows the phases, reports :class:`ScaleStatus`.
-- :class:`ElasticRank` (one per rank): ``poll()`` at safe points between forward steps; stages the
-  next epoch in the background, commits in lockstep, recovers from a dead rank.
+- :class:`ElasticRank` (one per rank): ``poll()`` at safe points between forward steps (its vote
+  pipelined off the serving thread, :class:`PollMode`); stages the next epoch in the background,
+  commits in lockstep, recovers from a dead rank.
 - :class:`TrafficGate` (drain | reject), :class:`EpochResources` (rebuilt at every commit),
   :class:`ControlServer` (``POST /scale``, ``POST /rebalance``, ``GET /status``).
 
@@ -23,10 +24,12 @@ from elastic_ep.scaling.launcher import (
     RankSpec,
 )
 from elastic_ep.scaling.phase import ScalePhase, can_transition, check_transition
-from elastic_ep.scaling.rank_agent import Action, ElasticRank
+from elastic_ep.scaling.poll import PollMode
+from elastic_ep.scaling.rank_agent import ElasticRank
 from elastic_ep.scaling.ray_launcher import RayLauncher, RayRank
 from elastic_ep.scaling.request import RebalanceRequest, ScaleLimits, ScaleRequest
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
+from elastic_ep.scaling.scale_job import Action
 from elastic_ep.scaling.server import ControlServer
 from elastic_ep.scaling.status import EventKind, ScaleStatus
 from elastic_ep.scaling.transition import PlanFn, default_planner
@@ -46,6 +49,7 @@ __all__ = [
     "LocalProcess",
     "LocalProcessLauncher",
     "PlanFn",
+    "PollMode",
     "RankHandle",
     "RankReport",
     "RankRole",

@@ -4,9 +4,14 @@ Keys (all under ``ctl/``):
 
 - ``seq``: counter of published commands; ``cmd/<seq>``: the pickled :class:`Command`.
 - ``abort/<seq>``: set by the coordinator to abandon a running scale (e.g. a joiner died).
-- ``report/<epoch>/<member>``: a rank's :class:`RankReport` about the event that made ``epoch``.
+- ``report/<epoch>/<member>``: a rank's :class:`RankReport` about the event that made ``epoch``;
+  a final one (completed, rolled back, failed) also goes to ``report/<epoch>/final/<n>``, ``n``
+  counted by ``report/<epoch>/final``, so a :class:`ReportCollector` reads each report once
+  (O(R) reads per event) instead of every member's key at every look (O(R) per look).
 - ``world``: the serving ``(epoch, members)``, written by the leader at each commit.
-- ``dead/<member>``: the coordinator saw that member's process die (speeds up recovery).
+- ``dead/<member>``: the coordinator saw that member's process die (speeds up recovery);
+  ``dead/count``: how many marks there are, so a rank looks for deaths with one read instead of
+  one per member.
 - ``recovery/count`` and ``recovery/<n>``: the epochs made by recoveries, in order.
 
 Ranks read the store without blocking (``add(key, 0)``, ``check``); every blocking read has a
@@ -103,6 +108,9 @@ class RankReport:
     experts_moved: int | None = None
 
 
+_FINAL = (ScalePhase.COMPLETED, ScalePhase.ROLLED_BACK, ScalePhase.FAILED)
+
+
 def _dump(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -151,7 +159,15 @@ class ControlChannel:
 
     # ---- reports ----------------------------------------------------------------------
     def report(self, report: RankReport) -> None:
-        put(self._store, f"ctl/report/{report.epoch}/{report.member}", _dump(report))
+        data = _dump(report)
+        put(self._store, f"ctl/report/{report.epoch}/{report.member}", data)
+        if report.phase in _FINAL:
+            n = int(self._store.add(f"ctl/report/{report.epoch}/final", 1))
+            put(self._store, f"ctl/report/{report.epoch}/final/{n}", data)
+
+    def collector(self, epoch: int, leader: int) -> ReportCollector:
+        """A :class:`ReportCollector` of the event that makes ``epoch``."""
+        return ReportCollector(self._store, epoch, leader)
 
     def reports(self, epoch: int, members: tuple[int, ...]) -> dict[int, RankReport]:
         """The reports present now for ``epoch`` from ``members`` (non-blocking)."""
@@ -175,6 +191,11 @@ class ControlChannel:
     # ---- failures ---------------------------------------------------------------------
     def mark_dead(self, member: int) -> None:
         put(self._store, f"ctl/dead/{member}", b"1")
+        self._store.add("ctl/dead/count", 1)  # after the mark: a reader of the count finds it
+
+    def dead_count(self) -> int:
+        """How many members were marked dead so far (non-blocking, one store read)."""
+        return int(self._store.add("ctl/dead/count", 0))
 
     def is_marked_dead(self, member: int) -> bool:
         return bool(self._store.check([f"ctl/dead/{member}"]))
@@ -192,3 +213,39 @@ class ControlChannel:
     @property
     def store(self) -> Store:
         return self._store
+
+
+class ReportCollector:
+    """The reports of one event, read incrementally: each look reads the count of final
+    reports, the final reports not read before, and the leader's latest (its phases as they
+    go): O(1) store operations per look plus one read per final report.
+
+    Args:
+        store: the job's store.
+        epoch: the event's new epoch.
+        leader: the member whose non-final reports give the event's phase.
+    """
+
+    def __init__(self, store: Store, epoch: int, leader: int) -> None:
+        self._store = store
+        self._epoch = epoch
+        self._leader = leader
+        self._read = 0
+        self._final: dict[int, RankReport] = {}
+
+    def poll(self) -> dict[int, RankReport]:
+        """Member -> its report: every final one so far, and the leader's latest."""
+        prefix = f"ctl/report/{self._epoch}/final"
+        count = int(self._store.add(prefix, 0))
+        while self._read < count:
+            key = f"{prefix}/{self._read + 1}"
+            if not self._store.check([key]):  # counted, not written yet: read it next time
+                break
+            report = pickle.loads(self._store.get(key))
+            self._final[report.member] = report
+            self._read += 1
+        out = dict(self._final)
+        leader_key = f"ctl/report/{self._epoch}/{self._leader}"
+        if self._leader not in out and self._store.check([leader_key]):
+            out[self._leader] = pickle.loads(self._store.get(leader_key))
+        return out

@@ -257,6 +257,7 @@ class ElasticCoordinator:
     def _follow(self, cmd: Command) -> None:
         deadline = time.monotonic() + cmd.timeout_s + self._timeout_s + 5.0
         everyone = tuple(dict.fromkeys(cmd.old_members + cmd.new_members))
+        collector = self._channel.collector(cmd.epoch, cmd.old_members[0])
         aborted = False
         while time.monotonic() < deadline:
             if self._status.event is EventKind.RECOVERY:
@@ -264,7 +265,7 @@ class ElasticCoordinator:
                 self._channel.abort(cmd.seq)
                 self._kill_joiners(cmd)
                 return
-            reports = self._channel.reports(cmd.epoch, everyone)
+            reports = collector.poll()
             leader = reports.get(cmd.old_members[0])
             if (
                 leader is not None
@@ -452,8 +453,9 @@ class ElasticCoordinator:
     ) -> dict[int, RankReport]:
         deadline = time.monotonic() + timeout_s
         reports: dict[int, RankReport] = {}
+        collector = self._channel.collector(epoch, members[0])
         while time.monotonic() < deadline and len(reports) < len(members):
-            reports = self._channel.reports(epoch, members)
+            reports = collector.poll()
             if any(not self._handles[m].is_alive() for m in members):
                 break
             time.sleep(self._poll_s)

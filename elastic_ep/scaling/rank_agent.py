@@ -1,10 +1,12 @@
 """ElasticRank: the per-rank object an engine drives from its serving loop.
 
-The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps. Each poll is
-one tiny collective on the epoch's CPU control group (gloo: the world group itself, or a gloo
-twin of an NCCL world group): a MAX all-reduce of four int64s (the newest command rank 0 saw
-in the store, "still busy", "failed", "not waiting to transfer"), so every rank acts on the
-same request at the same step.
+The engine calls :meth:`ElasticRank.poll` at a safe point between forward steps. Each poll acts
+on a vote every rank agrees on (the newest command rank 0 saw in the store, "still busy",
+"failed", "not waiting to transfer", "aborted"), so every rank acts on the same request at the
+same step. By default the vote is pipelined: posted at one poll to a voter thread, read at the
+next (:mod:`elastic_ep.scaling.poll`, which also keeps the blocking vote); how a rank learns of
+a dead peer is in :mod:`elastic_ep.scaling.deaths`, a running scale's state in
+:mod:`elastic_ep.scaling.scale_job`, the staging in :mod:`elastic_ep.scaling.transition`.
 
 A scale, or a rebalance (same members, a new placement for the engine's load), stages the next
 epoch on a background thread (see :mod:`elastic_ep.scaling.transition`) while the engine keeps
@@ -34,11 +36,9 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
-from torch.distributed import AllreduceOptions, ReduceOp, Work
+from torch.distributed import ReduceOp, Work
 
 from elastic_ep.eplb import row_copy
 from elastic_ep.eplb.buffers import PlacementBuffers
@@ -46,16 +46,17 @@ from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ExecutionStats, Reloa
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError
 from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
-from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, RankReport
+from elastic_ep.scaling.channel import CommandKind, ControlChannel, RankReport
+from elastic_ep.scaling.deaths import DeadWatch, wait_watching, watch_world
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
+from elastic_ep.scaling.poll import IDLE, PendingVote, PollMode, Vote, Voter, blocking_vote
 from elastic_ep.scaling.recovery import agree_on_survivors, rebuild_after_failure
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
+from elastic_ep.scaling.scale_job import Action, ScaleJob, destroy_all
 from elastic_ep.scaling.status import PhaseClock
 from elastic_ep.scaling.transition import (
-    GroupRegistry,
-    NextGroups,
     PlanFn,
     StagedEpoch,
     StageInputs,
@@ -69,43 +70,6 @@ from elastic_ep.scaling.transition import (
     stage_next_epoch,
     staging_stream,
 )
-
-_DEAD_CHECK_S = 0.02  # how often a waiting poll looks for members marked dead
-_SPIN_S = 0.0001  # sleep between completion checks of the poll's all-reduce
-
-
-class Action(Enum):
-    """What :meth:`ElasticRank.poll` tells the engine to do next."""
-
-    SERVE = "serve"  # run the next forward step (a scale may be staging in the background)
-    COMMITTED = "committed"  # a new epoch was installed: groups, placement, weights changed
-    ROLLED_BACK = "rolled_back"  # a scale failed; the old epoch keeps serving
-    RECOVERED = "recovered"  # a rank died; the survivors now serve a new epoch
-    LEAVE = "leave"  # this rank was scaled away: stop serving and return
-    STOP = "stop"  # the job is shutting down
-
-
-@dataclass
-class _ScaleJob:
-    command: Command
-    clock: PhaseClock
-    deadline: float
-    drain_deadline: float
-    registry: GroupRegistry = field(default_factory=GroupRegistry)
-    groups: NextGroups | None = None  # built, when the serving thread runs the transfer
-    transfer_s: float = 0.0  # the serving thread's time in the transfer poll
-    thread: threading.Thread | None = None
-    staged: StagedEpoch | None = None
-    error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.staged is not None or self.error is not None
-
-
-def _destroy_all(groups: list[StatelessGroup]) -> None:
-    for g in groups:
-        g.destroy()
 
 
 class ElasticRank:
@@ -180,11 +144,18 @@ class ElasticRank:
         recovery_window_s: float | None = None,
         watch_dead_s: float | None = 0.01,
         transfer_in_poll: bool | None = None,
+        poll_mode: PollMode = PollMode.PIPELINED,
     ) -> None:
         if (placement is None) != (spec.role is RankRole.JOINER):
             raise ValueError("an initial rank needs the initial placement; a joiner must pass None")
+        if not isinstance(poll_mode, PollMode):
+            raise TypeError(f"poll_mode must be a PollMode, got {poll_mode!r}")
         self.member = spec.member_id
         self.weights = weights
+        self._poll_mode = poll_mode
+        self._voter: Voter | None = None
+        self._vote_channel: ControlChannel | None = None
+        self._pending: PendingVote | None = None
         self.gate = gate or TrafficGate()
         self.resources = resources or EpochResources()
         self._load = load
@@ -209,7 +180,7 @@ class ElasticRank:
             spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s
         )
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
-        self._job: _ScaleJob | None = None
+        self._job: ScaleJob | None = None
         self._retiring: list[threading.Thread] = []
         self._stop_watch = threading.Event()
         self.kv_budget_bytes: int | None = None
@@ -251,8 +222,12 @@ class ElasticRank:
             self._report(ScalePhase.COMPLETED, spec.epoch)
         self._watcher: threading.Thread | None = None
         if watch_dead_s is not None and self.world is not self.control:
+            channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
             self._watcher = threading.Thread(
-                target=self._watch_dead, args=(watch_dead_s,), name="elastic-watch", daemon=True
+                target=watch_world,
+                args=(channel, lambda: self._serving, self._stop_watch, watch_dead_s),
+                name="elastic-watch",
+                daemon=True,
             )
             self._watcher.start()
 
@@ -271,96 +246,110 @@ class ElasticRank:
 
     # ---- the safe point ------------------------------------------------------------------
     def poll(self) -> Action:
-        """Act on scale requests and failures; call between forward steps on every rank."""
+        """Act on scale requests and failures; call between forward steps on every rank.
+
+        ``PIPELINED`` (default): acts on the vote the previous poll posted and posts the next;
+        the first poll of an epoch (after the start, a commit or a recovery) only posts and
+        returns ``SERVE``. ``BLOCKING``: votes and acts within the call.
+        """
         if self._first_action is not None:
             action, self._first_action = self._first_action, None
+            self._post_vote()
             return action
-        job = self._job
-        flags = torch.zeros(4, dtype=torch.int64)
-        if self.world.rank == 0:
-            flags[0] = self._channel.latest_seq()
-        if job is not None:
-            now = time.monotonic()
-            draining = (
-                job.command.mode is GateMode.DRAIN
-                and self.gate.in_flight > 0
-                and now < job.drain_deadline
-            )
-            flags[1] = int(not job.done or draining)
-            timed_out = not job.done and now > job.deadline
-            aborted = self.world.rank == 0 and self._channel.aborted(job.command.seq)
-            flags[2] = int(job.error is not None or timed_out or aborted)
-            if timed_out and job.error is None:
-                job.error = f"the scale did not finish within {job.command.timeout_s:g} s"
-            if aborted and job.error is None:
-                job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
-        # 0 = this rank's groups are built and wait for the transfer on the serving thread
-        flags[3] = int(job is None or job.groups is None or job.done)
+        if self._poll_mode is PollMode.BLOCKING:
+            flags = self._flags(read_store=True).to_tensor()
+            try:
+                blocking_vote(self.control, flags, self._dead_watch)
+            except (PeerFailure, GroupClosedError) as failure:
+                return self.recover(failure)
+            return self._act(Vote.from_tensor(flags))
+        pending, self._pending = self._pending, None
+        if pending is None:  # the first poll of this epoch: nothing posted to read yet
+            self._post_vote()
+            return Action.SERVE
         try:
-            self._vote(flags)
+            vote = pending.result(self.control, self._dead_watch)
         except (PeerFailure, GroupClosedError) as failure:
             return self.recover(failure)
+        action = self._act(vote)
+        if action not in (Action.LEAVE, Action.STOP):
+            self._post_vote()
+        return action
+
+    def _flags(self, *, read_store: bool) -> Vote:
+        """This rank's side of the vote; the leader reads the store only when ``read_store``
+        (in ``PIPELINED`` mode its voter thread does)."""
+        job = self._job
+        leader_reads = read_store and self.world.rank == 0
+        seq = self._channel.latest_seq() if leader_reads else 0
+        # not_waiting False = this rank's groups are built and wait for the transfer poll
         if job is None:
-            return self._maybe_start(int(flags[0]))
-        if flags[2]:
+            return IDLE if seq == 0 else Vote(seq=seq)
+        now = time.monotonic()
+        draining = (
+            job.command.mode is GateMode.DRAIN
+            and self.gate.in_flight > 0
+            and now < job.drain_deadline
+        )
+        timed_out = not job.done and now > job.deadline
+        if timed_out and job.error is None:
+            job.error = f"the scale did not finish within {job.command.timeout_s:g} s"
+        return Vote(
+            seq=seq,
+            busy=not job.done or draining,
+            failed=job.error is not None or timed_out,
+            not_waiting=job.groups is None or job.done,
+            aborted=leader_reads and self._channel.aborted(job.command.seq),
+        )
+
+    def _act(self, vote: Vote) -> Action:
+        """What every rank does for the same agreed ``vote``."""
+        job = self._job
+        if job is None:
+            return self._maybe_start(vote.seq)
+        if vote.aborted and job.error is None:
+            job.error = "the coordinator aborted the scale (a joiner died or never arrived)"
+        if vote.failed or vote.aborted:
             self._rollback(job.error or "another rank failed while staging the next epoch")
             return Action.ROLLED_BACK
-        if flags[1]:
-            if not flags[3]:  # every rank has built its groups: transfer now, in lockstep
+        if vote.busy:
+            if not vote.not_waiting:  # every rank has built its groups: transfer now, in lockstep
                 self._transfer(job)
             return Action.SERVE
         return self._commit(job)
 
-    def _vote(self, flags: torch.Tensor) -> None:
-        """MAX all-reduce of the poll flags on the control group, in place."""
-        group = self.control
-        opts = AllreduceOptions()
-        opts.reduceOp = ReduceOp(ReduceOp.MAX)
-        try:
-            work = group.process_group.allreduce([flags], opts)
-        except RuntimeError as err:
-            raise PeerFailure(
-                f"poll on group {group.name!r} epoch {group.epoch} failed: {err}",
-                group=group.name,
-                epoch=group.epoch,
-            ) from err
-        self.wait(work, group)
+    def _post_vote(self) -> None:
+        """``PIPELINED``: post this rank's flags for the next poll to read."""
+        if self._poll_mode is not PollMode.PIPELINED:
+            return
+        if self._voter is None:
+            if self._vote_channel is None:
+                client = self._rdzv.client(self._timeout_s)
+                self._vote_channel = ControlChannel(client, self._timeout_s)
+            self._voter = Voter(self.control, self._vote_channel)
+        job = self._job
+        self._pending = self._voter.post(
+            self._flags(read_store=False), 0 if job is None else job.command.seq
+        )
+
+    def _drop_votes(self) -> None:
+        """End this epoch's voting (a vote stuck on a dead peer ends at the group timeout)."""
+        self._pending = None
+        if self._voter is not None:
+            self._voter.close()
+            self._voter = None
 
     def wait(self, work: Work, group: StatelessGroup) -> None:
         """Wait for ``work``, an async operation on ``group`` (an epoch group of this agent).
 
-        Unlike a blocking wait, fails within ~20 ms with ``PeerFailure`` once the coordinator marks a member of the serving epoch dead (``ctl/dead/<member>``):
-        only the dead rank's neighbours see the broken connection, the others would wait for
-        the group timeout, and a gloo abort does not wake a blocked wait. The engine may wait
-        for its own gloo collectives this way (``work = group.process_group.allreduce(...)``).
-        On CUDA, ``work`` completes when the kernel is enqueued, as with ``work.wait()``.
+        Unlike a blocking wait, fails within ~20 ms with ``PeerFailure`` once the coordinator
+        marks a member of the serving epoch dead (``ctl/dead/<member>``): only the dead rank's
+        neighbours see the broken connection, the others would wait for the group timeout, and
+        a gloo abort does not wake a blocked wait. The engine may wait for its own gloo
+        collectives this way (``work = group.process_group.allreduce(...)``). On CUDA, ``work``
+        completes when the kernel is enqueued, as with ``work.wait()``.
         """
-        start = time.monotonic()
-        next_check = start + _DEAD_CHECK_S
-        try:
-            while not work.is_completed():
-                now = time.monotonic()
-                if now >= next_check:
-                    dead = [m for m in self.members if self._channel.is_marked_dead(m)]
-                    if dead:
-                        raise PeerFailure(
-                            f"{group.name!r} epoch {group.epoch}: members {dead} were marked dead "
-                            "by the coordinator",
-                            group=group.name,
-                            epoch=group.epoch,
-                            member=dead[0],
-                        )
-                    next_check = now + _DEAD_CHECK_S
-                time.sleep(_SPIN_S)
-            work.wait()
-        except RuntimeError as err:  # gloo's own error or timeout
-            if isinstance(err, PeerFailure):
-                raise
-            raise PeerFailure(
-                f"{group.name!r} epoch {group.epoch} failed: {err}",
-                group=group.name,
-                epoch=group.epoch,
-            ) from err
+        wait_watching(work, group, self._dead_watch)
 
     def _maybe_start(self, seq: int) -> Action:
         if seq <= self._seen_seq:
@@ -373,7 +362,7 @@ class ElasticRank:
             return Action.SERVE  # made for another epoch (the world changed since): ignore it
         self.gate.close(cmd.mode, retry_after_s=cmd.timeout_s)
         now = time.monotonic()
-        job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
+        job = ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
         job.thread = threading.Thread(
             target=self._stage_in_background,
             args=(job,),
@@ -384,7 +373,7 @@ class ElasticRank:
         job.thread.start()
         return Action.SERVE
 
-    def _stage_in_background(self, job: _ScaleJob) -> None:
+    def _stage_in_background(self, job: ScaleJob) -> None:
         try:
             # the KV callback is asked where the KV sync runs: here, or at the transfer poll
             inputs = self._inputs(self.placement, with_kv=not self._transfer_in_poll)
@@ -406,7 +395,7 @@ class ElasticRank:
         except Exception as exc:
             job.error = f"{type(exc).__name__}: {exc}"
 
-    def _transfer(self, job: _ScaleJob) -> None:
+    def _transfer(self, job: ScaleJob) -> None:
         """KV sync, plan and weight transfer on the serving thread (every rank at this poll)."""
         assert job.groups is not None
         start = time.monotonic()
@@ -422,7 +411,7 @@ class ElasticRank:
         job.transfer_s = time.monotonic() - start
 
     # ---- commit / rollback ---------------------------------------------------------------
-    def _commit(self, job: _ScaleJob) -> Action:
+    def _commit(self, job: ScaleJob) -> Action:
         start = time.monotonic()
         staged = job.staged
         assert staged is not None
@@ -492,7 +481,7 @@ class ElasticRank:
         if cmd.epoch != spec.epoch or self.member not in cmd.new_members:
             raise ReconfigureError(f"member {self.member}: no scale command for epoch {spec.epoch}")
         now = time.monotonic()
-        job = _ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now)
+        job = ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now)
         self._job = job
         try:
             staged = stage_next_epoch(
@@ -534,6 +523,7 @@ class ElasticRank:
         start = time.monotonic()
         clock = PhaseClock()
         clock.enter(ScalePhase.RECOVERING)
+        self._drop_votes()
         # in the background: aborting waits for an operation still in flight on the dead rank
         abort_in_background([self.control, self.world])
         if self._job is not None:
@@ -585,7 +575,7 @@ class ElasticRank:
         """Destroy the previous epoch's groups off the serving path (their teardown waits on
         peers); ``close`` joins the thread, bounded."""
         thread = threading.Thread(
-            target=_destroy_all, args=(groups,), name="elastic-retire", daemon=True
+            target=destroy_all, args=(groups,), name="elastic-retire", daemon=True
         )
         thread.start()
         self._retiring.append(thread)
@@ -596,6 +586,7 @@ class ElasticRank:
     def close(self) -> None:
         """Tear down resources and groups (idempotent); call after LEAVE or STOP."""
         self._stop_watch.set()
+        self._drop_votes()
         if self._watcher is not None:
             self._watcher.join(timeout=self._timeout_s)
         if self._job is not None:
@@ -616,24 +607,10 @@ class ElasticRank:
     def _serve(
         self, world: StatelessGroup, control: StatelessGroup, members: tuple[int, ...]
     ) -> None:
+        self._drop_votes()  # votes belong to one epoch's control group
         self.world, self.control, self.members = world, control, members
+        self._dead_watch = DeadWatch(self._channel, members)
         self._serving = (members, world)  # one assignment: the watcher reads a consistent pair
-
-    def _watch_dead(self, interval_s: float) -> None:
-        """Abort the serving world group once the coordinator marks one of its members dead."""
-        channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
-        aborted = None
-        while not self._stop_watch.wait(interval_s):
-            serving = self._serving
-            if serving is aborted:
-                continue
-            members, world = serving
-            try:
-                if any(channel.is_marked_dead(m) for m in members):
-                    world.abort()  # the engine's collectives blocked on the dead rank fail now
-                    aborted = serving
-            except RuntimeError:
-                return  # the store is gone: the job is over
 
     def _inputs(self, previous: Placement | None, *, with_kv: bool = True) -> StageInputs:
         """This rank's staging inputs; the KV callback is asked only when ``with_kv``."""
@@ -679,12 +656,12 @@ class ElasticRank:
             return str(exc)
         return None
 
-    def _enter(self, job: _ScaleJob, phase: ScalePhase) -> None:
+    def _enter(self, job: ScaleJob, phase: ScalePhase) -> None:
         job.clock.enter(phase)
         if self.world.rank == 0:
             self._report(phase, job.command.epoch)
 
-    def _finish(self, job: _ScaleJob, phase: ScalePhase, error: str | None) -> None:
+    def _finish(self, job: ScaleJob, phase: ScalePhase, error: str | None) -> None:
         done = job.staged if phase is ScalePhase.COMPLETED else None
         self._channel.report(
             RankReport(
