@@ -552,7 +552,7 @@ class StatelessGroup:
             )
         arrived = store.add("gate", 1)
         if arrived == self._world_size:
-            store.set("gate/open", b"1")
+            store.set("gate/open", "1")
             return
         error: BaseException = RuntimeError("a peer gave up waiting before this rank arrived")
         if arrived > 0:
