@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 import torch
 from torch.distributed import AllreduceOptions, ReduceOp, Work
@@ -50,7 +51,7 @@ from elastic_ep.scaling.channel import Command, CommandKind, ControlChannel, Ran
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
-from elastic_ep.scaling.recovery import agree_on_survivors, rebuild_after_failure
+from elastic_ep.scaling.recovery import recover_world, report_failed_recovery
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
 from elastic_ep.scaling.status import PhaseClock
 from elastic_ep.scaling.transition import (
@@ -72,6 +73,8 @@ from elastic_ep.scaling.transition import (
 
 _DEAD_CHECK_S = 0.02  # how often a waiting poll looks for members marked dead
 _SPIN_S = 0.0001  # sleep between completion checks of the poll's all-reduce
+_STORE_RETRY_S = 1.0  # after a store failure, how long a poll serves on without asking it
+_T = TypeVar("_T")
 
 
 class Action(Enum):
@@ -210,6 +213,7 @@ class ElasticRank:
         )
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
         self._job: _ScaleJob | None = None
+        self._store_retry_at = 0.0  # the store failed: do not ask it again before this time
         self._retiring: list[threading.Thread] = []
         self._stop_watch = threading.Event()
         self.kv_budget_bytes: int | None = None
@@ -278,7 +282,7 @@ class ElasticRank:
         job = self._job
         flags = torch.zeros(4, dtype=torch.int64)
         if self.world.rank == 0:
-            flags[0] = self._channel.latest_seq()
+            flags[0] = self._store_or(self._channel.latest_seq, self._seen_seq)
         if job is not None:
             now = time.monotonic()
             draining = (
@@ -288,7 +292,9 @@ class ElasticRank:
             )
             flags[1] = int(not job.done or draining)
             timed_out = not job.done and now > job.deadline
-            aborted = self.world.rank == 0 and self._channel.aborted(job.command.seq)
+            aborted = self.world.rank == 0 and self._store_or(
+                lambda: self._channel.aborted(job.command.seq), False
+            )
             flags[2] = int(job.error is not None or timed_out or aborted)
             if timed_out and job.error is None:
                 job.error = f"the scale did not finish within {job.command.timeout_s:g} s"
@@ -341,7 +347,10 @@ class ElasticRank:
             while not work.is_completed():
                 now = time.monotonic()
                 if now >= next_check:
-                    dead = [m for m in self.members if self._channel.is_marked_dead(m)]
+                    none: list[int] = []
+                    dead = self._store_or(
+                        lambda: [m for m in self.members if self._channel.is_marked_dead(m)], none
+                    )
                     if dead:
                         raise PeerFailure(
                             f"{group.name!r} epoch {group.epoch}: members {dead} were marked dead "
@@ -361,6 +370,18 @@ class ElasticRank:
                 group=group.name,
                 epoch=group.epoch,
             ) from err
+
+    def _store_or(self, read: Callable[[], _T], default: _T) -> _T:
+        """``read()`` from the store, or ``default`` while the store fails (tried again every
+        ``_STORE_RETRY_S``): without the coordinator's store the ranks keep serving the current
+        epoch (no scale starts, no dead marks are seen)."""
+        if time.monotonic() < self._store_retry_at:
+            return default
+        try:
+            return read()
+        except RuntimeError:
+            self._store_retry_at = time.monotonic() + _STORE_RETRY_S
+            return default
 
     def _maybe_start(self, seq: int) -> Action:
         if seq <= self._seen_seq:
@@ -540,21 +561,22 @@ class ElasticRank:
             job, self._job = self._job, None
             job.registry.abort_all()
         self.gate.close(GateMode.REJECT, retry_after_s=self._recovery_window_s + self._timeout_s)
-        survivors = agree_on_survivors(
+        survivors, got = recover_world(
             self._rdzv,
             self._channel,
             self.world.epoch,
             self.members,
-            self.member,
+            self._inputs(self.placement, with_kv=False),
             window_s=self._recovery_window_s,
             timeout_s=self._timeout_s,
-        )
-        got = rebuild_after_failure(
-            self._rdzv, survivors, self.members, self._inputs(self.placement, with_kv=False)
         )
         try:
             control = control_group(self._rdzv, got.group)
             new_set = self.resources.build(self._context(got.group, got.placement))
+        except (PeerFailure, ResourceError) as err:
+            got.group.abort()
+            report_failed_recovery(self._channel, survivors, self.member, str(err))
+            raise ReconfigureError(f"recovery to epoch {survivors.epoch} failed: {err}") from err
         except BaseException:
             got.group.abort()
             raise
