@@ -15,6 +15,7 @@ from torch.distributed import TCPStore
 from elastic_ep.scaling import (
     ElasticCoordinator,
     LocalProcessLauncher,
+    ScaleConflict,
     ScaleLimits,
     ScalePhase,
     ScaleRequest,
@@ -114,9 +115,14 @@ def test_an_unrecoverable_world_is_reported_at_once_with_the_planners_error() ->
         status = _final_recovery(coord, 60)
         assert status.phase is ScalePhase.FAILED, status
         assert "planning without dead ranks [1] failed" in (status.error or ""), status
+        assert status.members == (), status  # nothing serves any more
         assert coord.handle(0).join(30)  # the survivor exits (ReconfigureError)
         assert coord.handle(0).exitcode == 3  # type: ignore[attr-defined]
         assert b"planning without dead ranks" in store.get("toy/exit/0")
+        time.sleep(0.5)  # the survivor's exit must not start another recovery
+        assert coord.status() == status
+        with pytest.raises(ScaleConflict, match="no rank serves any more: recovery failed"):
+            coord.submit(ScaleRequest(world_size=2))
     finally:
         coord.shutdown()
 

@@ -159,7 +159,11 @@ class ElasticCoordinator:
         with self._lock:
             status = self._status
             if not status.members:
-                raise ScaleConflict("the job has not started")
+                raise ScaleConflict(
+                    "the job has not started"
+                    if status.error is None
+                    else f"no rank serves any more: {status.error}"
+                )
             if status.phase.is_active:
                 raise ScaleConflict(
                     f"a {status.event.value if status.event else 'scale'} is running "
@@ -425,6 +429,7 @@ class ElasticCoordinator:
             elif time.monotonic() - self._recovering_since > 3 * self._timeout_s + 10.0:
                 self._set_phase(
                     ScalePhase.FAILED,
+                    members=(),
                     error=f"no survivor reported a recovery within {3 * self._timeout_s + 10:g} s "
                     "(3x the group timeout + 10 s): every survivor died or lost the store",
                 )
@@ -447,8 +452,9 @@ class ElasticCoordinator:
                     self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY)
             if not done:
                 with self._lock:
-                    self._set_phase(
+                    self._set_phase(  # the survivors exit: no rank serves any more
                         ScalePhase.FAILED,
+                        members=(),
                         dead_members=failed[0].dead_members,
                         error=f"recovery failed: {failed[0].error}",
                     )
