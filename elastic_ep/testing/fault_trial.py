@@ -11,7 +11,10 @@ the trial's phase, waits ``after_s`` more and injects the fault into member ``vi
 - ``sigkill``: the process dies (its sockets close at once);
 - ``sigstop``: the process freezes (alive, sockets open: a hung GPU looks like this);
 - ``partition``: the victim's host link goes down and stays down;
-- ``flap``: the victim's host link goes down for 2 s, then comes back.
+- ``flap``: the victim's host link goes down for 2 s, then comes back;
+- ``coordinator``: the coordinator's process (this one, the store's host) is SIGKILLed; it
+  first prints ``{"coordinator_killed": [members]}``, and the caller checks that the ranks
+  serve on (``ToyConfig.progress_dir``).
 
 It then waits, bounded by :func:`bound_s`, for the job to settle and classifies the end as one
 :class:`Outcome`; every serving rank's weights are checked bit for bit against the status.
@@ -59,6 +62,7 @@ class Fault(Enum):
     SIGSTOP = "sigstop"
     PARTITION = "partition"
     FLAP = "flap"
+    COORDINATOR = "coordinator"
 
 
 class Outcome(Enum):
@@ -196,6 +200,9 @@ def _inject(
             os.kill(pid, signal.SIGSTOP)
     elif fault is Fault.PARTITION:
         net.link(host, up=False)
+    elif fault is Fault.COORDINATOR:
+        print(json.dumps({"coordinator_killed": list(coord.status().members)}), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     elif fault is Fault.FLAP:
         net.link(host, up=False)
         heal = threading.Timer(FLAP_S, net.link, (host, True))

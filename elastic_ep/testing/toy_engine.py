@@ -65,6 +65,9 @@ class ToyConfig:
             to tear down after a commit (it writes ``toy/tearing/<member>`` first).
         kill_at_kv: members that SIGKILL themselves when a scale asks for their KV bytes.
         kill_in_recovery_plan: members that SIGKILL themselves when planning a recovery.
+        progress_dir: if set, every rank writes its forward-step count to
+            ``<progress_dir>/<member>`` every 20 steps (a file, not the store: it shows a rank
+            serving after the coordinator and its store are gone).
     """
 
     layers: int = 2
@@ -76,6 +79,7 @@ class ToyConfig:
     slow_teardown: dict[int, float] = field(default_factory=dict)
     kill_at_kv: frozenset[int] = frozenset()
     kill_in_recovery_plan: frozenset[int] = frozenset()
+    progress_dir: str = ""
 
 
 def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
@@ -240,8 +244,12 @@ def rank_main(spec: RankSpec) -> None:
         return  # the scale this joiner was launched for rolled back
     serving.append(agent)
     _publish(agent, cfg, "start")
+    steps = 0
     try:
         while True:
+            steps += 1
+            if cfg.progress_dir and steps % 20 == 0:
+                _write_progress(cfg.progress_dir, me, steps)
             action = agent.poll()
             if action in (Action.LEAVE, Action.STOP):
                 agent.close()
@@ -254,6 +262,23 @@ def rank_main(spec: RankSpec) -> None:
         put(_client(spec), f"toy/exit/{me}", str(err).encode())
         sys.stdout.flush()
         os._exit(EXIT_UNRECOVERABLE)
+
+
+def _write_progress(directory: str, member: int, steps: int) -> None:
+    path = os.path.join(directory, str(member))
+    with open(path + ".tmp", "w") as f:
+        f.write(str(steps))
+    os.replace(path + ".tmp", path)  # a reader never sees a partial file
+
+
+def read_progress(directory: str) -> dict[int, int]:
+    """``{member: forward steps}`` written by ranks with ``progress_dir`` set."""
+    out = {}
+    for name in os.listdir(directory):
+        if name.isdigit():
+            with open(os.path.join(directory, name)) as f:
+                out[int(name)] = int(f.read() or 0)
+    return out
 
 
 def check_weights(store: Store, status: ScaleStatus, timeout_s: float) -> str | None:
