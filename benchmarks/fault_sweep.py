@@ -18,43 +18,26 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import random
 import sys
 import time
 
-from elastic_ep.testing.fault_trial import Outcome, Trial, bound_s, run_on_test_hosts
+from elastic_ep.testing.fault_trial import (
+    Outcome,
+    Trial,
+    bound_s,
+    random_trial,
+    run_on_test_hosts,
+)
 from elastic_ep.testing.netns import unavailable_reason
 
-PHASES = ("serving", "preparing", "syncing_kv", "rebalancing", "committing")
 FAULTS = ("sigkill", "sigstop", "partition", "flap")
 BAD = (Outcome.HANG.value, Outcome.WRONG_DATA.value, Outcome.CRASH.value)
-
-
-def make_trial(seed: int) -> Trial:
-    """The trial of ``seed`` (the same seed always gives the same trial)."""
-    rng = random.Random(seed)
-    world = rng.randint(2, 5)
-    phase = rng.choice(PHASES)
-    target = world if phase == "serving" else rng.choice([n for n in range(2, 7) if n != world])
-    members = list(range(world)) + list(range(world, world + max(0, target - world)))
-    return Trial(
-        seed=seed,
-        world=world,
-        target=target,
-        fault=rng.choice(FAULTS),
-        victim=rng.choice(members),
-        phase=phase,
-        after_s=round(rng.uniform(0.0, 0.5), 3),
-        timeout_s=2.0,
-        scale_timeout_s=10.0,
-        cfg={"experts": 6, "slots": 4, "num_groups": 3},
-    )
 
 
 def sweep(seeds: list[int], chunk: int) -> list[dict]:
     records = []
     for start in range(0, len(seeds), chunk):
-        trials = [make_trial(s) for s in seeds[start : start + chunk]]
+        trials = [random_trial(s) for s in seeds[start : start + chunk]]
         for record in run_on_test_hosts(trials, hosts=3):
             records.append(record)
             t = record["trial"]

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -101,6 +102,33 @@ class Trial:
     timeout_s: float = 2.0
     scale_timeout_s: float = 15.0
     cfg: dict[str, Any] = field(default_factory=dict)
+
+
+PHASES = ("serving", "preparing", "syncing_kv", "rebalancing", "committing")
+RANDOM_FAULTS = ("sigkill", "sigstop", "partition", "flap")
+
+
+def random_trial(seed: int) -> Trial:
+    """The fault sweep's trial of ``seed`` (the same seed always gives the same trial): 2-5
+    ranks, a scale to 2-6 ranks or none, a random fault into a random member (old or joining)
+    at a random phase plus 0-0.5 s; 6 experts in 3 groups, 4 slots per rank, ``T`` = 2 s."""
+    rng = random.Random(seed)
+    world = rng.randint(2, 5)
+    phase = rng.choice(PHASES)
+    target = world if phase == "serving" else rng.choice([n for n in range(2, 7) if n != world])
+    members = list(range(max(world, target)))
+    return Trial(
+        seed=seed,
+        world=world,
+        target=target,
+        fault=rng.choice(RANDOM_FAULTS),
+        victim=rng.choice(members),
+        phase=phase,
+        after_s=round(rng.uniform(0.0, 0.5), 3),
+        timeout_s=2.0,
+        scale_timeout_s=10.0,
+        cfg={"experts": 6, "slots": 4, "num_groups": 3},
+    )
 
 
 def bound_s(trial: Trial) -> float:
