@@ -108,5 +108,5 @@ def test_flapping_link_and_partition_inside_each_scale_phase() -> None:
         Trial(seed=12 + i, world=4, target=5, fault="partition", victim=1, phase=p, cfg=CFG)
         for i, p in enumerate(("preparing", "syncing_kv", "rebalancing", "committing"))
     ]
-    for record in _run(trials):
+    for record in run_on_test_hosts(trials, launcher="fork"):  # ranks forked: cheaper
         assert record["outcome"] in GOOD, record
