@@ -97,7 +97,8 @@ def uniform_load(cfg: ToyConfig) -> torch.Tensor:
 
 
 def num_nodes(cfg: ToyConfig, members: tuple[int, ...]) -> int:
-    """Hosts as nodes when the ranks form equal consecutive blocks per host, else 1."""
+    """Hosts as nodes when the ranks (``members``, in rank order) form one equal consecutive
+    block per host, else 1."""
     if cfg.hosts <= 1 or len(members) % cfg.hosts or cfg.num_groups % cfg.hosts:
         return 1
     block = len(members) // cfg.hosts
@@ -182,12 +183,16 @@ def rank_main(spec: RankSpec) -> None:
 
     serving: list[ElasticRank] = []  # the agent, once built (the planner reads its members)
 
-    def next_members(dead: tuple[int, ...]) -> tuple[int, ...]:
-        """The new epoch's member ids in rank order: the survivors, or the running command's."""
+    def next_members(num_ranks: int, dead: tuple[int, ...]) -> tuple[int, ...]:
+        """The new epoch's member ids in rank order: the survivors of a recovery, else the
+        running command's (a scale or rebalance), else the serving ones (a recovery in which
+        every member survived)."""
+        current = serving[0].members
         if dead:
-            return tuple(m for r, m in enumerate(serving[0].members) if r not in dead)
+            return tuple(m for r, m in enumerate(current) if r not in dead)
         channel = ControlChannel(_client(spec), spec.timeout_s)
-        return channel.command(channel.latest_seq()).new_members
+        commanded = channel.command(channel.latest_seq()).new_members
+        return commanded if len(commanded) == num_ranks else current
 
     def planner(
         load: torch.Tensor,
@@ -201,7 +206,9 @@ def rank_main(spec: RankSpec) -> None:
         dead = tuple(dead_ranks)
         if dead and me in cfg.kill_in_recovery_plan:
             os.kill(os.getpid(), signal.SIGKILL)
-        members = next_members(dead) if cfg.hosts > 1 and serving else tuple(range(num_ranks))
+        members = (
+            next_members(num_ranks, dead) if cfg.hosts > 1 and serving else tuple(range(num_ranks))
+        )
         return plan(
             load,
             num_ranks,
