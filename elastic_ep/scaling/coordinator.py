@@ -294,7 +294,11 @@ class ElasticCoordinator:
             if failed and all(r is not None and r.phase in _FINAL for r in old_final):
                 self._end_rolled_back(cmd, failed)
                 return
-            if all(m in reports and reports[m].phase is ScalePhase.COMPLETED for m in everyone):
+            # The new members' reports decide: a leaver that hangs (or split off at the commit
+            # vote and rolled back alone) must not hold the new world's status back.
+            if all(
+                m in reports and reports[m].phase is ScalePhase.COMPLETED for m in cmd.new_members
+            ):
                 self._end_completed(cmd, reports)
                 return
             dead = [m for m in cmd.joiners if not self._handles[m].is_alive()]
@@ -320,10 +324,6 @@ class ElasticCoordinator:
                     self._set_phase(step)
 
     def _end_completed(self, cmd: Command, reports: dict[int, RankReport]) -> None:
-        for m in cmd.leavers:
-            handle = self._handles.pop(m)
-            if not handle.join(self._leave_timeout_s):
-                handle.kill()
         leader = reports[cmd.new_members[0]]
         blocking = [r.blocking_s for r in reports.values() if r.blocking_s is not None]
         with self._lock:
@@ -332,13 +332,17 @@ class ElasticCoordinator:
                 ScalePhase.COMPLETED,
                 epoch=cmd.epoch,
                 members=cmd.new_members,
-                phase_s=reports[cmd.old_members[0]].phase_s,
+                phase_s=reports.get(cmd.old_members[0], leader).phase_s,
                 blocking_s=max(blocking, default=None),
                 kv_budget_bytes=leader.kv_budget_bytes,
                 balance_before=leader.balance_before,
                 balance_after=leader.balance_after,
                 experts_moved=leader.experts_moved,
             )
+        for m in cmd.leavers:  # not members any more: a leaver that does not exit is killed
+            handle = self._handles.pop(m)
+            if not handle.join(self._leave_timeout_s):
+                handle.kill()
 
     def _end_rolled_back(self, cmd: Command, failed: list[RankReport]) -> None:
         self._kill_joiners(cmd)
@@ -443,7 +447,11 @@ class ElasticCoordinator:
                 candidates = tuple(sorted(set(self._handles) | set(self._status.members)))
             reports = self._channel.reports(epoch, candidates)
             done = [r for r in reports.values() if r.phase is ScalePhase.COMPLETED]
-            failed = [r for r in reports.values() if r.phase is ScalePhase.FAILED]
+            with self._lock:  # a rank that split off the serving world does not speak for it
+                serving = set(self._status.members)
+            failed = [
+                r for r in reports.values() if r.phase is ScalePhase.FAILED and r.member in serving
+            ]
             if not done and not failed:
                 continue
             self._recovered.add(epoch)
