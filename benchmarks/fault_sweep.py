@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import signal
 import sys
 import time
 
@@ -98,6 +99,8 @@ def main() -> int:
     if reason is not None:
         print(f"fault_sweep needs test hosts: {reason}", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like an exception, so the test network is torn down (its processes too)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seeds = (
         [args.only] if args.only is not None else list(range(args.seed, args.seed + args.trials))
     )
