@@ -149,6 +149,47 @@ def test_build_with_missing_rank_raises_peer_failure_in_time() -> None:
     assert "'g' epoch 0" in msg
 
 
+LATE_BUILD_S = 2.0
+
+
+def _late_rank(rank: int, world_size: int, port: int) -> tuple[str, float]:
+    """Rank 1 arrives after rank 0 gave up waiting for it (a joiner launched late)."""
+    rdzv = _rdzv(rank, port)
+    if rank == 1:
+        rdzv.store.wait(["late/gave_up"])
+    start = time.monotonic()
+    try:
+        g = StatelessGroup(rdzv, "late", 0, rank, world_size, build_timeout_s=LATE_BUILD_S)
+        g.all_reduce(torch.ones(1))
+        outcome = "built"
+    except PeerFailure:
+        outcome = "PeerFailure"
+    if rank == 0:
+        rdzv.store.set("late/gave_up", "1")
+    return outcome, time.monotonic() - start
+
+
+def test_a_rank_arriving_after_its_peers_gave_up_fails_within_build_timeout() -> None:
+    # Before the arrival gate, gloo made the late rank wait 5x build_timeout_s (10 s here), or
+    # return a group whose first collective failed; NCCL would wait forever.
+    (early, early_s), (late, late_s) = run_ranks(_late_rank, 2, timeout=60)
+    assert (early, late) == ("PeerFailure", "PeerFailure")
+    assert early_s < 2 * LATE_BUILD_S
+    assert late_s < LATE_BUILD_S  # the gate is closed already: it fails at once
+
+
+def _just_in_time(rank: int, world_size: int, port: int) -> list[float]:
+    """Three ranks arrive spread over most of the build timeout: every build passes."""
+    rdzv = _rdzv(rank, port)
+    time.sleep(0.4 * rank)
+    g = StatelessGroup(rdzv, "spread", 0, rank, world_size, build_timeout_s=1.5)
+    return g.all_reduce(torch.ones(1)).tolist()
+
+
+def test_ranks_spread_within_the_build_timeout_all_pass_the_gate() -> None:
+    assert run_ranks(_just_in_time, 3, timeout=60) == [[3.0]] * 3
+
+
 @pytest.fixture
 def rdzv() -> Rendezvous:
     r = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=5)
@@ -170,6 +211,12 @@ def rdzv() -> Rendezvous:
         ({"name": ""}, ValueError, "non-empty"),
         ({"rank": True}, TypeError, "rank"),
         ({"device": "meta"}, ValueError, "device"),
+        ({"device": "nonsense"}, ValueError, "not a valid torch device"),
+        ({"device": 3.5}, TypeError, "device must be"),
+        ({"timeout_s": float("inf")}, ValueError, "at most"),
+        ({"timeout_s": float("nan")}, ValueError, "timeout_s"),
+        ({"build_timeout_s": float("inf")}, ValueError, "build_timeout_s"),
+        ({"name": 7}, TypeError, "name must be a str"),
     ],
 )
 def test_bad_arguments(rdzv: Rendezvous, kwargs: dict, exc: type, match: str) -> None:

@@ -204,6 +204,9 @@ def test_bad_input_leaves_state_intact(solo: ElasticWorld) -> None:
         ({"build_timeout_s": -1}, ValueError, "build_timeout_s"),
         ({"backend": "tcp"}, ValueError, "backend"),
         ({"name": "a/b"}, ValueError, "'/'"),
+        ({"name": 3}, TypeError, "name must be a str"),
+        ({"timeout_s": float("inf")}, ValueError, "at most"),
+        ({"device": "nonsense"}, ValueError, "not a valid torch device"),
     ],
 )
 def test_bad_world_arguments(kwargs: dict, exc: type, match: str) -> None:

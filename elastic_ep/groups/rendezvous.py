@@ -24,12 +24,16 @@ from torch.distributed import PrefixStore, Store, TCPStore
 _EPOCH_COUNTER_KEY = "elastic_ep/epoch_counter"
 _MAX_IDLE_CLIENTS = 16
 
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""The longest timeout accepted (a week): torch keeps timeouts as integer milliseconds, and an
+infinite one would never let a failure surface."""
+
 
 def check_timeout(timeout_s: float, name: str = "timeout_s") -> None:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {type(timeout_s).__name__}")
-    if not timeout_s > 0:
-        raise ValueError(f"{name} must be > 0, got {timeout_s}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"{name} must be > 0 and at most {MAX_TIMEOUT_S:g} s, got {timeout_s}")
 
 
 def prefix_of(*parts: str | int) -> str:

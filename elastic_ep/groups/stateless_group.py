@@ -6,6 +6,13 @@ prefix of the job's long-lived TCPStore (see :mod:`elastic_ep.groups.rendezvous`
 ``(name, epoch)``, so any number of them can exist side by side (e.g. the current epoch's groups
 serving while the next epoch's are built as standby).
 
+Building meets at an arrival gate in the store before the backend connects: a counter that every
+rank increments on arrival, which the last arrival opens, and which a rank that waited
+``build_timeout_s`` in vain closes for good (one atomic add of a large negative number, so the
+count can never reach the group size again). Either every rank passes the gate or none does: a
+rank arriving after its peers gave up fails at once instead of connecting to nobody (gloo would
+then wait several times its timeout, NCCL forever).
+
 Failure model: every operation either completes, or raises :class:`~elastic_ep.errors.PeerFailure`
 within the group's ``timeout_s`` (gloo's per-operation timeout; NCCL synchronising calls wait with
 it). After a PeerFailure the group is *broken*: later operations raise PeerFailure at once, and
@@ -28,6 +35,8 @@ from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.backend import Backend, default_device, make_process_group
 from elastic_ep.groups.polling import wait_until
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
+
+_GATE_CLOSED = 1 << 40  # subtracted from the arrival count by a rank that gave up
 
 
 class GroupClosedError(ElasticEPError):
@@ -159,12 +168,14 @@ class StatelessGroup:
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
         _check_int("epoch", epoch, minimum=0)
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
         prefix = prefix_of("group", name, "epoch", epoch)
         parsed = Backend.parse(backend)
         check_timeout(timeout_s)
         build_timeout_s = timeout_s if build_timeout_s is None else build_timeout_s
         check_timeout(build_timeout_s, "build_timeout_s")
-        dev = default_device(parsed) if device is None else torch.device(device)
+        dev = default_device(parsed) if device is None else parse_device(device)
         if dev.type != parsed.device_type:
             raise ValueError(
                 f"device {dev} does not fit backend {parsed.value!r} ({parsed.device_type} tensors)"
@@ -532,22 +543,30 @@ class StatelessGroup:
         return self._pg
 
     def _rendezvous_all(self, store: Store) -> None:
+        """Pass the arrival gate (see the module docstring) within ``build_timeout_s``."""
         # Claim this rank's slot: a second build of the same (name, epoch) would read stale keys.
         if store.add(f"arrived/{self._rank}", 1) != 1:
             raise ValueError(
                 f"group {self._name!r} epoch {self._epoch} rank {self._rank} was already built in "
                 "this job: epochs must never be reused"
             )
-        if self._backend is Backend.GLOO:
-            return  # gloo's own connect waits for every peer (up to build_timeout_s)
-        # NCCL's communicator init has no timeout of its own: enter it only once all are here.
-        keys = [f"arrived/{r}" for r in range(self._world_size)]
-        try:
-            store.wait(keys, timedelta(seconds=self._build_timeout_s))
-        except RuntimeError as err:
-            raise self._peer_failure(
-                "build", err, peer=self._first_missing(store), timeout_s=self._build_timeout_s
-            ) from err
+        arrived = store.add("gate", 1)
+        if arrived == self._world_size:
+            store.set("gate/open", "1")
+            return
+        error: BaseException = RuntimeError("a peer gave up waiting before this rank arrived")
+        if arrived > 0:
+            try:
+                store.wait(["gate/open"], timedelta(seconds=self._build_timeout_s))
+                return
+            except RuntimeError as err:
+                error = err
+            # Close the gate; if the last peer arrived just now, it passed: so does this rank.
+            if store.add("gate", -_GATE_CLOSED) + _GATE_CLOSED == self._world_size:
+                return
+        raise self._peer_failure(
+            "build", error, peer=self._first_missing(store), timeout_s=self._build_timeout_s
+        )
 
     def _first_missing(self, store: Store) -> int | None:
         try:
@@ -675,6 +694,16 @@ class StatelessGroup:
     def _pickle(self, obj: Any) -> torch.Tensor:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._device)
+
+
+def parse_device(device: object) -> torch.device:
+    """``torch.device(device)``, with ``TypeError``/``ValueError`` for what is not a device."""
+    if not isinstance(device, torch.device | str):
+        raise TypeError(f"device must be a torch.device or str, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
 
 
 def _unpickle(buf: torch.Tensor) -> Any:

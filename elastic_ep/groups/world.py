@@ -41,7 +41,7 @@ import torch
 from elastic_ep.errors import PeerFailure, ReconfigureError
 from elastic_ep.groups.layout import GroupLayout
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
-from elastic_ep.groups.stateless_group import StatelessGroup
+from elastic_ep.groups.stateless_group import StatelessGroup, parse_device
 from elastic_ep.rank_mapping import RankMapping
 
 WORLD = "world"
@@ -150,6 +150,8 @@ class ElasticWorld:
             raise TypeError(f"member_id must be an int, got {type(member_id).__name__}")
         if member_id < 0:
             raise ValueError(f"member_id must be >= 0, got {member_id}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
         prefix_of(name)
         check_timeout(timeout_s)
         build_timeout_s = 2.0 * timeout_s if build_timeout_s is None else build_timeout_s
@@ -158,6 +160,8 @@ class ElasticWorld:
         from elastic_ep.groups.backend import Backend
 
         Backend.parse(backend)
+        if device is not None:
+            parse_device(device)
         self._rendezvous = rendezvous
         self._member_id = member_id
         self._name = name

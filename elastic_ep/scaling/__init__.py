@@ -16,6 +16,8 @@ from elastic_ep.scaling.channel import Command, CommandKind, RankReport
 from elastic_ep.scaling.coordinator import ElasticCoordinator, ScaleConflict
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import (
+    CommandLauncher,
+    CommandProcess,
     Launcher,
     LocalProcess,
     LocalProcessLauncher,
@@ -38,6 +40,8 @@ __all__ = [
     "Action",
     "Command",
     "CommandKind",
+    "CommandLauncher",
+    "CommandProcess",
     "ControlServer",
     "ElasticCoordinator",
     "ElasticRank",

@@ -21,10 +21,12 @@ timeout. Values are pickled: the store is private to the job, whose processes tr
 from __future__ import annotations
 
 import pickle
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from torch.distributed import Store
 
@@ -120,12 +122,33 @@ def put(store: Store, key: str, data: bytes) -> None:
     store.set(key, cast(str, data))
 
 
+STORE_RETRY_S = 1.0
+"""After a failed store read, how long :meth:`ControlChannel.read_or` answers its default
+before it asks the store again."""
+
+_T = TypeVar("_T")
+
+
 class ControlChannel:
     """Typed reads and writes of the ``ctl/`` keys on the job's store."""
 
     def __init__(self, store: Store, timeout_s: float = 30.0) -> None:
         self._store = store
         self._timeout = timedelta(seconds=timeout_s)
+        self._retry_at = 0.0  # a read failed: answer defaults until then
+
+    def read_or(self, read: Callable[[], _T], default: _T) -> _T:
+        """``read()``, or ``default`` while the store fails (asked again every
+        :data:`STORE_RETRY_S`). A rank's per-step reads go through this: without the
+        coordinator's store the ranks keep serving their epoch, seeing no new command and no
+        death mark."""
+        if time.monotonic() < self._retry_at:
+            return default
+        try:
+            return read()
+        except RuntimeError:
+            self._retry_at = time.monotonic() + STORE_RETRY_S
+            return default
 
     # ---- commands ---------------------------------------------------------------------
     def next_seq(self) -> int:

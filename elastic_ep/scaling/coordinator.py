@@ -10,6 +10,12 @@ joiner dies or never arrives, a timeout, a planner error) is rolled back by the 
 coordinator kills the joiners it launched and reports ``rolled_back`` with the reason, and the
 next request starts from a clean state. A monitor thread marks dead rank processes in the store
 (so survivors need not wait out a timeout) and picks up recoveries.
+
+Once the ranks commit, the joiners are members: a death after the commit, even before every
+report is in, starts a recovery of the new epoch, and the coordinator never kills a joiner it
+cannot show was rolled back. A leaver that dies before it reports its commit is a dead member
+like any other. A recovery that fails on the ranks (e.g. the survivors cannot hold every
+expert) is reported ``failed`` with the ranks' error as soon as a survivor reports it.
 """
 
 from __future__ import annotations
@@ -79,7 +85,8 @@ class ElasticCoordinator:
         self._done.set()
         self._recoveries_seen = 0
         self._recovering_since: float | None = None
-        self._leaving: frozenset[int] = frozenset()  # leavers of the running scale exit on purpose
+        self._running: Command | None = None  # the scale or rebalance in flight
+        self._recovered: set[int] = set()  # recovery epochs already shown in the status
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="elastic-monitor", daemon=True)
 
@@ -152,7 +159,11 @@ class ElasticCoordinator:
         with self._lock:
             status = self._status
             if not status.members:
-                raise ScaleConflict("the job has not started")
+                raise ScaleConflict(
+                    "the job has not started"
+                    if status.error is None
+                    else f"no rank serves any more: {status.error}"
+                )
             if status.phase.is_active:
                 raise ScaleConflict(
                     f"a {status.event.value if status.event else 'scale'} is running "
@@ -189,7 +200,7 @@ class ElasticCoordinator:
                 experts_moved=None,
             )
             self._done.clear()
-            self._leaving = frozenset(cmd.leavers)
+            self._running = cmd
             self._driver = threading.Thread(target=self._drive, args=(cmd,), daemon=True)
             self._driver.start()
             return self._status
@@ -252,18 +263,19 @@ class ElasticCoordinator:
             self._channel.abort(cmd.seq)
             self._end_failed(cmd, f"coordinator error: {exc!r}")
         finally:
+            self._running = None
             self._done.set()
 
     def _follow(self, cmd: Command) -> None:
         deadline = time.monotonic() + cmd.timeout_s + self._timeout_s + 5.0
-        everyone = tuple(dict.fromkeys(cmd.old_members + cmd.new_members))
         collector = self._channel.collector(cmd.epoch, cmd.old_members[0])
         aborted = False
         while time.monotonic() < deadline:
             if self._status.event is EventKind.RECOVERY:
-                # a serving rank died: the scale is already marked failed, the ranks recover
+                # A member died: the scale is marked failed and the ranks recover. The joiners
+                # stay: if the ranks committed they are members; if not, they exit on their own
+                # (and the recovery's end reaps any process that is not a member).
                 self._channel.abort(cmd.seq)
-                self._kill_joiners(cmd)
                 return
             reports = collector.poll()
             leader = reports.get(cmd.old_members[0])
@@ -282,7 +294,11 @@ class ElasticCoordinator:
             if failed and all(r is not None and r.phase in _FINAL for r in old_final):
                 self._end_rolled_back(cmd, failed)
                 return
-            if all(m in reports and reports[m].phase is ScalePhase.COMPLETED for m in everyone):
+            # The new members' reports decide: a leaver that hangs (or split off at the commit
+            # vote and rolled back alone) must not hold the new world's status back.
+            if all(
+                m in reports and reports[m].phase is ScalePhase.COMPLETED for m in cmd.new_members
+            ):
                 self._end_completed(cmd, reports)
                 return
             dead = [m for m in cmd.joiners if not self._handles[m].is_alive()]
@@ -308,10 +324,6 @@ class ElasticCoordinator:
                     self._set_phase(step)
 
     def _end_completed(self, cmd: Command, reports: dict[int, RankReport]) -> None:
-        for m in cmd.leavers:
-            handle = self._handles.pop(m)
-            if not handle.join(self._leave_timeout_s):
-                handle.kill()
         leader = reports[cmd.new_members[0]]
         blocking = [r.blocking_s for r in reports.values() if r.blocking_s is not None]
         with self._lock:
@@ -320,25 +332,30 @@ class ElasticCoordinator:
                 ScalePhase.COMPLETED,
                 epoch=cmd.epoch,
                 members=cmd.new_members,
-                phase_s=reports[cmd.old_members[0]].phase_s,
+                phase_s=reports.get(cmd.old_members[0], leader).phase_s,
                 blocking_s=max(blocking, default=None),
                 kv_budget_bytes=leader.kv_budget_bytes,
                 balance_before=leader.balance_before,
                 balance_after=leader.balance_after,
                 experts_moved=leader.experts_moved,
             )
+        for m in cmd.leavers:  # not members any more: a leaver that does not exit is killed
+            handle = self._handles.pop(m)
+            if not handle.join(self._leave_timeout_s):
+                handle.kill()
 
     def _end_rolled_back(self, cmd: Command, failed: list[RankReport]) -> None:
         self._kill_joiners(cmd)
-        self._leaving = frozenset()
         errors = sorted({r.error for r in failed if r.error})
         with self._lock:
             self._set_phase(ScalePhase.FAILED, error="; ".join(errors) or "rolled back")
             self._set_phase(ScalePhase.ROLLED_BACK)
 
     def _end_failed(self, cmd: Command, reason: str) -> None:
-        self._kill_joiners(cmd)
-        self._leaving = frozenset()
+        everyone = tuple(dict.fromkeys(cmd.old_members + cmd.new_members))
+        reports = self._channel.reports(cmd.epoch, everyone).values()
+        if not any(r.phase is ScalePhase.COMPLETED for r in reports):
+            self._kill_joiners(cmd)  # nobody committed: the joiners are not members
         with self._lock:
             event = self._status.event
             if self._status.phase.is_active and event is not None and event.is_requested:
@@ -362,17 +379,26 @@ class ElasticCoordinator:
                     return
                 raise
 
+    def _left(self, member: int, cmd: Command | None) -> bool:
+        """Whether ``member`` is a leaver of ``cmd`` that reported its commit (it exits on
+        purpose then; before that report, its death is a failure)."""
+        if cmd is None or member not in cmd.leavers:
+            return False
+        report = self._channel.reports(cmd.epoch, (member,)).get(member)
+        return report is not None and report.phase is ScalePhase.COMPLETED
+
     def _check_processes(self) -> None:
         with self._lock:
             serving = self._status.members
             phase = self._status.phase
+            cmd = self._running
         for m in serving:
             handle = self._handles.get(m)
             if (
-                m in self._leaving
-                or handle is None
+                handle is None
                 or handle.is_alive()
                 or self._channel.is_marked_dead(m)
+                or self._left(m, cmd)
             ):
                 continue
             self._channel.mark_dead(m)
@@ -405,25 +431,50 @@ class ElasticCoordinator:
             if self._recovering_since is None:
                 self._recovering_since = time.monotonic()
             elif time.monotonic() - self._recovering_since > 3 * self._timeout_s + 10.0:
-                self._set_phase(ScalePhase.FAILED, error="the survivors did not report a recovery")
+                self._set_phase(
+                    ScalePhase.FAILED,
+                    members=(),
+                    error=f"no survivor reported a recovery within {3 * self._timeout_s + 10:g} s "
+                    "(3x the group timeout + 10 s): every survivor died or lost the store",
+                )
 
     def _check_recoveries(self) -> None:
         for epoch in self._channel.recoveries(self._recoveries_seen):
             self._recoveries_seen += 1
-            world = self._channel.world()
-            members = world[1] if world and world[0] == epoch else ()
-            reports = self._channel.reports(epoch, members)
-            if not reports:
+            if epoch in self._recovered:
+                continue  # every survivor of a failed recovery lists it
+            with self._lock:
+                candidates = tuple(sorted(set(self._handles) | set(self._status.members)))
+            reports = self._channel.reports(epoch, candidates)
+            done = [r for r in reports.values() if r.phase is ScalePhase.COMPLETED]
+            with self._lock:  # a rank that split off the serving world does not speak for it
+                serving = set(self._status.members)
+            failed = [
+                r for r in reports.values() if r.phase is ScalePhase.FAILED and r.member in serving
+            ]
+            if not done and not failed:
                 continue
-            any_report = next(iter(reports.values()))
-            for m in any_report.dead_members:
-                handle = self._handles.pop(m, None)
-                if handle is not None:
-                    handle.kill()
-            blocking = [r.blocking_s for r in reports.values() if r.blocking_s is not None]
+            self._recovered.add(epoch)
             with self._lock:
                 if self._status.phase is not ScalePhase.RECOVERING:
                     self._set_phase(ScalePhase.RECOVERING, event=EventKind.RECOVERY)
+            if not done:
+                with self._lock:
+                    self._set_phase(  # the survivors exit: no rank serves any more
+                        ScalePhase.FAILED,
+                        members=(),
+                        dead_members=failed[0].dead_members,
+                        error=f"recovery failed: {failed[0].error}",
+                    )
+                continue
+            any_report = done[0]
+            for m, handle in list(self._handles.items()):
+                if m not in any_report.members:  # the dead, and joiners of an uncommitted scale
+                    del self._handles[m]
+                    if not handle.join(0.0):
+                        handle.kill()
+            blocking = [r.blocking_s for r in done if r.blocking_s is not None]
+            with self._lock:
                 self._set_phase(
                     ScalePhase.COMPLETED,
                     epoch=epoch,

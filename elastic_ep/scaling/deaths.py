@@ -42,10 +42,15 @@ class DeadWatch:
         self._seen: int | None = None
 
     def dead(self) -> list[int]:
-        count = self._channel.dead_count()
+        """Members marked dead; none while the store fails (see ``ControlChannel.read_or``)."""
+        channel = self._channel
+        count = channel.read_or(channel.dead_count, self._seen)
         if count == self._seen:
             return []
-        found = [m for m in self._members if self._channel.is_marked_dead(m)]
+        none: list[int] = []
+        found = channel.read_or(
+            lambda: [m for m in self._members if channel.is_marked_dead(m)], none
+        )
         if not found:
             self._seen = count  # the marks counted are of other epochs' members
         return found

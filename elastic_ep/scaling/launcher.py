@@ -2,18 +2,25 @@
 
 A launcher starts ``entry(spec)`` somewhere with a :class:`RankSpec` telling the process where
 the job's TCPStore is, its member id and the epoch it enters. The default
-:class:`LocalProcessLauncher` starts local processes; :mod:`elastic_ep.scaling.ray_launcher` starts
-Ray actors. The coordinator only needs :class:`RankHandle`'s liveness, kill and bounded join.
+:class:`LocalProcessLauncher` starts local processes; :class:`CommandLauncher` runs a command per
+rank the way torchrun does (the store's address in ``MASTER_ADDR``/``MASTER_PORT``, the rank in
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; the process calls :meth:`RankSpec.from_env`), e.g. through
+``ssh`` or ``ip netns exec`` on another host; :mod:`elastic_ep.scaling.ray_launcher` starts Ray
+actors. The coordinator only needs :class:`RankHandle`'s liveness, kill and bounded join.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import multiprocessing as mp
 import os
+import pickle
 import signal
+import subprocess
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
@@ -51,6 +58,54 @@ class RankSpec:
     def rank(self) -> int:
         """This process's rank in ``epoch``."""
         return self.members.index(self.member_id)
+
+    def to_env(self, local_rank: int = 0) -> dict[str, str]:
+        """The torchrun-style environment of this rank (read back by :meth:`from_env`)."""
+        return {
+            "MASTER_ADDR": self.store_host,
+            "MASTER_PORT": str(self.store_port),
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(len(self.members)),
+            "LOCAL_RANK": str(local_rank),
+            SPEC_ENV: base64.b64encode(pickle.dumps(self)).decode(),
+        }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RankSpec:
+        """The spec of a rank started by :class:`CommandLauncher` (from ``os.environ``).
+
+        ``MASTER_ADDR``/``MASTER_PORT`` name the store (they win over the launcher's address,
+        as under torchrun); ``RANK`` and ``WORLD_SIZE`` must agree with the spec.
+
+        Raises:
+            ValueError: a variable is missing or disagrees.
+        """
+        env = os.environ if environ is None else environ
+        missing = [
+            k
+            for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", SPEC_ENV)
+            if k not in env
+        ]
+        if missing:
+            raise ValueError(f"not started by a CommandLauncher: {missing} not set")
+        spec = pickle.loads(base64.b64decode(env[SPEC_ENV]))
+        if not isinstance(spec, RankSpec):
+            raise ValueError(f"{SPEC_ENV} holds {type(spec).__name__}, not a RankSpec")
+        if (env["RANK"], env["WORLD_SIZE"]) != (str(spec.rank), str(len(spec.members))):
+            raise ValueError(
+                f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} disagree with the spec "
+                f"(rank {spec.rank} of {len(spec.members)})"
+            )
+        try:
+            port = int(env["MASTER_PORT"])
+        except ValueError:
+            raise ValueError(f"MASTER_PORT must be an int, got {env['MASTER_PORT']!r}") from None
+        return replace(spec, store_host=env["MASTER_ADDR"], store_port=port)
+
+
+SPEC_ENV = "ELASTIC_EP_RANK_SPEC"
+"""The environment variable holding a :class:`RankSpec` (pickled, base64) for
+:meth:`RankSpec.from_env`."""
 
 
 class RankHandle(Protocol):
@@ -138,3 +193,70 @@ class LocalProcessLauncher:
         )
         proc.start()
         return LocalProcess(spec.member_id, proc)
+
+
+@dataclass
+class CommandProcess:
+    """A rank started by :class:`CommandLauncher` (:class:`RankHandle`)."""
+
+    member_id: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()  # SIGKILL: also ends a stopped (SIGSTOP) process
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+
+    def join(self, timeout_s: float) -> bool:
+        try:
+            self.process.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+
+class CommandLauncher:
+    """Start each rank as a command, the way torchrun does.
+
+    The command gets this process's environment plus ``env``, the store's address in
+    ``MASTER_ADDR``/``MASTER_PORT``, ``RANK``/``WORLD_SIZE`` of the epoch it enters,
+    ``LOCAL_RANK`` and the full :class:`RankSpec` (read it with :meth:`RankSpec.from_env`).
+
+    Args:
+        command: ``spec -> argv``, e.g. ``["ssh", host, "python", "-m", "my_engine"]`` or
+            ``["ip", "netns", "exec", ns, "python", "-m", "my_engine"]`` for the rank's host.
+        local_rank: ``spec -> LOCAL_RANK`` (its index on its host); default 0.
+        env: extra environment for every rank.
+    """
+
+    def __init__(
+        self,
+        command: Callable[[RankSpec], Sequence[str]],
+        *,
+        local_rank: Callable[[RankSpec], int] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if not callable(command):
+            raise TypeError("command must be callable")
+        self._command = command
+        self._local_rank = local_rank or (lambda spec: 0)
+        self._env = dict(env or {})
+
+    def launch(self, spec: RankSpec) -> CommandProcess:
+        argv = [str(a) for a in self._command(spec)]
+        if not argv:
+            raise ValueError(f"empty command for member {spec.member_id}")
+        env = {**os.environ, **self._env, **spec.to_env(self._local_rank(spec))}
+        return CommandProcess(spec.member_id, subprocess.Popen(argv, env=env))

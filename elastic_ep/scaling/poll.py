@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 
 import torch
 from torch.distributed import AllreduceOptions, ProcessGroup, ReduceOp, Work
@@ -211,8 +212,9 @@ class Voter:
             try:
                 flags = pending.mine.to_tensor()
                 if group.rank == 0:
-                    flags[0] = self._channel.latest_seq()
-                    if job_seq and self._channel.aborted(job_seq):
+                    channel = self._channel
+                    flags[0] = channel.read_or(channel.latest_seq, 0)
+                    if job_seq and channel.read_or(partial(channel.aborted, job_seq), False):
                         flags[4] = 1
                 dissemination_max(group.process_group, group.rank, group.world_size, flags, _wait)
             except Exception as exc:

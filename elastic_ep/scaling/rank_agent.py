@@ -52,7 +52,7 @@ from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
 from elastic_ep.scaling.poll import IDLE, PendingVote, PollMode, Vote, Voter, blocking_vote
-from elastic_ep.scaling.recovery import agree_on_survivors, rebuild_after_failure
+from elastic_ep.scaling.recovery import recover_world, report_failed_recovery
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
 from elastic_ep.scaling.scale_job import Action, ScaleJob, destroy_all
 from elastic_ep.scaling.status import PhaseClock
@@ -281,7 +281,7 @@ class ElasticRank:
         (in ``PIPELINED`` mode its voter thread does)."""
         job = self._job
         leader_reads = read_store and self.world.rank == 0
-        seq = self._channel.latest_seq() if leader_reads else 0
+        seq = self._channel.read_or(self._channel.latest_seq, self._seen_seq) if leader_reads else 0
         # not_waiting False = this rank's groups are built and wait for the transfer poll
         if job is None:
             return IDLE if seq == 0 else Vote(seq=seq)
@@ -299,7 +299,8 @@ class ElasticRank:
             busy=not job.done or draining,
             failed=job.error is not None or timed_out,
             not_waiting=job.groups is None or job.done,
-            aborted=leader_reads and self._channel.aborted(job.command.seq),
+            aborted=leader_reads
+            and self._channel.read_or(lambda: self._channel.aborted(job.command.seq), False),
         )
 
     def _act(self, vote: Vote) -> Action:
@@ -530,21 +531,22 @@ class ElasticRank:
             job, self._job = self._job, None
             job.registry.abort_all()
         self.gate.close(GateMode.REJECT, retry_after_s=self._recovery_window_s + self._timeout_s)
-        survivors = agree_on_survivors(
+        survivors, got = recover_world(
             self._rdzv,
             self._channel,
             self.world.epoch,
             self.members,
-            self.member,
+            self._inputs(self.placement, with_kv=False),
             window_s=self._recovery_window_s,
             timeout_s=self._timeout_s,
-        )
-        got = rebuild_after_failure(
-            self._rdzv, survivors, self.members, self._inputs(self.placement, with_kv=False)
         )
         try:
             control = control_group(self._rdzv, got.group)
             new_set = self.resources.build(self._context(got.group, got.placement))
+        except (PeerFailure, ResourceError) as err:
+            got.group.abort()
+            report_failed_recovery(self._channel, survivors, self.member, str(err))
+            raise ReconfigureError(f"recovery to epoch {survivors.epoch} failed: {err}") from err
         except BaseException:
             got.group.abort()
             raise

@@ -144,6 +144,7 @@ class TestNetwork:
     Attributes:
         hosts: the :class:`Host` s, ``hosts[i].address == f"10.213.0.{i + 1}"``.
         tag: the unique part of every namespace name.
+        switch: the switch's namespace (host ``i``'s port there is ``v<i>``).
     """
 
     __test__ = False  # not a pytest test class
@@ -167,7 +168,7 @@ class TestNetwork:
             raise RuntimeError(f"cannot make test hosts: {reason}")
         self.tag = f"ee{os.getpid() % 100_000}x{next(_counter)}x{uuid.uuid4().hex[:6]}"
         self._seed = seed
-        self._switch = f"{self.tag}-sw"
+        self.switch = f"{self.tag}-sw"
         self._relays: dict[int, subprocess.Popen[bytes]] = {}
         self._made: list[str] = []
         self.hosts = [Host(i, f"{self.tag}-h{i}", f"{SUBNET}.{i + 1}") for i in range(n)]
@@ -189,11 +190,11 @@ class TestNetwork:
     # ---- faults -----------------------------------------------------------------------
     def partition(self, host: int) -> None:
         """Cut ``host`` off the bridge (its link goes down; its processes keep running)."""
-        _ip("-n", self._switch, "link", "set", f"v{self._index(host)}", "down")
+        _ip("-n", self.switch, "link", "set", f"v{self._index(host)}", "down")
 
     def heal(self, host: int) -> None:
         """Undo :meth:`partition`."""
-        _ip("-n", self._switch, "link", "set", f"v{self._index(host)}", "up")
+        _ip("-n", self.switch, "link", "set", f"v{self._index(host)}", "up")
 
     def impair(self, host: int, *, delay_ms: float = 0.0, loss: float = 0.0) -> None:
         """Set ``host``'s egress delay and loss from now on (0 and 0: a direct port again)."""
@@ -203,7 +204,7 @@ class TestNetwork:
         old = self._relays.pop(i, None)
         if old is not None:
             _stop(old)
-        sw = ("-n", self._switch)
+        sw = ("-n", self.switch)
         if not delay and not drop:
             _ip(*sw, "link", "set", f"v{i}", "master", "br0")
             return
@@ -218,7 +219,7 @@ class TestNetwork:
             str(self._seed * 1000 + i),
         ]
         self._relays[i] = subprocess.Popen(
-            ["ip", "netns", "exec", self._switch, *argv], stdout=subprocess.PIPE
+            ["ip", "netns", "exec", self.switch, *argv], stdout=subprocess.PIPE
         )
         ready = self._relays[i].stdout
         assert ready is not None
@@ -261,8 +262,8 @@ class TestNetwork:
         _ip("-n", name, "link", "set", "lo", "up")
 
     def _build(self) -> None:
-        self._netns(self._switch)
-        sw = ("-n", self._switch)
+        self._netns(self.switch)
+        sw = ("-n", self.switch)
         _ip(*sw, "link", "add", "br0", "type", "bridge")
         _ip(*sw, "link", "set", "br0", "up")
         for host in self.hosts:
