@@ -127,9 +127,10 @@ def test_excerpt_matches_its_file(block: Block) -> None:
     )
 
 
-def test_docs_have_python_blocks_and_excerpts_name_examples() -> None:
+def test_docs_have_python_blocks_and_excerpts_name_files_that_run() -> None:
     assert len(RUNNABLE) >= 4 and len(EXCERPTS) >= 3
-    assert all(b.excerpt_of.startswith("examples/") for b in EXCERPTS if b.excerpt_of)
+    # an example (run by test_examples.py) or a test file
+    assert all(b.excerpt_of.startswith(("examples/", "tests/")) for b in EXCERPTS if b.excerpt_of)
 
 
 def test_parser_and_matcher_catch_bad_docs(tmp_path: Path) -> None:
