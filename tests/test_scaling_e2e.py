@@ -50,8 +50,7 @@ from elastic_ep.scaling import (
 )
 from elastic_ep.scaling.channel import put
 from elastic_ep.scaling.status import EventKind
-
-KINDS = ((3,), (2, 2))  # per slot: a w13-like [3] and a w2-like [2, 2] tensor
+from elastic_ep.testing.toy_engine import KINDS, expert_weight, slot_weights, wrong_weight
 
 
 @dataclass(frozen=True)
@@ -70,13 +69,6 @@ class EngineConfig:
     transfer_in_poll: bool | None = None  # ElasticRank's default: on for NCCL only
 
 
-def expert_weight(layer: int, expert: int, kind: int) -> torch.Tensor:
-    shape = KINDS[kind]
-    n = int(torch.tensor(shape).prod())
-    base = layer * 10_000 + expert * 100 + kind * 10
-    return (torch.arange(n, dtype=torch.float32) + base).reshape(shape)
-
-
 def load_of(cfg: EngineConfig) -> torch.Tensor:
     per_expert = torch.tensor([cfg.skew**e for e in range(cfg.experts)], dtype=torch.float64)
     return per_expert.expand(cfg.layers, -1).clone()
@@ -90,34 +82,6 @@ def _device(cfg: EngineConfig, member: int) -> torch.device:
     return device
 
 
-def _weights_for(
-    cfg: EngineConfig, placement: Placement | None, rank: int, device: torch.device
-) -> list[list[torch.Tensor]]:
-    out = []
-    for layer in range(cfg.layers):
-        tensors = [torch.full((cfg.slots, *shape), float("nan"), device=device) for shape in KINDS]
-        if placement is not None:
-            for slot, expert in enumerate(placement.local_slots(rank)[layer].tolist()):
-                for kind, t in enumerate(tensors):
-                    t[slot] = expert_weight(layer, expert, kind)
-        out.append(tensors)
-    return out
-
-
-def _verify(agent: ElasticRank, cfg: EngineConfig) -> str | None:
-    local = agent.placement.local_slots(agent.rank)
-    for layer in range(cfg.layers):
-        for slot, expert in enumerate(local[layer].tolist()):
-            if expert < 0:
-                continue
-            for kind, t in enumerate(agent.weights[layer]):
-                if not torch.equal(t[slot].cpu(), expert_weight(layer, expert, kind)):
-                    return (
-                        f"layer {layer} slot {slot}: wrong weights for expert {expert} kind {kind}"
-                    )
-    return None
-
-
 def _sole_replicas(agent: ElasticRank) -> int:
     """(layer, expert) pairs whose only replica is on this rank."""
     return int(agent.placement.lost_with([agent.rank]).sum())
@@ -126,7 +90,7 @@ def _sole_replicas(agent: ElasticRank) -> int:
 def _publish(agent: ElasticRank, cfg: EngineConfig, event: str, builds: list[int]) -> None:
     info = {
         "event": event,
-        "error": _verify(agent, cfg),
+        "error": wrong_weight(agent),
         "kv": agent.kv_budget_bytes,
         "world": agent.world_size,
         "rank": agent.rank,
@@ -219,7 +183,7 @@ def rank_main(spec: RankSpec) -> None:
     joiner = spec.role is RankRole.JOINER
     placement = None if joiner else plan(load_of(cfg), len(spec.members), cfg.slots)
     device = _device(cfg, spec.member_id)
-    weights = _weights_for(cfg, placement, 0 if joiner else spec.rank, device)
+    weights = slot_weights(cfg.layers, cfg.slots, placement, 0 if joiner else spec.rank, device)
     try:
         agent = ElasticRank(
             spec,

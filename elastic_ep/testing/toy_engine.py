@@ -108,10 +108,18 @@ def num_nodes(cfg: ToyConfig, members: tuple[int, ...]) -> int:
     return cfg.hosts if ok else 1
 
 
-def _weights(cfg: ToyConfig, placement: Placement | None, rank: int) -> list[list[torch.Tensor]]:
+def slot_weights(
+    layers: int,
+    slots: int,
+    placement: Placement | None,
+    rank: int,
+    device: torch.device | None = None,
+) -> list[list[torch.Tensor]]:
+    """A rank's expert weights: per layer, one float32 [slots, *shape] tensor per ``KINDS``
+    shape, slot ``s`` holding ``expert_weight`` of its expert (NaN: empty, or no placement yet)."""
     out = []
-    for layer in range(cfg.layers):
-        tensors = [torch.full((cfg.slots, *shape), float("nan")) for shape in KINDS]
+    for layer in range(layers):
+        tensors = [torch.full((slots, *shape), float("nan"), device=device) for shape in KINDS]
         if placement is not None:
             for slot, expert in enumerate(placement.local_slots(rank)[layer].tolist()):
                 for kind, t in enumerate(tensors):
@@ -120,22 +128,25 @@ def _weights(cfg: ToyConfig, placement: Placement | None, rank: int) -> list[lis
     return out
 
 
-def _wrong_weight(agent: ElasticRank, cfg: ToyConfig) -> str | None:
+def wrong_weight(agent: ElasticRank) -> str | None:
+    """The first slot of ``agent`` whose weights are not its expert's, or ``None``."""
     local = agent.placement.local_slots(agent.rank)
-    for layer in range(cfg.layers):
+    for layer in range(local.shape[0]):
         for slot, expert in enumerate(local[layer].tolist()):
             if expert < 0:
                 continue
             for kind, t in enumerate(agent.weights[layer]):
-                if not torch.equal(t[slot], expert_weight(layer, expert, kind)):
-                    return f"layer {layer} slot {slot}: wrong weights for expert {expert}"
+                if not torch.equal(t[slot].cpu(), expert_weight(layer, expert, kind)):
+                    return (
+                        f"layer {layer} slot {slot}: wrong weights for expert {expert} kind {kind}"
+                    )
     return None
 
 
 def _publish(agent: ElasticRank, cfg: ToyConfig, event: str) -> None:
     info = {
         "event": event,
-        "error": _wrong_weight(agent, cfg),
+        "error": wrong_weight(agent),
         "world": agent.world_size,
         "rank": agent.rank,
     }
@@ -238,7 +249,7 @@ def rank_main(spec: RankSpec) -> None:
     try:
         agent = ElasticRank(
             spec,
-            weights=_weights(cfg, placement, 0 if joiner else spec.rank),
+            weights=slot_weights(cfg.layers, cfg.slots, placement, 0 if joiner else spec.rank),
             load=lambda: uniform_load(cfg),
             placement=placement,
             kv_bytes=kv_bytes,
