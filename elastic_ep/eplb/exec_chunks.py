@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from elastic_ep.eplb.exec_ranks import GroupRanks
-from elastic_ep.eplb.transfer_plan import Step, TransferPlan
+from elastic_ep.eplb.transfer_ops import Step
+from elastic_ep.eplb.transfer_plan import TransferPlan
 
 RAMP = 4
 """With overlap, the first and the last chunk are cut to ``1 / RAMP`` of the cap: nothing hides

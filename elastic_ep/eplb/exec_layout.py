@@ -1,7 +1,7 @@
 """Where every byte of every chunk goes on this rank: the executor's layout, with numpy.
 
 Pure (no communication, no device work). Every rank lays out every chunk at the start of a call,
-from the plan's :class:`~elastic_ep.eplb.transfer_plan.OpTable`, in a few dozen array operations
+from the plan's :class:`~elastic_ep.eplb.transfer_ops.OpTable`, in a few dozen array operations
 whatever the number of ops (a Python loop over the ops cost ~0.3 ms per chunk of host time on an
 H200 machine, while the previous chunk's transfer ran).
 
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from elastic_ep.eplb.exec_ranks import GroupRanks
-from elastic_ep.eplb.transfer_plan import OpTable, Reload, TransferPlan
+from elastic_ep.eplb.transfer_ops import OpTable, Reload
+from elastic_ep.eplb.transfer_plan import TransferPlan
 
 ALIGN = 256
 """Byte alignment of every segment (NCCL and vectorized copies like aligned buffers)."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elastic_ep.eplb.transfer_plan import Transfer, TransferPlan
+from elastic_ep.eplb.transfer_ops import Transfer
+from elastic_ep.eplb.transfer_plan import TransferPlan
 from elastic_ep.groups.stateless_group import StatelessGroup
 from elastic_ep.rank_mapping import RankMapping
 

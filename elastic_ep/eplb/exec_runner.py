@@ -38,7 +38,8 @@ from elastic_ep.eplb.exec_chunks import Chunk
 from elastic_ep.eplb.exec_layout import ChunkLayout, RowSet, kinds_of, lay_out_chunks
 from elastic_ep.eplb.exec_ranks import ProcessRanks
 from elastic_ep.eplb.row_copy import RowTable, torch_copy_rows
-from elastic_ep.eplb.transfer_plan import Reload, TransferPlan
+from elastic_ep.eplb.transfer_ops import Reload
+from elastic_ep.eplb.transfer_plan import TransferPlan
 from elastic_ep.groups.stateless_group import P2PBatch, StatelessGroup, WorkHandle
 
 ALIGN_ANCHOR = 16

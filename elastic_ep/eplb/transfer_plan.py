@@ -5,21 +5,28 @@ communication. Ranks are named in the numbering of the placement they belong to:
 *old* rank (in ``previous``), receivers by their *new* rank (in ``new``); the executor maps both
 onto the ranks of the group that runs the plan.
 
-Per layer and receiving rank, each slot whose expert changes gets its weights from exactly one of:
+:func:`plan_transfers` plans one layer at a time. For each new rank whose slots change, every
+slot whose expert changes needs that expert; the needs of one rank are merged per expert, so an
+expert crosses the network at most once per receiver. Each need becomes one operation
+(:mod:`~elastic_ep.eplb.transfer_ops`):
 
-* a :class:`LocalCopy` when the rank already held the expert (before the change), or
-* a :class:`Transfer` from one live old rank that held it (at most one per expert and receiver,
-  however many of the receiver's slots want it), or
-* a :class:`Reload` when no live old rank holds it (every replica was on a dead rank).
+* a :class:`LocalCopy` when the rank held the expert before (its source slot is the lowest one
+  this layer leaves intact, else the lowest; ``staged`` when another local copy of the rank
+  overwrites it);
+* else a :class:`Transfer` from one live old rank that holds it. Senders are chosen greedily,
+  scarce experts first (so their few holders are not already loaded by common ones), by: same
+  node as the receiver when a :class:`NodeLayout` is given; fewest experts sent in this layer; a
+  source slot this layer leaves intact; fewest sent in total; lowest rank;
+* else a :class:`Reload` (every replica was on a dead rank).
 
 So the network traffic is exactly ``new.transfers_from(previous, rank_mapping)`` minus reloads:
 the minimum the two placements imply.
 
-In-place hazards: a slot may be read (as a send or local-copy source) and overwritten in the same
-layer. The plan groups each layer's operations into :class:`Step` s, ordered so that every read of
-a slot happens in the same or an earlier step than the write to it; a step is a strongly connected
-component of that "read before write" relation (e.g. two ranks swapping an expert must move
-together). The executor may cut the step sequence into chunks anywhere between steps.
+The layer's operations are then grouped into :class:`Step` s by their in-place hazards and all
+layers' steps merged into one order (:mod:`~elastic_ep.eplb.transfer_steps`): every read of a
+slot happens in the same or an earlier step than the write to it, so the executor may cut the
+step sequence into chunks anywhere between steps. The arrays the executor reads on every call
+(``step_experts``, ``op_table``, the sending and receiving ranks) are computed at plan time.
 """
 
 from __future__ import annotations
@@ -32,8 +39,30 @@ from functools import cached_property
 import numpy as np
 
 from elastic_ep.eplb.placement import EMPTY, Placement
-from elastic_ep.eplb.step_order import interleave_steps
+from elastic_ep.eplb.transfer_ops import (
+    LocalCopy,
+    Op,
+    OpTable,
+    Reload,
+    Step,
+    Transfer,
+    build_op_table,
+)
+from elastic_ep.eplb.transfer_steps import LayerSteps, interleave_layers, layer_steps
 from elastic_ep.rank_mapping import RankMapping
+
+# The operation types are defined in transfer_ops and re-exported here, where callers import them.
+__all__ = [
+    "LocalCopy",
+    "NodeLayout",
+    "Op",
+    "OpTable",
+    "Reload",
+    "Step",
+    "Transfer",
+    "TransferPlan",
+    "plan_transfers",
+]
 
 
 @dataclass(frozen=True)
@@ -51,103 +80,6 @@ class NodeLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "old_rank_nodes", tuple(self.old_rank_nodes))
         object.__setattr__(self, "new_rank_nodes", tuple(self.new_rank_nodes))
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """Send expert ``expert`` of ``layer`` from old rank ``src`` to new rank ``dst``.
-
-    Attributes:
-        src_slot: local slot index on the sender (``previous`` layout) holding the weights.
-        dst_slots: local slot indices on the receiver (``new`` layout) to fill, ascending.
-    """
-
-    layer: int
-    expert: int
-    src: int
-    src_slot: int
-    dst: int
-    dst_slots: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class LocalCopy:
-    """New rank ``rank`` copies expert ``expert`` from its own old slot ``src_slot``.
-
-    Attributes:
-        dst_slots: local slots to fill, ascending.
-        staged: the source slot is the destination of another local copy in this layer, so the
-            executor copies it to its buffer first (this costs one expert of buffer). Unstaged
-            copies run slot to slot before the chunk's other writes.
-    """
-
-    layer: int
-    expert: int
-    rank: int
-    src_slot: int
-    dst_slots: tuple[int, ...]
-    staged: bool
-
-
-@dataclass(frozen=True)
-class Reload:
-    """No live old rank holds ``expert``: new rank ``rank`` reloads it (e.g. from disk)."""
-
-    layer: int
-    expert: int
-    rank: int
-    dst_slots: tuple[int, ...]
-
-
-Op = Transfer | LocalCopy | Reload
-
-
-@dataclass(frozen=True)
-class Step:
-    """Operations of one layer that must run in the same chunk (a read/write cycle, or one op).
-
-    Attributes:
-        buffer_experts: ``(new_rank, n)`` pairs: experts of buffer the step needs on that
-            receiving rank (one per transfer it receives and per staged local copy), ascending
-            by rank, ranks needing none omitted.
-        sent_experts: ``(old_rank, n)`` pairs: experts each sender sends in this step (the
-            executor packs them in its buffer too), ascending by rank.
-    """
-
-    layer: int
-    ops: tuple[Op, ...]
-    buffer_experts: tuple[tuple[int, int], ...]
-    sent_experts: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True, eq=False)
-class OpTable:
-    """A plan's transfers and local copies as arrays, in plan order (reloads are left out): what
-    the executor lays out, with numpy, on every call.
-
-    Attributes (int64 ``[ops]`` unless said otherwise):
-        step: index of the op's step in ``TransferPlan.steps``.
-        layer: the op's layer.
-        transfer: bool ``[ops]``: a :class:`Transfer` (else a :class:`LocalCopy`).
-        src: the sender's old rank, or for a local copy its new rank.
-        src_slot: the slot read.
-        dst: the receiver's new rank, or for a local copy its new rank.
-        dst_slot: the first destination slot.
-        staged: bool ``[ops]``: a local copy staged through the buffer.
-        extra_op / extra_slot: int64 ``[extras]``: each further destination slot
-            (``dst_slots[1:]``) and the index of its op.
-    """
-
-    step: np.ndarray
-    layer: np.ndarray
-    transfer: np.ndarray
-    src: np.ndarray
-    src_slot: np.ndarray
-    dst: np.ndarray
-    dst_slot: np.ndarray
-    staged: np.ndarray
-    extra_op: np.ndarray
-    extra_slot: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,43 +139,7 @@ class TransferPlan:
     @cached_property
     def op_table(self) -> OpTable:
         """The plan's transfers and local copies as arrays (computed once per plan)."""
-        rows: list[tuple[int, int, bool, int, int, int, int, bool]] = []
-        extras: list[tuple[int, int]] = []
-        for i, step in enumerate(self.steps):
-            for op in step.ops:
-                if isinstance(op, Transfer):
-                    src, dst, staged = op.src, op.dst, False
-                elif isinstance(op, LocalCopy):
-                    src, dst, staged = op.rank, op.rank, op.staged
-                else:
-                    continue
-                extras.extend((len(rows), slot) for slot in op.dst_slots[1:])
-                rows.append(
-                    (
-                        i,
-                        op.layer,
-                        isinstance(op, Transfer),
-                        src,
-                        op.src_slot,
-                        dst,
-                        op.dst_slots[0],
-                        staged,
-                    )
-                )
-        table = np.array(rows, dtype=np.int64).reshape(-1, 8).T
-        extra = np.array(extras, dtype=np.int64).reshape(-1, 2).T
-        return OpTable(
-            step=table[0],
-            layer=table[1],
-            transfer=table[2].astype(bool),
-            src=table[3],
-            src_slot=table[4],
-            dst=table[5],
-            dst_slot=table[6],
-            staged=table[7].astype(bool),
-            extra_op=extra[0],
-            extra_slot=extra[1],
-        )
+        return build_op_table(self.steps)
 
     @cached_property
     def sending_ranks(self) -> tuple[int, ...]:
@@ -319,7 +215,9 @@ def plan_transfers(
                 f"(removed: {list(mapping.removed)})"
             )
     planner = _LayerPlanner(previous, new, mapping, set(dead), nodes)
-    steps = _interleave([planner.plan_layer(layer) for layer in range(new.num_layers)], mapping)
+    steps = interleave_layers(
+        [planner.plan_layer(layer) for layer in range(new.num_layers)], mapping
+    )
     plan = TransferPlan(previous, new, mapping, dead, nodes, steps)
     # Plan time: every execute of this plan reads them.
     plan.step_experts  # noqa: B018
@@ -388,7 +286,7 @@ class _LayerPlanner:
         )
         self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).numpy().tolist()
 
-    def plan_layer(self, layer: int) -> _LayerSteps:
+    def plan_layer(self, layer: int) -> LayerSteps:
         old_slots: list[list[int]] = self.old_slots[layer]
         new_slots: list[list[int]] = self.new_slots[layer]
         # Slots of each old rank that this layer overwrites (survivors only: leavers keep theirs).
@@ -447,7 +345,7 @@ class _LayerPlanner:
             ops.append(
                 Transfer(layer, e, src, _pick_slot(old_slots[src], e, written_old[src]), n, dst)
             )
-        return _layer_steps(layer, ops, self.mapping)
+        return layer_steps(layer, ops, self.mapping)
 
     @staticmethod
     def _sender_key(
@@ -470,160 +368,8 @@ class _LayerPlanner:
         return (off_node, layer_sent[candidate], overwritten, total_sent[candidate], candidate)
 
 
-@dataclass(frozen=True)
-class _LayerSteps:
-    """One layer's steps, in no particular order, and which must precede which.
-
-    Attributes:
-        steps: the layer's steps.
-        successors: ``successors[i]``: steps that may run only after step ``i`` (their writes
-            overwrite a slot step ``i`` reads).
-    """
-
-    steps: list[Step]
-    successors: list[list[int]]
-
-
-def _interleave(layers: Sequence[_LayerSteps], mapping: RankMapping) -> tuple[Step, ...]:
-    """All layers' steps in one sequence, ordered by :func:`interleave_steps` on what each
-    moves: per transfer one send on the sender, one receive on the receiver and one item on that
-    (sender, receiver) pair; per local copy one item per slot it writes (and one more if staged)
-    on its rank's copies. Counted per process (an old rank and its new rank are one process).
-
-    Pairs count because NCCL splits a rank's channels among the peers of a batch: on 4x H200 a
-    chunk whose sends went mostly to one peer ran at ~140 GB/s for that pair while the rank had
-    ~300 GB/s. Local copies count so that they spread over the chunks, where they overlap
-    transfers: as steps that use no resource they came first, and on a 2-rank full reshuffle
-    the first two chunks (1.1 GB of staging) held nothing but local copies."""
-    processes = mapping.old_world_size + mapping.new_world_size
-    local_copies = (2 + mapping.old_world_size) * processes  # above every pair's resource
-    uses = []
-    for layer in layers:
-        row = []
-        for step in layer.steps:
-            use: dict[int, int] = {}
-            for op in step.ops:
-                if isinstance(op, Transfer):
-                    receiver = _process(mapping, op.dst)
-                    pair = (2 + op.src) * processes + receiver
-                    for resource in (op.src, processes + receiver, pair):
-                        use[resource] = use.get(resource, 0) + 1
-                elif isinstance(op, LocalCopy):
-                    resource = local_copies + _process(mapping, op.rank)
-                    use[resource] = use.get(resource, 0) + len(op.dst_slots) + op.staged
-            row.append(tuple(sorted(use.items())))
-        uses.append(row)
-    order = interleave_steps(uses, [layer.successors for layer in layers])
-    return tuple(layers[layer].steps[i] for layer, i in order)
-
-
-def _process(mapping: RankMapping, new_rank: int) -> int:
-    """One id per process, whether it has an old rank or not: its old rank if it had one, else
-    ``old_world_size + new_rank``."""
-    old = mapping.new_to_old[new_rank]
-    return old if old is not None else mapping.old_world_size + new_rank
-
-
 def _pick_slot(slots: Sequence[int], expert: int, written: set[int]) -> int:
     """Source slot of ``expert``: the lowest one this layer leaves intact, else the lowest."""
     held = [i for i, e in enumerate(slots) if e == expert]
     intact = [i for i in held if i not in written]
     return (intact or held)[0]
-
-
-def _layer_steps(layer: int, ops: list[Op], mapping: RankMapping) -> _LayerSteps:
-    """Group ``ops`` into steps (strongly connected components of "must read before that
-    write"), with the order between steps that keeps every read no later than the write to the
-    same slot."""
-    writer: dict[tuple[int, int], int] = {}
-    for index, op in enumerate(ops):
-        receiver = op.dst if isinstance(op, Transfer) else op.rank
-        for slot in op.dst_slots:
-            writer[(_process(mapping, receiver), slot)] = index
-    before: list[list[int]] = [[] for _ in ops]  # before[r] = ops that must not precede op r
-    for index, op in enumerate(ops):
-        if isinstance(op, Transfer):
-            read = (op.src, op.src_slot)
-        elif isinstance(op, LocalCopy):
-            read = (_process(mapping, op.rank), op.src_slot)
-        else:
-            continue
-        w = writer.get(read)
-        if w is not None:
-            before[index].append(w)
-    components = [sorted(members) for members in _strongly_connected(before)]
-    components.sort()
-    comp_of = [0] * len(ops)
-    for c, members in enumerate(components):
-        for m in members:
-            comp_of[m] = c
-    successors: list[set[int]] = [set() for _ in components]
-    for r, ws in enumerate(before):
-        for w in ws:
-            if comp_of[r] != comp_of[w]:
-                successors[comp_of[r]].add(comp_of[w])
-    steps = []
-    for members in components:
-        step_ops = tuple(ops[m] for m in members)
-        steps.append(Step(layer, step_ops, _buffer_experts(step_ops), _sent_experts(step_ops)))
-    return _LayerSteps(steps, [sorted(s) for s in successors])
-
-
-def _buffer_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
-    need: dict[int, int] = {}
-    for op in ops:
-        if isinstance(op, Transfer):
-            need[op.dst] = need.get(op.dst, 0) + 1
-        elif isinstance(op, LocalCopy) and op.staged:
-            need[op.rank] = need.get(op.rank, 0) + 1
-    return tuple(sorted(need.items()))
-
-
-def _sent_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
-    sent: dict[int, int] = {}
-    for op in ops:
-        if isinstance(op, Transfer):
-            sent[op.src] = sent.get(op.src, 0) + 1
-    return tuple(sorted(sent.items()))
-
-
-def _strongly_connected(edges: list[list[int]]) -> list[list[int]]:
-    """Tarjan's algorithm, iterative: the strongly connected components of a directed graph."""
-    index = [-1] * len(edges)
-    low = [0] * len(edges)
-    on_stack = [False] * len(edges)
-    stack: list[int] = []
-    components: list[list[int]] = []
-    counter = 0
-    for root in range(len(edges)):
-        if index[root] != -1:
-            continue
-        work = [(root, 0)]
-        while work:
-            v, child = work.pop()
-            if child == 0:
-                index[v] = low[v] = counter
-                counter += 1
-                stack.append(v)
-                on_stack[v] = True
-            if child < len(edges[v]):
-                work.append((v, child + 1))
-                w = edges[v][child]
-                if index[w] == -1:
-                    work.append((w, 0))
-                elif on_stack[w]:
-                    low[v] = min(low[v], index[w])
-                continue
-            if low[v] == index[v]:
-                members = []
-                while True:
-                    w = stack.pop()
-                    on_stack[w] = False
-                    members.append(w)
-                    if w == v:
-                        break
-                components.append(members)
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[v])
-    return components
