@@ -395,8 +395,7 @@ def test_bench_scaling_runs_on_gloo_tiny(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(210)
 def test_bench_executor_and_its_host_bench_run_on_cpu() -> None:
     out = _run_python(
         [
@@ -426,6 +425,8 @@ def test_bench_barrier_runs_on_gloo() -> None:
     assert rows == ["raw", "library", "raw"] and "raw / library:" in out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_bench_connect_runs_on_gloo(tmp_path: Path) -> None:
     out = tmp_path / "connect.jsonl"
     _run_python(
