@@ -27,6 +27,7 @@ minus the memory allocated before it (CUDA), or the executor's own count (CPU).
 Usage::
 
     python benchmarks/bench_executor.py --backend nccl --devices 4 [--json out.json]
+    python benchmarks/bench_executor.py --backend gloo --devices 2 --small
 
 By default every scenario runs with every copy path of ``execute`` the backend can run (``--copy
 all``), side by side: ``torch`` (multi-tensor copies), and on CUDA ``triton`` (one fused gather /
@@ -34,9 +35,8 @@ scatter kernel launch per chunk) and ``engine`` (one batch of copy-engine copies
 each both ways (``--mode both``): ``execute`` (its host work included) and ``prepared`` (the run
 of a ``prepare_execution`` done before the timed region); ``--mode all`` adds ``checked`` (also
 ``PreparedExecution.check`` before the timed region, so the run skips the plan check's round
-trip). ``start ms`` is the median
-``first_transfer_seconds``: from the call to the first transfer posted.
-    python benchmarks/bench_executor.py --backend gloo --devices 2 --small
+trip). ``start ms`` is the median ``first_transfer_seconds``: from the call to the first
+transfer posted.
 """
 
 from __future__ import annotations
