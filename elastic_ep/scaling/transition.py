@@ -324,7 +324,7 @@ def move_into_next(
         copy=inputs.copy,
     )
     xfer.barrier()  # every receiver has its weights before anyone may commit
-    changed = _changed_slots(previous, placement, mapping, cmd.old_members, cmd.new_members, me)
+    changed = _changed_slots(previous, placement, cmd.old_members, cmd.new_members, me)
     return StagedEpoch(
         command=cmd,
         groups=groups,
@@ -387,7 +387,6 @@ def _clone(weights: Weights) -> list[list[torch.Tensor]]:
 def _changed_slots(
     previous: Placement,
     new: Placement,
-    mapping: RankMapping,
     old_members: tuple[int, ...],
     new_members: tuple[int, ...],
     me: int,
