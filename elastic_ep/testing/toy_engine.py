@@ -143,7 +143,7 @@ def wrong_weight(agent: ElasticRank) -> str | None:
     return None
 
 
-def _publish(agent: ElasticRank, cfg: ToyConfig, event: str) -> None:
+def _publish(agent: ElasticRank, event: str) -> None:
     info = {
         "event": event,
         "error": wrong_weight(agent),
@@ -161,7 +161,7 @@ def _forward(agent: ElasticRank, cfg: ToyConfig) -> None:
             agent.wait(agent.world.process_group.allreduce([token]), agent.world)
         except (PeerFailure, GroupClosedError) as failure:
             agent.recover(failure)
-            _publish(agent, cfg, Action.RECOVERED.value)
+            _publish(agent, Action.RECOVERED.value)
             continue
         if int(token) != agent.world_size:
             raise AssertionError(f"forward all_reduce gave {int(token)}, world {agent.world_size}")
@@ -261,7 +261,7 @@ def rank_main(spec: RankSpec) -> None:
     except ReconfigureError:
         return  # the scale this joiner was launched for rolled back
     serving.append(agent)
-    _publish(agent, cfg, "start")
+    _publish(agent, "start")
     steps = 0
     try:
         while True:
@@ -273,7 +273,7 @@ def rank_main(spec: RankSpec) -> None:
                 agent.close()
                 return
             if action is not Action.SERVE:
-                _publish(agent, cfg, action.value)
+                _publish(agent, action.value)
             _forward(agent, cfg)
             time.sleep(cfg.step_s)
     except ReconfigureError as err:
