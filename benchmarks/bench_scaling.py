@@ -121,7 +121,7 @@ def _sync(device: torch.device) -> None:
 
 
 # ---- floors: raw torch, one process per device ---------------------------------------------
-def _raw_group(store: dist.Store, rank: int, size: int, backend: str, device: torch.device) -> Any:
+def _raw_group(store: dist.Store, rank: int, size: int, backend: str) -> Any:
     timeout = timedelta(seconds=60)
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, size, timeout)
@@ -168,7 +168,7 @@ def _floor_worker(
     for i in range(reps + 1):
         control.barrier().wait()
         start = time.perf_counter()
-        pg = _raw_group(dist.PrefixStore(f"raw/{i}", store), rank, cfg.devices, cfg.backend, device)
+        pg = _raw_group(dist.PrefixStore(f"raw/{i}", store), rank, cfg.devices, cfg.backend)
         token = torch.ones(1, device=device)
         pg.allreduce([token]).wait()
         _sync(device)
