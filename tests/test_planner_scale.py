@@ -112,7 +112,7 @@ def test_1024_ranks_one_slot_drift_keeps_balance_and_moves_little() -> None:
     assert int(report.transfers.sum()) <= 0.2 * 2 * 1024
 
 
-def _sequential_greedy(left: np.ndarray, right: np.ndarray, weight: np.ndarray, order: np.ndarray):
+def _sequential_greedy(left: np.ndarray, right: np.ndarray, order: np.ndarray):
     right_of: dict[int, int] = {}
     taken: set[int] = set()
     for e in order:
@@ -132,7 +132,7 @@ def test_greedy_matching_is_the_sequential_greedy(vertices: int, edges: int, see
     right_of, left_of = greedy_matching(left, right, weight, vertices)
     # Same order as greedy_matching: heaviest first, ties scrambled the same way.
     scramble = (np.arange(weight.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> 40
-    expected = _sequential_greedy(left, right, weight, np.lexsort((scramble, -weight)))
+    expected = _sequential_greedy(left, right, np.lexsort((scramble, -weight)))
     assert {i: int(r) for i, r in enumerate(right_of) if r >= 0} == expected
     for i, r in enumerate(right_of):
         if r >= 0:
