@@ -87,7 +87,7 @@ def _sole_replicas(agent: ElasticRank) -> int:
     return int(agent.placement.lost_with([agent.rank]).sum())
 
 
-def _publish(agent: ElasticRank, cfg: EngineConfig, event: str, builds: list[int]) -> None:
+def _publish(agent: ElasticRank, event: str, builds: list[int]) -> None:
     info = {
         "event": event,
         "error": wrong_weight(agent),
@@ -115,7 +115,7 @@ def _forward(agent: ElasticRank, cfg: EngineConfig, builds: list[int]) -> None:
                 agent.world.all_reduce(token, ReduceOp.SUM)
         except (PeerFailure, GroupClosedError) as failure:  # closed: aborted by the dead-watcher
             agent.recover(failure)
-            _publish(agent, cfg, Action.RECOVERED.value, builds)
+            _publish(agent, Action.RECOVERED.value, builds)
             continue
         if int(token) != agent.world_size:
             raise AssertionError(f"forward all_reduce gave {int(token)}, world {agent.world_size}")
@@ -204,7 +204,7 @@ def rank_main(spec: RankSpec) -> None:
         )
     except ReconfigureError:
         return  # the scale this joiner was launched for rolled back
-    _publish(agent, cfg, "start", builds)
+    _publish(agent, "start", builds)
     request_polls = 0  # one long "request" is always in flight while the gate admits work
     while True:
         action = agent.poll()
@@ -212,7 +212,7 @@ def rank_main(spec: RankSpec) -> None:
             agent.close()
             return
         if action is not Action.SERVE:
-            _publish(agent, cfg, action.value, builds)
+            _publish(agent, action.value, builds)
         if gate.in_flight == 0:
             with contextlib.suppress(ScalingInProgress):
                 gate.enter()
