@@ -218,3 +218,62 @@ def test_names_used_by_docs_and_examples_are_exported() -> None:
                 unexported.append(f"{where}: {module_name}.{name}")
     assert not unexported, "names used but not exported:\n" + "\n".join(unexported)
     assert EXAMPLES, "no examples found"
+
+
+# ---- the commands the docs give -----------------------------------------------------------------
+
+SHELL_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+INLINE_CODE = re.compile(r"`([^`]+)`")
+SCRIPT_RUN = re.compile(r"python3?\s+(\S+\.py)\b([^;|&]*)")
+CLI_RUN = re.compile(r"elastic-ep\s+([a-z]+)\b([^;|&]*)")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def shell_commands(text: str) -> list[str]:
+    """Candidate command lines of a Markdown text: the lines of its shell blocks (continuations
+    joined) and its inline code spans (a span may wrap onto the next line)."""
+    lines: list[str] = []
+
+    def keep_shell(match: re.Match[str]) -> str:
+        if match.group(1) in ("", "bash", "sh", "shell", "console"):
+            lines.extend(match.group(2).replace("\\\n", " ").splitlines())
+        return "\n" * match.group(0).count("\n")
+
+    prose = SHELL_FENCE.sub(keep_shell, text)
+    return lines + [span.replace("\n", " ") for span in INLINE_CODE.findall(prose)]
+
+
+def unknown_flags(text: str, repo: Path) -> list[str]:
+    """``script: --flag`` for each flag a command in ``text`` gives a repository script (or the
+    ``elastic-ep`` command) that its source does not define, and each such script that is gone."""
+    cli = "\n".join(p.read_text() for p in (repo / "elastic_ep").rglob("*.py"))
+    bad = []
+    for command in shell_commands(text):
+        for script, args in SCRIPT_RUN.findall(command):
+            path = repo / script
+            if not path.is_file():
+                if script.startswith(("benchmarks/", "examples/", "tests/")):
+                    bad.append(f"{script}: no such file")
+                continue
+            source = path.read_text()
+            bad += [f"{script}: {f}" for f in FLAG.findall(args) if f'"{f}"' not in source]
+        for sub, args in CLI_RUN.findall(command):
+            bad += [f"elastic-ep {sub}: {f}" for f in FLAG.findall(args) if f'"{f}"' not in cli]
+    return bad
+
+
+def test_commands_in_docs_use_flags_their_scripts_define() -> None:
+    bad = [f"{doc.name}: {b}" for doc in DOCS for b in unknown_flags(doc.read_text(), REPO)]
+    assert not bad, "flags or scripts the docs name that do not exist:\n" + "\n".join(bad)
+
+
+def test_unknown_flags_catches_a_renamed_flag_and_a_missing_script() -> None:
+    text = (
+        "Run `python benchmarks/bench_executor.py --backend gloo --modes all`, then\n"
+        "```bash\npython benchmarks/gone.py --x\nelastic-ep scale \\\n  --no-such-flag 3\n```\n"
+    )
+    assert unknown_flags(text, REPO) == [
+        "benchmarks/gone.py: no such file",
+        "elastic-ep scale: --no-such-flag",
+        "benchmarks/bench_executor.py: --modes",
+    ]
