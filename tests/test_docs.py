@@ -1,5 +1,6 @@
 """Every Python block of README.md and docs/*.md runs as written, or is an excerpt of a file that
-does; and every name the docs and examples/ take from elastic_ep is part of its public API.
+does; every name the docs and examples/ take from elastic_ep is part of its public API; and every
+command the docs give a repository script (or ``elastic-ep``) uses flags that script defines.
 
 A block marked with ``<!-- excerpt: path -->`` on the line just before it is not run: the file
 must exist and hold the block's lines, in order (compared without indentation; a line ``...``
