@@ -40,8 +40,10 @@ from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.rank_mapping import RankMapping
 
-DEFAULT_SWAP_STEPS = 2
-"""Improvement swaps per layer in a fresh plan (each lowers the heaviest rank)."""
+DEFAULT_SWAP_STEPS = 8
+"""Improvement swaps per layer in a fresh plan (each lowers the heaviest rank); 8 rather than 2
+costs 5-10% of a fresh plan and gains up to 0.03 balancedness where few slots per rank leave the
+packing rounds uneven (58 x 256 experts on 32 x 9 slots, Zipf 1.2: 0.971 -> 0.999)."""
 RECOVERED = 0.9
 """Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
 NEAR_MISS_MOVES = 2
@@ -102,7 +104,7 @@ def plan(
         balance_tolerance: how far below the fresh plan's balancedness a movement-aware result
             may stay to save transfers.
         swap_steps: improvement swaps per layer in the fresh plan; default
-            ``DEFAULT_SWAP_STEPS`` (speed) without ``previous``, ``REPAIR_SWAP_STEPS`` with it
+            ``DEFAULT_SWAP_STEPS`` without ``previous``, ``REPAIR_SWAP_STEPS`` with it
             (the fresh plan then sets the balancedness the repair aims for).
         shares: give the replicas routing shares that lower the heaviest ranks
             (``Placement.units``, :func:`elastic_ep.eplb.shares.solve_shares`); ``False``: all

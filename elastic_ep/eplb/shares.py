@@ -7,21 +7,23 @@ costs no weight transfer, so the planner chooses the units that minimise the hea
 
 That is a min-max flow; :func:`solve_shares` approximates it, vectorised over layers:
 
-1. Water-filling per expert: given the load ``o`` the expert's ranks carry from everything
-   else, its load ``w`` fills them up to one level ``lam`` (``x_p = max(c, lam - o_p)``,
-   ``sum x = w``, ``c`` = one routing unit, the least a replica can take). All experts at once,
-   a step halfway to their levels (Jacobi with damping 1/2: two experts that share a light rank
-   would otherwise both pour into it), ``ROUNDS`` times; every layer keeps its best round.
+1. Diffusion: every replica's load ``x_p`` moves towards the mean load of its expert's ranks,
+   ``x_p += (lam_e - L_r) / m_r`` where ``L_r`` is the load of the replica's rank, ``m_r`` the
+   replicas on that rank whose share can move and ``lam_e`` the mean of ``L_r`` over the
+   expert's ranks weighted by ``1 / m_r`` (so the expert's load is conserved). A rank's new
+   load is then a mean of its experts' ``lam_e``, never above the heaviest rank: the heaviest
+   rank only falls, with no overshoot however many experts share a rank (a Jacobi step on the
+   rank graph's Laplacian; an undamped water-filling of all experts at once pours every expert
+   into the same light rank). A replica keeps at least one routing unit. ``ITERATIONS`` steps.
 2. Integer units: ``U = min(max_units, UNITS_PER_REPLICA * k)`` units for an expert of ``k``
-   replicas; the level of step 1 is filled again in whole units (``u_p = floor((lam - o_p) / c)``
-   and the units left over to the ranks that stay lightest with one more: the greedy fill,
-   optimal for one expert given ``o``), each expert's units divided by their greatest common
-   divisor.
+   replicas; each replica gets ``floor(x_p / unit)`` (at least 1) and the units left over go to
+   the replicas whose rank stays lightest with one more; each expert's units are then divided
+   by their greatest common divisor.
 3. A layer keeps the shares only where they lower its heaviest rank; elsewhere all units are 1.
 
-Step 3 makes shares never worse than the equal split. Each step is a few ``bincount`` passes and
-one sort over the replicated slots, so the cost is about linear in L x P; with one slot per rank
-a rank holds one replica and the equal split is already optimal, so nothing runs.
+Step 3 makes shares never worse than the equal split. Each step is a few ``bincount`` passes
+over the replicated slots (one sort in step 2), so the cost is about linear in L x P; with one
+slot per rank a rank holds one replica and the equal split is already optimal: nothing runs.
 """
 
 from __future__ import annotations
@@ -31,8 +33,15 @@ import numpy as np
 UNITS_PER_REPLICA = 64
 """Routing units per replica of an expert whose split is uneven (capped by ``max_units``): a
 share is set in steps of 1/16 of the equal split."""
-ROUNDS = 6
-"""Water-filling rounds (step 1)."""
+ITERATIONS = 8
+"""Diffusion steps (step 1)."""
+MIN_UNITS_PER_REPLICA = 32
+"""Experts with fewer units per replica (``max_units`` small for their replica count) keep the
+equal split: rounding would undo most of what their shares gain."""
+MIN_GAIN = 1e-3
+"""Relative fall of a layer's heaviest rank below which shares are not worth solving for."""
+HEAVY = 0.5
+"""Experts with a replica on a rank in this upper part of [mean, heaviest] get shares."""
 
 
 def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndarray:
@@ -57,32 +66,70 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     )[occupied]
     count = np.bincount(group, minlength=layers * experts)
     weight = load.ravel()
-    multi = (count[group] >= 2) & (weight[group] > 0)
+    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
+    equal_load = weight[group] / count[group]
+    multi = _movable(equal_load, group, rank, weight, count, total_units, layers, ranks)
     if not multi.any():
         return units.reshape(slots.shape)
-    fixed = np.bincount(
-        rank[~multi], weights=weight[group[~multi]], minlength=layers * ranks
-    )  # rank loads from experts with one replica: shares cannot move them
-    problem = _Problem(
-        group[multi],
-        rank[multi],
-        weight,
-        count,
-        np.minimum(max_units, UNITS_PER_REPLICA * count),
-        fixed,
-        layers,
-        ranks,
-    )
-    equal = weight[problem.group] / count[problem.group]
-    equal_peak = problem.peaks(equal)
-    share = _water_fill_rounds(problem, equal, equal_peak)
-    multi_units = _integer_units(problem, share)
-    better = problem.peaks(weight[problem.group] * multi_units / problem.total_of(multi_units))
-    better = better < equal_peak * (1.0 - 1e-12)
+    # Slots that keep the equal split: their loads are fixed.
+    fixed = np.bincount(rank[~multi], weights=equal_load[~multi], minlength=layers * ranks)
+    problem = _Problem(group[multi], rank[multi], weight, count, total_units, fixed, layers, ranks)
+    equal_peak = problem.peaks(equal_load[multi])
+    multi_units = _integer_units(problem, _diffuse(problem, equal_load[multi], equal_peak))
+    peak = problem.peaks(problem.weight * multi_units / problem.total_of(multi_units))
+    keep = (peak < equal_peak * (1.0 - 1e-12))[problem.rank // ranks]
     where = np.flatnonzero(occupied.ravel())[multi]
-    keep = better[problem.rank // ranks]
     units.ravel()[where[keep]] = multi_units[keep]
     return units.reshape(slots.shape)
+
+
+def _movable(
+    equal_load: np.ndarray,
+    group: np.ndarray,
+    rank: np.ndarray,
+    weight: np.ndarray,
+    count: np.ndarray,
+    total_units: np.ndarray,
+    layers: int,
+    ranks: int,
+) -> np.ndarray:
+    """bool [N]: the occupied slots whose share may move (the others keep the equal split).
+
+    A slot's expert must have 2+ replicas, load, at least ``MIN_UNITS_PER_REPLICA`` units per
+    replica and a replica on a heavy rank (:func:`_touches_heavy_ranks`); and its layer must be
+    able to gain: its heaviest rank above every rank's least load (its fixed load plus one unit
+    per movable replica) and the mean by a relative ``MIN_GAIN``.
+
+    Args:
+        equal_load: float64 [N] each occupied slot's load under the equal split.
+        group, rank: int64 [N] layer * E + expert, layer * R + rank of each occupied slot.
+        weight, count, total_units: [L * E] load, replicas and units to use per expert.
+    """
+    rank_load = np.bincount(rank, weights=equal_load, minlength=layers * ranks)
+    movable = (
+        (count[group] >= 2)
+        & (weight[group] > 0)
+        & (total_units[group] >= MIN_UNITS_PER_REPLICA * count[group])
+    )
+    movable &= _touches_heavy_ranks(rank_load.reshape(layers, ranks), group, rank, weight.size)
+    least = np.where(movable, weight[group] / total_units[group], equal_load)
+    floor = np.bincount(rank, weights=least, minlength=layers * ranks).reshape(layers, ranks)
+    loads = rank_load.reshape(layers, ranks)
+    bound = np.maximum(floor.max(1), loads.mean(1))
+    gains = loads.max(1) > bound * (1.0 + MIN_GAIN)
+    return movable & gains[rank // ranks]
+
+
+def _touches_heavy_ranks(
+    rank_load: np.ndarray, group: np.ndarray, rank: np.ndarray, groups: int
+) -> np.ndarray:
+    """bool [N]: whether the slot's expert has a replica on a heavy rank of its layer, one in
+    the upper ``HEAVY`` of the range from the mean to the heaviest rank (``rank_load`` float64
+    [L, R] under the equal split). Only such experts can lower the heaviest ranks; the others
+    keep the equal split, so a nearly balanced layer costs little."""
+    mean = rank_load.mean(1, keepdims=True)
+    heavy = (rank_load >= mean + (1.0 - HEAVY) * (rank_load.max(1, keepdims=True) - mean)).ravel()
+    return np.bincount(group, weights=heavy[rank], minlength=groups)[group] > 0
 
 
 class _Problem:
@@ -122,47 +169,36 @@ class _Problem:
         """[N]: ``values`` [N] summed over each slot's group."""
         return np.bincount(self.group, weights=values, minlength=self.size)[self.group]
 
-    def levels(self, other: np.ndarray) -> np.ndarray:
-        """float64 [N]: the water level of each slot's group when its ranks carry ``other``
-        [N] besides it: ``sum max(unit, level - other) = weight`` (exact: the set of slots above
-        one unit only shrinks, so the loop ends within the largest replica count)."""
-        active = np.ones(other.size, dtype=bool)
-        while True:
-            above = np.bincount(self.group, weights=active, minlength=self.size)[self.group]
-            base = np.bincount(self.group, weights=other * active, minlength=self.size)
-            floor = (self.count - above) * self.unit  # one unit for each slot at the floor
-            level = (self.weight - floor + base[self.group]) / np.maximum(above, 1)
-            still = active & (level - other > self.unit)
-            if np.array_equal(still, active):
-                return level
-            active = still
 
-
-def _water_fill_rounds(problem: _Problem, equal: np.ndarray, equal_peak: np.ndarray) -> np.ndarray:
-    """float64 [N]: each replicated slot's load after the damped water-filling rounds, per layer
-    the round with the lowest heaviest rank (the equal split if none is lower)."""
-    share, best, best_peak = equal, equal, equal_peak
-    layer_of = problem.rank // problem.ranks
-    for _ in range(ROUNDS):
-        other = problem.rank_loads(share)[problem.rank] - share
-        target = np.maximum(problem.unit, problem.levels(other) - other)
-        target *= problem.weight / problem.total_of(target)
-        share = 0.5 * (share + target)
-        peak = problem.peaks(share)
-        improved = peak < best_peak
-        best = np.where(improved[layer_of], share, best)
-        best_peak = np.minimum(peak, best_peak)
-    return best
+def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """float64 [N]: each replicated slot's load after diffusion steps from ``share`` float64
+    [N] (step 1 of the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest
+    rank (``peak`` float64 [L] before the first) falls by a relative ``MIN_GAIN`` in a step."""
+    movable = np.bincount(problem.rank, minlength=problem.fixed.size)[problem.rank]
+    inverse = 1.0 / movable
+    weight_sum = np.bincount(problem.group, weights=inverse, minlength=problem.size)
+    spare = problem.weight - problem.count * problem.unit  # load above one unit per replica
+    for _ in range(ITERATIONS):
+        rank_load = problem.rank_loads(share)[problem.rank]
+        level = np.bincount(problem.group, weights=rank_load * inverse, minlength=problem.size)
+        share = share + (level[problem.group] / weight_sum[problem.group] - rank_load) * inverse
+        # At least one unit per replica; the rest rescaled so that the expert's load stays.
+        above = np.maximum(share - problem.unit, 0.0)
+        share = problem.unit + above * (spare / np.maximum(problem.total_of(above), 1e-300))
+        now = problem.peaks(share)
+        if not (now < peak * (1.0 - MIN_GAIN)).any():
+            return share
+        peak = now
+    return share
 
 
 def _integer_units(problem: _Problem, share: np.ndarray) -> np.ndarray:
-    """int64 [N]: whole units per replicated slot filling each expert to the level ``share``
-    implies, leftover units to the ranks lightest after one more, divided by each group's gcd."""
-    other = problem.rank_loads(share)[problem.rank] - share
-    level = problem.levels(other)
-    units = np.maximum(1, np.floor((level - other) / problem.unit + 1e-9)).astype(np.int64)
+    """int64 [N]: whole units per replicated slot for the loads ``share`` float64 [N]: the
+    units each fills entirely (at least 1), the units left over to the slots whose rank is
+    lightest with one more; divided by each group's gcd (step 2 of the module docstring)."""
+    units = np.maximum(1, np.floor(share / problem.unit + 1e-9)).astype(np.int64)
     left = problem.units - problem.total_of(units.astype(np.float64)).astype(np.int64)
-    # Leftover units: one each to the slots whose rank is lightest with it.
+    other = problem.rank_loads(share)[problem.rank] - share
     order = np.lexsort((other + problem.unit * (units + 1), problem.group))
     grouped = problem.group[order]
     starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
