@@ -14,16 +14,21 @@ That is a min-max flow; :func:`solve_shares` approximates it, vectorised over la
    load is then a mean of its experts' ``lam_e``, never above the heaviest rank: the heaviest
    rank only falls, with no overshoot however many experts share a rank (a Jacobi step on the
    rank graph's Laplacian; an undamped water-filling of all experts at once pours every expert
-   into the same light rank). A replica keeps at least one routing unit. ``ITERATIONS`` steps.
+   into the same light rank). A replica keeps at least one routing unit. At most
+   ``ITERATIONS`` steps, fewer once no layer's heaviest rank falls by ``MIN_GAIN``.
 2. Integer units: ``U = min(max_units, UNITS_PER_REPLICA * k)`` units for an expert of ``k``
    replicas; each replica gets ``floor(x_p / unit)`` (at least 1) and the units left over go to
    the replicas whose rank stays lightest with one more; each expert's units are then divided
    by their greatest common divisor.
 3. A layer keeps the shares only where they lower its heaviest rank; elsewhere all units are 1.
 
-Step 3 makes shares never worse than the equal split. Each step is a few ``bincount`` passes
-over the replicated slots (one sort in step 2), so the cost is about linear in L x P; with one
-slot per rank a rank holds one replica and the equal split is already optimal: nothing runs.
+Step 3 makes shares never worse than the equal split. Only some replicas move (the others keep
+the equal split and count as fixed load): those of experts with a replica on a heavy rank and
+at least ``MIN_UNITS_PER_REPLICA`` units per replica, in layers whose heaviest rank has room to
+fall (:func:`_movable`); a rounding unit coarser than the gain would take it back. Each step is
+a few ``bincount`` passes over the movable slots (one sort in step 2), so the cost is about
+linear in L x P; with one slot per rank a rank holds one replica and the equal split is
+already optimal: nothing runs.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 
 UNITS_PER_REPLICA = 64
 """Routing units per replica of an expert whose split is uneven (capped by ``max_units``): a
-share is set in steps of 1/16 of the equal split."""
+share is set in steps of 1/64 of the equal split."""
 ITERATIONS = 8
 """Diffusion steps (step 1)."""
 MIN_UNITS_PER_REPLICA = 32
@@ -75,7 +80,10 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     fixed = np.bincount(rank[~multi], weights=equal_load[~multi], minlength=layers * ranks)
     problem = _Problem(group[multi], rank[multi], weight, count, total_units, fixed, layers, ranks)
     equal_peak = problem.peaks(equal_load[multi])
-    multi_units = _integer_units(problem, _diffuse(problem, equal_load[multi], equal_peak))
+    share = _diffuse(problem, equal_load[multi], equal_peak)
+    if not (problem.peaks(share) < equal_peak * (1.0 - MIN_GAIN)).any():
+        return units.reshape(slots.shape)  # no layer gains enough to survive rounding
+    multi_units = _integer_units(problem, share)
     peak = problem.peaks(problem.weight * multi_units / problem.total_of(multi_units))
     keep = (peak < equal_peak * (1.0 - 1e-12))[problem.rank // ranks]
     where = np.flatnonzero(occupied.ravel())[multi]
@@ -98,7 +106,8 @@ def _movable(
     A slot's expert must have 2+ replicas, load, at least ``MIN_UNITS_PER_REPLICA`` units per
     replica and a replica on a heavy rank (:func:`_touches_heavy_ranks`); and its layer must be
     able to gain: its heaviest rank above every rank's least load (its fixed load plus one unit
-    per movable replica) and the mean by a relative ``MIN_GAIN``.
+    per movable replica) and the mean by a relative ``MIN_GAIN`` and by one unit of the
+    coarsest movable replica on it.
 
     Args:
         equal_load: float64 [N] each occupied slot's load under the equal split.
@@ -112,11 +121,19 @@ def _movable(
         & (total_units[group] >= MIN_UNITS_PER_REPLICA * count[group])
     )
     movable &= _touches_heavy_ranks(rank_load.reshape(layers, ranks), group, rank, weight.size)
-    least = np.where(movable, weight[group] / total_units[group], equal_load)
+    unit = weight[group] / total_units[group]
+    least = np.where(movable, unit, equal_load)
     floor = np.bincount(rank, weights=least, minlength=layers * ranks).reshape(layers, ranks)
     loads = rank_load.reshape(layers, ranks)
-    bound = np.maximum(floor.max(1), loads.mean(1))
-    gains = loads.max(1) > bound * (1.0 + MIN_GAIN)
+    peak = loads.max(1)
+    room = peak - np.maximum(floor.max(1), loads.mean(1))
+    # Rounding moves a rank by up to a unit of each replica it holds: a layer whose room is
+    # within one unit of its heaviest rank's coarsest movable replica would lose it again.
+    layer = rank // ranks
+    on_peak = movable & (rank == layer * ranks + loads.argmax(1)[layer])
+    coarsest = np.zeros(layers)
+    np.maximum.at(coarsest, layer[on_peak], unit[on_peak])
+    gains = (room > MIN_GAIN * peak) & (room > coarsest)
     return movable & gains[rank // ranks]
 
 
