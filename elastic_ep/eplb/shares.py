@@ -56,15 +56,43 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     Args:
         slots: int64 [L, R, S] logical expert per slot, -1 = empty.
         load: float64 [L, E] non-negative load per expert.
-        max_units: most units one expert may have (``Placement.max_units``, P - E + 1).
+        max_units: most units one expert may have (``Placement.max_units``).
     """
+    units = (slots >= 0).astype(np.int64)
+    if slots.shape[2] == 1:
+        return units
+    chosen = _candidate_layers(slots, load)
+    if chosen.size:
+        units[chosen] = _layer_units(slots[chosen], load[chosen], max_units)
+    return units
+
+
+def _candidate_layers(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """int64 [C]: the layers where shares may help, from [L, R] figures only: the heaviest
+    rank (equal split) is above the mean by a relative ``MIN_GAIN`` and holds a replica of an
+    expert with two or more replicas (else its load cannot move)."""
+    layers = slots.shape[0]
+    experts = load.shape[1]
+    # Column E stands for empty slots: it counts them and carries no load.
+    expert = np.where(slots >= 0, slots, experts) + np.arange(layers)[:, None, None] * (experts + 1)
+    count = np.bincount(expert.ravel(), minlength=layers * (experts + 1))
+    per_replica = np.zeros((layers, experts + 1))
+    per_replica[:, :experts] = load / np.maximum(count.reshape(layers, -1)[:, :experts], 1)
+    rank_load = per_replica.ravel()[expert].sum(2)
+    on_peak = expert[np.arange(layers), rank_load.argmax(1)]  # [L, S]
+    shared = (count[on_peak] >= 2) & (on_peak % (experts + 1) < experts)
+    room = rank_load.max(1) > rank_load.mean(1) * (1.0 + MIN_GAIN)
+    return np.flatnonzero(room & shared.any(1))
+
+
+def _layer_units(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndarray:
+    """int64 [L, R, S]: :func:`solve_shares` for the layers of ``slots`` [L, R, S] (per layer
+    its shares or, where they do not lower the heaviest rank, all ones)."""
     layers, ranks, per_rank = slots.shape
     experts = load.shape[1]
     flat = slots.reshape(layers, -1)
     occupied = flat >= 0
     units = occupied.astype(np.int64)
-    if per_rank == 1:
-        return units.reshape(slots.shape)
     group = (np.arange(layers)[:, None] * experts + np.where(occupied, flat, 0))[occupied]
     rank = np.broadcast_to(
         np.arange(layers)[:, None] * ranks + np.arange(flat.shape[1]) // per_rank, flat.shape
