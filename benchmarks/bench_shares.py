@@ -5,7 +5,8 @@ share solver's part of the plan time.
 
 Loads: per layer a permuted Zipf profile ``1000 / i^s``. Cells: fresh global plans of 58 layers x
 256 experts on 32 x 9, 32 x 10 and 64 x 5 slots (Zipf 1.1 to 1.5) and 26 x 64 on 32 x 3; each
-with ``shares=False``, with shares (the default) and vLLM's policy, balancedness per placement
+with ``shares=False`` (2 swap steps, the default before 8, and 8), with shares (the default) and
+vLLM's policy, balancedness per placement
 (``Placement.balancedness``, which weighs replicas by their shares). Time: CPU time per plan at
 58 x 256 on 1024 ranks x 1, 3 and 9 slots with and without shares, and of ``solve_shares``
 alone (median of 5), one torch thread.
@@ -62,18 +63,23 @@ def main() -> None:
     _, default, version = load_policy_modules(wheel)
     policy = default.DefaultEplbPolicy
     print(f"vLLM {version}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
-    print("| E x L | ranks x slots | Zipf | even split | shares | vLLM | shares - vLLM |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| E x L | ranks x slots | Zipf | even split, 2 swap steps | even split | shares | vLLM "
+        "| shares - vLLM |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for experts, layers, ranks, slots, exponent in CELLS:
         load = zipf(layers, experts, exponent)
         weight = torch.from_numpy(load)
+        two = plan(load, ranks, slots, shares=False, swap_steps=2).balancedness(weight)
         even = plan(load, ranks, slots, shares=False).balancedness(weight)
         ours = plan(load, ranks, slots).balancedness(weight)
         phy2log = policy.rebalance_experts(weight, ranks * slots, 1, 1, ranks)
         theirs = Placement(phy2log.to(torch.int64), experts, ranks).balancedness(weight)
         print(
-            f"| {experts} x {layers} | {ranks} x {slots} | {exponent} | {even:.4f} | {ours:.4f} "
-            f"| {theirs:.4f} | {ours - theirs:+.4f} |"
+            f"| {experts} x {layers} | {ranks} x {slots} | {exponent} | {two:.4f} | {even:.4f} "
+            f"| {ours:.4f} "
+            f"| {theirs:.4f} | {ours - theirs:+.5f} |"
         )
     print("\n| E x L | ranks x slots | plan, even ms | plan, shares ms | solve_shares ms |")
     print("|---|---|---:|---:|---:|")
