@@ -163,6 +163,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                 "phy2log": after.phy2log,
                 "log2phy": after.log2phy,
                 "logcnt": after.logcnt,
+                "units": after.units,
                 "num_ranks": after.num_ranks,
             },
             args.out,
@@ -209,7 +210,7 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
         "are removed, new ones appended",
     )
     cmd.add_argument("--max-transfers", type=int, help="most weights received per layer")
-    cmd.add_argument("--out", type=Path, help="write phy2log/log2phy/logcnt to this .pt file")
+    cmd.add_argument("--out", type=Path, help="write phy2log/log2phy/logcnt/units to this .pt file")
     cmd.add_argument("--plot", type=Path, help="draw per-rank load heatmaps to this image")
     cmd.set_defaults(handler=_run_plan)
 

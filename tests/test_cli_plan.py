@@ -45,9 +45,10 @@ def test_plan_reads_every_format_and_writes_placement(
         "balancedness before" in text and "after" in text and "transfers" in text and "ms" in text
     )
     saved = torch.load(out, weights_only=True)
-    placement = Placement(saved["phy2log"], 16, saved["num_ranks"])
+    placement = Placement(saved["phy2log"], 16, saved["num_ranks"], units=saved["units"])
     placement.validate(distinct_ranks=True)
     assert torch.equal(saved["logcnt"], placement.logcnt)
+    assert torch.equal(saved["log2phy"], placement.log2phy)
     after = float(text.split("after")[1].split()[0])
     assert after == pytest.approx(placement.balancedness(torch.from_numpy(load)), abs=1e-4)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
 from elastic_ep.eplb import EMPTY, Placement, PlacementBuffers
+from elastic_ep.eplb.placement import SHARE_FACTOR
 
 
 @st.composite
@@ -107,10 +108,18 @@ def test_placement_is_a_private_copy() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(placements(), min_size=1, max_size=4), st.floats(1.0, 3.0))
-def test_buffers_update_in_place(sequence: list[Placement], factor: float) -> None:
+@given(
+    st.lists(placements(), min_size=1, max_size=4),
+    st.floats(1.0, 3.0),
+    st.sampled_from([1, 2, SHARE_FACTOR]),
+)
+def test_buffers_update_in_place(
+    sequence: list[Placement], factor: float, share_factor: int
+) -> None:
     first = sequence[0]
-    buffers = PlacementBuffers(first.num_layers, first.num_logical, factor)
+    buffers = PlacementBuffers(
+        first.num_layers, first.num_logical, factor, share_factor=share_factor
+    )
     assert buffers.capacity == math.ceil(factor * first.num_logical)
     pointers = (buffers.phy2log.data_ptr(), buffers.log2phy.data_ptr(), buffers.logcnt.data_ptr())
     for placement in sequence:
@@ -124,7 +133,7 @@ def test_buffers_update_in_place(sequence: list[Placement], factor: float) -> No
         before = buffers.phy2log.clone()
         fits = (
             placement.num_slots <= buffers.capacity
-            and int(placement.logcnt.max()) <= buffers.max_replicas
+            and int(placement.logcnt.max()) <= buffers.row_width
         )
         if placement.num_slots > buffers.capacity:
             with pytest.raises(
@@ -133,8 +142,8 @@ def test_buffers_update_in_place(sequence: list[Placement], factor: float) -> No
                 buffers.update_(placement)
             assert torch.equal(buffers.phy2log, before)  # unchanged after a refused update
             continue
-        if not fits:  # an expert with more replicas than log2phy can hold (others missing)
-            with pytest.raises(ValueError, match="log2phy holds at most"):
+        if not fits:  # an expert with more entries than a log2phy row can hold
+            with pytest.raises(ValueError, match="log2phy row holds at most"):
                 buffers.update_(placement)
             assert torch.equal(buffers.phy2log, before)
             continue

@@ -51,9 +51,13 @@ def check_consistent(
     Placement(placement.phy2log, experts, placement.num_ranks)
     placement.validate(distinct_ranks=True)  # every expert placed, no rank holds one twice
     nonempty = (placement.phy2log >= 0).sum(1)
-    assert torch.equal(placement.logcnt.sum(1), nonempty)
+    assert torch.equal(placement.replicas.sum(1), nonempty)
     cap = ranks if ranks_per_node is None else ranks_per_node
     assert bool((nonempty == min(ranks * slots, experts * cap)).all())
+    # Routing shares: the public constructor accepts them (units >= 1 on occupied slots, 0 on
+    # empty ones, every expert within max_units).
+    Placement(placement.phy2log, experts, placement.num_ranks, units=placement.units)
+    assert int(placement.logcnt.max()) <= max(placement.max_units, int(placement.replicas.max()))
     log2phy = placement.log2phy
     for layer in range(layers):
         for expert in range(experts):
@@ -68,7 +72,7 @@ def rank_excess_bound(placement: Placement, load: np.ndarray) -> np.ndarray:
     deal replicas heaviest-to-lightest-rank, which keeps the spread of rank loads within one
     replica, and swaps only lower the heaviest rank."""
     weights = torch.from_numpy(np.where(load.sum(1, keepdims=True) > 0, load, 0.0))
-    per_replica = weights / placement.logcnt.clamp(min=1)
+    per_replica = weights / placement.replicas.clamp(min=1)
     mean = placement.rank_loads(weights).mean(1)
     return torch.where(mean > 0, mean / (mean + per_replica.max(1).values), 1.0).numpy()
 

@@ -71,10 +71,13 @@ def test_elastic_plan_invariants(event: tuple, max_transfers: int | None) -> Non
     else:
         expected = min(ranks * slots, previous.num_logical * ranks)
         assert bool(((placement.phy2log >= 0).sum(1) == expected).all())  # -1 only if unusable
-        fresh = plan(load, ranks, slots)
+        fresh = plan(load, ranks, slots, shares=False)
+        even = Placement(placement.phy2log, placement.num_logical, ranks)
         layer_balance = _layer_balance(placement, load)
-        # within the tolerance (0.01), twice that where the repair is kept as a near miss
-        assert bool((layer_balance >= _layer_balance(fresh, load) - 0.02 - 1e-9).all())
+        # The even splits within the tolerance (0.01), twice that where the repair is kept as a
+        # near miss; routing shares only raise a layer's balance.
+        assert bool((_layer_balance(even, load) >= _layer_balance(fresh, load) - 0.02 - 1e-9).all())
+        assert bool((layer_balance >= _layer_balance(even, load) - 1e-12).all())
     expected_lost = previous.lost_with(dead) if dead else torch.zeros_like(report.lost)
     assert torch.equal(report.lost, expected_lost)
     again = plan_with_report(load, ranks, slots, **kwargs)
@@ -101,7 +104,7 @@ def test_max_transfers_zero_keeps_previous_placement() -> None:
     drifted = load * np.random.default_rng(4).lognormal(0, 0.3, load.shape)
     report = plan_with_report(drifted, 8, 10, previous=previous, max_transfers=0)
     assert int(report.transfers.sum()) == 0
-    assert report.placement == previous
+    assert torch.equal(report.placement.phy2log, previous.phy2log)  # shares follow the new load
 
 
 def test_scale_up_with_zero_budget_leaves_new_ranks_empty() -> None:
@@ -167,7 +170,7 @@ def test_hierarchical_previous_is_relabelled_within_nodes() -> None:
         load, 8, 5, num_groups=4, num_nodes=2, previous=shuffled, swap_steps=3
     )
     assert int(report.transfers.sum()) == 0  # the fresh plan is relabelled onto the old ranks
-    assert report.placement == shuffled
+    assert torch.equal(report.placement.phy2log, shuffled.phy2log)
 
 
 @settings(max_examples=60, deadline=None)

@@ -21,6 +21,7 @@ from elastic_ep.eplb import Placement
 from elastic_ep.moe import LoadRecord, route_to_slots
 from elastic_ep.moe import route_kernel as rk
 from tests.test_routing import placements, random_placement
+from tests.test_shares import shared_placements
 
 pytest.importorskip("triton")
 
@@ -149,6 +150,28 @@ def test_repeated_row_entries_get_their_multiple(
             for slot in entries.unique().tolist():
                 k = int((entries == slot).sum())
                 assert k * (n // c) <= int(per_slot[slot]) <= k * -(-n // c), (e, slot, k, n, c)
+
+
+@SHAPES
+@settings(max_examples=15, deadline=None)
+@given(shared_placements(), st.integers(0, 60), st.integers(0, 2**31))
+def test_kernel_follows_routing_shares(
+    kernel: Any, shape: str, placement: Placement, tokens: int, seed: int
+) -> None:
+    """Rows with repeats from ``Placement.units``: the kernel's per-slot counts equal the
+    reference's."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, placement.num_logical, (tokens, 1), generator=gen)
+    for layer in range(placement.num_layers):
+        l2p, cnt = placement.log2phy[layer], placement.logcnt[layer]
+        with _launch_shape(shape):
+            got, _, _, _ = _route(kernel, ids, l2p, cnt, placement.num_slots, seed % 5)
+        want = route_to_slots(ids, l2p, cnt, rank_offset=seed % 5)
+        capacity = placement.num_slots + 1  # -1 (expert not placed) counted in the last bin
+        assert torch.equal(
+            torch.bincount(got.reshape(-1) % capacity, minlength=capacity),
+            torch.bincount(want.reshape(-1) % capacity, minlength=capacity),
+        )
 
 
 @SHAPES

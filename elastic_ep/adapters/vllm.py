@@ -89,6 +89,7 @@ class ElasticEplbPolicy:
             num_nodes=num_nodes if hierarchical else 1,
             previous=previous,
             rank_mapping=mapping,
+            shares=False,  # vLLM builds its routing tables from phy2log: an even split
         )
         if previous is None or previous.num_ranks != num_ranks:
             return placement.phy2log

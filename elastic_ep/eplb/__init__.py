@@ -14,14 +14,18 @@ replica / redundant expert
     replicas, which is how a hot expert's load is split across ranks. The replicas beyond the
     first are the redundant experts (P - E of them when no slot is empty).
 placement
-    The map slot -> logical expert for every layer (``phy2log`` [L, P]) and its inverse
-    (``log2phy`` [L, E, max_replicas], ``logcnt`` [L, E]). See :class:`Placement`.
+    The map slot -> logical expert for every layer (``phy2log`` [L, P]), the routing units of
+    every slot (``units`` [L, P]) and its inverse (``log2phy`` [L, E, width], ``logcnt``
+    [L, E]). See :class:`Placement`.
+routing share
+    The part of an expert's tokens one replica takes: ``units[p] / logcnt[e]``. All units 1 is
+    the even split; the planner gives replicas on light ranks more (:mod:`.shares`).
 rank mapping
     How the ranks of one epoch map onto the next (scale up, scale down, failure). See
     :class:`elastic_ep.RankMapping`.
 balancedness
-    Mean rank load / max rank load of a layer (an expert's load split evenly over its replicas),
-    averaged over layers. 1.0 is perfect.
+    Mean rank load / max rank load of a layer (an expert's load split over its replicas by
+    their routing shares), averaged over layers. 1.0 is perfect.
 """
 
 from elastic_ep.eplb.buffers import PlacementBuffers
@@ -37,8 +41,9 @@ from elastic_ep.eplb.executor import (
     prepare_execution,
     required_buffer_bytes,
 )
-from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log
+from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log, max_units
 from elastic_ep.eplb.planner import PlanReport, plan, plan_with_report
+from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.transfer_plan import (
     LocalCopy,
     NodeLayout,
@@ -68,10 +73,12 @@ __all__ = [
     "TransferPlan",
     "execute",
     "log2phy_from_phy2log",
+    "max_units",
     "plan",
     "plan_transfers",
     "plan_with_report",
     "prepare_execution",
     "rebalance_experts",
     "required_buffer_bytes",
+    "solve_shares",
 ]

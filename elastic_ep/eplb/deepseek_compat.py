@@ -48,6 +48,7 @@ def rebalance_experts(
         num_replicas // num_gpus,
         num_groups=num_groups if hierarchical else 1,
         num_nodes=num_nodes if hierarchical else 1,
+        shares=False,  # DeepSeek's maps split each expert evenly over its replicas
     )
     logcnt = placement.logcnt
     log2phy = log2phy_from_phy2log(

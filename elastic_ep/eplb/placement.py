@@ -3,6 +3,16 @@
 Shapes use: L = MoE layers, E = logical experts, R = ranks, S = slots per rank, P = R * S.
 Slot ``p`` lives on rank ``p // S`` (rank-major). ``-1`` in ``phy2log`` always means "empty slot"
 and nothing else.
+
+Routing shares: ``units`` int64 [L, P] gives every occupied slot a whole number of routing units
+(>= 1; 0 on empty slots), and an expert's replica in slot ``p`` takes ``units[p] / logcnt[e]`` of
+its tokens, ``logcnt[e]`` being the expert's units summed. The routing tables express a share as
+a multiplicity: slot ``p`` appears ``units[p]`` times in its expert's ``log2phy`` row, and the
+router's split over a row's entries then gives each replica its share. All units 1 (the
+default) is the equal split over replicas. An expert with more units than replicas keeps its
+total within ``max_units = max(P - E + 1, min(SHARE_FACTOR * (P - E + 1), MAX_SHARE_UNITS))``:
+the row width of any :class:`~elastic_ep.eplb.PlacementBuffers` that holds P slots, so every
+plan fits the buffers its slot count fits.
 """
 
 from __future__ import annotations
@@ -11,12 +21,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from elastic_ep.rank_mapping import RankMapping
 
 EMPTY = -1
 """Value of an empty physical slot in ``phy2log`` and of padding in ``log2phy``."""
+SHARE_FACTOR = 32
+"""Routing units an expert may have per replica the tables could hold (up to
+``MAX_SHARE_UNITS``); see :func:`max_units`."""
+MAX_SHARE_UNITS = 1024
+"""Cap on ``SHARE_FACTOR * (P - E + 1)``: a row of 1024 int64 entries per expert and layer
+(122 MB for 58 layers x 256 experts) however many slots there are."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,11 +45,15 @@ class Placement:
             Stored as a private copy; do not modify it in place.
         num_logical: E, the number of logical experts per layer.
         num_ranks: R.
+        units: int64 [L, R*S] (CPU): routing units of each slot, >= 1 where occupied, 0 where
+            empty; ``None`` (the default) stores all ones, the equal split. An expert whose units
+            exceed its replica count keeps its total within :attr:`max_units`.
     """
 
     phy2log: torch.Tensor
     num_logical: int
     num_ranks: int
+    units: torch.Tensor = None  # type: ignore[assignment]  # None: all ones, set in __post_init__
 
     def __post_init__(self) -> None:
         t = self.phy2log
@@ -58,17 +79,58 @@ class Placement:
                 f"[0, {self.num_logical}) nor -1 (empty)"
             )
         object.__setattr__(self, "phy2log", t.detach().to("cpu", copy=True).contiguous())
+        if self.units is None:
+            object.__setattr__(self, "units", (self.phy2log >= 0).to(torch.int64))
+        else:
+            self._check_units()
+
+    def _check_units(self) -> None:
+        units = self.units
+        if not isinstance(units, torch.Tensor):
+            raise TypeError(f"units must be a torch.Tensor or None, got {type(units).__name__}")
+        if units.dtype != torch.int64 or units.shape != self.phy2log.shape:
+            raise TypeError(
+                f"units must be int64 {tuple(self.phy2log.shape)} like phy2log, got "
+                f"{units.dtype} {tuple(units.shape)}"
+            )
+        units = units.detach().to("cpu", copy=True).contiguous()
+        occupied = self.phy2log >= 0
+        bad = (occupied & (units < 1)) | (~occupied & (units != 0))
+        if bool(bad.any()):
+            layer, slot = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"units[{layer}, {slot}] = {int(units[layer, slot])}: an occupied slot needs >= 1 "
+                f"routing unit and an empty one 0"
+            )
+        object.__setattr__(self, "units", units)
+        over = (self.logcnt > self.replicas) & (self.logcnt > self.max_units)
+        if bool(over.any()):
+            layer, expert = (int(i) for i in over.nonzero()[0])
+            raise ValueError(
+                f"layer {layer}: expert {expert} has {int(self.logcnt[layer, expert])} routing "
+                f"units, more than max_units = {self.max_units} for {self.num_slots} slots"
+            )
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
-    def _trusted(cls, phy2log: torch.Tensor, num_logical: int, num_ranks: int) -> Placement:
-        """A placement over ``phy2log`` int64 [L, R*S] (contiguous, CPU, owned by the caller
-        from now on) without the checks of the public constructor: for the planner, whose
-        output is valid by construction and is checked by its property tests."""
+    def _trusted(
+        cls,
+        phy2log: torch.Tensor,
+        num_logical: int,
+        num_ranks: int,
+        units: torch.Tensor | None = None,
+    ) -> Placement:
+        """A placement over ``phy2log`` int64 [L, R*S] and ``units`` (same shape; ``None`` =
+        equal split), contiguous, CPU, owned by the caller from now on, without the checks of
+        the public constructor: for the planner, whose output is valid by construction and is
+        checked by its property tests."""
         placement = object.__new__(cls)
         object.__setattr__(placement, "phy2log", phy2log)
         object.__setattr__(placement, "num_logical", num_logical)
         object.__setattr__(placement, "num_ranks", num_ranks)
+        if units is None:
+            units = (phy2log >= 0).to(torch.int64)
+        object.__setattr__(placement, "units", units)
         return placement
 
     @classmethod
@@ -107,17 +169,37 @@ class Placement:
         return self.phy2log[:, rank * s : (rank + 1) * s]
 
     # ---- derived maps ------------------------------------------------------------------------
+    @property
+    def max_units(self) -> int:
+        """The most routing units an expert with shares may have (:func:`max_units`)."""
+        return max_units(self.num_slots, self.num_logical)
+
     @cached_property
-    def logcnt(self) -> torch.Tensor:
+    def replicas(self) -> torch.Tensor:
         """int64 [L, E]: number of replicas (non-empty slots) of each logical expert."""
         counts = torch.zeros(self.num_layers, self.num_logical + 1, dtype=torch.int64)
         counts.scatter_add_(1, self.phy2log + 1, torch.ones_like(self.phy2log))
         return counts[:, 1:]
 
     @cached_property
+    def logcnt(self) -> torch.Tensor:
+        """int64 [L, E]: entries of each expert's ``log2phy`` row, its slots' routing units
+        summed (the replica count when every unit is 1; 0 = expert not placed)."""
+        counts = torch.zeros(self.num_layers, self.num_logical + 1, dtype=torch.int64)
+        counts.scatter_add_(1, self.phy2log + 1, self.units)
+        return counts[:, 1:]
+
+    @property
+    def has_shares(self) -> bool:
+        """Whether any slot has more than one routing unit (an uneven split)."""
+        return bool((self.units > 1).any())
+
+    @cached_property
     def log2phy(self) -> torch.Tensor:
-        """int64 [L, E, max_replicas]: physical slots of each expert, ascending, -1 padded."""
-        return log2phy_from_phy2log(self.phy2log, self.num_logical, self.logcnt)
+        """int64 [L, E, max(logcnt)]: each expert's slots, slot ``p`` repeated ``units[p]``
+        times and interleaved (see :func:`log2phy_from_phy2log`), -1 padded. With all units 1:
+        the expert's slots, ascending."""
+        return log2phy_from_phy2log(self.phy2log, self.num_logical, self.logcnt, units=self.units)
 
     @cached_property
     def presence(self) -> torch.Tensor:
@@ -157,15 +239,16 @@ class Placement:
 
     # ---- metrics -----------------------------------------------------------------------------
     def rank_loads(self, load: torch.Tensor) -> torch.Tensor:
-        """float64 [L, R]: load per rank, each expert's load split evenly over its replicas.
+        """float64 [L, R]: load per rank, each expert's load split over its replicas by their
+        routing shares (slot ``p`` of expert ``e`` takes ``load[e] * units[p] / logcnt[e]``).
 
         Args:
             load: [L, E] non-negative load per logical expert (any real dtype).
         """
         load = _check_load(load, self.num_layers, self.num_logical)
-        per_replica = load / self.logcnt.clamp(min=1).to(torch.float64)
-        padded = torch.cat([torch.zeros(self.num_layers, 1, dtype=torch.float64), per_replica], 1)
-        slot_load = padded.gather(1, self.phy2log + 1)
+        per_unit = load / self.logcnt.clamp(min=1).to(torch.float64)
+        padded = torch.cat([torch.zeros(self.num_layers, 1, dtype=torch.float64), per_unit], 1)
+        slot_load = padded.gather(1, self.phy2log + 1) * self.units
         return slot_load.view(self.num_layers, self.num_ranks, self.slots_per_rank).sum(-1)
 
     def balancedness(self, load: torch.Tensor) -> float:
@@ -185,7 +268,7 @@ class Placement:
         """int64 [L, R_new]: expert weights each rank must receive to go from ``previous`` to this.
 
         An expert already on the receiving rank (under ``rank_mapping``; identity if ``None``)
-        is free; a joined rank starts with nothing.
+        is free; a joined rank starts with nothing. Routing shares move no weights.
         """
         if previous.num_layers != self.num_layers or previous.num_logical != self.num_logical:
             raise ValueError(
@@ -220,6 +303,7 @@ class Placement:
             and self.num_ranks == other.num_ranks
             and self.phy2log.shape == other.phy2log.shape
             and bool(torch.equal(self.phy2log, other.phy2log))
+            and bool(torch.equal(self.units, other.units))
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -232,19 +316,35 @@ class Placement:
 
 
 def log2phy_from_phy2log(
-    phy2log: torch.Tensor, num_logical: int, logcnt: torch.Tensor, max_replicas: int | None = None
+    phy2log: torch.Tensor,
+    num_logical: int,
+    logcnt: torch.Tensor,
+    max_replicas: int | None = None,
+    *,
+    units: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """int64 [L, E, max_replicas]: physical slots of each logical expert, ascending, -1 padded.
+    """int64 [L, E, max_replicas]: the routing row of each logical expert, -1 padded.
+
+    Without ``units`` (or with all units 1) a row is the expert's slots, ascending. With
+    ``units``, slot ``p`` appears ``units[p]`` times, interleaved: copy ``j`` of slot ``p`` sits
+    at key ``(j + 1/2) / units[p]`` and a row lists its entries by key (ties by slot). A 2:1
+    split reads ``a b a``, 4:2 ``a b a a b a``: every run of consecutive entries, so every small
+    batch the router splits over a row, gives each slot close to its share, where
+    ``a a a a b b`` would send a batch of four pairs to ``a`` alone.
 
     Args:
         phy2log: int64 [L, P], -1 = empty.
         num_logical: E.
-        logcnt: int64 [L, E], replicas per expert (as ``Placement.logcnt``).
+        logcnt: int64 [L, E], entries per row: the experts' units summed (as ``Placement.logcnt``).
         max_replicas: width of the last dim; defaults to ``max(1, logcnt.max())``.
+        units: int64 [L, P] routing units per slot (0 on empty slots); ``None`` = all ones.
     """
     num_layers, num_slots = phy2log.shape
     width = max(1, int(logcnt.max())) if max_replicas is None else max_replicas
     out = torch.full((num_layers, num_logical, width), EMPTY, dtype=torch.int64)
+    if units is not None and bool((units > 1).any()):
+        _interleaved_rows(out, phy2log.numpy(), units.numpy())
+        return out
     sorted_ids, order = torch.sort(phy2log, dim=1, stable=True)
     # Position of each sorted entry within its expert's run = index - start of the run.
     starts = torch.cumsum(logcnt, dim=1) - logcnt + (phy2log < 0).sum(1, keepdim=True)
@@ -255,6 +355,37 @@ def log2phy_from_phy2log(
     replica_idx = position - starts[layer_idx, expert_idx]
     out[layer_idx, expert_idx, replica_idx] = order[valid]
     return out
+
+
+def _interleaved_rows(out: torch.Tensor, phy2log: np.ndarray, units: np.ndarray) -> None:
+    """Fill ``out`` int64 [L, E, W] with every slot of ``phy2log`` int64 [L, P] repeated
+    ``units`` int64 [L, P] times, each row ordered by the keys of :func:`log2phy_from_phy2log`."""
+    num_slots = phy2log.shape[1]
+    flat_units = units.ravel()
+    entry_slot = np.repeat(np.arange(flat_units.size), flat_units)  # flat (layer, slot) per entry
+    first = np.cumsum(flat_units) - flat_units
+    copy = np.arange(entry_slot.size) - first[entry_slot]
+    key = (copy + 0.5) / flat_units[entry_slot]
+    layer = entry_slot // num_slots
+    expert = phy2log.ravel()[entry_slot]
+    order = np.lexsort((entry_slot, key, expert, layer))
+    row = (layer * out.shape[1] + expert)[order]
+    # Rank within a row = position - the row's first position (rows are contiguous in order).
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    lengths = np.diff(np.r_[starts, row.size])
+    position = np.arange(row.size) - np.repeat(starts, lengths)
+    flat = out.view(-1)
+    flat[torch.from_numpy(row * out.shape[2] + position)] = torch.from_numpy(
+        entry_slot[order] % num_slots
+    )
+
+
+def max_units(num_slots: int, num_logical: int, factor: int = SHARE_FACTOR) -> int:
+    """The most routing units an expert with shares may have in a placement of ``num_slots``
+    P slots per layer: ``max(P - E + 1, min(factor * (P - E + 1), MAX_SHARE_UNITS))`` (at
+    least 1). It grows with P, so buffers sized for P slots hold every smaller placement."""
+    replicas = max(1, num_slots - num_logical + 1)
+    return max(replicas, min(factor * replicas, MAX_SHARE_UNITS))
 
 
 def _check_load(load: torch.Tensor, num_layers: int, num_logical: int) -> torch.Tensor:

@@ -1,0 +1,258 @@
+"""Routing shares: how much of an expert's tokens each of its replicas takes.
+
+A placement fixes which ranks hold a replica of each expert; the router may still split an
+expert's tokens unevenly over them (``Placement.units``: slot ``p`` takes ``units[p] /
+logcnt[e]``). Moving load from a replica on a heavy rank to one of the same expert on a light rank
+costs no weight transfer, so the planner chooses the units that minimise the heaviest rank.
+
+That is a min-max flow; :func:`solve_shares` approximates it, vectorised over layers:
+
+1. Diffusion: every replica's load ``x_p`` moves towards the mean load of its expert's ranks,
+   ``x_p += (lam_e - L_r) / m_r`` where ``L_r`` is the load of the replica's rank, ``m_r`` the
+   replicas on that rank whose share can move and ``lam_e`` the mean of ``L_r`` over the
+   expert's ranks weighted by ``1 / m_r`` (so the expert's load is conserved). A rank's new
+   load is then a mean of its experts' ``lam_e``, never above the heaviest rank: the heaviest
+   rank only falls, with no overshoot however many experts share a rank (a Jacobi step on the
+   rank graph's Laplacian; an undamped water-filling of all experts at once pours every expert
+   into the same light rank). A replica keeps at least one routing unit. At most
+   ``ITERATIONS`` steps, fewer once no layer's heaviest rank falls by ``MIN_GAIN``.
+2. Integer units: ``U = min(max_units, UNITS_PER_REPLICA * k)`` units for an expert of ``k``
+   replicas; each replica gets ``floor(x_p / unit)`` (at least 1) and the units left over go to
+   the replicas whose rank stays lightest with one more; each expert's units are then divided
+   by their greatest common divisor.
+3. A layer keeps the shares only where they lower its heaviest rank; elsewhere all units are 1.
+
+Step 3 makes shares never worse than the equal split. Only some replicas move (the others keep
+the equal split and count as fixed load): those of experts with a replica on a heavy rank and
+at least ``MIN_UNITS_PER_REPLICA`` units per replica, in layers whose heaviest rank has room to
+fall (:func:`_movable`); a rounding unit coarser than the gain would take it back. Each step is
+a few ``bincount`` passes over the movable slots (one sort in step 2), so the cost is about
+linear in L x P; with one slot per rank a rank holds one replica and the equal split is
+already optimal: nothing runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+UNITS_PER_REPLICA = 64
+"""Routing units per replica of an expert whose split is uneven (capped by ``max_units``): a
+share is set in steps of 1/64 of the equal split."""
+ITERATIONS = 8
+"""Diffusion steps (step 1)."""
+MIN_UNITS_PER_REPLICA = 32
+"""Experts with fewer units per replica (``max_units`` small for their replica count) keep the
+equal split: rounding would undo most of what their shares gain."""
+MIN_GAIN = 1e-3
+"""Relative fall of a layer's heaviest rank below which shares are not worth solving for."""
+HEAVY = 0.5
+"""Experts with a replica on a rank in this upper part of [mean, heaviest] get shares."""
+
+
+def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndarray:
+    """int64 [L, R, S]: routing units per slot (0 for empty slots), never raising a layer's
+    heaviest rank above the equal split's.
+
+    Args:
+        slots: int64 [L, R, S] logical expert per slot, -1 = empty.
+        load: float64 [L, E] non-negative load per expert.
+        max_units: most units one expert may have (``Placement.max_units``).
+    """
+    units = (slots >= 0).astype(np.int64)
+    if slots.shape[2] == 1:
+        return units
+    chosen = _candidate_layers(slots, load)
+    if chosen.size:
+        units[chosen] = _layer_units(slots[chosen], load[chosen], max_units)
+    return units
+
+
+def _candidate_layers(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """int64 [C]: the layers where shares may help, from [L, R] figures only: the heaviest
+    rank (equal split) is above the mean by a relative ``MIN_GAIN`` and holds a replica of an
+    expert with two or more replicas (else its load cannot move)."""
+    layers = slots.shape[0]
+    experts = load.shape[1]
+    # Column E stands for empty slots: it counts them and carries no load.
+    expert = np.where(slots >= 0, slots, experts) + np.arange(layers)[:, None, None] * (experts + 1)
+    count = np.bincount(expert.ravel(), minlength=layers * (experts + 1))
+    per_replica = np.zeros((layers, experts + 1))
+    per_replica[:, :experts] = load / np.maximum(count.reshape(layers, -1)[:, :experts], 1)
+    rank_load = per_replica.ravel()[expert].sum(2)
+    on_peak = expert[np.arange(layers), rank_load.argmax(1)]  # [L, S]
+    shared = (count[on_peak] >= 2) & (on_peak % (experts + 1) < experts)
+    room = rank_load.max(1) > rank_load.mean(1) * (1.0 + MIN_GAIN)
+    return np.flatnonzero(room & shared.any(1))
+
+
+def _layer_units(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndarray:
+    """int64 [L, R, S]: :func:`solve_shares` for the layers of ``slots`` [L, R, S] (per layer
+    its shares or, where they do not lower the heaviest rank, all ones)."""
+    layers, ranks, per_rank = slots.shape
+    experts = load.shape[1]
+    flat = slots.reshape(layers, -1)
+    occupied = flat >= 0
+    units = occupied.astype(np.int64)
+    group = (np.arange(layers)[:, None] * experts + np.where(occupied, flat, 0))[occupied]
+    rank = np.broadcast_to(
+        np.arange(layers)[:, None] * ranks + np.arange(flat.shape[1]) // per_rank, flat.shape
+    )[occupied]
+    count = np.bincount(group, minlength=layers * experts)
+    weight = load.ravel()
+    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
+    equal_load = weight[group] / count[group]
+    multi = _movable(equal_load, group, rank, weight, count, total_units, layers, ranks)
+    if not multi.any():
+        return units.reshape(slots.shape)
+    # Slots that keep the equal split: their loads are fixed.
+    fixed = np.bincount(rank[~multi], weights=equal_load[~multi], minlength=layers * ranks)
+    problem = _Problem(group[multi], rank[multi], weight, count, total_units, fixed, layers, ranks)
+    equal_peak = problem.peaks(equal_load[multi])
+    share = _diffuse(problem, equal_load[multi], equal_peak)
+    if not (problem.peaks(share) < equal_peak * (1.0 - MIN_GAIN)).any():
+        return units.reshape(slots.shape)  # no layer gains enough to survive rounding
+    multi_units = _integer_units(problem, share)
+    peak = problem.peaks(problem.weight * multi_units / problem.total_of(multi_units))
+    keep = (peak < equal_peak * (1.0 - 1e-12))[problem.rank // ranks]
+    where = np.flatnonzero(occupied.ravel())[multi]
+    units.ravel()[where[keep]] = multi_units[keep]
+    return units.reshape(slots.shape)
+
+
+def _movable(
+    equal_load: np.ndarray,
+    group: np.ndarray,
+    rank: np.ndarray,
+    weight: np.ndarray,
+    count: np.ndarray,
+    total_units: np.ndarray,
+    layers: int,
+    ranks: int,
+) -> np.ndarray:
+    """bool [N]: the occupied slots whose share may move (the others keep the equal split).
+
+    A slot's expert must have 2+ replicas, load, at least ``MIN_UNITS_PER_REPLICA`` units per
+    replica and a replica on a heavy rank (:func:`_touches_heavy_ranks`); and its layer must be
+    able to gain: its heaviest rank above every rank's least load (its fixed load plus one unit
+    per movable replica) and the mean by a relative ``MIN_GAIN`` and by one unit of the
+    coarsest movable replica on it.
+
+    Args:
+        equal_load: float64 [N] each occupied slot's load under the equal split.
+        group, rank: int64 [N] layer * E + expert, layer * R + rank of each occupied slot.
+        weight, count, total_units: [L * E] load, replicas and units to use per expert.
+    """
+    rank_load = np.bincount(rank, weights=equal_load, minlength=layers * ranks)
+    movable = (
+        (count[group] >= 2)
+        & (weight[group] > 0)
+        & (total_units[group] >= MIN_UNITS_PER_REPLICA * count[group])
+    )
+    movable &= _touches_heavy_ranks(rank_load.reshape(layers, ranks), group, rank, weight.size)
+    unit = weight[group] / total_units[group]
+    least = np.where(movable, unit, equal_load)
+    floor = np.bincount(rank, weights=least, minlength=layers * ranks).reshape(layers, ranks)
+    loads = rank_load.reshape(layers, ranks)
+    peak = loads.max(1)
+    room = peak - np.maximum(floor.max(1), loads.mean(1))
+    # Rounding moves a rank by up to a unit of each replica it holds: a layer whose room is
+    # within one unit of its heaviest rank's coarsest movable replica would lose it again.
+    layer = rank // ranks
+    on_peak = movable & (rank == layer * ranks + loads.argmax(1)[layer])
+    coarsest = np.zeros(layers)
+    np.maximum.at(coarsest, layer[on_peak], unit[on_peak])
+    gains = (room > MIN_GAIN * peak) & (room > coarsest)
+    return movable & gains[rank // ranks]
+
+
+def _touches_heavy_ranks(
+    rank_load: np.ndarray, group: np.ndarray, rank: np.ndarray, groups: int
+) -> np.ndarray:
+    """bool [N]: whether the slot's expert has a replica on a heavy rank of its layer, one in
+    the upper ``HEAVY`` of the range from the mean to the heaviest rank (``rank_load`` float64
+    [L, R] under the equal split). Only such experts can lower the heaviest ranks; the others
+    keep the equal split, so a nearly balanced layer costs little."""
+    mean = rank_load.mean(1, keepdims=True)
+    heavy = (rank_load >= mean + (1.0 - HEAVY) * (rank_load.max(1, keepdims=True) - mean)).ravel()
+    return np.bincount(group, weights=heavy[rank], minlength=groups)[group] > 0
+
+
+class _Problem:
+    """The replicated slots of all layers, flattened: ``group`` (layer * E + expert) and
+    ``rank`` (layer * R + rank) int64 [N] per slot; per group ``weight``, ``count`` (replicas)
+    and ``units`` (total to reach) [L * E]; ``fixed`` float64 [L * R] the load shares cannot
+    move."""
+
+    def __init__(
+        self,
+        group: np.ndarray,
+        rank: np.ndarray,
+        weight: np.ndarray,
+        count: np.ndarray,
+        units: np.ndarray,
+        fixed: np.ndarray,
+        layers: int,
+        ranks: int,
+    ) -> None:
+        self.group, self.rank, self.fixed = group, rank, fixed
+        self.layers, self.ranks = layers, ranks
+        self.weight = weight[group]
+        self.unit = self.weight / units[group]  # load of one routing unit
+        self.units = units[group]
+        self.count = count[group]
+        self.size = weight.size
+
+    def rank_loads(self, share: np.ndarray) -> np.ndarray:
+        """float64 [L * R] with ``share`` float64 [N] the load of each replicated slot."""
+        return self.fixed + np.bincount(self.rank, weights=share, minlength=self.fixed.size)
+
+    def peaks(self, share: np.ndarray) -> np.ndarray:
+        """float64 [L]: heaviest rank of each layer."""
+        return self.rank_loads(share).reshape(self.layers, self.ranks).max(1)
+
+    def total_of(self, values: np.ndarray) -> np.ndarray:
+        """[N]: ``values`` [N] summed over each slot's group."""
+        return np.bincount(self.group, weights=values, minlength=self.size)[self.group]
+
+
+def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """float64 [N]: each replicated slot's load after diffusion steps from ``share`` float64
+    [N] (step 1 of the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest
+    rank (``peak`` float64 [L] before the first) falls by a relative ``MIN_GAIN`` in a step."""
+    movable = np.bincount(problem.rank, minlength=problem.fixed.size)[problem.rank]
+    inverse = 1.0 / movable
+    weight_sum = np.bincount(problem.group, weights=inverse, minlength=problem.size)
+    spare = problem.weight - problem.count * problem.unit  # load above one unit per replica
+    for _ in range(ITERATIONS):
+        rank_load = problem.rank_loads(share)[problem.rank]
+        level = np.bincount(problem.group, weights=rank_load * inverse, minlength=problem.size)
+        share = share + (level[problem.group] / weight_sum[problem.group] - rank_load) * inverse
+        # At least one unit per replica; the rest rescaled so that the expert's load stays.
+        above = np.maximum(share - problem.unit, 0.0)
+        share = problem.unit + above * (spare / np.maximum(problem.total_of(above), 1e-300))
+        now = problem.peaks(share)
+        if not (now < peak * (1.0 - MIN_GAIN)).any():
+            return share
+        peak = now
+    return share
+
+
+def _integer_units(problem: _Problem, share: np.ndarray) -> np.ndarray:
+    """int64 [N]: whole units per replicated slot for the loads ``share`` float64 [N]: the
+    units each fills entirely (at least 1), the units left over to the slots whose rank is
+    lightest with one more; divided by each group's gcd (step 2 of the module docstring)."""
+    units = np.maximum(1, np.floor(share / problem.unit + 1e-9)).astype(np.int64)
+    left = problem.units - problem.total_of(units.astype(np.float64)).astype(np.int64)
+    other = problem.rank_loads(share)[problem.rank] - share
+    order = np.lexsort((other + problem.unit * (units + 1), problem.group))
+    grouped = problem.group[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    lengths = np.diff(np.r_[starts, grouped.size])
+    position = np.arange(grouped.size) - np.repeat(starts, lengths)
+    units[order] += position < left[order]
+    # Floating-point slack could leave a group over its total: those keep the equal split.
+    over = problem.total_of(units.astype(np.float64)) > problem.units
+    units[over] = 1
+    divisor = np.gcd.reduceat(units[order], starts)
+    units[order] //= np.repeat(divisor, lengths)
+    return units
