@@ -26,6 +26,7 @@ import numpy as np
 from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.replication import replica_counts
+from elastic_ep.eplb.single_slot import repair_single_slot
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 FILL_CHUNK_DIVISOR = 4  # replicas placed at once per row: a quarter of the ranks
@@ -483,9 +484,9 @@ def repair(
     if counts is None:
         counts = replica_counts(load, ranks * per_rank, ranks)
     orphans = (_replica_counts_of(kept, num_experts) == 0).sum(1)
+    if per_rank == 1:  # no swap helps: a swap of single slots only exchanges two ranks' loads
+        return repair_single_slot(kept, load, counts, np.maximum(budget - orphans, 0))
     fill_missing(slots, load, counts, np.maximum(budget - orphans, 0))
-    if per_rank == 1:
-        return slots  # a swap of single slots only exchanges two ranks' loads
     swap_towards(slots, kept, load, target, budget, max_steps=ranks * per_rank)
     # Rows still short of their target: once more, each heavy rank with more partners.
     short = np.flatnonzero(_balance(slots, load) < target)

@@ -182,7 +182,7 @@ def plan_with_report(
     )
     return PlanReport(
         placement=_to_placement(chosen, experts, num_ranks),
-        lost=previous.lost_with(dead) if dead else torch.zeros(layers, experts, dtype=torch.bool),
+        lost=torch.from_numpy(_lost(previous, dead)),
         transfers=torch.from_numpy(received_count(chosen, kept)),
         repaired=torch.from_numpy(repaired),
     )
@@ -291,6 +291,18 @@ def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
         if old_rank is not None:
             out[:, new_rank] = old[:, old_rank]
     return out
+
+
+def _lost(previous: Placement, dead: list[int]) -> np.ndarray:
+    """bool [L, E]: experts of ``previous`` whose every replica is on a ``dead`` rank (what
+    :meth:`Placement.lost_with` gives, without its dense [L, R, E] presence table)."""
+    old = previous.phy2log.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
+    if not dead:
+        return np.zeros((previous.num_layers, previous.num_logical), dtype=bool)
+    alive = np.ones(previous.num_ranks, dtype=bool)
+    alive[dead] = False
+    before = expert_counts(old, previous.num_logical) > 0
+    return before & (expert_counts(old[:, alive], previous.num_logical) == 0)
 
 
 def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
