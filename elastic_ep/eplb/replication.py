@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 _PARTITION_FROM = 4096  # candidates per row from which a partition beats the integer sort
-_WINDOW_FROM = 3  # candidates per expert (plain bound) from which the window is used
+_WINDOW_FROM = 5  # candidates per expert (plain bound) from which the window is used
 _CAP_ROUNDS = 3  # refinements of the set of experts at their replica cap
+_ROUNDING = 1e-9  # relative margin of the window's ends against rounding
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -59,8 +60,11 @@ def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, 
     # at or above it, so with T', M', E' the others' load, extras and count the cutoff lies
     # in [T' / (M' + E'), T' / M']. The capped set is refined a few times from the low end.
     high, low = total / extra, total / (extra + num_experts)
+    rest, rest_extra = total, np.full_like(total, extra)
     for _ in range(_CAP_ROUNDS):
         capped = load >= (cap + 1) * low
+        if not capped.any():
+            break
         count = capped.sum(1, keepdims=True)
         rest = total - np.where(capped, load, 0.0).sum(1, keepdims=True)
         rest_extra = extra - cap * count
@@ -68,10 +72,11 @@ def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, 
         low = rest / np.maximum(rest_extra + num_experts - count, 1)
     fine = (rest[:, 0] > 0) & (rest_extra[:, 0] > 0)
     high, low = np.where(fine[:, None], high, 1.0), np.where(fine[:, None], low, 1.0)
-    # Won for certain: priorities above the high end with one k of margin (fewer than M in
-    # all); the window runs to one k past the last priority at or above the low end.
-    won = np.clip(np.ceil(load / high) - 2, 0, cap).astype(np.int64)
-    top = np.clip(np.floor(load / low) + 1, 0, cap).astype(np.int64)
+    # Won for certain: the priorities above the high end (fewer than M in all while an expert
+    # is uncapped, so all above the cutoff); the window holds every priority at or above the
+    # low end. The factors keep rounding on the safe side (a wider window).
+    won = np.clip(np.ceil(load / high * (1 - _ROUNDING)) - 1, 0, cap).astype(np.int64)
+    top = np.clip(np.floor(load / low * (1 + _ROUNDING)), 0, cap).astype(np.int64)
     span = np.maximum(top - won, 0).ravel()
     cell = np.repeat(np.arange(rows * num_experts), span)
     kth = np.arange(cell.size) - np.repeat(np.cumsum(span) - span, span)
