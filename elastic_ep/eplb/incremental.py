@@ -16,7 +16,8 @@ that did not hold it in ``kept``; that is the only cost counted. :func:`repair` 
    received first, until the row reaches its target balancedness, no swap helps, or the budget
    is spent. Each step improves up to ``SWAP_PAIRS`` heavy ranks per row, each with its own
    light partners. Swaps that undo an earlier transfer are free. Rows still short of their
-   target get a second pass with more partners per heavy rank.
+   target get a second pass with more partners per heavy rank (R / 4, at most
+   ``WIDE_PARTNERS``: a step's search grows with heavy ranks x partners).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.single_slot import repair_single_slot
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
+WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 FILL_CHUNK_DIVISOR = 4  # replicas placed at once per row: a quarter of the ranks
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
@@ -499,7 +501,7 @@ def repair(
             target[short],
             budget[short],
             max_steps=ranks * per_rank,
-            partners=ranks // 4,
+            partners=min(ranks // 4, WIDE_PARTNERS),
         )
         slots[short] = part
     return slots
