@@ -33,6 +33,7 @@ from elastic_ep.eplb.packing import expert_counts, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
 from elastic_ep.eplb.replication import replica_counts
+from elastic_ep.eplb.single_slot import repair_single_slot
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 2
@@ -163,7 +164,9 @@ def plan_with_report(
     )
     if max_transfers is not None:
         _check_int("max_transfers", max_transfers, minimum=0)
-    kept = drop_duplicates(kept_on_new_ranks(previous, mapping))
+    kept = kept_on_new_ranks(previous, mapping)
+    if slots_per_rank > 1:  # with one slot a rank cannot hold a second copy
+        kept = drop_duplicates(kept)
     missing = (expert_counts(kept, experts) == 0).sum(1)
     if max_transfers is not None and int(missing.max()) > max_transfers:
         layer = int(missing.argmax())
@@ -176,10 +179,15 @@ def plan_with_report(
     counts = (
         None if num_nodes > 1 else replica_counts(weights, num_ranks * slots_per_rank, num_ranks)
     )
-    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
-    chosen, repaired = _prefer_repair(
-        weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
-    )
+    if counts is not None and slots_per_rank == 1 and max_transfers is None:
+        # One slot per rank: the repair has the fresh plan's counts, so its balancedness.
+        chosen = repair_single_slot(kept, weights, counts, np.full(layers, num_ranks))
+        repaired = np.ones(layers, dtype=bool)
+    else:
+        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
+        chosen, repaired = _prefer_repair(
+            weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
+        )
     return PlanReport(
         placement=_to_placement(chosen, experts, num_ranks),
         lost=torch.from_numpy(_lost(previous, dead)),
@@ -286,10 +294,9 @@ def _prefer_repair(
 def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
     """int64 [L, R_new, S]: what each new rank holds before the change (-1 for joined ranks)."""
     old = previous.phy2log.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
-    out = np.full((previous.num_layers, mapping.new_world_size, old.shape[2]), -1, dtype=np.int64)
-    for new_rank, old_rank in enumerate(mapping.new_to_old):
-        if old_rank is not None:
-            out[:, new_rank] = old[:, old_rank]
+    source = np.array([-1 if o is None else o for o in mapping.new_to_old], dtype=np.int64)
+    out = old[:, np.maximum(source, 0)]
+    out[:, source < 0] = -1
     return out
 
 

@@ -22,14 +22,15 @@ import numpy as np
 
 
 def _nth_of_kind(key: np.ndarray) -> np.ndarray:
-    """int64 [N]: for every entry of ``key`` int64 [N], how many earlier entries share its
-    value (0 for the first)."""
-    order = np.argsort(key, kind="stable")
-    ordered = key[order]
-    start = np.flatnonzero(np.diff(ordered, prepend=ordered[:1] - 1))
-    run = np.arange(key.size) - np.repeat(start, np.diff(start, append=key.size))
-    out = np.empty_like(run)
-    out[order] = run
+    """int64 [N]: for every entry of ``key`` (int64 [N], >= -1), how many earlier entries share
+    its value (0 for the first); one integer sort of (key, position) pairs."""
+    size = key.size
+    packed = np.sort((key + 1) * size + np.arange(size))
+    ordered = packed // size
+    start = np.flatnonzero(np.diff(ordered, prepend=-1))
+    run = np.arange(size) - np.repeat(start, np.diff(start, append=size))
+    out = np.empty(size, dtype=np.int64)
+    out[packed % size] = run
     return out
 
 
@@ -57,10 +58,9 @@ def repair_single_slot(
     surplus = held & (nth >= want[key])
     # Freed slots in order of use: empty ones, then surplus replicas by the load per replica
     # their expert keeps after the eviction (the nth replica leaves nth of them).
-    evict_after = np.where(surplus, load.ravel()[key] / np.maximum(nth, 1), np.inf)
-    free = ~held | surplus
-    slot_order = np.lexsort((evict_after, held, row_of))
-    slot_order = slot_order[free[slot_order]]
+    free = np.flatnonzero(~held | surplus)  # row-major
+    evict_after = np.where(surplus[free], load.ravel()[key[free]] / np.maximum(nth[free], 1), 0)
+    slot_order = free[np.lexsort((evict_after, held[free], row_of[free]))]
     # Missing replicas: the (have + m)-th replica of expert e lowers its load per replica
     # from load / (have + m) (orphans: infinite, first).
     deficit = np.maximum(want - have, 0)
