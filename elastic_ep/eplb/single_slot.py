@@ -21,16 +21,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def _nth_of_kind(key: np.ndarray) -> np.ndarray:
-    """int64 [N]: for every entry of ``key`` (int64 [N], >= -1), how many earlier entries share
-    its value (0 for the first); one integer sort of (key, position) pairs."""
-    size = key.size
-    packed = np.sort((key + 1) * size + np.arange(size))
-    ordered = packed // size
-    start = np.flatnonzero(np.diff(ordered, prepend=-1))
-    run = np.arange(size) - np.repeat(start, np.diff(start, append=size))
-    out = np.empty(size, dtype=np.int64)
-    out[packed % size] = run
+def _nth_of_kind(experts: np.ndarray) -> np.ndarray:
+    """int64 [B, R]: for every entry of ``experts`` (int64 [B, R], >= -1), how many earlier
+    entries of its row hold the same value (0 for the first); one integer sort per row of
+    (value, position) pairs."""
+    width = experts.shape[1]
+    packed = np.sort((experts + 1) * width + np.arange(width), axis=1)
+    position = np.arange(width)
+    # Where each run of one value starts, carried forward along the row.
+    start = np.ones(packed.shape, dtype=bool)
+    start[:, 1:] = packed[:, 1:] // width != packed[:, :-1] // width
+    first = np.maximum.accumulate(np.where(start, position, 0), axis=1)
+    out = np.empty(packed.shape, dtype=np.int64)
+    np.put_along_axis(out, packed % width, position - first, axis=1)
     return out
 
 
@@ -53,14 +56,19 @@ def repair_single_slot(
     key = row_of * experts + np.maximum(flat.ravel(), 0)
     held = flat.ravel() >= 0
     have = np.bincount(key[held], minlength=rows * experts)
-    nth = _nth_of_kind(np.where(held, key, -1))  # replica index within its expert
     want = counts.ravel()
-    surplus = held & (nth >= want[key])
+    # Replicas past the wanted count of their expert (the nth replica, counted in slot order,
+    # is surplus from nth = want on).
+    over = held & (have > want)[key]
+    nth = _nth_of_kind(np.where(over.reshape(rows, ranks), flat, -1)).ravel()
+    surplus = np.flatnonzero(over & (nth >= want[key]))
     # Freed slots in order of use: empty ones, then surplus replicas by the load per replica
     # their expert keeps after the eviction (the nth replica leaves nth of them).
-    free = np.flatnonzero(~held | surplus)  # row-major
-    evict_after = np.where(surplus[free], load.ravel()[key[free]] / np.maximum(nth[free], 1), 0)
-    slot_order = free[np.lexsort((evict_after, held[free], row_of[free]))]
+    evict_after = np.zeros(key.size)
+    evict_after[surplus] = load.ravel()[key[surplus]] / nth[surplus]
+    free = np.flatnonzero(~held)
+    free = np.concatenate([free, surplus])
+    slot_order = free[np.lexsort((evict_after[free], held[free], row_of[free]))]
     # Missing replicas: the (have + m)-th replica of expert e lowers its load per replica
     # from load / (have + m) (orphans: infinite, first).
     deficit = np.maximum(want - have, 0)
