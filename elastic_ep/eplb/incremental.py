@@ -12,6 +12,8 @@ that did not hold it in ``kept``; that is the only cost counted. :func:`repair` 
    Replicas go a chunk at a time (the j-th heaviest of a chunk to the j-th best rank); one
    that cannot take its rank waits for the next pass, and when a pass places nothing the rest
    go one at a time.
+   With one slot per rank :func:`repair` uses :mod:`elastic_ep.eplb.single_slot` instead (no
+   swap can help there).
 2. :func:`swap_towards`: swaps between heavy and light ranks, best load gain per weight
    received first, until the row reaches its target balancedness, no swap helps, or the budget
    is spent. Each step improves up to ``SWAP_PAIRS`` heavy ranks per row, each with its own
@@ -72,9 +74,7 @@ def fill_missing(
     rank_load = slot_w.sum(2)
     open_slots = (slots < 0).sum(2)
     state = (slots, slot_w, per_replica, counts, have, rank_load, open_slots)
-    # With one slot per rank a rank's load is its replica's, wherever it goes: all at once.
-    ranks, per_rank = slots.shape[1], slots.shape[2]
-    chunk = ranks if per_rank == 1 else max(1, ranks // FILL_CHUNK_DIVISOR)
+    chunk = max(1, slots.shape[1] // FILL_CHUNK_DIVISOR)
     while items.size:
         missed = np.zeros(items.shape, dtype=bool)
         for start in range(0, items.shape[1], chunk):

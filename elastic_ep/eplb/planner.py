@@ -17,6 +17,10 @@ keeps ``RECOVERED`` (90%) of that gain. A repair short of its target by less tha
 ``balance_tolerance`` is kept when the relabelled fresh plan would move more than
 ``NEAR_MISS_MOVES`` times its weights. A layer whose fresh plan needs more than
 ``max_transfers`` takes the repair.
+
+With one slot per rank the balancedness depends on the replica counts alone: a global plan
+without ``max_transfers`` takes the repair (:mod:`elastic_ep.eplb.single_slot`, the fresh plan's
+counts with the fewest transfers) without building the fresh plan.
 """
 
 from __future__ import annotations
