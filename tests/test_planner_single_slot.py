@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
-from elastic_ep.eplb import plan, plan_with_report
+from elastic_ep.eplb import plan, plan_with_report, planner
 from elastic_ep.eplb.incremental import received_count
 from elastic_ep.eplb.packing import expert_counts
 from elastic_ep.eplb.replication import replica_counts
@@ -118,3 +118,52 @@ def test_one_slot_plans_match_the_fresh_balance_with_minimum_moves(
     assert torch.equal(report.transfers, placement.transfers_from(previous, mapping).sum(1))
     if event == "dead":  # a spare takes the dead rank's place: one replica per layer
         assert report.transfers.tolist() == [1] * layers
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([1, 2, 4]),
+    st.integers(2, 8),
+    st.sampled_from(["drift", "dead", "up", "down"]),
+    st.integers(0, 2**16),
+)
+def test_one_slot_shortcut_is_what_the_general_rule_picks(
+    nodes: int, per_node: int, event: str, seed: int
+) -> None:
+    """One slot per rank, global or one group per node, no budget: the plan skips the fresh
+    plan, and gives exactly the placement that comparing the repair with the relabelled fresh
+    plan (``_prefer_repair``) would give."""
+    rng = np.random.default_rng(seed)
+    groups, ranks = max(nodes, 1), nodes * per_node
+    experts = groups * int(rng.integers(1, per_node + 1))
+    load = rng.lognormal(0, 1, (3, experts))
+    previous = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes)
+    step = {"up": 1, "down": -1}.get(event, 0)
+    if event == "dead":
+        dead = int(rng.integers(ranks))
+        mapping = RankMapping(tuple(None if r == dead else r for r in range(ranks)), ranks)
+    else:
+        new = per_node + step
+        if new < 1 or new * nodes < experts:
+            return
+        mapping = RankMapping(
+            tuple(
+                (r // per_node) * new + r % per_node if r % per_node < new else None
+                for r in range(ranks)
+            ),
+            nodes * new,
+        )
+    if event == "drift":
+        load = load * rng.lognormal(0, 0.2, load.shape)
+    kept = planner.kept_on_new_ranks(previous, mapping)
+    counts = replica_counts(load, mapping.new_world_size, mapping.new_world_size)
+    short = planner._single_slot_repair(load, kept, None, groups, nodes, counts)
+    assert short is not None
+    fresh = planner._fresh(
+        load, mapping.new_world_size, 1, groups, nodes, planner.REPAIR_SWAP_STEPS, counts
+    )
+    chosen, repaired = planner._prefer_repair(
+        load, fresh, kept, None, 0.01, groups, nodes, counts if nodes == 1 else None
+    )
+    assert repaired.all()
+    assert (short == chosen).all()

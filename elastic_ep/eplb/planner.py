@@ -18,9 +18,10 @@ keeps ``RECOVERED`` (90%) of that gain. A repair short of its target by less tha
 ``NEAR_MISS_MOVES`` times its weights. A layer whose fresh plan needs more than
 ``max_transfers`` takes the repair.
 
-With one slot per rank the balancedness depends on the replica counts alone: a global plan
-without ``max_transfers`` takes the repair (:mod:`elastic_ep.eplb.single_slot`, the fresh plan's
-counts with the fewest transfers) without building the fresh plan.
+With one slot per rank the balancedness depends on the replica counts alone: a plan without
+``max_transfers``, global or with one group per node, takes the repair
+(:mod:`elastic_ep.eplb.single_slot`, the fresh plan's counts with the fewest transfers) without
+building the fresh plan.
 """
 
 from __future__ import annotations
@@ -183,9 +184,8 @@ def plan_with_report(
     counts = (
         None if num_nodes > 1 else replica_counts(weights, num_ranks * slots_per_rank, num_ranks)
     )
-    if counts is not None and slots_per_rank == 1 and max_transfers is None:
-        # One slot per rank: the repair has the fresh plan's counts, so its balancedness.
-        chosen = repair_single_slot(kept, weights, counts, np.full(layers, num_ranks))
+    chosen = _single_slot_repair(weights, kept, max_transfers, num_groups, num_nodes, counts)
+    if chosen is not None:
         repaired = np.ones(layers, dtype=bool)
     else:
         fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
@@ -238,6 +238,31 @@ def _fresh(
     if nodes > 1:
         return hierarchical_slots(load, groups, nodes, ranks, slots, swap_steps)
     return static_slots(load, ranks, slots, swap_steps, counts)
+
+
+def _single_slot_repair(
+    load: np.ndarray,
+    kept: np.ndarray,
+    max_transfers: int | None,
+    groups: int,
+    nodes: int,
+    counts: np.ndarray | None,
+) -> np.ndarray | None:
+    """int64 [L, R, 1]: the repair of a one-slot placement where it has the fresh plan's
+    replica counts, hence its balancedness (which depends on the counts alone), so that no
+    fresh plan is needed; ``None`` where that does not hold (a transfer budget, several groups
+    per node, or a previous placement that gives some node no group of its own)."""
+    layers, ranks, per_rank = kept.shape
+    if per_rank != 1 or max_transfers is not None:
+        return None
+    if nodes == 1:
+        assert counts is not None
+        return repair_single_slot(kept, load, counts, np.full(layers, ranks))
+    if groups != nodes:  # node loads then depend on which groups share a node
+        return None
+    budget = np.full(layers, ranks)
+    repaired, usable = repair_within_nodes(load, kept, np.zeros(layers), budget, groups, nodes)
+    return repaired if usable.all() else None
 
 
 def _prefer_repair(
