@@ -7,10 +7,14 @@ from an installed vllm, or read from its wheel without installing it:
     python benchmarks/bench_planner.py [--vllm-wheel PATH] [--json out.json] \
         [--markdown docs/performance.md]
     python benchmarks/bench_planner.py --sweep [--plot docs/img/planner_sweep.png] \
-        [--json sweep.json] [--markdown docs/planner.md] [--ranks 8,64,1024]
+        [--json sweep.json] [--markdown docs/planner.md] [--ranks 8,64,1024] [--failing]
+    python benchmarks/bench_planner.py --sweep --from-json a.json b.json --failing
+    python benchmarks/bench_planner.py --sweep --rerun a.json b.json --json again.json
 
 ``--sweep`` runs the growth grid of :mod:`planner_sweep` (ranks 8..1024, slots per rank,
-four models, global and hierarchical, fresh / drift / scale / dead) instead of the cases below.
+four models, global and hierarchical, fresh / drift / scale / dead) instead of the cases below;
+``--failing`` lists the cells short of each target, ``--rerun`` runs only the cells of saved
+sweeps that were.
 
 Cases: V3 (58 layers x 256 experts, 8 groups, 4 nodes, 32 ranks, 288 and 320 slots,
 hierarchical and global) and V2-Lite (26 x 64, 8 ranks, 80 slots); loads lognormal(0, 0.6) and
@@ -42,6 +46,8 @@ from planner_sweep import (
     RANKS,
     SweepRow,
     cells,
+    failing,
+    failing_report,
     plot,
     repeats_for,
     run_cell,
@@ -275,9 +281,17 @@ def run_sweep(vllm_policy: Any, version: str, args: argparse.Namespace) -> None:
     ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
     experts = tuple(int(e) for e in args.experts.split(",")) if args.experts else tuple(MODELS)
     rows: list[SweepRow] = []
+    todo = list(cells(ranks, experts))
+    if args.rerun:
+        short = {
+            (r.experts, r.ranks, r.slots, r.policy)
+            for part in failing(_saved_rows(args.rerun)).values()
+            for r in part
+        }
+        todo = [c for c in todo if (c.experts, c.ranks, c.slots, c.policy) in short]
     run_cell(next(cells((8,))), vllm_policy, 1)  # warm-up: first-call imports and caches
     start = time.perf_counter()
-    for cell in cells(ranks, experts):
+    for cell in todo:
         done = run_cell(cell, vllm_policy, repeats_for(cell))
         rows.extend(done)
         worst = min(r.speedup for r in done[1:])
@@ -318,6 +332,8 @@ def report_sweep(
         f"surviving replica or the joined slots, whichever is more.\n\n"
     )
     print(summary(rows))
+    if args.failing:
+        print(failing_report(rows))
     if args.plot:
         plot(rows, args.plot)
     if args.markdown:
@@ -331,6 +347,19 @@ def report_sweep(
         write_section(args.markdown, SWEEP_MARK, body)
 
 
+def _saved_rows(paths: list[Path]) -> list[SweepRow]:
+    """The rows of saved sweeps (``--json``), merged: the first file wins a cell."""
+    rows, seen = [], set()
+    for path in paths:
+        for row in map(lambda r: SweepRow(**r), json.loads(path.read_text())["rows"]):
+            key = (row.experts, row.ranks, row.slots, row.policy, row.event)
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    rows.sort(key=lambda r: (r.experts, r.ranks, r.slots, r.policy != "global"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-wheel", type=Path, help="vLLM wheel to read the policy from")
@@ -342,6 +371,17 @@ def main() -> None:
     parser.add_argument("--ranks", help="with --sweep: comma-separated subset of the rank counts")
     parser.add_argument("--experts", help="with --sweep: comma-separated subset of 64,128,256,384")
     parser.add_argument(
+        "--failing",
+        action="store_true",
+        help="with --sweep: list the cells short of each target (planner_sweep.TARGETS)",
+    )
+    parser.add_argument(
+        "--rerun",
+        type=Path,
+        nargs="+",
+        help="with --sweep: run only the cells with a row short of a target in these saved sweeps",
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         nargs="+",
@@ -350,15 +390,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.sweep and args.from_json:
         saved = [json.loads(path.read_text()) for path in args.from_json]
-        rows, seen = [], set()
-        for part in saved:
-            for row in map(lambda r: SweepRow(**r), part["rows"]):
-                key = (row.experts, row.ranks, row.slots, row.policy, row.event)
-                if key not in seen:
-                    seen.add(key)
-                    rows.append(row)
-        rows.sort(key=lambda r: (r.experts, r.ranks, r.slots, r.policy != "global"))
         minutes = sum(part["seconds"] for part in saved) / 60
+        rows = _saved_rows(args.from_json)
         report_sweep(rows, saved[0]["vllm_version"], saved[0]["machine"], minutes, args)
         return
     torch.set_num_threads(1)

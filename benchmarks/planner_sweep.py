@@ -317,6 +317,71 @@ def recovered(row: SweepRow) -> float:
     return 1.0 if gain <= 1e-4 else (row.ours_balance - row.keep_balance) / gain
 
 
+TARGETS = {
+    "speed": "movement-aware >= 2x vLLM",
+    "fresh speed": ">= 20x vLLM where vLLM takes >= 20 ms, else >= 1x",
+    "fresh balance": "fresh balancedness >= vLLM - 0.002",
+    "balance": "movement-aware balancedness >= vLLM - 0.01",
+    "drift moves": "drift moves <= 15% of slots",
+    "drift gain": "drift keeps >= 90% of a fresh plan's gain (where it gains > 0.01)",
+    "scale moves": "scale-up and spare moves <= 2x the minimum (minimum >= 1% of slots)",
+}
+
+
+def failing(rows: list[SweepRow]) -> dict[str, list[SweepRow]]:
+    """The rows short of each target of :data:`TARGETS` (the issue's targets, as
+    :func:`summary` counts them)."""
+    out: dict[str, list[SweepRow]] = {name: [] for name in TARGETS}
+    for r in rows:
+        if r.event == "fresh":
+            if r.speedup < (20.0 if r.vllm_ms >= 20.0 else 1.0):
+                out["fresh speed"].append(r)
+            if r.ours_balance < r.vllm_balance - 0.002:
+                out["fresh balance"].append(r)
+            continue
+        if r.speedup < 2.0:
+            out["speed"].append(r)
+        if r.ours_balance < r.vllm_balance - 0.01:
+            out["balance"].append(r)
+        if r.event == "drift":
+            if (r.ours_moved_pct or 0.0) > 15.0:
+                out["drift moves"].append(r)
+            gain = (r.fresh_balance or 0.0) - (r.keep_balance or 0.0)
+            if gain > 0.01 and recovered(r) < 0.9:
+                out["drift gain"].append(r)
+        if r.event == "up" or (r.event == "dead" and r.policy == "hier"):
+            least = r.minimum_moved_pct or 0.0
+            if least >= 1.0 and (r.ours_moved_pct or 0.0) > 2.0 * least:
+                out["scale moves"].append(r)
+    return out
+
+
+def failing_report(rows: list[SweepRow]) -> str:
+    """Per target: the cells short of it, worst first, with the figure that misses."""
+    lines = []
+    for name, part in failing(rows).items():
+        lines.append(f"{name} ({TARGETS[name]}): {len(part)} of {_eligible(rows, name)} cells")
+        for r in sorted(part, key=lambda r: r.speedup):
+            moved = "" if r.ours_moved_pct is None else f" moved {r.ours_moved_pct:.1f}%"
+            least = "" if not r.minimum_moved_pct else f" (min. {r.minimum_moved_pct:.1f}%)"
+            lines.append(
+                f"  {r.experts:3d} x {r.layers:2d} {r.ranks:4d} x {r.slots} {r.policy:6s} "
+                f"{r.event:5s} ours {r.ours_ms:8.1f} ms vLLM {r.vllm_ms:8.1f} ms "
+                f"{r.speedup:5.2f}x bal. {r.ours_balance - r.vllm_balance:+.4f}{moved}{least}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _eligible(rows: list[SweepRow], name: str) -> int:
+    if name.startswith("fresh"):
+        return sum(r.event == "fresh" for r in rows)
+    if name.startswith("drift"):
+        return sum(r.event == "drift" for r in rows)
+    if name == "scale moves":
+        return sum(r.event == "up" or (r.event == "dead" and r.policy == "hier") for r in rows)
+    return sum(r.event != "fresh" for r in rows)
+
+
 PLOT_MODEL, PLOT_SLOTS = 256, 9  # the cells plotted: 58 x 256 experts, 9 slots per rank
 
 

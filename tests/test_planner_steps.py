@@ -180,3 +180,49 @@ def test_pack_rounds_matches_plain_rounds(
         assert slots[row].tolist() == expected
         assert slot_weight[row].tolist() == expected_weight
         assert rank_load[row].tolist() == loads
+
+
+def _greedy_counts(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarray:
+    """One slot at a time to the expert of highest load per replica; ties at the lowest
+    replica count, then the heavier expert, then the lower index."""
+    out = np.ones(load.shape, dtype=np.int64)
+    for row, weights in enumerate(load):
+        weights = weights if weights.sum() > 0 else np.ones_like(weights)
+        for _ in range(min(slots, load.shape[1] * max_replicas) - load.shape[1]):
+            priority = weights / out[row]
+            open_ = out[row] < max_replicas
+            best = priority[open_].max()
+            tied = np.flatnonzero(open_ & (priority == best))
+            pick = min(tied, key=lambda e: (out[row, e], -weights[e], e))
+            out[row, pick] += 1
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 60),
+    st.integers(1, 40),
+    st.integers(1, 9),
+    st.integers(0, 2**16),
+    st.sampled_from(["lognormal", "small integers", "zipf", "one heavy"]),
+)
+def test_replica_counts_are_the_per_slot_greedy(
+    rows: int, experts: int, ranks: int, per_rank: int, seed: int, kind: str
+) -> None:
+    """The windowed selection (many extras per expert) and the plain bound (few) both give the
+    per-slot greedy's counts, including exact ties and experts at their replica cap."""
+    rng = np.random.default_rng(seed)
+    experts = min(experts, ranks * per_rank)
+    if kind == "lognormal":
+        load = rng.lognormal(0, 1.5, (rows, experts))
+    elif kind == "small integers":
+        load = rng.integers(0, 4, (rows, experts)).astype(np.float64)
+    elif kind == "zipf":
+        profile = 1000.0 / np.arange(1, experts + 1) ** 1.1
+        load = np.stack([rng.permutation(profile) for _ in range(rows)])
+    else:  # replica caps bind
+        load = rng.lognormal(0, 1, (rows, experts))
+        load[:, 0] *= 1e4
+    counts = replica_counts(load, ranks * per_rank, ranks)
+    assert (counts == _greedy_counts(load, ranks * per_rank, ranks)).all()

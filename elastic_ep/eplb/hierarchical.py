@@ -32,6 +32,8 @@ def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
         num_nodes: N, dividing G.
     """
     layers, groups = group_load.shape
+    if groups == num_nodes:  # one group per node: every assignment gives the same node loads
+        return np.broadcast_to(np.arange(groups)[:, None], (layers, groups, 1)).copy()
     if groups == 2 * num_nodes:
         # Two groups per node: heaviest with lightest minimises the heaviest node (what the
         # rounds below give, without their swaps, which cannot improve on it).

@@ -12,11 +12,14 @@ that did not hold it in ``kept``; that is the only cost counted. :func:`repair` 
    Replicas go a chunk at a time (the j-th heaviest of a chunk to the j-th best rank); one
    that cannot take its rank waits for the next pass, and when a pass places nothing the rest
    go one at a time.
+   With one slot per rank :func:`repair` uses :mod:`elastic_ep.eplb.single_slot` instead (no
+   swap can help there).
 2. :func:`swap_towards`: swaps between heavy and light ranks, best load gain per weight
    received first, until the row reaches its target balancedness, no swap helps, or the budget
    is spent. Each step improves up to ``SWAP_PAIRS`` heavy ranks per row, each with its own
    light partners. Swaps that undo an earlier transfer are free. Rows still short of their
-   target get a second pass with more partners per heavy rank.
+   target get a second pass with more partners per heavy rank (R / 4, at most
+   ``WIDE_PARTNERS``: a step's search grows with heavy ranks x partners).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import numpy as np
 from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.replication import replica_counts
+from elastic_ep.eplb.single_slot import repair_single_slot
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
+WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 FILL_CHUNK_DIVISOR = 4  # replicas placed at once per row: a quarter of the ranks
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
@@ -69,9 +74,7 @@ def fill_missing(
     rank_load = slot_w.sum(2)
     open_slots = (slots < 0).sum(2)
     state = (slots, slot_w, per_replica, counts, have, rank_load, open_slots)
-    # With one slot per rank a rank's load is its replica's, wherever it goes: all at once.
-    ranks, per_rank = slots.shape[1], slots.shape[2]
-    chunk = ranks if per_rank == 1 else max(1, ranks // FILL_CHUNK_DIVISOR)
+    chunk = max(1, slots.shape[1] // FILL_CHUNK_DIVISOR)
     while items.size:
         missed = np.zeros(items.shape, dtype=bool)
         for start in range(0, items.shape[1], chunk):
@@ -483,9 +486,9 @@ def repair(
     if counts is None:
         counts = replica_counts(load, ranks * per_rank, ranks)
     orphans = (_replica_counts_of(kept, num_experts) == 0).sum(1)
+    if per_rank == 1:  # no swap helps: a swap of single slots only exchanges two ranks' loads
+        return repair_single_slot(kept, load, counts, np.maximum(budget - orphans, 0))
     fill_missing(slots, load, counts, np.maximum(budget - orphans, 0))
-    if per_rank == 1:
-        return slots  # a swap of single slots only exchanges two ranks' loads
     swap_towards(slots, kept, load, target, budget, max_steps=ranks * per_rank)
     # Rows still short of their target: once more, each heavy rank with more partners.
     short = np.flatnonzero(_balance(slots, load) < target)
@@ -498,7 +501,7 @@ def repair(
             target[short],
             budget[short],
             max_steps=ranks * per_rank,
-            partners=ranks // 4,
+            partners=min(ranks // 4, WIDE_PARTNERS),
         )
         slots[short] = part
     return slots

@@ -324,9 +324,9 @@ def static_slots(
         counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
     per_replica = load / counts
     items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
+    if slots_per_rank == 1:  # one round, in rank order; a swap of single slots would only
+        return items.reshape(-1, num_ranks, 1)  # exchange two ranks' loads
     slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
-    if slots_per_rank == 1:
-        return slots  # a swap of single slots only exchanges two ranks' loads
     pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
     improve_by_swaps(slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load)
     return slots

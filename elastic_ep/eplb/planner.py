@@ -18,6 +18,11 @@ keeps ``RECOVERED`` (90%) of that gain. A repair short of its target by less tha
 ``NEAR_MISS_MOVES`` times its weights. A layer whose fresh plan needs more than
 ``max_transfers`` takes the repair.
 
+With one slot per rank the balancedness depends on the replica counts alone: a plan without
+``max_transfers``, global or with one group per node, takes the repair
+(:mod:`elastic_ep.eplb.single_slot`, the fresh plan's counts with the fewest transfers) without
+building the fresh plan.
+
 Every plan then gets routing shares (:mod:`elastic_ep.eplb.shares`): units per replica that
 move load between replicas of one expert, from heavy ranks to light ones, without moving a
 weight (``shares=False`` keeps the equal split).
@@ -38,6 +43,7 @@ from elastic_ep.eplb.placement import Placement, max_units
 from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
+from elastic_ep.eplb.single_slot import repair_single_slot
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 8
@@ -176,7 +182,9 @@ def plan_with_report(
     )
     if max_transfers is not None:
         _check_int("max_transfers", max_transfers, minimum=0)
-    kept = drop_duplicates(kept_on_new_ranks(previous, mapping))
+    kept = kept_on_new_ranks(previous, mapping)
+    if slots_per_rank > 1:  # with one slot a rank cannot hold a second copy
+        kept = drop_duplicates(kept)
     missing = (expert_counts(kept, experts) == 0).sum(1)
     if max_transfers is not None and int(missing.max()) > max_transfers:
         layer = int(missing.argmax())
@@ -189,13 +197,17 @@ def plan_with_report(
     counts = (
         None if num_nodes > 1 else replica_counts(weights, num_ranks * slots_per_rank, num_ranks)
     )
-    fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
-    chosen, repaired = _prefer_repair(
-        weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
-    )
+    chosen = _single_slot_repair(weights, kept, max_transfers, num_groups, num_nodes, counts)
+    if chosen is not None:
+        repaired = np.ones(layers, dtype=bool)
+    else:
+        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
+        chosen, repaired = _prefer_repair(
+            weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
+        )
     return PlanReport(
         placement=_to_placement(chosen, weights, num_ranks, shares),
-        lost=previous.lost_with(dead) if dead else torch.zeros(layers, experts, dtype=torch.bool),
+        lost=torch.from_numpy(_lost(previous, dead)),
         transfers=torch.from_numpy(received_count(chosen, kept)),
         repaired=torch.from_numpy(repaired),
     )
@@ -239,6 +251,31 @@ def _fresh(
     if nodes > 1:
         return hierarchical_slots(load, groups, nodes, ranks, slots, swap_steps)
     return static_slots(load, ranks, slots, swap_steps, counts)
+
+
+def _single_slot_repair(
+    load: np.ndarray,
+    kept: np.ndarray,
+    max_transfers: int | None,
+    groups: int,
+    nodes: int,
+    counts: np.ndarray | None,
+) -> np.ndarray | None:
+    """int64 [L, R, 1]: the repair of a one-slot placement where it has the fresh plan's
+    replica counts, hence its balancedness (which depends on the counts alone), so that no
+    fresh plan is needed; ``None`` where that does not hold (a transfer budget, several groups
+    per node, or a previous placement that gives some node no group of its own)."""
+    layers, ranks, per_rank = kept.shape
+    if per_rank != 1 or max_transfers is not None:
+        return None
+    if nodes == 1:
+        assert counts is not None
+        return repair_single_slot(kept, load, counts, np.full(layers, ranks))
+    if groups != nodes:  # node loads then depend on which groups share a node
+        return None
+    budget = np.full(layers, ranks)
+    repaired, usable = repair_within_nodes(load, kept, np.zeros(layers), budget, groups, nodes)
+    return repaired if usable.all() else None
 
 
 def _prefer_repair(
@@ -299,11 +336,22 @@ def _prefer_repair(
 def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
     """int64 [L, R_new, S]: what each new rank holds before the change (-1 for joined ranks)."""
     old = previous.phy2log.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
-    out = np.full((previous.num_layers, mapping.new_world_size, old.shape[2]), -1, dtype=np.int64)
-    for new_rank, old_rank in enumerate(mapping.new_to_old):
-        if old_rank is not None:
-            out[:, new_rank] = old[:, old_rank]
+    source = np.array([-1 if o is None else o for o in mapping.new_to_old], dtype=np.int64)
+    out = old[:, np.maximum(source, 0)]
+    out[:, source < 0] = -1
     return out
+
+
+def _lost(previous: Placement, dead: list[int]) -> np.ndarray:
+    """bool [L, E]: experts of ``previous`` whose every replica is on a ``dead`` rank (what
+    :meth:`Placement.lost_with` gives, without its dense [L, R, E] presence table)."""
+    old = previous.phy2log.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
+    if not dead:
+        return np.zeros((previous.num_layers, previous.num_logical), dtype=bool)
+    alive = np.ones(previous.num_ranks, dtype=bool)
+    alive[dead] = False
+    before = expert_counts(old, previous.num_logical) > 0
+    return before & (expert_counts(old[:, alive], previous.num_logical) == 0)
 
 
 def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:

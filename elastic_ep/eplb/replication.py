@@ -3,9 +3,13 @@
 The rule is the greedy one of DeepSeek's EPLB (give the next slot to the expert with the highest
 load per replica), which minimises the largest load per replica. Giving expert e its k-th extra
 replica has priority ``load[e] / k``, and these priorities fall with k, so the greedy result is
-one replica each plus the ``M = slots - E`` highest priorities. They are found with one sort per
-row instead of a per-slot loop: if the expert of load rank i (heaviest first) gets k extras, so
-does every heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates can win.
+one replica each plus the ``M = slots - E`` highest priorities, found with one sort per row
+instead of a per-slot loop. With total load T the M-th highest priority lies between
+``T / (M + E)`` and ``T / M`` (expert e has about ``load[e] / p`` priorities above p), so only
+the candidates in that window, about 2E per row, are sorted; every candidate above the window
+wins. Where replica caps make the window miss the cutoff, the rows fall back to the plain
+bound: if the expert of load rank i (heaviest first) gets k extras, so does every heavier one,
+so ``(i + 1) * k <= M`` and only ``~M log M`` candidates can win.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 _PARTITION_FROM = 4096  # candidates per row from which a partition beats the integer sort
+_WINDOW_FROM = 5  # candidates per expert (plain bound) from which the window is used
+_CAP_ROUNDS = 3  # refinements of the set of experts at their replica cap
+_ROUNDING = 1e-9  # relative margin of the window's ends against rounding
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -32,37 +39,110 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     idle = load.sum(1) == 0
     if idle.any():
         load = np.where(idle[:, None], 1.0, load)
+    cap = max_replicas - 1
+    bounded = np.minimum(extra // np.arange(1, min(extra, num_experts) + 1), cap).sum()
+    if bounded <= _WINDOW_FROM * num_experts:  # few extras: the plain bound is small already
+        return _bounded_extras(load, extra, cap) + 1
+    extras, missed = _window_extras(load, extra, cap)
+    if missed.any():
+        extras[missed] = _bounded_extras(load[missed], extra, cap)
+    return extras + 1
+
+
+def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [B, E]: extra replicas per expert (at most ``cap``) from the candidates between
+    ``T / (M + E)`` and ``T / M`` (see the module docstring), and bool [B]: rows where that
+    window does not hold the cutoff (their extras are not valid)."""
+    rows, num_experts = load.shape
+    total = load.sum(1, keepdims=True)
+    # Experts at their cap take `cap` extras each; the window is set by the others. An
+    # uncapped expert has fewer than load / p priorities above p and at least load / p - 1
+    # at or above it, so with T', M', E' the others' load, extras and count the cutoff lies
+    # in [T' / (M' + E'), T' / M']. The capped set is refined a few times from the low end.
+    high, low = total / extra, total / (extra + num_experts)
+    rest, rest_extra = total, np.full_like(total, extra)
+    for _ in range(_CAP_ROUNDS):
+        capped = load >= (cap + 1) * low
+        if not capped.any():
+            break
+        count = capped.sum(1, keepdims=True)
+        rest = total - np.where(capped, load, 0.0).sum(1, keepdims=True)
+        rest_extra = extra - cap * count
+        high = rest / np.maximum(rest_extra, 1)
+        low = rest / np.maximum(rest_extra + num_experts - count, 1)
+    fine = (rest[:, 0] > 0) & (rest_extra[:, 0] > 0)
+    high, low = np.where(fine[:, None], high, 1.0), np.where(fine[:, None], low, 1.0)
+    # Won for certain: the priorities above the high end (fewer than M in all while an expert
+    # is uncapped, so all above the cutoff); the window holds every priority at or above the
+    # low end. The factors keep rounding on the safe side (a wider window).
+    won = np.clip(np.ceil(load / high * (1 - _ROUNDING)) - 1, 0, cap).astype(np.int64)
+    top = np.clip(np.floor(load / low * (1 + _ROUNDING)), 0, cap).astype(np.int64)
+    span = np.maximum(top - won, 0).ravel()
+    cell = np.repeat(np.arange(rows * num_experts), span)
+    kth = np.arange(cell.size) - np.repeat(np.cumsum(span) - span, span)
+    kth += won.ravel()[cell] + 1
+    width = span.reshape(rows, num_experts).sum(1)
+    row = cell // num_experts
+    column = np.arange(cell.size) - np.repeat(np.cumsum(width) - width, width)
+    priority = np.full((rows, int(width.max(initial=0))), -1.0)  # -1: below every priority
+    priority[row, column] = load.ravel()[cell] / kth
+    tie_order = np.zeros(priority.shape, dtype=np.int64)
+    tie_order[row, column] = kth * num_experts + cell % num_experts
+    need = extra - won.sum(1)
+    missed = ~fine | (need < 1) | ((priority >= low).sum(1) < need)
+    extras = won
+    ok = np.flatnonzero(~missed)
+    if ok.size:
+        chosen = np.zeros(priority.shape, dtype=bool)
+        chosen[ok] = _largest(priority[ok], tie_order[ok], need[ok])
+        extras += np.bincount(cell[chosen[row, column]], minlength=rows * num_experts).reshape(
+            rows, num_experts
+        )
+    return extras, missed
+
+
+def _bounded_extras(load: np.ndarray, extra: int, cap: int) -> np.ndarray:
+    """int64 [B, E]: extra replicas per expert (at most ``cap``) from every candidate the
+    load-rank bound admits (see the module docstring)."""
+    rows, num_experts = load.shape
     contenders = min(extra, num_experts)
     heaviest = descending_order(load)[:, :contenders] + np.arange(rows)[:, None] * num_experts
     top = load.ravel()[heaviest]  # [B, contenders], heaviest first
     # Candidate (i, k): the k-th extra replica of the expert of load rank i, grouped by i.
-    per_expert = np.minimum(extra // np.arange(1, contenders + 1), max_replicas - 1)
+    per_expert = np.minimum(extra // np.arange(1, contenders + 1), cap)
     rank_of = np.repeat(np.arange(contenders), per_expert)
     starts = np.cumsum(per_expert) - per_expert
     kth = np.arange(rank_of.size) - starts[rank_of] + 1
     priority = top[:, rank_of] / kth  # [B, C]; falls with k and with i
-    # The extra-th largest priority, by an integer sort (see ``descending_order``); a
+    tie_order = kth * rank_of.size + np.arange(rank_of.size)
+    chosen = _largest(priority, tie_order, np.full(rows, extra))
+    extras = np.bincount(heaviest[:, rank_of][chosen], minlength=rows * num_experts)
+    return extras.reshape(rows, num_experts)
+
+
+def _largest(priority: np.ndarray, tie_order: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """bool [B, W]: the ``wanted[b]`` largest of ``priority`` float64 [B, W] in every row; of
+    equal priorities at the cutoff the lowest ``tie_order`` (int64, [B, W] or [W]) first.
+
+    Exact ties (integer or Zipf loads) go lowest k first, then the heavier expert, so that the
+    tied replicas go to as many experts as possible."""
+    # The wanted-th largest priority, by an integer sort (see ``descending_order``); a
     # partition where the candidates are many (linear instead of n log n).
     keys = priority.view(np.int64)
     width = keys.shape[1]
-    if width > _PARTITION_FROM:
-        cutoff = np.partition(keys, width - extra, axis=1)[:, width - extra, None]
+    if width > _PARTITION_FROM and (wanted == wanted[0]).all():
+        cutoff = np.partition(keys, width - wanted[0], axis=1)[:, width - wanted[0], None]
     else:
-        cutoff = np.sort(keys, axis=1)[:, -extra, None]
+        cutoff = np.take_along_axis(np.sort(keys, axis=1), (width - wanted)[:, None], axis=1)
     cutoff = cutoff.view(np.float64)
     chosen = priority > cutoff
     tied = priority == cutoff
-    wanted = extra - chosen.sum(1, keepdims=True)
-    if (tied.sum(1, keepdims=True) > wanted).any():
-        # Exact ties at the cutoff (integer or Zipf loads): lowest k first, then the heavier
-        # expert, so that the tied replicas go to as many experts as possible.
-        tie_order = kth * rank_of.size + np.arange(rank_of.size)
+    left = wanted[:, None] - chosen.sum(1, keepdims=True)
+    if (tied.sum(1, keepdims=True) > left).any():
         tie_key = np.sort(np.where(tied, tie_order, np.iinfo(np.int64).max), axis=1)
-        last = np.take_along_axis(tie_key, np.maximum(wanted - 1, 0), axis=1)
-        tied &= (tie_order <= last) & (wanted > 0)
-    chosen |= tied
-    extras = np.bincount(heaviest[:, rank_of][chosen], minlength=rows * num_experts)
-    return extras.reshape(rows, num_experts) + 1
+        last = np.take_along_axis(tie_key, np.maximum(left - 1, 0), axis=1)
+        tied &= (tie_order <= last) & (left > 0)
+    return chosen | tied
 
 
 def descending_order(values: np.ndarray) -> np.ndarray:
