@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -26,3 +28,36 @@ def interpreted_row_copy_kernel() -> Any:
         patched._scalar_index = True  # type: ignore[attr-defined]
         interpreter._patch_lang_tensor = patched
     return interpreter.InterpretedFunction(row_copy._copy_rows_kernel.fn)
+
+
+_INTERPRETED: dict[int, Any] = {}
+"""Interpreted copies by ``id`` of the original (hashing a JITFunction walks its dependencies)."""
+
+
+@contextlib.contextmanager
+def interpreted_language() -> Iterator[None]:
+    """While open, triton.language's own jit functions (``tl.sort``, ``tl.cumsum``, ...) run
+    under the interpreter too.
+
+    An ``InterpretedFunction`` made without ``TRITON_INTERPRET=1`` interprets its own body only:
+    a call to one of those functions raises "Cannot call @triton.jit'd outside of the scope of a
+    kernel". This swaps them, in ``triton.language`` and its ``standard`` module, for interpreted
+    copies and puts them back on exit (so the real compiler still sees the originals).
+    """
+    import triton.experimental.gluon  # noqa: F401 (the interpreter imports it lazily, and it
+    import triton.language as tl  # refuses tl functions that are not JITFunctions)
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    swapped = []
+    for module in (tl.standard, tl):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                copy = _INTERPRETED.setdefault(id(value), interpreter.InterpretedFunction(value.fn))
+                swapped.append((module, name, value))
+                setattr(module, name, copy)
+    try:
+        yield
+    finally:
+        for module, name, value in swapped:
+            setattr(module, name, value)

@@ -30,6 +30,10 @@ One launch does everything, so it replays inside a captured CUDA graph on the fi
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,6 +64,11 @@ aggregated vs plain: 2.60 vs 2.00 us at 64 pairs, 3.56 vs 3.33 at 4096, 7.96 vs 
 TALLY_ABOVE_PAIRS = 8192
 """Above this many pairs (and with more than one program) the last program tallies the slot and
 expert counts from the counters instead of one add per pair per count."""
+
+
+SORTED_MAX_EXPERTS = 4096
+"""A ``SORTED`` program holds a vector of every expert's counter (and its sort keys,
+``expert * block + position``, stay far inside int32)."""
 
 
 def triton_available() -> bool:
@@ -183,6 +192,12 @@ if triton is not None:
         # reply: otherwise ptxas starts the modulo's division before the atomic is issued, so the
         # atomic waits for the count load and the two round trips run one after the other.
         count = count | (ordinal >> 31)
+        if not SINGLE:
+            # Arrive as soon as every lane's fetch-add has returned, before this program writes
+            # anything: the release then waits for no store, and the last program learns it is
+            # last while the others still load and store.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(scratch_ptr + num_experts, 1, sem="release")
         routed = valid & (count > 0)
         entry = (ordinal + rank_offset) % tl.maximum(count, 1)
         slot = tl.load(
@@ -198,14 +213,12 @@ if triton is not None:
             else:
                 tl.atomic_add(slot_counts_ptr + slot32, 1, mask=counted, sem="relaxed")
                 tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
-        # Every lane's fetch-add has returned (its value was used above) before anyone clears.
-        tl.debug_barrier()
         if SINGLE:
+            # Every lane's fetch-add has returned (its value was used above) before it clears.
+            tl.debug_barrier()
             last = True
         else:
-            last = tl.atomic_add(scratch_ptr + num_experts, 1, sem="acq_rel") == (
-                tl.num_programs(0) - 1
-            )
+            last = arrived == tl.num_programs(0) - 1
         if last:
             for start in range(0, num_experts, E_BLOCK):
                 experts = start + tl.arange(0, E_BLOCK)
@@ -238,15 +251,136 @@ if triton is not None:
             if not SINGLE:
                 tl.store(scratch_ptr + num_experts, 0)
 
+    @triton.jit
+    def _route_sorted_kernel(
+        ids_ptr,
+        log2phy_ptr,
+        logcnt_ptr,
+        out_ptr,
+        scratch_ptr,
+        slot_counts_ptr,
+        expert_counts_ptr,
+        flag_ptr,
+        num_tokens_ptr,
+        numel,
+        top_k,
+        num_experts,
+        row_stride,
+        rank_offset,
+        RECORD: tl.constexpr,
+        HAS_NUM_TOKENS: tl.constexpr,
+        SINGLE: tl.constexpr,
+        BLOCK: tl.constexpr,
+        E_BLOCK: tl.constexpr,
+    ):
+        """One block of ``BLOCK`` pairs: sort by expert, one fetch-add per expert present."""
+        first_pair = tl.program_id(0) * BLOCK
+        local = tl.arange(0, BLOCK)
+        in_range = local < numel - first_pair
+        raw = tl.load(ids_ptr + first_pair + local, mask=in_range, other=-1)
+        valid = in_range & (raw >= 0) & (raw < num_experts)
+        if HAS_NUM_TOKENS:
+            valid = valid & (local < tl.load(num_tokens_ptr) * top_k - first_pair)
+        experts = tl.arange(0, E_BLOCK)
+        replicas = tl.load(logcnt_ptr + experts, mask=experts < num_experts, other=0).to(tl.int32)
+        # The block's pairs per expert, and where each expert's run starts once sorted.
+        pairs = tl.histogram(tl.where(valid, raw, 0).to(tl.int32), E_BLOCK, mask=valid)
+        run_start = tl.cumsum(pairs, 0) - pairs
+        # Key = expert * BLOCK + position: sorted, each expert's pairs are one run, masked pairs
+        # (expert := num_experts) last; the key's low bits say where the pair came from.
+        key = tl.sort(tl.where(valid, raw, num_experts).to(tl.int32) * BLOCK + local)
+        mine = key % BLOCK
+        expert = key // BLOCK
+        ok = expert < num_experts
+        expert = tl.where(ok, expert, 0)
+        rank = local - tl.gather(run_start, expert, 0)
+        taken = (pairs > 0) & (replicas > 0)
+        if SINGLE:
+            ordinal = rank
+        else:
+            base = tl.atomic_add(scratch_ptr + experts, pairs, mask=taken, sem="relaxed")
+            ordinal = tl.gather(base, expert, 0) + rank
+            # Every fetch-add has returned (gathered above): arrive before writing anything.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(scratch_ptr + num_experts, 1, sem="release")
+        count = tl.gather(replicas, expert, 0)
+        routed = ok & (count > 0)
+        entry = (ordinal + rank_offset) % tl.maximum(count, 1)
+        slot = tl.load(log2phy_ptr + expert * row_stride + entry, mask=routed, other=-1)
+        tl.store(
+            out_ptr + first_pair + mine,
+            slot.to(out_ptr.dtype.element_ty),
+            mask=mine < numel - first_pair,
+        )
+        if RECORD:
+            recording = tl.load(flag_ptr) != 0
+            tl.atomic_add(expert_counts_ptr + experts, pairs, mask=taken & recording, sem="relaxed")
+            # The run's ordinals rank, rank + c, ... all land on this pair's entry: the first c
+            # pairs of the run add the run's share of their entries.
+            run = tl.gather(pairs, expert, 0)
+            share = (run - 1 - rank) // tl.maximum(count, 1) + 1
+            tl.atomic_add(
+                slot_counts_ptr + tl.where(routed, slot, 0).to(tl.int32),
+                share,
+                mask=routed & (rank < count) & recording,
+                sem="relaxed",
+            )
+        if not SINGLE:  # noqa: SIM102 (a compile-time branch: ``arrived`` exists only here)
+            if arrived == tl.num_programs(0) - 1:
+                tl.store(scratch_ptr + experts, 0, mask=experts < num_experts)
+                tl.store(scratch_ptr + num_experts, 0)
 
-def launch_shape(numel: int) -> tuple[int, int, int]:
-    """``(programs, BLOCK, num_warps)`` for ``numel`` pairs, one pair per thread (a warp-wide
-    match must see each pair once): one program up to ``SINGLE_PROGRAM_PAIRS``, else
-    ``MULTI_BLOCK`` pairs per program."""
+
+class Strategy(enum.Enum):
+    """How a launch hands out ordinals."""
+
+    PAIRS = "pairs"
+    """One fetch-add per pair (per group of a warp's lanes with ``LaunchPlan.aggregate``)."""
+    SORTED = "sorted"
+    """Each program sorts its block by expert: one fetch-add per expert present in the block."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The launch of one batch: ``ceil(numel / block)`` programs of ``warps`` warps.
+
+    ``PAIRS`` holds one pair per thread (``block == 32 * warps``); ``aggregate`` (compiled
+    kernel only) and ``tally`` (with more than one program) are its options.
+    """
+
+    strategy: Strategy
+    block: int
+    warps: int
+    aggregate: bool = False
+    tally: bool = False
+
+
+def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
+    """The measured choice for ``numel`` pairs over ``num_experts`` experts (H200 table in
+    docs/moe.md)."""
     if numel <= SINGLE_PROGRAM_PAIRS:
         block = max(32, triton.next_power_of_2(numel))
-        return 1, block, block // 32
-    return triton.cdiv(numel, MULTI_BLOCK), MULTI_BLOCK, MULTI_BLOCK // 32
+        return LaunchPlan(Strategy.PAIRS, block, block // 32)
+    return LaunchPlan(
+        Strategy.PAIRS,
+        MULTI_BLOCK,
+        MULTI_BLOCK // 32,
+        aggregate=numel > AGGREGATE_ABOVE_PAIRS,
+        tally=numel > TALLY_ABOVE_PAIRS,
+    )
+
+
+def _check_plan(plan: LaunchPlan, num_experts: int) -> None:
+    block, warps = plan.block, plan.warps
+    if block < 16 or block & (block - 1) or warps < 1 or warps > 32 or warps & (warps - 1):
+        raise ValueError(f"plan needs a power-of-two block >= 16 and 1-32 warps, got {plan}")
+    if plan.strategy is Strategy.PAIRS and block != 32 * warps:
+        raise ValueError(f"a PAIRS plan holds one pair per thread (block = 32 * warps): {plan}")
+    if plan.strategy is Strategy.SORTED and num_experts > SORTED_MAX_EXPERTS:
+        raise ValueError(
+            f"a SORTED plan holds all {num_experts} experts' counters in one program "
+            f"(at most {SORTED_MAX_EXPERTS})"
+        )
 
 
 def route_and_record(
@@ -261,8 +395,8 @@ def route_and_record(
     record_flag: torch.Tensor | None = None,
     num_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    kernel: Any = None,
-    warp_aggregate: bool | None = None,
+    plan: LaunchPlan | None = None,
+    kernels: Mapping[Strategy, Any] | None = None,
 ) -> torch.Tensor:
     """Physical slot of every (token, choice) pair of one layer, and its load recorded: one launch.
 
@@ -282,10 +416,9 @@ def route_and_record(
         num_tokens: integer [1] on the device: tokens ``>= num_tokens[0]`` are padding, route to
             -1 and are not counted. ``None``: all T are real.
         out: [T, K] of ``topk_ids``' dtype to write into (default: a new tensor).
-        kernel: the Triton kernel to launch (tests pass an interpreted one on CPU).
-        warp_aggregate: aggregate atomics per warp with PTX (default: for the compiled kernel
-            above ``AGGREGATE_ABOVE_PAIRS`` pairs; never for an interpreted one, which cannot
-            run PTX).
+        plan: the launch (default: :func:`plan_launch`'s measured choice).
+        kernels: the Triton kernel per strategy (tests pass interpreted ones on CPU; those
+            cannot run the PTX of ``LaunchPlan.aggregate``).
     Returns:
         [T, K] physical slots (``topk_ids``' dtype), -1 where not routed.
     """
@@ -341,10 +474,26 @@ def route_and_record(
     numel = ids.numel()
     if numel == 0:
         return out
-    programs, block, warps = launch_shape(numel)
-    if warp_aggregate is None:
-        warp_aggregate = kernel is None and numel > AGGREGATE_ABOVE_PAIRS
-    (_route_kernel if kernel is None else kernel)[(programs,)](
+    if plan is None:
+        plan = plan_launch(numel, num_experts)
+        if kernels is not None:
+            plan = dataclasses.replace(plan, aggregate=False)
+    _check_plan(plan, num_experts)
+    programs = triton.cdiv(numel, plan.block)
+    if kernels is None:
+        kernels = {Strategy.PAIRS: _route_kernel, Strategy.SORTED: _route_sorted_kernel}
+    kernel = kernels[plan.strategy]
+    options: dict[str, Any] = (
+        {
+            "WARP_AGGREGATE": plan.aggregate,
+            "TALLY": slot_counts is not None and plan.tally and programs > 1,
+            "E_BLOCK": min(1024, triton.next_power_of_2(num_experts)),
+            "R_TILE": 4,
+        }
+        if plan.strategy is Strategy.PAIRS
+        else {"E_BLOCK": max(16, triton.next_power_of_2(num_experts))}
+    )
+    kernel[(programs,)](
         ids,
         log2phy,
         logcnt,
@@ -362,11 +511,8 @@ def route_and_record(
         RECORD=slot_counts is not None,
         HAS_NUM_TOKENS=num_tokens is not None,
         SINGLE=programs == 1,
-        WARP_AGGREGATE=warp_aggregate,
-        TALLY=slot_counts is not None and programs > 1 and numel > TALLY_ABOVE_PAIRS,
-        BLOCK=block,
-        E_BLOCK=min(1024, triton.next_power_of_2(num_experts)),
-        R_TILE=4,
-        num_warps=warps,
+        BLOCK=plan.block,
+        num_warps=plan.warps,
+        **options,
     )
     return out
