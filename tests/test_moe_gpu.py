@@ -181,11 +181,20 @@ def _check_routed(
         None,
         rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8),
         rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, aggregate=True),
-        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, aggregate=True, tally=True),
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, aggregate=True, tally=rk.Tally.ALL),
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, tally=rk.Tally.EXPERTS),
         rk.LaunchPlan(rk.Strategy.SORTED, 256, 8),
-        rk.LaunchPlan(rk.Strategy.SORTED, 1024, 32),
+        rk.LaunchPlan(rk.Strategy.SORTED, 1024, 32, tally=rk.Tally.ALL),
     ],
-    ids=["measured", "pairs", "pairs aggregated", "pairs tallied", "sorted 256", "sorted 1024"],
+    ids=[
+        "measured",
+        "pairs",
+        "pairs aggregated",
+        "pairs aggregated tallied",
+        "pairs experts tallied",
+        "sorted 256",
+        "sorted 1024 tallied",
+    ],
 )
 def test_route_kernel_on_cuda_splits_like_the_reference(plan: rk.LaunchPlan | None) -> None:
     """One and many programs, a very hot expert, int32 and int64 ids, three times each (the
@@ -222,7 +231,9 @@ def test_route_kernel_on_cuda_splits_like_the_reference(plan: rk.LaunchPlan | No
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    "plan", [None, rk.LaunchPlan(rk.Strategy.SORTED, 256, 8)], ids=["measured", "sorted"]
+    "plan",
+    [None, rk.LaunchPlan(rk.Strategy.SORTED, 256, 8, tally=rk.Tally.ALL)],
+    ids=["measured", "sorted tallied"],
 )
 def test_route_kernel_replays_in_a_cuda_graph_after_update(plan: rk.LaunchPlan | None) -> None:
     """The kernel (each launch shape) captured once; replays follow a placement written in

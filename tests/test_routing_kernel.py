@@ -40,21 +40,34 @@ def kernels() -> dict[rk.Strategy, Any]:
 
 
 SHAPES = pytest.mark.parametrize(
-    "shape", ["pairs one", "pairs blocks", "pairs tallied", "sorted one", "sorted blocks"]
+    "shape",
+    [
+        "pairs one",
+        "pairs blocks",
+        "pairs experts tallied",
+        "pairs tallied",
+        "sorted one",
+        "sorted blocks",
+        "sorted tallied",
+    ],
 )
 """The launch shapes: per-pair fetch-adds in one program; in blocks of 32 pairs, where the
-last program clears the counters; the same where it also tallies the counts from them; and the
-sorted kernel in one program (no counters) and in blocks of 16 pairs."""
+last program clears the counters; the same where it also adds the expert counts, or all counts,
+from them; the sorted kernel in one program (no counters), in blocks of 16 pairs, and the same
+where the last program adds all counts."""
 
 
 def _plan(shape: str, numel: int) -> rk.LaunchPlan:
     one = max(32, 1 << max(0, numel - 1).bit_length())
+    pairs, sorted_ = rk.Strategy.PAIRS, rk.Strategy.SORTED
     return {
-        "pairs one": rk.LaunchPlan(rk.Strategy.PAIRS, one, one // 32),
-        "pairs blocks": rk.LaunchPlan(rk.Strategy.PAIRS, 32, 1),
-        "pairs tallied": rk.LaunchPlan(rk.Strategy.PAIRS, 32, 1, tally=True),
-        "sorted one": rk.LaunchPlan(rk.Strategy.SORTED, one, 4),
-        "sorted blocks": rk.LaunchPlan(rk.Strategy.SORTED, 16, 1),
+        "pairs one": rk.LaunchPlan(pairs, one, one // 32),
+        "pairs blocks": rk.LaunchPlan(pairs, 32, 1),
+        "pairs experts tallied": rk.LaunchPlan(pairs, 32, 1, tally=rk.Tally.EXPERTS),
+        "pairs tallied": rk.LaunchPlan(pairs, 32, 1, tally=rk.Tally.ALL),
+        "sorted one": rk.LaunchPlan(sorted_, one, 4),
+        "sorted blocks": rk.LaunchPlan(sorted_, 16, 1),
+        "sorted tallied": rk.LaunchPlan(sorted_, 16, 1, tally=rk.Tally.ALL),
     }[shape]
 
 
@@ -80,7 +93,7 @@ def _route(
     slot_counts = torch.full((capacity,), 3, dtype=torch.int32)
     expert_counts = torch.full((experts,), 3, dtype=torch.int32)
     kwargs.setdefault("record_flag", torch.ones(1, dtype=torch.int32))
-    with interpreted_language():
+    with interpreted_language(rk):
         slots = rk.route_and_record(
             ids,
             log2phy,
@@ -104,7 +117,7 @@ def _slot_sets(slots: torch.Tensor, ids: torch.Tensor) -> dict[int, set[int]]:
 
 
 @SHAPES
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(placements(), st.integers(0, 60), st.integers(0, 7), st.integers(0, 2**31))
 def test_kernel_counts_equal_the_reference(
     kernels: dict[rk.Strategy, Any],
@@ -137,7 +150,7 @@ def test_kernel_counts_equal_the_reference(
 
 
 @SHAPES
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 80), st.integers(0, 2**31))
 def test_repeated_row_entries_get_their_multiple(
     kernels: dict[rk.Strategy, Any], shape: str, experts: int, width: int, tokens: int, seed: int
@@ -202,7 +215,7 @@ def test_int32_ids_give_int32_slots_and_an_out_tensor_is_filled(
     placement = Placement(torch.tensor([[0, 1, 0, 2, 0, -1]]), 3, 2)
     ids = torch.tensor([[0, 1], [0, 2], [2, 0], [0, 1]], dtype=torch.int32)
     out = torch.full((4, 2), -7, dtype=torch.int32)
-    with interpreted_language():
+    with interpreted_language(rk):
         got = rk.route_and_record(
             ids,
             placement.log2phy[0],
@@ -256,17 +269,19 @@ def test_measured_plans_compile_for_hopper(pairs: int) -> None:
     signature = {f"{name}_ptr": "*i64" for name in pointers}
     for name in ("scratch", "slot_counts", "expert_counts", "flag", "num_tokens"):
         signature[f"{name}_ptr"] = "*i32"
-    for name in ("numel", "top_k", "num_experts", "row_stride", "rank_offset"):
+    for name in ("numel", "top_k", "num_experts", "row_stride", "rank_offset", "stride"):
         signature[name] = "i32"
     constexprs: dict[str, Any] = {
         "RECORD": True,
         "HAS_NUM_TOKENS": True,
         "SINGLE": single,
+        "TALLY": int(plan.tally),
         "BLOCK": plan.block,
         "E_BLOCK": 256,
+        "R_TILE": 4,
     }
     if plan.strategy is rk.Strategy.PAIRS:
-        constexprs |= {"WARP_AGGREGATE": plan.aggregate, "TALLY": plan.tally, "R_TILE": 4}
+        constexprs["WARP_AGGREGATE"] = plan.aggregate
     kernel = {rk.Strategy.PAIRS: rk._route_kernel, rk.Strategy.SORTED: rk._route_sorted_kernel}
     source = ASTSource(
         fn=kernel[plan.strategy],

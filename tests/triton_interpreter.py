@@ -35,9 +35,9 @@ _INTERPRETED: dict[int, Any] = {}
 
 
 @contextlib.contextmanager
-def interpreted_language() -> Iterator[None]:
-    """While open, triton.language's own jit functions (``tl.sort``, ``tl.cumsum``, ...) run
-    under the interpreter too.
+def interpreted_language(*modules: Any) -> Iterator[None]:
+    """While open, triton.language's own jit functions (``tl.sort``, ``tl.cumsum``, ...) and
+    those of ``modules`` run under the interpreter too.
 
     An ``InterpretedFunction`` made without ``TRITON_INTERPRET=1`` interprets its own body only:
     a call to one of those functions raises "Cannot call @triton.jit'd outside of the scope of a
@@ -50,7 +50,7 @@ def interpreted_language() -> Iterator[None]:
     from triton.runtime.jit import JITFunction
 
     swapped = []
-    for module in (tl.standard, tl):
+    for module in (tl.standard, tl, *modules):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
                 copy = _INTERPRETED.setdefault(id(value), interpreter.InterpretedFunction(value.fn))

@@ -66,6 +66,10 @@ TALLY_ABOVE_PAIRS = 8192
 expert counts from the counters instead of one add per pair per count."""
 
 
+COUNTER_STRIDE = 32
+"""int32s from one expert's counter to the next: one counter per 128-byte line, so atomics on
+different experts' counters do not queue at one line."""
+
 SORTED_MAX_EXPERTS = 4096
 """A ``SORTED`` program holds a vector of every expert's counter (and its sort keys,
 ``expert * block + position``, stay far inside int32)."""
@@ -76,11 +80,12 @@ def triton_available() -> bool:
 
 
 def new_route_scratch(num_experts: int, device: torch.device | str) -> torch.Tensor:
-    """int32 [num_experts + 1] zeros: the counters of one layer's launches (kept zero between
-    launches by the kernel itself; allocate once, e.g. as a buffer of the layer)."""
+    """int32 [(num_experts + 1) * COUNTER_STRIDE] zeros: the counters of one layer's launches
+    (kept zero between launches by the kernel itself; allocate once, e.g. as a buffer of the
+    layer)."""
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    return torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    return torch.zeros((num_experts + 1) * COUNTER_STRIDE, dtype=torch.int32, device=device)
 
 
 if triton is not None:
@@ -148,6 +153,60 @@ if triton is not None:
         return tl.maximum(a, b)
 
     @triton.jit
+    def _tally_and_clear(
+        scratch_ptr,
+        stride,
+        log2phy_ptr,
+        logcnt_ptr,
+        slot_counts_ptr,
+        expert_counts_ptr,
+        recording,
+        num_experts,
+        row_stride,
+        rank_offset,
+        TALLY: tl.constexpr,
+        E_BLOCK: tl.constexpr,
+        R_TILE: tl.constexpr,
+    ):
+        """The last program's tail: every counter back to 0, after adding (``TALLY >= 1``) the
+        batch's pairs per expert to the expert counts and (``TALLY == 2``) each row entry's share
+        of them to its slot count."""
+        for start in range(0, num_experts, E_BLOCK):
+            experts = start + tl.arange(0, E_BLOCK)
+            inside = experts < num_experts
+            if TALLY == 0:
+                tl.store(scratch_ptr + experts * stride, 0, mask=inside)
+            else:
+                pairs = tl.atomic_xchg(
+                    scratch_ptr + experts * stride, 0, mask=inside, sem="relaxed"
+                )
+                replicas = tl.load(logcnt_ptr + experts, mask=inside, other=0).to(tl.int32)
+                take = inside & (replicas > 0) & recording
+                tl.atomic_add(
+                    expert_counts_ptr + experts, pairs, mask=take & (pairs > 0), sem="relaxed"
+                )
+                if TALLY == 2:
+                    # Counter e holds n_e, the batch's valid pairs of expert e; row entry r got
+                    # the ordinals j < n_e with (j + rank_offset) % c == r: n_e // c of them,
+                    # plus one if (r - rank_offset) mod c < n_e % c.
+                    c = tl.maximum(replicas, 1)[:, None]
+                    n = pairs[:, None]
+                    for first in range(0, tl.reduce(replicas, 0, _larger), R_TILE):
+                        r = first + tl.arange(0, R_TILE)[None, :]
+                        has = take[:, None] & (r < replicas[:, None])
+                        row = experts[:, None] * row_stride
+                        entry_slot = tl.load(log2phy_ptr + row + r, mask=has, other=0)
+                        rotated = ((r - rank_offset) % c + c) % c
+                        share = n // c + (rotated < n % c).to(tl.int32)
+                        tl.atomic_add(
+                            slot_counts_ptr + entry_slot,
+                            share,
+                            mask=has & (share > 0),
+                            sem="relaxed",
+                        )
+        tl.store(scratch_ptr + num_experts * stride, 0)
+
+    @triton.jit
     def _route_kernel(  # unannotated: Triton rejects non-constexpr globals such as Any
         ids_ptr,
         log2phy_ptr,
@@ -163,6 +222,7 @@ if triton is not None:
         num_experts,
         row_stride,
         rank_offset,
+        stride,
         RECORD: tl.constexpr,
         HAS_NUM_TOKENS: tl.constexpr,
         SINGLE: tl.constexpr,
@@ -185,9 +245,9 @@ if triton is not None:
         # start only then. An expert without replicas wastes its counter (cleared anyway).
         count = tl.load(logcnt_ptr + expert, mask=valid, other=0).to(tl.int32)
         if WARP_AGGREGATE:
-            ordinal = _warp_fetch_add(scratch_ptr + expert, tl.where(valid, expert, -1))
+            ordinal = _warp_fetch_add(scratch_ptr + expert * stride, tl.where(valid, expert, -1))
         else:
-            ordinal = tl.atomic_add(scratch_ptr + expert, 1, mask=valid, sem="relaxed")
+            ordinal = tl.atomic_add(scratch_ptr + expert * stride, 1, mask=valid, sem="relaxed")
         # ``ordinal >> 31`` is 0 (ordinals are < 2**31), but ties the count's use to the fetch-add's
         # reply: otherwise ptxas starts the modulo's division before the atomic is issued, so the
         # atomic waits for the count load and the two round trips run one after the other.
@@ -197,22 +257,28 @@ if triton is not None:
             # anything: the release then waits for no store, and the last program learns it is
             # last while the others still load and store.
             tl.debug_barrier()
-            arrived = tl.atomic_add(scratch_ptr + num_experts, 1, sem="release")
+            arrived = tl.atomic_add(scratch_ptr + num_experts * stride, 1, sem="release")
         routed = valid & (count > 0)
         entry = (ordinal + rank_offset) % tl.maximum(count, 1)
         slot = tl.load(
             log2phy_ptr + expert.to(tl.int64) * row_stride + entry, mask=routed, other=-1
         )
         tl.store(out_ptr + offs, slot.to(out_ptr.dtype.element_ty), mask=in_range)
-        if RECORD and not TALLY:
+        if RECORD:
             counted = routed & recording
             slot32 = tl.where(counted, slot, 0).to(tl.int32)
-            if WARP_AGGREGATE:
-                _warp_add(slot_counts_ptr + slot32, tl.where(counted, slot32, -1))
-                _warp_add(expert_counts_ptr + expert, tl.where(counted, expert, -1))
-            else:
-                tl.atomic_add(slot_counts_ptr + slot32, 1, mask=counted, sem="relaxed")
-                tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
+            if TALLY < 2:
+                if WARP_AGGREGATE:
+                    _warp_add(slot_counts_ptr + slot32, tl.where(counted, slot32, -1))
+                else:
+                    tl.atomic_add(slot_counts_ptr + slot32, 1, mask=counted, sem="relaxed")
+            if TALLY < 1:
+                if WARP_AGGREGATE:
+                    _warp_add(expert_counts_ptr + expert, tl.where(counted, expert, -1))
+                else:
+                    tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
+        else:
+            recording = False
         if SINGLE:
             # Every lane's fetch-add has returned (its value was used above) before it clears.
             tl.debug_barrier()
@@ -220,36 +286,21 @@ if triton is not None:
         else:
             last = arrived == tl.num_programs(0) - 1
         if last:
-            for start in range(0, num_experts, E_BLOCK):
-                experts = start + tl.arange(0, E_BLOCK)
-                inside = experts < num_experts
-                if TALLY:
-                    # Counter e holds n_e, the batch's valid pairs of expert e; row entry r got
-                    # the ordinals j < n_e with (j + rank_offset) % c == r: n_e // c of them,
-                    # plus one if (r - rank_offset) mod c < n_e % c.
-                    pairs = tl.atomic_xchg(scratch_ptr + experts, 0, mask=inside, sem="relaxed")
-                    replicas = tl.load(logcnt_ptr + experts, mask=inside, other=0).to(tl.int32)
-                    take = inside & (replicas > 0) & recording
-                    tl.atomic_add(expert_counts_ptr + experts, pairs, mask=take, sem="relaxed")
-                    c = tl.maximum(replicas, 1)[:, None]
-                    n = pairs[:, None]
-                    for first in range(0, tl.reduce(replicas, 0, _larger), R_TILE):
-                        r = first + tl.arange(0, R_TILE)[None, :]
-                        has = take[:, None] & (r < replicas[:, None])
-                        row = experts.to(tl.int64)[:, None] * row_stride
-                        entry_slot = tl.load(log2phy_ptr + row + r, mask=has, other=0)
-                        rotated = ((r - rank_offset) % c + c) % c
-                        share = n // c + (rotated < n % c).to(tl.int32)
-                        tl.atomic_add(
-                            slot_counts_ptr + entry_slot,
-                            share,
-                            mask=has & (share > 0),
-                            sem="relaxed",
-                        )
-                else:
-                    tl.store(scratch_ptr + experts, 0, mask=inside)
-            if not SINGLE:
-                tl.store(scratch_ptr + num_experts, 0)
+            _tally_and_clear(
+                scratch_ptr,
+                stride,
+                log2phy_ptr,
+                logcnt_ptr,
+                slot_counts_ptr,
+                expert_counts_ptr,
+                recording,
+                num_experts,
+                row_stride,
+                rank_offset,
+                TALLY,
+                E_BLOCK,
+                R_TILE,
+            )
 
     @triton.jit
     def _route_sorted_kernel(
@@ -267,11 +318,14 @@ if triton is not None:
         num_experts,
         row_stride,
         rank_offset,
+        stride,
         RECORD: tl.constexpr,
         HAS_NUM_TOKENS: tl.constexpr,
         SINGLE: tl.constexpr,
+        TALLY: tl.constexpr,
         BLOCK: tl.constexpr,
         E_BLOCK: tl.constexpr,
+        R_TILE: tl.constexpr,
     ):
         """One block of ``BLOCK`` pairs: sort by expert, one fetch-add per expert present."""
         first_pair = tl.program_id(0) * BLOCK
@@ -298,11 +352,11 @@ if triton is not None:
         if SINGLE:
             ordinal = rank
         else:
-            base = tl.atomic_add(scratch_ptr + experts, pairs, mask=taken, sem="relaxed")
+            base = tl.atomic_add(scratch_ptr + experts * stride, pairs, mask=taken, sem="relaxed")
             ordinal = tl.gather(base, expert, 0) + rank
             # Every fetch-add has returned (gathered above): arrive before writing anything.
             tl.debug_barrier()
-            arrived = tl.atomic_add(scratch_ptr + num_experts, 1, sem="release")
+            arrived = tl.atomic_add(scratch_ptr + num_experts * stride, 1, sem="release")
         count = tl.gather(replicas, expert, 0)
         routed = ok & (count > 0)
         entry = (ordinal + rank_offset) % tl.maximum(count, 1)
@@ -314,21 +368,40 @@ if triton is not None:
         )
         if RECORD:
             recording = tl.load(flag_ptr) != 0
-            tl.atomic_add(expert_counts_ptr + experts, pairs, mask=taken & recording, sem="relaxed")
-            # The run's ordinals rank, rank + c, ... all land on this pair's entry: the first c
-            # pairs of the run add the run's share of their entries.
-            run = tl.gather(pairs, expert, 0)
-            share = (run - 1 - rank) // tl.maximum(count, 1) + 1
-            tl.atomic_add(
-                slot_counts_ptr + tl.where(routed, slot, 0).to(tl.int32),
-                share,
-                mask=routed & (rank < count) & recording,
-                sem="relaxed",
-            )
+            if TALLY < 1:
+                tl.atomic_add(
+                    expert_counts_ptr + experts, pairs, mask=taken & recording, sem="relaxed"
+                )
+            if TALLY < 2:
+                # The run's ordinals rank, rank + c, ... all land on this pair's entry: the
+                # first c pairs of the run add the run's share of their entries.
+                run = tl.gather(pairs, expert, 0)
+                share = (run - 1 - rank) // tl.maximum(count, 1) + 1
+                tl.atomic_add(
+                    slot_counts_ptr + tl.where(routed, slot, 0).to(tl.int32),
+                    share,
+                    mask=routed & (rank < count) & recording,
+                    sem="relaxed",
+                )
+        else:
+            recording = False
         if not SINGLE:  # noqa: SIM102 (a compile-time branch: ``arrived`` exists only here)
             if arrived == tl.num_programs(0) - 1:
-                tl.store(scratch_ptr + experts, 0, mask=experts < num_experts)
-                tl.store(scratch_ptr + num_experts, 0)
+                _tally_and_clear(
+                    scratch_ptr,
+                    stride,
+                    log2phy_ptr,
+                    logcnt_ptr,
+                    slot_counts_ptr,
+                    expert_counts_ptr,
+                    recording,
+                    num_experts,
+                    row_stride,
+                    rank_offset,
+                    TALLY,
+                    E_BLOCK,
+                    R_TILE,
+                )
 
 
 class Strategy(enum.Enum):
@@ -340,19 +413,30 @@ class Strategy(enum.Enum):
     """Each program sorts its block by expert: one fetch-add per expert present in the block."""
 
 
+class Tally(enum.IntEnum):
+    """Which counts the last program adds from the final counters instead of each program."""
+
+    NONE = 0
+    EXPERTS = 1
+    """The expert counts (each counter is its expert's pairs in the batch)."""
+    ALL = 2
+    """The expert counts and each row entry's share of them as slot counts."""
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """The launch of one batch: ``ceil(numel / block)`` programs of ``warps`` warps.
 
     ``PAIRS`` holds one pair per thread (``block == 32 * warps``); ``aggregate`` (compiled
-    kernel only) and ``tally`` (with more than one program) are its options.
+    kernel only) is its option. ``tally`` applies where there are counters: ``PAIRS``, and
+    ``SORTED`` with more than one program.
     """
 
     strategy: Strategy
     block: int
     warps: int
     aggregate: bool = False
-    tally: bool = False
+    tally: Tally = Tally.NONE
 
 
 def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
@@ -366,7 +450,7 @@ def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
         MULTI_BLOCK,
         MULTI_BLOCK // 32,
         aggregate=numel > AGGREGATE_ABOVE_PAIRS,
-        tally=numel > TALLY_ABOVE_PAIRS,
+        tally=Tally.ALL if numel > TALLY_ABOVE_PAIRS else Tally.NONE,
     )
 
 
@@ -405,7 +489,8 @@ def route_and_record(
         log2phy: int64 [E, R] this layer's row entries (e.g. ``buffers.log2phy[layer]``), unit
             stride along R; -1 padded.
         logcnt: int64 [E] entries used per row (``buffers.logcnt[layer]``); 0 routes to -1.
-        scratch: int32 [E + 1] from :func:`new_route_scratch`, zero between launches.
+        scratch: int32 [(E + 1) * s] from :func:`new_route_scratch`, zero between launches:
+            counter e at ``e * s``.
         rank_offset: rotates the entry choice (pass the EP rank).
         slot_counts: int32 [capacity], e.g. ``LoadRecord.slot_counts[layer]``: += routed pairs
             per slot. Given together with ``expert_counts`` and ``record_flag``.
@@ -439,11 +524,13 @@ def route_and_record(
         )
     if (
         scratch.dtype != torch.int32
-        or scratch.shape != (num_experts + 1,)
+        or scratch.dim() != 1
         or scratch.stride(0) != 1
+        or scratch.numel() % (num_experts + 1)
     ):
         raise TypeError(
-            f"scratch must be int32 [{num_experts + 1}], got {scratch.dtype} {tuple(scratch.shape)}"
+            f"scratch must be a contiguous int32 [(E + 1) * s] for E = {num_experts}, got "
+            f"{scratch.dtype} {tuple(scratch.shape)}"
         )
     record = (slot_counts, expert_counts, record_flag)
     if any(t is None for t in record) and any(t is not None for t in record):
@@ -483,16 +570,17 @@ def route_and_record(
     if kernels is None:
         kernels = {Strategy.PAIRS: _route_kernel, Strategy.SORTED: _route_sorted_kernel}
     kernel = kernels[plan.strategy]
-    options: dict[str, Any] = (
-        {
+    counted = slot_counts is not None and (plan.strategy is Strategy.PAIRS or programs > 1)
+    options: dict[str, Any] = {
+        "TALLY": int(plan.tally) if counted else 0,
+        "E_BLOCK": max(16, triton.next_power_of_2(num_experts)),
+        "R_TILE": 4,
+    }
+    if plan.strategy is Strategy.PAIRS:
+        options |= {
             "WARP_AGGREGATE": plan.aggregate,
-            "TALLY": slot_counts is not None and plan.tally and programs > 1,
             "E_BLOCK": min(1024, triton.next_power_of_2(num_experts)),
-            "R_TILE": 4,
         }
-        if plan.strategy is Strategy.PAIRS
-        else {"E_BLOCK": max(16, triton.next_power_of_2(num_experts))}
-    )
     kernel[(programs,)](
         ids,
         log2phy,
@@ -508,6 +596,7 @@ def route_and_record(
         num_experts,
         log2phy.stride(0),
         rank_offset,
+        scratch.numel() // (num_experts + 1),
         RECORD=slot_counts is not None,
         HAS_NUM_TOKENS=num_tokens is not None,
         SINGLE=programs == 1,
