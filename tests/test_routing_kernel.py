@@ -255,15 +255,18 @@ def test_bad_arguments_raise_clearly() -> None:
         rk.new_route_scratch(0, "cpu")
 
 
-@pytest.mark.parametrize("pairs", [8, 1024, 4096, 16384 * 8])
-def test_measured_plans_compile_for_hopper(pairs: int) -> None:
-    """The real compiler (no GPU needed) builds sm_90 code for each plan ``plan_launch`` picks
-    (E = 256); a warp-aggregated plan has its warp-wide match in the PTX."""
+@pytest.mark.parametrize(
+    ("pairs", "experts"),
+    [(8, 256), (1024, 384), (4096, 64), (4096, 256), (32768, 384), (2**17, 64)],
+)
+def test_measured_plans_compile_for_hopper(pairs: int, experts: int) -> None:
+    """The real compiler (no GPU needed) builds sm_90 code for each plan ``plan_launch`` picks;
+    a warp-aggregated plan has its warp-wide match in the PTX."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    plan = rk.plan_launch(pairs, 256)
+    plan = rk.plan_launch(pairs, experts)
     single = pairs <= plan.block
     pointers = ("ids", "log2phy", "logcnt", "out")
     signature = {f"{name}_ptr": "*i64" for name in pointers}
@@ -277,7 +280,7 @@ def test_measured_plans_compile_for_hopper(pairs: int) -> None:
         "SINGLE": single,
         "TALLY": int(plan.tally),
         "BLOCK": plan.block,
-        "E_BLOCK": 256,
+        "E_BLOCK": experts if experts & (experts - 1) == 0 else 512,
         "R_TILE": 4,
     }
     if plan.strategy is rk.Strategy.PAIRS:

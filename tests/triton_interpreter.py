@@ -30,6 +30,29 @@ def interpreted_row_copy_kernel() -> Any:
     return interpreter.InterpretedFunction(row_copy._copy_rows_kernel.fn)
 
 
+def _nested_function_class() -> Any:
+    from triton.runtime import interpreter
+
+    class Nested(interpreter.InterpretedFunction):  # type: ignore[misc]
+        """An interpreted function called from an interpreted kernel that undoes its own
+        patches of ``triton.language`` on return (``InterpretedFunction`` leaves those of
+        modules the kernel does not name, such as ``tl.core``, in place, and the real compiler
+        then fails on them)."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            scope = interpreter._patch_lang(self.fn)
+            try:
+                return self.rewrite()(*args, **kwargs)
+            finally:
+                scope.restore()
+
+    return Nested
+
+
+def _nested(fn: Any) -> Any:
+    return _nested_function_class()(fn)
+
+
 _INTERPRETED: dict[int, Any] = {}
 """Interpreted copies by ``id`` of the original (hashing a JITFunction walks its dependencies)."""
 
@@ -46,14 +69,13 @@ def interpreted_language(*modules: Any) -> Iterator[None]:
     """
     import triton.experimental.gluon  # noqa: F401 (the interpreter imports it lazily, and it
     import triton.language as tl  # refuses tl functions that are not JITFunctions)
-    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     swapped = []
     for module in (tl.standard, tl, *modules):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction):
-                copy = _INTERPRETED.setdefault(id(value), interpreter.InterpretedFunction(value.fn))
+                copy = _INTERPRETED.setdefault(id(value), _nested(value.fn))
                 swapped.append((module, name, value))
                 setattr(module, name, copy)
     try:

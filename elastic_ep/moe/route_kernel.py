@@ -49,22 +49,29 @@ SINGLE_PROGRAM_PAIRS = 1024
 no cross-program "last one clears" atomic on the critical path of small (decode) batches."""
 
 MULTI_BLOCK = 256
-"""Pairs per program above ``SINGLE_PROGRAM_PAIRS`` (8 warps). One pair per thread: each pair's
-fetch-add waits for its reply before the next can use the result, so a thread holding several
-pairs would pay those round trips one after another (4 pairs per thread measured 1.1-3.7x slower
-on H200)."""
-
+"""Pairs per ``PAIRS`` program above ``SINGLE_PROGRAM_PAIRS`` (8 warps). One pair per thread:
+each pair's fetch-add waits for its reply before the next can use the result, so a thread
+holding several pairs would pay those round trips one after another (4 pairs per thread
+measured 1.1-3.7x slower on H200)."""
 
 AGGREGATE_ABOVE_PAIRS = 8192
-"""Above this many pairs the compiled kernel aggregates its atomics per warp (a hot expert's
-queue up at one address); below it the match costs more than it saves. On H200, E=256, top-8,
-aggregated vs plain: 2.60 vs 2.00 us at 64 pairs, 3.56 vs 3.33 at 4096, 7.96 vs 8.65 at 32768,
-18.2 vs 42.5 at 131072 (``bench_routing.py --sweep``)."""
+"""Above this many pairs ``PAIRS`` aggregates its atomics per warp (a hot expert's queue up at
+one address) and the last program tallies every count; below it the match and the tally's
+tail cost more than they save (``bench_routing.py --sweep``, H200: at 512 tokens plain
+3.3-3.6 us against 3.5-5.4 aggregated or tallied; at 4096 tokens aggregated and tallied
+4.7-6.2 us against 8.8-16.6 plain)."""
 
-TALLY_ABOVE_PAIRS = 8192
-"""Above this many pairs (and with more than one program) the last program tallies the slot and
-expert counts from the counters instead of one add per pair per count."""
+TALLY_EXPERTS_UP_TO = 64
+"""Between ``SINGLE_PROGRAM_PAIRS`` and ``AGGREGATE_ABOVE_PAIRS`` pairs, with at most this many
+experts, the last program adds the expert counts (few experts: the per-pair adds queue at a
+few addresses; 3.3-3.7 us against 3.9-4.3 at E = 64, 512 tokens)."""
 
+SORTED_ABOVE_PAIRS = 65536
+SORTED_UP_TO_EXPERTS = 64
+"""Above ``SORTED_ABOVE_PAIRS`` pairs with at most ``SORTED_UP_TO_EXPERTS`` experts the sorted
+blocks win (E = 64, 16384 tokens: 6.4-7.7 us against 8.8-13.0 aggregated); with more experts a
+block holds nearly every expert once and its per-expert fetch-adds gain nothing (E = 384:
+13.2-13.5 us against 9.5-10.5)."""
 
 COUNTER_STRIDE = 32
 """int32s from one expert's counter to the next: one counter per 128-byte line, so atomics on
@@ -440,17 +447,18 @@ class LaunchPlan:
 
 
 def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
-    """The measured choice for ``numel`` pairs over ``num_experts`` experts (H200 table in
-    docs/moe.md)."""
+    """The measured choice for ``numel`` pairs over ``num_experts`` experts (H200, thresholds
+    above; the table is in docs/moe.md)."""
     if numel <= SINGLE_PROGRAM_PAIRS:
         block = max(32, triton.next_power_of_2(numel))
         return LaunchPlan(Strategy.PAIRS, block, block // 32)
+    if numel <= AGGREGATE_ABOVE_PAIRS:
+        tally = Tally.EXPERTS if num_experts <= TALLY_EXPERTS_UP_TO else Tally.NONE
+        return LaunchPlan(Strategy.PAIRS, MULTI_BLOCK, MULTI_BLOCK // 32, tally=tally)
+    if numel > SORTED_ABOVE_PAIRS and num_experts <= SORTED_UP_TO_EXPERTS:
+        return LaunchPlan(Strategy.SORTED, 256, 8, tally=Tally.ALL)
     return LaunchPlan(
-        Strategy.PAIRS,
-        MULTI_BLOCK,
-        MULTI_BLOCK // 32,
-        aggregate=numel > AGGREGATE_ABOVE_PAIRS,
-        tally=Tally.ALL if numel > TALLY_ABOVE_PAIRS else Tally.NONE,
+        Strategy.PAIRS, MULTI_BLOCK, MULTI_BLOCK // 32, aggregate=True, tally=Tally.ALL
     )
 
 
