@@ -6,8 +6,9 @@ hottest experts (at most 4 replicas each, 8 ranks), skewed loads (softmax of 1.5
 logits), and 8 batches of top-k ids drawn from them. Each path maps logical ids to physical slots
 and adds per-slot counts into a fixed-address buffer behind a device flag:
 
-- ``kernel``: ``route_kernel.route_and_record`` (one launch; ordinals from atomics, exact split),
-  int32 ids like vLLM's, and int64 ids as the layer passes them;
+- ``kernel``: ``route_kernel.route_and_record`` under ``plan_launch``'s plans (one launch;
+  ordinals from atomics, exact split), int32 ids like vLLM's, and int64 ids as the layer passes
+  them;
 - ``torch``: ``routing.route_to_slots`` then ``LoadRecord.record_`` (the CPU path, on CUDA);
 - ``vllm``: vLLM's fused kernel (hash of the token index picks the replica), int32 ids.
 
@@ -27,9 +28,10 @@ kernel's source from) and imports that:
         vllm/model_executor/layers/fused_moe/router/base_router.py -d .carry/vllm_router
     python benchmarks/bench_routing.py --vllm .carry/vllm_router/base_router.py [--repeats 50]
 
-``--sweep``: also the kernel's thresholds (``route_kernel.AGGREGATE_ABOVE_PAIRS``,
-``TALLY_ABOVE_PAIRS``; ``--aggregate-above``/``--tally-above`` set them for the table) at E=64 and
-E=384, top-8, beside vLLM.
+``--sweep``: instead of the table, every candidate launch plan (``candidate_plans``: per-pair
+fetch-adds plain or warp-aggregated, counts per pair or tallied by the last program, counters
+packed or one per line; sorted blocks of 128-2048 pairs) at every size beside vLLM's kernel: the
+measurements behind ``route_plan.plan_launch``.
 """
 
 from __future__ import annotations

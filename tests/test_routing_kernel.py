@@ -253,6 +253,21 @@ def test_bad_arguments_raise_clearly() -> None:
         rk.route_and_record(ids, l2p, cnt, scratch, num_tokens=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="num_experts"):
         rk.new_route_scratch(0, "cpu")
+    for plan, problem in [
+        (rk.LaunchPlan(rk.Strategy.SORTED, 48, 2), "power-of-two block"),
+        (rk.LaunchPlan(rk.Strategy.PAIRS, 256, 4), "one pair per thread"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            rk.route_and_record(ids, l2p, cnt, scratch, plan=plan)
+    many = rk.SORTED_MAX_EXPERTS + 1
+    with pytest.raises(ValueError, match="at most"):
+        rk.route_and_record(
+            ids,
+            torch.zeros(many, 1, dtype=torch.int64),
+            torch.ones(many, dtype=torch.int64),
+            rk.new_route_scratch(many, "cpu"),
+            plan=rk.LaunchPlan(rk.Strategy.SORTED, 32, 1),
+        )
 
 
 @pytest.mark.parametrize(

@@ -10,78 +10,71 @@ land in, so the slot of one pair may differ from the reference's between runs. T
 exact over row entries: an entry that appears k times in ``log2phy[e]`` gets k shares.
 
 One launch does everything, so it replays inside a captured CUDA graph on the fixed-address
-:class:`~elastic_ep.eplb.PlacementBuffers` rows:
+:class:`~elastic_ep.eplb.PlacementBuffers` rows. Two strategies hand out the ordinals
+(:func:`plan_launch` picks one per batch size from H200 measurements):
 
-1. Each program loads a block of ids; invalid ids (outside ``[0, E)``) and the pairs of padded
-   tokens (``>= num_tokens``, read on the device) route to -1 and take no ordinal.
-2. Ordinal = fetch-add on ``scratch[e]``. For large batches on CUDA (``AGGREGATE_ABOVE_PAIRS``) the lanes of a warp that hold
-   the same expert first agree (``match.any``) and one lane adds their number, so a hot expert
-   costs one atomic per warp, not one per pair; otherwise each pair adds its own.
-3. If recording (``record_flag[0] != 0``, read on the device), add 1 per routed pair to
-   ``slot_counts[slot]`` and ``expert_counts[e]``.
-4. The counters go back to zero for the next launch: after a barrier, by the program itself if it
-   is the only one, else by the last program to finish (each bumps ``scratch[E]`` once; the one
-   that reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one
-   scratch per layer, one stream). For large batches (``TALLY_ABOVE_PAIRS``) step 3 moves here: the last program swaps
-   each counter for 0, adds it to ``expert_counts[e]``, and adds to each row entry its share of
-   the ordinals (the split is a pure function of ``n_e``, ``logcnt[e]`` and ``rank_offset``), so
-   the per-pair work is a single atomic, as in a hashing kernel.
+- ``PAIRS``: one pair per thread; ordinal = fetch-add on expert ``e``'s counter. Above
+  ``AGGREGATE_ABOVE_PAIRS`` the lanes of a warp that hold the same expert first agree
+  (``match.any``) and one lane adds their number, so a hot expert costs one atomic per warp.
+- ``SORTED``: each program sorts its block of pairs by expert (key ``expert * block +
+  position``), counts each expert's run (``tl.histogram``), adds each run's length to its
+  expert's counter with one fetch-add, and gives the run's pairs ``base + rank in the run``. One
+  program alone needs no counters: the ranks are the ordinals.
+
+Around that, for both:
+
+1. Invalid ids (outside ``[0, E)``) and the pairs of padded tokens (``>= num_tokens``, read on
+   the device) route to -1, take no ordinal and are not counted.
+2. If recording (``record_flag[0] != 0``, read on the device), the counts are added to
+   ``slot_counts`` and ``expert_counts``: by each program (``PAIRS``: 1 per pair; ``SORTED``: each
+   run's length, and to each entry its share of the run), or, with ``Tally``, by the last program
+   from the final counters (expert ``e`` got ``n_e`` pairs; entry ``r`` of its row
+   ``n_e // c`` plus one if ``(r - rank_offset) mod c < n_e % c``).
+3. The counters go back to zero for the next launch, so nothing else is launched: after a
+   barrier by the program itself if it is the only one, else by the last program (each bumps the
+   arrival counter once its fetch-adds have returned, before it writes anything; the one that
+   reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one scratch
+   per layer, one stream). Counters sit one per 128-byte line (``COUNTER_STRIDE``) when several
+   programs share them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from elastic_ep.moe.route_plan import (
+    COUNTER_STRIDE,
+    SINGLE_PROGRAM_PAIRS,
+    SORTED_MAX_EXPERTS,
+    LaunchPlan,
+    Strategy,
+    Tally,
+    check_plan,
+    plan_launch,
+)
+
+__all__ = [
+    "COUNTER_STRIDE",
+    "SINGLE_PROGRAM_PAIRS",
+    "SORTED_MAX_EXPERTS",
+    "LaunchPlan",
+    "Strategy",
+    "Tally",
+    "new_route_scratch",
+    "plan_launch",
+    "route_and_record",
+    "triton_available",
+]
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the torch path still routes; only the CUDA kernel needs Triton
     triton = None
-
-SINGLE_PROGRAM_PAIRS = 1024
-"""Batches of at most this many pairs run as one program (up to 32 warps, one pair per thread):
-no cross-program "last one clears" atomic on the critical path of small (decode) batches."""
-
-MULTI_BLOCK = 256
-"""Pairs per ``PAIRS`` program above ``SINGLE_PROGRAM_PAIRS`` (8 warps). One pair per thread:
-each pair's fetch-add waits for its reply before the next can use the result, so a thread
-holding several pairs would pay those round trips one after another (4 pairs per thread
-measured 1.1-3.7x slower on H200)."""
-
-AGGREGATE_ABOVE_PAIRS = 8192
-"""Above this many pairs ``PAIRS`` aggregates its atomics per warp (a hot expert's queue up at
-one address) and the last program tallies every count; below it the match and the tally's
-tail cost more than they save (``bench_routing.py --sweep``, H200: at 512 tokens plain
-3.3-3.6 us against 3.5-5.4 aggregated or tallied; at 4096 tokens aggregated and tallied
-4.7-6.2 us against 8.8-16.6 plain)."""
-
-TALLY_EXPERTS_UP_TO = 64
-"""Between ``SINGLE_PROGRAM_PAIRS`` and ``AGGREGATE_ABOVE_PAIRS`` pairs, with at most this many
-experts, the last program adds the expert counts (few experts: the per-pair adds queue at a
-few addresses; 3.3-3.7 us against 3.9-4.3 at E = 64, 512 tokens)."""
-
-SORTED_ABOVE_PAIRS = 65536
-SORTED_UP_TO_EXPERTS = 64
-"""Above ``SORTED_ABOVE_PAIRS`` pairs with at most ``SORTED_UP_TO_EXPERTS`` experts the sorted
-blocks win (E = 64, 16384 tokens: 6.4-7.7 us against 8.8-13.0 aggregated); with more experts a
-block holds nearly every expert once and its per-expert fetch-adds gain nothing (E = 384:
-13.2-13.5 us against 9.5-10.5)."""
-
-COUNTER_STRIDE = 32
-"""int32s from one expert's counter to the next in launches of several programs: one counter per
-128-byte line, so atomics on different experts' counters do not queue at one line (H200, 512
-tokens, E = 64: 3.9-4.3 us against 4.2-4.9 packed). One program packs them (stride 1): its clear
-is then E stores to a few lines (strided, 1-64 tokens took up to 0.5 us more at E = 384)."""
-
-SORTED_MAX_EXPERTS = 4096
-"""A ``SORTED`` program holds a vector of every expert's counter (and its sort keys,
-``expert * block + position``, stay far inside int32)."""
 
 
 def triton_available() -> bool:
@@ -414,70 +407,6 @@ if triton is not None:
                 )
 
 
-class Strategy(enum.Enum):
-    """How a launch hands out ordinals."""
-
-    PAIRS = "pairs"
-    """One fetch-add per pair (per group of a warp's lanes with ``LaunchPlan.aggregate``)."""
-    SORTED = "sorted"
-    """Each program sorts its block by expert: one fetch-add per expert present in the block."""
-
-
-class Tally(enum.IntEnum):
-    """Which counts the last program adds from the final counters instead of each program."""
-
-    NONE = 0
-    EXPERTS = 1
-    """The expert counts (each counter is its expert's pairs in the batch)."""
-    ALL = 2
-    """The expert counts and each row entry's share of them as slot counts."""
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """The launch of one batch: ``ceil(numel / block)`` programs of ``warps`` warps.
-
-    ``PAIRS`` holds one pair per thread (``block == 32 * warps``); ``aggregate`` (compiled
-    kernel only) is its option. ``tally`` applies where there are counters: ``PAIRS``, and
-    ``SORTED`` with more than one program.
-    """
-
-    strategy: Strategy
-    block: int
-    warps: int
-    aggregate: bool = False
-    tally: Tally = Tally.NONE
-
-
-def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
-    """The measured choice for ``numel`` pairs over ``num_experts`` experts (H200, thresholds
-    above; the table is in docs/moe.md)."""
-    if numel <= SINGLE_PROGRAM_PAIRS:
-        block = max(32, triton.next_power_of_2(numel))
-        return LaunchPlan(Strategy.PAIRS, block, block // 32)
-    if numel <= AGGREGATE_ABOVE_PAIRS:
-        tally = Tally.EXPERTS if num_experts <= TALLY_EXPERTS_UP_TO else Tally.NONE
-        return LaunchPlan(Strategy.PAIRS, MULTI_BLOCK, MULTI_BLOCK // 32, tally=tally)
-    if numel > SORTED_ABOVE_PAIRS and num_experts <= SORTED_UP_TO_EXPERTS:
-        return LaunchPlan(Strategy.SORTED, 256, 8, tally=Tally.ALL)
-    return LaunchPlan(
-        Strategy.PAIRS, MULTI_BLOCK, MULTI_BLOCK // 32, aggregate=True, tally=Tally.ALL
-    )
-
-
-def _check_plan(plan: LaunchPlan, num_experts: int) -> None:
-    block, warps = plan.block, plan.warps
-    if block < 16 or block & (block - 1) or warps < 1 or warps > 32 or warps & (warps - 1):
-        raise ValueError(f"plan needs a power-of-two block >= 16 and 1-32 warps, got {plan}")
-    if plan.strategy is Strategy.PAIRS and block != 32 * warps:
-        raise ValueError(f"a PAIRS plan holds one pair per thread (block = 32 * warps): {plan}")
-    if plan.strategy is Strategy.SORTED and num_experts > SORTED_MAX_EXPERTS:
-        raise ValueError(
-            f"a SORTED plan holds all {num_experts} experts' counters in one program "
-            f"(at most {SORTED_MAX_EXPERTS})"
-        )
-
-
 def route_and_record(
     topk_ids: torch.Tensor,
     log2phy: torch.Tensor,
@@ -576,7 +505,7 @@ def route_and_record(
         plan = plan_launch(numel, num_experts)
         if kernels is not None:
             plan = dataclasses.replace(plan, aggregate=False)
-    _check_plan(plan, num_experts)
+    check_plan(plan, num_experts)
     programs = triton.cdiv(numel, plan.block)
     if kernels is None:
         kernels = {Strategy.PAIRS: _route_kernel, Strategy.SORTED: _route_sorted_kernel}
