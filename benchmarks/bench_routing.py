@@ -6,8 +6,9 @@ hottest experts (at most 4 replicas each, 8 ranks), skewed loads (softmax of 1.5
 logits), and 8 batches of top-k ids drawn from them. Each path maps logical ids to physical slots
 and adds per-slot counts into a fixed-address buffer behind a device flag:
 
-- ``kernel``: ``route_kernel.route_and_record`` (one launch; ordinals from atomics, exact split),
-  int32 ids like vLLM's, and int64 ids as the layer passes them;
+- ``kernel``: ``route_kernel.route_and_record`` under ``plan_launch``'s plans (one launch;
+  ordinals from atomics, exact split), int32 ids like vLLM's, and int64 ids as the layer passes
+  them;
 - ``torch``: ``routing.route_to_slots`` then ``LoadRecord.record_`` (the CPU path, on CUDA);
 - ``vllm``: vLLM's fused kernel (hash of the token index picks the replica), int32 ids.
 
@@ -27,9 +28,10 @@ kernel's source from) and imports that:
         vllm/model_executor/layers/fused_moe/router/base_router.py -d .carry/vllm_router
     python benchmarks/bench_routing.py --vllm .carry/vllm_router/base_router.py [--repeats 50]
 
-``--sweep``: also the kernel's thresholds (``route_kernel.AGGREGATE_ABOVE_PAIRS``,
-``TALLY_ABOVE_PAIRS``; ``--aggregate-above``/``--tally-above`` set them for the table) at E=64 and
-E=384, top-8, beside vLLM.
+``--sweep``: instead of the table, every candidate launch plan (``candidate_plans``: per-pair
+fetch-adds plain or warp-aggregated, counts per pair or tallied by the last program, counters
+packed or one per line; sorted blocks of 128-2048 pairs) at every size beside vLLM's kernel: the
+measurements behind ``route_plan.plan_launch``.
 """
 
 from __future__ import annotations
@@ -162,6 +164,9 @@ def measure(
     tokens: int,
     repeats: int,
     device: str = "cuda",
+    plan: rk.LaunchPlan | None = None,
+    paths: tuple[str, ...] = ("kernel", "kernel_i64", "vllm", "torch"),
+    stride: int = rk.COUNTER_STRIDE,
 ) -> Row:
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(experts * 100_003 + top_k * 101 + tokens)
@@ -176,7 +181,7 @@ def measure(
     ]
     ids32 = [ids.to(torch.int32) for ids in ids64]
     record = LoadRecord(1, experts, buffers.capacity, 1, device=dev)
-    scratch = rk.new_route_scratch(experts, dev)
+    scratch = torch.zeros((experts + 1) * stride, dtype=torch.int32, device=dev)
     load_view = torch.zeros(buffers.capacity, dtype=torch.int32, device=dev)
 
     def ours(ids: list[torch.Tensor]) -> Callable[[int], torch.Tensor]:
@@ -189,6 +194,7 @@ def measure(
             slot_counts=record.slot_counts[0],
             expert_counts=record.step_counts[0],
             record_flag=record.recording,
+            plan=plan,
         )
 
     def theirs(i: int) -> torch.Tensor:
@@ -199,9 +205,10 @@ def measure(
         record.record_(0, slots, buffers.phy2log[0])
         return slots
 
-    paths = {"kernel": ours(ids32), "kernel_i64": ours(ids64), "vllm": theirs, "torch": torch_path}
-    spread = {}
-    for name, step in paths.items():
+    steps = {"kernel": ours(ids32), "kernel_i64": ours(ids64), "vllm": theirs, "torch": torch_path}
+    steps = {name: step for name, step in steps.items() if name in paths}
+    spread = dict.fromkeys(("kernel", "kernel_i64", "vllm", "torch"), -1)
+    for name, step in steps.items():
         worst = 0
         for i in range(BATCHES):
             slots = step(i)
@@ -215,7 +222,8 @@ def measure(
                 raise RuntimeError(f"{name}: a pair was routed to a slot of another expert")
             worst = max(worst, imbalance(slots, l2p, cnt, buffers.capacity))
         spread[name] = worst
-    times = {name: graph_time_us(step, repeats) for name, step in paths.items()}
+    times = dict.fromkeys(spread, float("nan"))
+    times.update({name: graph_time_us(step, repeats) for name, step in steps.items()})
     return Row(
         experts,
         top_k,
@@ -246,25 +254,70 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def sweep(vllm: Callable[..., torch.Tensor], repeats: int) -> None:
-    """Our kernel's thresholds (warp aggregation, tally by the last program) beside vLLM, at
-    E=64 and E=384, top-8."""
-    never = 1 << 40
-    variants = [(8192, 8192), (8192, 1024), (1024, 1024), (never, 8192), (never, 1024)]
-    defaults = (rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS)
-    print("| aggregate above | tally above | E | tokens | kernel us | vLLM us |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for aggregate, tally in variants:
-        rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS = aggregate, tally
-        for experts in (64, 384):
-            for tokens in (512, 4096, 16384):
-                row = measure(vllm, experts, 8, tokens, repeats)
-                print(
-                    f"| {'never' if aggregate == never else aggregate} | {tally} | {experts} | "
-                    f"{tokens} | {row.kernel_us:.2f} | {row.vllm_us:.2f} |",
-                    flush=True,
-                )
-    rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS = defaults
+def candidate_plans(numel: int) -> dict[str, tuple[rk.LaunchPlan, int]]:
+    """Launch plans and counter strides to try at ``numel`` pairs: per-pair fetch-adds (plain or
+    warp-aggregated, counts per pair or tallied by the last program) and sorted blocks."""
+    pairs, sorted_ = rk.Strategy.PAIRS, rk.Strategy.SORTED
+    experts, every = rk.Tally.EXPERTS, rk.Tally.ALL
+    line = rk.COUNTER_STRIDE
+    one = max(32, 1 << (numel - 1).bit_length())
+    if numel <= rk.SINGLE_PROGRAM_PAIRS:
+        return {
+            "pairs one s1": (rk.LaunchPlan(pairs, one, one // 32), 1),
+            "pairs one": (rk.LaunchPlan(pairs, one, one // 32), line),
+            "pairs one tE": (rk.LaunchPlan(pairs, one, one // 32, tally=experts), line),
+        }
+    plans = {
+        "pairs s1": (rk.LaunchPlan(pairs, 256, 8), 1),
+        "pairs": (rk.LaunchPlan(pairs, 256, 8), line),
+        "pairs tE": (rk.LaunchPlan(pairs, 256, 8, tally=experts), line),
+        "pairs agg": (rk.LaunchPlan(pairs, 256, 8, aggregate=True), line),
+        "pairs agg tE": (rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=experts), line),
+        "pairs agg tA": (rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=every), line),
+    }
+    for block, warps in [(128, 4), (256, 8), (512, 8), (512, 16), (1024, 8), (2048, 16)]:
+        plans[f"sorted {block}/{warps} tA"] = (
+            rk.LaunchPlan(sorted_, block, warps, tally=every),
+            line,
+        )
+    plans["sorted 512/8 tE"] = (rk.LaunchPlan(sorted_, 512, 8, tally=experts), line)
+    plans["sorted 1024/8 tA s1"] = (rk.LaunchPlan(sorted_, 1024, 8, tally=every), 1)
+    return plans
+
+
+def sweep(
+    vllm: Callable[..., torch.Tensor], sizes: list[tuple[int, int, int]], repeats: int
+) -> list[dict[str, object]]:
+    """Every candidate plan at every size beside vLLM; prints one line per size."""
+    found = []
+    for experts, top_k, tokens in sizes:
+        numel = tokens * top_k
+        times = {}
+        vllm_us = float("nan")
+        for name, (plan, stride) in candidate_plans(numel).items():
+            paths = ("kernel",) if times else ("kernel", "vllm")
+            row = measure(
+                vllm, experts, top_k, tokens, repeats, plan=plan, paths=paths, stride=stride
+            )
+            times[name] = row.kernel_us
+            vllm_us = row.vllm_us if paths[-1] == "vllm" else vllm_us
+        best = min(times, key=times.__getitem__)
+        found.append(
+            {
+                "experts": experts,
+                "top_k": top_k,
+                "tokens": tokens,
+                "vllm_us": vllm_us,
+                "times": times,
+            }
+        )
+        listed = " ".join(f"{name}={t:.2f}" for name, t in times.items())
+        print(
+            f"E={experts} k={top_k} T={tokens}: vllm {vllm_us:.2f}, best {best} {times[best]:.2f} "
+            f"({times[best] / vllm_us:.2f}x) | {listed}",
+            flush=True,
+        )
+    return found
 
 
 def main() -> None:
@@ -275,23 +328,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", type=Path, help="write the rows here")
-    parser.add_argument("--sweep", action="store_true", help="also the kernel's thresholds")
-    parser.add_argument("--aggregate-above", type=int, default=rk.AGGREGATE_ABOVE_PAIRS)
-    parser.add_argument("--tally-above", type=int, default=rk.TALLY_ABOVE_PAIRS)
+    parser.add_argument(
+        "--sweep", action="store_true", help="every candidate launch plan instead of the table"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     vllm = load_vllm_kernel(args.vllm)
+    sizes = [(e, k, t) for e in args.experts for k in args.top_k for t in args.tokens]
     if args.sweep:
-        sweep(vllm, args.repeats)
-    rk.AGGREGATE_ABOVE_PAIRS, rk.TALLY_ABOVE_PAIRS = args.aggregate_above, args.tally_above
-    print(f"aggregate above {args.aggregate_above} pairs, tally above {args.tally_above}")
+        found = sweep(vllm, sizes, args.repeats)
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=1))
+        return
     rows = []
-    for experts in args.experts:
-        for top_k in args.top_k:
-            for tokens in args.tokens:
-                rows.append(measure(vllm, experts, top_k, tokens, args.repeats))
-                print(rows[-1], flush=True)
+    for experts, top_k, tokens in sizes:
+        rows.append(measure(vllm, experts, top_k, tokens, args.repeats))
+        print(rows[-1], flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")

@@ -175,10 +175,30 @@ def _check_routed(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("warp_aggregate", [True, False])
-def test_route_kernel_on_cuda_splits_like_the_reference(warp_aggregate: bool) -> None:
-    """One and many programs, a very hot expert, int32 and int64 ids, twice each (the counters
-    must be cleared by the kernel for the second launch)."""
+@pytest.mark.parametrize(
+    "plan",
+    [
+        None,
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8),
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, aggregate=True),
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, aggregate=True, tally=rk.Tally.ALL),
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, tally=rk.Tally.EXPERTS),
+        rk.LaunchPlan(rk.Strategy.SORTED, 256, 8),
+        rk.LaunchPlan(rk.Strategy.SORTED, 1024, 32, tally=rk.Tally.ALL),
+    ],
+    ids=[
+        "measured",
+        "pairs",
+        "pairs aggregated",
+        "pairs aggregated tallied",
+        "pairs experts tallied",
+        "sorted 256",
+        "sorted 1024 tallied",
+    ],
+)
+def test_route_kernel_on_cuda_splits_like_the_reference(plan: rk.LaunchPlan | None) -> None:
+    """One and many programs, a very hot expert, int32 and int64 ids, three times each (the
+    counters must be cleared by the kernel for the next launch), under each launch plan."""
     _needs_gpus(1)
     gen = torch.Generator().manual_seed(7)
     for tokens, top_k, experts in [(1, 8, 64), (8, 6, 256), (512, 8, 384), (16384, 8, 64)]:
@@ -198,7 +218,7 @@ def test_route_kernel_on_cuda_splits_like_the_reference(warp_aggregate: bool) ->
                 slot_counts=record.slot_counts[0],
                 expert_counts=record.step_counts[0],
                 record_flag=record.recording,
-                warp_aggregate=warp_aggregate,
+                plan=plan,
             )
             assert slots.dtype == dtype
             per_slot = _check_routed(slots.long(), ids, placement, trial)
@@ -210,7 +230,12 @@ def test_route_kernel_on_cuda_splits_like_the_reference(warp_aggregate: bool) ->
 
 
 @pytest.mark.timeout(60)
-def test_route_kernel_replays_in_a_cuda_graph_after_update() -> None:
+@pytest.mark.parametrize(
+    "plan",
+    [None, rk.LaunchPlan(rk.Strategy.SORTED, 256, 8, tally=rk.Tally.ALL)],
+    ids=["measured", "sorted tallied"],
+)
+def test_route_kernel_replays_in_a_cuda_graph_after_update(plan: rk.LaunchPlan | None) -> None:
     """The kernel (each launch shape) captured once; replays follow a placement written in
     place by ``buffers.update_``, the padding count and the record flag, all on the device."""
     _needs_gpus(1)
@@ -237,6 +262,7 @@ def test_route_kernel_replays_in_a_cuda_graph_after_update() -> None:
                 expert_counts=record.step_counts[0],
                 record_flag=record.recording,
                 num_tokens=n,
+                plan=plan,
             )
             for ids, n in zip(batches, valid, strict=True)
         ]

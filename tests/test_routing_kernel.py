@@ -8,8 +8,6 @@ slot of one pair.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,36 +20,56 @@ from elastic_ep.moe import LoadRecord, route_to_slots
 from elastic_ep.moe import route_kernel as rk
 from tests.test_routing import placements, random_placement
 from tests.test_shares import shared_placements
+from tests.triton_interpreter import interpreted_language
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Any:
-    """``_route_kernel`` run by Triton's interpreter (its scalar loop bound patched as the
-    row-copy tests do)."""
+def kernels() -> dict[rk.Strategy, Any]:
+    """Both kernels run by Triton's interpreter (its scalar loop bound patched as the row-copy
+    tests do)."""
     from triton.runtime import interpreter
 
     from tests.triton_interpreter import interpreted_row_copy_kernel
 
     interpreted_row_copy_kernel()
-    return interpreter.InterpretedFunction(rk._route_kernel.fn)
+    return {
+        rk.Strategy.PAIRS: interpreter.InterpretedFunction(rk._route_kernel.fn),
+        rk.Strategy.SORTED: interpreter.InterpretedFunction(rk._route_sorted_kernel.fn),
+    }
 
 
-SHAPES = pytest.mark.parametrize("shape", ["one program", "many programs", "tallied"])
-"""The launch shapes: one program; blocks of 32 pairs where the last program clears the counters;
-the same where it also tallies the counts from them (the large-batch path)."""
+SHAPES = pytest.mark.parametrize(
+    "shape",
+    [
+        "pairs one",
+        "pairs blocks",
+        "pairs experts tallied",
+        "pairs tallied",
+        "sorted one",
+        "sorted blocks",
+        "sorted tallied",
+    ],
+)
+"""The launch shapes: per-pair fetch-adds in one program; in blocks of 32 pairs, where the
+last program clears the counters; the same where it also adds the expert counts, or all counts,
+from them; the sorted kernel in one program (no counters), in blocks of 16 pairs, and the same
+where the last program adds all counts."""
 
 
-@contextlib.contextmanager
-def _launch_shape(shape: str) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        if shape != "one program":
-            patch.setattr(rk, "SINGLE_PROGRAM_PAIRS", 32)
-            patch.setattr(rk, "MULTI_BLOCK", 32)
-        if shape == "tallied":
-            patch.setattr(rk, "TALLY_ABOVE_PAIRS", 32)
-        yield
+def _plan(shape: str, numel: int) -> rk.LaunchPlan:
+    one = max(32, 1 << max(0, numel - 1).bit_length())
+    pairs, sorted_ = rk.Strategy.PAIRS, rk.Strategy.SORTED
+    return {
+        "pairs one": rk.LaunchPlan(pairs, one, one // 32),
+        "pairs blocks": rk.LaunchPlan(pairs, 32, 1),
+        "pairs experts tallied": rk.LaunchPlan(pairs, 32, 1, tally=rk.Tally.EXPERTS),
+        "pairs tallied": rk.LaunchPlan(pairs, 32, 1, tally=rk.Tally.ALL),
+        "sorted one": rk.LaunchPlan(sorted_, one, 4),
+        "sorted blocks": rk.LaunchPlan(sorted_, 16, 1),
+        "sorted tallied": rk.LaunchPlan(sorted_, 16, 1, tally=rk.Tally.ALL),
+    }[shape]
 
 
 def _ids(gen: torch.Generator, tokens: int, experts: int, top_k: int) -> torch.Tensor:
@@ -61,7 +79,8 @@ def _ids(gen: torch.Generator, tokens: int, experts: int, top_k: int) -> torch.T
 
 
 def _route(
-    kernel: Any,
+    kernels: dict[rk.Strategy, Any],
+    shape: str,
     ids: torch.Tensor,
     log2phy: torch.Tensor,
     logcnt: torch.Tensor,
@@ -75,17 +94,19 @@ def _route(
     slot_counts = torch.full((capacity,), 3, dtype=torch.int32)
     expert_counts = torch.full((experts,), 3, dtype=torch.int32)
     kwargs.setdefault("record_flag", torch.ones(1, dtype=torch.int32))
-    slots = rk.route_and_record(
-        ids,
-        log2phy,
-        logcnt,
-        scratch,
-        rank_offset=offset,
-        slot_counts=slot_counts,
-        expert_counts=expert_counts,
-        kernel=kernel,
-        **kwargs,
-    )
+    with interpreted_language(rk):
+        slots = rk.route_and_record(
+            ids,
+            log2phy,
+            logcnt,
+            scratch,
+            rank_offset=offset,
+            slot_counts=slot_counts,
+            expert_counts=expert_counts,
+            plan=_plan(shape, ids.numel()),
+            kernels=kernels,
+            **kwargs,
+        )
     return slots, slot_counts - 3, expert_counts - 3, scratch
 
 
@@ -97,10 +118,15 @@ def _slot_sets(slots: torch.Tensor, ids: torch.Tensor) -> dict[int, set[int]]:
 
 
 @SHAPES
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(placements(), st.integers(0, 60), st.integers(0, 7), st.integers(0, 2**31))
 def test_kernel_counts_equal_the_reference(
-    kernel: Any, shape: str, placement: Placement, tokens: int, offset: int, seed: int
+    kernels: dict[rk.Strategy, Any],
+    shape: str,
+    placement: Placement,
+    tokens: int,
+    offset: int,
+    seed: int,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     top_k = int(torch.randint(1, placement.num_logical + 1, (1,), generator=gen))
@@ -108,7 +134,9 @@ def test_kernel_counts_equal_the_reference(
     capacity = placement.num_slots
     for layer in range(placement.num_layers):
         l2p, cnt, p2l = placement.log2phy[layer], placement.logcnt[layer], placement.phy2log[layer]
-        slots, slot_counts, expert_counts, scratch = _route(kernel, ids, l2p, cnt, capacity, offset)
+        slots, slot_counts, expert_counts, scratch = _route(
+            kernels, shape, ids, l2p, cnt, capacity, offset
+        )
         want = route_to_slots(ids, l2p, cnt, rank_offset=offset)
         assert slots.shape == ids.shape and slots.dtype == torch.int64
         assert torch.equal(p2l[slots], ids)  # every pair lands on a slot of its expert
@@ -123,10 +151,10 @@ def test_kernel_counts_equal_the_reference(
 
 
 @SHAPES
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 80), st.integers(0, 2**31))
 def test_repeated_row_entries_get_their_multiple(
-    kernel: Any, shape: str, experts: int, width: int, tokens: int, seed: int
+    kernels: dict[rk.Strategy, Any], shape: str, experts: int, width: int, tokens: int, seed: int
 ) -> None:
     """A slot that appears k times in an expert's row gets k shares: the split is exact over row
     entries (counts per entry differ by at most one), on both paths."""
@@ -138,8 +166,7 @@ def test_repeated_row_entries_get_their_multiple(
         own = torch.arange(e * width, e * width + int(torch.randint(1, width + 1, (1,))))
         log2phy[e, : logcnt[e]] = own[torch.randint(0, len(own), (int(logcnt[e]),))]
     ids = torch.randint(0, experts, (tokens, 2), generator=gen)
-    with _launch_shape(shape):
-        got, slot_counts, _, _ = _route(kernel, ids, log2phy, logcnt, capacity, seed % 5)
+    got, slot_counts, _, _ = _route(kernels, shape, ids, log2phy, logcnt, capacity, seed % 5)
     assert torch.equal(slot_counts, torch.bincount(got.reshape(-1), minlength=capacity).int())
     for slots in (route_to_slots(ids, log2phy, logcnt, rank_offset=seed % 5), got):
         per_slot = torch.bincount(slots.reshape(-1), minlength=capacity)
@@ -156,7 +183,7 @@ def test_repeated_row_entries_get_their_multiple(
 @settings(max_examples=15, deadline=None)
 @given(shared_placements(), st.integers(0, 60), st.integers(0, 2**31))
 def test_kernel_follows_routing_shares(
-    kernel: Any, shape: str, placement: Placement, tokens: int, seed: int
+    kernels: dict[rk.Strategy, Any], shape: str, placement: Placement, tokens: int, seed: int
 ) -> None:
     """Rows with repeats from ``Placement.units``: the kernel's per-slot counts equal the
     reference's."""
@@ -164,8 +191,7 @@ def test_kernel_follows_routing_shares(
     ids = torch.randint(0, placement.num_logical, (tokens, 1), generator=gen)
     for layer in range(placement.num_layers):
         l2p, cnt = placement.log2phy[layer], placement.logcnt[layer]
-        with _launch_shape(shape):
-            got, _, _, _ = _route(kernel, ids, l2p, cnt, placement.num_slots, seed % 5)
+        got, _, _, _ = _route(kernels, shape, ids, l2p, cnt, placement.num_slots, seed % 5)
         want = route_to_slots(ids, l2p, cnt, rank_offset=seed % 5)
         capacity = placement.num_slots + 1  # -1 (expert not placed) counted in the last bin
         assert torch.equal(
@@ -175,17 +201,16 @@ def test_kernel_follows_routing_shares(
 
 
 @SHAPES
-def test_padding_invalid_ids_and_record_flag(kernel: Any, shape: str) -> None:
+def test_padding_invalid_ids_and_record_flag(kernels: dict[rk.Strategy, Any], shape: str) -> None:
     gen = torch.Generator().manual_seed(3)
     placement = random_placement(gen, 1, 8, 2, 6)
     l2p, cnt, p2l = placement.log2phy[0], placement.logcnt[0], placement.phy2log[0]
     ids = _ids(gen, 20, 8, 3)
     ids[4, 1], ids[7, 0] = -1, 8  # out of range: routed nowhere, not counted
     real = 15  # tokens 15.. are padding
-    with _launch_shape(shape):
-        slots, slot_counts, expert_counts, _ = _route(
-            kernel, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real])
-        )
+    slots, slot_counts, expert_counts, _ = _route(
+        kernels, shape, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real])
+    )
     bad = (ids < 0) | (ids >= 8)
     bad[real:] = True
     assert bool((slots[bad] == -1).all()) and bool((slots[~bad] >= 0).all())
@@ -198,27 +223,31 @@ def test_padding_invalid_ids_and_record_flag(kernel: Any, shape: str) -> None:
     assert torch.equal(expert_counts, torch.bincount(ids[~bad], minlength=8).to(torch.int32))
     # Not recording: the same slots, nothing added.
     off = torch.zeros(1, dtype=torch.int32)
-    with _launch_shape(shape):
-        slots_off, slot_counts, expert_counts, _ = _route(
-            kernel, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real]), record_flag=off
-        )
+    slots_off, slot_counts, expert_counts, _ = _route(
+        kernels, shape, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real]), record_flag=off
+    )
     assert int(slot_counts.abs().sum()) == 0 and int(expert_counts.abs().sum()) == 0
     assert torch.equal((slots_off == -1), bad)
 
 
-def test_int32_ids_give_int32_slots_and_an_out_tensor_is_filled(kernel: Any) -> None:
+@pytest.mark.parametrize("strategy", list(rk.Strategy))
+def test_int32_ids_give_int32_slots_and_an_out_tensor_is_filled(
+    kernels: dict[rk.Strategy, Any], strategy: rk.Strategy
+) -> None:
     placement = Placement(torch.tensor([[0, 1, 0, 2, 0, -1]]), 3, 2)
     ids = torch.tensor([[0, 1], [0, 2], [2, 0], [0, 1]], dtype=torch.int32)
     out = torch.full((4, 2), -7, dtype=torch.int32)
-    got = rk.route_and_record(
-        ids,
-        placement.log2phy[0],
-        placement.logcnt[0],
-        rk.new_route_scratch(3, "cpu"),
-        rank_offset=1,
-        out=out,
-        kernel=kernel,
-    )
+    with interpreted_language(rk):
+        got = rk.route_and_record(
+            ids,
+            placement.log2phy[0],
+            placement.logcnt[0],
+            rk.new_route_scratch(3, "cpu"),
+            rank_offset=1,
+            out=out,
+            plan=rk.LaunchPlan(strategy, 32, 1),
+            kernels=kernels,
+        )
     assert got is out and out.dtype == torch.int32
     # Expert 0's four pairs over its three replicas (slots 0, 2, 4), starting at replica 1.
     assert sorted(out[ids == 0].tolist()) == [0, 2, 2, 4]
@@ -246,47 +275,63 @@ def test_bad_arguments_raise_clearly() -> None:
         rk.route_and_record(ids, l2p, cnt, scratch, num_tokens=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="num_experts"):
         rk.new_route_scratch(0, "cpu")
+    for plan, problem in [
+        (rk.LaunchPlan(rk.Strategy.SORTED, 48, 2), "power-of-two block"),
+        (rk.LaunchPlan(rk.Strategy.PAIRS, 256, 4), "one pair per thread"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            rk.route_and_record(ids, l2p, cnt, scratch, plan=plan)
+    many = rk.SORTED_MAX_EXPERTS + 1
+    with pytest.raises(ValueError, match="at most"):
+        rk.route_and_record(
+            ids,
+            torch.zeros(many, 1, dtype=torch.int64),
+            torch.ones(many, dtype=torch.int64),
+            rk.new_route_scratch(many, "cpu"),
+            plan=rk.LaunchPlan(rk.Strategy.SORTED, 32, 1),
+        )
 
 
-@pytest.mark.parametrize(("pairs", "single"), [(8, True), (1024, True), (16384 * 8, False)])
-def test_kernel_compiles_for_hopper(pairs: int, single: bool) -> None:
-    """The real compiler (no GPU needed): sm_90 code with the warp-wide match, one atomic per
-    group of lanes, and a block that never holds a pair in two threads."""
+@pytest.mark.parametrize(
+    ("pairs", "experts"),
+    [(8, 256), (1024, 384), (4096, 64), (4096, 256), (32768, 384), (2**17, 64)],
+)
+def test_measured_plans_compile_for_hopper(pairs: int, experts: int) -> None:
+    """The real compiler (no GPU needed) builds sm_90 code for each plan ``plan_launch`` picks;
+    a warp-aggregated plan has its warp-wide match in the PTX."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    programs, block, warps = rk.launch_shape(pairs)
-    assert (programs == 1) == single and block == 32 * warps  # one pair per thread
+    plan = rk.plan_launch(pairs, experts)
+    single = pairs <= plan.block
     pointers = ("ids", "log2phy", "logcnt", "out")
     signature = {f"{name}_ptr": "*i64" for name in pointers}
     for name in ("scratch", "slot_counts", "expert_counts", "flag", "num_tokens"):
         signature[f"{name}_ptr"] = "*i32"
-    for name in ("numel", "top_k", "num_experts", "row_stride", "rank_offset"):
+    for name in ("numel", "top_k", "num_experts", "row_stride", "rank_offset", "stride"):
         signature[name] = "i32"
-    constexprs = {
+    constexprs: dict[str, Any] = {
         "RECORD": True,
         "HAS_NUM_TOKENS": True,
         "SINGLE": single,
-        "WARP_AGGREGATE": True,
-        "TALLY": not single,
-        "BLOCK": block,
-        "E_BLOCK": 256,
+        "TALLY": int(plan.tally),
+        "BLOCK": plan.block,
+        "E_BLOCK": experts if experts & (experts - 1) == 0 else 512,
         "R_TILE": 4,
     }
+    if plan.strategy is rk.Strategy.PAIRS:
+        constexprs["WARP_AGGREGATE"] = plan.aggregate
+    kernel = {rk.Strategy.PAIRS: rk._route_kernel, rk.Strategy.SORTED: rk._route_sorted_kernel}
     source = ASTSource(
-        fn=rk._route_kernel,
+        fn=kernel[plan.strategy],
         signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
         constexprs=constexprs,
     )
     try:
         compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": plan.warps}
         )
     except RuntimeError as err:  # no ptxas in this triton install
         pytest.skip(f"cannot compile for CUDA here: {err}")
-    ptx = compiled.asm["ptx"]
-    # fetch-add, slot and expert counts; large batches: the fetch-add, and the last program
-    # tallies the counts from the counters it swaps for 0
-    assert ptx.count("match.any.sync.b32") == (3 if single else 1)
-    assert ("exch" in ptx) == (not single)
+    assert ("match.any.sync.b32" in compiled.asm["ptx"]) == plan.aggregate

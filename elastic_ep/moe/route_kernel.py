@@ -10,29 +10,65 @@ land in, so the slot of one pair may differ from the reference's between runs. T
 exact over row entries: an entry that appears k times in ``log2phy[e]`` gets k shares.
 
 One launch does everything, so it replays inside a captured CUDA graph on the fixed-address
-:class:`~elastic_ep.eplb.PlacementBuffers` rows:
+:class:`~elastic_ep.eplb.PlacementBuffers` rows. Two strategies hand out the ordinals
+(:func:`plan_launch` picks one per batch size from H200 measurements):
 
-1. Each program loads a block of ids; invalid ids (outside ``[0, E)``) and the pairs of padded
-   tokens (``>= num_tokens``, read on the device) route to -1 and take no ordinal.
-2. Ordinal = fetch-add on ``scratch[e]``. For large batches on CUDA (``AGGREGATE_ABOVE_PAIRS``) the lanes of a warp that hold
-   the same expert first agree (``match.any``) and one lane adds their number, so a hot expert
-   costs one atomic per warp, not one per pair; otherwise each pair adds its own.
-3. If recording (``record_flag[0] != 0``, read on the device), add 1 per routed pair to
-   ``slot_counts[slot]`` and ``expert_counts[e]``.
-4. The counters go back to zero for the next launch: after a barrier, by the program itself if it
-   is the only one, else by the last program to finish (each bumps ``scratch[E]`` once; the one
-   that reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one
-   scratch per layer, one stream). For large batches (``TALLY_ABOVE_PAIRS``) step 3 moves here: the last program swaps
-   each counter for 0, adds it to ``expert_counts[e]``, and adds to each row entry its share of
-   the ordinals (the split is a pure function of ``n_e``, ``logcnt[e]`` and ``rank_offset``), so
-   the per-pair work is a single atomic, as in a hashing kernel.
+- ``PAIRS``: one pair per thread; ordinal = fetch-add on expert ``e``'s counter. Above
+  ``AGGREGATE_ABOVE_PAIRS`` the lanes of a warp that hold the same expert first agree
+  (``match.any``) and one lane adds their number, so a hot expert costs one atomic per warp.
+- ``SORTED``: each program sorts its block of pairs by expert (key ``expert * block +
+  position``), counts each expert's run (``tl.histogram``), adds each run's length to its
+  expert's counter with one fetch-add, and gives the run's pairs ``base + rank in the run``. One
+  program alone needs no counters: the ranks are the ordinals.
+
+Around that, for both:
+
+1. Invalid ids (outside ``[0, E)``) and the pairs of padded tokens (``>= num_tokens``, read on
+   the device) route to -1, take no ordinal and are not counted.
+2. If recording (``record_flag[0] != 0``, read on the device), the counts are added to
+   ``slot_counts`` and ``expert_counts``: by each program (``PAIRS``: 1 per pair; ``SORTED``: each
+   run's length, and to each entry its share of the run), or, with ``Tally``, by the last program
+   from the final counters (expert ``e`` got ``n_e`` pairs; entry ``r`` of its row
+   ``n_e // c`` plus one if ``(r - rank_offset) mod c < n_e % c``).
+3. The counters go back to zero for the next launch, so nothing else is launched: after a
+   barrier by the program itself if it is the only one, else by the last program (each bumps the
+   arrival counter once its fetch-adds have returned, before it writes anything; the one that
+   reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one scratch
+   per layer, one stream). Counters sit one per 128-byte line (``COUNTER_STRIDE``) when several
+   programs share them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from elastic_ep.moe.route_plan import (
+    COUNTER_STRIDE,
+    SINGLE_PROGRAM_PAIRS,
+    SORTED_MAX_EXPERTS,
+    LaunchPlan,
+    Strategy,
+    Tally,
+    check_plan,
+    plan_launch,
+)
+
+__all__ = [
+    "COUNTER_STRIDE",
+    "SINGLE_PROGRAM_PAIRS",
+    "SORTED_MAX_EXPERTS",
+    "LaunchPlan",
+    "Strategy",
+    "Tally",
+    "new_route_scratch",
+    "plan_launch",
+    "route_and_record",
+    "triton_available",
+]
 
 try:
     import triton
@@ -40,38 +76,18 @@ try:
 except ImportError:  # the torch path still routes; only the CUDA kernel needs Triton
     triton = None
 
-SINGLE_PROGRAM_PAIRS = 1024
-"""Batches of at most this many pairs run as one program (up to 32 warps, one pair per thread):
-no cross-program "last one clears" atomic on the critical path of small (decode) batches."""
-
-MULTI_BLOCK = 256
-"""Pairs per program above ``SINGLE_PROGRAM_PAIRS`` (8 warps). One pair per thread: each pair's
-fetch-add waits for its reply before the next can use the result, so a thread holding several
-pairs would pay those round trips one after another (4 pairs per thread measured 1.1-3.7x slower
-on H200)."""
-
-
-AGGREGATE_ABOVE_PAIRS = 8192
-"""Above this many pairs the compiled kernel aggregates its atomics per warp (a hot expert's
-queue up at one address); below it the match costs more than it saves. On H200, E=256, top-8,
-aggregated vs plain: 2.60 vs 2.00 us at 64 pairs, 3.56 vs 3.33 at 4096, 7.96 vs 8.65 at 32768,
-18.2 vs 42.5 at 131072 (``bench_routing.py --sweep``)."""
-
-TALLY_ABOVE_PAIRS = 8192
-"""Above this many pairs (and with more than one program) the last program tallies the slot and
-expert counts from the counters instead of one add per pair per count."""
-
 
 def triton_available() -> bool:
     return triton is not None
 
 
 def new_route_scratch(num_experts: int, device: torch.device | str) -> torch.Tensor:
-    """int32 [num_experts + 1] zeros: the counters of one layer's launches (kept zero between
-    launches by the kernel itself; allocate once, e.g. as a buffer of the layer)."""
+    """int32 [(num_experts + 1) * COUNTER_STRIDE] zeros: the counters of one layer's launches
+    (kept zero between launches by the kernel itself; allocate once, e.g. as a buffer of the
+    layer)."""
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    return torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    return torch.zeros((num_experts + 1) * COUNTER_STRIDE, dtype=torch.int32, device=device)
 
 
 if triton is not None:
@@ -139,6 +155,60 @@ if triton is not None:
         return tl.maximum(a, b)
 
     @triton.jit
+    def _tally_and_clear(
+        scratch_ptr,
+        stride,
+        log2phy_ptr,
+        logcnt_ptr,
+        slot_counts_ptr,
+        expert_counts_ptr,
+        recording,
+        num_experts,
+        row_stride,
+        rank_offset,
+        TALLY: tl.constexpr,
+        E_BLOCK: tl.constexpr,
+        R_TILE: tl.constexpr,
+    ):
+        """The last program's tail: every counter back to 0, after adding (``TALLY >= 1``) the
+        batch's pairs per expert to the expert counts and (``TALLY == 2``) each row entry's share
+        of them to its slot count."""
+        for start in range(0, num_experts, E_BLOCK):
+            experts = start + tl.arange(0, E_BLOCK)
+            inside = experts < num_experts
+            if TALLY == 0:
+                tl.store(scratch_ptr + experts * stride, 0, mask=inside)
+            else:
+                pairs = tl.atomic_xchg(
+                    scratch_ptr + experts * stride, 0, mask=inside, sem="relaxed"
+                )
+                replicas = tl.load(logcnt_ptr + experts, mask=inside, other=0).to(tl.int32)
+                take = inside & (replicas > 0) & recording
+                tl.atomic_add(
+                    expert_counts_ptr + experts, pairs, mask=take & (pairs > 0), sem="relaxed"
+                )
+                if TALLY == 2:
+                    # Counter e holds n_e, the batch's valid pairs of expert e; row entry r got
+                    # the ordinals j < n_e with (j + rank_offset) % c == r: n_e // c of them,
+                    # plus one if (r - rank_offset) mod c < n_e % c.
+                    c = tl.maximum(replicas, 1)[:, None]
+                    n = pairs[:, None]
+                    for first in range(0, tl.reduce(replicas, 0, _larger), R_TILE):
+                        r = first + tl.arange(0, R_TILE)[None, :]
+                        has = take[:, None] & (r < replicas[:, None])
+                        row = experts[:, None] * row_stride
+                        entry_slot = tl.load(log2phy_ptr + row + r, mask=has, other=0)
+                        rotated = ((r - rank_offset) % c + c) % c
+                        share = n // c + (rotated < n % c).to(tl.int32)
+                        tl.atomic_add(
+                            slot_counts_ptr + entry_slot,
+                            share,
+                            mask=has & (share > 0),
+                            sem="relaxed",
+                        )
+        tl.store(scratch_ptr + num_experts * stride, 0)
+
+    @triton.jit
     def _route_kernel(  # unannotated: Triton rejects non-constexpr globals such as Any
         ids_ptr,
         log2phy_ptr,
@@ -154,6 +224,7 @@ if triton is not None:
         num_experts,
         row_stride,
         rank_offset,
+        stride,
         RECORD: tl.constexpr,
         HAS_NUM_TOKENS: tl.constexpr,
         SINGLE: tl.constexpr,
@@ -176,9 +247,9 @@ if triton is not None:
         # start only then. An expert without replicas wastes its counter (cleared anyway).
         count = tl.load(logcnt_ptr + expert, mask=valid, other=0).to(tl.int32)
         if WARP_AGGREGATE:
-            ordinal = _warp_fetch_add(scratch_ptr + expert, tl.where(valid, expert, -1))
+            ordinal = _warp_fetch_add(scratch_ptr + expert * stride, tl.where(valid, expert, -1))
         else:
-            ordinal = tl.atomic_add(scratch_ptr + expert, 1, mask=valid, sem="relaxed")
+            ordinal = tl.atomic_add(scratch_ptr + expert * stride, 1, mask=valid, sem="relaxed")
         # ``ordinal >> 31`` is 0 (ordinals are < 2**31), but ties the count's use to the fetch-add's
         # reply: otherwise ptxas starts the modulo's division before the atomic is issued, so the
         # atomic waits for the count load and the two round trips run one after the other.
@@ -188,65 +259,152 @@ if triton is not None:
         slot = tl.load(
             log2phy_ptr + expert.to(tl.int64) * row_stride + entry, mask=routed, other=-1
         )
+        if not SINGLE:
+            # Arrive once every lane's fetch-add has returned (its reply addressed the load
+            # above) and before this program writes anything: the release's fence then waits
+            # for no store, only for the row load that the store needs anyway.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(scratch_ptr + num_experts * stride, 1, sem="release")
         tl.store(out_ptr + offs, slot.to(out_ptr.dtype.element_ty), mask=in_range)
-        if RECORD and not TALLY:
+        if RECORD:
             counted = routed & recording
             slot32 = tl.where(counted, slot, 0).to(tl.int32)
-            if WARP_AGGREGATE:
-                _warp_add(slot_counts_ptr + slot32, tl.where(counted, slot32, -1))
-                _warp_add(expert_counts_ptr + expert, tl.where(counted, expert, -1))
-            else:
-                tl.atomic_add(slot_counts_ptr + slot32, 1, mask=counted, sem="relaxed")
-                tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
-        # Every lane's fetch-add has returned (its value was used above) before anyone clears.
-        tl.debug_barrier()
+            if TALLY < 2:
+                if WARP_AGGREGATE:
+                    _warp_add(slot_counts_ptr + slot32, tl.where(counted, slot32, -1))
+                else:
+                    tl.atomic_add(slot_counts_ptr + slot32, 1, mask=counted, sem="relaxed")
+            if TALLY < 1:
+                if WARP_AGGREGATE:
+                    _warp_add(expert_counts_ptr + expert, tl.where(counted, expert, -1))
+                else:
+                    tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
+        else:
+            recording = False
         if SINGLE:
+            # Every lane's fetch-add has returned (its value was used above) before it clears.
+            tl.debug_barrier()
             last = True
         else:
-            last = tl.atomic_add(scratch_ptr + num_experts, 1, sem="acq_rel") == (
-                tl.num_programs(0) - 1
-            )
+            last = arrived == tl.num_programs(0) - 1
         if last:
-            for start in range(0, num_experts, E_BLOCK):
-                experts = start + tl.arange(0, E_BLOCK)
-                inside = experts < num_experts
-                if TALLY:
-                    # Counter e holds n_e, the batch's valid pairs of expert e; row entry r got
-                    # the ordinals j < n_e with (j + rank_offset) % c == r: n_e // c of them,
-                    # plus one if (r - rank_offset) mod c < n_e % c.
-                    pairs = tl.atomic_xchg(scratch_ptr + experts, 0, mask=inside, sem="relaxed")
-                    replicas = tl.load(logcnt_ptr + experts, mask=inside, other=0).to(tl.int32)
-                    take = inside & (replicas > 0) & recording
-                    tl.atomic_add(expert_counts_ptr + experts, pairs, mask=take, sem="relaxed")
-                    c = tl.maximum(replicas, 1)[:, None]
-                    n = pairs[:, None]
-                    for first in range(0, tl.reduce(replicas, 0, _larger), R_TILE):
-                        r = first + tl.arange(0, R_TILE)[None, :]
-                        has = take[:, None] & (r < replicas[:, None])
-                        row = experts.to(tl.int64)[:, None] * row_stride
-                        entry_slot = tl.load(log2phy_ptr + row + r, mask=has, other=0)
-                        rotated = ((r - rank_offset) % c + c) % c
-                        share = n // c + (rotated < n % c).to(tl.int32)
-                        tl.atomic_add(
-                            slot_counts_ptr + entry_slot,
-                            share,
-                            mask=has & (share > 0),
-                            sem="relaxed",
-                        )
-                else:
-                    tl.store(scratch_ptr + experts, 0, mask=inside)
-            if not SINGLE:
-                tl.store(scratch_ptr + num_experts, 0)
+            _tally_and_clear(
+                scratch_ptr,
+                stride,
+                log2phy_ptr,
+                logcnt_ptr,
+                slot_counts_ptr,
+                expert_counts_ptr,
+                recording,
+                num_experts,
+                row_stride,
+                rank_offset,
+                TALLY,
+                E_BLOCK,
+                R_TILE,
+            )
 
-
-def launch_shape(numel: int) -> tuple[int, int, int]:
-    """``(programs, BLOCK, num_warps)`` for ``numel`` pairs, one pair per thread (a warp-wide
-    match must see each pair once): one program up to ``SINGLE_PROGRAM_PAIRS``, else
-    ``MULTI_BLOCK`` pairs per program."""
-    if numel <= SINGLE_PROGRAM_PAIRS:
-        block = max(32, triton.next_power_of_2(numel))
-        return 1, block, block // 32
-    return triton.cdiv(numel, MULTI_BLOCK), MULTI_BLOCK, MULTI_BLOCK // 32
+    @triton.jit
+    def _route_sorted_kernel(
+        ids_ptr,
+        log2phy_ptr,
+        logcnt_ptr,
+        out_ptr,
+        scratch_ptr,
+        slot_counts_ptr,
+        expert_counts_ptr,
+        flag_ptr,
+        num_tokens_ptr,
+        numel,
+        top_k,
+        num_experts,
+        row_stride,
+        rank_offset,
+        stride,
+        RECORD: tl.constexpr,
+        HAS_NUM_TOKENS: tl.constexpr,
+        SINGLE: tl.constexpr,
+        TALLY: tl.constexpr,
+        BLOCK: tl.constexpr,
+        E_BLOCK: tl.constexpr,
+        R_TILE: tl.constexpr,
+    ):
+        """One block of ``BLOCK`` pairs: sort by expert, one fetch-add per expert present."""
+        first_pair = tl.program_id(0) * BLOCK
+        local = tl.arange(0, BLOCK)
+        in_range = local < numel - first_pair
+        raw = tl.load(ids_ptr + first_pair + local, mask=in_range, other=-1)
+        valid = in_range & (raw >= 0) & (raw < num_experts)
+        if HAS_NUM_TOKENS:
+            valid = valid & (local < tl.load(num_tokens_ptr) * top_k - first_pair)
+        experts = tl.arange(0, E_BLOCK)
+        replicas = tl.load(logcnt_ptr + experts, mask=experts < num_experts, other=0).to(tl.int32)
+        # The block's pairs per expert, and where each expert's run starts once sorted.
+        pairs = tl.histogram(tl.where(valid, raw, 0).to(tl.int32), E_BLOCK, mask=valid)
+        run_start = tl.cumsum(pairs, 0) - pairs
+        # Key = expert * BLOCK + position: sorted, each expert's pairs are one run, masked pairs
+        # (expert := num_experts) last; the key's low bits say where the pair came from.
+        key = tl.sort(tl.where(valid, raw, num_experts).to(tl.int32) * BLOCK + local)
+        mine = key % BLOCK
+        expert = key // BLOCK
+        ok = expert < num_experts
+        expert = tl.where(ok, expert, 0)
+        rank = local - tl.gather(run_start, expert, 0)
+        taken = (pairs > 0) & (replicas > 0)
+        if SINGLE:
+            ordinal = rank
+        else:
+            base = tl.atomic_add(scratch_ptr + experts * stride, pairs, mask=taken, sem="relaxed")
+            ordinal = tl.gather(base, expert, 0) + rank
+        count = tl.gather(replicas, expert, 0)
+        routed = ok & (count > 0)
+        entry = (ordinal + rank_offset) % tl.maximum(count, 1)
+        slot = tl.load(log2phy_ptr + expert * row_stride + entry, mask=routed, other=-1)
+        if not SINGLE:
+            # Every fetch-add has returned (gathered above): arrive before writing anything.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(scratch_ptr + num_experts * stride, 1, sem="release")
+        tl.store(
+            out_ptr + first_pair + mine,
+            slot.to(out_ptr.dtype.element_ty),
+            mask=mine < numel - first_pair,
+        )
+        if RECORD:
+            recording = tl.load(flag_ptr) != 0
+            if TALLY < 1:
+                tl.atomic_add(
+                    expert_counts_ptr + experts, pairs, mask=taken & recording, sem="relaxed"
+                )
+            if TALLY < 2:
+                # The run's ordinals rank, rank + c, ... all land on this pair's entry: the
+                # first c pairs of the run add the run's share of their entries.
+                run = tl.gather(pairs, expert, 0)
+                share = (run - 1 - rank) // tl.maximum(count, 1) + 1
+                tl.atomic_add(
+                    slot_counts_ptr + tl.where(routed, slot, 0).to(tl.int32),
+                    share,
+                    mask=routed & (rank < count) & recording,
+                    sem="relaxed",
+                )
+        else:
+            recording = False
+        if not SINGLE:  # noqa: SIM102 (a compile-time branch: ``arrived`` exists only here)
+            if arrived == tl.num_programs(0) - 1:
+                _tally_and_clear(
+                    scratch_ptr,
+                    stride,
+                    log2phy_ptr,
+                    logcnt_ptr,
+                    slot_counts_ptr,
+                    expert_counts_ptr,
+                    recording,
+                    num_experts,
+                    row_stride,
+                    rank_offset,
+                    TALLY,
+                    E_BLOCK,
+                    R_TILE,
+                )
 
 
 def route_and_record(
@@ -261,8 +419,8 @@ def route_and_record(
     record_flag: torch.Tensor | None = None,
     num_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    kernel: Any = None,
-    warp_aggregate: bool | None = None,
+    plan: LaunchPlan | None = None,
+    kernels: Mapping[Strategy, Any] | None = None,
 ) -> torch.Tensor:
     """Physical slot of every (token, choice) pair of one layer, and its load recorded: one launch.
 
@@ -271,7 +429,8 @@ def route_and_record(
         log2phy: int64 [E, R] this layer's row entries (e.g. ``buffers.log2phy[layer]``), unit
             stride along R; -1 padded.
         logcnt: int64 [E] entries used per row (``buffers.logcnt[layer]``); 0 routes to -1.
-        scratch: int32 [E + 1] from :func:`new_route_scratch`, zero between launches.
+        scratch: int32 [(E + 1) * s] from :func:`new_route_scratch`, zero between launches:
+            counter e at ``e * s`` when several programs share it, at ``e`` for one program.
         rank_offset: rotates the entry choice (pass the EP rank).
         slot_counts: int32 [capacity], e.g. ``LoadRecord.slot_counts[layer]``: += routed pairs
             per slot. Given together with ``expert_counts`` and ``record_flag``.
@@ -282,10 +441,9 @@ def route_and_record(
         num_tokens: integer [1] on the device: tokens ``>= num_tokens[0]`` are padding, route to
             -1 and are not counted. ``None``: all T are real.
         out: [T, K] of ``topk_ids``' dtype to write into (default: a new tensor).
-        kernel: the Triton kernel to launch (tests pass an interpreted one on CPU).
-        warp_aggregate: aggregate atomics per warp with PTX (default: for the compiled kernel
-            above ``AGGREGATE_ABOVE_PAIRS`` pairs; never for an interpreted one, which cannot
-            run PTX).
+        plan: the launch (default: :func:`plan_launch`'s measured choice).
+        kernels: the Triton kernel per strategy (tests pass interpreted ones on CPU; those
+            cannot run the PTX of ``LaunchPlan.aggregate``).
     Returns:
         [T, K] physical slots (``topk_ids``' dtype), -1 where not routed.
     """
@@ -306,11 +464,13 @@ def route_and_record(
         )
     if (
         scratch.dtype != torch.int32
-        or scratch.shape != (num_experts + 1,)
+        or scratch.dim() != 1
         or scratch.stride(0) != 1
+        or scratch.numel() % (num_experts + 1)
     ):
         raise TypeError(
-            f"scratch must be int32 [{num_experts + 1}], got {scratch.dtype} {tuple(scratch.shape)}"
+            f"scratch must be a contiguous int32 [(E + 1) * s] for E = {num_experts}, got "
+            f"{scratch.dtype} {tuple(scratch.shape)}"
         )
     record = (slot_counts, expert_counts, record_flag)
     if any(t is None for t in record) and any(t is not None for t in record):
@@ -341,10 +501,27 @@ def route_and_record(
     numel = ids.numel()
     if numel == 0:
         return out
-    programs, block, warps = launch_shape(numel)
-    if warp_aggregate is None:
-        warp_aggregate = kernel is None and numel > AGGREGATE_ABOVE_PAIRS
-    (_route_kernel if kernel is None else kernel)[(programs,)](
+    if plan is None:
+        plan = plan_launch(numel, num_experts)
+        if kernels is not None:
+            plan = dataclasses.replace(plan, aggregate=False)
+    check_plan(plan, num_experts)
+    programs = triton.cdiv(numel, plan.block)
+    if kernels is None:
+        kernels = {Strategy.PAIRS: _route_kernel, Strategy.SORTED: _route_sorted_kernel}
+    kernel = kernels[plan.strategy]
+    counted = slot_counts is not None and (plan.strategy is Strategy.PAIRS or programs > 1)
+    options: dict[str, Any] = {
+        "TALLY": int(plan.tally) if counted else 0,
+        "E_BLOCK": max(16, triton.next_power_of_2(num_experts)),
+        "R_TILE": 4,
+    }
+    if plan.strategy is Strategy.PAIRS:
+        options |= {
+            "WARP_AGGREGATE": plan.aggregate,
+            "E_BLOCK": min(1024, triton.next_power_of_2(num_experts)),
+        }
+    kernel[(programs,)](
         ids,
         log2phy,
         logcnt,
@@ -359,14 +536,12 @@ def route_and_record(
         num_experts,
         log2phy.stride(0),
         rank_offset,
+        1 if programs == 1 else scratch.numel() // (num_experts + 1),
         RECORD=slot_counts is not None,
         HAS_NUM_TOKENS=num_tokens is not None,
         SINGLE=programs == 1,
-        WARP_AGGREGATE=warp_aggregate,
-        TALLY=slot_counts is not None and programs > 1 and numel > TALLY_ABOVE_PAIRS,
-        BLOCK=block,
-        E_BLOCK=min(1024, triton.next_power_of_2(num_experts)),
-        R_TILE=4,
-        num_warps=warps,
+        BLOCK=plan.block,
+        num_warps=plan.warps,
+        **options,
     )
     return out
