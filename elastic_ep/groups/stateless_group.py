@@ -33,6 +33,7 @@ from torch.distributed import ProcessGroup, ReduceOp, Store, Work
 
 from elastic_ep.errors import ElasticEPError, PeerFailure
 from elastic_ep.groups.backend import Backend, default_device, make_process_group
+from elastic_ep.groups.mesh_store import MeshStore
 from elastic_ep.groups.polling import wait_until
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
 
@@ -195,10 +196,23 @@ class StatelessGroup:
         self._client: Store | None = rendezvous.client(build_timeout_s)
         store: Store = torch.distributed.PrefixStore(prefix, self._client)
         self._pg: ProcessGroup | None = None
+        self._mesh: MeshStore | None = None
         try:
             self._rendezvous_all(store)
+            # gloo reads its peers' addresses through a MeshStore: O(1) store calls per rank
+            # (kept: the process group may call it again and it lives on the Python side)
+            self._mesh = (
+                MeshStore(store, world_size, build_timeout_s) if parsed is Backend.GLOO else None
+            )
             self._pg = make_process_group(
-                store, rank, world_size, parsed, dev, timeout_s, build_timeout_s, f"{name}@{epoch}"
+                self._mesh or store,
+                rank,
+                world_size,
+                parsed,
+                dev,
+                timeout_s,
+                build_timeout_s,
+                f"{name}@{epoch}",
             )
             if parsed is Backend.NCCL and connect:
                 # NCCL connects peers at the first collective: it makes "built" mean built.
@@ -525,6 +539,7 @@ class StatelessGroup:
     def _release(self) -> None:
         self._closed = True
         self._pg = None
+        self._mesh = None
         self._client = None
 
     def _usable(self, op: str) -> ProcessGroup:
