@@ -245,20 +245,31 @@ def test_dissemination_max_over_real_processes(world_size: int) -> None:
     assert all(o[5:] == want for o in out), out
 
 
-def test_dead_mark_is_found_with_one_counter_read_per_look() -> None:
+def test_a_dead_mark_wakes_the_watcher_and_looking_reads_no_store() -> None:
     server = Rendezvous("127.0.0.1", 0, is_master=True, timeout_s=10)
     try:
         from elastic_ep.scaling.channel import ControlChannel
-        from elastic_ep.scaling.poll import DeadWatch
+        from elastic_ep.scaling.deaths import DeadWatch, DeathWatcher
+        from elastic_ep.testing.counting_store import CountingStore, StoreCounts
 
         channel = ControlChannel(server.store, 10)
-        channel.mark_dead(9)  # a member of another epoch
-        watch = DeadWatch(channel, (0, 1, 2))
-        assert watch.dead() == []
-        assert watch.dead() == []
+        channel.mark_dead(9)  # before the watcher: found by its first read
+        counts = StoreCounts(lambda key: key)
+        watcher = DeathWatcher(CountingStore(server.store.clone(), counts))
+        watch = DeadWatch(watcher, (0, 1, 2))
+        assert watcher.dead == {9} and watch.dead() == []
+        for _ in range(1000):
+            assert watch.dead() == []
+        # its own first add and multi_get, then one wait in flight: looks cost nothing
+        assert sum(counts.calls.values()) <= 3, counts.calls
         channel.mark_dead(1)
-        assert watch.dead() == [1]
+        deadline = time.monotonic() + 10
+        while not watch.dead() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert watch.dead() == [1] and watcher.dead == {1, 9}
+        assert counts.calls["ctl/dead/n/2"] == 2  # the wait that the mark woke, and its get
         assert channel.dead_count() == 2
         server.store.wait(["ctl/dead/1"], timedelta(seconds=1))
+        watcher.stop()
     finally:
         server.close()

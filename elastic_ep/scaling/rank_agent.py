@@ -47,7 +47,7 @@ from elastic_ep.eplb.placement import Placement
 from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError
 from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
 from elastic_ep.scaling.channel import CommandKind, ControlChannel, RankReport
-from elastic_ep.scaling.deaths import DeadWatch, wait_watching, watch_world
+from elastic_ep.scaling.deaths import DeadWatch, DeathWatcher, wait_watching, watch_world
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
@@ -180,6 +180,7 @@ class ElasticRank:
             spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s
         )
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
+        self._deaths = DeathWatcher(self._rdzv.client(timeout_s))
         self._job: ScaleJob | None = None
         self._retiring: list[threading.Thread] = []
         self._stop_watch = threading.Event()
@@ -222,10 +223,9 @@ class ElasticRank:
             self._report(ScalePhase.COMPLETED, spec.epoch)
         self._watcher: threading.Thread | None = None
         if watch_dead_s is not None and self.world is not self.control:
-            channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
             self._watcher = threading.Thread(
                 target=watch_world,
-                args=(channel, lambda: self._serving, self._stop_watch, watch_dead_s),
+                args=(self._deaths, lambda: self._serving, self._stop_watch, watch_dead_s),
                 name="elastic-watch",
                 daemon=True,
             )
@@ -494,6 +494,7 @@ class ElasticRank:
         except Exception as exc:
             job.registry.abort_all()
             self._finish(job, ScalePhase.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
+            self._deaths.stop()
             self._rdzv.close()
             raise ReconfigureError(
                 f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}"
@@ -588,6 +589,7 @@ class ElasticRank:
     def close(self) -> None:
         """Tear down resources and groups (idempotent); call after LEAVE or STOP."""
         self._stop_watch.set()
+        self._deaths.stop()
         self._drop_votes()
         if self._watcher is not None:
             self._watcher.join(timeout=self._timeout_s)
@@ -611,7 +613,7 @@ class ElasticRank:
     ) -> None:
         self._drop_votes()  # votes belong to one epoch's control group
         self.world, self.control, self.members = world, control, members
-        self._dead_watch = DeadWatch(self._channel, members)
+        self._dead_watch = DeadWatch(self._deaths, members)
         self._serving = (members, world)  # one assignment: the watcher reads a consistent pair
 
     def _inputs(self, previous: Placement | None, *, with_kv: bool = True) -> StageInputs:
