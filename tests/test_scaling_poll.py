@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed import AllreduceOptions, ReduceOp
 
@@ -208,6 +208,7 @@ def test_a_rank_dying_between_the_post_and_the_read_is_recovered(
 # ---- the vote itself -----------------------------------------------------------------------
 
 
+@settings(deadline=None)  # pure, but a loaded 2-core CI machine can stall it
 @given(st.integers(1, 70), st.data())
 def test_dissemination_rounds_reach_the_max_at_every_rank(world_size: int, data) -> None:  # type: ignore[no-untyped-def]
     values = data.draw(st.lists(st.integers(0, 99), min_size=world_size, max_size=world_size))

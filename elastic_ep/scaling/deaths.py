@@ -14,7 +14,7 @@ users look:
 - :func:`wait_watching`: waits for an async gloo operation, failing with ``PeerFailure`` within
   :data:`DEAD_CHECK_S` of a mark (only the dead rank's neighbours see a broken connection; the
   others would wait for the group timeout, and a gloo abort does not wake a blocked wait);
-- the pipelined poll's read of a vote not done yet (``poll.PendingVote.result``);
+- the pipelined poll's read of a vote not done yet (``poll.Voter.result``);
 - :func:`watch_world`: a thread that aborts an NCCL world group whose member was marked, so the
   engine's collectives blocked on the dead rank fail at once.
 """

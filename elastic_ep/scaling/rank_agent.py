@@ -51,7 +51,7 @@ from elastic_ep.scaling.deaths import DeadWatch, DeathWatcher, wait_watching, wa
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
-from elastic_ep.scaling.poll import IDLE, PendingVote, PollMode, Vote, Voter, blocking_vote
+from elastic_ep.scaling.poll import IDLE, PollMode, Vote, Voter, blocking_vote
 from elastic_ep.scaling.recovery import recover_world, report_failed_recovery
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
 from elastic_ep.scaling.scale_job import Action, ScaleJob, destroy_all
@@ -155,7 +155,7 @@ class ElasticRank:
         self._poll_mode = poll_mode
         self._voter: Voter | None = None
         self._vote_channel: ControlChannel | None = None
-        self._pending: PendingVote | None = None
+        self._pending = 0  # the number of the vote posted and not read yet (0: none)
         self.gate = gate or TrafficGate()
         self.resources = resources or EpochResources()
         self._load = load
@@ -252,6 +252,13 @@ class ElasticRank:
         the first poll of an epoch (after the start, a commit or a recovery) only posts and
         returns ``SERVE``. ``BLOCKING``: votes and acts within the call.
         """
+        voter = self._voter
+        if voter is not None and self._job is None:
+            # the serving path of a quiet step: one tuple read, one compare, one post
+            n, agreed, _ = voter.finished
+            if n == self._pending and agreed is not None and agreed.seq <= self._seen_seq:
+                self._pending = voter.post(IDLE, 0)
+                return Action.SERVE
         if self._first_action is not None:
             action, self._first_action = self._first_action, None
             self._post_vote()
@@ -263,12 +270,12 @@ class ElasticRank:
             except (PeerFailure, GroupClosedError) as failure:
                 return self.recover(failure)
             return self._act(Vote.from_tensor(flags))
-        pending, self._pending = self._pending, None
-        if pending is None:  # the first poll of this epoch: nothing posted to read yet
+        pending, self._pending = self._pending, 0
+        if not pending or voter is None:  # the first poll of this epoch: nothing to read yet
             self._post_vote()
             return Action.SERVE
         try:
-            vote = pending.result(self.control, self._dead_watch)
+            vote = voter.result(pending, self._dead_watch)
         except (PeerFailure, GroupClosedError) as failure:
             return self.recover(failure)
         action = self._act(vote)
@@ -335,7 +342,7 @@ class ElasticRank:
 
     def _drop_votes(self) -> None:
         """End this epoch's voting (a vote stuck on a dead peer ends at the group timeout)."""
-        self._pending = None
+        self._pending = 0
         if self._voter is not None:
             self._voter.close()
             self._voter = None
