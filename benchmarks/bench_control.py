@@ -152,8 +152,9 @@ def bench_rank(spec: RankSpec) -> None:
         if agent.rank == 0:
             data.set("votes", pickle.dumps(votes))
     data.set(f"ready/{spec.member_id}", b"1")
-    # (monotonic, poll seconds, action, event store ops, serving store ops, group-build ops)
-    log: list[tuple[float, float, str, int, int, int]] = []
+    # (monotonic, poll seconds, action, event store ops, serving store ops, group-build ops,
+    # keys those named)
+    log: list[tuple[float, float, str, int, int, int, int]] = []
     token = torch.ones(1)
     try:
         while True:
@@ -257,6 +258,7 @@ def run_job(ranks: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         ev["store_ops_coordinator"] = coord_ops[label]
         ev["store_ops"] = rank_ops + coord_ops[label]
         ev["store_ops_group_builds"] = _ops_in(logs, t0, t1 + 1.0, 5)
+        ev["store_keys_group_builds"] = _ops_in(logs, t0, t1 + 1.0, 6)
     result: dict[str, Any] = {
         "ranks": ranks,
         "mode": mode,

@@ -155,7 +155,6 @@ class Voter:
         self._queue: queue.SimpleQueue[tuple[int, Vote, int] | None] = queue.SimpleQueue()
         self.finished: tuple[int, Vote | None, BaseException | None] = (0, None, None)
         self.posted = 0
-        self._posted_at = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"elastic-vote-{group.epoch}", daemon=True
         )
@@ -165,16 +164,15 @@ class Voter:
         """Queue this rank's vote and return its number; ``job_seq``: the command number of
         the running scale whose abort mark the leader looks up (0: none)."""
         self.posted = n = self.posted + 1
-        self._posted_at = time.monotonic()
         self._queue.put((n, mine, job_seq))
         return n
 
     def result(self, n: int, watch: DeadWatch) -> Vote:
         """The agreed :class:`Vote` of vote ``n``, or ``PeerFailure``: the vote failed, a member
         of the epoch is marked dead (looked at every :data:`DEAD_CHECK_S` while this waits, no
-        store call), or the vote took more than the group's timeout since it was posted."""
+        store call), or the vote is not done within the group's timeout of this wait."""
         group = self._group
-        deadline = self._posted_at + group.timeout_s
+        deadline = time.monotonic() + group.timeout_s
         while self.finished[0] != n:
             with self._done:
                 if self._done.wait_for(lambda: self.finished[0] == n, DEAD_CHECK_S):
