@@ -168,6 +168,7 @@ def bench_rank(spec: RankSpec) -> None:
                 event_ops(),
                 step_ops(),
                 COUNTS.calls["group"],
+                COUNTS.keys["group"],
             )
             log.append(entry)
             if action in (Action.LEAVE, Action.STOP):
