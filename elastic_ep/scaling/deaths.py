@@ -34,9 +34,11 @@ from elastic_ep.groups import StatelessGroup
 DEAD_CHECK_S = 0.02
 """How often a waiting rank looks at its watcher's dead set (no store operation)."""
 
-WAKE_S = 10.0
-"""A watcher's store wait is re-issued this often while no one dies (one store call), and ends
-this long after :meth:`DeathWatcher.stop` at the latest."""
+WAKE_S = 300.0
+"""A watcher's store wait is re-issued this often while no one dies (one store call; torch logs
+a warning for each wait that times out), and the thread ends this long after
+:meth:`DeathWatcher.stop` at the latest (or when the store goes away: a daemon thread that
+holds one idle connection until then)."""
 
 _SPIN_S = 0.0001  # sleep between completion checks of an operation
 
