@@ -65,6 +65,10 @@ from elastic_ep.scaling.transition import (
     default_planner,
 )
 
+_NO_POST = (Action.LEAVE, Action.STOP, Action.RECOVERED)
+"""Actions after which a poll posts no vote: the rank is done, or (a recovery) the new epoch's
+first poll posts, wherever each survivor noticed the failure."""
+
 
 class ElasticRank(EpochTransitions):
     """One rank of an elastic MoE engine.
@@ -244,7 +248,9 @@ class ElasticRank(EpochTransitions):
 
         ``PIPELINED`` (default): acts on the vote the previous poll posted and posts the next;
         the first poll of an epoch (after the start, a commit or a recovery) only posts and
-        returns ``SERVE``. ``BLOCKING``: votes and acts within the call.
+        returns ``SERVE``. While a scale runs it votes within the call (a dissemination vote:
+        ceil(log2 R) rounds) until the scale ends, so its lockstep decisions cost no extra step.
+        ``BLOCKING``: votes and acts within the call, always.
         """
         voter = self._voter
         if voter is not None and self._job is None:
@@ -265,17 +271,33 @@ class ElasticRank(EpochTransitions):
                 return self.recover(failure)
             return self._act(Vote.from_tensor(flags))
         pending, self._pending = self._pending, 0
-        if not pending or voter is None:  # the first poll of this epoch: nothing to read yet
+        if pending:
+            action = self._read_vote(pending)
+            if action is not Action.SERVE or self._job is None:
+                if action not in _NO_POST:
+                    self._post_vote()
+                return action
+        elif self._job is None:  # the first poll of this epoch: nothing to read yet
             self._post_vote()
             return Action.SERVE
+        # A scale runs: vote within the poll, as the blocking poll does, so each of its lockstep
+        # decisions costs no extra step. Every rank is in a job at the same votes (a job starts
+        # and ends on an agreed vote), so every rank votes here at the same polls.
+        self._post_vote()
+        pending, self._pending = self._pending, 0
+        action = self._read_vote(pending)
+        if action not in _NO_POST and self._job is None:
+            self._post_vote()  # the scale ended: back to the pipelined vote
+        return action
+
+    def _read_vote(self, n: int) -> Action:
+        """Wait for vote ``n`` of this epoch's voter and act on it (recover on a failure)."""
+        assert self._voter is not None
         try:
-            vote = voter.result(pending, self._dead_watch)
+            vote = self._voter.result(n, self._dead_watch)
         except (PeerFailure, GroupClosedError) as failure:
             return self.recover(failure)
-        action = self._act(vote)
-        if action not in (Action.LEAVE, Action.STOP):
-            self._post_vote()
-        return action
+        return self._act(vote)
 
     def _flags(self, *, read_store: bool) -> Vote:
         """This rank's side of the vote; the leader reads the store only when ``read_store``
