@@ -248,8 +248,8 @@ class ElasticRank(EpochTransitions):
 
         ``PIPELINED`` (default): acts on the vote the previous poll posted and posts the next;
         the first poll of an epoch (after the start, a commit or a recovery) only posts and
-        returns ``SERVE``. While a scale runs it votes within the call (a dissemination vote:
-        ceil(log2 R) rounds) until the scale ends, so its lockstep decisions cost no extra step.
+        returns ``SERVE``. While a scale runs it votes within the call as ``BLOCKING`` does, until
+        the scale ends, so the scale's lockstep decisions cost no extra step.
         ``BLOCKING``: votes and acts within the call, always.
         """
         voter = self._voter
@@ -264,12 +264,7 @@ class ElasticRank(EpochTransitions):
             self._post_vote()
             return action
         if self._poll_mode is PollMode.BLOCKING:
-            flags = self._flags(read_store=True).to_tensor()
-            try:
-                blocking_vote(self.control, flags, self._dead_watch)
-            except (PeerFailure, GroupClosedError) as failure:
-                return self.recover(failure)
-            return self._act(Vote.from_tensor(flags))
+            return self._vote_now()
         pending, self._pending = self._pending, 0
         if pending:
             action = self._read_vote(pending)
@@ -283,12 +278,19 @@ class ElasticRank(EpochTransitions):
         # A scale runs: vote within the poll, as the blocking poll does, so each of its lockstep
         # decisions costs no extra step. Every rank is in a job at the same votes (a job starts
         # and ends on an agreed vote), so every rank votes here at the same polls.
-        self._post_vote()
-        pending, self._pending = self._pending, 0
-        action = self._read_vote(pending)
+        action = self._vote_now()
         if action not in _NO_POST and self._job is None:
             self._post_vote()  # the scale ended: back to the pipelined vote
         return action
+
+    def _vote_now(self) -> Action:
+        """Vote on the serving thread (gloo's all-reduce; the leader reads the store) and act."""
+        flags = self._flags(read_store=True).to_tensor()
+        try:
+            blocking_vote(self.control, flags, self._dead_watch)
+        except (PeerFailure, GroupClosedError) as failure:
+            return self.recover(failure)
+        return self._act(Vote.from_tensor(flags))
 
     def _read_vote(self, n: int) -> Action:
         """Wait for vote ``n`` of this epoch's voter and act on it (recover on a failure)."""
