@@ -30,7 +30,6 @@ import json
 import pickle
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,7 +40,6 @@ import torch
 import torch.distributed as dist
 
 from elastic_ep.eplb import plan
-from elastic_ep.groups import rendezvous
 from elastic_ep.scaling import (
     Action,
     ElasticCoordinator,
@@ -55,75 +53,11 @@ from elastic_ep.scaling import (
     ScaleStatus,
 )
 from elastic_ep.scaling.poll import NUM_FLAGS, PollMode, dissemination_max
+from elastic_ep.testing.counting_store import StoreCounts, count_rendezvous_stores
 
 LAYERS, EXPERTS, SLOTS = 1, 4, 2
 SHAPE = (4,)  # one tiny tensor per expert slot
 
-
-class CountingStore(dist.Store):
-    """A store client that counts its operations (shared counter across its clones)."""
-
-    def __init__(self, inner: Any, counts: collections.Counter[str], lock: threading.Lock) -> None:
-        super().__init__()
-        self._inner = inner
-        self._counts = counts
-        self._lock = lock
-        self.port = getattr(inner, "port", None)
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[kind_of(key)] += 1
-
-    def set(self, key: str, value: Any) -> None:
-        self._count(key)
-        self._inner.set(key, value)
-
-    def get(self, key: str) -> bytes:
-        self._count(key)
-        return self._inner.get(key)  # type: ignore[no-any-return]
-
-    def add(self, key: str, value: int) -> int:
-        self._count(key)
-        return int(self._inner.add(key, value))
-
-    def check(self, keys: list[str]) -> bool:
-        self._count(keys[0])
-        return bool(self._inner.check(keys))
-
-    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        self._count(keys[0])
-        if timeout is None:
-            self._inner.wait(keys)
-        else:
-            self._inner.wait(keys, timeout)
-
-    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
-        self._count(key)
-        return self._inner.compare_set(key, expected, desired)  # type: ignore[no-any-return]
-
-    def delete_key(self, key: str) -> bool:
-        self._count(key)
-        return bool(self._inner.delete_key(key))
-
-    def multi_get(self, keys: list[str]) -> list[bytes]:
-        self._count(keys[0])
-        return self._inner.multi_get(keys)  # type: ignore[no-any-return]
-
-    def multi_set(self, keys: list[str], values: list[Any]) -> None:
-        self._count(keys[0])
-        self._inner.multi_set(keys, values)
-
-    def num_keys(self) -> int:
-        return int(self._inner.num_keys())
-
-    def set_timeout(self, timeout: timedelta) -> None:
-        self._inner.set_timeout(timeout)
-
-    def clone(self) -> CountingStore:
-        return CountingStore(self._inner.clone(), self._counts, self._lock)
-
-
-COUNTS: collections.Counter[str] = collections.Counter()
 
 PER_STEP = ("seq", "dead", "monitor")
 """Kinds of store operations made while serving (per step or per wait), not by an event."""
@@ -148,23 +82,20 @@ def kind_of(key: str) -> str:
     return "other"
 
 
+COUNTS = StoreCounts(kind_of)
+
+
 def event_ops() -> int:
-    return sum(n for k, n in COUNTS.items() if k not in PER_STEP)
+    return sum(n for k, n in COUNTS.calls.items() if k not in PER_STEP)
 
 
 def step_ops() -> int:
-    return sum(n for k, n in COUNTS.items() if k in PER_STEP)
+    return sum(n for k, n in COUNTS.calls.items() if k in PER_STEP)
 
 
 def count_store_operations() -> None:
     """Make every ``Rendezvous`` of this process build counting store clients."""
-    lock = threading.Lock()
-    real = rendezvous.TCPStore
-
-    def counting(*args: Any, **kwargs: Any) -> CountingStore:
-        return CountingStore(real(*args, **kwargs), COUNTS, lock)
-
-    rendezvous.TCPStore = counting  # type: ignore[assignment,misc]
+    count_rendezvous_stores(COUNTS)
 
 
 @dataclass(frozen=True)
@@ -221,15 +152,24 @@ def bench_rank(spec: RankSpec) -> None:
         if agent.rank == 0:
             data.set("votes", pickle.dumps(votes))
     data.set(f"ready/{spec.member_id}", b"1")
-    # (monotonic, poll seconds, action, event store ops, serving store ops, group-build ops)
-    log: list[tuple[float, float, str, int, int, int]] = []
+    # (monotonic, poll seconds, action, event store ops, serving store ops, group-build ops,
+    # keys those named)
+    log: list[tuple[float, float, str, int, int, int, int]] = []
     token = torch.ones(1)
     try:
         while True:
             start = time.perf_counter()
             action = agent.poll()
             took = time.perf_counter() - start
-            entry = (time.monotonic(), took, action.value, event_ops(), step_ops(), COUNTS["group"])
+            entry = (
+                time.monotonic(),
+                took,
+                action.value,
+                event_ops(),
+                step_ops(),
+                COUNTS.calls["group"],
+                COUNTS.keys["group"],
+            )
             log.append(entry)
             if action in (Action.LEAVE, Action.STOP):
                 return
@@ -237,7 +177,7 @@ def bench_rank(spec: RankSpec) -> None:
             agent.wait(world.process_group.allreduce([token]), world)  # the engine's collective
             time.sleep(cfg.step_s)
     finally:
-        data.set(f"log/{spec.member_id}", pickle.dumps((log, dict(COUNTS))))
+        data.set(f"log/{spec.member_id}", pickle.dumps((log, dict(COUNTS.calls))))
         agent.close()
 
 
@@ -319,6 +259,7 @@ def run_job(ranks: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         ev["store_ops_coordinator"] = coord_ops[label]
         ev["store_ops"] = rank_ops + coord_ops[label]
         ev["store_ops_group_builds"] = _ops_in(logs, t0, t1 + 1.0, 5)
+        ev["store_keys_group_builds"] = _ops_in(logs, t0, t1 + 1.0, 6)
     result: dict[str, Any] = {
         "ranks": ranks,
         "mode": mode,
@@ -328,7 +269,7 @@ def run_job(ranks: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         # reads of ranks waiting longer than DEAD_CHECK_S, the coordinator's monitor)
         "store_ops_per_step": (quiet_ops + coord_ops["quiet"]) / max(1, steps / ranks),
         "store_ops_per_step_ranks": quiet_ops / max(1, steps / ranks),
-        "job_store_ops_by_kind": {"ranks": dict(rank_kinds), "coordinator": dict(COUNTS)},
+        "job_store_ops_by_kind": {"ranks": dict(rank_kinds), "coordinator": dict(COUNTS.calls)},
         "events": events,
     }
     if args.vote_reps and data.check(["votes"]):

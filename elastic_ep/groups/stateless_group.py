@@ -6,12 +6,10 @@ prefix of the job's long-lived TCPStore (see :mod:`elastic_ep.groups.rendezvous`
 ``(name, epoch)``, so any number of them can exist side by side (e.g. the current epoch's groups
 serving while the next epoch's are built as standby).
 
-Building meets at an arrival gate in the store before the backend connects: a counter that every
-rank increments on arrival, which the last arrival opens, and which a rank that waited
-``build_timeout_s`` in vain closes for good (one atomic add of a large negative number, so the
-count can never reach the group size again). Either every rank passes the gate or none does: a
-rank arriving after its peers gave up fails at once instead of connecting to nobody (gloo would
-then wait several times its timeout, NCCL forever).
+Building meets at an arrival gate in the store before the backend connects
+(:mod:`elastic_ep.groups.arrival_gate`): either every rank passes it or none does. gloo then
+reads its peers' addresses through a :class:`~elastic_ep.groups.mesh_store.MeshStore` (one bulk
+read per rank). Pending work is in :mod:`elastic_ep.groups.work`.
 
 Failure model: every operation either completes, or raises :class:`~elastic_ep.errors.PeerFailure`
 within the group's ``timeout_s`` (gloo's per-operation timeout; NCCL synchronising calls wait with
@@ -23,7 +21,6 @@ is seen by its neighbours at once ("connection reset"), by the others at the tim
 from __future__ import annotations
 
 import contextlib
-import pickle
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, overload
@@ -32,82 +29,25 @@ import torch
 from torch.distributed import ProcessGroup, ReduceOp, Store, Work
 
 from elastic_ep.errors import ElasticEPError, PeerFailure
+from elastic_ep.groups.arg_checks import (
+    check_int,
+    check_peer,
+    check_splits,
+    check_tensor,
+    parse_device,
+    split_p2p,
+)
+from elastic_ep.groups.arrival_gate import first_missing, pass_arrival_gate
 from elastic_ep.groups.backend import Backend, default_device, make_process_group
+from elastic_ep.groups.mesh_store import MeshStore
+from elastic_ep.groups.objects import all_gather_object, broadcast_object
 from elastic_ep.groups.polling import wait_until
 from elastic_ep.groups.rendezvous import Rendezvous, check_timeout, prefix_of
-
-_GATE_CLOSED = 1 << 40  # subtracted from the arrival count by a rank that gave up
+from elastic_ep.groups.work import P2PBatch, WorkHandle, post_p2p
 
 
 class GroupClosedError(ElasticEPError):
     """An operation was called on a group after :meth:`StatelessGroup.destroy` or ``abort``."""
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-class P2PBatch:
-    """A checked batch of point-to-point transfers, from :meth:`StatelessGroup.prepare_p2p`.
-
-    :meth:`post` posts it (again on each call) and returns its :class:`WorkHandle`; the tensors
-    are the ones given when prepared."""
-
-    def __init__(
-        self,
-        group: StatelessGroup,
-        sends: list[tuple[torch.Tensor, int]],
-        recvs: list[tuple[torch.Tensor, int]],
-        self_copies: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        self._group, self._sends, self._recvs, self._self_copies = group, sends, recvs, self_copies
-        self._peers = [p for _, p in sends] + [p for _, p in recvs]
-
-    def post(self) -> WorkHandle:
-        """Post the batch (transfers to this rank itself are copied first, in order)."""
-        for source, target in self._self_copies:
-            target.copy_(source)
-        works = self._group._post_p2p(self._sends, self._recvs)
-        return WorkHandle(self._group, "batch_p2p", works, self._peers)
-
-
-class WorkHandle:
-    """Pending work of one operation: a batch of transfers (``batch_p2p(..., async_op=True)``,
-    :meth:`P2PBatch.post`) or a collective (``all_reduce(..., async_op=True)``).
-
-    :meth:`wait` blocks until the work is done (on NCCL: until the current stream is ordered
-    after it) and raises PeerFailure if a peer failed.
-    """
-
-    def __init__(self, group: StatelessGroup, op: str, works: list[Work], peers: list[int]) -> None:
-        self._group = group
-        self._op = op
-        self._works = works
-        self._posted = list(works)
-        self._peer = peers[0] if len(set(peers)) == 1 else None
-
-    def wait(self) -> None:
-        works, self._works = self._works, []
-        for work in works:
-            self._group._wait(work, self._op, peer=self._peer, sync=False)
-
-    def raise_if_failed(self) -> None:
-        """Raise PeerFailure if the work failed; call it once it is done (on NCCL: once an event
-        recorded after :meth:`wait` has completed). On NCCL, work that torch's watchdog ended for
-        a dead peer lets its stream go on without an error: only the work records it. On gloo,
-        :meth:`wait` completed the work and raised already (a gloo work cannot be waited twice).
-        """
-        if self._group._backend is not Backend.NCCL:
-            return
-        for work in self._posted:
-            self._group._wait(work, self._op, peer=self._peer, sync=True)
-
-    def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self._works)
 
 
 class StatelessGroup:
@@ -163,11 +103,11 @@ class StatelessGroup:
     ) -> None:
         if not isinstance(rendezvous, Rendezvous):
             raise TypeError(f"rendezvous must be a Rendezvous, got {type(rendezvous).__name__}")
-        _check_int("world_size", world_size, minimum=1)
-        _check_int("rank", rank, minimum=0)
+        check_int("world_size", world_size, minimum=1)
+        check_int("rank", rank, minimum=0)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
-        _check_int("epoch", epoch, minimum=0)
+        check_int("epoch", epoch, minimum=0)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         prefix = prefix_of("group", name, "epoch", epoch)
@@ -195,10 +135,23 @@ class StatelessGroup:
         self._client: Store | None = rendezvous.client(build_timeout_s)
         store: Store = torch.distributed.PrefixStore(prefix, self._client)
         self._pg: ProcessGroup | None = None
+        self._mesh: MeshStore | None = None
         try:
             self._rendezvous_all(store)
+            # gloo reads its peers' addresses through a MeshStore: O(1) store calls per rank
+            # (kept: the process group may call it again and it lives on the Python side)
+            self._mesh = (
+                MeshStore(store, world_size, build_timeout_s) if parsed is Backend.GLOO else None
+            )
             self._pg = make_process_group(
-                store, rank, world_size, parsed, dev, timeout_s, build_timeout_s, f"{name}@{epoch}"
+                self._mesh or store,
+                rank,
+                world_size,
+                parsed,
+                dev,
+                timeout_s,
+                build_timeout_s,
+                f"{name}@{epoch}",
             )
             if parsed is Backend.NCCL and connect:
                 # NCCL connects peers at the first collective: it makes "built" mean built.
@@ -209,7 +162,7 @@ class StatelessGroup:
         except RuntimeError as err:
             self._release()
             raise self._peer_failure(
-                "build", err, peer=self._first_missing(store), timeout_s=build_timeout_s
+                "build", err, peer=first_missing(store, world_size), timeout_s=build_timeout_s
             ) from err
         except BaseException:
             self._release()
@@ -306,7 +259,7 @@ class StatelessGroup:
         False): ``wait()`` on it before using ``tensor``; a host that reads ``tensor`` after an
         event on the stream calls ``raise_if_failed()`` too.
         """
-        self._check_tensor("tensor", tensor)
+        check_tensor("tensor", tensor, self._device, self._name)
         if async_op and sync:
             raise ValueError("all_reduce: sync=True waits here; it cannot go with async_op=True")
         opts = torch.distributed.AllreduceOptions()
@@ -323,8 +276,8 @@ class StatelessGroup:
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Copy rank ``src``'s ``tensor`` into every rank's ``tensor`` (same shape/dtype); returns it."""
-        self._check_tensor("tensor", tensor)
-        self._check_peer("src", src)
+        check_tensor("tensor", tensor, self._device, self._name)
+        check_peer("src", src, self._world_size)
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = src
         self._run("broadcast", lambda pg: pg.broadcast([tensor], opts))
@@ -349,15 +302,17 @@ class StatelessGroup:
         Returns:
             ``output``.
         """
-        self._check_tensor("output", output)
-        self._check_tensor("input", input)
+        check_tensor("output", output, self._device, self._name)
+        check_tensor("input", input, self._device, self._name)
         if output.dtype != input.dtype or output.shape[1:] != input.shape[1:]:
             raise ValueError(
                 f"output ({output.dtype}, {tuple(output.shape)}) and input ({input.dtype}, "
                 f"{tuple(input.shape)}) must share dtype and trailing shape"
             )
-        out_splits = self._check_splits("output_split_sizes", output_split_sizes, output)
-        in_splits = self._check_splits("input_split_sizes", input_split_sizes, input)
+        out_splits = check_splits(
+            "output_split_sizes", output_split_sizes, output, self._world_size
+        )
+        in_splits = check_splits("input_split_sizes", input_split_sizes, input, self._world_size)
         self._run(
             "all_to_all_single",
             lambda pg: pg.alltoall_base(
@@ -373,37 +328,17 @@ class StatelessGroup:
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order. Peers are trusted (pickle)."""
-        payload = self._pickle(obj)
-        size = torch.tensor([payload.numel()], dtype=torch.int64, device=self._device)
-        sizes = [torch.empty_like(size) for _ in range(self._world_size)]
-        self._run("all_gather_object", lambda pg: pg.allgather([sizes], [size]), sync=True)
-        lengths = [int(s.item()) for s in sizes]
-        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=self._device)
-        padded[: payload.numel()] = payload
-        chunks = [torch.empty_like(padded) for _ in range(self._world_size)]
-        self._run("all_gather_object", lambda pg: pg.allgather([chunks], [padded]), sync=True)
-        return [_unpickle(c[:n]) for c, n in zip(chunks, lengths, strict=True)]
+        return all_gather_object(self, obj)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s picklable ``obj`` on every rank (other ranks' ``obj`` is ignored)."""
-        self._check_peer("src", src)
-        payload = self._pickle(obj) if self._rank == src else None
-        size = torch.tensor(
-            [0 if payload is None else payload.numel()], dtype=torch.int64, device=self._device
-        )
-        self.broadcast_sync(size, src)
-        buf = (
-            payload
-            if payload is not None
-            else torch.empty(int(size.item()), dtype=torch.uint8, device=self._device)
-        )
-        self.broadcast_sync(buf, src)
-        return obj if self._rank == src else _unpickle(buf)
+        check_peer("src", src, self._world_size)
+        return broadcast_object(self, obj, src)
 
     def broadcast_sync(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """:meth:`broadcast`, then wait for it on the CPU (bounded by ``timeout_s`` on NCCL too)."""
-        self._check_tensor("tensor", tensor)
-        self._check_peer("src", src)
+        check_tensor("tensor", tensor, self._device, self._name)
+        check_peer("src", src, self._world_size)
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = src
         self._run("broadcast", lambda pg: pg.broadcast([tensor], opts), sync=True)
@@ -440,29 +375,10 @@ class StatelessGroup:
         checks cost a few microseconds per transfer, which a caller that posts a known batch
         at a critical moment pays ahead. Arguments as for :meth:`batch_p2p`."""
         self._usable("batch_p2p")
-        for kind, pairs in (("sends", sends), ("recvs", recvs)):
-            for i, pair in enumerate(pairs):
-                if not isinstance(pair, tuple | list) or len(pair) != 2:
-                    raise TypeError(f"{kind}[{i}] must be a (tensor, rank) pair, got {pair!r}")
-                self._check_tensor(f"{kind}[{i}] tensor", pair[0])
-                self._check_peer(f"{kind}[{i}] rank", pair[1])
-        self_sends = [t for t, peer in sends if peer == self._rank]
-        self_recvs = [t for t, peer in recvs if peer == self._rank]
-        if len(self_sends) != len(self_recvs):
-            raise ValueError(
-                f"{len(self_sends)} sends to self but {len(self_recvs)} recvs from self (rank {self._rank})"
-            )
-        for i, (s, r) in enumerate(zip(self_sends, self_recvs, strict=True)):
-            if s.shape != r.shape or s.dtype != r.dtype:
-                raise ValueError(
-                    f"self transfer {i}: send {s.dtype}{tuple(s.shape)} != recv {r.dtype}{tuple(r.shape)}"
-                )
-        return P2PBatch(
-            self,
-            [(t, p) for t, p in sends if p != self._rank],
-            [(t, p) for t, p in recvs if p != self._rank],
-            list(zip(self_sends, self_recvs, strict=True)),
+        remote_sends, remote_recvs, self_copies = split_p2p(
+            sends, recvs, self._rank, self._world_size, self._device, self._name
         )
+        return P2PBatch(self, remote_sends, remote_recvs, self_copies)
 
     def wait_for(self, done: Callable[[], bool], what: str, *, peer: int | None = None) -> None:
         """Wait on the CPU until ``done()`` (e.g. ``work.is_completed`` or a CUDA event's
@@ -525,6 +441,7 @@ class StatelessGroup:
     def _release(self) -> None:
         self._closed = True
         self._pg = None
+        self._mesh = None
         self._client = None
 
     def _usable(self, op: str) -> ProcessGroup:
@@ -543,38 +460,22 @@ class StatelessGroup:
         return self._pg
 
     def _rendezvous_all(self, store: Store) -> None:
-        """Pass the arrival gate (see the module docstring) within ``build_timeout_s``."""
-        # Claim this rank's slot: a second build of the same (name, epoch) would read stale keys.
-        if store.add(f"arrived/{self._rank}", 1) != 1:
-            raise ValueError(
-                f"group {self._name!r} epoch {self._epoch} rank {self._rank} was already built in "
-                "this job: epochs must never be reused"
-            )
-        arrived = store.add("gate", 1)
-        if arrived == self._world_size:
-            store.set("gate/open", "1")
-            return
-        error: BaseException = RuntimeError("a peer gave up waiting before this rank arrived")
-        if arrived > 0:
-            try:
-                store.wait(["gate/open"], timedelta(seconds=self._build_timeout_s))
-                return
-            except RuntimeError as err:
-                error = err
-            # Close the gate; if the last peer arrived just now, it passed: so does this rank.
-            if store.add("gate", -_GATE_CLOSED) + _GATE_CLOSED == self._world_size:
-                return
-        raise self._peer_failure(
-            "build", error, peer=self._first_missing(store), timeout_s=self._build_timeout_s
+        """Pass the arrival gate (see :mod:`elastic_ep.groups.arrival_gate`) within
+        ``build_timeout_s``, or raise PeerFailure naming the first missing rank."""
+        error = pass_arrival_gate(
+            store,
+            self._rank,
+            self._world_size,
+            self._build_timeout_s,
+            f"{self._name!r} epoch {self._epoch}",
         )
-
-    def _first_missing(self, store: Store) -> int | None:
-        try:
-            return next(
-                (r for r in range(self._world_size) if not store.check([f"arrived/{r}"])), None
+        if error is not None:
+            raise self._peer_failure(
+                "build",
+                error,
+                peer=first_missing(store, self._world_size),
+                timeout_s=self._build_timeout_s,
             )
-        except RuntimeError:
-            return None
 
     def _broken(self, op: str, err: BaseException, *, peer: int | None) -> PeerFailure:
         """Mark the group broken by ``err``; return the PeerFailure to raise.
@@ -643,68 +544,6 @@ class StatelessGroup:
         peers = {p for _, p in sends} | {p for _, p in recvs}
         peer = next(iter(peers)) if len(peers) == 1 else None
         try:
-            if self._backend is Backend.NCCL:
-                pg._start_coalescing(self._device)
-                for t, dst in sends:
-                    pg.send([t], dst, 0)
-                for t, src in recvs:
-                    pg.recv([t], src, 0)
-                return [pg._end_coalescing(self._device)]
-            return [pg.send([t], dst, 0) for t, dst in sends] + [
-                pg.recv([t], src, 0) for t, src in recvs
-            ]
+            return post_p2p(pg, self._backend, self._device, sends, recvs)
         except RuntimeError as err:
             raise self._broken("batch_p2p", err, peer=peer) from err
-
-    def _check_tensor(self, what: str, tensor: object) -> None:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.device.type != self._device.type:
-            raise ValueError(
-                f"{what} is on {tensor.device}, but group {self._name!r} uses {self._device}"
-            )
-        if not tensor.is_contiguous():
-            raise ValueError(f"{what} must be contiguous")
-
-    def _check_peer(self, what: str, peer: object) -> None:
-        if isinstance(peer, bool) or not isinstance(peer, int):
-            raise TypeError(f"{what} must be an int rank, got {type(peer).__name__}")
-        if not 0 <= peer < self._world_size:
-            raise ValueError(f"{what} = {peer} is outside the group of {self._world_size} ranks")
-
-    def _check_splits(self, what: str, splits: list[int] | None, tensor: torch.Tensor) -> list[int]:
-        rows = tensor.shape[0] if tensor.dim() > 0 else 0
-        if splits is None:
-            if rows % self._world_size:
-                raise ValueError(
-                    f"{what} is None but dim 0 ({rows}) is not divisible by world_size {self._world_size}"
-                )
-            return [rows // self._world_size] * self._world_size
-        splits = [int(s) for s in splits]
-        if len(splits) != self._world_size:
-            raise ValueError(
-                f"{what} has {len(splits)} entries, expected world_size {self._world_size}"
-            )
-        if any(s < 0 for s in splits):
-            raise ValueError(f"{what} has negative entries: {splits}")
-        if sum(splits) != rows:
-            raise ValueError(f"{what} sums to {sum(splits)} but dim 0 has {rows} rows")
-        return splits
-
-    def _pickle(self, obj: Any) -> torch.Tensor:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._device)
-
-
-def parse_device(device: object) -> torch.device:
-    """``torch.device(device)``, with ``TypeError``/``ValueError`` for what is not a device."""
-    if not isinstance(device, torch.device | str):
-        raise TypeError(f"device must be a torch.device or str, got {type(device).__name__}")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
-
-
-def _unpickle(buf: torch.Tensor) -> Any:
-    return pickle.loads(buf.cpu().numpy().tobytes())

@@ -10,8 +10,8 @@ Keys (all under ``ctl/``):
   (O(R) reads per event) instead of every member's key at every look (O(R) per look).
 - ``world``: the serving ``(epoch, members)``, written by the leader at each commit.
 - ``dead/<member>``: the coordinator saw that member's process die (speeds up recovery);
-  ``dead/count``: how many marks there are, so a rank looks for deaths with one read instead of
-  one per member.
+  ``dead/count``: how many marks there are; ``dead/n/<n>``: the member of the n-th mark, which
+  a rank's ``deaths.DeathWatcher`` waits for (the server wakes it: no per-step reads).
 - ``recovery/count`` and ``recovery/<n>``: the epochs made by recoveries, in order.
 
 Ranks read the store without blocking (``add(key, 0)``, ``check``); every blocking read has a
@@ -213,8 +213,11 @@ class ControlChannel:
 
     # ---- failures ---------------------------------------------------------------------
     def mark_dead(self, member: int) -> None:
+        """Mark ``member`` dead: ``dead/<member>``, then the n-th mark ``dead/n/<n>`` (what a
+        rank's ``DeathWatcher`` waits for; the coordinator is the only writer)."""
         put(self._store, f"ctl/dead/{member}", b"1")
-        self._store.add("ctl/dead/count", 1)  # after the mark: a reader of the count finds it
+        n = int(self._store.add("ctl/dead/count", 1))
+        put(self._store, f"ctl/dead/n/{n}", str(member).encode())
 
     def dead_count(self) -> int:
         """How many members were marked dead so far (non-blocking, one store read)."""

@@ -18,11 +18,12 @@ aborted the running scale. Two ways to agree (:class:`PollMode`):
   serving thread makes no store round trip either.
 
 A dead rank: gloo fails the vote at once on the dead rank's partners; a poll that finds its vote
-not done yet waits for it and, every :data:`DEAD_CHECK_S`, reads one store counter
-(``ctl/dead/count``, bumped by the coordinator with every death mark) and fails with
-``PeerFailure`` once a member of its epoch is marked dead, then recovers. So a death is acted on
-at the first poll after the coordinator's mark, within :data:`DEAD_CHECK_S` of it, as with the
-blocking poll (a vote posted before the death may still complete: the poll after it fails).
+not done yet waits for it and, every :data:`DEAD_CHECK_S`, looks at the rank's death watcher
+(:mod:`elastic_ep.scaling.deaths`: a thread the store wakes at each death mark, so looking costs
+no store call) and fails with ``PeerFailure`` once a member of its epoch is marked dead, then
+recovers. So a death is acted on at the first poll after the coordinator's mark, within
+:data:`DEAD_CHECK_S` of it, as with the blocking poll (a vote posted before the death may still
+complete: the poll after it fails).
 """
 
 from __future__ import annotations
@@ -122,36 +123,59 @@ def dissemination_max(
         torch.maximum(flags, incoming, out=flags)
 
 
-class PendingVote:
-    """A vote posted to a :class:`Voter`; :meth:`result` waits (bounded) for the agreement.
+class Voter:
+    """Runs one epoch's votes on a daemon thread, in the order they were posted.
 
-    Plain attributes, no event per vote (an ``Event`` costs more than the rest of a poll): the
-    voter sets ``agreed`` or ``error``, then ``done``, and notifies its condition.
+    The hand-off to the serving thread is lock-free: :meth:`post` queues the vote and returns
+    its number; the thread publishes each outcome as one immutable tuple,
+    :attr:`finished` ``= (number, agreed Vote or None, error or None)``, replaced whole (a
+    plain attribute assignment, atomic under the GIL), then notifies a condition for a poster
+    that waits. A poll whose vote is done reads one attribute and compares one number; only a
+    poll that finds its vote not done takes the condition (:meth:`result`). The serving thread
+    makes no tensor, no store call and no event per vote.
+
+    Each message waits in gloo (its completion cannot be polled: gloo marks point-to-point work
+    complete only inside ``wait``), bounded by the group's timeout; the poster does not wait for
+    a stuck vote (see :meth:`result`), and the thread ends with that timeout.
+
+    Args:
+        group: the epoch's gloo control group.
+        channel: a store client of this thread's own (the leader reads the newest command and
+            the abort mark of the running scale before each vote).
+
+    Attributes:
+        finished: ``(number, agreed, error)`` of the last vote done; ``(0, None, None)`` before.
+        posted: the number of the last vote posted (0 before the first).
     """
 
-    __slots__ = ("_finished", "agreed", "done", "error", "mine", "posted_at")
+    def __init__(self, group: StatelessGroup, channel: ControlChannel) -> None:
+        self._group = group
+        self._channel = channel
+        self._done = threading.Condition()
+        self._queue: queue.SimpleQueue[tuple[int, Vote, int] | None] = queue.SimpleQueue()
+        self.finished: tuple[int, Vote | None, BaseException | None] = (0, None, None)
+        self.posted = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"elastic-vote-{group.epoch}", daemon=True
+        )
+        self._thread.start()
 
-    def __init__(self, mine: Vote, finished: threading.Condition) -> None:
-        self.mine = mine
-        self.agreed: Vote | None = None
-        self.error: BaseException | None = None
-        self.done = False
-        self.posted_at = time.monotonic()
-        self._finished = finished
+    def post(self, mine: Vote, job_seq: int) -> int:
+        """Queue this rank's vote and return its number; ``job_seq``: the command number of
+        the running scale whose abort mark the leader looks up (0: none)."""
+        self.posted = n = self.posted + 1
+        self._queue.put((n, mine, job_seq))
+        return n
 
-    def finish(self, agreed: Vote | None, error: BaseException | None = None) -> None:
-        with self._finished:
-            self.agreed, self.error, self.done = agreed, error, True
-            self._finished.notify_all()
-
-    def result(self, group: StatelessGroup, watch: DeadWatch) -> Vote:
-        """The agreed :class:`Vote`, or ``PeerFailure``: the vote failed, a member of the epoch
-        is marked dead (looked at every :data:`DEAD_CHECK_S` while this waits), or the vote
-        took more than the group's timeout since it was posted."""
-        deadline = self.posted_at + group.timeout_s
-        while not self.done:
-            with self._finished:
-                if self._finished.wait_for(lambda: self.done, DEAD_CHECK_S):
+    def result(self, n: int, watch: DeadWatch) -> Vote:
+        """The agreed :class:`Vote` of vote ``n``, or ``PeerFailure``: the vote failed, a member
+        of the epoch is marked dead (looked at every :data:`DEAD_CHECK_S` while this waits, no
+        store call), or the vote is not done within the group's timeout of this wait."""
+        group = self._group
+        deadline = time.monotonic() + group.timeout_s
+        while self.finished[0] != n:
+            with self._done:
+                if self._done.wait_for(lambda: self.finished[0] == n, DEAD_CHECK_S):
                     break
             dead = watch.dead()
             why = f"members {dead} were marked dead by the coordinator" if dead else None
@@ -164,53 +188,27 @@ class PendingVote:
                     epoch=group.epoch,
                     member=dead[0] if dead else None,
                 )
-        if self.error is not None:
-            raise self.error
-        assert self.agreed is not None
-        return self.agreed
-
-
-class Voter:
-    """Runs one epoch's votes on a daemon thread, in the order they were posted.
-
-    Each message waits in gloo (its completion cannot be polled: gloo marks point-to-point work
-    complete only inside ``wait``), bounded by the group's timeout; the poster does not wait for
-    a stuck vote (see :meth:`PendingVote.result`), and the thread ends with that timeout.
-
-    Args:
-        group: the epoch's gloo control group.
-        channel: a store client of this thread's own (the leader reads the newest command and
-            the abort mark of the running scale before each vote).
-    """
-
-    def __init__(self, group: StatelessGroup, channel: ControlChannel) -> None:
-        self._group = group
-        self._channel = channel
-        self._finished = threading.Condition()
-        self._queue: queue.SimpleQueue[tuple[PendingVote, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, name=f"elastic-vote-{group.epoch}", daemon=True
-        )
-        self._thread.start()
-
-    def post(self, mine: Vote, job_seq: int) -> PendingVote:
-        """Queue this rank's vote (plain Python: the serving thread makes no tensor);
-        ``job_seq``: the command number of the running scale whose abort mark the leader looks
-        up (0: none)."""
-        pending = PendingVote(mine, self._finished)
-        self._queue.put((pending, job_seq))
-        return pending
+        _, agreed, error = self.finished
+        if error is not None:
+            raise error
+        assert agreed is not None
+        return agreed
 
     def close(self) -> None:
         """Stop the thread after the votes queued."""
         self._queue.put(None)
 
+    def _finish(self, n: int, agreed: Vote | None, error: BaseException | None = None) -> None:
+        self.finished = (n, agreed, error)
+        with self._done:
+            self._done.notify_all()
+
     def _run(self) -> None:
         group = self._group
         while (item := self._queue.get()) is not None:
-            pending, job_seq = item
+            n, mine, job_seq = item
             try:
-                flags = pending.mine.to_tensor()
+                flags = mine.to_tensor()
                 if group.rank == 0:
                     channel = self._channel
                     flags[0] = channel.read_or(channel.latest_seq, 0)
@@ -218,7 +216,8 @@ class Voter:
                         flags[4] = 1
                 dissemination_max(group.process_group, group.rank, group.world_size, flags, _wait)
             except Exception as exc:
-                pending.finish(
+                self._finish(
+                    n,
                     None,
                     PeerFailure(
                         f"vote on {group.name!r} epoch {group.epoch} failed: {exc}",
@@ -227,7 +226,7 @@ class Voter:
                     ),
                 )
                 return  # a failed vote ends the epoch's voting: the poster recovers
-            pending.finish(Vote.from_tensor(flags))
+            self._finish(n, Vote.from_tensor(flags))
 
 
 def _wait(work: Work) -> None:

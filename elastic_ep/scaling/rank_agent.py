@@ -6,7 +6,9 @@ on a vote every rank agrees on (the newest command rank 0 saw in the store, "sti
 same step. By default the vote is pipelined: posted at one poll to a voter thread, read at the
 next (:mod:`elastic_ep.scaling.poll`, which also keeps the blocking vote); how a rank learns of
 a dead peer is in :mod:`elastic_ep.scaling.deaths`, a running scale's state in
-:mod:`elastic_ep.scaling.scale_job`, the staging in :mod:`elastic_ep.scaling.transition`.
+:mod:`elastic_ep.scaling.scale_job`, the staging in :mod:`elastic_ep.scaling.transition`, and
+what a rank does at each step of a scale, a join and a recovery in
+:mod:`elastic_ep.scaling.rank_transitions` (a base class of ``ElasticRank``).
 
 A scale, or a rebalance (same members, a new placement for the engine's load), stages the next
 epoch on a background thread (see :mod:`elastic_ep.scaling.transition`) while the engine keeps
@@ -38,41 +40,37 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.distributed import ReduceOp, Work
+from torch.distributed import Work
 
 from elastic_ep.eplb import row_copy
 from elastic_ep.eplb.buffers import PlacementBuffers
 from elastic_ep.eplb.executor import DEFAULT_BUFFER_BYTES, ExecutionStats, ReloadHook
 from elastic_ep.eplb.placement import Placement
-from elastic_ep.errors import ElasticEPError, PeerFailure, ReconfigureError
+from elastic_ep.errors import PeerFailure
 from elastic_ep.groups import GroupClosedError, Rendezvous, StatelessGroup
-from elastic_ep.scaling.channel import CommandKind, ControlChannel, RankReport
-from elastic_ep.scaling.deaths import DeadWatch, wait_watching, watch_world
+from elastic_ep.scaling.channel import ControlChannel, RankReport
+from elastic_ep.scaling.deaths import DeadWatch, DeathWatcher, wait_watching, watch_world
 from elastic_ep.scaling.gate import GateMode, TrafficGate
 from elastic_ep.scaling.launcher import RankRole, RankSpec
 from elastic_ep.scaling.phase import ScalePhase
-from elastic_ep.scaling.poll import IDLE, PendingVote, PollMode, Vote, Voter, blocking_vote
-from elastic_ep.scaling.recovery import recover_world, report_failed_recovery
+from elastic_ep.scaling.poll import IDLE, PollMode, Vote, Voter, blocking_vote
+from elastic_ep.scaling.rank_transitions import EpochTransitions
 from elastic_ep.scaling.resources import EpochContext, EpochResources, ResourceError, ResourceSet
 from elastic_ep.scaling.scale_job import Action, ScaleJob, destroy_all
-from elastic_ep.scaling.status import PhaseClock
 from elastic_ep.scaling.transition import (
     PlanFn,
-    StagedEpoch,
     StageInputs,
     Weights,
-    abort_in_background,
-    build_next_groups,
-    commit_weights,
     control_group,
     default_planner,
-    move_into_next,
-    stage_next_epoch,
-    staging_stream,
 )
 
+_NO_POST = (Action.LEAVE, Action.STOP, Action.RECOVERED)
+"""Actions after which a poll posts no vote: the rank is done, or (a recovery) the new epoch's
+first poll posts, wherever each survivor noticed the failure."""
 
-class ElasticRank:
+
+class ElasticRank(EpochTransitions):
     """One rank of an elastic MoE engine.
 
     Args:
@@ -155,7 +153,7 @@ class ElasticRank:
         self._poll_mode = poll_mode
         self._voter: Voter | None = None
         self._vote_channel: ControlChannel | None = None
-        self._pending: PendingVote | None = None
+        self._pending = 0  # the number of the vote posted and not read yet (0: none)
         self.gate = gate or TrafficGate()
         self.resources = resources or EpochResources()
         self._load = load
@@ -180,6 +178,7 @@ class ElasticRank:
             spec.store_host, spec.store_port, is_master=False, timeout_s=timeout_s
         )
         self._channel = ControlChannel(self._rdzv.store, timeout_s)
+        self._deaths = DeathWatcher(self._rdzv.client(timeout_s))
         self._job: ScaleJob | None = None
         self._retiring: list[threading.Thread] = []
         self._stop_watch = threading.Event()
@@ -222,10 +221,9 @@ class ElasticRank:
             self._report(ScalePhase.COMPLETED, spec.epoch)
         self._watcher: threading.Thread | None = None
         if watch_dead_s is not None and self.world is not self.control:
-            channel = ControlChannel(self._rdzv.client(self._timeout_s), self._timeout_s)
             self._watcher = threading.Thread(
                 target=watch_world,
-                args=(channel, lambda: self._serving, self._stop_watch, watch_dead_s),
+                args=(self._deaths, lambda: self._serving, self._stop_watch, watch_dead_s),
                 name="elastic-watch",
                 daemon=True,
             )
@@ -250,31 +248,58 @@ class ElasticRank:
 
         ``PIPELINED`` (default): acts on the vote the previous poll posted and posts the next;
         the first poll of an epoch (after the start, a commit or a recovery) only posts and
-        returns ``SERVE``. ``BLOCKING``: votes and acts within the call.
+        returns ``SERVE``. While a scale runs it votes within the call as ``BLOCKING`` does, until
+        the scale ends, so the scale's lockstep decisions cost no extra step.
+        ``BLOCKING``: votes and acts within the call, always.
         """
+        voter = self._voter
+        if voter is not None and self._job is None:
+            # the serving path of a quiet step: one tuple read, one compare, one post
+            n, agreed, _ = voter.finished
+            if n == self._pending and agreed is not None and agreed.seq <= self._seen_seq:
+                self._pending = voter.post(IDLE, 0)
+                return Action.SERVE
         if self._first_action is not None:
             action, self._first_action = self._first_action, None
             self._post_vote()
             return action
         if self._poll_mode is PollMode.BLOCKING:
-            flags = self._flags(read_store=True).to_tensor()
-            try:
-                blocking_vote(self.control, flags, self._dead_watch)
-            except (PeerFailure, GroupClosedError) as failure:
-                return self.recover(failure)
-            return self._act(Vote.from_tensor(flags))
-        pending, self._pending = self._pending, None
-        if pending is None:  # the first poll of this epoch: nothing posted to read yet
+            return self._vote_now()
+        pending, self._pending = self._pending, 0
+        if pending:
+            action = self._read_vote(pending)
+            if action is not Action.SERVE or self._job is None:
+                if action not in _NO_POST:
+                    self._post_vote()
+                return action
+        elif self._job is None:  # the first poll of this epoch: nothing to read yet
             self._post_vote()
             return Action.SERVE
+        # A scale runs: vote within the poll, as the blocking poll does, so each of its lockstep
+        # decisions costs no extra step. Every rank is in a job at the same votes (a job starts
+        # and ends on an agreed vote), so every rank votes here at the same polls.
+        action = self._vote_now()
+        if action not in _NO_POST and self._job is None:
+            self._post_vote()  # the scale ended: back to the pipelined vote
+        return action
+
+    def _vote_now(self) -> Action:
+        """Vote on the serving thread (gloo's all-reduce; the leader reads the store) and act."""
+        flags = self._flags(read_store=True).to_tensor()
         try:
-            vote = pending.result(self.control, self._dead_watch)
+            blocking_vote(self.control, flags, self._dead_watch)
         except (PeerFailure, GroupClosedError) as failure:
             return self.recover(failure)
-        action = self._act(vote)
-        if action not in (Action.LEAVE, Action.STOP):
-            self._post_vote()
-        return action
+        return self._act(Vote.from_tensor(flags))
+
+    def _read_vote(self, n: int) -> Action:
+        """Wait for vote ``n`` of this epoch's voter and act on it (recover on a failure)."""
+        assert self._voter is not None
+        try:
+            vote = self._voter.result(n, self._dead_watch)
+        except (PeerFailure, GroupClosedError) as failure:
+            return self.recover(failure)
+        return self._act(vote)
 
     def _flags(self, *, read_store: bool) -> Vote:
         """This rank's side of the vote; the leader reads the store only when ``read_store``
@@ -335,7 +360,7 @@ class ElasticRank:
 
     def _drop_votes(self) -> None:
         """End this epoch's voting (a vote stuck on a dead peer ends at the group timeout)."""
-        self._pending = None
+        self._pending = 0
         if self._voter is not None:
             self._voter.close()
             self._voter = None
@@ -352,227 +377,6 @@ class ElasticRank:
         """
         wait_watching(work, group, self._dead_watch)
 
-    def _maybe_start(self, seq: int) -> Action:
-        if seq <= self._seen_seq:
-            return Action.SERVE
-        self._seen_seq = seq
-        cmd = self._channel.command(seq)
-        if cmd.kind is CommandKind.STOP:
-            return Action.STOP
-        if cmd.old_members != self.members:
-            return Action.SERVE  # made for another epoch (the world changed since): ignore it
-        self.gate.close(cmd.mode, retry_after_s=cmd.timeout_s)
-        now = time.monotonic()
-        job = ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now + cmd.timeout_s)
-        job.thread = threading.Thread(
-            target=self._stage_in_background,
-            args=(job,),
-            name=f"elastic-stage-{cmd.epoch}",
-            daemon=True,
-        )
-        self._job = job
-        job.thread.start()
-        return Action.SERVE
-
-    def _stage_in_background(self, job: ScaleJob) -> None:
-        try:
-            # the KV callback is asked where the KV sync runs: here, or at the transfer poll
-            inputs = self._inputs(self.placement, with_kv=not self._transfer_in_poll)
-            if self._transfer_in_poll:
-                job.groups = build_next_groups(
-                    self._rdzv,
-                    job.command,
-                    inputs,
-                    job.registry,
-                    lambda p: self._enter(job, p),
-                    serving_world=self.world,  # the transfer runs at a poll of this thread
-                )
-            else:
-                with staging_stream(self._device):
-                    staged = stage_next_epoch(
-                        self._rdzv, job.command, inputs, job.registry, lambda p: self._enter(job, p)
-                    )
-                job.staged = staged
-        except Exception as exc:
-            job.error = f"{type(exc).__name__}: {exc}"
-
-    def _transfer(self, job: ScaleJob) -> None:
-        """KV sync, plan and weight transfer on the serving thread (every rank at this poll)."""
-        assert job.groups is not None
-        start = time.monotonic()
-        try:
-            job.staged = move_into_next(
-                job.groups,
-                job.command,
-                self._inputs(self.placement),
-                lambda p: self._enter(job, p),
-            )
-        except Exception as exc:
-            job.error = f"{type(exc).__name__}: {exc}"
-        job.transfer_s = time.monotonic() - start
-
-    # ---- commit / rollback ---------------------------------------------------------------
-    def _commit(self, job: ScaleJob) -> Action:
-        start = time.monotonic()
-        staged = job.staged
-        assert staged is not None
-        self._enter(job, ScalePhase.COMMITTING)
-        new_set, error = self._build_next(staged)
-        if not self._decide(staged, error is None):
-            if new_set is not None:
-                new_set.teardown()
-            self._rollback(error or "another rank failed to build its epoch resources")
-            return Action.ROLLED_BACK
-        old_world, old_control = self.world, self.control
-        groups = staged.groups
-        leaving = groups.new_group is None
-        if not leaving:
-            assert groups.new_group is not None and groups.new_control is not None
-            assert new_set is not None
-            commit_weights(self.weights, staged)
-            self._serve(groups.new_group, groups.new_control, staged.command.new_members)
-            self._install(new_set, staged.placement)
-            self.kv_budget_bytes = staged.kv_budget_bytes
-        else:
-            self.members = staged.command.new_members
-        self.placement = staged.placement
-        self._job = None
-        self.last_blocking_s = time.monotonic() - start + job.transfer_s
-        self.last_transfer_s = job.transfer_s
-        self.last_execution = staged.transfer
-        retired = [old_control, old_world]
-        if groups.transfer_group not in (groups.new_group, old_world):
-            retired.append(groups.transfer_group)
-        self._retire(retired, wait=leaving)
-        self._finish(job, ScalePhase.COMPLETED, None)
-        self.gate.open()
-        return Action.LEAVE if leaving else Action.COMMITTED
-
-    def _build_next(self, staged: StagedEpoch) -> tuple[ResourceSet | None, str | None]:
-        new_group = staged.groups.new_group
-        if new_group is None:
-            return None, None
-        try:
-            return self.resources.build(self._context(new_group, staged.placement)), None
-        except ResourceError as exc:
-            return None, str(exc)
-
-    def _decide(self, staged: StagedEpoch, ok: bool) -> bool:
-        """Commit only if every rank of the transfer group (old and new) is ready."""
-        group = staged.groups.transfer_group
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=group.device)
-        try:
-            group.all_reduce(flag, ReduceOp.MAX, sync=True)  # read below: bounded wait
-        except PeerFailure:
-            return False
-        return int(flag) == 0
-
-    def _rollback(self, reason: str) -> None:
-        job = self._job
-        assert job is not None
-        self._job = None
-        job.registry.abort_all()  # the staging thread, if still running, ends on its own
-        self._finish(job, ScalePhase.ROLLED_BACK, reason)
-        self.gate.open()
-
-    # ---- joiners --------------------------------------------------------------------------
-    def _join(self, spec: RankSpec) -> None:
-        self._seen_seq = self._channel.latest_seq()
-        cmd = self._channel.command(self._seen_seq)
-        if cmd.epoch != spec.epoch or self.member not in cmd.new_members:
-            raise ReconfigureError(f"member {self.member}: no scale command for epoch {spec.epoch}")
-        now = time.monotonic()
-        job = ScaleJob(cmd, PhaseClock(), now + cmd.timeout_s, now)
-        self._job = job
-        try:
-            staged = stage_next_epoch(
-                self._rdzv, cmd, self._inputs(None), job.registry, job.clock.enter
-            )
-            new_set, error = self._build_next(staged)
-            if not self._decide(staged, error is None):
-                raise ReconfigureError(error or "the scale was rolled back")
-        except Exception as exc:
-            job.registry.abort_all()
-            self._finish(job, ScalePhase.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
-            self._rdzv.close()
-            raise ReconfigureError(
-                f"joiner {self.member} could not join epoch {cmd.epoch}: {exc}"
-            ) from exc
-        groups = staged.groups
-        assert groups.new_group is not None and groups.new_control is not None
-        assert new_set is not None
-        self._serve(groups.new_group, groups.new_control, cmd.new_members)
-        self.placement = staged.placement
-        self.kv_budget_bytes = staged.kv_budget_bytes
-        self._install(new_set, staged.placement)
-        self._job = None
-        job.staged = staged
-        self.last_execution = staged.transfer
-        self._finish(job, ScalePhase.COMPLETED, None)
-
-    # ---- recovery -------------------------------------------------------------------------
-    def recover(self, failure: ElasticEPError) -> Action:
-        """Shrink to the survivors after ``failure`` and resume (collective over survivors).
-
-        Call it when the engine's own collective raised ``PeerFailure`` (or ``GroupClosedError``:
-        on an NCCL world the watcher aborts the world group when a member is marked dead);
-        ``poll`` calls it for its own. Then redo the forward step that failed: every survivor's
-        next collective is then that forward step, wherever it saw the failure.
-
-        Raises ``ReconfigureError`` if this rank is not a survivor or the recovery failed.
-        """
-        start = time.monotonic()
-        clock = PhaseClock()
-        clock.enter(ScalePhase.RECOVERING)
-        self._drop_votes()
-        # in the background: aborting waits for an operation still in flight on the dead rank
-        abort_in_background([self.control, self.world])
-        if self._job is not None:
-            job, self._job = self._job, None
-            job.registry.abort_all()
-        self.gate.close(GateMode.REJECT, retry_after_s=self._recovery_window_s + self._timeout_s)
-        survivors, got = recover_world(
-            self._rdzv,
-            self._channel,
-            self.world.epoch,
-            self.members,
-            self._inputs(self.placement, with_kv=False),
-            window_s=self._recovery_window_s,
-            timeout_s=self._timeout_s,
-        )
-        try:
-            control = control_group(self._rdzv, got.group)
-            new_set = self.resources.build(self._context(got.group, got.placement))
-        except (PeerFailure, ResourceError) as err:
-            got.group.abort()
-            report_failed_recovery(self._channel, survivors, self.member, str(err))
-            raise ReconfigureError(f"recovery to epoch {survivors.epoch} failed: {err}") from err
-        except BaseException:
-            got.group.abort()
-            raise
-        self._serve(got.group, control, survivors.members)
-        self.placement = got.placement
-        teardown_error = self._install(new_set, got.placement)
-        self.last_blocking_s = time.monotonic() - start
-        self._channel.report(
-            RankReport(
-                survivors.epoch,
-                self.member,
-                ScalePhase.COMPLETED,
-                clock.stop(),
-                blocking_s=self.last_blocking_s,
-                lost_experts=got.lost_experts,
-                members=survivors.members,
-                dead_members=survivors.dead,
-                error=teardown_error,
-            )
-        )
-        if self.world.rank == 0:
-            self._channel.set_world(survivors.epoch, survivors.members)
-            self._channel.add_recovery(survivors.epoch)
-        self.gate.open()
-        return Action.RECOVERED
-
     def _retire(self, groups: list[StatelessGroup], *, wait: bool) -> None:
         """Destroy the previous epoch's groups off the serving path (their teardown waits on
         peers); ``close`` joins the thread, bounded."""
@@ -588,6 +392,7 @@ class ElasticRank:
     def close(self) -> None:
         """Tear down resources and groups (idempotent); call after LEAVE or STOP."""
         self._stop_watch.set()
+        self._deaths.stop()
         self._drop_votes()
         if self._watcher is not None:
             self._watcher.join(timeout=self._timeout_s)
@@ -611,7 +416,7 @@ class ElasticRank:
     ) -> None:
         self._drop_votes()  # votes belong to one epoch's control group
         self.world, self.control, self.members = world, control, members
-        self._dead_watch = DeadWatch(self._channel, members)
+        self._dead_watch = DeadWatch(self._deaths, members)
         self._serving = (members, world)  # one assignment: the watcher reads a consistent pair
 
     def _inputs(self, previous: Placement | None, *, with_kv: bool = True) -> StageInputs:
