@@ -359,3 +359,30 @@ def test_layer_over_nccl_before_and_after_scale() -> None:
     errors = run_ranks(_nccl_scale_rank, 2, timeout=200)
     assert len(errors[0]) == 3 and len(errors[1]) == 1
     assert max(errors[0] + errors[1]) < RTOL, errors
+
+
+@pytest.mark.timeout(60)
+def test_route_kernel_on_cuda_follows_routing_shares() -> None:
+    """A placement with routing shares (``units``): on CUDA each slot gets exactly the tokens
+    the CPU reference gives it, for one program and for many."""
+    _needs_gpus(1)
+    gen = torch.Generator().manual_seed(11)
+    experts, ranks, slots_per_rank = 16, 8, 4
+    phy2log = torch.cat([torch.arange(experts), torch.randint(0, experts, (16,), generator=gen)])
+    units = torch.randint(1, 6, (phy2log.numel(),), generator=gen)
+    placement = Placement(phy2log[None], experts, ranks, units=units[None])
+    assert int(placement.logcnt.max()) > int(placement.replicas.max())  # shares in the rows
+    buffers = PlacementBuffers(1, experts, slots_per_rank * ranks / experts, device="cuda")
+    buffers.update_(placement)
+    scratch = rk.new_route_scratch(experts, "cuda")
+    for tokens in (7, 3000):
+        ids = _skewed_ids(gen, tokens, 4, experts)
+        got = rk.route_and_record(
+            ids.cuda(), buffers.log2phy[0], buffers.logcnt[0], scratch, rank_offset=3
+        )
+        want = route_to_slots(ids, placement.log2phy[0], placement.logcnt[0], rank_offset=3)
+        capacity = placement.num_slots
+        assert torch.equal(
+            torch.bincount(got.reshape(-1).cpu(), minlength=capacity),
+            torch.bincount(want.reshape(-1), minlength=capacity),
+        )
