@@ -127,6 +127,7 @@ class ElasticCoordinator:
                     RankRole.INITIAL,
                     self._config,
                     self._timeout_s,
+                    arrival_timeout_s=timeout_s,
                 )
             )
         reports = self._wait_reports(epoch, members, timeout_s)

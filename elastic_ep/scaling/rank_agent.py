@@ -216,6 +216,7 @@ class ElasticRank:
                 backend,
                 device,
                 timeout_s,
+                build_timeout_s=spec.arrival_timeout_s,  # the initial ranks start up apart
             )
             self._serve(world, control_group(self._rdzv, world), spec.members)
             self._install(self.resources.build(self._context(self.world, placement)), placement)
