@@ -9,8 +9,9 @@ each of its slots bit for bit and publishes the result under ``toy/verify/<epoch
 
 Fault hooks (in :class:`ToyConfig`, per member id) widen race windows or kill at a chosen point:
 a slow start-up, a slow teardown of the old epoch's resources after a commit, a SIGKILL when the
-KV budget is asked for (inside a scale), a SIGKILL in the recovery's planner. A rank whose recovery fails
-(``ReconfigureError``) writes the error under ``toy/exit/<member>`` and exits with code 3.
+KV budget is asked for (inside a scale), a SIGKILL in the recovery's planner. A rank whose
+recovery fails (``ReconfigureError``) writes the error under ``toy/exit/<member>`` and exits with
+code 3.
 
 Started by :class:`~elastic_ep.scaling.LocalProcessLauncher` (``rank_main``) or, torchrun style,
 by :class:`~elastic_ep.scaling.CommandLauncher` (``python -m elastic_ep.testing.toy_engine``).
