@@ -1,6 +1,7 @@
 """Every Python block of README.md and docs/*.md runs as written, or is an excerpt of a file that
-does; every name the docs and examples/ take from elastic_ep is part of its public API; and every
-command the docs give a repository script (or ``elastic-ep``) uses flags that script defines.
+does; every name the docs and examples/ take from elastic_ep is part of its public API; every
+command the docs give a repository script (or ``elastic-ep``) uses flags that script defines; and
+docs/architecture.md's module map has one row for every module of elastic_ep/.
 
 A block marked with ``<!-- excerpt: path -->`` on the line just before it is not run: the file
 must exist and hold the block's lines, in order (compared without indentation; a line ``...``
@@ -278,3 +279,58 @@ def test_unknown_flags_catches_a_renamed_flag_and_a_missing_script() -> None:
         "elastic-ep scale: --no-such-flag",
         "benchmarks/bench_executor.py: --modes",
     ]
+
+
+# ---- the module map of docs/architecture.md ----------------------------------------------------
+
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+MAP_ROW = re.compile(r"^\| `([\w/]+\.py)` \|", re.M)
+
+
+def module_map_problems(doc_text: str, package: Path) -> list[str]:
+    """What the module map in ``doc_text`` (table rows ``| `path` | what it is |``, ``path``
+    relative to ``package``) gets wrong: each module of ``package`` (a ``.py`` file other than
+    ``__init__.py`` and ``__main__.py``) that no row names, each row whose module is not there,
+    and each module named by more than one row."""
+    modules = {
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    rows = MAP_ROW.findall(doc_text)
+    named = set(rows)
+    problems = [
+        f"{package.name}/{m}: no row; add '| `{m}` | what it is |' under its package"
+        for m in sorted(modules - named)
+    ]
+    problems += [
+        f"{package.name}/{m}: a row, but no such module (renamed or removed?)"
+        for m in sorted(named - modules)
+    ]
+    problems += [
+        f"{package.name}/{m}: {rows.count(m)} rows, one wanted"
+        for m in sorted(named)
+        if rows.count(m) > 1
+    ]
+    return problems
+
+
+def test_architecture_names_every_module_once() -> None:
+    problems = module_map_problems(ARCHITECTURE.read_text(), REPO / "elastic_ep")
+    assert not problems, "docs/architecture.md's module map is out of date:\n" + "\n".join(problems)
+
+
+def test_module_map_problems_catches_a_missing_a_stale_and_a_repeated_row(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    for name in ("__init__.py", "__main__.py", "a.py", "sub/__init__.py", "sub/b.py", "sub/c.py"):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text("")
+    doc = "| `a.py` | one |\n| `sub/b.py` | two |\n| `sub/b.py` | again |\n| `gone.py` | old |\n"
+    assert module_map_problems(doc, package) == [
+        "pkg/sub/c.py: no row; add '| `sub/c.py` | what it is |' under its package",
+        "pkg/gone.py: a row, but no such module (renamed or removed?)",
+        "pkg/sub/b.py: 2 rows, one wanted",
+    ]
+    assert module_map_problems(
+        doc.replace("gone.py", "sub/c.py").replace("again", ""), package
+    ) == ["pkg/sub/b.py: 2 rows, one wanted"]

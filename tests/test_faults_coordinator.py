@@ -80,6 +80,25 @@ def test_a_death_after_a_committed_scale_up_recovers_with_the_joiners() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_ranks_starting_up_later_than_the_group_timeout_start_and_join() -> None:
+    # Hook: initial member 2 and joiner 3 start up 4 s late; the group timeout is 2 s. Before the
+    # fix their peers gave up the group build after 2 s: start() failed, and the scale rolled
+    # back (a cold `python -m` rank took 12-21 s to import torch on a loaded 2-core machine).
+    cfg = ToyConfig(experts=4, slots=4, start_delay={2: 4.0, 3: 4.0})
+    coord = _coordinator(cfg, timeout_s=2.0)
+    try:
+        store = _client(coord)
+        start = coord.start(3, timeout_s=60)
+        assert start.members == (0, 1, 2), start
+        assert check_weights(store, start, 30) is None
+        status = coord.scale(ScaleRequest(world_size=4, timeout_s=30))
+        assert status.phase is ScalePhase.COMPLETED and status.members == (0, 1, 2, 3), status
+        assert check_weights(store, status, 30) is None
+    finally:
+        coord.shutdown()
+
+
+@pytest.mark.timeout(120)
 def test_a_leaver_killed_mid_scale_down_is_marked_dead_at_once() -> None:
     # Hook: member 3 (the leaver) SIGKILLs itself when the scale asks for its KV bytes. Before
     # the fix the monitor skipped leavers, so the survivors waited out the recovery window

@@ -129,14 +129,17 @@ class ElasticCoordinator(FailureMonitor):
                     RankRole.INITIAL,
                     self._config,
                     self._timeout_s,
+                    arrival_timeout_s=timeout_s,
                 )
             )
         reports = self._wait_reports(epoch, members, timeout_s)
         missing = [m for m in members if m not in reports]
         if missing:
+            exited = [m for m in members if not self._handles[m].is_alive()]
             for m in members:
                 self._handles.pop(m).kill()
-            raise ElasticEPError(f"initial members {missing} did not start within {timeout_s:g} s")
+            why = f"members {exited} exited" if exited else f"not within {timeout_s:g} s"
+            raise ElasticEPError(f"initial members {missing} did not start: {why}")
         self._channel.set_world(epoch, members)
         with self._lock:
             self._status = ScaleStatus(ScalePhase.IDLE, epoch, members)

@@ -43,6 +43,12 @@ class RankSpec:
         members: member ids of that epoch, in rank order (this one included).
         role: initial rank or joiner.
         config: the engine's own picklable settings (model size, seeds, ...), passed through.
+        timeout_s: the group timeout (bound on every group operation).
+        arrival_timeout_s: how long the first group build waits for the other ranks of
+            ``members`` to arrive: ranks launched together start up (interpreter, imports, the
+            engine's own loading) seconds apart, which is no failure; ``None``: ``timeout_s``.
+            The coordinator sets its start timeout on the initial ranks (a scale's groups wait
+            for its joiners up to the scale's timeout: ``build_next_groups``).
     """
 
     store_host: str
@@ -53,6 +59,7 @@ class RankSpec:
     role: RankRole
     config: Any = None
     timeout_s: float = 30.0
+    arrival_timeout_s: float | None = None
 
     @property
     def rank(self) -> int:

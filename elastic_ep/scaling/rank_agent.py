@@ -88,7 +88,8 @@ class ElasticRank(EpochTransitions):
         buffers: fixed-address routing tables, rewritten at every commit.
         planner: the placement planner (default ``elastic_ep.eplb.plan``).
         backend / device: of the process groups (``"gloo"`` CPU, ``"nccl"`` CUDA).
-        timeout_s: bound on every group operation (and the build of a group).
+        timeout_s: bound on every group operation and group build (an initial rank's first
+            build waits ``spec.arrival_timeout_s`` for the others to start up).
         buffer_bytes: the weight executor's staging budget.
         recovery_window_s: how long survivors wait for each other after a failure (unless
             every member has arrived or was seen dead by the coordinator); default
@@ -215,6 +216,7 @@ class ElasticRank(EpochTransitions):
                 backend,
                 device,
                 timeout_s,
+                build_timeout_s=spec.arrival_timeout_s,  # the initial ranks start up apart
             )
             self._serve(world, control_group(self._rdzv, world), spec.members)
             self._install(self.resources.build(self._context(self.world, placement)), placement)

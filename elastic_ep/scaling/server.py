@@ -222,9 +222,9 @@ class _Handler(BaseHTTPRequestHandler):
         if len(data) < length:
             self._send(HTTPStatus.BAD_REQUEST, {"error": "the body is shorter than its length"})
             return _NO_BODY
-        if not data.strip():
-            if empty_ok:
-                return {}
+        if not data and empty_ok:
+            return {}
+        if not data.strip():  # whitespace is no JSON: only a body of length 0 means the defaults
             self._send(HTTPStatus.BAD_REQUEST, {"error": "the body must be a JSON object"})
             return _NO_BODY
         try:

@@ -256,8 +256,11 @@ def build_next_groups(
     me = inputs.member
     old, new = cmd.old_members, cmd.new_members
     timeout = min(inputs.timeout_s, cmd.timeout_s)
+    # Joiners are launched when the scale starts and take their start-up time (interpreter,
+    # imports, the engine's loading) to arrive: the scale's timeout bounds that, not the group's.
+    arrival = cmd.timeout_s if cmd.joiners else None
 
-    def build(name: str, members: tuple[int, ...]) -> StatelessGroup:
+    def build(name: str, members: tuple[int, ...], arrival_s: float | None) -> StatelessGroup:
         group = StatelessGroup(
             rdzv,
             name,
@@ -268,13 +271,14 @@ def build_next_groups(
             inputs.device,
             timeout,
             connect=False,
+            build_timeout_s=arrival_s,
         )
         return registry.add(group)
 
     on_phase(ScalePhase.PREPARING)
     new_group = new_control = None
     if me in new:
-        new_group = build("world", new)
+        new_group = build("world", new, arrival)
         new_control = registry.add(control_group(rdzv, new_group))
     if len(new) >= len(old):
         assert new_group is not None  # in a scale-up every member is a new member
@@ -282,7 +286,7 @@ def build_next_groups(
     elif serving_world is not None:
         xfer = serving_world
     else:
-        xfer = build("xfer", old)
+        xfer = build("xfer", old, None)
     return NextGroups(new_group, new_control, xfer, RankMapping.from_members(old, new))
 
 

@@ -8,9 +8,10 @@ each of its slots bit for bit and publishes the result under ``toy/verify/<epoch
 (JSON: event, error, world size, rank). :func:`check_weights` reads them for a status.
 
 Fault hooks (in :class:`ToyConfig`, per member id) widen race windows or kill at a chosen point:
-a slow teardown of the old epoch's resources after a commit, a SIGKILL when the KV budget is
-asked for (inside a scale), a SIGKILL in the recovery's planner. A rank whose recovery fails
-(``ReconfigureError``) writes the error under ``toy/exit/<member>`` and exits with code 3.
+a slow start-up, a slow teardown of the old epoch's resources after a commit, a SIGKILL when the
+KV budget is asked for (inside a scale), a SIGKILL in the recovery's planner. A rank whose
+recovery fails (``ReconfigureError``) writes the error under ``toy/exit/<member>`` and exits with
+code 3.
 
 Started by :class:`~elastic_ep.scaling.LocalProcessLauncher` (``rank_main``) or, torchrun style,
 by :class:`~elastic_ep.scaling.CommandLauncher` (``python -m elastic_ep.testing.toy_engine``).
@@ -61,6 +62,8 @@ class ToyConfig:
         num_groups: expert groups (hierarchical placement keeps a group inside one host).
         hosts: number of hosts (0: no hierarchy); member ``m`` is on host ``m % hosts``.
         step_s: sleep between forward steps.
+        start_delay: ``{member: seconds}``: that member sleeps this long before it enters the
+            job (a slow start-up: a cold interpreter, an engine loading its model).
         slow_teardown: ``{member: seconds}``: that member's old-epoch resources take this long
             to tear down after a commit (it writes ``toy/tearing/<member>`` first).
         kill_at_kv: members that SIGKILL themselves when a scale asks for their KV bytes.
@@ -76,6 +79,7 @@ class ToyConfig:
     num_groups: int = 1
     hosts: int = 0
     step_s: float = 0.005
+    start_delay: dict[int, float] = field(default_factory=dict)
     slow_teardown: dict[int, float] = field(default_factory=dict)
     kill_at_kv: frozenset[int] = frozenset()
     kill_in_recovery_plan: frozenset[int] = frozenset()
@@ -182,6 +186,7 @@ def rank_main(spec: RankSpec) -> None:
     """One rank of the toy engine (a launcher's entry point)."""
     cfg: ToyConfig = spec.config
     me = spec.member_id
+    time.sleep(cfg.start_delay.get(me, 0.0))
     resources = EpochResources()
 
     def teardown(value: object) -> None:
