@@ -248,8 +248,8 @@ class ElasticRank(EpochTransitions):
 
         ``PIPELINED`` (default): acts on the vote the previous poll posted and posts the next;
         the first poll of an epoch (after the start, a commit or a recovery) only posts and
-        returns ``SERVE``. While a scale runs it posts and waits for its vote within the call,
-        until the scale ends, so the scale's lockstep decisions cost no extra step.
+        returns ``SERVE``. While a scale runs it votes within the call as ``BLOCKING`` does, until
+        the scale ends, so the scale's lockstep decisions cost no extra step.
         ``BLOCKING``: votes and acts within the call, always.
         """
         voter = self._voter
@@ -284,15 +284,7 @@ class ElasticRank(EpochTransitions):
         return action
 
     def _vote_now(self) -> Action:
-        """Vote and act within this poll. ``BLOCKING``: gloo's all-reduce, waited for on the
-        serving thread (the leader reads the store). ``PIPELINED``: the vote is posted to the
-        voter thread and waited for at once, so the serving thread sleeps on the voter's
-        condition instead of polling the all-reduce's completion every 0.1 ms (CPU time that the
-        staging threads of the ranks on the host need while a scale runs)."""
-        if self._poll_mode is PollMode.PIPELINED:
-            self._post_vote()
-            pending, self._pending = self._pending, 0
-            return self._read_vote(pending)
+        """Vote on the serving thread (gloo's all-reduce; the leader reads the store) and act."""
         flags = self._flags(read_store=True).to_tensor()
         try:
             blocking_vote(self.control, flags, self._dead_watch)
