@@ -182,18 +182,22 @@ def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarr
     """float64 [N]: each replicated slot's load after diffusion steps from ``share`` float64
     [N] (step 1 of the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest
     rank (``peak`` float64 [L] before the first) falls by a relative ``MIN_GAIN`` in a step."""
+    group, size = problem.group, problem.size
     movable = np.bincount(problem.rank, minlength=problem.fixed.size)[problem.rank]
     inverse = 1.0 / movable
-    weight_sum = np.bincount(problem.group, weights=inverse, minlength=problem.size)
+    # Groups without a movable slot weigh 0: the floor only keeps their (unused) level finite.
+    weight_sum = np.maximum(np.bincount(group, weights=inverse, minlength=size), 1e-300)
     spare = problem.weight - problem.count * problem.unit  # load above one unit per replica
+    loads = problem.rank_loads(share)  # [L * R], carried from one step to the next
     for _ in range(ITERATIONS):
-        rank_load = problem.rank_loads(share)[problem.rank]
-        level = np.bincount(problem.group, weights=rank_load * inverse, minlength=problem.size)
-        share = share + (level[problem.group] / weight_sum[problem.group] - rank_load) * inverse
+        rank_load = loads[problem.rank]
+        level = np.bincount(group, weights=rank_load * inverse, minlength=size) / weight_sum
+        share = share + (level[group] - rank_load) * inverse
         # At least one unit per replica; the rest rescaled so that the expert's load stays.
         above = np.maximum(share - problem.unit, 0.0)
         share = problem.unit + above * (spare / np.maximum(problem.total_of(above), 1e-300))
-        now = problem.peaks(share)
+        loads = problem.rank_loads(share)
+        now = loads.reshape(problem.layers, problem.ranks).max(1)
         if not (now < peak * (1.0 - MIN_GAIN)).any():
             return share
         peak = now
