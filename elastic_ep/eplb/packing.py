@@ -11,7 +11,8 @@ Two steps:
    The replicas of one expert are adjacent in that order, so only the first expert of a round
    can already be on a rank (from the previous round); its replicas go to ranks lacking it.
 2. :func:`improve_by_swaps`: repeatedly move load off the heaviest ranks of every row at once by
-   the best single swap (or move into an empty slot) with one of the lightest ranks.
+   the best single swap (or move into an empty slot) with one of the lightest ranks; a row
+   given a ``floor`` stops once its heaviest rank is at or under it.
 """
 
 from __future__ import annotations
