@@ -71,7 +71,13 @@ def hierarchical_slots(
     # [L * N, 1 + E / N].
     ids = np.full((rows, 1 + per_node), -1, dtype=np.int64)
     ids[:, 1:] = np.arange(experts).reshape(num_groups, group_size)[nodes].reshape(rows, per_node)
-    local = static_slots(local_load, num_ranks // num_nodes, slots_per_rank, swap_steps)
+    # No node's heaviest rank is under its mean rank load: swaps on a node already under the
+    # heaviest node's mean cannot lower the layer's heaviest rank.
+    node_mean = local_load.sum(1).reshape(layers, num_nodes) * (num_nodes / num_ranks)
+    floor = np.repeat(node_mean.max(1), num_nodes)
+    local = static_slots(
+        local_load, num_ranks // num_nodes, slots_per_rank, swap_steps, floor=floor
+    )
     cell = local.reshape(rows, -1) + (np.arange(rows) * (1 + per_node) + 1)[:, None]
     return ids.ravel()[cell].reshape(layers, num_ranks, slots_per_rank)
 

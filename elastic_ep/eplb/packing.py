@@ -11,7 +11,8 @@ Two steps:
    The replicas of one expert are adjacent in that order, so only the first expert of a round
    can already be on a rank (from the previous round); its replicas go to ranks lacking it.
 2. :func:`improve_by_swaps`: repeatedly move load off the heaviest ranks of every row at once by
-   the best single swap (or move into an empty slot) with one of the lightest ranks.
+   the best single swap (or move into an empty slot) with one of the lightest ranks; a row
+   given a ``floor`` stops once its heaviest rank is at or under it.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def improve_by_swaps(
     max_steps: int,
     pairs: int | None = None,
     loads: np.ndarray | None = None,
+    floor: np.ndarray | None = None,
 ) -> None:
     """Lower the heaviest ranks of every row in place by swaps that keep replicas distinct.
 
@@ -200,6 +202,10 @@ def improve_by_swaps(
         pairs: rank pairs per step (at most R // 2), or ``None`` for heaviest-vs-all.
         loads: float64 [B, R], load of every rank if known (from :func:`pack_rounds`),
             modified in place; summed from ``weight`` otherwise.
+        floor: float64 [B], a load no row need go below: a row stops once its heaviest rank
+            is at or under it (hierarchical plans: the heaviest node's mean rank load of the
+            row's layer, which that node's heaviest rank never undercuts, so a lighter node's
+            swaps below it would not change the layer's heaviest rank).
     """
     rows, ranks, per_rank = slots.shape
     if ranks < 2:
@@ -213,6 +219,11 @@ def improve_by_swaps(
     cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
     active = np.arange(rows)
     for _ in range(max_steps):
+        if floor is not None:
+            heaviest = loads.reshape(rows, ranks)[active].max(1)
+            active = active[heaviest > floor[active]]
+            if active.size == 0:
+                return
         improved, heavy, h_slot, light, l_slot = _best_swaps(
             flat_slots, flat_weight, loads, active, ranks, pairs, num_experts
         )
@@ -311,6 +322,7 @@ def static_slots(
     slots_per_rank: int,
     swap_steps: int,
     counts: np.ndarray | None = None,
+    floor: np.ndarray | None = None,
 ) -> np.ndarray:
     """int64 [B, R, S]: a fresh plan per row, ignoring any previous placement.
 
@@ -319,6 +331,7 @@ def static_slots(
         num_ranks: R; slots_per_rank: S (R * S >= E).
         swap_steps: improvement swaps per row after the rounds.
         counts: int64 [B, E], :func:`replica_counts` of these arguments if already known.
+        floor: float64 [B], load under which a row's swaps stop (:func:`improve_by_swaps`).
     """
     if counts is None:
         counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
@@ -328,5 +341,7 @@ def static_slots(
         return items.reshape(-1, num_ranks, 1)  # exchange two ranks' loads
     slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
     pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
-    improve_by_swaps(slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load)
+    improve_by_swaps(
+        slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load, floor=floor
+    )
     return slots

@@ -59,122 +59,85 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
         max_units: most units one expert may have (``Placement.max_units``).
     """
     units = (slots >= 0).astype(np.int64)
-    if slots.shape[2] == 1:
+    layers, ranks, per_rank = slots.shape
+    if per_rank == 1:
         return units
-    chosen = _candidate_layers(slots, load)
-    if chosen.size:
-        units[chosen] = _layer_units(slots[chosen], load[chosen], max_units)
+    experts = load.shape[1]
+    # Groups are layer * (E + 1) + expert; column E of a layer stands for its empty slots: it
+    # counts them and carries no load.
+    offset = np.arange(layers)[:, None, None] * (experts + 1)
+    group_of = (np.where(slots >= 0, slots, experts) + offset).reshape(-1)  # [L * R * S]
+    count = np.bincount(group_of, minlength=layers * (experts + 1))
+    weight = np.zeros((layers, experts + 1))
+    weight[:, :experts] = load
+    weight = weight.ravel()
+    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
+    equal = weight / np.maximum(count, 1)  # a replica's load under the equal split
+    rank_load = equal[group_of].reshape(layers, ranks, per_rank).sum(2)
+    slot = _movable(group_of, rank_load, weight, count, total_units, per_rank)
+    if slot.size == 0:
+        return units
+    group, rank = group_of[slot], slot // per_rank
+    # The other slots keep the equal split: their loads are fixed.
+    moving = np.bincount(rank, weights=equal[group], minlength=layers * ranks)
+    fixed = np.maximum(rank_load.ravel() - moving, 0.0)
+    problem = _Problem(group, rank, weight, count, total_units, fixed, layers, ranks)
+    equal_peak = problem.peaks(equal[group])
+    share = _diffuse(problem, equal[group], equal_peak)
+    if not (problem.peaks(share) < equal_peak * (1.0 - MIN_GAIN)).any():
+        return units  # no layer gains enough to survive rounding
+    slot_units = _integer_units(problem, share)
+    peak = problem.peaks(problem.weight * slot_units / problem.total_of(slot_units))
+    keep = (peak < equal_peak * (1.0 - 1e-12))[rank // ranks]
+    units.ravel()[slot[keep]] = slot_units[keep]
     return units
 
 
-def _candidate_layers(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
-    """int64 [C]: the layers where shares may help, from [L, R] figures only: the heaviest
-    rank (equal split) is above the mean by a relative ``MIN_GAIN`` and holds a replica of an
-    expert with two or more replicas (else its load cannot move)."""
-    layers = slots.shape[0]
-    experts = load.shape[1]
-    # Column E stands for empty slots: it counts them and carries no load.
-    expert = np.where(slots >= 0, slots, experts) + np.arange(layers)[:, None, None] * (experts + 1)
-    count = np.bincount(expert.ravel(), minlength=layers * (experts + 1))
-    per_replica = np.zeros((layers, experts + 1))
-    per_replica[:, :experts] = load / np.maximum(count.reshape(layers, -1)[:, :experts], 1)
-    rank_load = per_replica.ravel()[expert].sum(2)
-    on_peak = expert[np.arange(layers), rank_load.argmax(1)]  # [L, S]
-    shared = (count[on_peak] >= 2) & (on_peak % (experts + 1) < experts)
-    room = rank_load.max(1) > rank_load.mean(1) * (1.0 + MIN_GAIN)
-    return np.flatnonzero(room & shared.any(1))
-
-
-def _layer_units(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndarray:
-    """int64 [L, R, S]: :func:`solve_shares` for the layers of ``slots`` [L, R, S] (per layer
-    its shares or, where they do not lower the heaviest rank, all ones)."""
-    layers, ranks, per_rank = slots.shape
-    experts = load.shape[1]
-    flat = slots.reshape(layers, -1)
-    occupied = flat >= 0
-    units = occupied.astype(np.int64)
-    group = (np.arange(layers)[:, None] * experts + np.where(occupied, flat, 0))[occupied]
-    rank = np.broadcast_to(
-        np.arange(layers)[:, None] * ranks + np.arange(flat.shape[1]) // per_rank, flat.shape
-    )[occupied]
-    count = np.bincount(group, minlength=layers * experts)
-    weight = load.ravel()
-    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
-    equal_load = weight[group] / count[group]
-    multi = _movable(equal_load, group, rank, weight, count, total_units, layers, ranks)
-    if not multi.any():
-        return units.reshape(slots.shape)
-    # Slots that keep the equal split: their loads are fixed.
-    fixed = np.bincount(rank[~multi], weights=equal_load[~multi], minlength=layers * ranks)
-    problem = _Problem(group[multi], rank[multi], weight, count, total_units, fixed, layers, ranks)
-    equal_peak = problem.peaks(equal_load[multi])
-    share = _diffuse(problem, equal_load[multi], equal_peak)
-    if not (problem.peaks(share) < equal_peak * (1.0 - MIN_GAIN)).any():
-        return units.reshape(slots.shape)  # no layer gains enough to survive rounding
-    multi_units = _integer_units(problem, share)
-    peak = problem.peaks(problem.weight * multi_units / problem.total_of(multi_units))
-    keep = (peak < equal_peak * (1.0 - 1e-12))[problem.rank // ranks]
-    where = np.flatnonzero(occupied.ravel())[multi]
-    units.ravel()[where[keep]] = multi_units[keep]
-    return units.reshape(slots.shape)
-
-
 def _movable(
-    equal_load: np.ndarray,
-    group: np.ndarray,
-    rank: np.ndarray,
+    group_of: np.ndarray,
+    rank_load: np.ndarray,
     weight: np.ndarray,
     count: np.ndarray,
     total_units: np.ndarray,
-    layers: int,
-    ranks: int,
+    per_rank: int,
 ) -> np.ndarray:
-    """bool [N]: the occupied slots whose share may move (the others keep the equal split).
+    """int64 [M]: the flat indices into [L, R, S] of the slots whose share may move (the others
+    keep the equal split).
 
     A slot's expert must have 2+ replicas, load, at least ``MIN_UNITS_PER_REPLICA`` units per
-    replica and a replica on a heavy rank (:func:`_touches_heavy_ranks`); and its layer must be
-    able to gain: its heaviest rank above every rank's least load (its fixed load plus one unit
-    per movable replica) and the mean by a relative ``MIN_GAIN`` and by one unit of the
-    coarsest movable replica on it.
+    replica and a replica on a heavy rank of its layer, one in the upper ``HEAVY`` of the range
+    from the mean to the heaviest rank (only such experts can lower the heaviest ranks, so a
+    nearly balanced layer costs little); and its layer must be able to gain: its heaviest rank
+    above every rank's least load (its fixed load plus one unit per movable replica) and the
+    mean by a relative ``MIN_GAIN`` and by one unit of the coarsest movable replica on it.
+    Experts are picked from the heavy ranks' slots, so the cost beyond one pass over the slots
+    is linear in the movable slots, not in L x R x S.
 
     Args:
-        equal_load: float64 [N] each occupied slot's load under the equal split.
-        group, rank: int64 [N] layer * E + expert, layer * R + rank of each occupied slot.
-        weight, count, total_units: [L * E] load, replicas and units to use per expert.
+        group_of: int64 [L * R * S] each slot's group (layer * (E + 1) + expert).
+        rank_load: float64 [L, R] rank loads under the equal split.
+        weight, count, total_units: [L * (E + 1)] load, replicas and units to use per group.
     """
-    rank_load = np.bincount(rank, weights=equal_load, minlength=layers * ranks)
-    movable = (
-        (count[group] >= 2)
-        & (weight[group] > 0)
-        & (total_units[group] >= MIN_UNITS_PER_REPLICA * count[group])
-    )
-    movable &= _touches_heavy_ranks(rank_load.reshape(layers, ranks), group, rank, weight.size)
-    unit = weight[group] / total_units[group]
-    least = np.where(movable, unit, equal_load)
-    floor = np.bincount(rank, weights=least, minlength=layers * ranks).reshape(layers, ranks)
-    loads = rank_load.reshape(layers, ranks)
-    peak = loads.max(1)
-    room = peak - np.maximum(floor.max(1), loads.mean(1))
+    layers, ranks = rank_load.shape
+    mean, peak = rank_load.mean(1), rank_load.max(1)
+    heavy = rank_load >= (mean + (1.0 - HEAVY) * (peak - mean))[:, None]
+    candidate = np.zeros(count.size, dtype=bool)
+    candidate[group_of.reshape(-1, per_rank)[heavy.ravel()]] = True
+    candidate &= (count >= 2) & (weight > 0) & (total_units >= MIN_UNITS_PER_REPLICA * count)
+    slot = np.flatnonzero(candidate[group_of])
+    group = group_of[slot]
+    unit = weight / np.maximum(total_units, 1)  # load of one routing unit
+    above_unit = weight[group] / count[group] - unit[group]
+    floor = rank_load - np.bincount(
+        slot // per_rank, weights=above_unit, minlength=layers * ranks
+    ).reshape(layers, ranks)
+    room = peak - np.maximum(floor.max(1), mean)
     # Rounding moves a rank by up to a unit of each replica it holds: a layer whose room is
     # within one unit of its heaviest rank's coarsest movable replica would lose it again.
-    layer = rank // ranks
-    on_peak = movable & (rank == layer * ranks + loads.argmax(1)[layer])
-    coarsest = np.zeros(layers)
-    np.maximum.at(coarsest, layer[on_peak], unit[on_peak])
+    on_peak = group_of.reshape(layers, ranks, per_rank)[np.arange(layers), rank_load.argmax(1)]
+    coarsest = np.where(candidate[on_peak], unit[on_peak], 0.0).max(1)
     gains = (room > MIN_GAIN * peak) & (room > coarsest)
-    return movable & gains[rank // ranks]
-
-
-def _touches_heavy_ranks(
-    rank_load: np.ndarray, group: np.ndarray, rank: np.ndarray, groups: int
-) -> np.ndarray:
-    """bool [N]: whether the slot's expert has a replica on a heavy rank of its layer, one in
-    the upper ``HEAVY`` of the range from the mean to the heaviest rank (``rank_load`` float64
-    [L, R] under the equal split). Only such experts can lower the heaviest ranks; the others
-    keep the equal split, so a nearly balanced layer costs little."""
-    mean = rank_load.mean(1, keepdims=True)
-    heavy = (rank_load >= mean + (1.0 - HEAVY) * (rank_load.max(1, keepdims=True) - mean)).ravel()
-    return np.bincount(group, weights=heavy[rank], minlength=groups)[group] > 0
+    return slot[gains[slot // (ranks * per_rank)]]
 
 
 class _Problem:
@@ -219,18 +182,22 @@ def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarr
     """float64 [N]: each replicated slot's load after diffusion steps from ``share`` float64
     [N] (step 1 of the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest
     rank (``peak`` float64 [L] before the first) falls by a relative ``MIN_GAIN`` in a step."""
+    group, size = problem.group, problem.size
     movable = np.bincount(problem.rank, minlength=problem.fixed.size)[problem.rank]
     inverse = 1.0 / movable
-    weight_sum = np.bincount(problem.group, weights=inverse, minlength=problem.size)
+    # Groups without a movable slot weigh 0: the floor only keeps their (unused) level finite.
+    weight_sum = np.maximum(np.bincount(group, weights=inverse, minlength=size), 1e-300)
     spare = problem.weight - problem.count * problem.unit  # load above one unit per replica
+    loads = problem.rank_loads(share)  # [L * R], carried from one step to the next
     for _ in range(ITERATIONS):
-        rank_load = problem.rank_loads(share)[problem.rank]
-        level = np.bincount(problem.group, weights=rank_load * inverse, minlength=problem.size)
-        share = share + (level[problem.group] / weight_sum[problem.group] - rank_load) * inverse
+        rank_load = loads[problem.rank]
+        level = np.bincount(group, weights=rank_load * inverse, minlength=size) / weight_sum
+        share = share + (level[group] - rank_load) * inverse
         # At least one unit per replica; the rest rescaled so that the expert's load stays.
         above = np.maximum(share - problem.unit, 0.0)
         share = problem.unit + above * (spare / np.maximum(problem.total_of(above), 1e-300))
-        now = problem.peaks(share)
+        loads = problem.rank_loads(share)
+        now = loads.reshape(problem.layers, problem.ranks).max(1)
         if not (now < peak * (1.0 - MIN_GAIN)).any():
             return share
         peak = now
