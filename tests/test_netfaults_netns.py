@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 # A server on host 0 that echoes the byte count of each connection; a client that sends
-# N bytes and prints how long the connect took and whether the count came back.
+# N bytes (retrying a refused connect while the server starts) and prints how long the connect
+# took and whether the count came back.
 SERVER = r"""
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -29,7 +30,15 @@ for _ in range(int(sys.argv[2])):
 """
 CLIENT = r"""
 import socket, sys, time
-t = time.monotonic(); c = socket.create_connection((sys.argv[1], 9000), timeout=float(sys.argv[3]))
+t = time.monotonic(); deadline = t + float(sys.argv[3])
+while True:  # refused until the server (started just before) listens; bounded by the timeout
+    try:
+        c = socket.create_connection((sys.argv[1], 9000), timeout=max(0.1, deadline - time.monotonic()))
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
 connect = time.monotonic() - t; n = int(sys.argv[2])
 c.sendall(str(n).encode().ljust(16)); c.sendall(b"x" * n)
 print(connect, int(c.recv(16).decode()))

@@ -164,7 +164,9 @@ class LocalProcess:
 
     def kill(self) -> None:
         if self.process.is_alive() and self.process.pid is not None:
-            os.kill(self.process.pid, signal.SIGKILL)
+            # another thread's is_alive() may reap it between the check and the signal
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
         self.process.join(timeout=5)
 
     def join(self, timeout_s: float) -> bool:
