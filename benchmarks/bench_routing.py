@@ -166,7 +166,6 @@ def measure(
     device: str = "cuda",
     plan: rk.LaunchPlan | None = None,
     paths: tuple[str, ...] = ("kernel", "kernel_i64", "vllm", "torch"),
-    stride: int = rk.COUNTER_STRIDE,
 ) -> Row:
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(experts * 100_003 + top_k * 101 + tokens)
@@ -181,7 +180,8 @@ def measure(
     ]
     ids32 = [ids.to(torch.int32) for ids in ids64]
     record = LoadRecord(1, experts, buffers.capacity, 1, device=dev)
-    scratch = torch.zeros((experts + 1) * stride, dtype=torch.int32, device=dev)
+    scratch = rk.new_route_scratch(experts, dev)
+    running = rk.running_counters(scratch, experts)
     load_view = torch.zeros(buffers.capacity, dtype=torch.int32, device=dev)
 
     def ours(ids: list[torch.Tensor]) -> Callable[[int], torch.Tensor]:
@@ -211,8 +211,13 @@ def measure(
     for name, step in steps.items():
         worst = 0
         for i in range(BATCHES):
+            start = running.clone()
             slots = step(i)
-            reference = route_to_slots(ids64[i], l2p, cnt, rank_offset=3)
+            launch = plan or rk.plan_launch(ids64[i].numel(), experts)
+            if name.startswith("kernel") and launch.running:
+                reference = route_to_slots(ids64[i], l2p, cnt, rank_offset=3, start=start)
+            else:
+                reference = route_to_slots(ids64[i], l2p, cnt, rank_offset=3)
             if name != "vllm" and not torch.equal(
                 torch.bincount(slots.reshape(-1).long(), minlength=buffers.capacity),
                 torch.bincount(reference.reshape(-1), minlength=buffers.capacity),
@@ -254,34 +259,31 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def candidate_plans(numel: int) -> dict[str, tuple[rk.LaunchPlan, int]]:
-    """Launch plans and counter strides to try at ``numel`` pairs: per-pair fetch-adds (plain or
-    warp-aggregated, counts per pair or tallied by the last program) and sorted blocks."""
+def candidate_plans(numel: int) -> dict[str, rk.LaunchPlan]:
+    """Launch plans to try at ``numel`` pairs: per-pair fetch-adds (plain or warp-aggregated,
+    counts per pair or tallied by the last program, counters cleared or running) and sorted
+    blocks."""
     pairs, sorted_ = rk.Strategy.PAIRS, rk.Strategy.SORTED
     experts, every = rk.Tally.EXPERTS, rk.Tally.ALL
-    line = rk.COUNTER_STRIDE
     one = max(32, 1 << (numel - 1).bit_length())
     if numel <= rk.SINGLE_PROGRAM_PAIRS:
         return {
-            "pairs one s1": (rk.LaunchPlan(pairs, one, one // 32), 1),
-            "pairs one": (rk.LaunchPlan(pairs, one, one // 32), line),
-            "pairs one tE": (rk.LaunchPlan(pairs, one, one // 32, tally=experts), line),
+            "pairs one": rk.LaunchPlan(pairs, one, one // 32),
+            "pairs one tE": rk.LaunchPlan(pairs, one, one // 32, tally=experts),
+            "pairs one run": rk.LaunchPlan(pairs, one, one // 32, running=True),
         }
     plans = {
-        "pairs s1": (rk.LaunchPlan(pairs, 256, 8), 1),
-        "pairs": (rk.LaunchPlan(pairs, 256, 8), line),
-        "pairs tE": (rk.LaunchPlan(pairs, 256, 8, tally=experts), line),
-        "pairs agg": (rk.LaunchPlan(pairs, 256, 8, aggregate=True), line),
-        "pairs agg tE": (rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=experts), line),
-        "pairs agg tA": (rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=every), line),
+        "pairs": rk.LaunchPlan(pairs, 256, 8),
+        "pairs tE": rk.LaunchPlan(pairs, 256, 8, tally=experts),
+        "pairs agg": rk.LaunchPlan(pairs, 256, 8, aggregate=True),
+        "pairs agg tE": rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=experts),
+        "pairs agg tA": rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=every),
     }
+    for block in (128, 256, 512, 1024):
+        plans[f"pairs run {block}"] = rk.LaunchPlan(pairs, block, block // 32, running=True)
     for block, warps in [(128, 4), (256, 8), (512, 8), (512, 16), (1024, 8), (2048, 16)]:
-        plans[f"sorted {block}/{warps} tA"] = (
-            rk.LaunchPlan(sorted_, block, warps, tally=every),
-            line,
-        )
-    plans["sorted 512/8 tE"] = (rk.LaunchPlan(sorted_, 512, 8, tally=experts), line)
-    plans["sorted 1024/8 tA s1"] = (rk.LaunchPlan(sorted_, 1024, 8, tally=every), 1)
+        plans[f"sorted {block}/{warps} tA"] = rk.LaunchPlan(sorted_, block, warps, tally=every)
+    plans["sorted 512/8 tE"] = rk.LaunchPlan(sorted_, 512, 8, tally=experts)
     return plans
 
 
@@ -294,11 +296,9 @@ def sweep(
         numel = tokens * top_k
         times = {}
         vllm_us = float("nan")
-        for name, (plan, stride) in candidate_plans(numel).items():
+        for name, plan in candidate_plans(numel).items():
             paths = ("kernel",) if times else ("kernel", "vllm")
-            row = measure(
-                vllm, experts, top_k, tokens, repeats, plan=plan, paths=paths, stride=stride
-            )
+            row = measure(vllm, experts, top_k, tokens, repeats, plan=plan, paths=paths)
             times[name] = row.kernel_us
             vllm_us = row.vllm_us if paths[-1] == "vllm" else vllm_us
         best = min(times, key=times.__getitem__)

@@ -161,11 +161,18 @@ def _skewed_ids(gen: torch.Generator, tokens: int, top_k: int, experts: int) -> 
 
 
 def _check_routed(
-    slots: torch.Tensor, ids: torch.Tensor, placement: Placement, offset: int
+    slots: torch.Tensor,
+    ids: torch.Tensor,
+    placement: Placement,
+    offset: int,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Assert ``slots`` (kernel) splits like the reference; returns the per-slot counts."""
+    """Assert ``slots`` (kernel) splits like the reference whose ordinals begin at ``start``
+    (the running counters before the launch); returns the per-slot counts."""
     slots, ids = slots.cpu(), ids.cpu()
-    want = route_to_slots(ids, placement.log2phy[0], placement.logcnt[0], rank_offset=offset)
+    want = route_to_slots(
+        ids, placement.log2phy[0], placement.logcnt[0], rank_offset=offset, start=start
+    )
     assert torch.equal(placement.phy2log[0][slots], ids)
     per_slot = torch.bincount(slots.reshape(-1), minlength=placement.num_slots)
     assert torch.equal(per_slot, torch.bincount(want.reshape(-1), minlength=placement.num_slots))
@@ -183,12 +190,14 @@ def _check_routed(
         rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, aggregate=True),
         rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, aggregate=True, tally=rk.Tally.ALL),
         rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, tally=rk.Tally.EXPERTS),
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, running=True),
         rk.LaunchPlan(rk.Strategy.SORTED, 256, 8),
         rk.LaunchPlan(rk.Strategy.SORTED, 1024, 32, tally=rk.Tally.ALL),
     ],
     ids=[
         "measured",
         "pairs",
+        "pairs running",
         "pairs aggregated",
         "pairs aggregated tallied",
         "pairs experts tallied",
@@ -208,7 +217,9 @@ def test_route_kernel_on_cuda_splits_like_the_reference(plan: rk.LaunchPlan | No
         record = LoadRecord(1, experts, buffers.capacity, 1, device="cuda")
         scratch = rk.new_route_scratch(experts, "cuda")
         ids = _skewed_ids(gen, tokens, top_k, experts).cuda()
+        running = rk.running_counters(scratch, experts)
         for trial, dtype in enumerate([torch.int64, torch.int32, torch.int64]):
+            start = running.cpu()
             slots = rk.route_and_record(
                 ids.to(dtype),
                 buffers.log2phy[0],
@@ -221,8 +232,8 @@ def test_route_kernel_on_cuda_splits_like_the_reference(plan: rk.LaunchPlan | No
                 plan=plan,
             )
             assert slots.dtype == dtype
-            per_slot = _check_routed(slots.long(), ids, placement, trial)
-            assert int(scratch.abs().sum()) == 0
+            per_slot = _check_routed(slots.long(), ids, placement, trial, start)
+            _assert_cleared(scratch, experts)
         picks = torch.bincount(ids.reshape(-1).cpu(), minlength=experts)
         assert torch.equal(record.step_counts[0].cpu(), 3 * picks.to(torch.int32))
         assert int(record.slot_counts[0].sum()) == 3 * ids.numel()
@@ -232,8 +243,12 @@ def test_route_kernel_on_cuda_splits_like_the_reference(plan: rk.LaunchPlan | No
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "plan",
-    [None, rk.LaunchPlan(rk.Strategy.SORTED, 256, 8, tally=rk.Tally.ALL)],
-    ids=["measured", "sorted tallied"],
+    [
+        None,
+        rk.LaunchPlan(rk.Strategy.SORTED, 256, 8, tally=rk.Tally.ALL),
+        rk.LaunchPlan(rk.Strategy.PAIRS, 256, 8, running=True),
+    ],
+    ids=["measured", "sorted tallied", "pairs running"],
 )
 def test_route_kernel_replays_in_a_cuda_graph_after_update(plan: rk.LaunchPlan | None) -> None:
     """The kernel (each launch shape) captured once; replays follow a placement written in
@@ -285,17 +300,25 @@ def test_route_kernel_replays_in_a_cuda_graph_after_update(plan: rk.LaunchPlan |
         record.set_recording(recording)
         for n, count in zip(valid, real, strict=True):
             n.fill_(count)
+        start = rk.running_counters(scratch, 32).cpu()
         graph.replay()
         torch.cuda.synchronize()
         expected = torch.zeros(32, dtype=torch.int64)
         for slots, ids, count in zip(captured, batches, real, strict=True):
             assert bool((slots[count:] == -1).all())
-            _check_routed(slots[:count], ids[:count], placement, 1)
+            _check_routed(slots[:count], ids[:count], placement, 1, start)
+            if (plan or rk.plan_launch(ids.numel(), 32)).running:
+                start = start + torch.bincount(ids[:count].reshape(-1).cpu(), minlength=32)
             expected += torch.bincount(ids[:count].reshape(-1).cpu(), minlength=32) * recording
         assert torch.equal(record.step_counts[0].cpu(), expected.to(torch.int32))
         assert int(record.slot_counts[0].sum()) == int(expected.sum())
         record.end_step()
-    assert int(scratch.abs().sum()) == 0
+    _assert_cleared(scratch, 32)
+
+
+def _assert_cleared(scratch: torch.Tensor, experts: int) -> None:
+    """The counters that launches clear are zero (the running ones run on)."""
+    assert int(scratch[: (experts + 1) * rk.COUNTER_STRIDE].abs().sum()) == 0
 
 
 def _nccl_scale_rank(rank: int, world_size: int, port: int) -> list[float]:
@@ -377,10 +400,15 @@ def test_route_kernel_on_cuda_follows_routing_shares() -> None:
     scratch = rk.new_route_scratch(experts, "cuda")
     for tokens in (7, 3000):
         ids = _skewed_ids(gen, tokens, 4, experts)
+        start = rk.running_counters(scratch, experts).cpu()
         got = rk.route_and_record(
             ids.cuda(), buffers.log2phy[0], buffers.logcnt[0], scratch, rank_offset=3
         )
-        want = route_to_slots(ids, placement.log2phy[0], placement.logcnt[0], rank_offset=3)
+        if not rk.plan_launch(ids.numel(), experts).running:
+            start = None
+        want = route_to_slots(
+            ids, placement.log2phy[0], placement.logcnt[0], rank_offset=3, start=start
+        )
         capacity = placement.num_slots
         assert torch.equal(
             torch.bincount(got.reshape(-1).cpu(), minlength=capacity),

@@ -45,6 +45,8 @@ SHAPES = pytest.mark.parametrize(
     [
         "pairs one",
         "pairs blocks",
+        "pairs running one",
+        "pairs running blocks",
         "pairs experts tallied",
         "pairs tallied",
         "sorted one",
@@ -53,8 +55,9 @@ SHAPES = pytest.mark.parametrize(
     ],
 )
 """The launch shapes: per-pair fetch-adds in one program; in blocks of 32 pairs, where the
-last program clears the counters; the same where it also adds the expert counts, or all counts,
-from them; the sorted kernel in one program (no counters), in blocks of 16 pairs, and the same
+last program clears the counters; both with running counters (nothing cleared; they start from
+values left by earlier launches); the same blocks where the last program also adds the expert
+counts, or all counts, from the counters; the sorted kernel in one program (no counters), in blocks of 16 pairs, and the same
 where the last program adds all counts."""
 
 
@@ -64,6 +67,8 @@ def _plan(shape: str, numel: int) -> rk.LaunchPlan:
     return {
         "pairs one": rk.LaunchPlan(pairs, one, one // 32),
         "pairs blocks": rk.LaunchPlan(pairs, 32, 1),
+        "pairs running one": rk.LaunchPlan(pairs, one, one // 32, running=True),
+        "pairs running blocks": rk.LaunchPlan(pairs, 32, 1, running=True),
         "pairs experts tallied": rk.LaunchPlan(pairs, 32, 1, tally=rk.Tally.EXPERTS),
         "pairs tallied": rk.LaunchPlan(pairs, 32, 1, tally=rk.Tally.ALL),
         "sorted one": rk.LaunchPlan(sorted_, one, 4),
@@ -87,10 +92,18 @@ def _route(
     capacity: int,
     offset: int = 0,
     **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slots, slot_counts, expert_counts, scratch after the launch)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(slots, slot_counts, expert_counts, start): ``start`` int64 [E] the running counters
+    before the launch (drawn from ``offset``, as earlier launches would have left them), for
+    the reference; ``None`` for plans that clear their counters, which must be zero after it."""
     experts = log2phy.shape[0]
     scratch = rk.new_route_scratch(experts, "cpu")
+    plan = _plan(shape, ids.numel())
+    running = rk.running_counters(scratch, experts)
+    if plan.running:
+        gen = torch.Generator().manual_seed(offset)
+        running.copy_(torch.randint(0, 2**40, (experts,), generator=gen))
+    start = running.clone()
     slot_counts = torch.full((capacity,), 3, dtype=torch.int32)
     expert_counts = torch.full((experts,), 3, dtype=torch.int32)
     kwargs.setdefault("record_flag", torch.ones(1, dtype=torch.int32))
@@ -103,11 +116,20 @@ def _route(
             rank_offset=offset,
             slot_counts=slot_counts,
             expert_counts=expert_counts,
-            plan=_plan(shape, ids.numel()),
+            plan=plan,
             kernels=kernels,
             **kwargs,
         )
-    return slots, slot_counts - 3, expert_counts - 3, scratch
+    cleared = scratch[: (experts + 1) * rk.COUNTER_STRIDE]
+    assert int(cleared.abs().sum()) == 0  # counters cleared for the next launch
+    if not plan.running:
+        assert torch.equal(running, start)
+        return slots, slot_counts - 3, expert_counts - 3, None
+    real = ids[: int(kwargs["num_tokens"][0])] if "num_tokens" in kwargs else ids
+    valid = real[(real >= 0) & (real < experts)]
+    # Every valid pair took one ordinal (also of an expert without replicas).
+    assert torch.equal(running - start, torch.bincount(valid, minlength=experts))
+    return slots, slot_counts - 3, expert_counts - 3, start
 
 
 def _slot_sets(slots: torch.Tensor, ids: torch.Tensor) -> dict[int, set[int]]:
@@ -134,10 +156,10 @@ def test_kernel_counts_equal_the_reference(
     capacity = placement.num_slots
     for layer in range(placement.num_layers):
         l2p, cnt, p2l = placement.log2phy[layer], placement.logcnt[layer], placement.phy2log[layer]
-        slots, slot_counts, expert_counts, scratch = _route(
+        slots, slot_counts, expert_counts, start = _route(
             kernels, shape, ids, l2p, cnt, capacity, offset
         )
-        want = route_to_slots(ids, l2p, cnt, rank_offset=offset)
+        want = route_to_slots(ids, l2p, cnt, rank_offset=offset, start=start)
         assert slots.shape == ids.shape and slots.dtype == torch.int64
         assert torch.equal(p2l[slots], ids)  # every pair lands on a slot of its expert
         per_slot = torch.bincount(want.reshape(-1), minlength=capacity).to(torch.int32)
@@ -147,7 +169,6 @@ def test_kernel_counts_equal_the_reference(
         record.record_(0, want, p2l)
         assert torch.equal(slot_counts, record.slot_counts[0])
         assert torch.equal(expert_counts, record.step_counts[0])
-        assert int(scratch.abs().sum()) == 0  # counters cleared for the next launch
 
 
 @SHAPES
@@ -166,9 +187,10 @@ def test_repeated_row_entries_get_their_multiple(
         own = torch.arange(e * width, e * width + int(torch.randint(1, width + 1, (1,))))
         log2phy[e, : logcnt[e]] = own[torch.randint(0, len(own), (int(logcnt[e]),))]
     ids = torch.randint(0, experts, (tokens, 2), generator=gen)
-    got, slot_counts, _, _ = _route(kernels, shape, ids, log2phy, logcnt, capacity, seed % 5)
+    got, slot_counts, _, start = _route(kernels, shape, ids, log2phy, logcnt, capacity, seed % 5)
     assert torch.equal(slot_counts, torch.bincount(got.reshape(-1), minlength=capacity).int())
-    for slots in (route_to_slots(ids, log2phy, logcnt, rank_offset=seed % 5), got):
+    want = route_to_slots(ids, log2phy, logcnt, rank_offset=seed % 5, start=start)
+    for slots in (want, got):
         per_slot = torch.bincount(slots.reshape(-1), minlength=capacity)
         for e in range(experts):
             n = int((ids == e).sum())
@@ -191,8 +213,8 @@ def test_kernel_follows_routing_shares(
     ids = torch.randint(0, placement.num_logical, (tokens, 1), generator=gen)
     for layer in range(placement.num_layers):
         l2p, cnt = placement.log2phy[layer], placement.logcnt[layer]
-        got, _, _, _ = _route(kernels, shape, ids, l2p, cnt, placement.num_slots, seed % 5)
-        want = route_to_slots(ids, l2p, cnt, rank_offset=seed % 5)
+        got, _, _, start = _route(kernels, shape, ids, l2p, cnt, placement.num_slots, seed % 5)
+        want = route_to_slots(ids, l2p, cnt, rank_offset=seed % 5, start=start)
         capacity = placement.num_slots + 1  # -1 (expert not placed) counted in the last bin
         assert torch.equal(
             torch.bincount(got.reshape(-1) % capacity, minlength=capacity),
@@ -208,7 +230,7 @@ def test_padding_invalid_ids_and_record_flag(kernels: dict[rk.Strategy, Any], sh
     ids = _ids(gen, 20, 8, 3)
     ids[4, 1], ids[7, 0] = -1, 8  # out of range: routed nowhere, not counted
     real = 15  # tokens 15.. are padding
-    slots, slot_counts, expert_counts, _ = _route(
+    slots, slot_counts, expert_counts, start = _route(
         kernels, shape, ids, l2p, cnt, 12, 1, num_tokens=torch.tensor([real])
     )
     bad = (ids < 0) | (ids >= 8)
@@ -217,7 +239,7 @@ def test_padding_invalid_ids_and_record_flag(kernels: dict[rk.Strategy, Any], sh
     assert torch.equal(p2l[slots[~bad]], ids[~bad])
     kept = ids[:real].clone()
     kept[(kept < 0) | (kept >= 8)] = 0
-    want = route_to_slots(kept, l2p, cnt, rank_offset=1)
+    want = route_to_slots(kept, l2p, cnt, rank_offset=1, start=start)
     want[bad[:real]] = -1
     assert torch.equal(slot_counts, torch.bincount(want[want >= 0], minlength=12).to(torch.int32))
     assert torch.equal(expert_counts, torch.bincount(ids[~bad], minlength=8).to(torch.int32))

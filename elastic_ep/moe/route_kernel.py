@@ -36,6 +36,14 @@ Around that, for both:
    reads ``programs - 1`` clears). Launches that share a scratch must not overlap (one scratch
    per layer, one stream). Counters sit one per 128-byte line (``COUNTER_STRIDE``) when several
    programs share them.
+
+A ``running`` plan (``PAIRS``, counts added per pair) skips step 3: its ordinals come from a
+second set of int64 counters that are never cleared, so expert ``e``'s ordinals in a batch are
+``start_e .. start_e + n_e - 1`` with ``start_e`` where the last launch left them. Consecutive
+ordinals split a batch over the row entries just as exactly (counts differ by at most one); which
+entry gets the remainder rotates from batch to batch. No program waits for the others, so the
+arrival atomic and the last program's clear leave the critical path. ``route_to_slots(...,
+start=running_counters(scratch, E))`` taken before a launch is its exact reference.
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ __all__ = [
     "new_route_scratch",
     "plan_launch",
     "route_and_record",
+    "running_counters",
+    "scratch_size",
     "triton_available",
 ]
 
@@ -81,13 +91,24 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def scratch_size(num_experts: int) -> int:
+    """int32s in one layer's scratch: ``E + 1`` cleared counters (the last one counts arriving
+    programs) and ``E`` running int64 counters, each on its own 128-byte line."""
+    return (2 * num_experts + 1) * COUNTER_STRIDE
+
+
+def running_counters(scratch: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E] view of ``scratch``'s running counters: expert e's next ordinal under a
+    ``LaunchPlan.running`` launch (pass it as ``start`` to the torch reference to reproduce one)."""
+    return scratch[(num_experts + 1) * COUNTER_STRIDE :].view(torch.int64)[:: COUNTER_STRIDE // 2]
+
+
 def new_route_scratch(num_experts: int, device: torch.device | str) -> torch.Tensor:
-    """int32 [(num_experts + 1) * COUNTER_STRIDE] zeros: the counters of one layer's launches
-    (kept zero between launches by the kernel itself; allocate once, e.g. as a buffer of the
-    layer)."""
+    """int32 [scratch_size(E)] zeros: the counters of one layer's launches (the cleared ones kept
+    zero between launches by the kernel itself; allocate once, e.g. as a buffer of the layer)."""
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    return torch.zeros((num_experts + 1) * COUNTER_STRIDE, dtype=torch.int32, device=device)
+    return torch.zeros(scratch_size(num_experts), dtype=torch.int32, device=device)
 
 
 if triton is not None:
@@ -215,6 +236,7 @@ if triton is not None:
         logcnt_ptr,
         out_ptr,
         scratch_ptr,
+        running_ptr,
         slot_counts_ptr,
         expert_counts_ptr,
         flag_ptr,
@@ -228,6 +250,8 @@ if triton is not None:
         RECORD: tl.constexpr,
         HAS_NUM_TOKENS: tl.constexpr,
         SINGLE: tl.constexpr,
+        RUNNING: tl.constexpr,
+        RUNNING_STRIDE: tl.constexpr,
         WARP_AGGREGATE: tl.constexpr,
         TALLY: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -246,20 +270,33 @@ if triton is not None:
         # Loads first: the fetch-add below waits for its reply, and a load issued after it would
         # start only then. An expert without replicas wastes its counter (cleared anyway).
         count = tl.load(logcnt_ptr + expert, mask=valid, other=0).to(tl.int32)
-        if WARP_AGGREGATE:
-            ordinal = _warp_fetch_add(scratch_ptr + expert * stride, tl.where(valid, expert, -1))
+        if RUNNING:
+            # int64: the counters never wrap, so a batch's ordinals are always consecutive.
+            ordinal = tl.atomic_add(
+                running_ptr + expert.to(tl.int64) * RUNNING_STRIDE, 1, mask=valid, sem="relaxed"
+            )
+            # ``>> 63`` is 0; it ties the count's use to the fetch-add's reply (see below).
+            count = count | (ordinal >> 63).to(tl.int32)
+            turn = (ordinal + rank_offset) % tl.maximum(count, 1).to(tl.int64)
+            entry = turn.to(tl.int32)
         else:
-            ordinal = tl.atomic_add(scratch_ptr + expert * stride, 1, mask=valid, sem="relaxed")
-        # ``ordinal >> 31`` is 0 (ordinals are < 2**31), but ties the count's use to the fetch-add's
-        # reply: otherwise ptxas starts the modulo's division before the atomic is issued, so the
-        # atomic waits for the count load and the two round trips run one after the other.
-        count = count | (ordinal >> 31)
+            if WARP_AGGREGATE:
+                ordinal = _warp_fetch_add(
+                    scratch_ptr + expert * stride, tl.where(valid, expert, -1)
+                )
+            else:
+                ordinal = tl.atomic_add(scratch_ptr + expert * stride, 1, mask=valid, sem="relaxed")
+            # ``ordinal >> 31`` is 0 (ordinals are < 2**31), but ties the count's use to the
+            # fetch-add's reply: otherwise ptxas starts the modulo's division before the atomic
+            # is issued, so the atomic waits for the count load and the two round trips run one
+            # after the other.
+            count = count | (ordinal >> 31)
+            entry = (ordinal + rank_offset) % tl.maximum(count, 1)
         routed = valid & (count > 0)
-        entry = (ordinal + rank_offset) % tl.maximum(count, 1)
         slot = tl.load(
             log2phy_ptr + expert.to(tl.int64) * row_stride + entry, mask=routed, other=-1
         )
-        if not SINGLE:
+        if not SINGLE and not RUNNING:
             # Arrive once every lane's fetch-add has returned (its reply addressed the load
             # above) and before this program writes anything: the release's fence then waits
             # for no store, only for the row load that the store needs anyway.
@@ -281,7 +318,9 @@ if triton is not None:
                     tl.atomic_add(expert_counts_ptr + expert, 1, mask=counted, sem="relaxed")
         else:
             recording = False
-        if SINGLE:
+        if RUNNING:  # nothing to clear
+            last = False
+        elif SINGLE:
             # Every lane's fetch-add has returned (its value was used above) before it clears.
             tl.debug_barrier()
             last = True
@@ -464,13 +503,13 @@ def route_and_record(
         )
     if (
         scratch.dtype != torch.int32
-        or scratch.dim() != 1
+        or scratch.shape != (scratch_size(num_experts),)
         or scratch.stride(0) != 1
-        or scratch.numel() % (num_experts + 1)
+        or scratch.storage_offset() % 2
     ):
         raise TypeError(
-            f"scratch must be a contiguous int32 [(E + 1) * s] for E = {num_experts}, got "
-            f"{scratch.dtype} {tuple(scratch.shape)}"
+            f"scratch must be a contiguous int32 [{scratch_size(num_experts)}] for E = "
+            f"{num_experts} (new_route_scratch), got {scratch.dtype} {tuple(scratch.shape)}"
         )
     record = (slot_counts, expert_counts, record_flag)
     if any(t is None for t in record) and any(t is not None for t in record):
@@ -521,12 +560,13 @@ def route_and_record(
             "WARP_AGGREGATE": plan.aggregate,
             "E_BLOCK": min(1024, triton.next_power_of_2(num_experts)),
         }
+    counters = (num_experts + 1) * COUNTER_STRIDE
+    pointers = [ids, log2phy, logcnt, out, scratch]
+    if plan.strategy is Strategy.PAIRS:
+        pointers.append(scratch[counters:].view(torch.int64))
+        options |= {"RUNNING": plan.running, "RUNNING_STRIDE": COUNTER_STRIDE // 2}
     kernel[(programs,)](
-        ids,
-        log2phy,
-        logcnt,
-        out,
-        scratch,
+        *pointers,
         slot_counts if slot_counts is not None else scratch,
         expert_counts if expert_counts is not None else scratch,
         record_flag if record_flag is not None else scratch,
@@ -536,7 +576,7 @@ def route_and_record(
         num_experts,
         log2phy.stride(0),
         rank_offset,
-        1 if programs == 1 else scratch.numel() // (num_experts + 1),
+        1 if programs == 1 else COUNTER_STRIDE,
         RECORD=slot_counts is not None,
         HAS_NUM_TOKENS=num_tokens is not None,
         SINGLE=programs == 1,

@@ -85,6 +85,9 @@ class LaunchPlan:
     warps: int
     aggregate: bool = False
     tally: Tally = Tally.NONE
+    running: bool = False
+    """``PAIRS`` without aggregate or tally: ordinals from int64 counters that run on from
+    launch to launch (no arrival counter, no clear; see the kernel's module docstring)."""
 
 
 def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
@@ -110,6 +113,10 @@ def check_plan(plan: LaunchPlan, num_experts: int) -> None:
         raise ValueError(f"plan needs a power-of-two block >= 16 and 1-32 warps, got {plan}")
     if plan.strategy is Strategy.PAIRS and block != 32 * warps:
         raise ValueError(f"a PAIRS plan holds one pair per thread (block = 32 * warps): {plan}")
+    if plan.running and (
+        plan.strategy is not Strategy.PAIRS or plan.aggregate or plan.tally is not Tally.NONE
+    ):
+        raise ValueError(f"running counters need a PAIRS plan without aggregate or tally: {plan}")
     if plan.strategy is Strategy.SORTED and num_experts > SORTED_MAX_EXPERTS:
         raise ValueError(
             f"a SORTED plan holds all {num_experts} experts' counters in one program "

@@ -23,8 +23,13 @@ def route_to_slots(
     logcnt: torch.Tensor,
     *,
     rank_offset: int = 0,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Physical slot for every (token, choice) pair of one layer.
+
+    The pairs that chose expert ``e`` get ordinals ``j = start[e], start[e] + 1, ...`` in order,
+    and pair ``j`` goes to entry ``(j + rank_offset) % logcnt[e]`` of ``log2phy[e]``: each
+    expert's pairs are split over its row entries exactly (counts differ by at most one).
 
     Args:
         topk_ids: int64 [T, K] logical expert ids in ``[0, E)`` (not range-checked: that would
@@ -32,6 +37,8 @@ def route_to_slots(
         log2phy: int64 [E, max_replicas] this layer's replica slots, -1 padded.
         logcnt: int64 [E] this layer's replica counts.
         rank_offset: rotates the replica choice (pass the EP rank).
+        start: int64 [E] first ordinal per expert (default 0); the routing kernel's running
+            counters (``route_kernel.running_counters``) before a launch reproduce that launch.
     Returns:
         int64 [T, K] physical slot ids (rank-major numbering); -1 where the expert has no replica.
     """
@@ -47,8 +54,14 @@ def route_to_slots(
         )
     if not isinstance(rank_offset, int) or rank_offset < 0:
         raise ValueError(f"rank_offset must be a non-negative int, got {rank_offset!r}")
+    if start is not None and (start.dtype != torch.int64 or start.shape != logcnt.shape):
+        raise TypeError(
+            f"start must be int64 [{logcnt.shape[0]}], got {start.dtype} {tuple(start.shape)}"
+        )
     flat = topk_ids.reshape(-1)
     ordinal = _ordinal_within_expert(flat, log2phy.shape[0])
+    if start is not None:
+        ordinal = ordinal + start[flat]
     replica = (ordinal + rank_offset) % logcnt[flat].clamp(min=1)
     return log2phy[flat, replica].view_as(topk_ids)
 
