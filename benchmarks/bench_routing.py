@@ -271,6 +271,7 @@ def candidate_plans(numel: int) -> dict[str, rk.LaunchPlan]:
             "pairs one": rk.LaunchPlan(pairs, one, one // 32),
             "pairs one tE": rk.LaunchPlan(pairs, one, one // 32, tally=experts),
             "pairs one run": rk.LaunchPlan(pairs, one, one // 32, running=True),
+            "pairs one run agg": rk.LaunchPlan(pairs, one, one // 32, aggregate=True, running=True),
         }
     plans = {
         "pairs": rk.LaunchPlan(pairs, 256, 8),
@@ -279,8 +280,11 @@ def candidate_plans(numel: int) -> dict[str, rk.LaunchPlan]:
         "pairs agg tE": rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=experts),
         "pairs agg tA": rk.LaunchPlan(pairs, 256, 8, aggregate=True, tally=every),
     }
-    for block in (128, 256, 512, 1024):
+    for block in (128, 256, 512):
         plans[f"pairs run {block}"] = rk.LaunchPlan(pairs, block, block // 32, running=True)
+        plans[f"pairs run agg {block}"] = rk.LaunchPlan(
+            pairs, block, block // 32, aggregate=True, running=True
+        )
     for block, warps in [(128, 4), (256, 8), (512, 8), (512, 16), (1024, 8), (2048, 16)]:
         plans[f"sorted {block}/{warps} tA"] = rk.LaunchPlan(sorted_, block, warps, tally=every)
     plans["sorted 512/8 tE"] = rk.LaunchPlan(sorted_, 512, 8, tally=experts)

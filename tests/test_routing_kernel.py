@@ -8,6 +8,7 @@ slot of one pair.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -329,7 +330,10 @@ def test_measured_plans_compile_for_hopper(pairs: int, experts: int) -> None:
     single = pairs <= plan.block
     pointers = ("ids", "log2phy", "logcnt", "out")
     signature = {f"{name}_ptr": "*i64" for name in pointers}
-    for name in ("scratch", "slot_counts", "expert_counts", "flag", "num_tokens"):
+    signature["scratch_ptr"] = "*i32"
+    if plan.strategy is rk.Strategy.PAIRS:
+        signature["running_ptr"] = "*i64"
+    for name in ("slot_counts", "expert_counts", "flag", "num_tokens"):
         signature[f"{name}_ptr"] = "*i32"
     for name in ("numel", "top_k", "num_experts", "row_stride", "rank_offset", "stride"):
         signature[name] = "i32"
@@ -343,6 +347,8 @@ def test_measured_plans_compile_for_hopper(pairs: int, experts: int) -> None:
         "R_TILE": 4,
     }
     if plan.strategy is rk.Strategy.PAIRS:
+        constexprs["RUNNING"] = plan.running
+        constexprs["RUNNING_STRIDE"] = rk.COUNTER_STRIDE // 2
         constexprs["WARP_AGGREGATE"] = plan.aggregate
     kernel = {rk.Strategy.PAIRS: rk._route_kernel, rk.Strategy.SORTED: rk._route_sorted_kernel}
     source = ASTSource(
@@ -356,4 +362,6 @@ def test_measured_plans_compile_for_hopper(pairs: int, experts: int) -> None:
         )
     except RuntimeError as err:  # no ptxas in this triton install
         pytest.skip(f"cannot compile for CUDA here: {err}")
-    assert ("match.any.sync.b32" in compiled.asm["ptx"]) == plan.aggregate
+    ptx = compiled.asm["ptx"]
+    assert ("match.any.sync.b32" in ptx) == plan.aggregate
+    assert bool(re.search(r"atom\.global[.\w]*add\.u64", ptx)) == plan.running

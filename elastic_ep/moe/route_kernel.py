@@ -144,6 +144,41 @@ if triton is not None:
         )
 
     @triton.jit
+    def _warp_fetch_add64(ptr, key):
+        """:func:`_warp_fetch_add` on an int64 counter (running counters): int64 per lane."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .pred p_lead, p_on;
+            .reg .b32 peers, below, rank, size, first, low, high;
+            .reg .b64 size64, rank64, old;
+            match.any.sync.b32 peers, $1, 0xffffffff;
+            mov.u32 below, %lanemask_lt;
+            and.b32 below, below, peers;
+            popc.b32 rank, below;
+            popc.b32 size, peers;
+            setp.eq.u32 p_lead, rank, 0;
+            setp.ge.s32 p_on, $1, 0;
+            and.pred p_lead, p_lead, p_on;
+            cvt.u64.u32 size64, size;
+            mov.u64 old, 0;
+            @p_lead atom.global.add.u64 old, [$2], size64;
+            brev.b32 first, peers;
+            bfind.shiftamt.u32 first, first;
+            mov.b64 {low, high}, old;
+            shfl.sync.idx.b32 low, low, first, 31, 0xffffffff;
+            shfl.sync.idx.b32 high, high, first, 31, 0xffffffff;
+            mov.b64 old, {low, high};
+            cvt.u64.u32 rank64, rank;
+            add.u64 $0, old, rank64;
+            }""",
+            constraints="=l,r,l",
+            args=[key, ptr],
+            dtype=tl.int64,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
     def _warp_add(ptr, key):
         """Add, per group of a warp's lanes with the same ``key >= 0``, the group's size to
         ``*ptr`` (one lane's ``red``). Returns a dummy."""
@@ -272,9 +307,11 @@ if triton is not None:
         count = tl.load(logcnt_ptr + expert, mask=valid, other=0).to(tl.int32)
         if RUNNING:
             # int64: the counters never wrap, so a batch's ordinals are always consecutive.
-            ordinal = tl.atomic_add(
-                running_ptr + expert.to(tl.int64) * RUNNING_STRIDE, 1, mask=valid, sem="relaxed"
-            )
+            counter = running_ptr + expert.to(tl.int64) * RUNNING_STRIDE
+            if WARP_AGGREGATE:
+                ordinal = _warp_fetch_add64(counter, tl.where(valid, expert, -1))
+            else:
+                ordinal = tl.atomic_add(counter, 1, mask=valid, sem="relaxed")
             # ``>> 63`` is 0; it ties the count's use to the fetch-add's reply (see below).
             count = count | (ordinal >> 63).to(tl.int32)
             turn = (ordinal + rank_offset) % tl.maximum(count, 1).to(tl.int64)

@@ -17,22 +17,29 @@ SINGLE_PROGRAM_PAIRS = 1024
 no cross-program "last one clears" atomic on the critical path of small (decode) batches."""
 
 MULTI_BLOCK = 256
-"""Pairs per ``PAIRS`` program above ``SINGLE_PROGRAM_PAIRS`` (8 warps). One pair per thread:
+"""Pairs per ``PAIRS`` program above ``AGGREGATE_ABOVE_PAIRS`` (8 warps). One pair per thread:
 each pair's fetch-add waits for its reply before the next can use the result, so a thread
 holding several pairs would pay those round trips one after another (4 pairs per thread
 measured 1.1-3.7x slower on H200)."""
 
 AGGREGATE_ABOVE_PAIRS = 8192
 """Above this many pairs ``PAIRS`` aggregates its atomics per warp (a hot expert's queue up at
-one address) and the last program tallies every count; below it the match and the tally's
-tail cost more than they save (``bench_routing.py --sweep``, H200: at 512 tokens plain
-3.3-3.6 us at E = 256-384 against 3.8-5.4 aggregated or tallied; at 4096 tokens aggregated
-and tallied 4.7-6.2 us against 8.8-16.6 plain)."""
+one address) and the last program tallies every count from cleared counters; below it running
+counters win, which need no tally (``bench_routing.py --sweep``, H200: at 4096 tokens aggregated
+and tallied 4.7-6.4 us against 9.4-22 running, since running plans add every count per pair)."""
 
-TALLY_EXPERTS_UP_TO = 64
-"""Between ``SINGLE_PROGRAM_PAIRS`` and ``AGGREGATE_ABOVE_PAIRS`` pairs, with at most this many
-experts, the last program adds the expert counts (few experts: the per-pair adds queue at a
-few addresses; 3.3-3.7 us against 3.9-4.3 at E = 64, 512 tokens)."""
+RUNNING_BLOCK = 128
+"""Pairs per program of the running plans between ``SINGLE_PROGRAM_PAIRS`` and
+``AGGREGATE_ABOVE_PAIRS`` pairs. Running counters need no arrival and no clear, so no program
+waits for the last one (H200, 512 tokens, ``bench_routing.py --sweep``: E = 256-384 2.49-2.55 us
+against 3.20-3.61 with cleared counters and vLLM's 3.44-3.69; blocks of 128 and 256 within
+0.1 us, 512 up to 0.3 us slower)."""
+
+AGGREGATE_RUNNING_UP_TO_EXPERTS = 64
+"""Running plans over at most this many experts aggregate their fetch-adds per warp (few
+experts: a hot expert's adds queue at one address; E = 64, 512 tokens: 2.84-3.25 us against
+3.77-4.21 plain, vLLM 3.50-3.68). With E = 256-384 the match costs more than it saves (2.75-3.04
+against 2.49-2.57)."""
 
 SORTED_ABOVE_PAIRS = 65536
 SORTED_UP_TO_EXPERTS = 64
@@ -86,8 +93,8 @@ class LaunchPlan:
     aggregate: bool = False
     tally: Tally = Tally.NONE
     running: bool = False
-    """``PAIRS`` without aggregate or tally: ordinals from int64 counters that run on from
-    launch to launch (no arrival counter, no clear; see the kernel's module docstring)."""
+    """``PAIRS`` without a tally: ordinals from int64 counters that run on from launch to
+    launch (no arrival counter, no clear; see the kernel's module docstring)."""
 
 
 def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
@@ -97,8 +104,10 @@ def plan_launch(numel: int, num_experts: int) -> LaunchPlan:
         block = max(32, 1 << (numel - 1).bit_length())
         return LaunchPlan(Strategy.PAIRS, block, block // 32)
     if numel <= AGGREGATE_ABOVE_PAIRS:
-        tally = Tally.EXPERTS if num_experts <= TALLY_EXPERTS_UP_TO else Tally.NONE
-        return LaunchPlan(Strategy.PAIRS, MULTI_BLOCK, MULTI_BLOCK // 32, tally=tally)
+        aggregate = num_experts <= AGGREGATE_RUNNING_UP_TO_EXPERTS
+        return LaunchPlan(
+            Strategy.PAIRS, RUNNING_BLOCK, RUNNING_BLOCK // 32, aggregate=aggregate, running=True
+        )
     if numel > SORTED_ABOVE_PAIRS and num_experts <= SORTED_UP_TO_EXPERTS:
         return LaunchPlan(Strategy.SORTED, 256, 8, tally=Tally.ALL)
     return LaunchPlan(
@@ -113,10 +122,8 @@ def check_plan(plan: LaunchPlan, num_experts: int) -> None:
         raise ValueError(f"plan needs a power-of-two block >= 16 and 1-32 warps, got {plan}")
     if plan.strategy is Strategy.PAIRS and block != 32 * warps:
         raise ValueError(f"a PAIRS plan holds one pair per thread (block = 32 * warps): {plan}")
-    if plan.running and (
-        plan.strategy is not Strategy.PAIRS or plan.aggregate or plan.tally is not Tally.NONE
-    ):
-        raise ValueError(f"running counters need a PAIRS plan without aggregate or tally: {plan}")
+    if plan.running and (plan.strategy is not Strategy.PAIRS or plan.tally is not Tally.NONE):
+        raise ValueError(f"running counters need a PAIRS plan without a tally: {plan}")
     if plan.strategy is Strategy.SORTED and num_experts > SORTED_MAX_EXPERTS:
         raise ValueError(
             f"a SORTED plan holds all {num_experts} experts' counters in one program "
