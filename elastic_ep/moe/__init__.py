@@ -29,7 +29,12 @@ from elastic_ep.moe.model import (
     seeded_gate,
 )
 from elastic_ep.moe.resources import DISPATCH_RESOURCE, register_dispatch_backend
-from elastic_ep.moe.route_kernel import new_route_scratch, route_and_record
+from elastic_ep.moe.route_kernel import (
+    new_route_scratch,
+    route_and_record,
+    running_counters,
+    scratch_size,
+)
 from elastic_ep.moe.routing import count_slot_tokens_, route_to_slots
 
 __all__ = [
@@ -54,6 +59,8 @@ __all__ = [
     "route_and_record",
     "route_to_slots",
     "run_local_experts",
+    "running_counters",
+    "scratch_size",
     "seeded_expert",
     "seeded_gate",
     "topk_gating",

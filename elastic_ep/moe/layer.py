@@ -32,8 +32,8 @@ class EPMoELayer(torch.nn.Module):
         w13: [S_cap, 2*I, H] gate/up projections of the local slots (``S_cap >= S``; slots
             beyond S, and empty slots, are never read).
         w2: [S_cap, H, I] down projections of the local slots.
-        route_scratch: int32 [(E + 1) * COUNTER_STRIDE] the routing kernel's counters (zero
-            between launches; :func:`~elastic_ep.moe.route_kernel.new_route_scratch`).
+        route_scratch: int32 [scratch_size(E)] the routing kernel's counters
+            (:func:`~elastic_ep.moe.route_kernel.new_route_scratch`).
     """
 
     gate_weight: torch.Tensor

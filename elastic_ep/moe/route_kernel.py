@@ -505,8 +505,9 @@ def route_and_record(
         log2phy: int64 [E, R] this layer's row entries (e.g. ``buffers.log2phy[layer]``), unit
             stride along R; -1 padded.
         logcnt: int64 [E] entries used per row (``buffers.logcnt[layer]``); 0 routes to -1.
-        scratch: int32 [(E + 1) * s] from :func:`new_route_scratch`, zero between launches:
-            counter e at ``e * s`` when several programs share it, at ``e`` for one program.
+        scratch: int32 [scratch_size(E)] from :func:`new_route_scratch`: cleared counter e at
+            ``e * COUNTER_STRIDE`` when several programs share it, at ``e`` for one program
+            (zero between launches); running counters after them (:func:`running_counters`).
         rank_offset: rotates the entry choice (pass the EP rank).
         slot_counts: int32 [capacity], e.g. ``LoadRecord.slot_counts[layer]``: += routed pairs
             per slot. Given together with ``expert_counts`` and ``record_flag``.
