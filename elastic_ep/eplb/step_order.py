@@ -35,7 +35,6 @@ import heapq
 import math
 import operator
 from collections.abc import Sequence
-from fractions import Fraction
 
 import numpy as np
 
@@ -125,30 +124,42 @@ class _Paces:
     def __init__(self, items: Sequence[tuple[tuple[int, int], ...]], total: list[int]) -> None:
         group_of_pace: dict[tuple[int, int], int] = {}
         self.group = [-1] * len(items)
-        sizes: list[list[int]] = []
+        size_of = [0] * len(items)
+        sizes: list[set[int]] = []
         for k, use in enumerate(items):
-            size = sum(n for _, n in use)
+            size = due = 0
+            for r, n in use:
+                size += n
+                due += n * total[r]
             if size:
-                due = sum(n * total[r] for r, n in use)
                 gcd = math.gcd(due, size)
                 g = group_of_pace.setdefault((due // gcd, size // gcd), len(group_of_pace))
                 if g == len(sizes):
-                    sizes.append([])
-                sizes[g].append(size)
-                self.group[k] = g
+                    sizes.append(set())
+                sizes[g].add(size)
+                self.group[k], size_of[k] = g, size
         self.paces = list(group_of_pace)
         self.lcm = [math.lcm(*s) for s in sizes]
         self.weights = [
-            tuple(n * self.lcm[g] // sum(m for _, m in use) for _, n in use) if g >= 0 else ()
-            for g, use in zip(self.group, items, strict=True)
+            tuple(n * (self.lcm[g] // size) for _, n in use) if size else ()
+            for g, size, use in zip(self.group, size_of, items, strict=True)
         ]
         self.pace = np.array([num / den for num, den in self.paces])
 
-    def exact_score(self, key: int, g: int, moved: int, everything: int) -> Fraction:
-        """``done(k) - pace(k) * moved / everything`` of a kind of pace ``g`` whose scaled
-        ``done`` is ``key``, as a fraction."""
-        num, den = self.paces[g]
-        return Fraction(key, self.lcm[g]) - Fraction(moved * num, everything * den)
+    def least(self, heads: list[tuple[int, int, int]], moved: int, everything: int) -> int:
+        """Of ``(key, pace, kind)`` heads, the index of the least score, exactly (integers: the
+        score is ``(key * den * everything - num * moved * lcm) / (lcm * den * everything)``),
+        ties to the lowest kind."""
+        best, best_num, best_den, best_kind = -1, 0, 1, 0
+        for i, (key, g, kind) in enumerate(heads):
+            num, den = self.paces[g]
+            lcm = self.lcm[g]
+            score_num = key * den * everything - num * moved * lcm
+            score_den = lcm * den * everything
+            order = score_num * best_den - best_num * score_den
+            if best < 0 or order < 0 or (order == 0 and kind < best_kind):
+                best, best_num, best_den, best_kind = i, score_num, score_den, kind
+        return best
 
 
 class _DenseQueue:
@@ -184,7 +195,10 @@ class _DenseQueue:
         kind = int(scores.argmin())
         near = scores <= scores[kind] + self.tolerance
         if np.count_nonzero(near) > 1:
-            kind = min(np.flatnonzero(near).tolist(), key=self._exact_score)
+            kinds = np.flatnonzero(near).tolist()
+            group, key = self.paces.group, self.key
+            heads = [(int(key[k]), group[k], k) for k in kinds]
+            kind = kinds[self.paces.least(heads, self.moved, self.everything)]
         return kind
 
     def advance(self, kind: int, still_ready: bool) -> None:
@@ -194,10 +208,6 @@ class _DenseQueue:
             self.moved += n
         if not still_ready:
             self.closed[kind] = np.inf
-
-    def _exact_score(self, kind: int) -> tuple[Fraction, int]:
-        g = self.paces.group[kind]
-        return self.paces.exact_score(int(self.key[kind]), g, self.moved, self.everything), kind
 
 
 class _HeapQueue:
@@ -232,18 +242,19 @@ class _HeapQueue:
         self.sub_weight: list[int] = []
         for k, use in enumerate(items):
             hub = _hub(use, kinds_of)
-            kept = [(r, w) for (r, _), w in zip(use, paces.weights[k], strict=True) if r != hub]
-            self.resources.append(tuple(r for r, _ in kept))
-            self.weights.append(tuple(w for _, w in kept))
-            if hub >= 0:
-                weight = next(
-                    w for (r, _), w in zip(use, paces.weights[k], strict=True) if r == hub
-                )
-                s = sub_of.setdefault((paces.group[k], hub, weight), len(sub_of))
-                if s == len(self.sub_hub):
-                    self.sub_hub.append(hub)
-                    self.sub_weight.append(weight)
-                self.sub[k] = s
+            if hub < 0:
+                self.resources.append(tuple(r for r, _ in use))
+                self.weights.append(paces.weights[k])
+                continue
+            at = next(i for i, (r, _) in enumerate(use) if r == hub)
+            weights = paces.weights[k]
+            self.resources.append(tuple(r for r, _ in use[:at] + use[at + 1 :]))
+            self.weights.append(weights[:at] + weights[at + 1 :])
+            s = sub_of.setdefault((paces.group[k], hub, weights[at]), len(sub_of))
+            if s == len(self.sub_hub):
+                self.sub_hub.append(hub)
+                self.sub_weight.append(weights[at])
+            self.sub[k] = s
         self.sub_heaps: list[list[tuple[int, int]]] = [[] for _ in self.sub_hub]
         self.heaps: list[list[tuple[int, int, int]]] = [[] for _ in paces.paces]
         self.lcm = paces.lcm
@@ -279,7 +290,8 @@ class _HeapQueue:
             g = int(scores.argmin())
             if np.count_nonzero(scores <= scores[g] + self.tolerance) > 1:
                 near = np.flatnonzero(scores <= scores[g] + self.tolerance).tolist()
-                g = min(near, key=self._exact_score)
+                heads = [(heaps[i][0][0], i, heaps[i][0][1]) for i in near]
+                g = near[self.paces.least(heads, self.moved, self.everything)]
             heap = heaps[g]
             fresh = True
             while heap:  # revalidate the head: keys only grow, so a stale one goes down
@@ -330,18 +342,15 @@ class _HeapQueue:
             heapq.heapreplace(sub, (now, kind))
         return None
 
-    def _exact_score(self, g: int) -> tuple[Fraction, int]:
-        """The head's score as a fraction, and its kind (the tie-break)."""
-        stored, kind, _ = self.heaps[g][0]
-        return self.paces.exact_score(stored, g, self.moved, self.everything), kind
-
 
 def _hub(use: tuple[tuple[int, int], ...], kinds_of: list[int]) -> int:
     """The resource of ``use`` with the most kinds if it has at least twice as many as each
     other one; -1 if none."""
-    if not use:
-        return -1
-    hub = max((r for r, _ in use), key=lambda r: (kinds_of[r], -r))
-    if all(2 * kinds_of[r] <= kinds_of[hub] for r, _ in use if r != hub):
-        return hub
-    return -1
+    hub, most, second = -1, 0, 0
+    for r, _ in use:
+        count = kinds_of[r]
+        if count > most:
+            hub, most, second = r, count, most
+        elif count > second:
+            second = count
+    return hub if most >= 2 * second else -1
