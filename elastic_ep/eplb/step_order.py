@@ -23,10 +23,18 @@ heap keyed by ``done``; a pick compares only the heads of the heaps (one per dis
 110 at 1024 ranks, against up to 55,000 kinds). ``done`` only grows, so a heap entry is a lower
 bound: a pick revalidates the winning head from its resources' counters and, if it has gone
 stale, pushes it back down and looks again (lazy updates). A pick then touches its own
-resources, the heads, and the stale entries it meets, not every kind that shares a resource.
-Keys are exact integers (``done`` scaled by the lcm of the sizes in its heap); heads compare
-in floats, and heads within rounding of the least are settled with exact fractions, so the
-order is the greedy's exactly, and identical on every rank.
+resources, the heads, and the stale entries it meets, not every kind that shares a resource:
+a kind goes stale about once per few advances of its resources, so a plan costs about its uses
+x the items per resource (the layers times the slots a rank changes), not steps x kinds. Where
+one resource has most of a kind's company (a joining rank's receives), its kinds of one pace
+share a sub-heap keyed without it, whose head stands in the pace's heap: that resource's
+advance then stales one entry, not all its kinds. Up to ``DENSE_KINDS`` kinds, a pick instead
+weighs every kind at once (numpy, keys updated after each pick), cheaper there.
+
+Keys are exact integers (``done`` scaled by the lcm of the sizes that share a pace); heads
+compare in floats, and heads within rounding of the least are settled by integer
+cross-products, so the order is the greedy's exactly (ties included), by either queue, and
+identical on every rank.
 """
 
 from __future__ import annotations
@@ -179,6 +187,7 @@ class _DenseQueue:
         self.user_kind = [np.array([k for k, _ in u], dtype=np.int64) for u in users]
         self.user_weight = [np.array([w for _, w in u], dtype=np.int64) for u in users]
         self.key = np.zeros(len(items), dtype=np.int64)
+        self.group = np.array(paces.group, dtype=np.int64)
         pace_of = [g for g in paces.group]
         self.scale = np.array([1 / paces.lcm[g] if g >= 0 else 0.0 for g in pace_of])
         self.pace = np.array([paces.pace[g] if g >= 0 else 0.0 for g in pace_of])
@@ -191,15 +200,23 @@ class _DenseQueue:
 
     def best(self) -> int:
         """The kind with the least score."""
-        scores = self.key * self.scale - self.pace * (self.moved / self.everything) + self.closed
+        scores = self.key * self.scale
+        scores -= self.pace * (self.moved / self.everything)
+        scores += self.closed
         kind = int(scores.argmin())
-        near = scores <= scores[kind] + self.tolerance
-        if np.count_nonzero(near) > 1:
-            kinds = np.flatnonzero(near).tolist()
-            group, key = self.paces.group, self.key
-            heads = [(int(key[k]), group[k], k) for k in kinds]
-            kind = kinds[self.paces.least(heads, self.moved, self.everything)]
-        return kind
+        near = np.flatnonzero(scores <= scores[kind] + self.tolerance)
+        if len(near) == 1:
+            return kind
+        groups = self.group[near]
+        if (groups == groups[0]).all():  # one pace: argmin's least key and lowest kind
+            return kind
+        # Near-ties across paces: each pace's least (key, kind), then exactly.
+        near = near[np.lexsort((near, self.key[near], groups))]
+        groups = self.group[near]
+        heads = near[np.flatnonzero(groups != np.roll(groups, 1))].tolist()
+        group = self.paces.group
+        candidates = [(int(self.key[k]), group[k], k) for k in heads]
+        return heads[self.paces.least(candidates, self.moved, self.everything)]
 
     def advance(self, kind: int, still_ready: bool) -> None:
         """One step of ``kind`` (the last :meth:`best`) is placed."""
@@ -258,6 +275,7 @@ class _HeapQueue:
         self.sub_heaps: list[list[tuple[int, int]]] = [[] for _ in self.sub_hub]
         self.heaps: list[list[tuple[int, int, int]]] = [[] for _ in paces.paces]
         self.lcm = paces.lcm
+        self.pace = paces.pace.tolist()
         self.head = np.full(len(paces.paces), np.inf)  # head's done(k) as a float; inf: empty
         # Heads' float scores err by a few ulps of the largest totals: within this, compare
         # exactly.
@@ -284,35 +302,41 @@ class _HeapQueue:
     def best(self) -> int:
         """The kind with the least score (it stays at the head of its heaps)."""
         p = self.moved / self.everything
-        key, heaps, replace = self.key, self.heaps, heapq.heapreplace
+        key, heaps, replace, tolerance = self.key, self.heaps, heapq.heapreplace, self.tolerance
         while True:
             scores = self.head - self.paces.pace * p
             g = int(scores.argmin())
-            if np.count_nonzero(scores <= scores[g] + self.tolerance) > 1:
-                near = np.flatnonzero(scores <= scores[g] + self.tolerance).tolist()
+            least = float(scores[g])
+            scores[g] = np.inf
+            runner_up = float(scores.min())  # the next pace's head
+            if runner_up <= least + tolerance:  # within rounding: settle exactly
+                near = [g, *np.flatnonzero(scores <= least + tolerance).tolist()]
                 heads = [(heaps[i][0][0], i, heaps[i][0][1]) for i in near]
                 g = near[self.paces.least(heads, self.moved, self.everything)]
-            heap = heaps[g]
+                runner_up = -np.inf  # a stale head sends us back to the full comparison
+            heap, lcm, pace = heaps[g], self.lcm[g], self.pace[g]
             fresh = True
             while heap:  # revalidate the head: keys only grow, so a stale one goes down
                 stored, kind, s = heap[0]
                 if s < 0:
                     now = key(kind)
                     if now == stored:
+                        if fresh or stored / lcm - pace * p + tolerance < runner_up:
+                            return kind
                         break
                     replace(heap, (now, kind, s))
                 else:
                     entry = self._sub_head(s)
                     if entry == (stored, kind):
+                        if fresh or stored / lcm - pace * p + tolerance < runner_up:
+                            return kind
                         break
                     if entry is None:
                         heapq.heappop(heap)
                     else:
                         replace(heap, (*entry, s))
                 fresh = False
-            if fresh:
-                return kind
-            self.head[g] = heap[0][0] / self.lcm[g] if heap else np.inf
+            self.head[g] = heap[0][0] / lcm if heap else np.inf
 
     def advance(self, kind: int, still_ready: bool) -> None:
         """One step of ``kind`` (the last :meth:`best`) is placed; out of its heaps without
