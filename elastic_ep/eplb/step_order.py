@@ -81,12 +81,11 @@ def interleave_steps(
             for r, n in items[kind]:
                 total[r] += n
     free = kinds.get(())
-    paces = _Paces(items, total)
     queue: _DenseQueue | _HeapQueue
-    if len(kinds) <= DENSE_KINDS and max(paces.lcm, default=1) * max(total, default=0) < 2**52:
-        queue = _DenseQueue(items, total, paces)
+    if len(kinds) <= DENSE_KINDS:
+        queue = _DenseQueue(items, total)
     else:
-        queue = _HeapQueue(items, total, paces)
+        queue = _HeapQueue(items, total, _Paces(items, total))
     ready: list[list[tuple[int, int]]] = [[] for _ in kinds]  # heaps of (layer, step)
 
     def make_ready(layer: int, step: int) -> None:
@@ -171,28 +170,26 @@ class _Paces:
 
 
 class _DenseQueue:
-    """Few kinds: every kind's scaled ``done`` kept up to date after each pick (numpy, over the
-    kinds that share a resource with the pick), the least score found by one pass."""
+    """Few kinds: every kind's ``done`` kept up to date after each pick (numpy, over the kinds
+    that share a resource with the pick), the least score found by one pass over the kinds, in
+    floats (exact ties go to the lowest kind; near-ties to rounding, as the order always did)."""
 
-    def __init__(
-        self, items: Sequence[tuple[tuple[int, int], ...]], total: list[int], paces: _Paces
-    ) -> None:
-        self.items, self.paces = items, paces
+    def __init__(self, items: Sequence[tuple[tuple[int, int], ...]], total: list[int]) -> None:
+        self.items = items
         self.moved = 0
         self.everything = max(sum(total), 1)
-        users: list[list[tuple[int, int]]] = [[] for _ in total]  # per resource: (kind, weight)
+        users: list[list[tuple[int, float]]] = [[] for _ in total]  # per resource: (kind, share)
+        due = np.zeros(len(items))  # per kind, pace(k)
         for k, use in enumerate(items):
-            for (r, _), weight in zip(use, paces.weights[k], strict=True):
-                users[r].append((k, weight))
+            size = sum(n for _, n in use)
+            for r, n in use:
+                users[r].append((k, n / size))
+            due[k] = sum(n * total[r] for r, n in use) / max(size, 1)
+        self.due = due
         self.user_kind = [np.array([k for k, _ in u], dtype=np.int64) for u in users]
-        self.user_weight = [np.array([w for _, w in u], dtype=np.int64) for u in users]
-        self.key = np.zeros(len(items), dtype=np.int64)
-        self.group = np.array(paces.group, dtype=np.int64)
-        pace_of = [g for g in paces.group]
-        self.scale = np.array([1 / paces.lcm[g] if g >= 0 else 0.0 for g in pace_of])
-        self.pace = np.array([paces.pace[g] if g >= 0 else 0.0 for g in pace_of])
+        self.user_share = [np.array([w for _, w in u]) for u in users]
+        self.done = np.zeros(len(items))  # per kind, done(k)
         self.closed = np.full(len(items), np.inf)  # 0 where the kind has a ready step
-        self.tolerance = 1e-12 * (1 + max(total, default=0))
 
     def push(self, kind: int) -> None:
         """``kind`` has a ready step again."""
@@ -200,28 +197,13 @@ class _DenseQueue:
 
     def best(self) -> int:
         """The kind with the least score."""
-        scores = self.key * self.scale
-        scores -= self.pace * (self.moved / self.everything)
-        scores += self.closed
-        kind = int(scores.argmin())
-        near = np.flatnonzero(scores <= scores[kind] + self.tolerance)
-        if len(near) == 1:
-            return kind
-        groups = self.group[near]
-        if (groups == groups[0]).all():  # one pace: argmin's least key and lowest kind
-            return kind
-        # Near-ties across paces: each pace's least (key, kind), then exactly.
-        near = near[np.lexsort((near, self.key[near], groups))]
-        groups = self.group[near]
-        heads = near[np.flatnonzero(groups != np.roll(groups, 1))].tolist()
-        group = self.paces.group
-        candidates = [(int(self.key[k]), group[k], k) for k in heads]
-        return heads[self.paces.least(candidates, self.moved, self.everything)]
+        p = self.moved / self.everything
+        return int((self.done - self.due * p + self.closed).argmin())
 
     def advance(self, kind: int, still_ready: bool) -> None:
         """One step of ``kind`` (the last :meth:`best`) is placed."""
         for r, n in self.items[kind]:
-            self.key[self.user_kind[r]] += self.user_weight[r] * n
+            self.done[self.user_kind[r]] += self.user_share[r] * n
             self.moved += n
         if not still_ready:
             self.closed[kind] = np.inf
