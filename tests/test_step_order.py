@@ -130,7 +130,7 @@ def _reshuffle_uses(rng: random.Random, ranks: int, layers: int) -> Plan:
 
 
 def test_large_plan_keeps_order_and_pace_by_either_queue() -> None:
-    """512 ranks x 4 layers (2,048 steps, ~2,000 kinds): by either queue every step once, after
+    """512 ranks x 4 layers (2,048 steps, ~2,000 kinds), by either queue: every step once, after
     its predecessors, and every rank's sends and receives within two items of their share at
     every prefix; layer after layer strays further."""
     plan = _reshuffle_uses(random.Random(0), 512, 4)

@@ -24,17 +24,20 @@ heap keyed by ``done``; a pick compares only the heads of the heaps (one per dis
 bound: a pick revalidates the winning head from its resources' counters and, if it has gone
 stale, pushes it back down and looks again (lazy updates). A pick then touches its own
 resources, the heads, and the stale entries it meets, not every kind that shares a resource:
-a kind goes stale about once per few advances of its resources, so a plan costs about its uses
-x the items per resource (the layers times the slots a rank changes), not steps x kinds. Where
+a kind's entry goes stale as its resources advance, up to the items per resource (layers x
+slots a rank changes) times before it is picked, so a plan costs up to its uses x those items,
+not steps x kinds (5 to 8 stale entries met per pick at 1024 ranks x 58 layers). Where
 one resource has most of a kind's company (a joining rank's receives), its kinds of one pace
 share a sub-heap keyed without it, whose head stands in the pace's heap: that resource's
-advance then stales one entry, not all its kinds. Up to ``DENSE_KINDS`` kinds, a pick instead
-weighs every kind at once (numpy, keys updated after each pick), cheaper there.
+advance then stales one entry, not all its kinds.
 
-Keys are exact integers (``done`` scaled by the lcm of the sizes that share a pace); heads
-compare in floats, and heads within rounding of the least are settled by integer
-cross-products, so the order is the greedy's exactly (ties included), by either queue, and
-identical on every rank.
+Up to ``DENSE_KINDS`` kinds (any plan of up to ~64 ranks; drifts and scale events up to ~1024
+ranks at 58 layers), a pick instead weighs every kind at once in floats (numpy, each kind's
+``done`` updated after each pick), as the order always did: cheaper there, and the same order. The heap queue's keys are exact integers (``done`` scaled by the
+lcm of the sizes that share a pace); heads compare in floats, and heads within rounding of the
+least are settled by integer cross-products, so its order is the greedy's exactly, ties
+included; the floats' order differs from it only where two scores round alike. Either way every
+rank computes the same order.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DENSE_KINDS = 1024
+DENSE_KINDS = 8192
 """Up to this many kinds, a pick weighs every kind (numpy) instead of the heaps' heads."""
 
 Use = tuple[tuple[int, int], ...]
