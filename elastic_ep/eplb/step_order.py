@@ -127,6 +127,7 @@ class _Paces:
         group: per kind, its pace's index (-1 for the kind that uses nothing).
         paces: per pace, ``pace(k) = sum(n * total[r]) / size`` as a reduced ``(num, den)``.
         lcm: per pace, the lcm of its kinds' sizes.
+        pace: float64 ``[paces]``, each pace as a float.
         weights: per kind, per item of its use, ``n * lcm / size``: ``done(k) * lcm`` is
             ``sum(weight * done[r])``, an integer.
     """
