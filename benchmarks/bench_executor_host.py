@@ -16,13 +16,24 @@ every rank) and ``prepare_execution`` (validation, chunks, this rank's layout an
 communication) on ranks 0, R/2 and R-1, the slowest of them reported; time and peak memory, and
 the growth exponent between consecutive sizes (``--plot``: a log-log text plot).
 
-    python benchmarks/bench_executor_host.py --sweep [--ranks 8 ... 1024] [--plot]
+    python benchmarks/bench_executor_host.py --sweep [--ranks 8 ... 1024] [--plot] [--vs-previous]
+
+``--vs-previous`` times ``plan_transfers`` with the step order before 2026-12-03 too
+(``step_order_previous.py``, one numpy pass over every kind per pick), side by side, and prints
+the ratio. ``--balance``: how even the chunks of the 4- and 2-rank DeepSeek-V2-Lite reshuffles
+(``bench_executor.py``'s, seed 0, a 2 GiB buffer, overlapped) load the ranks and pairs, with
+both step orders and with whole layers in order: the sum over chunks of the busiest rank's
+experts (sent or received) over the busiest rank's total, and the sum of the busiest pair's.
+
+    python benchmarks/bench_executor_host.py --balance
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import gc
 import itertools
 import math
@@ -30,10 +41,11 @@ import random
 import statistics
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import step_order_previous
 import torch
 from bench_executor import drift, random_placement
 
@@ -41,9 +53,12 @@ from elastic_ep.eplb import (
     GroupRanks,
     Phase,
     Placement,
+    Step,
+    Transfer,
     TransferPlan,
     plan_transfers,
     prepare_execution,
+    transfer_steps,
 )
 from elastic_ep.eplb.copy_engine import engine_available
 from elastic_ep.eplb.exec_chunks import cut_chunks
@@ -83,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=["drift10", "up12", "reshuffle"],
     )
     parser.add_argument("--plot", action="store_true", help="with --sweep: a log-log text plot")
+    parser.add_argument(
+        "--vs-previous", action="store_true", help="with --sweep: the previous step order too"
+    )
+    parser.add_argument("--balance", action="store_true", help="chunk balance of the step order")
     args = parser.parse_args(argv)
+    if args.balance:
+        torch.set_num_threads(1)
+        return balance(args)
     if args.sweep:
         torch.set_num_threads(1)
         return sweep(args)
@@ -238,6 +260,8 @@ def sweep(args: argparse.Namespace) -> int:
         f"{'scenario':9s} {'ranks':>5s} {'slots':>5s} {'all ops':>8s} {'own ops':>7s} "
         f"{'plan ms':>9s} {'plan MB':>8s} {'prepare ms':>10s} {'prepare MB':>10s} {'chunks':>6s}"
     )
+    if args.vs_previous:
+        header += f" {'prev plan ms':>12s} {'prev MB':>8s} {'speed-up':>8s}"
     print(header)
     for scenario in args.scenarios:
         for ranks in args.ranks:
@@ -246,7 +270,13 @@ def sweep(args: argparse.Namespace) -> int:
             print(
                 f"{scenario:9s} {ranks:5d} {row['slots']:5d} {row['ops']:8d} {row['own']:7d} "
                 f"{row['plan_ms']:9.1f} {row['plan_mb']:8.1f} {row['prepare_ms']:10.1f} "
-                f"{row['prepare_mb']:10.1f} {row['chunks']:6d}",
+                f"{row['prepare_mb']:10.1f} {row['chunks']:6d}"
+                + (
+                    f" {row['prev_ms']:12.1f} {row['prev_mb']:8.1f} "
+                    f"{row['prev_ms'] / row['plan_ms']:7.1f}x"
+                    if args.vs_previous
+                    else ""
+                ),
                 flush=True,
             )
     _print_growth(rows)
@@ -264,6 +294,12 @@ def _sweep_row(args: argparse.Namespace, scenario: str, ranks: int) -> dict[str,
     )
     repeats = args.repeats if ranks <= 256 else 1
     plan_s, plan_peak, plan = _measured(lambda: plan_transfers(previous, new, mapping), repeats)
+    prev_s, prev_peak = 0.0, 0
+    if args.vs_previous:
+        with _previous_step_order():
+            prev_s, prev_peak, _ = _measured(
+                lambda: plan_transfers(previous, new, mapping), repeats
+            )
     slots = max(previous.slots_per_rank, new.slots_per_rank)
     weights = [
         [torch.empty((slots, *shape), dtype=torch.bfloat16) for shape in V2_LITE_SHAPES]
@@ -292,7 +328,82 @@ def _sweep_row(args: argparse.Namespace, scenario: str, ranks: int) -> dict[str,
         "prepare_ms": 1e3 * worst[0],
         "prepare_mb": worst[1] / 2**20,
         "chunks": worst[3],
+        "prev_ms": 1e3 * prev_s,
+        "prev_mb": prev_peak / 2**20,
     }
+
+
+@contextlib.contextmanager
+def _previous_step_order() -> Iterator[None]:
+    """``plan_transfers`` orders its steps with the step order before 2026-12-03 meanwhile."""
+    current = transfer_steps.interleave_steps
+    transfer_steps.interleave_steps = step_order_previous.interleave_steps
+    try:
+        yield
+    finally:
+        transfer_steps.interleave_steps = current
+
+
+def balance(args: argparse.Namespace) -> int:
+    """How even the chunks load ranks and pairs, with the current and the previous step order
+    and with whole layers in order, on the 4- and 2-rank V2-Lite reshuffles."""
+    expert = sum(aligned(2 * rows * cols) for rows, cols in V2_LITE_SHAPES)
+    print(
+        "DeepSeek-V2-Lite reshuffle (26 layers x 64 experts, 80 slots), 2 GiB buffer, "
+        "overlapped. busiest ranks: the sum over chunks of the busiest rank's experts (sent or "
+        "received), over that rank's total; busiest pairs: the sum over chunks of the busiest "
+        "pair's experts, against whole layers in order"
+    )
+    print(
+        f"{'ranks':>5s} {'order':14s} {'steps':>6s} {'chunks':>6s} {'plan ms':>8s} "
+        f"{'busiest ranks':>13s} {'busiest pairs':>13s} {'vs layers':>9s}"
+    )
+    for ranks in (4, 2):
+        rng = random.Random(0)
+        slots = math.ceil(80 / ranks)
+        base = random_placement(rng, 26, 64, ranks, slots)
+        new = random_placement(rng, 26, 64, ranks, slots)
+        plans = {}
+        for name in ("current", "previous"):
+            with _previous_step_order() if name == "previous" else contextlib.nullcontext():
+                plans[name] = _measured(functools.partial(plan_transfers, base, new), args.repeats)
+        current = plans["current"][2]
+        layered = dataclasses.replace(current, steps=tuple(sorted(current.steps, key=_layer)))
+        plans["whole layers"] = (math.nan, 0, layered)
+        layer_pairs = _chunk_loads(layered, ranks, expert)[2]
+        for name, (seconds, _, plan) in plans.items():
+            chunks, over, pairs = _chunk_loads(plan, ranks, expert)
+            print(
+                f"{ranks:5d} {name:14s} {len(plan.steps):6d} {chunks:6d} {1e3 * seconds:8.1f} "
+                f"{100 * over:+12.1f}% {pairs:13d} {100 * (pairs / layer_pairs - 1):+8.1f}%"
+            )
+    return 0
+
+
+def _layer(step: Step) -> int:
+    return step.layer
+
+
+def _chunk_loads(plan: TransferPlan, ranks: int, expert: int) -> tuple[int, float, int]:
+    """(chunks; the sum over chunks of the busiest rank's experts over the busiest rank's total,
+    minus 1; the sum over chunks of the busiest (sender, receiver) pair's experts)."""
+    group_ranks = GroupRanks.new_numbering(plan.rank_mapping)
+    chunks = cut_chunks(plan, [expert] * plan.new.num_layers, group_ranks, 2 << 30, True)
+    busiest, pairs = 0, 0
+    whole = np.zeros((2, ranks), dtype=np.int64)
+    for chunk in chunks:
+        load = np.zeros((2, ranks), dtype=np.int64)
+        pair = np.zeros((ranks, ranks), dtype=np.int64)
+        for step in chunk.steps:
+            for op in step.ops:
+                if isinstance(op, Transfer):
+                    load[0, op.src] += 1
+                    load[1, op.dst] += 1
+                    pair[op.src, op.dst] += 1
+        busiest += int(load.max())
+        pairs += int(pair.max())
+        whole += load
+    return len(chunks), busiest / int(whole.max()) - 1, pairs
 
 
 def _print_growth(rows: list[dict[str, Any]]) -> None:
