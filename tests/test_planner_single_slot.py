@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
 from elastic_ep.eplb import plan, plan_with_report, planner
-from elastic_ep.eplb.incremental import received_count
 from elastic_ep.eplb.packing import expert_counts
+from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.single_slot import repair_single_slot
 
@@ -162,8 +162,10 @@ def test_one_slot_shortcut_is_what_the_general_rule_picks(
     fresh = planner._fresh(
         load, mapping.new_world_size, 1, groups, nodes, planner.REPAIR_SWAP_STEPS, counts
     )
-    chosen, repaired = planner._prefer_repair(
-        load, fresh, kept, None, 0.01, groups, nodes, counts if nodes == 1 else None
+    before = (kept, planner.layer_balancedness(kept, load))
+    global_counts = counts if nodes == 1 else None
+    chosen, repaired, _ = planner._prefer_repair(
+        load, fresh, before, None, 0.01, (groups, nodes), global_counts, None
     )
     assert repaired.all()
     assert (short == chosen).all()

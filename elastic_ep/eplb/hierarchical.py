@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.incremental import repair
 from elastic_ep.eplb.packing import (
     expert_counts,
     improve_by_swaps,
@@ -21,6 +20,7 @@ from elastic_ep.eplb.packing import (
     sorted_replicas,
     static_slots,
 )
+from elastic_ep.eplb.repair import repair
 from elastic_ep.eplb.replication import descending_order
 
 
@@ -89,7 +89,8 @@ def repair_within_nodes(
     budget: np.ndarray,
     num_groups: int,
     num_nodes: int,
-) -> tuple[np.ndarray, np.ndarray]:
+    most: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Movement-aware repair that keeps every group on the node holding most of its replicas.
 
     Each node is repaired as a global problem over its own groups' experts (batched over
@@ -100,9 +101,12 @@ def repair_within_nodes(
         target: float64 [L], balancedness at which a layer stops swapping.
         budget: int64 [L], most weights received per layer, shared among its nodes.
         num_groups: G. num_nodes: N.
+        most: the most routing units an expert may have, to measure balancedness with
+            routing shares (:func:`elastic_ep.eplb.repair.repair`); ``None``: the equal split.
 
     Returns:
-        int64 [L, R, S], the repaired placement, and bool [L]: False where the previous
+        int64 [L, R, S], the repaired placement; its routing units int64 [L, R, S], each node
+        solved on its own (``None`` without ``most``); and bool [L]: False where the previous
         placement gives no node G / N groups (that layer's result is not usable).
     """
     layers, ranks, per_rank = kept.shape
@@ -138,10 +142,13 @@ def repair_within_nodes(
     orphans = (expert_counts(local_kept, experts // num_nodes) == 0).sum(1)
     orphans = orphans.reshape(layers, num_nodes)
     spare = np.maximum(budget - orphans.sum(1), 0) // num_nodes
-    local = repair(local_load, local_kept, node_target.ravel(), (orphans + spare[:, None]).ravel())
+    budgets = (orphans + spare[:, None]).ravel()
+    local, units = repair(local_load, local_kept, node_target.ravel(), budgets, most=most)
     flat = local.reshape(layers, num_nodes, -1)
     ids = np.where(flat >= 0, np.take_along_axis(local_ids, np.maximum(flat, 0), 2), -1)
-    return ids.reshape(layers, ranks, per_rank), usable
+    if units is not None:
+        units = units.reshape(layers, ranks, per_rank)
+    return ids.reshape(layers, ranks, per_rank), units, usable
 
 
 def _group_homes(

@@ -37,10 +37,12 @@ import numpy as np
 import torch
 
 from elastic_ep.eplb.hierarchical import hierarchical_slots, repair_within_nodes
-from elastic_ep.eplb.incremental import drop_duplicates, received_count, repair
+from elastic_ep.eplb.incremental import drop_duplicates
 from elastic_ep.eplb.packing import expert_counts, slot_loads, static_slots
 from elastic_ep.eplb.placement import Placement, max_units
 from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
+from elastic_ep.eplb.repair import balance_with_units, node_shares, repair
+from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.single_slot import repair_single_slot
@@ -198,15 +200,36 @@ def plan_with_report(
         None if num_nodes > 1 else replica_counts(weights, num_ranks * slots_per_rank, num_ranks)
     )
     chosen = _single_slot_repair(weights, kept, max_transfers, num_groups, num_nodes, counts)
+    units = None
     if chosen is not None:
         repaired = np.ones(layers, dtype=bool)
     else:
         fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
-        chosen, repaired = _prefer_repair(
-            weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
+        most = max_units(num_ranks * slots_per_rank, experts) if shares else None
+        if most is None:
+            before = layer_balancedness(kept, weights)
+        else:  # as the ranks route now, with the previous placement's shares
+            held = np.where(kept >= 0, kept_on_new_ranks(previous, mapping, previous.units), 0)
+            before = balance_with_units(kept, weights, held)[0]
+        chosen, repaired, units = _prefer_repair(
+            weights,
+            fresh,
+            (kept, before),
+            max_transfers,
+            balance_tolerance,
+            (num_groups, num_nodes),
+            counts,
+            most,
+        )
+    if units is None:
+        placement = _to_placement(chosen, weights, num_ranks, shares)
+    else:  # the units the choice was measured with (per node for hierarchical plans)
+        flat = np.ascontiguousarray(chosen.reshape(layers, -1))
+        placement = Placement._trusted(
+            torch.from_numpy(flat), experts, num_ranks, torch.from_numpy(units.reshape(layers, -1))
         )
     return PlanReport(
-        placement=_to_placement(chosen, weights, num_ranks, shares),
+        placement=placement,
         lost=torch.from_numpy(_lost(previous, dead)),
         transfers=torch.from_numpy(received_count(chosen, kept)),
         repaired=torch.from_numpy(repaired),
@@ -274,38 +297,64 @@ def _single_slot_repair(
     if groups != nodes:  # node loads then depend on which groups share a node
         return None
     budget = np.full(layers, ranks)
-    repaired, usable = repair_within_nodes(load, kept, np.zeros(layers), budget, groups, nodes)
+    repaired, _, usable = repair_within_nodes(load, kept, np.zeros(layers), budget, groups, nodes)
     return repaired if usable.all() else None
 
 
 def _prefer_repair(
     load: np.ndarray,
     fresh: np.ndarray,
-    kept: np.ndarray,
+    previous: tuple[np.ndarray, np.ndarray],
     max_transfers: int | None,
     tolerance: float,
-    groups: int,
-    nodes: int,
+    layout: tuple[int, int],
     counts: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring); ``counts``
-    int64 [L, E] are the global plan's replica counts (``None`` for hierarchical plans)."""
+    most: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring).
+
+    Args:
+        load: float64 [L, E]. fresh: int64 [L, R, S], the fresh plan.
+        previous: ``kept`` int64 [L, R, S] and its balancedness float64 [L] as the ranks
+            route now.
+        max_transfers, tolerance: as in :func:`plan`. layout: (groups, nodes).
+        counts: int64 [L, E], the global plan's replica counts (``None`` for hierarchical).
+        most: balancedness with routing shares of at most ``most`` units per expert (solved
+            per node, :func:`elastic_ep.eplb.repair.node_shares`), or the equal split where
+            ``None``.
+
+    Returns:
+        The chosen slots int64 [L, R, S], bool [L] (True where repaired) and the chosen
+        slots' routing units int64 [L, R, S] (``None`` without shares).
+    """
+    kept, kept_balance = previous
     layers, ranks, slots = kept.shape
+    groups, nodes = layout
     limit = ranks * slots if max_transfers is None else max_transfers
-    fresh_balance = layer_balancedness(fresh, load)
+
+    if most is None:
+        fresh_balance = layer_balancedness(fresh, load)
+    else:
+        fresh_balance = balance_with_units(fresh, load, node_shares(fresh, load, most, nodes))[0]
     # Within `tolerance` of the fresh plan; where the fresh plan gains more than that over
     # leaving the placement as it is, also keep RECOVERED of that gain.
-    gain = fresh_balance - layer_balancedness(kept, load)
+    gain = fresh_balance - kept_balance
     shortfall = np.where(gain > tolerance, (1.0 - RECOVERED) * gain, tolerance)
     target = fresh_balance - np.minimum(tolerance, shortfall)
     budget = np.full(layers, limit)
     if nodes == 1:
-        repaired, usable = repair(load, kept, target, budget, counts), np.ones(layers, dtype=bool)
+        repaired, units = repair(load, kept, target, budget, counts, most)
+        usable = np.ones(layers, dtype=bool)
     else:
-        repaired, usable = repair_within_nodes(load, kept, target, budget, groups, nodes)
+        repaired, units, usable = repair_within_nodes(
+            load, kept, target, budget, groups, nodes, most
+        )
     repair_cost = received_count(repaired, kept)
     usable &= repair_cost <= limit
-    repair_balance = layer_balancedness(repaired, load)
+    if units is None:
+        repair_balance = layer_balancedness(repaired, load)
+    else:
+        repair_balance = balance_with_units(repaired, load, units)[0]
     good_enough = usable & (repair_balance >= target - 1e-12)
     near = usable & (repair_balance >= target - tolerance)
     chosen, use_repair = repaired, good_enough.copy()
@@ -330,15 +379,23 @@ def _prefer_repair(
         chosen = repaired.copy()
         chosen[contest] = np.where(keep_repair[:, None, None], repaired[contest], relabelled)
         use_repair[contest] = keep_repair
-    return chosen, use_repair
+        taken = contest[~keep_repair]
+        if units is not None and most is not None and taken.size:
+            units[taken] = node_shares(chosen[taken], load[taken], most, nodes)
+    return chosen, use_repair, units
 
 
-def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
-    """int64 [L, R_new, S]: what each new rank holds before the change (-1 for joined ranks)."""
-    old = previous.phy2log.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
+def kept_on_new_ranks(
+    previous: Placement, mapping: RankMapping, table: torch.Tensor | None = None
+) -> np.ndarray:
+    """int64 [L, R_new, S]: what each new rank holds before the change (-1 for joined ranks);
+    with ``table`` (int64 [L, R_old * S], e.g. ``previous.units``) its entries instead (0 for
+    joined ranks)."""
+    values = previous.phy2log if table is None else table
+    old = values.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
     source = np.array([-1 if o is None else o for o in mapping.new_to_old], dtype=np.int64)
     out = old[:, np.maximum(source, 0)]
-    out[:, source < 0] = -1
+    out[:, source < 0] = -1 if table is None else 0
     return out
 
 
