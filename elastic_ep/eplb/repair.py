@@ -39,6 +39,9 @@ from elastic_ep.eplb.single_slot import repair_single_slot
 
 WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 SHARE_ROUNDS = 4  # rounds of swaps by the equal split, each measured with shares after it
+LIFT_KEPT = 1.0
+SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
+SHARE_STEP_RANKS = 32  # swap steps per round of step 2: one per this many ranks (at least 1)
 
 
 def repair(
@@ -97,8 +100,37 @@ def _repair_with_shares(
     empty = (kept < 0).reshape(rows, -1).sum(1)
     first = np.minimum(np.maximum(empty - orphans, 0), np.maximum(budget - orphans, 0))
     fill_missing(slots, load, counts, first)
+    filled = slots.copy()
     units = solve_shares(slots, load, most)
     balance = balance_with_units(slots, load, units)[0]
+
+    # Step 2: swaps of the loads shares give (each slot keeps its units as it moves), in
+    # rounds of SHARE_STEPS steps, the shares solved again after each.
+    # Swaps keep the replica counts: rows that need other counts (their counts cannot reach
+    # the target, or they are far below it) go on to step 3 at once.
+    near = balance >= (1.0 - SWAP_GAP) * target
+    short = np.flatnonzero((balance < target) & near & (_count_bound(slots, load) >= target))
+    for _ in range(SHARE_ROUNDS):
+        if short.size == 0:
+            break
+        part = slots[short]
+        weight = balance_with_units(part, load[short], units[short])[1]
+        totals = _unit_totals(part, load.shape[1], units[short])
+        steps = max(1, ranks // SHARE_STEP_RANKS)
+        swap_towards(
+            part, kept[short], load[short], target[short], budget[short], steps, slot_weight=weight
+        )
+        moved = (part != slots[short]).reshape(short.size, -1).any(1)
+        slots[short] = part
+        carried = _carried_units(part, load[short], weight, totals)
+        carried_balance = balance_with_units(part, load[short], carried)[0]
+        solved = solve_shares(part, load[short], most)
+        solved_balance = balance_with_units(part, load[short], solved)[0]
+        better = solved_balance >= carried_balance
+        units[short] = np.where(better[:, None, None], solved, carried)
+        balance[short] = np.maximum(solved_balance, carried_balance)
+        short = short[(balance[short] < target[short]) & moved]
+    short = np.flatnonzero(balance < target)
 
     def measure(at: np.ndarray) -> None:
         if at.size == 0:
@@ -106,21 +138,16 @@ def _repair_with_shares(
         units[at] = solve_shares(slots[at], load[at], most)
         balance[at] = balance_with_units(slots[at], load[at], units[at])[0]
 
-    # Step 3: the rest of the wanted replicas, then rounds of swaps by the equal split. Rows
-    # that had no empty slot to fill start from ``kept`` again (step 1 placed only the experts
-    # without a replica): all replicas placed at once leave the swaps a better start.
-    short = np.flatnonzero(balance < target)
+    # Step 3, rows still short: from step 1 again (from ``kept`` where it had no empty slot to
+    # fill: all replicas placed at once leave the swaps a better start), the rest of the wanted
+    # replicas, then rounds of swaps by the equal split, each measured with shares.
     if short.size:
-        again = short[first[short] == 0]
-        slots[again] = kept[again]
-        part = slots[short]
-        # Beyond the experts without a replica (placed regardless, again where reset).
-        spent = received_count(part, kept[short]) + np.where(first[short] == 0, orphans[short], 0)
-        left = np.maximum(budget[short] - spent, 0)
-        fill_missing(part, load[short], counts[short], left)
-        changed = (part != slots[short]).reshape(short.size, -1).any(1)
+        part = np.where((first[short] > 0)[:, None, None], filled[short], kept[short])
+        spent = received_count(part, kept[short]) + np.where(first[short] > 0, 0, orphans[short])
+        fill_missing(part, load[short], counts[short], np.maximum(budget[short] - spent, 0))
         slots[short] = part
-        measure(short[changed])
+        measure(short)
+
     for _ in range(SHARE_ROUNDS):
         short = short[balance[short] < target[short]]
         if short.size == 0:
@@ -128,23 +155,57 @@ def _repair_with_shares(
         part = slots[short]
         # Swap until the equal split reaches the target less what shares add to it now.
         lift = np.maximum(balance[short] - _balance(part, load[short]), 0.0)
-        goal = target[short] - lift
+        goal = target[short] - LIFT_KEPT * lift
         swap_towards(part, kept[short], load[short], goal, budget[short], ranks * per_rank)
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         short = short[moved]
         slots[short] = part[moved]
         measure(short)
-    # Rows still short: swaps of the loads shares give, then by the equal split to the target.
-    for weigh in (True, False):
-        short = np.flatnonzero(balance < target)
-        if short.size == 0:
-            break
+    # Step 4, rows still short: swaps by the equal split to the target (the repair without
+    # shares; shares only add to it).
+    short = np.flatnonzero(balance < target)
+    if short.size:
         part = slots[short]
-        weight = balance_with_units(part, load[short], units[short])[1] if weigh else None
-        _swap_passes(part, kept[short], load[short], target[short], budget[short], weight)
+        _swap_passes(part, kept[short], load[short], target[short], budget[short], None)
         slots[short] = part
         measure(short)
     return slots, units
+
+
+def _count_bound(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [B]: the most balancedness any shares reach with the replica counts of ``slots``
+    (int64 [B, R, S]) for ``load`` (float64 [B, E]): an expert's ranks together take all its
+    load, so the heaviest rank carries at least ``load / replicas`` of every expert."""
+    ranks = slots.shape[1]
+    per_replica = load / np.maximum(expert_counts(slots, load.shape[1]), 1)
+    mean = load.sum(1) / ranks
+    peak = np.maximum(per_replica.max(1), mean)
+    return np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
+
+
+def _unit_totals(slots: np.ndarray, experts: int, units: np.ndarray) -> np.ndarray:
+    """float64 [B, E + 1]: each expert's ``units`` (int64 [B, R, S]) summed over ``slots``
+    (int64 [B, R, S]); column E gathers the empty slots."""
+    rows = slots.shape[0]
+    group = np.where(slots >= 0, slots, experts).reshape(rows, -1)
+    group = group + (np.arange(rows) * (experts + 1))[:, None]
+    total = np.bincount(group.ravel(), weights=units.ravel(), minlength=rows * (experts + 1))
+    return total.reshape(rows, experts + 1)
+
+
+def _carried_units(
+    slots: np.ndarray, load: np.ndarray, weight: np.ndarray, totals: np.ndarray
+) -> np.ndarray:
+    """int64 [B, R, S]: the units of each slot after swaps that moved every slot's load
+    ``weight`` (float64 [B, R, S]) with it: ``weight / (load / total)`` for ``totals`` float64
+    [B, E + 1] the experts' units (unchanged by swaps); 1 for an expert without load."""
+    experts = load.shape[1]
+    expert = np.where(slots >= 0, slots, experts).reshape(slots.shape[0], -1)
+    padded = np.zeros((slots.shape[0], experts + 1))
+    padded[:, :experts] = load
+    per_unit = np.take_along_axis(padded / np.maximum(totals, 1), expert, 1).reshape(slots.shape)
+    units = np.rint(weight / np.where(per_unit > 0, per_unit, 1.0)).astype(np.int64)
+    return np.where(slots < 0, 0, np.where(per_unit > 0, np.maximum(units, 1), 1))
 
 
 def shared_balance(
@@ -223,6 +284,7 @@ def _swap_passes(
     if short.size == 0:
         return
     part = slots[short]
+    part_weight = None if weight is None else weight[short]
     swap_towards(
         part,
         kept[short],
@@ -231,6 +293,8 @@ def _swap_passes(
         budget[short],
         ranks * per_rank,
         partners=min(ranks // 4, WIDE_PARTNERS),
-        slot_weight=None if weight is None else weight[short],
+        slot_weight=part_weight,
     )
     slots[short] = part
+    if weight is not None:
+        weight[short] = part_weight
