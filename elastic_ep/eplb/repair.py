@@ -38,10 +38,9 @@ from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.single_slot import repair_single_slot
 
 WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
-SHARE_ROUNDS = 4  # rounds of swaps by the equal split, each measured with shares after it
-LIFT_KEPT = 1.0
+SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
-SHARE_STEP_RANKS = 32  # swap steps per round of step 2: one per this many ranks (at least 1)
+SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
 
 
 def repair(
@@ -155,7 +154,7 @@ def _repair_with_shares(
         part = slots[short]
         # Swap until the equal split reaches the target less what shares add to it now.
         lift = np.maximum(balance[short] - _balance(part, load[short]), 0.0)
-        goal = target[short] - LIFT_KEPT * lift
+        goal = target[short] - lift
         swap_towards(part, kept[short], load[short], goal, budget[short], ranks * per_rank)
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         short = short[moved]
