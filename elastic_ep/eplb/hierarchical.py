@@ -165,7 +165,6 @@ def _trade_groups(
     Args:
         home: int64 [L, G] node of each group, G / N per node. group_load: float64 [L, G].
     """
-    layers = home.shape[0]
     onehot = home[:, :, None] == np.arange(num_nodes)  # [L, G, N]
     node_load = (group_load[:, :, None] * onehot).sum(1)  # [L, N]
     peak, mean = node_load.max(1), node_load.mean(1)
