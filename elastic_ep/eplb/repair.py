@@ -99,8 +99,8 @@ def _repair_with_shares(
     empty = (kept < 0).reshape(rows, -1).sum(1)
     # Every empty slot (an expert without a replica may take one, or evict a surplus one).
     first = np.minimum(empty, np.maximum(budget - orphans, 0))
-    fill_missing(slots, load, counts, first)
-    _fill_left_empty(slots, kept, load, counts, np.maximum(budget - orphans, 0))
+    fill_missing(slots, load, counts, np.zeros_like(first))  # experts without a replica
+    _fill_empty(slots, load, counts, first)
     filled = slots.copy()
     units = solve_shares(slots, load, most)
     balance = balance_with_units(slots, load, units)[0]
@@ -173,26 +173,28 @@ def _repair_with_shares(
     return slots, units
 
 
-def _fill_left_empty(
-    slots: np.ndarray, kept: np.ndarray, load: np.ndarray, counts: np.ndarray, spare: np.ndarray
+def _fill_empty(
+    slots: np.ndarray, load: np.ndarray, counts: np.ndarray, budget: np.ndarray
 ) -> None:
-    """Fill the slots :func:`fill_missing` left empty (in place): a chunk sends one replica to
-    each rank with room, so a rank with two empty slots can leave one while the budget went to
-    a surplus replica elsewhere. Again with the empty slots as budget, while ``spare`` (int64
-    [B], transfers beyond the experts without a replica) lasts and a pass fills a slot."""
-    rows = slots.shape[0]
-    orphans = (expert_counts(kept, load.shape[1]) == 0).sum(1)
+    """Fill empty slots of ``slots`` (in place) with the wanted replicas, evicting nothing (no
+    expert counts as surplus), at most ``budget`` (int64 [B]) per row. A chunk of
+    :func:`fill_missing` sends one replica to each rank with room, so a rank with two empty
+    slots keeps one: again with what is left, while a pass fills a slot."""
+    rows, experts = slots.shape[0], load.shape[1]
+    left = budget.copy()
     while True:
         empty = (slots < 0).reshape(rows, -1).sum(1)
-        left = spare - (received_count(slots, kept) - orphans)
         todo = np.flatnonzero((empty > 0) & (left > 0))
         if todo.size == 0:
             return
         part = slots[todo]
-        fill_missing(part, load[todo], counts[todo], np.minimum(empty[todo], left[todo]))
-        if not (part != slots[todo]).any():
+        wanted = np.maximum(counts[todo], expert_counts(part, experts))
+        fill_missing(part, load[todo], wanted, np.minimum(empty[todo], left[todo]))
+        placed = empty[todo] - (part < 0).reshape(todo.size, -1).sum(1)
+        if not placed.any():
             return
         slots[todo] = part
+        left[todo] -= placed
 
 
 def _count_bound(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
