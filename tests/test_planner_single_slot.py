@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
-from elastic_ep.eplb import plan, plan_with_report, planner
-from elastic_ep.eplb.incremental import received_count
+from elastic_ep.eplb import plan, plan_with_report, planner, repair_choice
 from elastic_ep.eplb.packing import expert_counts
+from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.single_slot import repair_single_slot
 
@@ -132,7 +132,7 @@ def test_one_slot_shortcut_is_what_the_general_rule_picks(
 ) -> None:
     """One slot per rank, global or one group per node, no budget: the plan skips the fresh
     plan, and gives exactly the placement that comparing the repair with the relabelled fresh
-    plan (``_prefer_repair``) would give."""
+    plan (``repair_choice.prefer_repair``) would give."""
     rng = np.random.default_rng(seed)
     groups, ranks = max(nodes, 1), nodes * per_node
     experts = groups * int(rng.integers(1, per_node + 1))
@@ -157,13 +157,15 @@ def test_one_slot_shortcut_is_what_the_general_rule_picks(
         load = load * rng.lognormal(0, 0.2, load.shape)
     kept = planner.kept_on_new_ranks(previous, mapping)
     counts = replica_counts(load, mapping.new_world_size, mapping.new_world_size)
-    short = planner._single_slot_repair(load, kept, None, groups, nodes, counts)
+    short = repair_choice.single_slot_repair(load, kept, None, groups, nodes, counts)
     assert short is not None
     fresh = planner._fresh(
         load, mapping.new_world_size, 1, groups, nodes, planner.REPAIR_SWAP_STEPS, counts
     )
-    chosen, repaired = planner._prefer_repair(
-        load, fresh, kept, None, 0.01, groups, nodes, counts if nodes == 1 else None
+    before = (kept, repair_choice.layer_balancedness(kept, load))
+    global_counts = counts if nodes == 1 else None
+    chosen, repaired, _ = repair_choice.prefer_repair(
+        load, fresh, before, None, 0.01, (groups, nodes), global_counts, None
     )
     assert repaired.all()
     assert (short == chosen).all()

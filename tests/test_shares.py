@@ -198,9 +198,12 @@ def test_plans_with_shares_are_valid_and_never_worse(
 
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.data())
-def test_movement_aware_plans_get_shares_never_worse(
+def test_movement_aware_plans_reach_the_fresh_plan_with_shares(
     problem: tuple[np.ndarray, int, int, int, int], data: st.DataObject
 ) -> None:
+    """The repair measures its layers with routing shares: each layer ends within twice the
+    tolerance (a kept near miss) of the fresh plan with shares, its units never below the
+    equal split of its own slots, and the transfers it reports are the ones its slots need."""
     load, ranks, per_rank, _, seed = problem
     previous = plan(load, ranks, per_rank)
     drifted = load * np.random.default_rng(seed + 1).lognormal(0, 0.3, load.shape)
@@ -208,11 +211,26 @@ def test_movement_aware_plans_get_shares_never_worse(
     mapping = RankMapping.resize(ranks, ranks + grow)
     kwargs = dict(previous=previous, rank_mapping=mapping)
     shared = plan_with_report(drifted, ranks + grow, per_rank, **kwargs)  # type: ignore[arg-type]
-    equal = plan_with_report(drifted, ranks + grow, per_rank, shares=False, **kwargs)  # type: ignore[arg-type]
-    assert torch.equal(shared.placement.phy2log, equal.placement.phy2log)
-    assert torch.equal(shared.transfers, equal.transfers)
+    placement = shared.placement
+    placement.validate(distinct_ranks=True)
+    assert torch.equal(shared.transfers, placement.transfers_from(previous, mapping).sum(1))
     weights = torch.from_numpy(drifted)
-    assert shared.placement.balancedness(weights) >= equal.placement.balancedness(weights) - 1e-12
+    fresh = plan(drifted, ranks + grow, per_rank)
+    even = Placement(placement.phy2log, placement.num_logical, placement.num_ranks)
+    for layer in range(load.shape[0]):
+        row = weights[layer : layer + 1]
+        mine = _one_layer(placement, layer).balancedness(row)
+        assert mine >= _one_layer(fresh, layer).balancedness(row) - 0.02 - 1e-9
+        assert mine >= _one_layer(even, layer).balancedness(row) - 1e-12
+
+
+def _one_layer(placement: Placement, layer: int) -> Placement:
+    return Placement(
+        placement.phy2log[layer : layer + 1],
+        placement.num_logical,
+        placement.num_ranks,
+        placement.units[layer : layer + 1],
+    )
 
 
 def test_solver_moves_load_off_the_heaviest_rank() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.incremental import repair
 from elastic_ep.eplb.packing import (
     expert_counts,
     improve_by_swaps,
@@ -21,6 +20,7 @@ from elastic_ep.eplb.packing import (
     sorted_replicas,
     static_slots,
 )
+from elastic_ep.eplb.repair import repair
 from elastic_ep.eplb.replication import descending_order
 
 
@@ -89,7 +89,8 @@ def repair_within_nodes(
     budget: np.ndarray,
     num_groups: int,
     num_nodes: int,
-) -> tuple[np.ndarray, np.ndarray]:
+    most: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Movement-aware repair that keeps every group on the node holding most of its replicas.
 
     Each node is repaired as a global problem over its own groups' experts (batched over
@@ -100,15 +101,20 @@ def repair_within_nodes(
         target: float64 [L], balancedness at which a layer stops swapping.
         budget: int64 [L], most weights received per layer, shared among its nodes.
         num_groups: G. num_nodes: N.
+        most: the most routing units an expert may have, to measure balancedness with
+            routing shares (:func:`elastic_ep.eplb.repair.repair`); ``None``: the equal split.
 
     Returns:
-        int64 [L, R, S], the repaired placement, and bool [L]: False where the previous
+        int64 [L, R, S], the repaired placement; its routing units int64 [L, R, S], each node
+        solved on its own (``None`` without ``most``); and bool [L]: False where the previous
         placement gives no node G / N groups (that layer's result is not usable).
     """
     layers, ranks, per_rank = kept.shape
     experts = load.shape[1]
     group_size, per_node = experts // num_groups, ranks // num_nodes
     home, usable = _group_homes(kept, group_size, num_groups, num_nodes)
+    group_load = load.reshape(layers, num_groups, group_size).sum(2)
+    home = _trade_groups(home, group_load, target, num_nodes)
     # Experts of each node's groups, in group order: [L, N, E / N] global ids.
     by_home = np.argsort(home * num_groups + np.arange(num_groups), axis=1)
     local_ids = (by_home[..., None] * group_size + np.arange(group_size)).reshape(
@@ -138,10 +144,52 @@ def repair_within_nodes(
     orphans = (expert_counts(local_kept, experts // num_nodes) == 0).sum(1)
     orphans = orphans.reshape(layers, num_nodes)
     spare = np.maximum(budget - orphans.sum(1), 0) // num_nodes
-    local = repair(local_load, local_kept, node_target.ravel(), (orphans + spare[:, None]).ravel())
+    budgets = (orphans + spare[:, None]).ravel()
+    local, units = repair(local_load, local_kept, node_target.ravel(), budgets, most=most)
     flat = local.reshape(layers, num_nodes, -1)
     ids = np.where(flat >= 0, np.take_along_axis(local_ids, np.maximum(flat, 0), 2), -1)
-    return ids.reshape(layers, ranks, per_rank), usable
+    if units is not None:
+        units = units.reshape(layers, ranks, per_rank)
+    return ids.reshape(layers, ranks, per_rank), units, usable
+
+
+def _trade_groups(
+    home: np.ndarray, group_load: np.ndarray, target: np.ndarray, num_nodes: int
+) -> np.ndarray:
+    """int64 [L, G]: ``home`` with one group of the heaviest node traded for one of the
+    lightest in the layers whose node loads alone keep them below ``target`` (float64 [L]):
+    the pair that leaves the heavier of the two lightest, where that lowers it. No placement
+    within the nodes can reach a balancedness above mean / heaviest node load, and a trade
+    moves two groups' weights where a fresh plan moves most of the layer's.
+
+    Args:
+        home: int64 [L, G] node of each group, G / N per node. group_load: float64 [L, G].
+    """
+    onehot = home[:, :, None] == np.arange(num_nodes)  # [L, G, N]
+    node_load = (group_load[:, :, None] * onehot).sum(1)  # [L, N]
+    peak, mean = node_load.max(1), node_load.mean(1)
+    bound = np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
+    trade = np.flatnonzero(bound < target)
+    if trade.size == 0 or num_nodes < 2:
+        return home
+    heavy, light = node_load[trade].argmax(1), node_load[trade].argmin(1)
+    rows = np.arange(trade.size)
+    load = group_load[trade]
+    on_heavy = home[trade] == heavy[:, None]
+    on_light = home[trade] == light[:, None]
+    # After trading g (heavy node) for h (light node): max of the two nodes' loads, [T, G, G].
+    delta = load[:, :, None] - load[:, None, :]
+    heavy_after = node_load[trade, heavy][:, None, None] - delta
+    light_after = node_load[trade, light][:, None, None] + delta
+    worst = np.maximum(heavy_after, light_after)
+    worst = np.where(on_heavy[:, :, None] & on_light[:, None, :], worst, np.inf)
+    best = worst.reshape(trade.size, -1).argmin(1)
+    g, h = np.divmod(best, load.shape[1])
+    better = worst.reshape(trade.size, -1)[rows, best] < node_load[trade, heavy] * (1 - 1e-9)
+    out = home.copy()
+    out[trade[better], g[better]] = light[better]
+    out[trade[better], h[better]] = heavy[better]
+    return out
 
 
 def _group_homes(

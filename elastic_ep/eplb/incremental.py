@@ -1,41 +1,29 @@
-"""Movement-aware repair: start from what the ranks already hold and change as little as needed.
+"""Movement-aware repair, step one: place the replicas the new replica counts ask for.
 
 Works on the layout of :mod:`elastic_ep.eplb.packing` (``slots`` int64 [B, R, S], -1 = empty),
 batched over rows (layers). ``kept`` is the previous placement already mapped onto the new ranks
 (slots of removed ranks gone, joined ranks empty). A weight "received" is an expert on a rank
-that did not hold it in ``kept``; that is the only cost counted. :func:`repair` runs two steps:
+that did not hold it in ``kept``; that is the only cost counted.
 
-1. :func:`fill_missing`: every replica the new replica counts ask for and no rank holds is placed
-   where it leaves the lowest rank load, in an empty slot or, once none is left, over a surplus
-   replica (an expert with more replicas than it now needs). Experts with no replica left come
-   first and are always placed; the others only while the transfer budget lasts.
-   Replicas go a chunk at a time (the j-th heaviest of a chunk to the j-th best rank); one
-   that cannot take its rank waits for the next pass, and when a pass places nothing the rest
-   go one at a time.
-   With one slot per rank :func:`repair` uses :mod:`elastic_ep.eplb.single_slot` instead (no
-   swap can help there).
-2. :func:`swap_towards`: swaps between heavy and light ranks, best load gain per weight
-   received first, until the row reaches its target balancedness, no swap helps, or the budget
-   is spent. Each step improves up to ``SWAP_PAIRS`` heavy ranks per row, each with its own
-   light partners. Swaps that undo an earlier transfer are free. Rows still short of their
-   target get a second pass with more partners per heavy rank (R / 4, at most
-   ``WIDE_PARTNERS``: a step's search grows with heavy ranks x partners).
+:func:`fill_missing` places every replica the new replica counts ask for and no rank holds where
+it leaves the lowest rank load, in an empty slot or, once none is left, over a surplus replica
+(an expert with more replicas than it now needs). Experts with no replica left come first and
+are always placed; the others only while the transfer budget lasts. Replicas go a chunk at a
+time (the j-th heaviest of a chunk to the j-th best rank); one that cannot take its rank waits
+for the next pass, and when a pass places nothing the rest go one at a time. Empty slots the
+wanted replicas do not reach get an extra replica of the heaviest expert per replica the rank
+lacks, while the budget lasts.
+
+:mod:`elastic_ep.eplb.repair` runs it, then the swaps of :mod:`elastic_ep.eplb.repair_swaps`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
 from elastic_ep.eplb.packing import expert_counts, slot_loads
-from elastic_ep.eplb.replication import replica_counts
-from elastic_ep.eplb.single_slot import repair_single_slot
 
-SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
-WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 FILL_CHUNK_DIVISOR = 4  # replicas placed at once per row: a quarter of the ranks
-SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
-_FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 
 
 def drop_duplicates(kept: np.ndarray) -> np.ndarray:
@@ -62,7 +50,7 @@ def fill_missing(
     """
     num_experts = load.shape[1]
     per_replica = load / counts
-    have = _replica_counts_of(slots, num_experts)
+    have = expert_counts(slots, num_experts)
     need = np.maximum(counts - have, 0)
     # Order: one replica of every expert that has none, then the rest; heaviest replica first.
     by_weight = np.argsort(-per_replica, axis=1, kind="stable")
@@ -277,231 +265,3 @@ def _best_eviction(
     best = score.argmin(1)
     found = np.isfinite(score[np.arange(n), best])
     return best // per_rank, best % per_rank, found
-
-
-def swap_towards(
-    slots: np.ndarray,
-    kept: np.ndarray,
-    load: np.ndarray,
-    target: np.ndarray,
-    budget: np.ndarray,
-    max_steps: int,
-    partners: int = SWAP_PARTNERS,
-) -> None:
-    """Improve ``slots`` in place by swaps, see the module docstring.
-
-    Args:
-        slots: int64 [B, R, S], no expert twice on one rank.
-        kept: int64 [B, R, S], what the ranks held before (defines what costs a transfer).
-        load: float64 [B, E].
-        target: float64 [B], balancedness at which a row stops.
-        budget: int64 [B], the most weights a row may receive in total.
-        max_steps: most swaps per row.
-        partners: light ranks tried with each heavy rank (at most R / 4).
-    """
-    rows, ranks, per_rank = slots.shape
-    num_experts = load.shape[1]
-    per_replica = load / np.maximum(_replica_counts_of(slots, num_experts), 1)
-    # Flat layouts, one row per (row, rank), so that every gather is a single index.
-    weight = slot_loads(slots, per_replica).reshape(-1, per_rank)
-    flat_slots = slots.reshape(-1, per_rank)
-    held = expert_bits(flat_slots, num_experts)
-    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts)
-    spent = received_count(slots, kept)
-    loads = weight.sum(1)
-    if ranks < 2:
-        return
-    # Fewer partners per heavy rank on few ranks, so that several heavy ranks move per step.
-    partners = min(partners, max(1, ranks // 4))
-    pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
-    active = np.arange(rows)
-    for _ in range(max_steps):
-        rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
-        peak = rank_loads.max(1)
-        balance = rank_loads.mean(1) / np.maximum(peak, 1e-300)
-        keep = (balance < target[active]) & (spent[active] < budget[active])
-        active, rank_loads = active[keep], rank_loads[keep]
-        if active.size == 0:
-            return
-        # The `pairs` heaviest ranks, each with its own `partners` of the lightest, disjoint:
-        # the i-th heaviest gets the lightest ranks i, i + pairs, i + 2 * pairs, ...
-        order = np.argsort(rank_loads, axis=1, kind="stable") + (active * ranks)[:, None]
-        heavy = order[:, : -pairs - 1 : -1]  # [A, k]
-        partner = order[:, : pairs * partners].reshape(-1, partners, pairs).transpose(0, 2, 1)
-        # Heavy ranks after the first only while above the row's target peak.
-        limit = rank_loads.mean(1) / target[active]
-        wanted = loads[heavy] > limit[:, None]
-        wanted[:, 0] = True
-        row, which = np.nonzero(wanted)
-        left = (budget[active] - spent[active]) // wanted.sum(1)
-        found = _best_paid_swap(
-            flat_slots,
-            weight,
-            loads,
-            (held, held_before),
-            heavy[row, which],
-            partner[row, which],
-            left[row],
-        )
-        improved, h_rank, h_slot, p_rank, p_slot, cost = (part[found[0]] for part in found)
-        if not improved.any():
-            return
-        x, y = flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot]
-        wx, wy = weight[h_rank, h_slot], weight[p_rank, p_slot]
-        flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot] = y, x
-        weight[h_rank, h_slot], weight[p_rank, p_slot] = wy, wx
-        loads[h_rank] += wy - wx
-        loads[p_rank] += wx - wy
-        move_bit(held, h_rank, x, y)
-        move_bit(held, p_rank, y, x)
-        np.add.at(spent, active[row[found[0]]], cost)
-        still = np.zeros(rows, dtype=bool)
-        still[active[row[found[0]]]] = True
-        active = np.flatnonzero(still)
-
-
-def _best_paid_swap(
-    slots: np.ndarray,
-    weight: np.ndarray,
-    loads: np.ndarray,
-    bits: tuple[np.ndarray, np.ndarray],
-    heavy: np.ndarray,
-    partner: np.ndarray,
-    left: np.ndarray,
-) -> tuple[np.ndarray, ...]:
-    """Best swap per heavy rank by load gain per transfer, with one of its partners; returns
-    (improved, heavy rank, heavy slot, partner rank, partner slot, transfers it costs), each
-    [A], ranks as flat ids.
-
-    Args:
-        slots, weight: int64 / float64 [B * R, S]; loads: float64 [B * R].
-        bits: :func:`expert_bits` of what every rank holds now and held before.
-        heavy: int64 [A], flat ids of the heavy ranks; partner: int64 [A, M], their partners
-            (no rank in two of these).
-        left: int64 [A], transfers each heavy rank's swap may spend.
-    """
-    rows = heavy.size
-    r_idx = np.arange(rows)
-    heavy_load = loads[heavy]
-    hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
-    px = slots[partner] + 1  # [A, M, S]
-    per_rank, pairs = hx.shape[1], px.shape[1] * px.shape[2]
-    # Candidate swaps as [A, S, M * S] (heavy slot, then partner and its slot): every
-    # broadcast below runs along the long last axis.
-    delta = weight[heavy][:, :, None] - weight[partner].reshape(rows, 1, pairs)
-    # Gain = heavy load - max(heavy load - delta, partner load + delta), in place (big arrays).
-    gap = np.repeat(heavy_load[:, None] - loads[partner], per_rank, axis=1)  # [A, M * S]
-    gain = np.subtract(gap[:, None, :], delta)
-    np.minimum(delta, gain, out=gain)
-    # Transfers: x received by the partner (unless it held x before) minus the one it had cost
-    # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
-    # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
-    held, held_before = bits
-    heavy_x, part_x = hx - 1, px - 1  # [A, S], [A, M, S]
-    # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
-    new_on_partner = ~has_expert(held_before, partner[:, None, :], heavy_x[:, :, None])
-    new_on_heavy = ~has_expert(held_before, heavy[:, None, None], part_x)  # [A, M, S]
-    x_side = np.subtract(
-        new_on_partner & (heavy_x >= 0)[:, :, None],
-        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & (heavy_x >= 0)[:, :, None],
-        dtype=np.float64,
-    )  # [A, S, M]
-    y_side = np.subtract(
-        new_on_heavy & (part_x >= 0),
-        ~has_expert(held_before, partner[:, :, None], part_x) & (part_x >= 0),
-        dtype=np.float64,
-    )
-    x_side[
-        has_expert(held, partner[:, None, :], heavy_x[:, :, None])
-        | (partner == heavy[:, None])[:, None, :]
-    ] = np.inf
-    y_side[has_expert(held, heavy[:, None, None], part_x)] = np.inf
-    # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
-    # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
-    # rows with less left need a budget mask.
-    cost = np.repeat(x_side, per_rank, axis=2)  # [A, S, M * S]
-    cost += y_side.reshape(rows, 1, pairs)
-    tight = np.flatnonzero(left < 2)
-    over = cost[tight] > left[tight, None, None] if tight.size else None
-    np.maximum(cost, _FREE_SWAP_COST, out=cost)
-    score = np.divide(gain, cost, out=cost).reshape(rows, -1)
-    if over is not None:
-        score[tight] = np.where(over.reshape(tight.size, -1), 0.0, score[tight])
-    best = score.argmax(1)
-    chosen = gain.reshape(rows, -1)[r_idx, best]
-    improved = (score[r_idx, best] > 0) & (chosen > heavy_load * 1e-12)
-    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
-    spent = x_side[r_idx, h_slot, p_idx] + y_side[r_idx, p_idx, p_slot]
-    return (
-        improved,
-        heavy,
-        h_slot,
-        partner[r_idx, p_idx],
-        p_slot,
-        np.where(improved, spent, 0.0).astype(np.int64),
-    )
-
-
-def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """int64 [B]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``
-    (both int64 [B, R, S]; no expert twice on one rank)."""
-    new = ~(kept[:, :, None, :] == slots[..., None]).any(3) & (slots >= 0)  # [B, R, S]
-    return new.reshape(slots.shape[0], -1).sum(1)
-
-
-def _balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
-    """float64 [B]: mean / max rank load of every row (1.0 for a row without load)."""
-    counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
-    rank_load = slot_loads(slots, load / counts).sum(2)
-    peak = rank_load.max(1)
-    return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
-
-
-def _replica_counts_of(slots: np.ndarray, num_experts: int) -> np.ndarray:
-    """int64 [B, E]: replicas of each expert in ``slots``."""
-    return expert_counts(slots, num_experts)
-
-
-def repair(
-    load: np.ndarray,
-    kept: np.ndarray,
-    target: np.ndarray,
-    budget: np.ndarray,
-    counts: np.ndarray | None = None,
-) -> np.ndarray:
-    """int64 [B, R, S]: ``kept`` repaired for ``load``: missing replicas placed, then swaps.
-
-    Args:
-        load: float64 [B, E].
-        kept: int64 [B, R, S], what the ranks hold now, no expert twice on one rank.
-        target: float64 [B], balancedness at which swapping stops.
-        budget: int64 [B], most weights received per row (experts without any replica are
-            placed regardless).
-        counts: int64 [B, E], the replica counts wanted if already known (see
-            :func:`elastic_ep.eplb.replication.replica_counts`).
-    """
-    _, ranks, per_rank = kept.shape
-    num_experts = load.shape[1]
-    slots = kept.copy()
-    if counts is None:
-        counts = replica_counts(load, ranks * per_rank, ranks)
-    orphans = (_replica_counts_of(kept, num_experts) == 0).sum(1)
-    if per_rank == 1:  # no swap helps: a swap of single slots only exchanges two ranks' loads
-        return repair_single_slot(kept, load, counts, np.maximum(budget - orphans, 0))
-    fill_missing(slots, load, counts, np.maximum(budget - orphans, 0))
-    swap_towards(slots, kept, load, target, budget, max_steps=ranks * per_rank)
-    # Rows still short of their target: once more, each heavy rank with more partners.
-    short = np.flatnonzero(_balance(slots, load) < target)
-    if short.size and ranks > 4 * SWAP_PARTNERS:
-        part = slots[short]
-        swap_towards(
-            part,
-            kept[short],
-            load[short],
-            target[short],
-            budget[short],
-            max_steps=ranks * per_rank,
-            partners=min(ranks // 4, WIDE_PARTNERS),
-        )
-        slots[short] = part
-    return slots

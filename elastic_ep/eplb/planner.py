@@ -25,7 +25,10 @@ building the fresh plan.
 
 Every plan then gets routing shares (:mod:`elastic_ep.eplb.shares`): units per replica that
 move load between replicas of one expert, from heavy ranks to light ones, without moving a
-weight (``shares=False`` keeps the equal split).
+weight (``shares=False`` keeps the equal split). With a previous placement and shares, every
+balancedness above is measured with them (the fresh plan's, the repair's, and the previous
+placement's with its own units), so the repair stops moving weights once shares reach the
+target (:mod:`elastic_ep.eplb.repair`); the placement keeps the units it was measured with.
 """
 
 from __future__ import annotations
@@ -36,25 +39,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from elastic_ep.eplb.hierarchical import hierarchical_slots, repair_within_nodes
-from elastic_ep.eplb.incremental import drop_duplicates, received_count, repair
-from elastic_ep.eplb.packing import expert_counts, slot_loads, static_slots
+from elastic_ep.eplb.hierarchical import hierarchical_slots
+from elastic_ep.eplb.incremental import drop_duplicates
+from elastic_ep.eplb.packing import expert_counts, static_slots
 from elastic_ep.eplb.placement import Placement, max_units
-from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
+from elastic_ep.eplb.repair import balance_with_units
+from elastic_ep.eplb.repair_choice import (
+    layer_balancedness,
+    prefer_repair,
+    single_slot_repair,
+)
+from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
-from elastic_ep.eplb.single_slot import repair_single_slot
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 8
 """Improvement swaps per layer in a fresh plan (each lowers the heaviest rank); 8 rather than 2
 costs 5-10% of a fresh plan and gains up to 0.03 balancedness where few slots per rank leave the
 packing rounds uneven (58 x 256 experts on 32 x 9 slots, Zipf 1.2: 0.971 -> 0.999)."""
-RECOVERED = 0.9
-"""Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
-NEAR_MISS_MOVES = 2
-"""A repair short of its target by less than the tolerance is kept where the relabelled fresh
-plan would move more than this many times its weights."""
 REPAIR_SWAP_STEPS = 8
 """Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
 
@@ -197,16 +200,37 @@ def plan_with_report(
     counts = (
         None if num_nodes > 1 else replica_counts(weights, num_ranks * slots_per_rank, num_ranks)
     )
-    chosen = _single_slot_repair(weights, kept, max_transfers, num_groups, num_nodes, counts)
+    chosen = single_slot_repair(weights, kept, max_transfers, num_groups, num_nodes, counts)
+    units = None
     if chosen is not None:
         repaired = np.ones(layers, dtype=bool)
     else:
         fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
-        chosen, repaired = _prefer_repair(
-            weights, fresh, kept, max_transfers, balance_tolerance, num_groups, num_nodes, counts
+        most = max_units(num_ranks * slots_per_rank, experts) if shares else None
+        if most is None:
+            before = layer_balancedness(kept, weights)
+        else:  # as the ranks route now, with the previous placement's shares
+            held = np.where(kept >= 0, kept_on_new_ranks(previous, mapping, previous.units), 0)
+            before = balance_with_units(kept, weights, held)[0]
+        chosen, repaired, units = prefer_repair(
+            weights,
+            fresh,
+            (kept, before),
+            max_transfers,
+            balance_tolerance,
+            (num_groups, num_nodes),
+            counts,
+            most,
+        )
+    if units is None:
+        placement = _to_placement(chosen, weights, num_ranks, shares)
+    else:  # the units the choice was measured with (per node for hierarchical plans)
+        flat = np.ascontiguousarray(chosen.reshape(layers, -1))
+        placement = Placement._trusted(
+            torch.from_numpy(flat), experts, num_ranks, torch.from_numpy(units.reshape(layers, -1))
         )
     return PlanReport(
-        placement=_to_placement(chosen, weights, num_ranks, shares),
+        placement=placement,
         lost=torch.from_numpy(_lost(previous, dead)),
         transfers=torch.from_numpy(received_count(chosen, kept)),
         repaired=torch.from_numpy(repaired),
@@ -253,92 +277,17 @@ def _fresh(
     return static_slots(load, ranks, slots, swap_steps, counts)
 
 
-def _single_slot_repair(
-    load: np.ndarray,
-    kept: np.ndarray,
-    max_transfers: int | None,
-    groups: int,
-    nodes: int,
-    counts: np.ndarray | None,
-) -> np.ndarray | None:
-    """int64 [L, R, 1]: the repair of a one-slot placement where it has the fresh plan's
-    replica counts, hence its balancedness (which depends on the counts alone), so that no
-    fresh plan is needed; ``None`` where that does not hold (a transfer budget, several groups
-    per node, or a previous placement that gives some node no group of its own)."""
-    layers, ranks, per_rank = kept.shape
-    if per_rank != 1 or max_transfers is not None:
-        return None
-    if nodes == 1:
-        assert counts is not None
-        return repair_single_slot(kept, load, counts, np.full(layers, ranks))
-    if groups != nodes:  # node loads then depend on which groups share a node
-        return None
-    budget = np.full(layers, ranks)
-    repaired, usable = repair_within_nodes(load, kept, np.zeros(layers), budget, groups, nodes)
-    return repaired if usable.all() else None
-
-
-def _prefer_repair(
-    load: np.ndarray,
-    fresh: np.ndarray,
-    kept: np.ndarray,
-    max_transfers: int | None,
-    tolerance: float,
-    groups: int,
-    nodes: int,
-    counts: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the repair of ``kept`` or ``fresh`` (see the module docstring); ``counts``
-    int64 [L, E] are the global plan's replica counts (``None`` for hierarchical plans)."""
-    layers, ranks, slots = kept.shape
-    limit = ranks * slots if max_transfers is None else max_transfers
-    fresh_balance = layer_balancedness(fresh, load)
-    # Within `tolerance` of the fresh plan; where the fresh plan gains more than that over
-    # leaving the placement as it is, also keep RECOVERED of that gain.
-    gain = fresh_balance - layer_balancedness(kept, load)
-    shortfall = np.where(gain > tolerance, (1.0 - RECOVERED) * gain, tolerance)
-    target = fresh_balance - np.minimum(tolerance, shortfall)
-    budget = np.full(layers, limit)
-    if nodes == 1:
-        repaired, usable = repair(load, kept, target, budget, counts), np.ones(layers, dtype=bool)
-    else:
-        repaired, usable = repair_within_nodes(load, kept, target, budget, groups, nodes)
-    repair_cost = received_count(repaired, kept)
-    usable &= repair_cost <= limit
-    repair_balance = layer_balancedness(repaired, load)
-    good_enough = usable & (repair_balance >= target - 1e-12)
-    near = usable & (repair_balance >= target - tolerance)
-    chosen, use_repair = repaired, good_enough.copy()
-    # The relabelled fresh plan (an assignment per layer) only where the repair misses its
-    # target: where the repair reaches it, it moves fewer weights (tests/test_planner_elastic.py).
-    contest = np.flatnonzero(~good_enough)
-    if contest.size:
-        packs, before = fresh[contest], kept[contest]
-        relabelled = align_slots(relabel_packs(packs, overlap_edges(packs, before), nodes), before)
-        fresh_cost = received_count(relabelled, before)
-        keep_repair = usable[contest] & (fresh_cost > limit)
-        # A repair short of its target by less than `tolerance` stays when the fresh plan
-        # would move over twice its weights (with few slots per rank, a fresh plan's packs
-        # share little with the old ranks).
-        keep_repair |= near[contest] & (fresh_cost > NEAR_MISS_MOVES * repair_cost[contest])
-        over = np.flatnonzero(~keep_repair & (fresh_cost > limit))
-        if over.size:
-            raise ValueError(
-                f"max_transfers={max_transfers} cannot be met in layer {int(contest[over[0]])}: "
-                f"the previous placement does not keep expert groups within nodes"
-            )
-        chosen = repaired.copy()
-        chosen[contest] = np.where(keep_repair[:, None, None], repaired[contest], relabelled)
-        use_repair[contest] = keep_repair
-    return chosen, use_repair
-
-
-def kept_on_new_ranks(previous: Placement, mapping: RankMapping) -> np.ndarray:
-    """int64 [L, R_new, S]: what each new rank holds before the change (-1 for joined ranks)."""
-    old = previous.phy2log.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
+def kept_on_new_ranks(
+    previous: Placement, mapping: RankMapping, table: torch.Tensor | None = None
+) -> np.ndarray:
+    """int64 [L, R_new, S]: what each new rank holds before the change (-1 for joined ranks);
+    with ``table`` (int64 [L, R_old * S], e.g. ``previous.units``) its entries instead (0 for
+    joined ranks)."""
+    values = previous.phy2log if table is None else table
+    old = values.numpy().reshape(previous.num_layers, previous.num_ranks, -1)
     source = np.array([-1 if o is None else o for o in mapping.new_to_old], dtype=np.int64)
     out = old[:, np.maximum(source, 0)]
-    out[:, source < 0] = -1
+    out[:, source < 0] = -1 if table is None else 0
     return out
 
 
@@ -352,14 +301,6 @@ def _lost(previous: Placement, dead: list[int]) -> np.ndarray:
     alive[dead] = False
     before = expert_counts(old, previous.num_logical) > 0
     return before & (expert_counts(old[:, alive], previous.num_logical) == 0)
-
-
-def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
-    """float64 [L]: mean / max rank load per layer (1.0 for a layer without load)."""
-    counts = expert_counts(slots, load.shape[1])
-    rank_load = slot_loads(slots, load / np.maximum(counts, 1)).sum(2)
-    peak = rank_load.max(1)
-    return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
 
 
 def as_load_array(load: torch.Tensor | np.ndarray) -> np.ndarray:

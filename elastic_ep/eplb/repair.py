@@ -1,0 +1,325 @@
+"""Movement-aware repair: start from what the ranks already hold and change as little as needed.
+
+Batched over rows (layers, or (layer, node) pairs of a hierarchical plan), on the layout of
+:mod:`elastic_ep.eplb.packing`; ``kept`` is the previous placement mapped onto the new ranks.
+A row stops once it reaches its target balancedness. With one slot per rank no swap can help:
+:mod:`elastic_ep.eplb.single_slot` gives the wanted replica counts with the fewest transfers.
+
+Without routing shares (``most=None``; every replica takes an equal part of its expert's load)
+a row gets :func:`~elastic_ep.eplb.incremental.fill_missing` (every replica the wanted counts
+ask for) and then :func:`~elastic_ep.eplb.repair_swaps.swap_towards`, a second time with more
+partners per heavy rank (R / 4, at most ``WIDE_PARTNERS``) where it is still short.
+
+With shares (``most``: the units an expert may have), a row's balancedness is measured as the
+placement gets it: with :func:`~elastic_ep.eplb.shares.solve_shares`'s units, which move load
+between replicas of one expert without moving a weight. Each row goes up a ladder of steps and
+leaves it at the first that reaches its target:
+
+1. the fewest moves: experts with no replica left, and the empty slots (a joined rank) filled
+   with the wanted replicas heaviest first: shares then move load onto them;
+2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
+   ranks still heavy after the shares;
+3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
+   more partners.
+
+Each step costs one :func:`solve_shares` of the rows still on the ladder, about linear in their
+slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from elastic_ep.eplb.incremental import fill_missing
+from elastic_ep.eplb.packing import expert_counts, slot_loads
+from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, swap_towards
+from elastic_ep.eplb.replication import replica_counts
+from elastic_ep.eplb.shares import solve_shares
+from elastic_ep.eplb.single_slot import repair_single_slot
+
+WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
+SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
+SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
+SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
+
+
+def repair(
+    load: np.ndarray,
+    kept: np.ndarray,
+    target: np.ndarray,
+    budget: np.ndarray,
+    counts: np.ndarray | None = None,
+    most: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``kept`` repaired for ``load``, see the module docstring.
+
+    Args:
+        load: float64 [B, E].
+        kept: int64 [B, R, S], what the ranks hold now, no expert twice on one rank.
+        target: float64 [B], balancedness at which a row stops (with shares where ``most``).
+        budget: int64 [B], most weights received per row (experts without any replica are
+            placed regardless).
+        counts: int64 [B, E], the replica counts wanted if already known (see
+            :func:`elastic_ep.eplb.replication.replica_counts`).
+        most: the most routing units an expert may have (``Placement.max_units``); ``None``:
+            balancedness with the equal split.
+
+    Returns:
+        The slots int64 [B, R, S] and, where ``most`` is given, their routing units int64
+        [B, R, S] (:func:`solve_shares`'s), else ``None``.
+    """
+    _, ranks, per_rank = kept.shape
+    if counts is None:
+        counts = replica_counts(load, ranks * per_rank, ranks)
+    orphans = (expert_counts(kept, load.shape[1]) == 0).sum(1)
+    spare = np.maximum(budget - orphans, 0)
+    if per_rank == 1:  # no swap helps: a swap of single slots only exchanges two ranks' loads
+        slots = repair_single_slot(kept, load, counts, spare)
+        return slots, None if most is None else (slots >= 0).astype(np.int64)
+    if most is None:
+        slots = kept.copy()
+        fill_missing(slots, load, counts, spare)
+        _swap_passes(slots, kept, load, target, budget, None)
+        return slots, None
+    return _repair_with_shares(load, kept, target, budget, counts, most)
+
+
+def _repair_with_shares(
+    load: np.ndarray,
+    kept: np.ndarray,
+    target: np.ndarray,
+    budget: np.ndarray,
+    counts: np.ndarray,
+    most: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ladder of the module docstring; arguments and result as in :func:`repair`."""
+    rows, ranks, per_rank = kept.shape
+    slots = kept.copy()
+    orphans = (expert_counts(kept, load.shape[1]) == 0).sum(1)
+    empty = (kept < 0).reshape(rows, -1).sum(1)
+    # Every empty slot (an expert without a replica may take one, or evict a surplus one).
+    first = np.minimum(empty, np.maximum(budget - orphans, 0))
+    fill_missing(slots, load, counts, np.zeros_like(first))  # experts without a replica
+    _fill_empty(slots, load, counts, first)
+    filled = slots.copy()
+    units = solve_shares(slots, load, most)
+    balance = balance_with_units(slots, load, units)[0]
+
+    # Step 2: swaps of the loads shares give (each slot keeps its units as it moves), in
+    # rounds of SHARE_STEPS steps, the shares solved again after each.
+    # Swaps keep the replica counts: rows that need other counts (their counts cannot reach
+    # the target, or they are far below it) go on to step 3 at once.
+    near = balance >= (1.0 - SWAP_GAP) * target
+    short = np.flatnonzero((balance < target) & near & (_count_bound(slots, load) >= target))
+    for _ in range(SHARE_ROUNDS):
+        if short.size == 0:
+            break
+        part = slots[short]
+        weight = balance_with_units(part, load[short], units[short])[1]
+        totals = _unit_totals(part, load.shape[1], units[short])
+        steps = max(1, ranks // SHARE_STEP_RANKS)
+        swap_towards(
+            part, kept[short], load[short], target[short], budget[short], steps, slot_weight=weight
+        )
+        moved = (part != slots[short]).reshape(short.size, -1).any(1)
+        slots[short] = part
+        carried = _carried_units(part, load[short], weight, totals)
+        carried_balance = balance_with_units(part, load[short], carried)[0]
+        solved = solve_shares(part, load[short], most)
+        solved_balance = balance_with_units(part, load[short], solved)[0]
+        better = solved_balance >= carried_balance
+        units[short] = np.where(better[:, None, None], solved, carried)
+        balance[short] = np.maximum(solved_balance, carried_balance)
+        short = short[(balance[short] < target[short]) & moved]
+    short = np.flatnonzero(balance < target)
+
+    def measure(at: np.ndarray) -> None:
+        if at.size == 0:
+            return
+        units[at] = solve_shares(slots[at], load[at], most)
+        balance[at] = balance_with_units(slots[at], load[at], units[at])[0]
+
+    # Step 3, rows still short: from step 1 again (from ``kept`` where it had no empty slot to
+    # fill: all replicas placed at once leave the swaps a better start), the rest of the wanted
+    # replicas, then rounds of swaps by the equal split, each measured with shares.
+    if short.size:
+        part = np.where((first[short] > 0)[:, None, None], filled[short], kept[short])
+        spent = received_count(part, kept[short]) + np.where(first[short] > 0, 0, orphans[short])
+        fill_missing(part, load[short], counts[short], np.maximum(budget[short] - spent, 0))
+        slots[short] = part
+        measure(short)
+
+    for _ in range(SHARE_ROUNDS):
+        short = short[balance[short] < target[short]]
+        if short.size == 0:
+            break
+        part = slots[short]
+        # Swap until the equal split reaches the target less what shares add to it now.
+        lift = np.maximum(balance[short] - _balance(part, load[short]), 0.0)
+        goal = target[short] - lift
+        swap_towards(part, kept[short], load[short], goal, budget[short], ranks * per_rank)
+        moved = (part != slots[short]).reshape(short.size, -1).any(1)
+        short = short[moved]
+        slots[short] = part[moved]
+        measure(short)
+    # Step 4, rows still short: swaps by the equal split to the target (the repair without
+    # shares; shares only add to it).
+    short = np.flatnonzero(balance < target)
+    if short.size:
+        part = slots[short]
+        _swap_passes(part, kept[short], load[short], target[short], budget[short], None)
+        slots[short] = part
+        measure(short)
+    return slots, units
+
+
+def _fill_empty(
+    slots: np.ndarray, load: np.ndarray, counts: np.ndarray, budget: np.ndarray
+) -> None:
+    """Fill empty slots of ``slots`` (in place) with the wanted replicas, evicting nothing (no
+    expert counts as surplus), at most ``budget`` (int64 [B]) per row. A chunk of
+    :func:`fill_missing` sends one replica to each rank with room, so a rank with two empty
+    slots keeps one: again with what is left, while a pass fills a slot."""
+    rows, experts = slots.shape[0], load.shape[1]
+    left = budget.copy()
+    while True:
+        empty = (slots < 0).reshape(rows, -1).sum(1)
+        todo = np.flatnonzero((empty > 0) & (left > 0))
+        if todo.size == 0:
+            return
+        part = slots[todo]
+        wanted = np.maximum(counts[todo], expert_counts(part, experts))
+        fill_missing(part, load[todo], wanted, np.minimum(empty[todo], left[todo]))
+        placed = empty[todo] - (part < 0).reshape(todo.size, -1).sum(1)
+        if not placed.any():
+            return
+        slots[todo] = part
+        left[todo] -= placed
+
+
+def _count_bound(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [B]: the most balancedness any shares reach with the replica counts of ``slots``
+    (int64 [B, R, S]) for ``load`` (float64 [B, E]): an expert's ranks together take all its
+    load, so the heaviest rank carries at least ``load / replicas`` of every expert."""
+    ranks = slots.shape[1]
+    per_replica = load / np.maximum(expert_counts(slots, load.shape[1]), 1)
+    mean = load.sum(1) / ranks
+    peak = np.maximum(per_replica.max(1), mean)
+    return np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
+
+
+def _unit_totals(slots: np.ndarray, experts: int, units: np.ndarray) -> np.ndarray:
+    """float64 [B, E + 1]: each expert's ``units`` (int64 [B, R, S]) summed over ``slots``
+    (int64 [B, R, S]); column E gathers the empty slots."""
+    rows = slots.shape[0]
+    group = np.where(slots >= 0, slots, experts).reshape(rows, -1)
+    group = group + (np.arange(rows) * (experts + 1))[:, None]
+    total = np.bincount(group.ravel(), weights=units.ravel(), minlength=rows * (experts + 1))
+    return total.reshape(rows, experts + 1)
+
+
+def _carried_units(
+    slots: np.ndarray, load: np.ndarray, weight: np.ndarray, totals: np.ndarray
+) -> np.ndarray:
+    """int64 [B, R, S]: the units of each slot after swaps that moved every slot's load
+    ``weight`` (float64 [B, R, S]) with it: ``weight / (load / total)`` for ``totals`` float64
+    [B, E + 1] the experts' units (unchanged by swaps); 1 for an expert without load."""
+    experts = load.shape[1]
+    expert = np.where(slots >= 0, slots, experts).reshape(slots.shape[0], -1)
+    padded = np.zeros((slots.shape[0], experts + 1))
+    padded[:, :experts] = load
+    per_unit = np.take_along_axis(padded / np.maximum(totals, 1), expert, 1).reshape(slots.shape)
+    units = np.rint(weight / np.where(per_unit > 0, per_unit, 1.0)).astype(np.int64)
+    return np.where(slots < 0, 0, np.where(per_unit > 0, np.maximum(units, 1), 1))
+
+
+def shared_balance(
+    slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [B] balancedness and float64 [B, R, S] slot loads (:func:`balance_with_units`)
+    with :func:`node_shares`'s units for ``slots`` int64 [B, R, S] and ``load`` float64
+    [B, E], ``most`` units per expert at most."""
+    return balance_with_units(slots, load, node_shares(slots, load, most, nodes))
+
+
+def node_shares(slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1) -> np.ndarray:
+    """int64 [B, R, S]: :func:`solve_shares`'s units for ``slots`` int64 [B, R, S] and ``load``
+    float64 [B, E], solved for each node of R / ``nodes`` consecutive ranks on its own (where
+    every expert's replicas are on one node, as in a hierarchical plan: each node then lowers
+    its own heaviest rank, not only the node holding the row's heaviest)."""
+    if nodes == 1:
+        return solve_shares(slots, load, most)
+    rows, ranks, per_rank = slots.shape
+    local = slots.reshape(rows * nodes, ranks // nodes, per_rank)
+    units = solve_shares(local, np.repeat(load, nodes, axis=0), most)
+    return units.reshape(slots.shape)
+
+
+def balance_with_units(
+    slots: np.ndarray, load: np.ndarray, units: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [B] balancedness (mean / max rank load; 1.0 for a row without load) and float64
+    [B, R, S] the load of each slot when the replica in a slot takes ``units`` (int64 [B, R, S],
+    0 on empty slots) of its expert's units summed over ``slots`` int64 [B, R, S]; ``load``
+    float64 [B, E]."""
+    rows, ranks, per_rank = slots.shape
+    experts = load.shape[1]
+    units = units.reshape(rows, -1)
+    group = np.where(slots >= 0, slots, experts).reshape(rows, -1)
+    group = group + (np.arange(rows) * (experts + 1))[:, None]
+    total = np.bincount(group.ravel(), weights=units.ravel(), minlength=rows * (experts + 1))
+    weight = np.zeros((rows, experts + 1))
+    weight[:, :experts] = load
+    per_unit = weight.ravel() / np.maximum(total, 1)
+    slot_weight = (per_unit[group] * units).reshape(rows, ranks, per_rank)
+    rank_load = slot_weight.sum(2)
+    peak = rank_load.max(1)
+    balance = np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
+    return balance, slot_weight
+
+
+def _balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [B]: balancedness of every row with the equal split."""
+    counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
+    rank_load = slot_loads(slots, load / counts).sum(2)
+    peak = rank_load.max(1)
+    return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
+
+
+def _swap_passes(
+    slots: np.ndarray,
+    kept: np.ndarray,
+    load: np.ndarray,
+    target: np.ndarray,
+    budget: np.ndarray,
+    weight: np.ndarray | None,
+) -> None:
+    """:func:`swap_towards` on ``slots`` in place, then rows still short of their target once
+    more with more partners per heavy rank. Slot loads ``weight`` float64 [B, R, S] (the
+    balancedness measured with them), or the equal split where ``None``."""
+    ranks, per_rank = slots.shape[1:]
+    swap_towards(slots, kept, load, target, budget, ranks * per_rank, slot_weight=weight)
+    if ranks <= 4 * SWAP_PARTNERS:
+        return
+    if weight is None:
+        short = np.flatnonzero(_balance(slots, load) < target)
+    else:  # the loads moved with their slots
+        rank_load = weight.sum(2)
+        short = np.flatnonzero(rank_load.mean(1) / np.maximum(rank_load.max(1), 1e-300) < target)
+    if short.size == 0:
+        return
+    part = slots[short]
+    part_weight = None if weight is None else weight[short]
+    swap_towards(
+        part,
+        kept[short],
+        load[short],
+        target[short],
+        budget[short],
+        ranks * per_rank,
+        partners=min(ranks // 4, WIDE_PARTNERS),
+        slot_weight=part_weight,
+    )
+    slots[short] = part
+    if weight is not None:
+        weight[short] = part_weight

@@ -1,0 +1,200 @@
+"""Swaps for the movement-aware repair: exchange slots between heavy and light ranks.
+
+Works on the layout of :mod:`elastic_ep.eplb.packing` (``slots`` int64 [B, R, S], -1 = empty),
+batched over rows (layers or (layer, node) pairs). ``kept`` is what the ranks held before the
+change; a weight "received" is an expert on a rank that did not hold it in ``kept``.
+
+:func:`swap_towards` swaps between heavy and light ranks, best load gain per weight received
+first, until the row reaches its target balancedness, no swap helps, or the budget is spent.
+Each step improves up to ``SWAP_PAIRS`` heavy ranks per row, each with its own light partners.
+Swaps that undo an earlier transfer are free. A slot's load travels with it: the equal split of
+its expert's load, or the load its routing share gives it (``slot_weight``), so that the swaps
+aim at the ranks that stay heavy once shares have moved what they can.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
+from elastic_ep.eplb.packing import expert_counts, slot_loads
+
+SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
+SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
+_FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
+
+
+def swap_towards(
+    slots: np.ndarray,
+    kept: np.ndarray,
+    load: np.ndarray,
+    target: np.ndarray,
+    budget: np.ndarray,
+    max_steps: int,
+    partners: int = SWAP_PARTNERS,
+    slot_weight: np.ndarray | None = None,
+) -> None:
+    """Improve ``slots`` in place by swaps, see the module docstring.
+
+    Args:
+        slots: int64 [B, R, S], no expert twice on one rank.
+        kept: int64 [B, R, S], what the ranks held before (defines what costs a transfer).
+        load: float64 [B, E].
+        target: float64 [B], balancedness at which a row stops.
+        budget: int64 [B], the most weights a row may receive in total.
+        max_steps: most swaps per row.
+        partners: light ranks tried with each heavy rank (at most R / 4).
+        slot_weight: float64 [B, R, S], the load of each slot (0 for empty ones), moved with
+            the slots in place; ``None``: the equal split of each expert's load over its
+            replicas.
+    """
+    rows, ranks, per_rank = slots.shape
+    num_experts = load.shape[1]
+    if slot_weight is None:
+        per_replica = load / np.maximum(expert_counts(slots, num_experts), 1)
+        slot_weight = slot_loads(slots, per_replica)
+    # Flat layouts, one row per (row, rank), so that every gather is a single index.
+    weight = slot_weight.reshape(-1, per_rank)
+    flat_slots = slots.reshape(-1, per_rank)
+    held = expert_bits(flat_slots, num_experts)
+    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts)
+    spent = received_count(slots, kept)
+    loads = weight.sum(1)
+    if ranks < 2:
+        return
+    # Fewer partners per heavy rank on few ranks, so that several heavy ranks move per step.
+    partners = min(partners, max(1, ranks // 4))
+    pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
+    active = np.arange(rows)
+    for _ in range(max_steps):
+        rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
+        peak = rank_loads.max(1)
+        balance = rank_loads.mean(1) / np.maximum(peak, 1e-300)
+        keep = (balance < target[active]) & (spent[active] < budget[active])
+        active, rank_loads = active[keep], rank_loads[keep]
+        if active.size == 0:
+            return
+        # The `pairs` heaviest ranks, each with its own `partners` of the lightest, disjoint:
+        # the i-th heaviest gets the lightest ranks i, i + pairs, i + 2 * pairs, ...
+        order = np.argsort(rank_loads, axis=1, kind="stable") + (active * ranks)[:, None]
+        heavy = order[:, : -pairs - 1 : -1]  # [A, k]
+        partner = order[:, : pairs * partners].reshape(-1, partners, pairs).transpose(0, 2, 1)
+        # Heavy ranks after the first only while above the row's target peak.
+        limit = rank_loads.mean(1) / target[active]
+        wanted = loads[heavy] > limit[:, None]
+        wanted[:, 0] = True
+        row, which = np.nonzero(wanted)
+        left = (budget[active] - spent[active]) // wanted.sum(1)
+        found = _best_paid_swap(
+            flat_slots,
+            weight,
+            loads,
+            (held, held_before),
+            heavy[row, which],
+            partner[row, which],
+            left[row],
+        )
+        improved, h_rank, h_slot, p_rank, p_slot, cost = (part[found[0]] for part in found)
+        if not improved.any():
+            return
+        x, y = flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot]
+        wx, wy = weight[h_rank, h_slot], weight[p_rank, p_slot]
+        flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot] = y, x
+        weight[h_rank, h_slot], weight[p_rank, p_slot] = wy, wx
+        loads[h_rank] += wy - wx
+        loads[p_rank] += wx - wy
+        move_bit(held, h_rank, x, y)
+        move_bit(held, p_rank, y, x)
+        np.add.at(spent, active[row[found[0]]], cost)
+        still = np.zeros(rows, dtype=bool)
+        still[active[row[found[0]]]] = True
+        active = np.flatnonzero(still)
+
+
+def _best_paid_swap(
+    slots: np.ndarray,
+    weight: np.ndarray,
+    loads: np.ndarray,
+    bits: tuple[np.ndarray, np.ndarray],
+    heavy: np.ndarray,
+    partner: np.ndarray,
+    left: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Best swap per heavy rank by load gain per transfer, with one of its partners; returns
+    (improved, heavy rank, heavy slot, partner rank, partner slot, transfers it costs), each
+    [A], ranks as flat ids.
+
+    Args:
+        slots, weight: int64 / float64 [B * R, S]; loads: float64 [B * R].
+        bits: :func:`expert_bits` of what every rank holds now and held before.
+        heavy: int64 [A], flat ids of the heavy ranks; partner: int64 [A, M], their partners
+            (no rank in two of these).
+        left: int64 [A], transfers each heavy rank's swap may spend.
+    """
+    rows = heavy.size
+    r_idx = np.arange(rows)
+    heavy_load = loads[heavy]
+    hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
+    px = slots[partner] + 1  # [A, M, S]
+    per_rank, pairs = hx.shape[1], px.shape[1] * px.shape[2]
+    # Candidate swaps as [A, S, M * S] (heavy slot, then partner and its slot): every
+    # broadcast below runs along the long last axis.
+    delta = weight[heavy][:, :, None] - weight[partner].reshape(rows, 1, pairs)
+    # Gain = heavy load - max(heavy load - delta, partner load + delta), in place (big arrays).
+    gap = np.repeat(heavy_load[:, None] - loads[partner], per_rank, axis=1)  # [A, M * S]
+    gain = np.subtract(gap[:, None, :], delta)
+    np.minimum(delta, gain, out=gain)
+    # Transfers: x received by the partner (unless it held x before) minus the one it had cost
+    # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
+    # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
+    held, held_before = bits
+    heavy_x, part_x = hx - 1, px - 1  # [A, S], [A, M, S]
+    # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
+    new_on_partner = ~has_expert(held_before, partner[:, None, :], heavy_x[:, :, None])
+    new_on_heavy = ~has_expert(held_before, heavy[:, None, None], part_x)  # [A, M, S]
+    x_side = np.subtract(
+        new_on_partner & (heavy_x >= 0)[:, :, None],
+        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & (heavy_x >= 0)[:, :, None],
+        dtype=np.float64,
+    )  # [A, S, M]
+    y_side = np.subtract(
+        new_on_heavy & (part_x >= 0),
+        ~has_expert(held_before, partner[:, :, None], part_x) & (part_x >= 0),
+        dtype=np.float64,
+    )
+    x_side[
+        has_expert(held, partner[:, None, :], heavy_x[:, :, None])
+        | (partner == heavy[:, None])[:, None, :]
+    ] = np.inf
+    y_side[has_expert(held, heavy[:, None, None], part_x)] = np.inf
+    # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
+    # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
+    # rows with less left need a budget mask.
+    cost = np.repeat(x_side, per_rank, axis=2)  # [A, S, M * S]
+    cost += y_side.reshape(rows, 1, pairs)
+    tight = np.flatnonzero(left < 2)
+    over = cost[tight] > left[tight, None, None] if tight.size else None
+    np.maximum(cost, _FREE_SWAP_COST, out=cost)
+    score = np.divide(gain, cost, out=cost).reshape(rows, -1)
+    if over is not None:
+        score[tight] = np.where(over.reshape(tight.size, -1), 0.0, score[tight])
+    best = score.argmax(1)
+    chosen = gain.reshape(rows, -1)[r_idx, best]
+    improved = (score[r_idx, best] > 0) & (chosen > heavy_load * 1e-12)
+    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
+    spent = x_side[r_idx, h_slot, p_idx] + y_side[r_idx, p_idx, p_slot]
+    return (
+        improved,
+        heavy,
+        h_slot,
+        partner[r_idx, p_idx],
+        p_slot,
+        np.where(improved, spent, 0.0).astype(np.int64),
+    )
+
+
+def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """int64 [B]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``
+    (both int64 [B, R, S]; no expert twice on one rank)."""
+    new = ~(kept[:, :, None, :] == slots[..., None]).any(3) & (slots >= 0)  # [B, R, S]
+    return new.reshape(slots.shape[0], -1).sum(1)
