@@ -13,7 +13,8 @@ layer, keeps whichever of the two reaches the target balancedness with fewer wei
 
 The target of a layer is the fresh plan's balancedness minus ``balance_tolerance``; where the
 fresh plan gains more than ``balance_tolerance`` over the previous placement, the target also
-keeps ``RECOVERED`` (90%) of that gain. A repair short of its target by less than
+keeps ``RECOVERED`` (90%) of that gain; where the whole model gains more than that (the mean of
+the layers' gains), every layer keeps ``RECOVERED`` of its own gain, however small. A repair short of its target by less than
 ``balance_tolerance`` is kept when the relabelled fresh plan would move more than
 ``NEAR_MISS_MOVES`` times its weights. A layer whose fresh plan needs more than
 ``max_transfers`` takes the repair.

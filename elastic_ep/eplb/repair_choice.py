@@ -88,11 +88,7 @@ def prefer_repair(
         fresh_balance = layer_balancedness(fresh, load)
     else:
         fresh_balance = balance_with_units(fresh, load, node_shares(fresh, load, most, nodes))[0]
-    # Within `tolerance` of the fresh plan; where the fresh plan gains more than that over
-    # leaving the placement as it is, also keep RECOVERED of that gain.
-    gain = fresh_balance - kept_balance
-    shortfall = np.where(gain > tolerance, (1.0 - RECOVERED) * gain, tolerance)
-    target = fresh_balance - np.minimum(tolerance, shortfall)
+    target = layer_targets(fresh_balance, kept_balance, tolerance)
     budget = np.full(layers, limit)
     if nodes == 1:
         repaired, units = repair(load, kept, target, budget, counts, most)
@@ -135,6 +131,23 @@ def prefer_repair(
         if units is not None and most is not None and taken.size:
             units[taken] = node_shares(chosen[taken], load[taken], most, nodes)
     return chosen, use_repair, units
+
+
+def layer_targets(fresh: np.ndarray, kept: np.ndarray, tolerance: float) -> np.ndarray:
+    """float64 [L]: the balancedness each layer's repair aims for, from the fresh plan's
+    ``fresh`` and the placement's as it is, ``kept`` (both float64 [L]).
+
+    Within ``tolerance`` of the fresh plan; where the fresh plan gains more than that over
+    leaving the layer as it is, also ``RECOVERED`` of that gain. Where the whole model gains
+    more than ``tolerance`` (the mean of the layers' gains, as balancedness is a mean over
+    layers), every layer that gains keeps ``RECOVERED`` of its gain, however small: many
+    layers each gaining a little (a hierarchical plan on many ranks, where node loads set the
+    heaviest rank) would otherwise all stay as they are and the model lose its whole gain.
+    """
+    gain = fresh - kept
+    floor = 0.0 if gain.mean() > tolerance else tolerance
+    shortfall = np.where(gain > floor, (1.0 - RECOVERED) * gain, tolerance)
+    return fresh - np.minimum(tolerance, shortfall)
 
 
 def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
