@@ -44,6 +44,7 @@ from elastic_ep.eplb.hierarchical import hierarchical_slots
 from elastic_ep.eplb.incremental import drop_duplicates
 from elastic_ep.eplb.packing import expert_counts, static_slots
 from elastic_ep.eplb.placement import Placement, max_units
+from elastic_ep.eplb.polish import repack_stuck
 from elastic_ep.eplb.repair import balance_with_units
 from elastic_ep.eplb.repair_choice import (
     layer_balancedness,
@@ -207,6 +208,7 @@ def plan_with_report(
         repaired = np.ones(layers, dtype=bool)
     else:
         fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
+        repack_stuck(fresh, weights, num_nodes)  # it sets the target: not stuck short of it
         most = max_units(num_ranks * slots_per_rank, experts) if shares else None
         if most is None:
             before = layer_balancedness(kept, weights)
