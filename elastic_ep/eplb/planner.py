@@ -19,6 +19,10 @@ the layers' gains), every layer keeps ``RECOVERED`` of its own gain, however sma
 ``NEAR_MISS_MOVES`` times its weights. A layer whose fresh plan needs more than
 ``max_transfers`` takes the repair.
 
+The fresh plan that sets the targets first has the rows its rounds left stuck re-packed
+(:mod:`elastic_ep.eplb.polish`: 3+ slots per rank, a hot replica near the mean load), so that
+the targets are not set by a packing 0.01-0.02 short of a greedy one.
+
 With one slot per rank the balancedness depends on the replica counts alone: a plan without
 ``max_transfers``, global or with one group per node, takes the repair
 (:mod:`elastic_ep.eplb.single_slot`, the fresh plan's counts with the fewest transfers) without

@@ -107,24 +107,26 @@ def greedy_pack(slots: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
     out[:, :, 0] = expert[:, :ranks]
     rank_load = load[:, :ranks].copy()
     filled = (expert[:, :ranks] >= 0).astype(np.int64)
-    # Where each rank is closed to the current item: full, or holding its expert.
-    closed = np.zeros((rows, ranks), dtype=bool)
-    flat_out, flat_load, flat_filled = out.reshape(-1), rank_load.reshape(-1), filled.reshape(-1)
+    # The last expert each rank received: replicas of an expert are adjacent in the order, so
+    # a rank holds the current item's expert exactly where it is the last one it received.
+    last = expert[:, :ranks].copy()
+    key = np.empty((rows, ranks))
+    flat_out, flat_load = out.reshape(-1), rank_load.reshape(-1)
+    flat_filled, flat_last = filled.reshape(-1), last.reshape(-1)
+    live = expert >= 0
     complete = np.ones(rows, dtype=bool)
     base = np.arange(rows) * ranks
-    previous = expert[:, ranks - 1].copy()
-    holds = out[:, :, 0] == previous[:, None]  # the ranks holding the current item's expert
     for i in range(ranks, expert.shape[1]):
         item = expert[:, i]
-        holds[item != previous] = False
-        previous = item
-        np.logical_or(filled >= per_rank, holds, out=closed)
-        rank = np.where(closed, np.inf, rank_load).argmin(1) + base
-        fits = ~closed.reshape(-1)[rank] & (item >= 0)
-        complete &= fits | (item < 0)
+        np.copyto(key, rank_load)
+        key[(filled >= per_rank) | (last == item[:, None])] = np.inf
+        rank = key.argmin(1) + base
+        fits = key.reshape(-1)[rank] < np.inf
+        complete &= fits | ~live[:, i]
+        fits &= live[:, i]
         at = rank[fits]
         flat_out[at * per_rank + flat_filled[at]] = item[fits]
         flat_load[at] += load[fits, i]
         flat_filled[at] += 1
-        holds.reshape(-1)[at] = True
+        flat_last[at] = item[fits]
     return out, rank_load, complete
