@@ -20,6 +20,7 @@ _PARTITION_FROM = 4096  # candidates per row from which a partition beats the in
 _WINDOW_FROM = 5  # candidates per expert (plain bound) from which the window is used
 _CAP_ROUNDS = 3  # refinements of the set of experts at their replica cap
 _ROUNDING = 1e-9  # relative margin of the window's ends against rounding
+_NARROW = 6.0  # standard deviations of the rounding kept on either side of the estimate
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -43,17 +44,26 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     bounded = np.minimum(extra // np.arange(1, min(extra, num_experts) + 1), cap).sum()
     if bounded <= _WINDOW_FROM * num_experts:  # few extras: the plain bound is small already
         return _bounded_extras(load, extra, cap) + 1
-    extras, missed = _window_extras(load, extra, cap)
-    if missed.any():
-        extras[missed] = _bounded_extras(load[missed], extra, cap)
+    high, low, fine = _window(load, extra, cap)
+    narrow_high, narrow_low = _narrowed(load, extra, cap, high, low)
+    extras, missed = _window_extras(load, extra, cap, narrow_high, narrow_low, fine)
+    if missed.any():  # the narrow window missed the cutoff: the wide one, then the plain bound
+        rows = np.flatnonzero(missed)
+        wide, missed_wide = _window_extras(
+            load[rows], extra, cap, high[rows], low[rows], fine[rows]
+        )
+        extras[rows] = wide
+        if missed_wide.any():
+            rows = rows[missed_wide]
+            extras[rows] = _bounded_extras(load[rows], extra, cap)
     return extras + 1
 
 
-def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """int64 [B, E]: extra replicas per expert (at most ``cap``) from the candidates between
-    ``T / (M + E)`` and ``T / M`` (see the module docstring), and bool [B]: rows where that
-    window does not hold the cutoff (their extras are not valid)."""
-    rows, num_experts = load.shape
+def _window(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window ``[T' / (M' + E'), T' / M']`` that holds the cutoff priority of every row
+    (see the module docstring and below): its high and low ends float64 [B, 1], and bool [B]:
+    rows where it is defined (elsewhere the ends are 1 and the window misses)."""
+    num_experts = load.shape[1]
     total = load.sum(1, keepdims=True)
     # Experts at their cap take `cap` extras each; the window is set by the others. An
     # uncapped expert has fewer than load / p priorities above p and at least load / p - 1
@@ -71,7 +81,37 @@ def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, 
         high = rest / np.maximum(rest_extra, 1)
         low = rest / np.maximum(rest_extra + num_experts - count, 1)
     fine = (rest[:, 0] > 0) & (rest_extra[:, 0] > 0)
-    high, low = np.where(fine[:, None], high, 1.0), np.where(fine[:, None], low, 1.0)
+    return np.where(fine[:, None], high, 1.0), np.where(fine[:, None], low, 1.0), fine
+
+
+def _narrowed(
+    load: np.ndarray, extra: int, cap: int, high: np.ndarray, low: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A narrower window than ``[low, high]`` (float64 [B, 1]) around the cutoff priority,
+    high and low ends float64 [B, 1]: it may miss (:func:`_window_extras` says where).
+
+    The count of priorities above p, ``f(1 / p)``, grows by about the load of the experts with
+    an extra replica per unit of ``1 / p``; one secant step from the window's middle estimates
+    the cutoff, and the window keeps ``_NARROW`` standard deviations of the rounding (about
+    ``sqrt(E / 12)``) on either side."""
+    middle = 2.0 / (1.0 / high + 1.0 / low)  # the middle of the window in 1 / p
+    above = np.clip(np.ceil(load / middle) - 1, 0, cap)
+    slope = np.where(load >= middle, load, 0.0).sum(1, keepdims=True)
+    slope = np.maximum(slope, 1e-300)
+    estimate = 1.0 / middle + (extra - above.sum(1, keepdims=True)) / slope
+    margin = _NARROW * np.sqrt(load.shape[1] / 12.0) / slope
+    return 1.0 / np.maximum(estimate - margin, 1.0 / high), 1.0 / np.minimum(
+        estimate + margin, 1.0 / low
+    )
+
+
+def _window_extras(
+    load: np.ndarray, extra: int, cap: int, high: np.ndarray, low: np.ndarray, fine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [B, E]: extra replicas per expert (at most ``cap``) from the candidates between
+    ``low`` and ``high`` (float64 [B, 1]), and bool [B]: rows where that window does not hold
+    the cutoff or ``fine`` (bool [B]) is False (their extras are not valid)."""
+    rows, num_experts = load.shape
     # Won for certain: the priorities above the high end (fewer than M in all while an expert
     # is uncapped, so all above the cutoff); the window holds every priority at or above the
     # low end. The factors keep rounding on the safe side (a wider window).
