@@ -21,6 +21,9 @@ _WINDOW_FROM = 5  # candidates per expert (plain bound) from which the window is
 _CAP_ROUNDS = 3  # refinements of the set of experts at their replica cap
 _ROUNDING = 1e-9  # relative margin of the window's ends against rounding
 _NARROW = 6.0  # standard deviations of the rounding kept on either side of the estimate
+# Experts per row up to which the narrowed window (2 * _NARROW * sqrt(E / 12) candidates) is
+# not under half the wide one (E candidates).
+_NARROW_FROM = 48
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -45,6 +48,11 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     if bounded <= _WINDOW_FROM * num_experts:  # few extras: the plain bound is small already
         return _bounded_extras(load, extra, cap) + 1
     high, low, fine = _window(load, extra, cap)
+    if num_experts <= _NARROW_FROM:  # the narrowed window would be about as wide
+        extras, missed = _window_extras(load, extra, cap, high, low, fine)
+        if missed.any():
+            extras[missed] = _bounded_extras(load[missed], extra, cap)
+        return extras + 1
     narrow_high, narrow_low = _narrowed(load, extra, cap, high, low)
     extras, missed = _window_extras(load, extra, cap, narrow_high, narrow_low, fine)
     if missed.any():  # the narrow window missed the cutoff: the wide one, then the plain bound
