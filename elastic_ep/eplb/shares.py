@@ -173,6 +173,8 @@ class _Problem:
         self.units = units[group]
         self.count = count[group]
         self.size = weight.size
+        # float64 [L * E]: each group's load above one unit per replica
+        self.spare = weight - count * (weight / np.maximum(units, 1))
 
     def rank_loads(self, share: np.ndarray) -> np.ndarray:
         """float64 [L * R] with ``share`` float64 [N] the load of each replicated slot."""
@@ -196,7 +198,6 @@ def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarr
     inverse = 1.0 / movable
     # Groups without a movable slot weigh 0: the floor only keeps their (unused) level finite.
     weight_sum = np.maximum(np.bincount(group, weights=inverse, minlength=size), 1e-300)
-    spare = problem.weight - problem.count * problem.unit  # load above one unit per replica
     loads = problem.rank_loads(share)  # [L * R], carried from one step to the next
     for _ in range(ITERATIONS):
         rank_load = loads[problem.rank]
@@ -204,7 +205,8 @@ def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarr
         share = share + (level[group] - rank_load) * inverse
         # At least one unit per replica; the rest rescaled so that the expert's load stays.
         above = np.maximum(share - problem.unit, 0.0)
-        share = problem.unit + above * (spare / np.maximum(problem.total_of(above), 1e-300))
+        above_sum = np.bincount(group, weights=above, minlength=size)
+        share = problem.unit + above * (problem.spare / np.maximum(above_sum, 1e-300))[group]
         loads = problem.rank_loads(share)
         now = loads.reshape(problem.layers, problem.ranks).max(1)
         if not (now < peak * (1.0 - MIN_GAIN)).any():
@@ -222,10 +224,11 @@ def _integer_units(problem: _Problem, share: np.ndarray) -> np.ndarray:
     # A slot's rank load with one more unit: the left-over units go to the lowest in each group.
     after = problem.rank_loads(share)[problem.rank] - share + problem.unit * (units + 1)
     order = _grouped_order(problem.group, after)
-    grouped = problem.group[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-    lengths = np.diff(np.r_[starts, grouped.size])
-    position = np.arange(grouped.size) - np.repeat(starts, lengths)
+    # The groups in ``order`` are ascending: their sizes give where each starts.
+    lengths = np.bincount(problem.group, minlength=problem.size)
+    lengths = lengths[lengths > 0]
+    starts = np.cumsum(lengths) - lengths
+    position = np.arange(order.size) - np.repeat(starts, lengths)
     units[order] += position < left[order]
     # Floating-point slack could leave a group over its total: those keep the equal split.
     over = problem.total_of(units.astype(np.float64)) > problem.units
