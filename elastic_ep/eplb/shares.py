@@ -150,10 +150,11 @@ def _movable(
 
 
 class _Problem:
-    """The replicated slots of all layers, flattened: ``group`` (layer * E + expert) and
-    ``rank`` (layer * R + rank) int64 [N] per slot; per group ``weight``, ``count`` (replicas)
-    and ``units`` (total to reach) [L * E]; ``fixed`` float64 [L * R] the load shares cannot
-    move."""
+    """The replicated slots of all layers, flattened: ``group`` (layer * E + expert, renumbered
+    densely in that order) and ``rank`` (layer * R + rank) int64 [N] per slot; per slot its
+    group's ``weight``, ``count`` (replicas), ``units`` (total to reach) and ``unit`` (load of
+    one unit), per group ``spare`` (load above one unit per replica); ``fixed`` float64
+    [L * R] the load shares cannot move."""
 
     def __init__(
         self,
@@ -166,15 +167,21 @@ class _Problem:
         layers: int,
         ranks: int,
     ) -> None:
-        self.group, self.rank, self.fixed = group, rank, fixed
+        self.rank, self.fixed = rank, fixed
         self.layers, self.ranks = layers, ranks
         self.weight = weight[group]
         self.unit = self.weight / units[group]  # load of one routing unit
         self.units = units[group]
         self.count = count[group]
-        self.size = weight.size
-        # float64 [L * E]: each group's load above one unit per replica
-        self.spare = weight - count * (weight / np.maximum(units, 1))
+        # The groups with a movable slot, renumbered 0.. in their order: per-group arrays as
+        # long as those groups, not all L * (E + 1) (far more where few slots move).
+        present = np.zeros(weight.size, dtype=bool)
+        present[group] = True
+        kept = np.flatnonzero(present)
+        self.group = (np.cumsum(present) - 1)[group]
+        self.size = kept.size
+        # float64 [size]: each group's load above one unit per replica
+        self.spare = (weight - count * (weight / np.maximum(units, 1)))[kept]
 
     def rank_loads(self, share: np.ndarray) -> np.ndarray:
         """float64 [L * R] with ``share`` float64 [N] the load of each replicated slot."""
