@@ -7,9 +7,12 @@ one replica each plus the ``M = slots - E`` highest priorities, found with one s
 instead of a per-slot loop. With total load T the M-th highest priority lies between
 ``T / (M + E)`` and ``T / M`` (expert e has about ``load[e] / p`` priorities above p), so only
 the candidates in that window, about 2E per row, are sorted; every candidate above the window
-wins. Where replica caps make the window miss the cutoff, the rows fall back to the plain
-bound: if the expert of load rank i (heaviest first) gets k extras, so does every heavier one,
-so ``(i + 1) * k <= M`` and only ``~M log M`` candidates can win.
+wins. With more than ``_NARROW_FROM`` experts one secant step first narrows the window to a
+few standard deviations of the rounding around the cutoff (about ``sqrt(E)`` candidates); rows
+where that misses take the wide window. Where replica caps make the window miss the cutoff,
+the rows fall back to the plain bound: if the expert of load rank i (heaviest first) gets k
+extras, so does every heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates
+can win.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ Step 3 makes shares never worse than the equal split. Only some replicas move (t
 the equal split and count as fixed load): those of experts with a replica on a heavy rank and
 at least ``MIN_UNITS_PER_REPLICA`` units per replica, in layers whose heaviest rank has room to
 fall (:func:`_movable`); a rounding unit coarser than the gain would take it back. Each step is
-a few ``bincount`` passes over the movable slots (one sort in step 2), so the cost is about
-linear in L x P; with one slot per rank a rank holds one replica and the equal split is
-already optimal: nothing runs.
+a few ``bincount`` passes over the movable slots (two 16-bit radix sorts in step 2), so the
+cost is about linear in L x P; with one slot per rank a rank holds one replica and the equal
+split is already optimal: nothing runs.
 """
 
 from __future__ import annotations
