@@ -142,13 +142,16 @@ def _window_extras(
     need = extra - won.sum(1)
     missed = ~fine | (need < 1) | ((priority >= low).sum(1) < need)
     extras = won
-    ok = np.flatnonzero(~missed)
-    if ok.size:
+    if not missed.any():  # the usual case: every row at once, without selecting rows
+        chosen = _largest(priority, tie_order, need)
+    else:
+        ok = np.flatnonzero(~missed)
         chosen = np.zeros(priority.shape, dtype=bool)
-        chosen[ok] = _largest(priority[ok], tie_order[ok], need[ok])
-        extras += np.bincount(cell[chosen[row, column]], minlength=rows * num_experts).reshape(
-            rows, num_experts
-        )
+        if ok.size:
+            chosen[ok] = _largest(priority[ok], tie_order[ok], need[ok])
+    extras += np.bincount(cell[chosen[row, column]], minlength=rows * num_experts).reshape(
+        rows, num_experts
+    )
     return extras, missed
 
 
