@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from elastic_ep import RankMapping
 from elastic_ep.eplb import EMPTY, Placement, PlacementBuffers, plan, plan_with_report
 from elastic_ep.eplb.placement import max_units
-from elastic_ep.eplb.shares import solve_shares
+from elastic_ep.eplb.shares import _grouped_order, solve_shares
 from elastic_ep.moe import route_to_slots
 
 
@@ -248,3 +248,27 @@ def test_solver_moves_load_off_the_heaviest_rank() -> None:
     assert torch.allclose(loads, torch.full((1, 2), 4.0, dtype=torch.float64), atol=6 / 64)
     one_slot = np.array([[[0], [0], [1]]])
     assert (solve_shares(one_slot, np.array([[5.0, 1.0]]), 8) == 1).all()  # nothing to move
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 400),
+    st.sampled_from([4, 1000, 70_000]),
+    st.integers(0, 2**16),
+)
+def test_left_over_units_go_in_group_then_key_order(size: int, groups: int, seed: int) -> None:
+    """The order of the left-over units: every index once, groups ascending, keys ascending
+    within a group (to 2^-16 of the largest key; exact, as a lexsort, for group ids past 16
+    bits)."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, groups, size)
+    key = rng.choice([0.0, 1.0, 2.5], size) if seed % 3 == 0 else rng.random(size) * 7.0
+    order = _grouped_order(group, key)
+    assert np.array_equal(np.sort(order), np.arange(size))
+    grouped, keyed = group[order], key[order]
+    assert (np.diff(grouped) >= 0).all()
+    same = grouped[1:] == grouped[:-1]
+    slack = 2.0**-16 * key.max() if groups <= 2**16 else 0.0
+    assert (keyed[1:][same] >= keyed[:-1][same] - slack).all()
+    if groups > 2**16:
+        assert np.array_equal(order, np.lexsort((key, group)))

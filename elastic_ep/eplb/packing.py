@@ -38,19 +38,39 @@ def sorted_replicas(
         per_replica: float64 [B, E], load of one replica of each expert.
         num_items: width of the result (R * S).
     """
-    rows, num_experts = counts.shape
-    total = int(counts[0].sum())
-    offsets = np.arange(rows)[:, None] * num_experts
-    by_weight = (descending_order(per_replica) + offsets).ravel()
-    # Every row holds the same number of replicas, so one flat repeat expands all rows at once.
-    expanded = np.repeat(by_weight, counts.ravel()[by_weight]).reshape(rows, total)
-    items = np.empty((rows, num_items), dtype=np.int64)
-    items[:, total:] = -1
-    np.subtract(expanded, offsets, out=items[:, :total])
-    weight = np.empty((rows, num_items))
-    weight[:, total:] = 0.0
-    weight[:, :total] = per_replica.ravel()[expanded]
+    rows = counts.shape[0]
+    order, flat, repeats = _by_weight(counts, per_replica)
+    items = _padded(np.repeat(order, repeats), rows, num_items, -1)
+    weight = _padded(np.repeat(per_replica.ravel()[flat], repeats), rows, num_items, 0.0)
     return items, weight
+
+
+def sorted_items(counts: np.ndarray, per_replica: np.ndarray, num_items: int) -> np.ndarray:
+    """The expert ids of :func:`sorted_replicas` alone, int64 [B, num_items]."""
+    order, _, repeats = _by_weight(counts, per_replica)
+    return _padded(np.repeat(order, repeats), counts.shape[0], num_items, -1)
+
+
+def _by_weight(
+    counts: np.ndarray, per_replica: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row's experts, heaviest replica first, int64 [B * E], as expert ids and as flat
+    indices into [B, E]; and their replica counts int64 [B * E]. Repeating ids or loads by the
+    counts lists every replica of all rows at once, in sequential memory order."""
+    rows, num_experts = counts.shape
+    order = descending_order(per_replica)
+    flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
+    return order.ravel(), flat, counts.ravel()[flat]
+
+
+def _padded(flat: np.ndarray, rows: int, num_items: int, fill: float) -> np.ndarray:
+    """[rows, num_items]: ``flat`` [rows * T] (T <= num_items per row) as rows, padded with
+    ``fill``."""
+    if flat.size == rows * num_items:
+        return flat.reshape(rows, num_items)
+    out = np.full((rows, num_items), fill, dtype=flat.dtype)
+    out[:, : flat.size // rows] = flat.reshape(rows, -1)
+    return out
 
 
 def slot_loads(slots: np.ndarray, per_replica: np.ndarray) -> np.ndarray:
@@ -336,9 +356,10 @@ def static_slots(
     if counts is None:
         counts = replica_counts(load, num_ranks * slots_per_rank, num_ranks)
     per_replica = load / counts
-    items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
     if slots_per_rank == 1:  # one round, in rank order; a swap of single slots would only
-        return items.reshape(-1, num_ranks, 1)  # exchange two ranks' loads
+        # exchange two ranks' loads
+        return sorted_items(counts, per_replica, num_ranks).reshape(-1, num_ranks, 1)
+    items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
     slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
     pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
     improve_by_swaps(

@@ -7,9 +7,12 @@ one replica each plus the ``M = slots - E`` highest priorities, found with one s
 instead of a per-slot loop. With total load T the M-th highest priority lies between
 ``T / (M + E)`` and ``T / M`` (expert e has about ``load[e] / p`` priorities above p), so only
 the candidates in that window, about 2E per row, are sorted; every candidate above the window
-wins. Where replica caps make the window miss the cutoff, the rows fall back to the plain
-bound: if the expert of load rank i (heaviest first) gets k extras, so does every heavier one,
-so ``(i + 1) * k <= M`` and only ``~M log M`` candidates can win.
+wins. With more than ``_NARROW_FROM`` experts one secant step first narrows the window to a
+few standard deviations of the rounding around the cutoff (about ``sqrt(E)`` candidates); rows
+where that misses take the wide window. Where replica caps make the window miss the cutoff,
+the rows fall back to the plain bound: if the expert of load rank i (heaviest first) gets k
+extras, so does every heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates
+can win.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ _PARTITION_FROM = 4096  # candidates per row from which a partition beats the in
 _WINDOW_FROM = 5  # candidates per expert (plain bound) from which the window is used
 _CAP_ROUNDS = 3  # refinements of the set of experts at their replica cap
 _ROUNDING = 1e-9  # relative margin of the window's ends against rounding
+_NARROW = 6.0  # standard deviations of the rounding kept on either side of the estimate
+# Experts per row up to which the narrowed window (2 * _NARROW * sqrt(E / 12) candidates) is
+# not under half the wide one (E candidates).
+_NARROW_FROM = 48
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -43,17 +50,31 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     bounded = np.minimum(extra // np.arange(1, min(extra, num_experts) + 1), cap).sum()
     if bounded <= _WINDOW_FROM * num_experts:  # few extras: the plain bound is small already
         return _bounded_extras(load, extra, cap) + 1
-    extras, missed = _window_extras(load, extra, cap)
-    if missed.any():
-        extras[missed] = _bounded_extras(load[missed], extra, cap)
+    high, low, fine = _window(load, extra, cap)
+    if num_experts <= _NARROW_FROM:  # the narrowed window would be about as wide
+        extras, missed = _window_extras(load, extra, cap, high, low, fine)
+        if missed.any():
+            extras[missed] = _bounded_extras(load[missed], extra, cap)
+        return extras + 1
+    narrow_high, narrow_low = _narrowed(load, extra, cap, high, low)
+    extras, missed = _window_extras(load, extra, cap, narrow_high, narrow_low, fine)
+    if missed.any():  # the narrow window missed the cutoff: the wide one, then the plain bound
+        rows = np.flatnonzero(missed)
+        wide, missed_wide = _window_extras(
+            load[rows], extra, cap, high[rows], low[rows], fine[rows]
+        )
+        extras[rows] = wide
+        if missed_wide.any():
+            rows = rows[missed_wide]
+            extras[rows] = _bounded_extras(load[rows], extra, cap)
     return extras + 1
 
 
-def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """int64 [B, E]: extra replicas per expert (at most ``cap``) from the candidates between
-    ``T / (M + E)`` and ``T / M`` (see the module docstring), and bool [B]: rows where that
-    window does not hold the cutoff (their extras are not valid)."""
-    rows, num_experts = load.shape
+def _window(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window ``[T' / (M' + E'), T' / M']`` that holds the cutoff priority of every row
+    (see the module docstring and below): its high and low ends float64 [B, 1], and bool [B]:
+    rows where it is defined (elsewhere the ends are 1 and the window misses)."""
+    num_experts = load.shape[1]
     total = load.sum(1, keepdims=True)
     # Experts at their cap take `cap` extras each; the window is set by the others. An
     # uncapped expert has fewer than load / p priorities above p and at least load / p - 1
@@ -71,7 +92,37 @@ def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, 
         high = rest / np.maximum(rest_extra, 1)
         low = rest / np.maximum(rest_extra + num_experts - count, 1)
     fine = (rest[:, 0] > 0) & (rest_extra[:, 0] > 0)
-    high, low = np.where(fine[:, None], high, 1.0), np.where(fine[:, None], low, 1.0)
+    return np.where(fine[:, None], high, 1.0), np.where(fine[:, None], low, 1.0), fine
+
+
+def _narrowed(
+    load: np.ndarray, extra: int, cap: int, high: np.ndarray, low: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A narrower window than ``[low, high]`` (float64 [B, 1]) around the cutoff priority,
+    high and low ends float64 [B, 1]: it may miss (:func:`_window_extras` says where).
+
+    The count of priorities above p, ``f(1 / p)``, grows by about the load of the experts with
+    an extra replica per unit of ``1 / p``; one secant step from the window's middle estimates
+    the cutoff, and the window keeps ``_NARROW`` standard deviations of the rounding (about
+    ``sqrt(E / 12)``) on either side."""
+    middle = 2.0 / (1.0 / high + 1.0 / low)  # the middle of the window in 1 / p
+    above = np.clip(np.ceil(load / middle) - 1, 0, cap)
+    slope = np.where(load >= middle, load, 0.0).sum(1, keepdims=True)
+    slope = np.maximum(slope, 1e-300)
+    estimate = 1.0 / middle + (extra - above.sum(1, keepdims=True)) / slope
+    margin = _NARROW * np.sqrt(load.shape[1] / 12.0) / slope
+    return 1.0 / np.maximum(estimate - margin, 1.0 / high), 1.0 / np.minimum(
+        estimate + margin, 1.0 / low
+    )
+
+
+def _window_extras(
+    load: np.ndarray, extra: int, cap: int, high: np.ndarray, low: np.ndarray, fine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [B, E]: extra replicas per expert (at most ``cap``) from the candidates between
+    ``low`` and ``high`` (float64 [B, 1]), and bool [B]: rows where that window does not hold
+    the cutoff or ``fine`` (bool [B]) is False (their extras are not valid)."""
+    rows, num_experts = load.shape
     # Won for certain: the priorities above the high end (fewer than M in all while an expert
     # is uncapped, so all above the cutoff); the window holds every priority at or above the
     # low end. The factors keep rounding on the safe side (a wider window).
@@ -91,13 +142,16 @@ def _window_extras(load: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, 
     need = extra - won.sum(1)
     missed = ~fine | (need < 1) | ((priority >= low).sum(1) < need)
     extras = won
-    ok = np.flatnonzero(~missed)
-    if ok.size:
+    if not missed.any():  # the usual case: every row at once, without selecting rows
+        chosen = _largest(priority, tie_order, need)
+    else:
+        ok = np.flatnonzero(~missed)
         chosen = np.zeros(priority.shape, dtype=bool)
-        chosen[ok] = _largest(priority[ok], tie_order[ok], need[ok])
-        extras += np.bincount(cell[chosen[row, column]], minlength=rows * num_experts).reshape(
-            rows, num_experts
-        )
+        if ok.size:
+            chosen[ok] = _largest(priority[ok], tie_order[ok], need[ok])
+    extras += np.bincount(cell[chosen[row, column]], minlength=rows * num_experts).reshape(
+        rows, num_experts
+    )
     return extras, missed
 
 

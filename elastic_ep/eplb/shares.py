@@ -26,9 +26,9 @@ Step 3 makes shares never worse than the equal split. Only some replicas move (t
 the equal split and count as fixed load): those of experts with a replica on a heavy rank and
 at least ``MIN_UNITS_PER_REPLICA`` units per replica, in layers whose heaviest rank has room to
 fall (:func:`_movable`); a rounding unit coarser than the gain would take it back. Each step is
-a few ``bincount`` passes over the movable slots (one sort in step 2), so the cost is about
-linear in L x P; with one slot per rank a rank holds one replica and the equal split is
-already optimal: nothing runs.
+a few ``bincount`` passes over the movable slots (two 16-bit radix sorts in step 2), so the
+cost is about linear in L x P; with one slot per rank a rank holds one replica and the equal
+split is already optimal: nothing runs.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     weight = weight.ravel()
     total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
     equal = weight / np.maximum(count, 1)  # a replica's load under the equal split
-    rank_load = equal[group_of].reshape(layers, ranks, per_rank).sum(2)
+    rank_load = _sum_slots(equal[group_of].reshape(layers, ranks, per_rank))
     slot = _movable(group_of, rank_load, weight, count, total_units, per_rank)
     if slot.size == 0:
         return units
@@ -91,6 +91,15 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     keep = (peak < equal_peak * (1.0 - 1e-12))[rank // ranks]
     units.ravel()[slot[keep]] = slot_units[keep]
     return units
+
+
+def _sum_slots(values: np.ndarray) -> np.ndarray:
+    """[L, R]: ``values`` [L, R, S] summed over the slots, one whole-array add per slot (numpy's
+    reduction over a short last axis costs about ten times more)."""
+    total = values[..., 0].copy()
+    for slot in range(1, values.shape[2]):
+        total += values[..., slot]
+    return total
 
 
 def _movable(
@@ -141,10 +150,11 @@ def _movable(
 
 
 class _Problem:
-    """The replicated slots of all layers, flattened: ``group`` (layer * E + expert) and
-    ``rank`` (layer * R + rank) int64 [N] per slot; per group ``weight``, ``count`` (replicas)
-    and ``units`` (total to reach) [L * E]; ``fixed`` float64 [L * R] the load shares cannot
-    move."""
+    """The replicated slots of all layers, flattened: ``group`` (layer * E + expert, renumbered
+    densely in that order) and ``rank`` (layer * R + rank) int64 [N] per slot; per slot its
+    group's ``weight``, ``count`` (replicas), ``units`` (total to reach) and ``unit`` (load of
+    one unit), per group ``spare`` (load above one unit per replica); ``fixed`` float64
+    [L * R] the load shares cannot move."""
 
     def __init__(
         self,
@@ -157,13 +167,21 @@ class _Problem:
         layers: int,
         ranks: int,
     ) -> None:
-        self.group, self.rank, self.fixed = group, rank, fixed
+        self.rank, self.fixed = rank, fixed
         self.layers, self.ranks = layers, ranks
         self.weight = weight[group]
         self.unit = self.weight / units[group]  # load of one routing unit
         self.units = units[group]
         self.count = count[group]
-        self.size = weight.size
+        # The groups with a movable slot, renumbered 0.. in their order: per-group arrays as
+        # long as those groups, not all L * (E + 1) (far more where few slots move).
+        present = np.zeros(weight.size, dtype=bool)
+        present[group] = True
+        kept = np.flatnonzero(present)
+        self.group = (np.cumsum(present) - 1)[group]
+        self.size = kept.size
+        # float64 [size]: each group's load above one unit per replica
+        self.spare = (weight - count * (weight / np.maximum(units, 1)))[kept]
 
     def rank_loads(self, share: np.ndarray) -> np.ndarray:
         """float64 [L * R] with ``share`` float64 [N] the load of each replicated slot."""
@@ -187,7 +205,6 @@ def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarr
     inverse = 1.0 / movable
     # Groups without a movable slot weigh 0: the floor only keeps their (unused) level finite.
     weight_sum = np.maximum(np.bincount(group, weights=inverse, minlength=size), 1e-300)
-    spare = problem.weight - problem.count * problem.unit  # load above one unit per replica
     loads = problem.rank_loads(share)  # [L * R], carried from one step to the next
     for _ in range(ITERATIONS):
         rank_load = loads[problem.rank]
@@ -195,7 +212,8 @@ def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarr
         share = share + (level[group] - rank_load) * inverse
         # At least one unit per replica; the rest rescaled so that the expert's load stays.
         above = np.maximum(share - problem.unit, 0.0)
-        share = problem.unit + above * (spare / np.maximum(problem.total_of(above), 1e-300))
+        above_sum = np.bincount(group, weights=above, minlength=size)
+        share = problem.unit + above * (problem.spare / np.maximum(above_sum, 1e-300))[group]
         loads = problem.rank_loads(share)
         now = loads.reshape(problem.layers, problem.ranks).max(1)
         if not (now < peak * (1.0 - MIN_GAIN)).any():
@@ -210,12 +228,14 @@ def _integer_units(problem: _Problem, share: np.ndarray) -> np.ndarray:
     lightest with one more; divided by each group's gcd (step 2 of the module docstring)."""
     units = np.maximum(1, np.floor(share / problem.unit + 1e-9)).astype(np.int64)
     left = problem.units - problem.total_of(units.astype(np.float64)).astype(np.int64)
-    other = problem.rank_loads(share)[problem.rank] - share
-    order = np.lexsort((other + problem.unit * (units + 1), problem.group))
-    grouped = problem.group[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-    lengths = np.diff(np.r_[starts, grouped.size])
-    position = np.arange(grouped.size) - np.repeat(starts, lengths)
+    # A slot's rank load with one more unit: the left-over units go to the lowest in each group.
+    after = problem.rank_loads(share)[problem.rank] - share + problem.unit * (units + 1)
+    order = _grouped_order(problem.group, after)
+    # The groups in ``order`` are ascending: their sizes give where each starts.
+    lengths = np.bincount(problem.group, minlength=problem.size)
+    lengths = lengths[lengths > 0]
+    starts = np.cumsum(lengths) - lengths
+    position = np.arange(order.size) - np.repeat(starts, lengths)
     units[order] += position < left[order]
     # Floating-point slack could leave a group over its total: those keep the equal split.
     over = problem.total_of(units.astype(np.float64)) > problem.units
@@ -223,3 +243,20 @@ def _integer_units(problem: _Problem, share: np.ndarray) -> np.ndarray:
     divisor = np.gcd.reduceat(units[order], starts)
     units[order] //= np.repeat(divisor, lengths)
     return units
+
+
+def _grouped_order(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """int64 [N]: indices sorting ``group`` int64 [N] (>= 0), then ``key`` float64 [N] (>= 0)
+    within a group, then the index.
+
+    Two stable radix passes (numpy's stable sort of uint16 is a radix sort, linear and many
+    times faster than a lexsort): the key in 16 bits of the largest key, then the group. Keys
+    closer than 2^-16 of the largest (a rank load; a routing unit weighs far more) count as
+    equal.
+    """
+    if group.size and int(group.max()) > np.iinfo(np.uint16).max:
+        return np.lexsort((key, group))
+    top = float(key.max(initial=0.0))
+    scale = (2.0**16 - 1) / top if top > 0 else 0.0
+    order = np.argsort((key * scale).astype(np.uint16), kind="stable")
+    return order[np.argsort(group[order].astype(np.uint16), kind="stable")]
