@@ -35,6 +35,18 @@ def has_expert(bits: np.ndarray, rank: np.ndarray, expert: np.ndarray) -> np.nda
     return (np.right_shift(word, (ids & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
 
 
+def has_expert_in(
+    tables: tuple[np.ndarray, ...], rank: np.ndarray, expert: np.ndarray
+) -> list[np.ndarray]:
+    """:func:`has_expert` for each of ``tables`` (bit sets of one width), the word index and
+    bit computed once."""
+    ids = expert + 1
+    cell = rank * tables[0].shape[1] + (ids >> 6)
+    shift = (ids & 63).astype(np.uint64)
+    one = np.uint64(1)
+    return [(np.right_shift(t.ravel()[cell], shift) & one).astype(bool) for t in tables]
+
+
 def move_bit(bits: np.ndarray, rank: np.ndarray, gone: np.ndarray, came: np.ndarray) -> None:
     """In ``bits``, rank ``rank[i]`` (distinct) drops expert ``gone[i]`` and gains ``came[i]``
     (-1 = nothing)."""

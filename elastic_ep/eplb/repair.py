@@ -18,7 +18,9 @@ leaves it at the first that reaches its target:
 1. the fewest moves: experts with no replica left, and the empty slots (a joined rank) filled
    with the wanted replicas heaviest first: shares then move load onto them;
 2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
-   ranks still heavy after the shares;
+   ranks still heavy after the shares: one swap step, then rounds of swaps up to the target
+   less what solving the shares again added after the previous round (at most half the way
+   left), the shares solved again after each;
 3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
    more partners.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from elastic_ep.eplb.expert_bits import expert_bits
 from elastic_ep.eplb.incremental import fill_missing
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, swap_towards
@@ -40,7 +43,6 @@ from elastic_ep.eplb.single_slot import repair_single_slot
 WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
-SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
 
 
 def repair(
@@ -106,20 +108,36 @@ def _repair_with_shares(
     balance = balance_with_units(slots, load, units)[0]
 
     # Step 2: swaps of the loads shares give (each slot keeps its units as it moves), in
-    # rounds of SHARE_STEPS steps, the shares solved again after each.
+    # rounds, the shares solved again after each.
     # Swaps keep the replica counts: rows that need other counts (their counts cannot reach
     # the target, or they are far below it) go on to step 3 at once.
+    before = expert_bits(kept.reshape(-1, per_rank), load.shape[1]).reshape(rows, ranks, -1)
+
+    def bits_of(at: np.ndarray) -> np.ndarray:
+        return before[at].reshape(at.size * ranks, -1)
+
     near = balance >= (1.0 - SWAP_GAP) * target
     short = np.flatnonzero((balance < target) & near & (_count_bound(slots, load) >= target))
-    for _ in range(SHARE_ROUNDS):
+    lift = np.zeros(rows)  # what solving the shares again added to the carried units
+    for step in range(SHARE_ROUNDS):
         if short.size == 0:
             break
         part = slots[short]
         weight = balance_with_units(part, load[short], units[short])[1]
         totals = _unit_totals(part, load.shape[1], units[short])
-        steps = max(1, ranks // SHARE_STEP_RANKS)
+        # One swap step first, to measure what solving the shares adds after a swap; then
+        # swaps until the carried units reach the target less that lift (at most half the
+        # way, so that every round swaps).
+        steps = 1 if step == 0 else ranks * per_rank
         swap_towards(
-            part, kept[short], load[short], target[short], budget[short], steps, slot_weight=weight
+            part,
+            kept[short],
+            load[short],
+            target[short] - np.minimum(lift[short], 0.5 * (target[short] - balance[short])),
+            budget[short],
+            steps,
+            slot_weight=weight,
+            before=bits_of(short),
         )
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         slots[short] = part
@@ -130,6 +148,7 @@ def _repair_with_shares(
         better = solved_balance >= carried_balance
         units[short] = np.where(better[:, None, None], solved, carried)
         balance[short] = np.maximum(solved_balance, carried_balance)
+        lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
         short = short[(balance[short] < target[short]) & moved]
     short = np.flatnonzero(balance < target)
 
@@ -157,7 +176,15 @@ def _repair_with_shares(
         # Swap until the equal split reaches the target less what shares add to it now.
         lift = np.maximum(balance[short] - _balance(part, load[short]), 0.0)
         goal = target[short] - lift
-        swap_towards(part, kept[short], load[short], goal, budget[short], ranks * per_rank)
+        swap_towards(
+            part,
+            kept[short],
+            load[short],
+            goal,
+            budget[short],
+            ranks * per_rank,
+            before=bits_of(short),
+        )
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         short = short[moved]
         slots[short] = part[moved]

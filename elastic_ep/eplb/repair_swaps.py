@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
+from elastic_ep.eplb.expert_bits import expert_bits, has_expert, has_expert_in, move_bit
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
@@ -33,6 +33,7 @@ def swap_towards(
     max_steps: int,
     partners: int = SWAP_PARTNERS,
     slot_weight: np.ndarray | None = None,
+    before: np.ndarray | None = None,
 ) -> None:
     """Improve ``slots`` in place by swaps, see the module docstring.
 
@@ -47,6 +48,8 @@ def swap_towards(
         slot_weight: float64 [B, R, S], the load of each slot (0 for empty ones), moved with
             the slots in place; ``None``: the equal split of each expert's load over its
             replicas.
+        before: uint64 [B * R, W], :func:`expert_bits` of ``kept`` if the caller keeps it
+            across calls; built here where ``None``.
     """
     rows, ranks, per_rank = slots.shape
     num_experts = load.shape[1]
@@ -57,8 +60,8 @@ def swap_towards(
     weight = slot_weight.reshape(-1, per_rank)
     flat_slots = slots.reshape(-1, per_rank)
     held = expert_bits(flat_slots, num_experts)
-    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts)
-    spent = received_count(slots, kept)
+    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts) if before is None else before
+    spent = received_by_bits(flat_slots, held_before).reshape(rows, ranks).sum(1)
     loads = weight.sum(1)
     if ranks < 2:
         return
@@ -134,46 +137,40 @@ def _best_paid_swap(
     rows = heavy.size
     r_idx = np.arange(rows)
     heavy_load = loads[heavy]
-    hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
-    px = slots[partner] + 1  # [A, M, S]
-    per_rank, pairs = hx.shape[1], px.shape[1] * px.shape[2]
-    # Candidate swaps as [A, S, M * S] (heavy slot, then partner and its slot): every
-    # broadcast below runs along the long last axis.
-    delta = weight[heavy][:, :, None] - weight[partner].reshape(rows, 1, pairs)
+    heavy_x, part_x = slots[heavy], slots[partner]  # [A, S], [A, M, S]
+    per_rank = heavy_x.shape[1]
+    # Candidate swaps as [A, S, M, S] (heavy slot, partner, partner slot).
+    delta = weight[heavy][:, :, None, None] - weight[partner][:, None, :, :]
     # Gain = heavy load - max(heavy load - delta, partner load + delta), in place (big arrays).
-    gap = np.repeat(heavy_load[:, None] - loads[partner], per_rank, axis=1)  # [A, M * S]
-    gain = np.subtract(gap[:, None, :], delta)
+    gain = np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta)
     np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
     # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
     held, held_before = bits
-    heavy_x, part_x = hx - 1, px - 1  # [A, S], [A, M, S]
+    x_now, x_before = has_expert_in((held, held_before), partner[:, None, :], heavy_x[:, :, None])
+    y_now, y_before = has_expert_in((held, held_before), heavy[:, None, None], part_x)
+    x_placed = (heavy_x >= 0)[:, :, None]
+    y_placed = part_x >= 0
     # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
-    new_on_partner = ~has_expert(held_before, partner[:, None, :], heavy_x[:, :, None])
-    new_on_heavy = ~has_expert(held_before, heavy[:, None, None], part_x)  # [A, M, S]
     x_side = np.subtract(
-        new_on_partner & (heavy_x >= 0)[:, :, None],
-        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & (heavy_x >= 0)[:, :, None],
+        ~x_before & x_placed,
+        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & x_placed,
         dtype=np.float64,
     )  # [A, S, M]
     y_side = np.subtract(
-        new_on_heavy & (part_x >= 0),
-        ~has_expert(held_before, partner[:, :, None], part_x) & (part_x >= 0),
+        ~y_before & y_placed,
+        ~has_expert(held_before, partner[:, :, None], part_x) & y_placed,
         dtype=np.float64,
-    )
-    x_side[
-        has_expert(held, partner[:, None, :], heavy_x[:, :, None])
-        | (partner == heavy[:, None])[:, None, :]
-    ] = np.inf
-    y_side[has_expert(held, heavy[:, None, None], part_x)] = np.inf
+    )  # [A, M, S]
+    x_side[x_now | (partner == heavy[:, None])[:, None, :]] = np.inf
+    y_side[y_now] = np.inf
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
-    cost = np.repeat(x_side, per_rank, axis=2)  # [A, S, M * S]
-    cost += y_side.reshape(rows, 1, pairs)
+    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :])  # [A, S, M, S]
     tight = np.flatnonzero(left < 2)
-    over = cost[tight] > left[tight, None, None] if tight.size else None
+    over = cost[tight] > left[tight, None, None, None] if tight.size else None
     np.maximum(cost, _FREE_SWAP_COST, out=cost)
     score = np.divide(gain, cost, out=cost).reshape(rows, -1)
     if over is not None:
@@ -191,6 +188,13 @@ def _best_paid_swap(
         p_slot,
         np.where(improved, spent, 0.0).astype(np.int64),
     )
+
+
+def received_by_bits(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """int64 [N]: experts in each row of ``slots`` (int64 [N, S]) that row n of ``before``
+    (:func:`expert_bits`, uint64 [N, W]) does not hold."""
+    rank = np.arange(slots.shape[0])[:, None]
+    return ((slots >= 0) & ~has_expert(before, rank, slots)).sum(1)
 
 
 def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
