@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
 from elastic_ep.eplb import Placement, plan, plan_with_report
-from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
+from elastic_ep.eplb.expert_bits import expert_bits, has_expert, has_expert_in, swap_bits
 from elastic_ep.eplb.relabel import greedy_matching, overlap_edges, relabel_packs
 
 LAYERS, EXPERTS = 4, 256
@@ -219,10 +219,14 @@ def test_expert_bits_match_slot_membership(ranks: int, slots: int, experts: int,
     rank, expert = np.meshgrid(np.arange(ranks), np.arange(-1, experts), indexing="ij")
     held = (table[:, None, :] == expert[..., None]).any(2) & (expert >= 0)
     assert np.array_equal(has_expert(bits, rank, expert), held)
-    # Rank 0 swaps its first slot's expert for one it lacks (or for nothing).
-    gone = table[0, 0]
-    came = next((e for e in range(experts) if not held[0, e + 1]), -1)
-    move_bit(bits, np.array([0]), np.array([gone]), np.array([came]))
-    table[0, 0] = came
+    before = bits.copy()
+    # The last rank trades its first slot with rank 0's, where neither then holds an expert
+    # twice (a swap of the repair).
+    x, y = table[0, 0], table[-1, 0]
+    if ranks > 1 and not (x >= 0 and held[-1, x + 1]) and not (y >= 0 and held[0, y + 1]):
+        swap_bits(bits, np.array([0]), np.array([ranks - 1]), np.array([x]), np.array([y]))
+        table[0, 0], table[-1, 0] = y, x
     held = (table[:, None, :] == expert[..., None]).any(2) & (expert >= 0)
-    assert np.array_equal(has_expert(bits, rank, expert), held)
+    now, then = has_expert_in((bits, before), rank, expert)
+    assert np.array_equal(now, held)
+    assert np.array_equal(then, has_expert(before, rank, expert))

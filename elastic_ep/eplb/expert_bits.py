@@ -47,15 +47,16 @@ def has_expert_in(
     return [(np.right_shift(t.ravel()[cell], shift) & one).astype(bool) for t in tables]
 
 
-def move_bit(bits: np.ndarray, rank: np.ndarray, gone: np.ndarray, came: np.ndarray) -> None:
-    """In ``bits``, rank ``rank[i]`` (distinct) drops expert ``gone[i]`` and gains ``came[i]``
-    (-1 = nothing)."""
-    for expert, keep in ((gone, False), (came, True)):
-        ids = expert + 1
-        word = ids >> 6
-        mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
-        mask[expert < 0] = 0
-        if keep:
-            bits[rank, word] |= mask
-        else:
-            bits[rank, word] &= ~mask
+def swap_bits(
+    bits: np.ndarray, first: np.ndarray, second: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> None:
+    """In ``bits``, rank ``first[i]`` trades expert ``x[i]`` for ``y[i]`` with rank
+    ``second[i]`` (-1 = nothing); each rank holds exactly one of the two before, so both
+    ranks toggle the same two bits: one ``bitwise_xor.at`` (bit 0, "empty", toggles never).
+    ``bits`` is C-contiguous (from :func:`expert_bits`), updated in place."""
+    width = bits.shape[1]
+    ids = np.concatenate([x, y]) + 1
+    mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
+    mask[ids == 0] = 0
+    cells = np.concatenate([first, first, second, second]) * width + np.tile(ids >> 6, 2)
+    np.bitwise_xor.at(bits.reshape(-1), cells, np.tile(mask, 2))

@@ -42,6 +42,8 @@ from elastic_ep.eplb.single_slot import repair_single_slot
 
 WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
+SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
+QUIET_LIFT = 1e-3  # rows whose shares gained at most this after a round double their steps
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
 
 
@@ -119,25 +121,29 @@ def _repair_with_shares(
     near = balance >= (1.0 - SWAP_GAP) * target
     short = np.flatnonzero((balance < target) & near & (_count_bound(slots, load) >= target))
     lift = np.zeros(rows)  # what solving the shares again added to the carried units
+    base_steps = max(1, ranks // SHARE_STEP_RANKS)
+    placed = (orphans + first) > 0
     for step in range(SHARE_ROUNDS):
         if short.size == 0:
             break
         part = slots[short]
         weight = balance_with_units(part, load[short], units[short])[1]
         totals = _unit_totals(part, load.shape[1], units[short])
-        # One swap step first, to measure what solving the shares adds after a swap; then
-        # swaps until the carried units reach the target less that lift (at most half the
-        # way, so that every round swaps).
-        steps = 1 if step == 0 else ranks * per_rank
+        # Rows where solving the shares again added nothing to the carried units in the
+        # last round (the carried loads are what the shares give) take twice the steps of
+        # the round before; the others the base steps, the shares solved after each.
+        quiet = (lift[short] <= QUIET_LIFT) & (step > 0) & placed[short]
+        row_steps = np.where(quiet, base_steps << step, base_steps)
         swap_towards(
             part,
             kept[short],
             load[short],
-            target[short] - np.minimum(lift[short], 0.5 * (target[short] - balance[short])),
+            target[short],
             budget[short],
-            steps,
+            min(base_steps << step, ranks * per_rank),
             slot_weight=weight,
             before=bits_of(short),
+            row_steps=row_steps,
         )
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         slots[short] = part

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import expert_bits, has_expert, has_expert_in, move_bit
+from elastic_ep.eplb.expert_bits import expert_bits, has_expert, has_expert_in, swap_bits
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
@@ -34,6 +34,7 @@ def swap_towards(
     partners: int = SWAP_PARTNERS,
     slot_weight: np.ndarray | None = None,
     before: np.ndarray | None = None,
+    row_steps: np.ndarray | None = None,
 ) -> None:
     """Improve ``slots`` in place by swaps, see the module docstring.
 
@@ -50,6 +51,8 @@ def swap_towards(
             replicas.
         before: uint64 [B * R, W], :func:`expert_bits` of ``kept`` if the caller keeps it
             across calls; built here where ``None``.
+        row_steps: int64 [B], most swap steps of each row (``max_steps`` for all where
+            ``None``).
     """
     rows, ranks, per_rank = slots.shape
     num_experts = load.shape[1]
@@ -69,11 +72,15 @@ def swap_towards(
     partners = min(partners, max(1, ranks // 4))
     pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
     active = np.arange(rows)
-    for _ in range(max_steps):
+    if row_steps is not None:
+        max_steps = min(max_steps, int(row_steps.max(initial=0)))
+    for done in range(max_steps):
         rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
         peak = rank_loads.max(1)
         balance = rank_loads.mean(1) / np.maximum(peak, 1e-300)
         keep = (balance < target[active]) & (spent[active] < budget[active])
+        if row_steps is not None:
+            keep &= row_steps[active] > done
         active, rank_loads = active[keep], rank_loads[keep]
         if active.size == 0:
             return
@@ -106,8 +113,7 @@ def swap_towards(
         weight[h_rank, h_slot], weight[p_rank, p_slot] = wy, wx
         loads[h_rank] += wy - wx
         loads[p_rank] += wx - wy
-        move_bit(held, h_rank, x, y)
-        move_bit(held, p_rank, y, x)
+        swap_bits(held, h_rank, p_rank, x, y)
         np.add.at(spent, active[row[found[0]]], cost)
         still = np.zeros(rows, dtype=bool)
         still[active[row[found[0]]]] = True
