@@ -18,9 +18,11 @@ leaves it at the first that reaches its target:
 1. the fewest moves: experts with no replica left, and the empty slots (a joined rank) filled
    with the wanted replicas heaviest first: shares then move load onto them;
 2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
-   ranks still heavy after the shares: one swap step, then rounds of swaps up to the target
-   less what solving the shares again added after the previous round (at most half the way
-   left), the shares solved again after each;
+   ranks still heavy after the shares, in rounds, the shares solved again after each. Drift
+   rows (nothing placed in step 1) take one swap step per round, the fewest swaps; rows that
+   placed replicas double their steps every round and swap up to the target less what
+   solving the shares again added after the previous round (at most half the way left), so
+   that a scale event or a failure needs few rounds;
 3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
    more partners.
 
@@ -43,7 +45,6 @@ from elastic_ep.eplb.single_slot import repair_single_slot
 WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
 SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
-QUIET_LIFT = 1e-3  # rows whose shares gained at most this after a round double their steps
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
 
 
@@ -120,7 +121,7 @@ def _repair_with_shares(
 
     near = balance >= (1.0 - SWAP_GAP) * target
     short = np.flatnonzero((balance < target) & near & (_count_bound(slots, load) >= target))
-    lift = np.zeros(rows)  # what solving the shares again added to the carried units
+    share_lift = np.zeros(rows)  # what solving the shares again added to the carried units
     base_steps = max(1, ranks // SHARE_STEP_RANKS)
     placed = (orphans + first) > 0
     for step in range(SHARE_ROUNDS):
@@ -129,16 +130,18 @@ def _repair_with_shares(
         part = slots[short]
         weight = balance_with_units(part, load[short], units[short])[1]
         totals = _unit_totals(part, load.shape[1], units[short])
-        # Rows where solving the shares again added nothing to the carried units in the
-        # last round (the carried loads are what the shares give) take twice the steps of
-        # the round before; the others the base steps, the shares solved after each.
-        quiet = (lift[short] <= QUIET_LIFT) & (step > 0) & placed[short]
-        row_steps = np.where(quiet, base_steps << step, base_steps)
+        # Rows that placed replicas (orphans, joined ranks) double their steps every round and
+        # swap up to the target less what solving the shares again added after the last
+        # round (at most half the way); the others (drift) take the base steps to the target,
+        # the shares solved after each: the fewest swaps.
+        grow = placed[short]
+        row_steps = np.where(grow, base_steps << step, base_steps)
+        lifted = np.minimum(share_lift[short], 0.5 * (target[short] - balance[short]))
         swap_towards(
             part,
             kept[short],
             load[short],
-            target[short],
+            target[short] - np.where(grow, lifted, 0.0),
             budget[short],
             min(base_steps << step, ranks * per_rank),
             slot_weight=weight,
@@ -154,7 +157,7 @@ def _repair_with_shares(
         better = solved_balance >= carried_balance
         units[short] = np.where(better[:, None, None], solved, carried)
         balance[short] = np.maximum(solved_balance, carried_balance)
-        lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
+        share_lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
         short = short[(balance[short] < target[short]) & moved]
     short = np.flatnonzero(balance < target)
 
