@@ -21,6 +21,7 @@ from elastic_ep.eplb.packing import expert_counts, slot_loads
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
+CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 elements)
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 
 
@@ -140,6 +141,36 @@ def _best_paid_swap(
             (no rank in two of these).
         left: int64 [A], transfers each heavy rank's swap may spend.
     """
+    # In blocks of heavy ranks: the [A, S, M, S] candidate arrays stay small enough to be
+    # reused by the allocator (large ones are fresh pages every step, several times slower).
+    block = max(1, CANDIDATE_BLOCK // (slots.shape[1] ** 2 * partner.shape[1]))
+    if heavy.size <= block:
+        return _best_paid_swap_block(slots, weight, loads, bits, heavy, partner, left)
+    parts = [
+        _best_paid_swap_block(
+            slots,
+            weight,
+            loads,
+            bits,
+            heavy[i : i + block],
+            partner[i : i + block],
+            left[i : i + block],
+        )
+        for i in range(0, heavy.size, block)
+    ]
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+
+
+def _best_paid_swap_block(
+    slots: np.ndarray,
+    weight: np.ndarray,
+    loads: np.ndarray,
+    bits: tuple[np.ndarray, np.ndarray],
+    heavy: np.ndarray,
+    partner: np.ndarray,
+    left: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """:func:`_best_paid_swap` for one block of heavy ranks (same arguments and result)."""
     rows = heavy.size
     r_idx = np.arange(rows)
     heavy_load = loads[heavy]
