@@ -37,7 +37,7 @@ import numpy as np
 from elastic_ep.eplb.expert_bits import expert_bits
 from elastic_ep.eplb.incremental import fill_missing
 from elastic_ep.eplb.packing import expert_counts, slot_loads
-from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, swap_towards
+from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, slot_sum, swap_towards
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.single_slot import repair_single_slot
@@ -308,7 +308,7 @@ def balance_with_units(
     weight[:, :experts] = load
     per_unit = weight.ravel() / np.maximum(total, 1)
     slot_weight = (per_unit[group] * units).reshape(rows, ranks, per_rank)
-    rank_load = slot_weight.sum(2)
+    rank_load = slot_sum(slot_weight)
     peak = rank_load.max(1)
     balance = np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
     return balance, slot_weight
@@ -317,7 +317,7 @@ def balance_with_units(
 def _balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
     """float64 [B]: balancedness of every row with the equal split."""
     counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
-    rank_load = slot_loads(slots, load / counts).sum(2)
+    rank_load = slot_sum(slot_loads(slots, load / counts))
     peak = rank_load.max(1)
     return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
 
@@ -340,7 +340,7 @@ def _swap_passes(
     if weight is None:
         short = np.flatnonzero(_balance(slots, load) < target)
     else:  # the loads moved with their slots
-        rank_load = weight.sum(2)
+        rank_load = slot_sum(weight)
         short = np.flatnonzero(rank_load.mean(1) / np.maximum(rank_load.max(1), 1e-300) < target)
     if short.size == 0:
         return
