@@ -58,5 +58,6 @@ def swap_bits(
     ids = np.concatenate([x, y]) + 1
     mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
     mask[ids == 0] = 0
-    cells = np.concatenate([first, first, second, second]) * width + np.tile(ids >> 6, 2)
-    np.bitwise_xor.at(bits.reshape(-1), cells, np.tile(mask, 2))
+    words = ids >> 6
+    cells = np.concatenate([first, first, second, second]) * width + np.concatenate([words, words])
+    np.bitwise_xor.at(bits.reshape(-1), cells, np.concatenate([mask, mask]))

@@ -310,7 +310,8 @@ def balance_with_units(
     slot_weight = (per_unit[group] * units).reshape(rows, ranks, per_rank)
     rank_load = slot_sum(slot_weight)
     peak = rank_load.max(1)
-    balance = np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
+    mean = rank_load.sum(1) / ranks
+    balance = np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
     return balance, slot_weight
 
 

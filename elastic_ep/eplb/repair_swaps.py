@@ -78,11 +78,12 @@ def swap_towards(
     for done in range(max_steps):
         rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
         peak = rank_loads.max(1)
-        balance = rank_loads.mean(1) / np.maximum(peak, 1e-300)
+        mean = rank_loads.sum(1) / ranks  # what .mean(1) gives, without its Python wrapper
+        balance = mean / np.maximum(peak, 1e-300)
         keep = (balance < target[active]) & (spent[active] < budget[active])
         if row_steps is not None:
             keep &= row_steps[active] > done
-        active, rank_loads = active[keep], rank_loads[keep]
+        active, rank_loads, mean = active[keep], rank_loads[keep], mean[keep]
         if active.size == 0:
             return
         # The `pairs` heaviest ranks, each with its own `partners` of the lightest, disjoint:
@@ -91,7 +92,7 @@ def swap_towards(
         heavy = order[:, : -pairs - 1 : -1]  # [A, k]
         partner = order[:, : pairs * partners].reshape(-1, partners, pairs).transpose(0, 2, 1)
         # Heavy ranks after the first only while above the row's target peak.
-        limit = rank_loads.mean(1) / target[active]
+        limit = mean / target[active]
         wanted = loads[heavy] > limit[:, None]
         wanted[:, 0] = True
         row, which = np.nonzero(wanted)
