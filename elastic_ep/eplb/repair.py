@@ -108,7 +108,7 @@ def _repair_with_shares(
     _fill_empty(slots, load, counts, first)
     filled = slots.copy()
     units = solve_shares(slots, load, most)
-    balance = balance_with_units(slots, load, units)[0]
+    balance, slot_weight = balance_with_units(slots, load, units)
 
     # Step 2: swaps of the loads shares give (each slot keeps its units as it moves), in
     # rounds, the shares solved again after each.
@@ -128,7 +128,7 @@ def _repair_with_shares(
         if short.size == 0:
             break
         part = slots[short]
-        weight = balance_with_units(part, load[short], units[short])[1]
+        weight = slot_weight[short]  # what the units give, moved with the slots below
         totals = _unit_totals(part, load.shape[1], units[short])
         # Rows that placed replicas (orphans, joined ranks) double their steps every round and
         # swap up to the target less what solving the shares again added after the last
@@ -151,11 +151,12 @@ def _repair_with_shares(
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         slots[short] = part
         carried = _carried_units(part, load[short], weight, totals)
-        carried_balance = balance_with_units(part, load[short], carried)[0]
+        carried_balance, carried_weight = balance_with_units(part, load[short], carried)
         solved = solve_shares(part, load[short], most)
-        solved_balance = balance_with_units(part, load[short], solved)[0]
+        solved_balance, solved_weight = balance_with_units(part, load[short], solved)
         better = solved_balance >= carried_balance
         units[short] = np.where(better[:, None, None], solved, carried)
+        slot_weight[short] = np.where(better[:, None, None], solved_weight, carried_weight)
         balance[short] = np.maximum(solved_balance, carried_balance)
         share_lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
         short = short[(balance[short] < target[short]) & moved]
