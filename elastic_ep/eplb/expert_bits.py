@@ -35,15 +35,29 @@ def has_expert(bits: np.ndarray, rank: np.ndarray, expert: np.ndarray) -> np.nda
     return (np.right_shift(word, (ids & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
 
 
-def move_bit(bits: np.ndarray, rank: np.ndarray, gone: np.ndarray, came: np.ndarray) -> None:
-    """In ``bits``, rank ``rank[i]`` (distinct) drops expert ``gone[i]`` and gains ``came[i]``
-    (-1 = nothing)."""
-    for expert, keep in ((gone, False), (came, True)):
-        ids = expert + 1
-        word = ids >> 6
-        mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
-        mask[expert < 0] = 0
-        if keep:
-            bits[rank, word] |= mask
-        else:
-            bits[rank, word] &= ~mask
+def has_expert_in(
+    tables: tuple[np.ndarray, ...], rank: np.ndarray, expert: np.ndarray
+) -> list[np.ndarray]:
+    """:func:`has_expert` for each of ``tables`` (bit sets of one width), the word index and
+    bit computed once."""
+    ids = expert + 1
+    cell = rank * tables[0].shape[1] + (ids >> 6)
+    shift = (ids & 63).astype(np.uint64)
+    one = np.uint64(1)
+    return [(np.right_shift(t.ravel()[cell], shift) & one).astype(bool) for t in tables]
+
+
+def swap_bits(
+    bits: np.ndarray, first: np.ndarray, second: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> None:
+    """In ``bits``, rank ``first[i]`` trades expert ``x[i]`` for ``y[i]`` with rank
+    ``second[i]`` (-1 = nothing); each rank holds exactly one of the two before, so both
+    ranks toggle the same two bits: one ``bitwise_xor.at`` (bit 0, "empty", toggles never).
+    ``bits`` is C-contiguous (from :func:`expert_bits`), updated in place."""
+    width = bits.shape[1]
+    ids = np.concatenate([x, y]) + 1
+    mask = np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
+    mask[ids == 0] = 0
+    words = ids >> 6
+    cells = np.concatenate([first, first, second, second]) * width + np.concatenate([words, words])
+    np.bitwise_xor.at(bits.reshape(-1), cells, np.concatenate([mask, mask]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from elastic_ep.eplb.packing import expert_counts, slot_loads
+from elastic_ep.eplb.repair_swaps import any_slot, slot_sum
 
 FILL_CHUNK_DIVISOR = 4  # replicas placed at once per row: a quarter of the ranks
 
@@ -59,7 +60,7 @@ def fill_missing(
     left = budget + (have == 0).sum(1)
     items = _queue(by_weight, orphan, extra, left)
     slot_w = slot_loads(slots, per_replica)
-    rank_load = slot_w.sum(2)
+    rank_load = slot_sum(slot_w)
     open_slots = (slots < 0).sum(2)
     state = (slots, slot_w, per_replica, counts, have, rank_load, open_slots)
     chunk = max(1, slots.shape[1] // FILL_CHUNK_DIVISOR)
@@ -164,12 +165,12 @@ def _place_chunk(
     evict_slot = np.where(evictable, weight, -np.inf).argmax(2)  # [n, R]
     relief = np.take_along_axis(weight, evict_slot[..., None], 2)[..., 0]
     is_open = open_slots[b] > 0
-    usable = is_open | evictable.any(2)
+    usable = is_open | any_slot(evictable)
     # Ranks in order: open ones by load, then evictable ones by load after the eviction.
     order = np.lexsort((np.where(is_open, loads, loads - relief), ~is_open, ~usable), axis=1)
     rank = order[:, :width]  # [n, c]
     rows = np.arange(n)[:, None]
-    held = (cur[rows, rank] == expert[..., None]).any(2)
+    held = any_slot(cur[rows, rank] == expert[..., None])
     placed = (expert >= 0) & usable[rows, rank] & ~held
     opened = is_open[rows, rank]
     slot = np.where(opened, (cur[rows, rank] < 0).argmax(2), evict_slot[rows, rank])
@@ -214,7 +215,7 @@ def _place_one(
     returns the rows where it found room. Updates every state array in place (``slot_w``
     [B, R, S] and ``rank_load`` [B, R] hold loads at the wanted replica counts, ``open_slots``
     int64 [B, R] counts the empty slots of each rank)."""
-    lacks = ~(slots[b] == expert[:, None, None]).any(2)  # [n, R]
+    lacks = ~any_slot(slots[b] == expert[:, None, None])  # [n, R]
     # Fill empty slots before evicting (an empty slot left at the end is capacity lost): the
     # lightest rank lacking the expert that has one, at its first empty slot.
     open_rank = (open_slots[b] > 0) & lacks

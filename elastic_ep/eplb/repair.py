@@ -18,7 +18,11 @@ leaves it at the first that reaches its target:
 1. the fewest moves: experts with no replica left, and the empty slots (a joined rank) filled
    with the wanted replicas heaviest first: shares then move load onto them;
 2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
-   ranks still heavy after the shares;
+   ranks still heavy after the shares, in rounds, the shares solved again after each. Drift
+   rows (nothing placed in step 1) take one swap step per round, the fewest swaps; rows that
+   placed replicas double their steps every round and swap up to the target less what
+   solving the shares again added after the previous round (at most half the way left), so
+   that a scale event or a failure needs few rounds;
 3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
    more partners.
 
@@ -30,17 +34,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from elastic_ep.eplb.expert_bits import expert_bits
 from elastic_ep.eplb.incremental import fill_missing
 from elastic_ep.eplb.packing import expert_counts, slot_loads
-from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, swap_towards
+from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, slot_sum, swap_towards
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.single_slot import repair_single_slot
 
 WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
-SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
 SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
+SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
 
 
 def repair(
@@ -103,33 +108,57 @@ def _repair_with_shares(
     _fill_empty(slots, load, counts, first)
     filled = slots.copy()
     units = solve_shares(slots, load, most)
-    balance = balance_with_units(slots, load, units)[0]
+    balance, slot_weight = balance_with_units(slots, load, units)
 
     # Step 2: swaps of the loads shares give (each slot keeps its units as it moves), in
-    # rounds of SHARE_STEPS steps, the shares solved again after each.
+    # rounds, the shares solved again after each.
     # Swaps keep the replica counts: rows that need other counts (their counts cannot reach
     # the target, or they are far below it) go on to step 3 at once.
+    before = expert_bits(kept.reshape(-1, per_rank), load.shape[1]).reshape(rows, ranks, -1)
+
+    def bits_of(at: np.ndarray) -> np.ndarray:
+        return before[at].reshape(at.size * ranks, -1)
+
     near = balance >= (1.0 - SWAP_GAP) * target
     short = np.flatnonzero((balance < target) & near & (_count_bound(slots, load) >= target))
-    for _ in range(SHARE_ROUNDS):
+    share_lift = np.zeros(rows)  # what solving the shares again added to the carried units
+    base_steps = max(1, ranks // SHARE_STEP_RANKS)
+    placed = (orphans + first) > 0
+    for step in range(SHARE_ROUNDS):
         if short.size == 0:
             break
         part = slots[short]
-        weight = balance_with_units(part, load[short], units[short])[1]
+        weight = slot_weight[short]  # what the units give, moved with the slots below
         totals = _unit_totals(part, load.shape[1], units[short])
-        steps = max(1, ranks // SHARE_STEP_RANKS)
+        # Rows that placed replicas (orphans, joined ranks) double their steps every round and
+        # swap up to the target less what solving the shares again added after the last
+        # round (at most half the way); the others (drift) take the base steps to the target,
+        # the shares solved after each: the fewest swaps.
+        grow = placed[short]
+        row_steps = np.where(grow, base_steps << step, base_steps)
+        lifted = np.minimum(share_lift[short], 0.5 * (target[short] - balance[short]))
         swap_towards(
-            part, kept[short], load[short], target[short], budget[short], steps, slot_weight=weight
+            part,
+            kept[short],
+            load[short],
+            target[short] - np.where(grow, lifted, 0.0),
+            budget[short],
+            min(base_steps << step, ranks * per_rank),
+            slot_weight=weight,
+            before=bits_of(short),
+            row_steps=row_steps,
         )
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         slots[short] = part
         carried = _carried_units(part, load[short], weight, totals)
-        carried_balance = balance_with_units(part, load[short], carried)[0]
+        carried_balance, carried_weight = balance_with_units(part, load[short], carried)
         solved = solve_shares(part, load[short], most)
-        solved_balance = balance_with_units(part, load[short], solved)[0]
+        solved_balance, solved_weight = balance_with_units(part, load[short], solved)
         better = solved_balance >= carried_balance
         units[short] = np.where(better[:, None, None], solved, carried)
+        slot_weight[short] = np.where(better[:, None, None], solved_weight, carried_weight)
         balance[short] = np.maximum(solved_balance, carried_balance)
+        share_lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
         short = short[(balance[short] < target[short]) & moved]
     short = np.flatnonzero(balance < target)
 
@@ -157,7 +186,15 @@ def _repair_with_shares(
         # Swap until the equal split reaches the target less what shares add to it now.
         lift = np.maximum(balance[short] - _balance(part, load[short]), 0.0)
         goal = target[short] - lift
-        swap_towards(part, kept[short], load[short], goal, budget[short], ranks * per_rank)
+        swap_towards(
+            part,
+            kept[short],
+            load[short],
+            goal,
+            budget[short],
+            ranks * per_rank,
+            before=bits_of(short),
+        )
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         short = short[moved]
         slots[short] = part[moved]
@@ -272,16 +309,17 @@ def balance_with_units(
     weight[:, :experts] = load
     per_unit = weight.ravel() / np.maximum(total, 1)
     slot_weight = (per_unit[group] * units).reshape(rows, ranks, per_rank)
-    rank_load = slot_weight.sum(2)
+    rank_load = slot_sum(slot_weight)
     peak = rank_load.max(1)
-    balance = np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
+    mean = rank_load.sum(1) / ranks
+    balance = np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
     return balance, slot_weight
 
 
 def _balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
     """float64 [B]: balancedness of every row with the equal split."""
     counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
-    rank_load = slot_loads(slots, load / counts).sum(2)
+    rank_load = slot_sum(slot_loads(slots, load / counts))
     peak = rank_load.max(1)
     return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
 
@@ -304,7 +342,7 @@ def _swap_passes(
     if weight is None:
         short = np.flatnonzero(_balance(slots, load) < target)
     else:  # the loads moved with their slots
-        rank_load = weight.sum(2)
+        rank_load = slot_sum(weight)
         short = np.flatnonzero(rank_load.mean(1) / np.maximum(rank_load.max(1), 1e-300) < target)
     if short.size == 0:
         return

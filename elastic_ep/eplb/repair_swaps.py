@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import expert_bits, has_expert, move_bit
+from elastic_ep.eplb.expert_bits import expert_bits, has_expert, has_expert_in, swap_bits
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
+CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 elements)
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 
 
@@ -33,6 +34,8 @@ def swap_towards(
     max_steps: int,
     partners: int = SWAP_PARTNERS,
     slot_weight: np.ndarray | None = None,
+    before: np.ndarray | None = None,
+    row_steps: np.ndarray | None = None,
 ) -> None:
     """Improve ``slots`` in place by swaps, see the module docstring.
 
@@ -47,6 +50,10 @@ def swap_towards(
         slot_weight: float64 [B, R, S], the load of each slot (0 for empty ones), moved with
             the slots in place; ``None``: the equal split of each expert's load over its
             replicas.
+        before: uint64 [B * R, W], :func:`expert_bits` of ``kept`` if the caller keeps it
+            across calls; built here where ``None``.
+        row_steps: int64 [B], most swap steps of each row (``max_steps`` for all where
+            ``None``).
     """
     rows, ranks, per_rank = slots.shape
     num_experts = load.shape[1]
@@ -57,21 +64,26 @@ def swap_towards(
     weight = slot_weight.reshape(-1, per_rank)
     flat_slots = slots.reshape(-1, per_rank)
     held = expert_bits(flat_slots, num_experts)
-    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts)
-    spent = received_count(slots, kept)
-    loads = weight.sum(1)
+    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts) if before is None else before
+    spent = received_by_bits(flat_slots, held_before).reshape(rows, ranks).sum(1)
+    loads = slot_sum(weight)
     if ranks < 2:
         return
     # Fewer partners per heavy rank on few ranks, so that several heavy ranks move per step.
     partners = min(partners, max(1, ranks // 4))
     pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
     active = np.arange(rows)
-    for _ in range(max_steps):
+    if row_steps is not None:
+        max_steps = min(max_steps, int(row_steps.max(initial=0)))
+    for done in range(max_steps):
         rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
         peak = rank_loads.max(1)
-        balance = rank_loads.mean(1) / np.maximum(peak, 1e-300)
+        mean = rank_loads.sum(1) / ranks  # what .mean(1) gives, without its Python wrapper
+        balance = mean / np.maximum(peak, 1e-300)
         keep = (balance < target[active]) & (spent[active] < budget[active])
-        active, rank_loads = active[keep], rank_loads[keep]
+        if row_steps is not None:
+            keep &= row_steps[active] > done
+        active, rank_loads, mean = active[keep], rank_loads[keep], mean[keep]
         if active.size == 0:
             return
         # The `pairs` heaviest ranks, each with its own `partners` of the lightest, disjoint:
@@ -80,7 +92,7 @@ def swap_towards(
         heavy = order[:, : -pairs - 1 : -1]  # [A, k]
         partner = order[:, : pairs * partners].reshape(-1, partners, pairs).transpose(0, 2, 1)
         # Heavy ranks after the first only while above the row's target peak.
-        limit = rank_loads.mean(1) / target[active]
+        limit = mean / target[active]
         wanted = loads[heavy] > limit[:, None]
         wanted[:, 0] = True
         row, which = np.nonzero(wanted)
@@ -103,8 +115,7 @@ def swap_towards(
         weight[h_rank, h_slot], weight[p_rank, p_slot] = wy, wx
         loads[h_rank] += wy - wx
         loads[p_rank] += wx - wy
-        move_bit(held, h_rank, x, y)
-        move_bit(held, p_rank, y, x)
+        swap_bits(held, h_rank, p_rank, x, y)
         np.add.at(spent, active[row[found[0]]], cost)
         still = np.zeros(rows, dtype=bool)
         still[active[row[found[0]]]] = True
@@ -131,49 +142,73 @@ def _best_paid_swap(
             (no rank in two of these).
         left: int64 [A], transfers each heavy rank's swap may spend.
     """
+    # In blocks of heavy ranks: the [A, S, M, S] candidate arrays stay small enough to be
+    # reused by the allocator (large ones are fresh pages every step, several times slower).
+    block = max(1, CANDIDATE_BLOCK // (slots.shape[1] ** 2 * partner.shape[1]))
+    if heavy.size <= block:
+        return _best_paid_swap_block(slots, weight, loads, bits, heavy, partner, left)
+    parts = [
+        _best_paid_swap_block(
+            slots,
+            weight,
+            loads,
+            bits,
+            heavy[i : i + block],
+            partner[i : i + block],
+            left[i : i + block],
+        )
+        for i in range(0, heavy.size, block)
+    ]
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+
+
+def _best_paid_swap_block(
+    slots: np.ndarray,
+    weight: np.ndarray,
+    loads: np.ndarray,
+    bits: tuple[np.ndarray, np.ndarray],
+    heavy: np.ndarray,
+    partner: np.ndarray,
+    left: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """:func:`_best_paid_swap` for one block of heavy ranks (same arguments and result)."""
     rows = heavy.size
     r_idx = np.arange(rows)
     heavy_load = loads[heavy]
-    hx = slots[heavy] + 1  # [A, S], expert ids shifted past the "empty" column
-    px = slots[partner] + 1  # [A, M, S]
-    per_rank, pairs = hx.shape[1], px.shape[1] * px.shape[2]
-    # Candidate swaps as [A, S, M * S] (heavy slot, then partner and its slot): every
-    # broadcast below runs along the long last axis.
-    delta = weight[heavy][:, :, None] - weight[partner].reshape(rows, 1, pairs)
+    heavy_x, part_x = slots[heavy], slots[partner]  # [A, S], [A, M, S]
+    per_rank = heavy_x.shape[1]
+    # Candidate swaps as [A, S, M, S] (heavy slot, partner, partner slot).
+    delta = weight[heavy][:, :, None, None] - weight[partner][:, None, :, :]
     # Gain = heavy load - max(heavy load - delta, partner load + delta), in place (big arrays).
-    gap = np.repeat(heavy_load[:, None] - loads[partner], per_rank, axis=1)  # [A, M * S]
-    gain = np.subtract(gap[:, None, :], delta)
+    gain = np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta)
     np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
     # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
     held, held_before = bits
-    heavy_x, part_x = hx - 1, px - 1  # [A, S], [A, M, S]
+    x_now, x_before = has_expert_in((held, held_before), partner[:, None, :], heavy_x[:, :, None])
+    y_now, y_before = has_expert_in((held, held_before), heavy[:, None, None], part_x)
+    x_placed = (heavy_x >= 0)[:, :, None]
+    y_placed = part_x >= 0
     # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
-    new_on_partner = ~has_expert(held_before, partner[:, None, :], heavy_x[:, :, None])
-    new_on_heavy = ~has_expert(held_before, heavy[:, None, None], part_x)  # [A, M, S]
     x_side = np.subtract(
-        new_on_partner & (heavy_x >= 0)[:, :, None],
-        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & (heavy_x >= 0)[:, :, None],
+        ~x_before & x_placed,
+        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & x_placed,
         dtype=np.float64,
     )  # [A, S, M]
     y_side = np.subtract(
-        new_on_heavy & (part_x >= 0),
-        ~has_expert(held_before, partner[:, :, None], part_x) & (part_x >= 0),
+        ~y_before & y_placed,
+        ~has_expert(held_before, partner[:, :, None], part_x) & y_placed,
         dtype=np.float64,
-    )
-    x_side[
-        has_expert(held, partner[:, None, :], heavy_x[:, :, None])
-        | (partner == heavy[:, None])[:, None, :]
-    ] = np.inf
-    y_side[has_expert(held, heavy[:, None, None], part_x)] = np.inf
+    )  # [A, M, S]
+    x_side[x_now | (partner == heavy[:, None])[:, None, :]] = np.inf
+    y_side[y_now] = np.inf
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
-    cost = np.repeat(x_side, per_rank, axis=2)  # [A, S, M * S]
-    cost += y_side.reshape(rows, 1, pairs)
+    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :])  # [A, S, M, S]
     tight = np.flatnonzero(left < 2)
-    over = cost[tight] > left[tight, None, None] if tight.size else None
+    over = cost[tight] > left[tight, None, None, None] if tight.size else None
     np.maximum(cost, _FREE_SWAP_COST, out=cost)
     score = np.divide(gain, cost, out=cost).reshape(rows, -1)
     if over is not None:
@@ -193,8 +228,38 @@ def _best_paid_swap(
     )
 
 
+def received_by_bits(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """int64 [N]: experts in each row of ``slots`` (int64 [N, S]) that row n of ``before``
+    (:func:`expert_bits`, uint64 [N, W]) does not hold."""
+    rank = np.arange(slots.shape[0])[:, None]
+    return ((slots >= 0) & ~has_expert(before, rank, slots)).sum(1)
+
+
 def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """int64 [B]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``
     (both int64 [B, R, S]; no expert twice on one rank)."""
-    new = ~(kept[:, :, None, :] == slots[..., None]).any(3) & (slots >= 0)  # [B, R, S]
-    return new.reshape(slots.shape[0], -1).sum(1)
+    held = kept[:, :, 0, None] == slots  # [B, R, S]: one comparison per kept slot
+    for column in range(1, kept.shape[2]):
+        held |= kept[:, :, column, None] == slots
+    return (~held & (slots >= 0)).reshape(slots.shape[0], -1).sum(1)
+
+
+def any_slot(mask: np.ndarray) -> np.ndarray:
+    """bool [...]: ``mask`` bool [..., S] or-ed over its last axis, column by column (several
+    times faster than ``any`` over a short axis)."""
+    out = mask[..., 0].copy()
+    for column in range(1, mask.shape[-1]):
+        out |= mask[..., column]
+    return out
+
+
+def slot_sum(values: np.ndarray) -> np.ndarray:
+    """float64 [...]: ``values`` float64 [..., S] summed over its last axis. With S < 8 as
+    column adds (numpy's own order there: the same sums), several times faster than a
+    reduction over a short axis; numpy's pairwise sum from 8."""
+    if values.shape[-1] >= 8:
+        return values.sum(-1)
+    out = values[..., 0].copy()
+    for column in range(1, values.shape[-1]):
+        out += values[..., column]
+    return out
