@@ -32,7 +32,7 @@ import numpy as np
 __all__ = ["LocalCopy", "Op", "OpTable", "Reload", "Step", "Transfer", "build_op_table"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transfer:
     """Send expert ``expert`` of ``layer`` from old rank ``src`` to new rank ``dst``.
 
@@ -49,7 +49,7 @@ class Transfer:
     dst_slots: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalCopy:
     """New rank ``rank`` copies expert ``expert`` from its own old slot ``src_slot``.
 
@@ -68,7 +68,7 @@ class LocalCopy:
     staged: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reload:
     """No live old rank holds ``expert``: new rank ``rank`` reloads it (e.g. from disk)."""
 
@@ -81,7 +81,7 @@ class Reload:
 Op = Transfer | LocalCopy | Reload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     """Operations of one layer that must run in the same chunk (a read/write cycle, or one op).
 
