@@ -24,6 +24,7 @@ the greedy's order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -106,7 +107,8 @@ def layer_ops(
     layer, rank, slot, expert = layer[order], rank[order], slot[order], expert[order]
     first = _starts(layer, rank, expert)
     need_layer, need_rank, need_expert = layer[first], rank[first], expert[first]
-    dst_slots = np.split(slot, first[1:]) if len(slot) else []
+    slots = slot.tolist()
+    dst_slots = [tuple(slots[a:b]) for a, b in pairwise([*first.tolist(), len(slots)])]
 
     holdings = _holdings(old, written, dead, experts)
     need_key = need_layer * experts + need_expert
@@ -120,33 +122,20 @@ def layer_ops(
     remote = np.flatnonzero(~had & (count > 0))
     reload = np.flatnonzero(~had & (count == 0))
 
-    stride = max(old.shape[2], now.shape[2])
-    # Local copies: the source slot, and whether another local copy of the rank writes it.
-    held = old[need_layer[local], need_old[local], :] == need_expert[local, None]
-    intact = held & ~written[need_layer[local], need_old[local], :]
-    source = np.where(intact.any(axis=1), intact.argmax(axis=1), held.argmax(axis=1))
-    entry_need = np.repeat(np.arange(len(first)), np.diff(np.append(first, len(layer))))
-    copied = ((layer * now.shape[1] + rank) * stride + slot)[had[entry_need]]
-    staged = np.isin(
-        (need_layer[local] * now.shape[1] + need_rank[local]) * stride + source, copied
+    copying = had[np.repeat(np.arange(len(first)), np.diff(np.append(first, len(layer))))]
+    source, staged = _local_sources(
+        old,
+        written,
+        (need_layer[local], need_old[local], need_rank[local], need_expert[local]),
+        (layer[copying], rank[copying], slot[copying]),
+        now.shape[1:],
     )
-
     ops: list[list[Op]] = [[] for _ in range(layers)]
+    lays, ranks, experts_of = need_layer.tolist(), need_rank.tolist(), need_expert.tolist()
     for i in reload.tolist():
-        ops[need_layer[i]].append(
-            Reload(int(need_layer[i]), int(need_expert[i]), int(need_rank[i]), _slots(dst_slots[i]))
-        )
-    for i, src, stage in zip(local.tolist(), source.tolist(), staged.tolist(), strict=True):
-        ops[need_layer[i]].append(
-            LocalCopy(
-                int(need_layer[i]),
-                int(need_expert[i]),
-                int(need_rank[i]),
-                src,
-                _slots(dst_slots[i]),
-                stage,
-            )
-        )
+        ops[lays[i]].append(Reload(lays[i], experts_of[i], ranks[i], dst_slots[i]))
+    for i, src, stage in zip(local.tolist(), source, staged, strict=True):
+        ops[lays[i]].append(LocalCopy(lays[i], experts_of[i], ranks[i], src, dst_slots[i], stage))
     # The greedy's order: per layer, scarce experts first, then by expert and receiver.
     remote = remote[
         np.lexsort((need_rank[remote], need_expert[remote], count[remote], need_layer[remote]))
@@ -158,13 +147,34 @@ def layer_ops(
         (previous.num_ranks, new.num_ranks),
     )
     for i, (src, src_slot) in zip(remote.tolist(), senders, strict=True):
-        lay = int(need_layer[i])
-        ops[lay].append(
-            Transfer(
-                lay, int(need_expert[i]), src, src_slot, int(need_rank[i]), _slots(dst_slots[i])
-            )
-        )
+        ops[lays[i]].append(Transfer(lays[i], experts_of[i], src, src_slot, ranks[i], dst_slots[i]))
     return ops
+
+
+def _local_sources(
+    old: np.ndarray,
+    written: np.ndarray,
+    copies: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    writes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    new_shape: tuple[int, ...],
+) -> tuple[list[int], list[bool]]:
+    """Each local copy's source slot (the lowest of its expert that the layer leaves intact,
+    else the lowest) and whether another local copy of its rank writes that slot (staged).
+
+    Args:
+        old, written: int64 and bool ``[L, R_old, S_old]``: the old slots, those overwritten.
+        copies: layer, old rank, new rank and expert of each copy, int64 ``[copies]``.
+        writes: layer, new rank and slot of every slot the copies write, int64 ``[writes]``.
+        new_shape: ``(R_new, S_new)``.
+    """
+    layer, old_rank, new_rank, expert = copies
+    held = old[layer, old_rank, :] == expert[:, None]
+    intact = held & ~written[layer, old_rank, :]
+    source = np.where(intact.any(axis=1), intact.argmax(axis=1), held.argmax(axis=1))
+    ranks, stride = new_shape[0], max(old.shape[2], new_shape[1])
+    written_keys = (writes[0] * ranks + writes[1]) * stride + writes[2]
+    staged = np.isin((layer * ranks + new_rank) * stride + source, written_keys)
+    return source.tolist(), staged.tolist()
 
 
 def _starts(*columns: np.ndarray) -> np.ndarray:
@@ -227,7 +237,3 @@ def _choose_senders(
         total_sent[o] += 1
         chosen.append((o, slots[best]))
     return chosen
-
-
-def _slots(slots: np.ndarray) -> tuple[int, ...]:
-    return tuple(slots.tolist())
