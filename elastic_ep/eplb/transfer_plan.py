@@ -5,10 +5,10 @@ communication. Ranks are named in the numbering of the placement they belong to:
 *old* rank (in ``previous``), receivers by their *new* rank (in ``new``); the executor maps both
 onto the ranks of the group that runs the plan.
 
-:func:`plan_transfers` plans one layer at a time. For each new rank whose slots change, every
-slot whose expert changes needs that expert; the needs of one rank are merged per expert, so an
-expert crosses the network at most once per receiver. Each need becomes one operation
-(:mod:`~elastic_ep.eplb.transfer_ops`):
+:func:`plan_transfers` plans every layer (:mod:`~elastic_ep.eplb.transfer_layers`, with numpy
+over all layers at once). For each new rank whose slots change, every slot whose expert changes
+needs that expert; the needs of one rank are merged per expert, so an expert crosses the network
+at most once per receiver. Each need becomes one operation (:mod:`~elastic_ep.eplb.transfer_ops`):
 
 * a :class:`LocalCopy` when the rank held the expert before (its source slot is the lowest one
   this layer leaves intact, else the lowest; ``staged`` when another local copy of the rank
