@@ -13,8 +13,9 @@ work runs beside the transfers, so it bounds how fast the executor can go.
 ``--sweep``: the host work every rank does before a plan runs, against the number of ranks
 (8 to 1024, 58 layers of 256 experts, V2-Lite-sized experts): ``plan_transfers`` (the same on
 every rank) and ``prepare_execution`` (validation, chunks, this rank's layout and launches; no
-communication) on ranks 0, R/2 and R-1, the slowest of them reported; time and peak memory, and
-the growth exponent between consecutive sizes (``--plot``: a log-log text plot).
+communication) on ranks 0, R/2 and R-1, the slowest of them reported; CPU time (the least of
+``--repeats``, half as many past 256 ranks) and peak memory, and the growth exponent between
+consecutive sizes (``--plot``: a log-log text plot).
 
     python benchmarks/bench_executor_host.py --sweep [--ranks 8 ... 1024] [--plot] [--vs-previous]
 
@@ -223,21 +224,23 @@ def _sweep_placements(
 
 
 def _measured(fn: Callable[[], Any], repeats: int) -> tuple[float, int, Any]:
-    """(median seconds, peak traced bytes of one more call, its result): Python objects and
-    numpy arrays count, torch's CPU tensors (weights, staging buffer) do not."""
+    """(least CPU seconds of this process over ``repeats`` calls, peak traced bytes of one more
+    call, its result): the work is one thread's, and on a shared machine its CPU time varies
+    far less than its wall time. Python objects and numpy arrays count, torch's CPU tensors
+    (weights, staging buffer) do not."""
     seconds = []
     for _ in range(repeats):
         gc.collect()
-        start = time.perf_counter()
+        start = time.process_time()
         result = fn()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(time.process_time() - start)
         del result
     gc.collect()
     tracemalloc.start()
     result = fn()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return statistics.median(seconds), peak, result
+    return min(seconds), peak, result
 
 
 def _own_ops(plan: TransferPlan, rank: int) -> int:
@@ -253,7 +256,8 @@ def sweep(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     print(
         f"{args.layers} layers x {args.experts} experts, V2-Lite-sized experts (17.3 MB), "
-        f"buffer {args.buffer_mb} MB, CPU, one torch thread; time: median of --repeats, "
+        f"buffer {args.buffer_mb} MB, CPU, one torch thread; time: least CPU time of --repeats "
+        "(half as many past 256 ranks), "
         "memory: peak traced Python + numpy bytes (weights and buffer are torch's, not counted)"
     )
     header = (
@@ -292,7 +296,7 @@ def _sweep_row(args: argparse.Namespace, scenario: str, ranks: int) -> dict[str,
     previous, new, mapping = _sweep_placements(
         rng, scenario, args.layers, args.experts, ranks, slots
     )
-    repeats = args.repeats if ranks <= 256 else 1
+    repeats = args.repeats if ranks <= 256 else max(1, args.repeats // 2)
     plan_s, plan_peak, plan = _measured(lambda: plan_transfers(previous, new, mapping), repeats)
     prev_s, prev_peak = 0.0, 0
     if args.vs_previous:

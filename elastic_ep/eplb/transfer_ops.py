@@ -24,7 +24,7 @@ executor lays out every call's rows with numpy over it instead of walking the op
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ import numpy as np
 __all__ = ["LocalCopy", "Op", "OpTable", "Reload", "Step", "Transfer", "build_op_table"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transfer:
     """Send expert ``expert`` of ``layer`` from old rank ``src`` to new rank ``dst``.
 
@@ -49,7 +49,7 @@ class Transfer:
     dst_slots: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalCopy:
     """New rank ``rank`` copies expert ``expert`` from its own old slot ``src_slot``.
 
@@ -68,7 +68,7 @@ class LocalCopy:
     staged: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reload:
     """No live old rank holds ``expert``: new rank ``rank`` reloads it (e.g. from disk)."""
 
@@ -81,7 +81,7 @@ class Reload:
 Op = Transfer | LocalCopy | Reload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     """Operations of one layer that must run in the same chunk (a read/write cycle, or one op).
 
@@ -131,40 +131,26 @@ class OpTable:
 
 def build_op_table(steps: Sequence[Step]) -> OpTable:
     """The transfers and local copies of ``steps`` as an :class:`OpTable`, in step order."""
-    rows: list[tuple[int, int, bool, int, int, int, int, bool]] = []
-    extras: list[tuple[int, int]] = []
-    for i, step in enumerate(steps):
-        for op in step.ops:
-            if isinstance(op, Transfer):
-                src, dst, staged = op.src, op.dst, False
-            elif isinstance(op, LocalCopy):
-                src, dst, staged = op.rank, op.rank, op.staged
-            else:
-                continue
-            extras.extend((len(rows), slot) for slot in op.dst_slots[1:])
-            rows.append(
-                (
-                    i,
-                    op.layer,
-                    isinstance(op, Transfer),
-                    src,
-                    op.src_slot,
-                    dst,
-                    op.dst_slots[0],
-                    staged,
-                )
-            )
-    table = np.array(rows, dtype=np.int64).reshape(-1, 8).T
+    flat = [
+        (i, op) for i, step in enumerate(steps) for op in step.ops if not isinstance(op, Reload)
+    ]
+    count = len(flat)
+
+    def column(values: Iterable[int], dtype: type = np.int64) -> np.ndarray:
+        return np.fromiter(values, dtype=dtype, count=count)
+
+    sends = column((isinstance(op, Transfer) for _, op in flat), bool)
+    extras = [(i, slot) for i, (_, op) in enumerate(flat) for slot in op.dst_slots[1:]]
     extra = np.array(extras, dtype=np.int64).reshape(-1, 2).T
     return OpTable(
-        step=table[0],
-        layer=table[1],
-        transfer=table[2].astype(bool),
-        src=table[3],
-        src_slot=table[4],
-        dst=table[5],
-        dst_slot=table[6],
-        staged=table[7].astype(bool),
+        step=column(i for i, _ in flat),
+        layer=column(op.layer for _, op in flat),
+        transfer=sends,
+        src=column(op.src if isinstance(op, Transfer) else op.rank for _, op in flat),
+        src_slot=column(op.src_slot for _, op in flat),
+        dst=column(op.dst if isinstance(op, Transfer) else op.rank for _, op in flat),
+        dst_slot=column(op.dst_slots[0] for _, op in flat),
+        staged=column((isinstance(op, LocalCopy) and op.staged for _, op in flat), bool),
         extra_op=extra[0],
         extra_slot=extra[1],
     )

@@ -5,10 +5,10 @@ communication. Ranks are named in the numbering of the placement they belong to:
 *old* rank (in ``previous``), receivers by their *new* rank (in ``new``); the executor maps both
 onto the ranks of the group that runs the plan.
 
-:func:`plan_transfers` plans one layer at a time. For each new rank whose slots change, every
-slot whose expert changes needs that expert; the needs of one rank are merged per expert, so an
-expert crosses the network at most once per receiver. Each need becomes one operation
-(:mod:`~elastic_ep.eplb.transfer_ops`):
+:func:`plan_transfers` plans every layer (:mod:`~elastic_ep.eplb.transfer_layers`, with numpy
+over all layers at once). For each new rank whose slots change, every slot whose expert changes
+needs that expert; the needs of one rank are merged per expert, so an expert crosses the network
+at most once per receiver. Each need becomes one operation (:mod:`~elastic_ep.eplb.transfer_ops`):
 
 * a :class:`LocalCopy` when the rank held the expert before (its source slot is the lowest one
   this layer leaves intact, else the lowest; ``staged`` when another local copy of the rank
@@ -31,14 +31,16 @@ step sequence into chunks anywhere between steps. The arrays the executor reads 
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
-from elastic_ep.eplb.placement import EMPTY, Placement
+from elastic_ep.eplb.placement import Placement
+from elastic_ep.eplb.transfer_layers import NodeLayout, layer_ops
 from elastic_ep.eplb.transfer_ops import (
     LocalCopy,
     Op,
@@ -48,10 +50,11 @@ from elastic_ep.eplb.transfer_ops import (
     Transfer,
     build_op_table,
 )
-from elastic_ep.eplb.transfer_steps import LayerSteps, interleave_layers, layer_steps
+from elastic_ep.eplb.transfer_steps import interleave_layers, layer_steps
 from elastic_ep.rank_mapping import RankMapping
 
-# The operation types are defined in transfer_ops and re-exported here, where callers import them.
+# The operation types (transfer_ops) and NodeLayout (transfer_layers) are re-exported here, where
+# callers import them.
 __all__ = [
     "LocalCopy",
     "NodeLayout",
@@ -63,23 +66,6 @@ __all__ = [
     "TransferPlan",
     "plan_transfers",
 ]
-
-
-@dataclass(frozen=True)
-class NodeLayout:
-    """Node (host) of every old and every new rank, to keep transfers inside a node.
-
-    Attributes:
-        old_rank_nodes: node id of each old rank (``previous`` numbering).
-        new_rank_nodes: node id of each new rank (``new`` numbering).
-    """
-
-    old_rank_nodes: tuple[int, ...]
-    new_rank_nodes: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "old_rank_nodes", tuple(self.old_rank_nodes))
-        object.__setattr__(self, "new_rank_nodes", tuple(self.new_rank_nodes))
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,17 +200,32 @@ def plan_transfers(
                 f"dead rank {r} must be an old rank that rank_mapping removes "
                 f"(removed: {list(mapping.removed)})"
             )
-    planner = _LayerPlanner(previous, new, mapping, set(dead), nodes)
-    steps = interleave_layers(
-        [planner.plan_layer(layer) for layer in range(new.num_layers)], mapping
-    )
-    plan = TransferPlan(previous, new, mapping, dead, nodes, steps)
-    # Plan time: every execute of this plan reads them.
-    plan.step_experts  # noqa: B018
-    plan.op_table  # noqa: B018
-    plan.sending_ranks  # noqa: B018
-    plan.receiving_ranks  # noqa: B018
+    with _without_cyclic_gc():
+        ops = layer_ops(previous, new, mapping, dead, nodes)
+        steps = interleave_layers(
+            [layer_steps(layer, of_layer, mapping) for layer, of_layer in enumerate(ops)], mapping
+        )
+        plan = TransferPlan(previous, new, mapping, dead, nodes, steps)
+        # Plan time: every execute of this plan reads them.
+        plan.step_experts  # noqa: B018
+        plan.op_table  # noqa: B018
+        plan.sending_ranks  # noqa: B018
+        plan.receiving_ranks  # noqa: B018
     return plan
+
+
+@contextlib.contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused: a plan allocates ~10 objects per op (ops, steps,
+    tuples), none in a cycle, and at 1024 ranks the collector's passes over them took as long as
+    the steps' grouping (0.3 of 0.4 s on a full reshuffle)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_inputs(
@@ -264,112 +265,3 @@ def _check_inputs(
                     f"before and node {nodes.new_rank_nodes[new_rank]} after"
                 )
     return mapping
-
-
-class _LayerPlanner:
-    """Plans one layer at a time; keeps the running send totals used to balance senders."""
-
-    def __init__(
-        self,
-        previous: Placement,
-        new: Placement,
-        mapping: RankMapping,
-        dead: set[int],
-        nodes: NodeLayout | None,
-    ) -> None:
-        self.previous, self.new, self.mapping, self.nodes = previous, new, mapping, nodes
-        self.live_old = [r for r in range(previous.num_ranks) if r not in dead]
-        self.total_sent = [0] * previous.num_ranks
-        # numpy's tolist takes half the time of torch's.
-        self.old_slots = (
-            previous.phy2log.view(previous.num_layers, previous.num_ranks, -1).numpy().tolist()
-        )
-        self.new_slots = new.phy2log.view(new.num_layers, new.num_ranks, -1).numpy().tolist()
-
-    def plan_layer(self, layer: int) -> LayerSteps:
-        old_slots: list[list[int]] = self.old_slots[layer]
-        new_slots: list[list[int]] = self.new_slots[layer]
-        # Slots of each old rank that this layer overwrites (survivors only: leavers keep theirs).
-        written_old: defaultdict[int, set[int]] = defaultdict(set)  # only ranks that write
-        needs: list[tuple[int, int, tuple[int, ...]]] = []  # (new rank, expert, dst slots)
-        ops: list[Op] = []
-        for n, slots in enumerate(new_slots):
-            o = self.mapping.new_to_old[n]
-            before = old_slots[o] if o is not None else []
-            if slots == before:  # most ranks, in a drift: nothing to do (a C-level compare)
-                continue
-            want: dict[int, list[int]] = {}
-            for i, e in enumerate(slots):
-                if e != EMPTY and (i >= len(before) or before[i] != e):
-                    want.setdefault(e, []).append(i)
-                    if o is not None:
-                        written_old[o].add(i)
-            for e in sorted(want):
-                needs.append((n, e, tuple(want[e])))
-        holders: dict[int, list[int]] = {}  # per expert, its live old ranks, ascending
-        for o in self.live_old:
-            for e in old_slots[o]:
-                held = holders.setdefault(e, [])
-                if not held or held[-1] != o:
-                    held.append(o)
-        holders.pop(EMPTY, None)
-        layer_sent = [0] * len(old_slots)
-        remote: list[tuple[int, int, tuple[int, ...]]] = []
-        local: list[tuple[int, int, tuple[int, ...], int]] = []  # (new rank, expert, dst, old)
-        for n, e, dst in needs:
-            o = self.mapping.new_to_old[n]
-            if o is not None and e in old_slots[o]:
-                local.append((n, e, dst, o))
-            elif e in holders:
-                remote.append((n, e, dst))
-            else:
-                ops.append(Reload(layer, e, n, dst))
-        copied_into: dict[int, set[int]] = {}  # per new rank: the slots its local copies write
-        for n, _, dst, _ in local:
-            copied_into.setdefault(n, set()).update(dst)
-        for n, e, dst, o in local:
-            src = _pick_slot(old_slots[o], e, written_old[o])
-            ops.append(LocalCopy(layer, e, n, src, dst, staged=src in copied_into[n]))
-        # Scarce experts first, so their few holders are not already loaded by common ones.
-        remote.sort(key=lambda need: (len(holders[need[1]]), need[1], need[0]))
-        for n, e, dst in remote:
-            keys = {
-                c: self._sender_key(
-                    c, n, e, old_slots, layer_sent, self.total_sent, written_old, self.nodes
-                )
-                for c in holders[e]
-            }
-            src = min(keys, key=keys.__getitem__)
-            layer_sent[src] += 1
-            self.total_sent[src] += 1
-            ops.append(
-                Transfer(layer, e, src, _pick_slot(old_slots[src], e, written_old[src]), n, dst)
-            )
-        return layer_steps(layer, ops, self.mapping)
-
-    @staticmethod
-    def _sender_key(
-        candidate: int,
-        receiver: int,
-        expert: int,
-        old_slots: list[list[int]],
-        layer_sent: list[int],
-        total_sent: list[int],
-        written: defaultdict[int, set[int]],
-        nodes: NodeLayout | None,
-    ) -> tuple[int, int, int, int, int]:
-        """Lower is better: same node, fewest sent this layer, a source slot left intact,
-        fewest sent in total, lowest rank."""
-        off_node = 0
-        if nodes is not None:
-            off_node = int(nodes.old_rank_nodes[candidate] != nodes.new_rank_nodes[receiver])
-        held = [i for i, e in enumerate(old_slots[candidate]) if e == expert]
-        overwritten = int(all(i in written[candidate] for i in held))
-        return (off_node, layer_sent[candidate], overwritten, total_sent[candidate], candidate)
-
-
-def _pick_slot(slots: Sequence[int], expert: int, written: set[int]) -> int:
-    """Source slot of ``expert``: the lowest one this layer leaves intact, else the lowest."""
-    held = [i for i, e in enumerate(slots) if e == expert]
-    intact = [i for i in held if i not in written]
-    return (intact or held)[0]

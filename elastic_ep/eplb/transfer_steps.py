@@ -51,39 +51,49 @@ class LayerSteps:
 def layer_steps(layer: int, ops: list[Op], mapping: RankMapping) -> LayerSteps:
     """Group ``ops`` into steps (strongly connected components of "must read before that
     write"), with the order between steps that keeps every read no later than the write to the
-    same slot."""
+    same slot.
+
+    Every changed slot has one writer and every op reads one slot, so each op has at most one
+    edge: the graph's components are its cycles and single ops, and a cycle's members point only
+    inside it. Steps are numbered by their lowest op."""
+    process = _processes(mapping)
     writer: dict[tuple[int, int], int] = {}
     for index, op in enumerate(ops):
-        receiver = op.dst if isinstance(op, Transfer) else op.rank
+        receiver = process[op.dst if isinstance(op, Transfer) else op.rank]
         for slot in op.dst_slots:
-            writer[(_process(mapping, receiver), slot)] = index
-    before: list[list[int]] = [[] for _ in ops]  # before[r] = ops that must not precede op r
+            writer[(receiver, slot)] = index
+    after = [-1] * len(ops)  # after[r]: the op that writes what op r reads, or -1
     for index, op in enumerate(ops):
         if isinstance(op, Transfer):
-            read = (op.src, op.src_slot)
+            after[index] = writer.get((op.src, op.src_slot), -1)
         elif isinstance(op, LocalCopy):
-            read = (_process(mapping, op.rank), op.src_slot)
+            after[index] = writer.get((process[op.rank], op.src_slot), -1)
+    cycle_head = _cycles(after)  # per op in a cycle, the cycle's lowest op; else -1
+    step_of = [0] * len(ops)
+    steps: list[Step] = []
+    members: dict[int, list[Op]] = {}
+    for index, op in enumerate(ops):
+        head = cycle_head[index]
+        if head < 0:
+            step_of[index] = len(steps)
+            steps.append(_single_step(layer, op))
+        elif head == index:
+            step_of[index] = len(steps)
+            steps.append(Step(layer, (), (), ()))  # filled in below, once all members are known
+            members[index] = [op]
         else:
-            continue
-        w = writer.get(read)
-        if w is not None:
-            before[index].append(w)
-    components = [sorted(members) for members in _strongly_connected(before)]
-    components.sort()
-    comp_of = [0] * len(ops)
-    for c, members in enumerate(components):
-        for m in members:
-            comp_of[m] = c
-    successors: list[set[int]] = [set() for _ in components]
-    for r, ws in enumerate(before):
-        for w in ws:
-            if comp_of[r] != comp_of[w]:
-                successors[comp_of[r]].add(comp_of[w])
-    steps = []
-    for members in components:
-        step_ops = tuple(ops[m] for m in members)
-        steps.append(Step(layer, step_ops, _buffer_experts(step_ops), _sent_experts(step_ops)))
-    return LayerSteps(steps, [sorted(s) for s in successors])
+            step_of[index] = step_of[head]
+            members[head].append(op)
+    for head, cycle in members.items():
+        step_ops = tuple(cycle)
+        steps[step_of[head]] = Step(
+            layer, step_ops, _buffer_experts(step_ops), _sent_experts(step_ops)
+        )
+    successors: list[list[int]] = [[] for _ in steps]
+    for index, w in enumerate(after):
+        if w >= 0 and cycle_head[index] < 0:  # a cycle's edges stay inside it
+            successors[step_of[index]].append(step_of[w])
+    return LayerSteps(steps, successors)
 
 
 def interleave_layers(layers: Sequence[LayerSteps], mapping: RankMapping) -> tuple[Step, ...]:
@@ -97,33 +107,61 @@ def interleave_layers(layers: Sequence[LayerSteps], mapping: RankMapping) -> tup
     ~300 GB/s. Local copies count so that they spread over the chunks, where they overlap
     transfers: as steps that use no resource they came first, and on a 2-rank full reshuffle
     the first two chunks (1.1 GB of staging) held nothing but local copies."""
-    processes = mapping.old_world_size + mapping.new_world_size
-    local_copies = (2 + mapping.old_world_size) * processes  # above every pair's resource
-    uses = []
-    for layer in layers:
-        row = []
-        for step in layer.steps:
-            use: dict[int, int] = {}
-            for op in step.ops:
-                if isinstance(op, Transfer):
-                    receiver = _process(mapping, op.dst)
-                    pair = (2 + op.src) * processes + receiver
-                    for resource in (op.src, processes + receiver, pair):
-                        use[resource] = use.get(resource, 0) + 1
-                elif isinstance(op, LocalCopy):
-                    resource = local_copies + _process(mapping, op.rank)
-                    use[resource] = use.get(resource, 0) + len(op.dst_slots) + op.staged
-            row.append(tuple(sorted(use.items())))
-        uses.append(row)
+    resources = _Resources(mapping)
+    uses = [[resources.use(step.ops) for step in layer.steps] for layer in layers]
     order = interleave_steps(uses, [layer.successors for layer in layers])
     return tuple(layers[layer].steps[i] for layer, i in order)
 
 
-def _process(mapping: RankMapping, new_rank: int) -> int:
-    """One id per process, whether it has an old rank or not: its old rank if it had one, else
+class _Resources:
+    """Resource ids: ``[0, old)`` an old rank's sends, ``processes + p`` process ``p``'s
+    receives, ``(2 + sender) * processes + p`` a pair, above all pairs a process's local
+    copies."""
+
+    def __init__(self, mapping: RankMapping) -> None:
+        self.process = _processes(mapping)
+        self.processes = mapping.old_world_size + mapping.new_world_size
+        self.local_copies = (2 + mapping.old_world_size) * self.processes
+
+    def use(self, ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
+        """What a step of ``ops`` moves, resources ascending."""
+        processes, process = self.processes, self.process
+        if len(ops) == 1:  # most steps: no dict (sends < receives < pairs < local copies)
+            op = ops[0]
+            if isinstance(op, Transfer):
+                receiver = process[op.dst]
+                pair = (2 + op.src) * processes + receiver
+                return ((op.src, 1), (processes + receiver, 1), (pair, 1))
+            if isinstance(op, LocalCopy):
+                return ((self.local_copies + process[op.rank], len(op.dst_slots) + op.staged),)
+            return ()
+        use: dict[int, int] = {}
+        for op in ops:
+            if isinstance(op, Transfer):
+                receiver = process[op.dst]
+                pair = (2 + op.src) * processes + receiver
+                for resource in (op.src, processes + receiver, pair):
+                    use[resource] = use.get(resource, 0) + 1
+            elif isinstance(op, LocalCopy):
+                resource = self.local_copies + process[op.rank]
+                use[resource] = use.get(resource, 0) + len(op.dst_slots) + op.staged
+        return tuple(sorted(use.items()))
+
+
+def _processes(mapping: RankMapping) -> list[int]:
+    """Per new rank, one id for its process: its old rank if it had one, else
     ``old_world_size + new_rank``."""
-    old = mapping.new_to_old[new_rank]
-    return old if old is not None else mapping.old_world_size + new_rank
+    old = mapping.old_world_size
+    return [n + old if o is None else o for n, o in enumerate(mapping.new_to_old)]
+
+
+def _single_step(layer: int, op: Op) -> Step:
+    """The step of one op alone (most steps)."""
+    if isinstance(op, Transfer):
+        return Step(layer, (op,), ((op.dst, 1),), ((op.src, 1),))
+    if isinstance(op, LocalCopy) and op.staged:
+        return Step(layer, (op,), ((op.rank, 1),), ())
+    return Step(layer, (op,), (), ())
 
 
 def _buffer_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
@@ -144,43 +182,25 @@ def _sent_experts(ops: tuple[Op, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(sent.items()))
 
 
-def _strongly_connected(edges: list[list[int]]) -> list[list[int]]:
-    """Tarjan's algorithm, iterative: the strongly connected components of a directed graph."""
-    index = [-1] * len(edges)
-    low = [0] * len(edges)
-    on_stack = [False] * len(edges)
-    stack: list[int] = []
-    components: list[list[int]] = []
-    counter = 0
-    for root in range(len(edges)):
-        if index[root] != -1:
+def _cycles(after: list[int]) -> list[int]:
+    """Per node of a graph with at most one edge out of each (``after[v]``, -1 for none), the
+    lowest node of its cycle, or -1 if it is on none."""
+    head = [-1] * len(after)
+    state = [0] * len(after)  # 0: not seen, 1: on the walk being followed, 2: done
+    for start in range(len(after)):
+        if state[start]:
             continue
-        work = [(root, 0)]
-        while work:
-            v, child = work.pop()
-            if child == 0:
-                index[v] = low[v] = counter
-                counter += 1
-                stack.append(v)
-                on_stack[v] = True
-            if child < len(edges[v]):
-                work.append((v, child + 1))
-                w = edges[v][child]
-                if index[w] == -1:
-                    work.append((w, 0))
-                elif on_stack[w]:
-                    low[v] = min(low[v], index[w])
-                continue
-            if low[v] == index[v]:
-                members = []
-                while True:
-                    w = stack.pop()
-                    on_stack[w] = False
-                    members.append(w)
-                    if w == v:
-                        break
-                components.append(members)
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[v])
-    return components
+        walk = []
+        v = start
+        while v >= 0 and not state[v]:
+            state[v] = 1
+            walk.append(v)
+            v = after[v]
+        if v >= 0 and state[v] == 1:  # the walk closed a cycle at v
+            cycle = walk[walk.index(v) :]
+            lowest = min(cycle)
+            for u in cycle:
+                head[u] = lowest
+        for u in walk:
+            state[u] = 2
+    return head
