@@ -56,6 +56,28 @@ def test_two_groups_per_node_is_the_best_pairing(
         assert heaviest == best
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([4, 6, 8, 10]), st.integers(1, 3), st.integers(0, 2**16), st.booleans())
+def test_two_nodes_take_the_best_split(groups: int, layers: int, seed: int, integer: bool) -> None:
+    """With two nodes, each node gets G / 2 groups, every group once, and the heavier node is
+    the lightest any split into halves reaches (checked by enumerating all splits)."""
+    rng = np.random.default_rng(seed)
+    group_load = (
+        rng.integers(0, 5, (layers, groups)) if integer else rng.lognormal(0, 1, (layers, groups))
+    ).astype(np.float64)
+    assigned = groups_to_nodes(group_load, 2)
+    assert assigned.shape == (layers, 2, groups // 2)
+    for layer in range(layers):
+        assert sorted(assigned[layer].ravel().tolist()) == list(range(groups))
+        heaviest = group_load[layer][assigned[layer]].sum(1).max()
+        total = group_load[layer].sum()
+        best = min(
+            max(part := group_load[layer, list(half)].sum(), total - part)
+            for half in itertools.combinations(range(groups), groups // 2)
+        )
+        assert heaviest <= best * (1 + 1e-12)
+
+
 def _best_pair_max(slots: np.ndarray, weight: np.ndarray, heavy: int) -> float:
     """Lowest larger load of (heavy rank, partner) over every allowed swap or move, by brute
     force; the heavy rank's load if none improves it."""

@@ -9,7 +9,8 @@ instead of a per-slot loop. With total load T the M-th highest priority lies bet
 the candidates in that window, about 2E per row, are sorted; every candidate above the window
 wins. With more than ``_NARROW_FROM`` experts one secant step first narrows the window to a
 few standard deviations of the rounding around the cutoff (about ``sqrt(E)`` candidates); rows
-where that misses take the wide window. Where replica caps make the window miss the cutoff,
+where that misses take the wide window. The plain bound below is used instead where its
+candidates are few in all rows together (``_BOUNDED_UP_TO``). Where replica caps make the window miss the cutoff,
 the rows fall back to the plain bound: if the expert of load rank i (heaviest first) gets k
 extras, so does every heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates
 can win.
@@ -27,6 +28,9 @@ _NARROW = 6.0  # standard deviations of the rounding kept on either side of the 
 # Experts per row up to which the narrowed window (2 * _NARROW * sqrt(E / 12) candidates) is
 # not under half the wide one (E candidates).
 _NARROW_FROM = 48
+# Candidates of the plain bound in all rows from which the narrowed window (a fixed ~0.3 ms of
+# calls, then ~sqrt(E) candidates per row) costs less than sorting them.
+_BOUNDED_UP_TO = 16384
 
 
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
@@ -48,7 +52,9 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
         load = np.where(idle[:, None], 1.0, load)
     cap = max_replicas - 1
     bounded = np.minimum(extra // np.arange(1, min(extra, num_experts) + 1), cap).sum()
-    if bounded <= _WINDOW_FROM * num_experts:  # few extras: the plain bound is small already
+    if bounded <= _WINDOW_FROM * num_experts and (
+        num_experts <= _NARROW_FROM or bounded * rows <= _BOUNDED_UP_TO
+    ):  # few extras: the plain bound is small already
         return _bounded_extras(load, extra, cap) + 1
     high, low, fine = _window(load, extra, cap)
     if num_experts <= _NARROW_FROM:  # the narrowed window would be about as wide
