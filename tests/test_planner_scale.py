@@ -20,6 +20,7 @@ from elastic_ep.eplb.relabel import greedy_matching, overlap_edges, relabel_pack
 from elastic_ep.eplb.repair_swaps import any_slot, received_by_bits, received_count, slot_sum
 
 LAYERS, EXPERTS = 4, 256
+SWEEP_SEED = 0  # benchmarks/planner_sweep.py's seed
 
 
 def zipf_load(seed: int, layers: int = LAYERS, experts: int = EXPERTS) -> np.ndarray:
@@ -111,6 +112,24 @@ def test_1024_ranks_one_slot_drift_keeps_balance_and_moves_little() -> None:
     # so the repair reaches the fresh plan's balancedness by moving only changed counts.
     assert report.placement.balancedness(weight) == pytest.approx(fresh.balancedness(weight))
     assert int(report.transfers.sum()) <= 0.2 * 2 * 1024
+
+
+@pytest.mark.timeout(120)
+def test_two_slot_scale_up_moves_at_most_twice_the_joined_slots() -> None:
+    """1024 -> 1152 ranks x 2 slots: the swaps of the repair's step 2 stop at twice the joined
+    slots (they would receive 2.2x them here), and the other replica counts of step 3 reach the
+    target with the joined slots and a few more."""
+    load = zipf_load(SWEEP_SEED, experts=64)
+    previous = plan(load, 1024, 2)
+    report = plan_with_report(
+        load, 1152, 2, previous=previous, rank_mapping=RankMapping.resize(1024, 1152)
+    )
+    weight = torch.from_numpy(load)
+    joined = LAYERS * 128 * 2
+    assert joined <= int(report.transfers.sum()) <= 2 * joined
+    assert bool(report.repaired.all())
+    fresh = plan(load, 1152, 2)
+    assert report.placement.balancedness(weight) >= fresh.balancedness(weight) - 0.01
 
 
 def _sequential_greedy(left: np.ndarray, right: np.ndarray, order: np.ndarray):

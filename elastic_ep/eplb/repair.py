@@ -22,7 +22,8 @@ leaves it at the first that reaches its target:
    rows (nothing placed in step 1) take one swap step per round, the fewest swaps; rows that
    placed replicas double their steps every round and swap up to the target less what
    solving the shares again added after the previous round (at most half the way left), so
-   that a scale event or a failure needs few rounds;
+   that a scale event or a failure needs few rounds; a row with empty slots receives at most
+   ``SCALE_MOVES`` times their number here (step 3 then moves fewer weights than more swaps);
 3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
    more partners.
 
@@ -46,6 +47,7 @@ WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of 
 SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
 SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
+SCALE_MOVES = 2  # step 2 of a row with empty slots receives at most this x their number
 
 
 def repair(
@@ -124,6 +126,9 @@ def _repair_with_shares(
     share_lift = np.zeros(rows)  # what solving the shares again added to the carried units
     base_steps = max(1, ranks // SHARE_STEP_RANKS)
     placed = (orphans + first) > 0
+    # A scale-up's swaps stop at SCALE_MOVES x the joined slots: past that, step 3 (other
+    # replica counts from step 1's state) reaches the target with fewer transfers.
+    swap_budget = np.where(empty > 0, np.minimum(budget, SCALE_MOVES * empty), budget)
     for step in range(SHARE_ROUNDS):
         if short.size == 0:
             break
@@ -142,7 +147,7 @@ def _repair_with_shares(
             kept[short],
             load[short],
             target[short] - np.where(grow, lifted, 0.0),
-            budget[short],
+            swap_budget[short],
             min(base_steps << step, ranks * per_rank),
             slot_weight=weight,
             before=bits_of(short),
