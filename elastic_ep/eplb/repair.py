@@ -25,7 +25,9 @@ leaves it at the first that reaches its target:
    that a scale event or a failure needs few rounds; a row with empty slots receives at most
    ``SCALE_MOVES`` times their number here (step 3 then moves fewer weights than more swaps);
 3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
-   more partners.
+   more partners. Rows with no empty slot whose replica counts keep them below the target
+   (:func:`_count_bound`; every layer of a global scale-down or failure) start here: step 1
+   cannot raise that bound, and step 3 starts from ``kept`` for them.
 
 Each step costs one :func:`solve_shares` of the rows still on the ladder, about linear in their
 slots.
@@ -106,11 +108,22 @@ def _repair_with_shares(
     empty = (kept < 0).reshape(rows, -1).sum(1)
     # Every empty slot (an expert without a replica may take one, or evict a surplus one).
     first = np.minimum(empty, np.maximum(budget - orphans, 0))
-    fill_missing(slots, load, counts, np.zeros_like(first))  # experts without a replica
-    _fill_empty(slots, load, counts, first)
+    # Rows with no empty slot to fill whose replica counts keep them below the target go to
+    # step 3 at once: step 1 cannot raise their bound (an expert placed where it had no
+    # replica keeps it, an evicted surplus replica lowers it), and step 3 starts from
+    # ``kept`` for them (a scale-down or a failure of a global plan: every layer).
+    direct = (first == 0) & (_count_bound(kept, load) < target)
+    ladder = np.flatnonzero(~direct)
+    units = np.zeros_like(kept)
+    balance, slot_weight = np.zeros(rows), np.zeros(kept.shape)
+    if ladder.size:
+        part = slots[ladder]
+        fill_missing(part, load[ladder], counts[ladder], np.zeros_like(ladder))  # orphans
+        _fill_empty(part, load[ladder], counts[ladder], first[ladder])
+        slots[ladder] = part
+        units[ladder] = solve_shares(part, load[ladder], most)
+        balance[ladder], slot_weight[ladder] = balance_with_units(part, load[ladder], units[ladder])
     filled = slots.copy()
-    units = solve_shares(slots, load, most)
-    balance, slot_weight = balance_with_units(slots, load, units)
 
     # Step 2: swaps of the loads shares give (each slot keeps its units as it moves), in
     # rounds, the shares solved again after each.
@@ -122,7 +135,8 @@ def _repair_with_shares(
         return before[at].reshape(at.size * ranks, -1)
 
     near = balance >= (1.0 - SWAP_GAP) * target
-    short = np.flatnonzero((balance < target) & near & (_count_bound(slots, load) >= target))
+    eligible = near & ~direct & (_count_bound(slots, load) >= target)
+    short = np.flatnonzero((balance < target) & eligible)
     share_lift = np.zeros(rows)  # what solving the shares again added to the carried units
     base_steps = max(1, ranks // SHARE_STEP_RANKS)
     placed = (orphans + first) > 0
