@@ -220,6 +220,20 @@ def _greedy_counts(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarra
     return out
 
 
+def _count_load(kind: str, rng: np.random.Generator, rows: int, experts: int) -> np.ndarray:
+    """float64 [rows, experts] of one of the replica-count tests' load kinds."""
+    if kind == "lognormal":
+        return rng.lognormal(0, 1.5, (rows, experts))
+    if kind == "small integers":
+        return rng.integers(0, 4, (rows, experts)).astype(np.float64)
+    if kind == "zipf":
+        profile = 1000.0 / np.arange(1, experts + 1) ** 1.1
+        return np.stack([rng.permutation(profile) for _ in range(rows)])
+    load = rng.lognormal(0, 1, (rows, experts))  # replica caps bind
+    load[:, 0] *= 1e4
+    return load
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(1, 3),
@@ -234,18 +248,7 @@ def test_replica_counts_are_the_per_slot_greedy(
 ) -> None:
     """The windowed selection (many extras per expert) and the plain bound (few) both give the
     per-slot greedy's counts, including exact ties and experts at their replica cap."""
-    rng = np.random.default_rng(seed)
-    experts = min(experts, ranks * per_rank)
-    if kind == "lognormal":
-        load = rng.lognormal(0, 1.5, (rows, experts))
-    elif kind == "small integers":
-        load = rng.integers(0, 4, (rows, experts)).astype(np.float64)
-    elif kind == "zipf":
-        profile = 1000.0 / np.arange(1, experts + 1) ** 1.1
-        load = np.stack([rng.permutation(profile) for _ in range(rows)])
-    else:  # replica caps bind
-        load = rng.lognormal(0, 1, (rows, experts))
-        load[:, 0] *= 1e4
+    load = _count_load(kind, np.random.default_rng(seed), rows, min(experts, ranks * per_rank))
     counts = replica_counts(load, ranks * per_rank, ranks)
     assert (counts == _greedy_counts(load, ranks * per_rank, ranks)).all()
 
@@ -264,17 +267,6 @@ def test_replica_counts_of_many_experts_are_the_per_slot_greedy(
 ) -> None:
     """With more than 48 experts the window is first narrowed around an estimate of the cutoff
     (and widened again where that misses): still the per-slot greedy's counts."""
-    rng = np.random.default_rng(seed)
-    experts = min(experts, ranks * per_rank)
-    if kind == "lognormal":
-        load = rng.lognormal(0, 1.5, (rows, experts))
-    elif kind == "small integers":
-        load = rng.integers(0, 4, (rows, experts)).astype(np.float64)
-    elif kind == "zipf":
-        profile = 1000.0 / np.arange(1, experts + 1) ** 1.1
-        load = np.stack([rng.permutation(profile) for _ in range(rows)])
-    else:  # replica caps bind
-        load = rng.lognormal(0, 1, (rows, experts))
-        load[:, 0] *= 1e4
+    load = _count_load(kind, np.random.default_rng(seed), rows, min(experts, ranks * per_rank))
     counts = replica_counts(load, ranks * per_rank, ranks)
     assert (counts == _greedy_counts(load, ranks * per_rank, ranks)).all()

@@ -168,10 +168,8 @@ def test_transfers_are_minimal_and_valid(case: tuple[Scenario, TransferPlan]) ->
         assert _old_local(sc.previous, c.layer, old_self)[c.src_slot] == c.expert
 
 
-@settings(max_examples=300, deadline=None)
-@given(plans())
-def test_every_changed_slot_written_once(case: tuple[Scenario, TransferPlan]) -> None:
-    sc, plan = case
+def written_slots(plan: TransferPlan) -> dict[tuple[int, int, int], int]:
+    """(layer, new rank, slot) -> expert for every slot the plan writes; asserts none twice."""
     written: dict[tuple[int, int, int], int] = {}
     for step in plan.steps:
         for op in step.ops:
@@ -179,6 +177,14 @@ def test_every_changed_slot_written_once(case: tuple[Scenario, TransferPlan]) ->
             for slot in op.dst_slots:
                 assert (op.layer, rank, slot) not in written
                 written[(op.layer, rank, slot)] = op.expert
+    return written
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans())
+def test_every_changed_slot_written_once(case: tuple[Scenario, TransferPlan]) -> None:
+    sc, plan = case
+    written = written_slots(plan)
     for layer in range(sc.new.num_layers):
         for n in range(sc.new.num_ranks):
             o = sc.mapping.old_rank(n)

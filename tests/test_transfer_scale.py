@@ -21,7 +21,7 @@ from elastic_ep.eplb.placement import Placement
 from elastic_ep.eplb.transfer_layers import layer_ops
 from elastic_ep.eplb.transfer_ops import Op
 from elastic_ep.rank_mapping import RankMapping
-from tests.test_transfer_plan import KINDS, Scenario, _simulate, make_scenario
+from tests.test_transfer_plan import KINDS, Scenario, _simulate, make_scenario, written_slots
 
 
 def _reference_ops(
@@ -168,13 +168,7 @@ def test_plan_invariants_at_512_ranks(kind: str, seed: int, experts: int, cuts: 
     minimum = int(sc.new.transfers_from(sc.previous, sc.mapping).sum())
     assert len(plan.transfers) + len(plan.reloads) == minimum
     # Every changed slot written exactly once, with its new expert; nothing else written.
-    written: dict[tuple[int, int, int], int] = {}
-    for step in plan.steps:
-        for op in step.ops:
-            rank = op.dst if isinstance(op, Transfer) else op.rank
-            for slot in op.dst_slots:
-                assert (op.layer, rank, slot) not in written
-                written[(op.layer, rank, slot)] = op.expert
+    written = written_slots(plan)
     changed = 0
     for layer, n, i in zip(*np.nonzero(new != EMPTY), strict=True):
         o = sc.mapping.old_rank(int(n))
