@@ -12,7 +12,7 @@ Two steps:
    can already be on a rank (from the previous round); its replicas go to ranks lacking it.
 2. :func:`improve_by_swaps`: repeatedly move load off the heaviest ranks of every row at once by
    the best single swap (or move into an empty slot) with one of the lightest ranks; a row
-   given a ``floor`` stops once its heaviest rank is at or under it.
+   stops once its heaviest rank finds no swap, or, given a ``floor``, is at or under it.
 """
 
 from __future__ import annotations
@@ -213,7 +213,9 @@ def improve_by_swaps(
     lowers the larger load of a rank pair the most: with ``pairs=None`` between the heaviest
     rank and any other; with ``pairs=k``, for each of the k heaviest ranks with its counterpart
     among the k lightest (heaviest with lightest). The pairs share no rank, so their swaps are
-    independent. A row stops when no pair improves.
+    independent. A row stops when no pair improves (``pairs=None``) or when its heaviest rank's
+    pair does not (``pairs=k``: that pair is the same next step, so the row's heaviest rank
+    could not go lower).
 
     Args:
         slots: int64 [B, R, S], modified in place.
@@ -230,11 +232,13 @@ def improve_by_swaps(
     rows, ranks, per_rank = slots.shape
     if ranks < 2:
         return
-    pairs = None if pairs is None else min(pairs, ranks // 2)
     flat_slots = slots.reshape(-1, per_rank)  # one row per (row, rank): gathers stay flat
     flat_weight = weight.reshape(-1, per_rank)
     # [B * R], kept up to date by the swaps
     loads = flat_weight.sum(1) if loads is None else loads.reshape(-1)
+    if pairs is not None:
+        _pair_swaps(flat_slots, flat_weight, loads, ranks, min(pairs, ranks // 2), max_steps, floor)
+        return
     num_experts = int(flat_slots.max()) + 1
     cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
     active = np.arange(rows)
@@ -245,7 +249,7 @@ def improve_by_swaps(
             if active.size == 0:
                 return
         improved, heavy, h_slot, light, l_slot = _best_swaps(
-            flat_slots, flat_weight, loads, active, ranks, pairs, num_experts
+            flat_slots, flat_weight, loads, active, ranks, num_experts
         )
         heavy, light = heavy[improved], light[improved]
         h_cell = heavy * per_rank + h_slot[improved]
@@ -261,28 +265,92 @@ def improve_by_swaps(
             return
 
 
+def _pair_swaps(
+    slots: np.ndarray,
+    weight: np.ndarray,
+    loads: np.ndarray,
+    ranks: int,
+    pairs: int,
+    max_steps: int,
+    floor: np.ndarray | None,
+) -> None:
+    """:func:`improve_by_swaps` with ``pairs`` rank pairs per step, on the flat ``slots`` int64
+    / ``weight`` float64 [B * R, S] and ``loads`` float64 [B * R] (all modified in place).
+
+    A pair whose best swap does not improve it swaps a cell with itself (a no-op), so that
+    every pair of a step is applied by the same few whole-array operations.
+    """
+    per_rank = slots.shape[1]
+    cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
+    by_row = loads.reshape(-1, ranks)
+    active = np.arange(by_row.shape[0])
+    cols = int(slots.max()) + 2  # columns of the table below: experts + 1
+    # Row offsets of that table, +1 for the empty slot's column 0: [n, 1] for n = B * k pairs,
+    # sliced to the pairs of each step.
+    table_row = (np.arange(2 * by_row.shape[0] * pairs) * cols + 1)[:, None]
+    for _ in range(max_steps):
+        if floor is not None:
+            active = active[by_row[active].max(1) > floor[active]]
+        if active.size == 0:
+            return
+        first = (active * ranks)[:, None]
+        by_load = ascending_order(by_row[active]) + first  # [A, R]
+        heavy = by_load[:, : -pairs - 1 : -1].ravel()  # [A * k], heaviest first
+        light = by_load[:, :pairs].ravel()  # its counterpart among the lightest
+        heavy_row, light_row = table_row[: heavy.size], table_row[heavy.size : 2 * heavy.size]
+        heavy_x, light_x = slots[heavy], slots[light]  # [n, S]
+        heavy_load = loads[heavy]
+        half_gap = 0.5 * (heavy_load - loads[light])  # [n]
+        # What each rank of a pair holds, as a bool table with a row per rank and a column per
+        # expert + 1 (column 0: an empty slot): row i of heavy rank i, row n + i of its partner.
+        held = np.zeros(2 * heavy.size * cols, dtype=bool)
+        held[heavy_x + heavy_row] = True
+        held[light_x + light_row] = True
+        # A swap moving d = (heavy item - light item) leaves max(H - d, P + d)
+        # = (H + P) / 2 + |d - c| with c the half gap: the best minimises |d - c|. A heavy
+        # item the light rank holds weighs -inf, a light item the heavy rank holds +inf:
+        # |d - c| is then inf and the swap never wins.
+        heavy_w = np.where(held[heavy_x + light_row], -np.inf, weight[heavy] - half_gap[:, None])
+        light_w = np.where(held[light_x + heavy_row] & (light_x >= 0), np.inf, weight[light])
+        distance = np.subtract(heavy_w[:, :, None], light_w[:, None, :])  # [n, S, S]
+        np.abs(distance, out=distance)
+        flat = distance.reshape(heavy.size, -1)
+        best = flat.argmin(1)
+        chosen = flat[np.arange(heavy.size), best]
+        # The new larger load of the pair, H - c + |d - c|, must be below H.
+        improved = heavy_load - half_gap + chosen < heavy_load * (1 - 1e-12)
+        h_slot, l_slot = np.divmod(best, per_rank)
+        h_cell = heavy * per_rank + h_slot
+        l_cell = np.where(improved, light * per_rank + l_slot, h_cell)  # else: a no-op
+        moved = cells[1][h_cell] - cells[1][l_cell]
+        loads[heavy] -= moved
+        loads[light] += moved
+        for table in cells:
+            values = table[h_cell]
+            table[h_cell] = table[l_cell]
+            table[l_cell] = values
+        # A row whose heaviest rank found no swap keeps its heaviest rank: its pair (with the
+        # lightest rank) is the same next step, the other pairs only lower their heavy ranks.
+        active = active[improved[::pairs]]
+
+
 def _best_swaps(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
     active: np.ndarray,
     ranks: int,
-    pairs: int | None,
     num_experts: int,
 ) -> tuple[np.ndarray, ...]:
-    """Best swap per heavy rank of the ``active`` rows [A]: (improved, heavy rank, heavy slot,
-    partner rank, partner slot), each [A, k] (k = 1 with ``pairs=None``); the R ranks of a row
-    are rows of the flat ``slots`` int64 (ids < ``num_experts``) / ``weight`` float64
+    """Best swap of the heaviest rank of each ``active`` row [A] with any other rank:
+    (improved, heavy rank, heavy slot, partner rank, partner slot), each [A, 1]; the R ranks of
+    a row are rows of the flat ``slots`` int64 (ids < ``num_experts``) / ``weight`` float64
     [B * R, S], ``loads`` float64 [B * R]."""
     per_rank = slots.shape[1]
     first_rank = (active * ranks)[:, None]
     by_load = ascending_order(loads[first_rank + np.arange(ranks)]) + first_rank  # [A, R]
-    if pairs is None:  # heaviest against all others: one heavy rank, R - 1 partners
-        heavy = by_load[:, -1:]
-        partner = by_load[:, None, :-1]
-    else:
-        heavy = by_load[:, : -pairs - 1 : -1]
-        partner = by_load[:, :pairs, None]
+    heavy = by_load[:, -1:]  # one heavy rank, R - 1 partners
+    partner = by_load[:, None, :-1]
     shape, width = partner.shape, per_rank * per_rank
     heavy_x = slots[heavy]  # [A, k, S]
     part_x = slots[partner]  # [A, k, M, S]

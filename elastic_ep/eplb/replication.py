@@ -142,9 +142,10 @@ def _window_extras(
     row = cell // num_experts
     column = np.arange(cell.size) - np.repeat(np.cumsum(width) - width, width)
     priority = np.full((rows, int(width.max(initial=0))), -1.0)  # -1: below every priority
-    priority[row, column] = load.ravel()[cell] / kth
+    at = row * priority.shape[1] + column  # flat index: faster than indexing by (row, column)
+    priority.reshape(-1)[at] = load.ravel()[cell] / kth
     tie_order = np.zeros(priority.shape, dtype=np.int64)
-    tie_order[row, column] = kth * num_experts + cell % num_experts
+    tie_order.reshape(-1)[at] = kth * num_experts + cell % num_experts
     need = extra - won.sum(1)
     missed = ~fine | (need < 1) | ((priority >= low).sum(1) < need)
     extras = won
@@ -155,7 +156,7 @@ def _window_extras(
         chosen = np.zeros(priority.shape, dtype=bool)
         if ok.size:
             chosen[ok] = _largest(priority[ok], tie_order[ok], need[ok])
-    extras += np.bincount(cell[chosen[row, column]], minlength=rows * num_experts).reshape(
+    extras += np.bincount(cell[chosen.reshape(-1)[at]], minlength=rows * num_experts).reshape(
         rows, num_experts
     )
     return extras, missed
