@@ -136,13 +136,15 @@ def _window_extras(
     top = np.clip(np.floor(load / low * (1 + _ROUNDING)), 0, cap).astype(np.int64)
     span = np.maximum(top - won, 0).ravel()
     cell = np.repeat(np.arange(rows * num_experts), span)
-    kth = np.arange(cell.size) - np.repeat(np.cumsum(span) - span, span)
-    kth += won.ravel()[cell] + 1
+    index = np.arange(cell.size)
+    # Candidate j of cell c is its (won + 1 + j)-th extra replica: j = index - start of c.
+    kth = index - np.repeat(np.cumsum(span) - span - won.ravel() - 1, span)
     width = span.reshape(rows, num_experts).sum(1)
-    row = cell // num_experts
-    column = np.arange(cell.size) - np.repeat(np.cumsum(width) - width, width)
-    priority = np.full((rows, int(width.max(initial=0))), -1.0)  # -1: below every priority
-    at = row * priority.shape[1] + column  # flat index: faster than indexing by (row, column)
+    padded = int(width.max(initial=0))
+    # Flat index into [B, padded]: a row's candidates from its start (faster than indexing by
+    # (row, column)).
+    at = index + np.repeat(np.arange(rows) * padded - (np.cumsum(width) - width), width)
+    priority = np.full((rows, padded), -1.0)  # -1: below every priority
     priority.reshape(-1)[at] = load.ravel()[cell] / kth
     tie_order = np.zeros(priority.shape, dtype=np.int64)
     tie_order.reshape(-1)[at] = kth * num_experts + cell % num_experts
