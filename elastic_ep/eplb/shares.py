@@ -25,10 +25,14 @@ That is a min-max flow; :func:`solve_shares` approximates it, vectorised over la
 Step 3 makes shares never worse than the equal split. Only some replicas move (the others keep
 the equal split and count as fixed load): those of experts with a replica on a heavy rank and
 at least ``MIN_UNITS_PER_REPLICA`` units per replica, in layers whose heaviest rank has room to
-fall (:func:`_movable`); a rounding unit coarser than the gain would take it back. Each step is
-a few ``bincount`` passes over the movable slots (two 16-bit radix sorts in step 2), so the
-cost is about linear in L x P; with one slot per rank a rank holds one replica and the equal
-split is already optimal: nothing runs.
+fall (:func:`_movable`); a rounding unit coarser than the gain would take it back. With one
+slot per rank (a rank holds one replica: the equal split is already optimal) or a
+``max_units`` too small for two such replicas nothing runs; where no layer's heaviest rank
+holds a movable replica and lies above the mean by more than it could gain, one pass over the
+slots does. Otherwise the cost is about linear in L x P, and at the planner's sizes mostly
+numpy's cost per call: passes over all slots are whole-array adds and gathers, each diffusion
+step a few ``bincount`` passes over the movable slots (the clamp to one unit and its rescale
+only in the rare steps that need it), step 2 two 16-bit radix sorts.
 """
 
 from __future__ import annotations
@@ -60,36 +64,36 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     """
     units = (slots >= 0).astype(np.int64)
     layers, ranks, per_rank = slots.shape
-    if per_rank == 1:
+    # A movable expert has 2+ replicas of MIN_UNITS_PER_REPLICA units: max_units must hold them.
+    if per_rank == 1 or max_units < 2 * MIN_UNITS_PER_REPLICA:
         return units
     experts = load.shape[1]
-    # Groups are layer * (E + 1) + expert; column E of a layer stands for its empty slots: it
-    # counts them and carries no load.
-    offset = np.arange(layers)[:, None, None] * (experts + 1)
-    group_of = (np.where(slots >= 0, slots, experts) + offset).reshape(-1)  # [L * R * S]
+    # Groups are layer * (E + 1) + expert + 1: column 0 of a layer stands for its empty slots
+    # (-1 + 1, so that one add numbers every slot): it counts them and carries no load.
+    start = np.arange(1, layers * (experts + 1), experts + 1)
+    group_of = (slots + start[:, None, None]).reshape(-1)  # [L * R * S]
     count = np.bincount(group_of, minlength=layers * (experts + 1))
     weight = np.zeros((layers, experts + 1))
-    weight[:, :experts] = load
+    weight[:, 1:] = load
     weight = weight.ravel()
     total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
     equal = weight / np.maximum(count, 1)  # a replica's load under the equal split
-    rank_load = _sum_slots(equal[group_of].reshape(layers, ranks, per_rank))
-    slot = _movable(group_of, rank_load, weight, count, total_units, per_rank)
-    if slot.size == 0:
+    slot_load = equal[group_of]
+    rank_load = _sum_slots(slot_load.reshape(layers, ranks, per_rank))
+    problem = _movable(group_of, rank_load, (weight, count, total_units, equal), slot_load)
+    if problem is None:
         return units
-    group, rank = group_of[slot], slot // per_rank
-    # The other slots keep the equal split: their loads are fixed.
-    moving = np.bincount(rank, weights=equal[group], minlength=layers * ranks)
-    fixed = np.maximum(rank_load.ravel() - moving, 0.0)
-    problem = _Problem(group, rank, weight, count, total_units, fixed, layers, ranks)
-    equal_peak = problem.peaks(equal[group])
-    share = _diffuse(problem, equal[group], equal_peak)
-    if not (problem.peaks(share) < equal_peak * (1.0 - MIN_GAIN)).any():
+    above, loads, peak = _diffuse(problem)
+    if not (peak < problem.peak * (1.0 - MIN_GAIN)).any():
         return units  # no layer gains enough to survive rounding
-    slot_units = _integer_units(problem, share)
-    peak = problem.peaks(problem.weight * slot_units / problem.total_of(slot_units))
-    keep = (peak < equal_peak * (1.0 - 1e-12))[rank // ranks]
-    units.ravel()[slot[keep]] = slot_units[keep]
+    slot_units, rounded = _integer_units(problem, above, loads)
+    peak = problem.rank_loads(rounded).reshape(layers, ranks).max(1)
+    gains = peak < problem.peak * (1.0 - 1e-12)
+    slot = problem.slot
+    if not gains.all():
+        keep = gains[slot // (ranks * per_rank)]
+        slot, slot_units = slot[keep], slot_units[keep]
+    units.ravel()[slot] = slot_units
     return units
 
 
@@ -102,147 +106,173 @@ def _sum_slots(values: np.ndarray) -> np.ndarray:
     return total
 
 
+class _Problem:
+    """The movable slots of all layers, flattened. Per slot, int64 [N]: ``slot`` (flat index
+    into [L, R, S]), ``group`` (its expert's group, renumbered densely in layer * E + expert
+    order) and ``rank`` (layer * R + rank); float64 [N]: ``unit`` (load of one of its group's
+    routing units) and ``above`` (its load above one unit under the equal split). Per group:
+    ``spare`` float64 [G] (load above one unit per replica), ``units`` and ``length`` int64 [G]
+    (units to reach, replicas: all of them movable). ``base`` float64 [L * R]: each rank's load
+    with one unit per movable replica; ``peak`` float64 [L]: each layer's heaviest rank under
+    the equal split."""
+
+    def __init__(
+        self,
+        slot: np.ndarray,
+        group: np.ndarray,
+        per_group: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        base: np.ndarray,
+        peak: np.ndarray,
+        per_rank: int,
+    ) -> None:
+        self.slot, self.rank, self.base, self.peak = slot, slot // per_rank, base, peak
+        self.group = group
+        self.size = per_group[0].size
+        weight, count, units, unit = per_group
+        self.spare = weight - count * unit
+        self.units, self.length = units, count
+        self.unit = unit[group]
+        self.above = (self.spare / count)[group]
+
+    def rank_loads(self, above: np.ndarray) -> np.ndarray:
+        """float64 [L * R] with ``above`` float64 [N] each slot's load above one unit."""
+        return self.base + np.bincount(self.rank, weights=above, minlength=self.base.size)
+
+
 def _movable(
     group_of: np.ndarray,
     rank_load: np.ndarray,
-    weight: np.ndarray,
-    count: np.ndarray,
-    total_units: np.ndarray,
-    per_rank: int,
-) -> np.ndarray:
-    """int64 [M]: the flat indices into [L, R, S] of the slots whose share may move (the others
-    keep the equal split).
+    per_group: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    scratch: np.ndarray,
+) -> _Problem | None:
+    """The slots whose share may move (the others keep the equal split), ``None`` if none.
 
     A slot's expert must have 2+ replicas, load, at least ``MIN_UNITS_PER_REPLICA`` units per
     replica and a replica on a heavy rank of its layer, one in the upper ``HEAVY`` of the range
     from the mean to the heaviest rank (only such experts can lower the heaviest ranks, so a
     nearly balanced layer costs little); and its layer must be able to gain: its heaviest rank
-    above every rank's least load (its fixed load plus one unit per movable replica) and the
-    mean by a relative ``MIN_GAIN`` and by one unit of the coarsest movable replica on it.
-    Experts are picked from the heavy ranks' slots, so the cost beyond one pass over the slots
-    is linear in the movable slots, not in L x R x S.
+    must hold such a replica (else it cannot fall) and lie above every rank's least load (its
+    fixed load plus one unit per movable replica) and the mean by a relative ``MIN_GAIN`` and
+    by one unit of the coarsest movable replica on it. The heaviest rank's replicas and the
+    mean are checked first (S slots per layer): a plan where they rule every layer out costs
+    one pass over the slots.
 
     Args:
-        group_of: int64 [L * R * S] each slot's group (layer * (E + 1) + expert).
+        group_of: int64 [L * R * S] each slot's group (layer * (E + 1) + expert + 1).
         rank_load: float64 [L, R] rank loads under the equal split.
-        weight, count, total_units: [L * (E + 1)] load, replicas and units to use per group.
+        per_group: load, replicas, units to use and a replica's load under the equal split,
+            each [L * (E + 1)].
+        scratch: float64 [L * R * S], overwritten.
     """
+    weight, count, total_units, equal = per_group
     layers, ranks = rank_load.shape
-    mean, peak = rank_load.mean(1), rank_load.max(1)
-    heavy = rank_load >= (mean + (1.0 - HEAVY) * (peak - mean))[:, None]
-    candidate = np.zeros(count.size, dtype=bool)
-    candidate[group_of.reshape(-1, per_rank)[heavy.ravel()]] = True
-    candidate &= (count >= 2) & (weight > 0) & (total_units >= MIN_UNITS_PER_REPLICA * count)
-    slot = np.flatnonzero(candidate[group_of])
-    group = group_of[slot]
+    per_rank = scratch.size // rank_load.size
+    movable = (count >= 2) & (total_units >= MIN_UNITS_PER_REPLICA * count) & (weight > 0)
     unit = weight / np.maximum(total_units, 1)  # load of one routing unit
-    above_unit = weight[group] / count[group] - unit[group]
-    floor = rank_load - np.bincount(
-        slot // per_rank, weights=above_unit, minlength=layers * ranks
-    ).reshape(layers, ranks)
-    room = peak - np.maximum(floor.max(1), mean)
-    # Rounding moves a rank by up to a unit of each replica it holds: a layer whose room is
-    # within one unit of its heaviest rank's coarsest movable replica would lose it again.
+    mean, peak = rank_load.sum(1) / ranks, rank_load.max(1)
     on_peak = group_of.reshape(layers, ranks, per_rank)[np.arange(layers), rank_load.argmax(1)]
-    coarsest = np.where(candidate[on_peak], unit[on_peak], 0.0).max(1)
-    gains = (room > MIN_GAIN * peak) & (room > coarsest)
-    return slot[gains[slot // (ranks * per_rank)]]
+    # The room must exceed a relative MIN_GAIN and one unit of the heaviest rank's coarsest
+    # movable replica (rounding moves a rank by up to a unit of each replica it holds: a
+    # smaller room would be lost again); 0 where it holds none (it cannot fall).
+    least = np.where(movable[on_peak], unit[on_peak], 0.0).max(1)
+    spread = peak - mean
+    # The room is at most peak - mean: this bound alone rules most layers that cannot gain out.
+    able = spread > np.maximum(least, MIN_GAIN * peak)
+    able &= least > 0.0
+    if not able.any():
+        return None
+    heavy = rank_load >= (mean + (1.0 - HEAVY) * spread)[:, None]
+    heavy &= able[:, None]
+    # ``compress`` and ``bincount``: several times faster than a boolean index and a scatter.
+    on_heavy = group_of.reshape(-1, per_rank).compress(heavy.ravel(), axis=0)
+    candidate = np.bincount(on_heavy.ravel(), minlength=count.size) > 0
+    candidate &= movable
+    # Passes over all slots (a zero for the others) cost less than gathering the movable ones;
+    # into ``scratch``: a fresh array as large costs page faults (``clip``: ``raise`` buffers).
+    np.take(np.where(candidate, equal - unit, 0.0), group_of, out=scratch, mode="clip")
+    floor = rank_load - _sum_slots(scratch.reshape(layers, ranks, per_rank))
+    gains = peak - np.maximum(floor.max(1), mean) > np.maximum(least, MIN_GAIN * peak)
+    if not gains.any():
+        return None
+    if not gains.all():
+        candidate.reshape(layers, -1)[~gains] = False
+        # Layers that do not gain keep their equal split's loads (their slots do not move).
+        floor = np.where(gains[:, None], floor, rank_load)
+    slot = np.flatnonzero(candidate[group_of])
+    # The groups with a movable slot, renumbered 0.. in their order: per-group arrays as long
+    # as those groups, not all L * (E + 1) (far more where few slots move).
+    kept = np.flatnonzero(candidate)
+    dense = np.empty(count.size, dtype=np.int64)
+    dense[kept] = np.arange(kept.size)
+    kept_groups = (weight[kept], count[kept], total_units[kept], unit[kept])
+    return _Problem(slot, dense[group_of[slot]], kept_groups, floor.ravel(), peak, per_rank)
 
 
-class _Problem:
-    """The replicated slots of all layers, flattened: ``group`` (layer * E + expert, renumbered
-    densely in that order) and ``rank`` (layer * R + rank) int64 [N] per slot; per slot its
-    group's ``weight``, ``count`` (replicas), ``units`` (total to reach) and ``unit`` (load of
-    one unit), per group ``spare`` (load above one unit per replica); ``fixed`` float64
-    [L * R] the load shares cannot move."""
-
-    def __init__(
-        self,
-        group: np.ndarray,
-        rank: np.ndarray,
-        weight: np.ndarray,
-        count: np.ndarray,
-        units: np.ndarray,
-        fixed: np.ndarray,
-        layers: int,
-        ranks: int,
-    ) -> None:
-        self.rank, self.fixed = rank, fixed
-        self.layers, self.ranks = layers, ranks
-        self.weight = weight[group]
-        self.unit = self.weight / units[group]  # load of one routing unit
-        self.units = units[group]
-        self.count = count[group]
-        # The groups with a movable slot, renumbered 0.. in their order: per-group arrays as
-        # long as those groups, not all L * (E + 1) (far more where few slots move).
-        present = np.zeros(weight.size, dtype=bool)
-        present[group] = True
-        kept = np.flatnonzero(present)
-        self.group = (np.cumsum(present) - 1)[group]
-        self.size = kept.size
-        # float64 [size]: each group's load above one unit per replica
-        self.spare = (weight - count * (weight / np.maximum(units, 1)))[kept]
-
-    def rank_loads(self, share: np.ndarray) -> np.ndarray:
-        """float64 [L * R] with ``share`` float64 [N] the load of each replicated slot."""
-        return self.fixed + np.bincount(self.rank, weights=share, minlength=self.fixed.size)
-
-    def peaks(self, share: np.ndarray) -> np.ndarray:
-        """float64 [L]: heaviest rank of each layer."""
-        return self.rank_loads(share).reshape(self.layers, self.ranks).max(1)
-
-    def total_of(self, values: np.ndarray) -> np.ndarray:
-        """[N]: ``values`` [N] summed over each slot's group."""
-        return np.bincount(self.group, weights=values, minlength=self.size)[self.group]
+def _diffuse(problem: _Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 [N] each movable slot's load above one unit after diffusion steps from the equal
+    split, float64 [L * R] the rank loads and [L] each layer's heaviest rank with them (step 1
+    of the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest rank falls
+    by a relative ``MIN_GAIN`` in a step, checked from the second step on (the first step from
+    the equal split gains in every plan measured: its check would cost more than it saves)."""
+    group, rank, size = problem.group, problem.rank, problem.size
+    inverse = 1.0 / np.bincount(rank, minlength=problem.base.size)[rank]
+    # A slot moves by its group's level (the inverse-weighted mean) times its inverse. Each
+    # group has 2+ slots with an inverse > 0: the sums are positive.
+    pull = inverse / np.bincount(group, weights=inverse, minlength=size)[group]
+    above = problem.above.copy()
+    loads = problem.rank_loads(above)  # [L * R], carried from one step to the next
+    limit = problem.peak
+    for step in range(ITERATIONS):
+        ahead = loads[rank] * inverse
+        move = np.bincount(group, weights=ahead, minlength=size)[group] * pull
+        move -= ahead
+        above += move
+        # Each step conserves every expert's load; it rarely takes a replica below one unit:
+        # then the replica keeps one and the rest is rescaled so that the expert's load stays.
+        if above.min() < 0.0:
+            np.maximum(above, 0.0, out=above)
+            total = np.bincount(group, weights=above, minlength=size)
+            above *= (problem.spare / np.maximum(total, 1e-300))[group]
+        loads = problem.rank_loads(above)
+        peak = loads.reshape(limit.size, -1).max(1)
+        if step and not (peak < limit).any():
+            break
+        limit = peak * (1.0 - MIN_GAIN)
+    return above, loads, peak
 
 
-def _diffuse(problem: _Problem, share: np.ndarray, peak: np.ndarray) -> np.ndarray:
-    """float64 [N]: each replicated slot's load after diffusion steps from ``share`` float64
-    [N] (step 1 of the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest
-    rank (``peak`` float64 [L] before the first) falls by a relative ``MIN_GAIN`` in a step."""
-    group, size = problem.group, problem.size
-    movable = np.bincount(problem.rank, minlength=problem.fixed.size)[problem.rank]
-    inverse = 1.0 / movable
-    # Groups without a movable slot weigh 0: the floor only keeps their (unused) level finite.
-    weight_sum = np.maximum(np.bincount(group, weights=inverse, minlength=size), 1e-300)
-    loads = problem.rank_loads(share)  # [L * R], carried from one step to the next
-    for _ in range(ITERATIONS):
-        rank_load = loads[problem.rank]
-        level = np.bincount(group, weights=rank_load * inverse, minlength=size) / weight_sum
-        share = share + (level[group] - rank_load) * inverse
-        # At least one unit per replica; the rest rescaled so that the expert's load stays.
-        above = np.maximum(share - problem.unit, 0.0)
-        above_sum = np.bincount(group, weights=above, minlength=size)
-        share = problem.unit + above * (problem.spare / np.maximum(above_sum, 1e-300))[group]
-        loads = problem.rank_loads(share)
-        now = loads.reshape(problem.layers, problem.ranks).max(1)
-        if not (now < peak * (1.0 - MIN_GAIN)).any():
-            return share
-        peak = now
-    return share
-
-
-def _integer_units(problem: _Problem, share: np.ndarray) -> np.ndarray:
-    """int64 [N]: whole units per replicated slot for the loads ``share`` float64 [N]: the
-    units each fills entirely (at least 1), the units left over to the slots whose rank is
-    lightest with one more; divided by each group's gcd (step 2 of the module docstring)."""
-    units = np.maximum(1, np.floor(share / problem.unit + 1e-9)).astype(np.int64)
-    left = problem.units - problem.total_of(units.astype(np.float64)).astype(np.int64)
+def _integer_units(
+    problem: _Problem, above: np.ndarray, loads: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [N] whole units per movable slot for the loads above one unit ``above`` float64
+    [N] (rank loads ``loads`` float64 [L * R]): the units each fills entirely (at least 1), the
+    units left over to the slots whose rank is lightest with one more; divided by each group's
+    gcd (step 2 of the module docstring). Also float64 [N]: each slot's load above one unit
+    with them."""
+    group, length = problem.group, problem.length
+    whole = np.floor(above / problem.unit + 1e-9)  # units above the first
+    left = problem.units - length - np.bincount(group, weights=whole, minlength=problem.size)
     # A slot's rank load with one more unit: the left-over units go to the lowest in each group.
-    after = problem.rank_loads(share)[problem.rank] - share + problem.unit * (units + 1)
-    order = _grouped_order(problem.group, after)
-    # The groups in ``order`` are ascending: their sizes give where each starts.
-    lengths = np.bincount(problem.group, minlength=problem.size)
-    lengths = lengths[lengths > 0]
-    starts = np.cumsum(lengths) - lengths
-    position = np.arange(order.size) - np.repeat(starts, lengths)
-    units[order] += position < left[order]
+    after = loads[problem.rank] - above + problem.unit * (whole + 1.0)
+    order = _grouped_order(group, after)
+    # In ``order`` the groups are ascending, ``length`` long: the first ``left`` of each gain.
+    starts = np.cumsum(length) - length
+    ordered = whole[order]
+    ordered += np.arange(order.size) < np.repeat(starts + left, length)
+    whole[order] = ordered
+    rounded = problem.unit * whole
+    units = ordered.astype(np.int64)
+    units += 1
     # Floating-point slack could leave a group over its total: those keep the equal split.
-    over = problem.total_of(units.astype(np.float64)) > problem.units
-    units[over] = 1
-    divisor = np.gcd.reduceat(units[order], starts)
-    units[order] //= np.repeat(divisor, lengths)
-    return units
+    over = left < 0
+    if over.any():
+        units[np.repeat(over, length)] = 1
+        slot_over = over[group]
+        rounded[slot_over] = problem.above[slot_over]
+    units //= np.repeat(np.gcd.reduceat(units, starts), length)
+    slot_units = np.empty_like(units)
+    slot_units[order] = units
+    return slot_units, rounded
 
 
 def _grouped_order(group: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -254,9 +284,12 @@ def _grouped_order(group: np.ndarray, key: np.ndarray) -> np.ndarray:
     closer than 2^-16 of the largest (a rank load; a routing unit weighs far more) count as
     equal.
     """
-    if group.size and int(group.max()) > np.iinfo(np.uint16).max:
+    if group.size and int(group.max()) > _UINT16_MAX:
         return np.lexsort((key, group))
     top = float(key.max(initial=0.0))
-    scale = (2.0**16 - 1) / top if top > 0 else 0.0
+    scale = _UINT16_MAX / top if top > 0 else 0.0
     order = np.argsort((key * scale).astype(np.uint16), kind="stable")
     return order[np.argsort(group[order].astype(np.uint16), kind="stable")]
+
+
+_UINT16_MAX = 2**16 - 1
