@@ -22,6 +22,10 @@ smallest items. A row is re-packed only where
 and keeps the re-packing only where it lowers the heaviest rank. The greedy takes R * S steps,
 each over the row's R ranks (all gated rows at once): the gates keep it to the rows it helps,
 few and small at many ranks.
+
+:func:`balance_bound` turns that bound into the most balancedness any packing of a plan's
+replicas reaches (2+ slots per rank): a scale-down's target is lifted no further than that
+(:mod:`elastic_ep.eplb.repair_choice`).
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ def repack_stuck(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> np.
     heaviest = rank_load.max(1)
     # No rank of a layer can fall under the heaviest node's mean rank load.
     floor = np.repeat(rank_load.mean(1).reshape(layers, num_nodes).max(1), num_nodes)
-    stuck = (heaviest * POLISH_BELOW > floor) & (heaviest > (1 + POLISH_MARGIN) * _bound(weight))
+    stuck = (heaviest * POLISH_BELOW > floor) & (
+        heaviest > (1 + POLISH_MARGIN) * heaviest_bound(weight)
+    )
     rows = np.flatnonzero(stuck)
     if rows.size == 0:
         return improved
@@ -72,9 +78,20 @@ def repack_stuck(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> np.
     return improved
 
 
-def _bound(weight: np.ndarray) -> np.ndarray:
+def balance_bound(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [L]: the most balancedness any packing of the replicas of ``slots`` (int64
+    [L, R, S], S >= 2) reaches for ``load`` (float64 [L, E]) with the equal split: mean rank
+    load over :func:`heaviest_bound` (1.0 for a layer without load)."""
+    counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
+    weight = slot_loads(slots, load / counts)
+    bound = heaviest_bound(weight)
+    mean = weight.sum((1, 2)) / slots.shape[1]
+    return np.where(bound > 0, mean / np.maximum(bound, 1e-300), 1.0)
+
+
+def heaviest_bound(weight: np.ndarray) -> np.ndarray:
     """float64 [B]: a lower bound on the heaviest rank of any packing of the items ``weight``
-    float64 [B, R, S] (S >= 3) with S per rank (module docstring)."""
+    float64 [B, R, S] (S >= 2) with S per rank (module docstring)."""
     rows, ranks, per_rank = weight.shape
     items = np.sort(weight.reshape(rows, -1), axis=1)  # lightest first
     smallest = items[:, : per_rank - 1].sum(1)

@@ -1,13 +1,16 @@
 """Per layer, the movement-aware repair of a previous placement or the relabelled fresh plan.
 
-:func:`prefer_repair` sets each layer's target from the fresh plan (its balancedness minus the
-tolerance, keeping ``RECOVERED`` of its gain over the placement as it is), builds the repair
-(:mod:`elastic_ep.eplb.repair`; per node for hierarchical plans) and keeps it where it reaches
-the target; elsewhere the fresh plan relabelled onto the old ranks (:mod:`elastic_ep.eplb.relabel`),
-unless the repair is a near miss and the fresh plan would move over ``NEAR_MISS_MOVES`` times its
-weights. Balancedness is measured with routing shares where the plan has them.
-:func:`single_slot_repair` is the one-slot shortcut that needs no fresh plan. The rules are
-described in :mod:`elastic_ep.eplb.planner` and docs/planner.md.
+:func:`prefer_repair` sets each layer's target from the fresh plan (:func:`layer_targets`: its
+balancedness minus the tolerance, keeping ``RECOVERED`` of its gain over the placement as it
+is; a scale-down's target stays :func:`packing_lift` above that, as another planner's plan may
+beat the fresh one), builds the repair (:mod:`elastic_ep.eplb.repair`; per node for
+hierarchical plans) and keeps it where it reaches the target; elsewhere the fresh plan
+relabelled onto the old ranks (:mod:`elastic_ep.eplb.relabel`), unless the repair is a near
+miss and the fresh plan would move over ``NEAR_MISS_MOVES`` times its weights, or the other
+layers' balancedness over their targets pays for the miss (:func:`spend_surplus`: the model's
+balancedness is the mean over layers). Balancedness is measured with routing shares where the
+plan has them. :func:`single_slot_repair` is the one-slot shortcut that needs no fresh plan.
+The rules are described in :mod:`elastic_ep.eplb.planner` and docs/planner.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from elastic_ep.eplb.hierarchical import repair_within_nodes
 from elastic_ep.eplb.packing import expert_counts, slot_loads
+from elastic_ep.eplb.polish import balance_bound
 from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
 from elastic_ep.eplb.repair import balance_with_units, node_shares, repair
 from elastic_ep.eplb.repair_swaps import received_count
@@ -23,6 +27,16 @@ from elastic_ep.eplb.single_slot import repair_single_slot
 
 RECOVERED = 0.9
 """Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
+PACKING_SLACK = 0.6
+"""Share of the tolerance by which another planner's plan at the new size may beat the fresh
+plan's equal split (94 x 128 experts on 224 x 2 slots: vLLM 0.907, the fresh plan 0.902 with
+the equal split, 0.904 with shares); a repair that stops at the tolerance under the fresh plan
+would land under vLLM's less it (:func:`packing_lift`)."""
+SURPLUS_KEPT = 0.3
+"""Share of the tolerance the model keeps above its layers' mean target when layers whose
+repair misses its target keep it (:func:`spend_surplus`): vLLM's plan may beat the fresh one."""
+LIFT_GAIN = 0.25
+"""Gain of the fresh plan over the placement above which a scale-down's target is lifted."""
 NEAR_MISS_MOVES = 2
 """A repair short of its target by less than the tolerance is kept where the relabelled fresh
 plan would move more than this many times its weights."""
@@ -84,11 +98,19 @@ def prefer_repair(
     groups, nodes = layout
     limit = ranks * slots if max_transfers is None else max_transfers
 
+    equal_split = layer_balancedness(fresh, load)
     if most is None:
-        fresh_balance = layer_balancedness(fresh, load)
+        fresh_balance = equal_split
     else:
         fresh_balance = balance_with_units(fresh, load, node_shares(fresh, load, most, nodes))[0]
-    target = layer_targets(fresh_balance, kept_balance, tolerance)
+    full = np.all((kept >= 0).reshape(layers, -1), axis=1)
+    # No plan of these replicas beats the bound: the lift stops there.
+    room = balance_bound(fresh, load) - equal_split if slots > 1 else np.zeros(layers)
+    lift = np.minimum(
+        packing_lift(fresh_balance - equal_split, fresh_balance - kept_balance, full, tolerance),
+        np.maximum(room, 0.0),
+    )
+    target = layer_targets(fresh_balance, kept_balance, tolerance, lift)
     budget = np.full(layers, limit)
     if nodes == 1:
         repaired, units = repair(load, kept, target, budget, counts, most)
@@ -124,6 +146,14 @@ def prefer_repair(
                 f"max_transfers={max_transfers} cannot be met in layer {int(contest[over[0]])}: "
                 f"the previous placement does not keep expert groups within nodes"
             )
+        balance = np.where(use_repair, repair_balance, fresh_balance)
+        balance[contest[keep_repair]] = repair_balance[contest[keep_repair]]
+        keep_repair |= spend_surplus(
+            balance,
+            target + SURPLUS_KEPT * tolerance,
+            (repair_balance[contest], fresh_balance[contest]),
+            np.where(usable[contest] & ~keep_repair, fresh_cost - repair_cost[contest], 0),
+        )
         chosen = repaired.copy()
         chosen[contest] = np.where(keep_repair[:, None, None], repaired[contest], relabelled)
         use_repair[contest] = keep_repair
@@ -133,12 +163,73 @@ def prefer_repair(
     return chosen, use_repair, units
 
 
-def layer_targets(fresh: np.ndarray, kept: np.ndarray, tolerance: float) -> np.ndarray:
+def spend_surplus(
+    chosen: np.ndarray,
+    target: np.ndarray,
+    contested: tuple[np.ndarray, np.ndarray],
+    saved: np.ndarray,
+) -> np.ndarray:
+    """bool [C]: the contested layers (whose repair misses its target) that keep the repair
+    all the same, paid for by the balancedness other layers have over their targets.
+
+    Balancedness is a mean over layers: the model stays at or above the mean of the targets
+    where the layers' losses (fresh plan's balancedness less the repair's) sum to at most
+    what the chosen layers have over their targets. Layers are taken by most weights saved
+    per balancedness lost, while the losses fit (a hierarchical scale-up: the repair misses
+    its target by 0.02 in a third of the layers, where the fresh plan moves 5x its weights).
+
+    Args:
+        chosen: float64 [L], each layer's balancedness as chosen so far (the fresh plan's
+            for the contested ones). target: float64 [L].
+        contested: the contested layers' repair and fresh balancedness, float64 [C] each.
+        saved: int64 [C], weights the repair saves over the fresh plan (0: not a candidate).
+    """
+    repair_balance, fresh_balance = contested
+    loss = np.maximum(fresh_balance - repair_balance, 0.0)
+    surplus = float((chosen - target).sum())
+    keep = np.zeros(saved.shape, dtype=bool)
+    candidates = np.flatnonzero(saved > 0)
+    if candidates.size == 0 or surplus <= 0:
+        return keep
+    # Most weights saved per balancedness lost first; ties by layer (deterministic).
+    rate = saved[candidates] / np.maximum(loss[candidates], 1e-12)
+    order = candidates[np.lexsort((candidates, -rate))]
+    fits = np.cumsum(loss[order]) <= surplus
+    keep[order[fits]] = True
+    return keep
+
+
+def packing_lift(
+    share_gain: np.ndarray, gain: np.ndarray, full: np.ndarray, tolerance: float
+) -> np.ndarray:
+    """float64 [L]: how far above ``tolerance`` below the fresh plan a layer's target stays.
+
+    Another planner's plan at the new size (other replica counts, no routing shares) may beat
+    the fresh plan's equal split by up to ``PACKING_SLACK`` x ``tolerance``: where the
+    previous placement leaves no slot empty (a scale-down) and the fresh plan gains over
+    ``LIFT_GAIN`` on it (the repair re-plans much of the layer anyway), the target stays that
+    much less what shares add to the fresh plan above the tolerance. Elsewhere (drift, a
+    failure, a scale-up with its move budget) 0: a higher target there costs more moves and
+    time than it gains.
+
+    Args:
+        share_gain: float64 [L], the fresh plan's balancedness with shares less its equal
+            split's. gain: float64 [L], the fresh plan's less the placement's as it is.
+        full: bool [L], True where the placement has no empty slot.
+    """
+    wanted = np.clip(PACKING_SLACK * tolerance - share_gain, 0.0, tolerance)
+    return np.where(full & (gain > LIFT_GAIN), wanted, 0.0)
+
+
+def layer_targets(
+    fresh: np.ndarray, kept: np.ndarray, tolerance: float, lift: np.ndarray | float = 0.0
+) -> np.ndarray:
     """float64 [L]: the balancedness each layer's repair aims for, from the fresh plan's
     ``fresh`` and the placement's as it is, ``kept`` (both float64 [L]).
 
-    Within ``tolerance`` of the fresh plan; where the fresh plan gains more than that over
-    leaving the layer as it is, also ``RECOVERED`` of that gain. Where the whole model gains
+    Within ``tolerance`` less ``lift`` (float64 [L] or 0, :func:`packing_lift`) of the fresh
+    plan; where the fresh plan gains more than that over leaving the layer as it is, also
+    ``RECOVERED`` of that gain. Where the whole model gains
     more than ``tolerance`` (the mean of the layers' gains, as balancedness is a mean over
     layers), every layer that gains keeps ``RECOVERED`` of its gain, however small: many
     layers each gaining a little (a hierarchical plan on many ranks, where node loads set the
@@ -147,7 +238,7 @@ def layer_targets(fresh: np.ndarray, kept: np.ndarray, tolerance: float) -> np.n
     gain = fresh - kept
     floor = 0.0 if gain.mean() > tolerance else tolerance
     shortfall = np.where(gain > floor, (1.0 - RECOVERED) * gain, tolerance)
-    return fresh - np.minimum(tolerance, shortfall)
+    return fresh - np.minimum(tolerance - lift, shortfall)
 
 
 def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
