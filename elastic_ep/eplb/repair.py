@@ -29,8 +29,10 @@ leaves it at the first that reaches its target:
    (:func:`_count_bound`; every layer of a global scale-down or failure) start here: step 1
    cannot raise that bound, and step 3 starts from ``kept`` for them.
 
-Each step costs one :func:`solve_shares` of the rows still on the ladder, about linear in their
-slots.
+A row leaves step 2 once a round no longer raises its balancedness (swaps that undo each other,
+a spent budget), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
+would not help it, and each costs one :func:`solve_shares` of the rows still on the ladder
+(about linear in their slots) and one :func:`swap_towards` call.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares a
 SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
 SCALE_MOVES = 2  # step 2 of a row with empty slots receives at most this x their number
+STEP3_SETTLE = 1  # step-3 rounds a row keeps even where one does not raise its balancedness
 
 
 def repair(
@@ -176,9 +179,12 @@ def _repair_with_shares(
         better = solved_balance >= carried_balance
         units[short] = np.where(better[:, None, None], solved, carried)
         slot_weight[short] = np.where(better[:, None, None], solved_weight, carried_weight)
+        # A row leaves step 2 once a round no longer raises its balancedness (swaps that undo
+        # each other, a spent budget): more rounds of the same would not help it.
+        rose = np.maximum(solved_balance, carried_balance) > balance[short]
         balance[short] = np.maximum(solved_balance, carried_balance)
         share_lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
-        short = short[(balance[short] < target[short]) & moved]
+        short = short[(balance[short] < target[short]) & moved & rose]
     short = np.flatnonzero(balance < target)
 
     def measure(at: np.ndarray) -> None:
@@ -197,10 +203,11 @@ def _repair_with_shares(
         slots[short] = part
         measure(short)
 
-    for _ in range(SHARE_ROUNDS):
+    for round3 in range(SHARE_ROUNDS):
         short = short[balance[short] < target[short]]
         if short.size == 0:
             break
+        was = balance[short]
         part = slots[short]
         # Swap until the equal split reaches the target less what shares add to it now.
         lift = np.maximum(balance[short] - _balance(part, load[short]), 0.0)
@@ -215,9 +222,13 @@ def _repair_with_shares(
             before=bits_of(short),
         )
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
-        short = short[moved]
+        short, was = short[moved], was[moved]
         slots[short] = part[moved]
         measure(short)
+        # Likewise after STEP3_SETTLE rounds (a row then swings around its target; a first
+        # round may lose what the next gains, and step 4 would move more weights).
+        if round3 >= STEP3_SETTLE:
+            short = short[balance[short] > was]
     # Step 4, rows still short: swaps by the equal split to the target (the repair without
     # shares; shares only add to it).
     short = np.flatnonzero(balance < target)
