@@ -149,16 +149,21 @@ def _pack_row(
 ) -> tuple[list[list[int]], list[list[float]], list[float]]:
     """Plain rounds for one row: each round's items, heaviest first, to the ranks by load
     (ignoring the float's last log2(R) bits, then by rank id); the round's replicas of an
-    expert that ended the previous round go to the lightest ranks lacking it."""
+    expert that ended the previous round go to the lightest ranks lacking it. The load a rank
+    is sorted by drops those bits before each round's item is added (``keyed``); the rank
+    loads returned are the exact sums."""
     low = (1 << max(1, (ranks - 1).bit_length())) - 1
+
+    def truncated(value: float) -> int:
+        return int(np.float64(value).view(np.int64)) & ~low
+
     slots: list[list[int]] = [[] for _ in range(ranks)]
     slot_weight: list[list[float]] = [[] for _ in range(ranks)]
     loads = [0.0] * ranks
+    keyed = [0.0] * ranks
     for start in range(0, len(items), ranks):
         chunk = items[start : start + ranks]
-        order = sorted(
-            range(ranks), key=lambda r: (int(np.float64(loads[r]).view(np.int64)) & ~low, r)
-        )
+        order = sorted(range(ranks), key=lambda r: (truncated(keyed[r]), r))
         expert = chunk[0]
         if start and expert >= 0 and items[start - 1] == expert:
             span = next((i for i, item in enumerate(chunk) if item != expert), ranks)
@@ -168,6 +173,7 @@ def _pack_row(
             slots[rank].append(item)
             slot_weight[rank].append(load)
             loads[rank] += load
+            keyed[rank] = float(np.int64(truncated(keyed[rank])).view(np.float64)) + load
     return slots, slot_weight, loads
 
 

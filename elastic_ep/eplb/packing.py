@@ -88,6 +88,10 @@ def pack_rounds(
     """Replicas dealt to ranks in S rounds of R, heaviest to lightest rank: expert per slot
     int64 [B, R, S], load per slot float64 [B, R, S] and load per rank float64 [B, R].
 
+    A round sorts the ranks by their load without its float's last log2(R) bits, where the
+    load a round sorts by is the one the previous round sorted by (so truncated) plus the
+    previous round's item (the rank loads returned are the exact sums).
+
     Args:
         items: int64 [B, R*S], expert ids heaviest first, -1 = empty (from
             :func:`sorted_replicas`).
@@ -98,34 +102,41 @@ def pack_rounds(
     per_rank = num_items // num_ranks
     chunks = items.reshape(rows, per_rank, num_ranks)
     weights = weight.reshape(rows, per_rank, num_ranks)
-    offsets = np.arange(rows)[:, None] * num_ranks
     bits = max(1, (num_ranks - 1).bit_length())
-    high = ~np.int64((1 << bits) - 1)
-    ranks = np.arange(num_ranks)
+    low = np.int64((1 << bits) - 1)
+    load_bits = ~low & ~_SIGN  # a key's load, without the sign bit the straddle sort may set
     targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
-    # Round 0 meets ranks of equal (zero) load: they sort by rank id.
-    flat = targets[:, 0] = offsets + ranks  # flat rank id of every item of the last round
-    loads = weights[:, 0].copy().ravel()
+    # The ranks in the order of the last round's items (round 0 meets ranks of equal, zero
+    # load: rank id order) and their loads in that order, so that a round adds its items'
+    # loads without indexing; the loads are read back from the sorted keys, which drop their
+    # last log2(R) bits (below any load difference that the sort sees).
+    order = targets[:, 0] = np.arange(num_ranks)
+    loads = weights[:, 0]
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
-        keys = (loads.view(np.int64) & high).reshape(rows, num_ranks) | ranks
+        keys = (loads.view(np.int64) & ~low) | order
         if straddle is None:
             keys.sort(axis=1)
         else:  # the straddling rows' keys in the previous round's item order, then the sort
-            by_item = keys.ravel()[flat[straddle.rows]]
+            by_item = keys[straddle.rows]
             keys.sort(axis=1)
             _avoid_second_replica(keys, by_item, straddle)
-        flat = (keys & ~high) + offsets
-        loads[flat] += weights[:, k]
-        targets[:, k] = flat
-    flat = np.multiply(targets, per_rank, out=targets)  # each item's cell in [B, R, S]
-    flat += np.arange(per_rank)[:, None]
+        order = targets[:, k] = keys & low
+        loads = (keys & load_bits).view(np.float64) + weights[:, k]
+    # Each item's cell in [B, R, S]: (row * R + rank) * S + round.
+    flat = np.multiply(targets, per_rank, out=targets)
+    flat += (np.arange(rows) * num_items)[:, None, None] + np.arange(per_rank)[:, None]
     slots = np.empty(items.size, dtype=np.int64)
     slots[flat.ravel()] = chunks.ravel()
     slot_weight = np.empty(items.size)
     slot_weight[flat.ravel()] = weights.ravel()
     shape = (rows, num_ranks, per_rank)
-    return slots.reshape(shape), slot_weight.reshape(shape), loads.reshape(rows, num_ranks)
+    slot_weight = slot_weight.reshape(shape)
+    # Exact rank loads, summed round by round.
+    rank_load = slot_weight[:, :, 0].copy()
+    for k in range(1, per_rank):
+        rank_load += slot_weight[:, :, k]
+    return slots.reshape(shape), slot_weight, rank_load
 
 
 class _Straddle(NamedTuple):

@@ -18,6 +18,8 @@ can win.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 _PARTITION_FROM = 4096  # candidates per row from which a partition beats the integer sort
@@ -45,8 +47,8 @@ def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.nd
     """
     rows, num_experts = load.shape
     extra = min(num_slots, num_experts * max_replicas) - num_experts
-    if extra == 0:
-        return np.ones((rows, num_experts), dtype=np.int64)
+    if extra in (0, num_experts * (max_replicas - 1)):  # no choice: none, or all capped
+        return np.full((rows, num_experts), 1 + extra // num_experts, dtype=np.int64)
     idle = load.sum(1) == 0
     if idle.any():
         load = np.where(idle[:, None], 1.0, load)
@@ -146,18 +148,22 @@ def _window_extras(
     at = index + np.repeat(np.arange(rows) * padded - (np.cumsum(width) - width), width)
     priority = np.full((rows, padded), -1.0)  # -1: below every priority
     priority.reshape(-1)[at] = load.ravel()[cell] / kth
-    tie_order = np.zeros(priority.shape, dtype=np.int64)
-    tie_order.reshape(-1)[at] = kth * num_experts + cell % num_experts
+
+    def tie_order() -> np.ndarray:  # built only where ties at a cutoff need it (rare)
+        order = np.zeros(priority.shape, dtype=np.int64)
+        order.reshape(-1)[at] = kth * num_experts + cell % num_experts
+        return order
+
     need = extra - won.sum(1)
     missed = ~fine | (need < 1) | ((priority >= low).sum(1) < need)
     extras = won
     if not missed.any():  # the usual case: every row at once, without selecting rows
-        chosen = _largest(priority, tie_order, need)
+        chosen = _largest(priority, need, tie_order)
     else:
         ok = np.flatnonzero(~missed)
         chosen = np.zeros(priority.shape, dtype=bool)
         if ok.size:
-            chosen[ok] = _largest(priority[ok], tie_order[ok], need[ok])
+            chosen[ok] = _largest(priority[ok], need[ok], lambda: tie_order()[ok])
     extras += np.bincount(cell[chosen.reshape(-1)[at]], minlength=rows * num_experts).reshape(
         rows, num_experts
     )
@@ -177,15 +183,19 @@ def _bounded_extras(load: np.ndarray, extra: int, cap: int) -> np.ndarray:
     starts = np.cumsum(per_expert) - per_expert
     kth = np.arange(rank_of.size) - starts[rank_of] + 1
     priority = top[:, rank_of] / kth  # [B, C]; falls with k and with i
-    tie_order = kth * rank_of.size + np.arange(rank_of.size)
-    chosen = _largest(priority, tie_order, np.full(rows, extra))
+    chosen = _largest(
+        priority, np.full(rows, extra), lambda: kth * rank_of.size + np.arange(rank_of.size)
+    )
     extras = np.bincount(heaviest[:, rank_of][chosen], minlength=rows * num_experts)
     return extras.reshape(rows, num_experts)
 
 
-def _largest(priority: np.ndarray, tie_order: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+def _largest(
+    priority: np.ndarray, wanted: np.ndarray, tie_order: Callable[[], np.ndarray]
+) -> np.ndarray:
     """bool [B, W]: the ``wanted[b]`` largest of ``priority`` float64 [B, W] in every row; of
-    equal priorities at the cutoff the lowest ``tie_order`` (int64, [B, W] or [W]) first.
+    equal priorities at the cutoff the lowest ``tie_order()`` (int64, [B, W] or [W], asked
+    for only where such ties need it) first.
 
     Exact ties (integer or Zipf loads) go lowest k first, then the heavier expert, so that the
     tied replicas go to as many experts as possible."""
@@ -202,9 +212,10 @@ def _largest(priority: np.ndarray, tie_order: np.ndarray, wanted: np.ndarray) ->
     tied = priority == cutoff
     left = wanted[:, None] - chosen.sum(1, keepdims=True)
     if (tied.sum(1, keepdims=True) > left).any():
-        tie_key = np.sort(np.where(tied, tie_order, np.iinfo(np.int64).max), axis=1)
+        order = tie_order()
+        tie_key = np.sort(np.where(tied, order, np.iinfo(np.int64).max), axis=1)
         last = np.take_along_axis(tie_key, np.maximum(left - 1, 0), axis=1)
-        tied &= (tie_order <= last) & (left > 0)
+        tied &= (order <= last) & (left > 0)
     return chosen | tied
 
 
