@@ -154,22 +154,26 @@ def repair_within_nodes(
     experts = load.shape[1]
     group_size, per_node = experts // num_groups, ranks // num_nodes
     local_experts, rows = experts // num_nodes, layers * num_nodes
-    home, usable = _group_homes(kept, group_size, num_groups, num_nodes)
+    held = kept.reshape(layers, -1)
+    # Flat group (layer * G + group) of every slot, L * G for an empty one: [L, R * S].
+    group = np.where(
+        held >= 0,
+        held // group_size + (np.arange(layers) * num_groups)[:, None],
+        layers * num_groups,
+    )
+    rank_node = np.arange(ranks).repeat(per_rank) // per_node  # [R * S]
+    home, usable = _group_homes(group, rank_node, num_groups, num_nodes)
     group_load = load.reshape(layers, num_groups, group_size).sum(2)
     home = _trade_groups(home, group_load, target, num_nodes)
     # Each node's groups in group order, as rows of the flat [L * G] groups: [L * N, G / N].
     by_home = np.argsort(home * num_groups + np.arange(num_groups), axis=1)
     flat_groups = (by_home + (np.arange(layers) * num_groups)[:, None]).ravel()
-    # Position of every group within its node's list, flat [L * G].
-    position = np.empty(layers * num_groups, dtype=np.int64)
-    position[flat_groups] = np.tile(np.arange(num_groups // num_nodes), rows)
+    # Node-local id of every group's first expert, flat [L * G + 1] (the last entry: empty).
+    first_local = np.zeros(layers * num_groups + 1, dtype=np.int64)
+    first_local[flat_groups] = np.tile(np.arange(0, local_experts, group_size), rows)
     # Node-local id of every held replica (-1: empty, or its group lives on another node).
-    held = kept.reshape(layers, -1)
-    expert = np.maximum(held, 0)
-    group = expert // group_size + (np.arange(layers) * num_groups)[:, None]
-    rank_node = np.arange(ranks).repeat(per_rank) // per_node
-    at_home = (held >= 0) & (home.ravel()[group] == rank_node)
-    local_kept = np.where(at_home, position[group] * group_size + expert % group_size, -1)
+    at_home = np.append(home.ravel(), -1)[group] == rank_node
+    local_kept = np.where(at_home, first_local[group] + held % group_size, -1)
     local_kept = local_kept.reshape(rows, per_node, per_rank)
     local_load = load.reshape(-1, group_size)[flat_groups].reshape(rows, local_experts)
     # A layer reaches `target` when no node's ranks exceed the layer's mean rank load / target.
@@ -231,16 +235,19 @@ def _trade_groups(
 
 
 def _group_homes(
-    kept: np.ndarray, group_size: int, num_groups: int, num_nodes: int
+    group: np.ndarray, rank_node: np.ndarray, num_groups: int, num_nodes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """int64 [L, G]: the node holding most replicas of each group, and bool [L]: whether every
-    node is home to G / N groups (otherwise the homes are replaced by a fixed valid choice)."""
-    layers, ranks, _ = kept.shape
-    group = np.where(kept >= 0, kept // group_size, num_groups)
-    node = (np.arange(ranks) // (ranks // num_nodes))[None, :, None]
-    cell = (np.arange(layers)[:, None, None] * (num_groups + 1) + group) * num_nodes + node
-    counts = np.bincount(cell.ravel(), minlength=layers * (num_groups + 1) * num_nodes)
-    home = counts.reshape(layers, num_groups + 1, num_nodes)[:, :num_groups].argmax(2)
+    node is home to G / N groups (otherwise the homes are replaced by a fixed valid choice).
+
+    Args:
+        group: int64 [L, R * S], layer * G + group of every slot (L * G: empty).
+        rank_node: int64 [R * S], the node of every slot.
+    """
+    layers = group.shape[0]
+    cells = layers * num_groups * num_nodes
+    counts = np.bincount((group * num_nodes + rank_node).ravel(), minlength=cells + num_nodes)
+    home = counts[:cells].reshape(layers, num_groups, num_nodes).argmax(2)
     per_node = np.bincount(
         (home + (np.arange(layers) * num_nodes)[:, None]).ravel(), minlength=layers * num_nodes
     )
