@@ -153,45 +153,44 @@ def repair_within_nodes(
     layers, ranks, per_rank = kept.shape
     experts = load.shape[1]
     group_size, per_node = experts // num_groups, ranks // num_nodes
-    home, usable = _group_homes(kept, group_size, num_groups, num_nodes)
+    local_experts, rows = experts // num_nodes, layers * num_nodes
+    held = kept.reshape(layers, -1)
+    # Flat group (layer * G + group) of every slot, L * G for an empty one: [L, R * S].
+    group = np.where(
+        held >= 0,
+        held // group_size + (np.arange(layers) * num_groups)[:, None],
+        layers * num_groups,
+    )
+    rank_node = np.arange(ranks).repeat(per_rank) // per_node  # [R * S]
+    home, usable = _group_homes(group, rank_node, num_groups, num_nodes)
     group_load = load.reshape(layers, num_groups, group_size).sum(2)
     home = _trade_groups(home, group_load, target, num_nodes)
-    # Experts of each node's groups, in group order: [L, N, E / N] global ids.
+    # Each node's groups in group order, as rows of the flat [L * G] groups: [L * N, G / N].
     by_home = np.argsort(home * num_groups + np.arange(num_groups), axis=1)
-    local_ids = (by_home[..., None] * group_size + np.arange(group_size)).reshape(
-        layers, num_nodes, experts // num_nodes
-    )
-    local_of = np.empty((layers, experts), dtype=np.int64)
-    np.put_along_axis(
-        local_of,
-        local_ids.reshape(layers, -1),
-        np.tile(np.arange(experts // num_nodes), num_nodes)[None],
-        1,
-    )
-    home_of = np.repeat(home, group_size, axis=1)  # [L, E]
-    held = kept.reshape(layers, num_nodes, per_node * per_rank)
-    expert = np.maximum(held, 0).reshape(layers, -1)
-    at_home = (held >= 0) & (
-        np.take_along_axis(home_of, expert, 1).reshape(held.shape) == np.arange(num_nodes)[:, None]
-    )
-    local_kept = np.where(at_home, np.take_along_axis(local_of, expert, 1).reshape(held.shape), -1)
-    local_kept = local_kept.reshape(layers * num_nodes, per_node, per_rank)
-    local_load = np.take_along_axis(load, local_ids.reshape(layers, -1), 1).reshape(
-        layers * num_nodes, -1
-    )
+    flat_groups = (by_home + (np.arange(layers) * num_groups)[:, None]).ravel()
+    # Node-local id of every group's first expert, flat [L * G + 1] (the last entry: empty).
+    first_local = np.zeros(layers * num_groups + 1, dtype=np.int64)
+    first_local[flat_groups] = np.tile(np.arange(0, local_experts, group_size), rows)
+    # Node-local id of every held replica (-1: empty, or its group lives on another node).
+    at_home = np.append(home.ravel(), -1)[group] == rank_node
+    local_kept = np.where(at_home, first_local[group] + held % group_size, -1)
+    local_kept = local_kept.reshape(rows, per_node, per_rank)
+    local_load = load.reshape(-1, group_size)[flat_groups].reshape(rows, local_experts)
     # A layer reaches `target` when no node's ranks exceed the layer's mean rank load / target.
     node_share = local_load.sum(1).reshape(layers, num_nodes) * num_nodes
     node_target = target[:, None] * node_share / np.maximum(load.sum(1), 1e-300)[:, None]
-    orphans = (expert_counts(local_kept, experts // num_nodes) == 0).sum(1)
+    orphans = (expert_counts(local_kept, local_experts) == 0).sum(1)
     orphans = orphans.reshape(layers, num_nodes)
     spare = np.maximum(budget - orphans.sum(1), 0) // num_nodes
     budgets = (orphans + spare[:, None]).ravel()
     local, units = repair(local_load, local_kept, node_target.ravel(), budgets, most=most)
-    flat = local.reshape(layers, num_nodes, -1)
-    ids = np.where(flat >= 0, np.take_along_axis(local_ids, np.maximum(flat, 0), 2), -1)
+    # Global ids, after a -1 column for empty slots: [L * N, 1 + E / N].
+    ids = np.full((rows, 1 + local_experts), -1, dtype=np.int64)
+    ids[:, 1:] = (by_home[..., None] * group_size + np.arange(group_size)).reshape(rows, -1)
+    cell = local.reshape(rows, -1) + (np.arange(rows) * (1 + local_experts) + 1)[:, None]
     if units is not None:
         units = units.reshape(layers, ranks, per_rank)
-    return ids.reshape(layers, ranks, per_rank), units, usable
+    return ids.ravel()[cell].reshape(layers, ranks, per_rank), units, usable
 
 
 def _trade_groups(
@@ -206,12 +205,14 @@ def _trade_groups(
     Args:
         home: int64 [L, G] node of each group, G / N per node. group_load: float64 [L, G].
     """
+    if num_nodes < 2 or home.shape[1] == num_nodes:
+        return home  # one group per node: a trade only swaps two nodes' loads
     onehot = home[:, :, None] == np.arange(num_nodes)  # [L, G, N]
     node_load = (group_load[:, :, None] * onehot).sum(1)  # [L, N]
     peak, mean = node_load.max(1), node_load.mean(1)
     bound = np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
     trade = np.flatnonzero(bound < target)
-    if trade.size == 0 or num_nodes < 2:
+    if trade.size == 0:
         return home
     heavy, light = node_load[trade].argmax(1), node_load[trade].argmin(1)
     rows = np.arange(trade.size)
@@ -234,17 +235,22 @@ def _trade_groups(
 
 
 def _group_homes(
-    kept: np.ndarray, group_size: int, num_groups: int, num_nodes: int
+    group: np.ndarray, rank_node: np.ndarray, num_groups: int, num_nodes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """int64 [L, G]: the node holding most replicas of each group, and bool [L]: whether every
-    node is home to G / N groups (otherwise the homes are replaced by a fixed valid choice)."""
-    layers, ranks, _ = kept.shape
-    group = np.where(kept >= 0, kept // group_size, num_groups)
-    node = (np.arange(ranks) // (ranks // num_nodes))[None, :, None]
-    cell = (np.arange(layers)[:, None, None] * (num_groups + 1) + group) * num_nodes + node
-    counts = np.bincount(cell.ravel(), minlength=layers * (num_groups + 1) * num_nodes)
-    home = counts.reshape(layers, num_groups + 1, num_nodes)[:, :num_groups].argmax(2)
-    per_node = np.stack([(home == n).sum(1) for n in range(num_nodes)], axis=1)
-    usable = (per_node == num_groups // num_nodes).all(1)
+    node is home to G / N groups (otherwise the homes are replaced by a fixed valid choice).
+
+    Args:
+        group: int64 [L, R * S], layer * G + group of every slot (L * G: empty).
+        rank_node: int64 [R * S], the node of every slot.
+    """
+    layers = group.shape[0]
+    cells = layers * num_groups * num_nodes
+    counts = np.bincount((group * num_nodes + rank_node).ravel(), minlength=cells + num_nodes)
+    home = counts[:cells].reshape(layers, num_groups, num_nodes).argmax(2)
+    per_node = np.bincount(
+        (home + (np.arange(layers) * num_nodes)[:, None]).ravel(), minlength=layers * num_nodes
+    )
+    usable = (per_node.reshape(layers, num_nodes) == num_groups // num_nodes).all(1)
     fallback = np.arange(num_groups) // (num_groups // num_nodes)
     return np.where(usable[:, None], home, fallback), usable
