@@ -71,18 +71,21 @@ def test_elastic_plan_invariants(event: tuple, max_transfers: int | None) -> Non
     else:
         expected = min(ranks * slots, previous.num_logical * ranks)
         assert bool(((placement.phy2log >= 0).sum(1) == expected).all())  # -1 only if unusable
-        # Within the tolerance (0.01) of the fresh plan, twice that where the repair is kept as
-        # a near miss: with routing shares (the repair stops once its shares reach the target)
-        # and, with shares=False, by the equal split. Shares only raise a layer's balance.
-        fresh = plan(load, ranks, slots)
+        # The model (mean over layers) within twice the tolerance (0.01) of the fresh plan
+        # (the target, less a near miss kept); a layer within 4x (one kept because the other
+        # layers' surplus pays for its miss): with routing shares (the repair stops once its
+        # shares reach the target) and, with shares=False, by the equal split. Shares only
+        # raise a layer's balance.
+        fresh = _layer_balance(plan(load, ranks, slots), load)
         even = Placement(placement.phy2log, placement.num_logical, ranks)
         layer_balance = _layer_balance(placement, load)
-        assert bool((layer_balance >= _layer_balance(fresh, load) - 0.02 - 1e-9).all())
+        assert float(layer_balance.mean()) >= float(fresh.mean()) - 0.02 - 1e-9
+        assert bool((layer_balance >= fresh - 0.04 - 1e-9).all())
         assert bool((layer_balance >= _layer_balance(even, load) - 1e-12).all())
-        unshared = plan(load, ranks, slots, shares=False, **kwargs)
-        fresh_even = plan(load, ranks, slots, shares=False)
-        least = _layer_balance(fresh_even, load) - 0.02 - 1e-9
-        assert bool((_layer_balance(unshared, load) >= least).all())
+        unshared = _layer_balance(plan(load, ranks, slots, shares=False, **kwargs), load)
+        fresh_even = _layer_balance(plan(load, ranks, slots, shares=False), load)
+        assert float(unshared.mean()) >= float(fresh_even.mean()) - 0.02 - 1e-9
+        assert bool((unshared >= fresh_even - 0.04 - 1e-9).all())
     expected_lost = previous.lost_with(dead) if dead else torch.zeros_like(report.lost)
     assert torch.equal(report.lost, expected_lost)
     again = plan_with_report(load, ranks, slots, **kwargs)

@@ -201,9 +201,10 @@ def test_plans_with_shares_are_valid_and_never_worse(
 def test_movement_aware_plans_reach_the_fresh_plan_with_shares(
     problem: tuple[np.ndarray, int, int, int, int], data: st.DataObject
 ) -> None:
-    """The repair measures its layers with routing shares: each layer ends within twice the
-    tolerance (a kept near miss) of the fresh plan with shares, its units never below the
-    equal split of its own slots, and the transfers it reports are the ones its slots need."""
+    """The repair measures its layers with routing shares: the model ends within twice the
+    tolerance (a kept near miss) of the fresh plan with shares and each layer within 4x (one
+    the other layers' surplus pays for), its units never below the equal split of its own
+    slots, and the transfers it reports are the ones its slots need."""
     load, ranks, per_rank, _, seed = problem
     previous = plan(load, ranks, per_rank)
     drifted = load * np.random.default_rng(seed + 1).lognormal(0, 0.3, load.shape)
@@ -217,10 +218,12 @@ def test_movement_aware_plans_reach_the_fresh_plan_with_shares(
     weights = torch.from_numpy(drifted)
     fresh = plan(drifted, ranks + grow, per_rank)
     even = Placement(placement.phy2log, placement.num_logical, placement.num_ranks)
+    mean, fresh_mean = placement.balancedness(weights), fresh.balancedness(weights)
+    assert mean >= fresh_mean - 0.02 - 1e-9
     for layer in range(load.shape[0]):
         row = weights[layer : layer + 1]
         mine = _one_layer(placement, layer).balancedness(row)
-        assert mine >= _one_layer(fresh, layer).balancedness(row) - 0.02 - 1e-9
+        assert mine >= _one_layer(fresh, layer).balancedness(row) - 0.04 - 1e-9
         assert mine >= _one_layer(even, layer).balancedness(row) - 1e-12
 
 

@@ -22,7 +22,8 @@ repair short of its target by less than ``balance_tolerance`` is kept when the r
 fresh plan would move more than ``NEAR_MISS_MOVES`` times its weights; other misses are kept,
 most weights saved per balancedness lost first, while the layers' balancedness over their
 targets pays for them (the model's mean stays ``SURPLUS_KEPT`` x ``balance_tolerance`` above
-the targets' mean). A layer whose fresh plan needs more than ``max_transfers`` takes the
+the targets' mean; each such layer within ``SURPLUS_MOST_LOSS`` x ``balance_tolerance`` of
+its fresh plan). A layer whose fresh plan needs more than ``max_transfers`` takes the
 repair.
 
 The fresh plan that sets the targets first has the rows its rounds left stuck re-packed

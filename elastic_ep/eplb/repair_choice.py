@@ -35,6 +35,9 @@ would land under vLLM's less it (:func:`packing_lift`)."""
 SURPLUS_KEPT = 0.3
 """Share of the tolerance the model keeps above its layers' mean target when layers whose
 repair misses its target keep it (:func:`spend_surplus`): vLLM's plan may beat the fresh one."""
+SURPLUS_MOST_LOSS = 4
+"""A layer kept by the surplus stays within this many tolerances of its fresh plan: the model's
+mean pays for it, the layer itself is never far off."""
 LIFT_GAIN = 0.25
 """Gain of the fresh plan over the placement above which a scale-down's target is lifted."""
 NEAR_MISS_MOVES = 2
@@ -152,7 +155,16 @@ def prefer_repair(
             balance,
             target + SURPLUS_KEPT * tolerance,
             (repair_balance[contest], fresh_balance[contest]),
-            np.where(usable[contest] & ~keep_repair, fresh_cost - repair_cost[contest], 0),
+            np.where(
+                usable[contest]
+                & ~keep_repair
+                & (
+                    repair_balance[contest]
+                    >= fresh_balance[contest] - SURPLUS_MOST_LOSS * tolerance
+                ),
+                fresh_cost - repair_cost[contest],
+                0,
+            ),
         )
         chosen = repaired.copy()
         chosen[contest] = np.where(keep_repair[:, None, None], repaired[contest], relabelled)
