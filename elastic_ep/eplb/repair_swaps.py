@@ -65,7 +65,10 @@ def swap_towards(
     flat_slots = slots.reshape(-1, per_rank)
     held = expert_bits(flat_slots, num_experts)
     held_before = expert_bits(kept.reshape(-1, per_rank), num_experts) if before is None else before
-    spent = received_by_bits(flat_slots, held_before).reshape(rows, ranks).sum(1)
+    # Which slots hold a weight received (kept up to date with the swaps): the heavy rank's
+    # side of every candidate swap needs it.
+    fresh = received_slots(flat_slots, held_before)
+    spent = fresh.reshape(rows, -1).sum(1)
     loads = slot_sum(weight)
     if ranks < 2:
         return
@@ -73,6 +76,10 @@ def swap_towards(
     partners = min(partners, max(1, ranks // 4))
     pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
     active = np.arange(rows)
+    # The candidate arrays of every step, allocated once: fresh arrays of this size are fresh
+    # pages (page faults and zeroing) at every step, several times the arithmetic on them.
+    block = _block_rows(per_rank, partners)
+    work = np.empty((2, min(block, rows * pairs) * per_rank * partners * per_rank))
     if row_steps is not None:
         max_steps = min(max_steps, int(row_steps.max(initial=0)))
     for done in range(max_steps):
@@ -101,10 +108,11 @@ def swap_towards(
             flat_slots,
             weight,
             loads,
-            (held, held_before),
+            (held, held_before, fresh),
             heavy[row, which],
             partner[row, which],
             left[row],
+            work,
         )
         improved, h_rank, h_slot, p_rank, p_slot, cost = (part[found[0]] for part in found)
         if not improved.any():
@@ -116,6 +124,8 @@ def swap_towards(
         loads[h_rank] += wy - wx
         loads[p_rank] += wx - wy
         swap_bits(held, h_rank, p_rank, x, y)
+        fresh[h_rank, h_slot] = (y >= 0) & ~has_expert(held_before, h_rank, y)
+        fresh[p_rank, p_slot] = (x >= 0) & ~has_expert(held_before, p_rank, x)
         np.add.at(spent, active[row[found[0]]], cost)
         still = np.zeros(rows, dtype=bool)
         still[active[row[found[0]]]] = True
@@ -126,10 +136,11 @@ def _best_paid_swap(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
-    bits: tuple[np.ndarray, np.ndarray],
+    bits: tuple[np.ndarray, np.ndarray, np.ndarray],
     heavy: np.ndarray,
     partner: np.ndarray,
     left: np.ndarray,
+    work: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
     """Best swap per heavy rank by load gain per transfer, with one of its partners; returns
     (improved, heavy rank, heavy slot, partner rank, partner slot, transfers it costs), each
@@ -137,16 +148,18 @@ def _best_paid_swap(
 
     Args:
         slots, weight: int64 / float64 [B * R, S]; loads: float64 [B * R].
-        bits: :func:`expert_bits` of what every rank holds now and held before.
+        bits: :func:`expert_bits` of what every rank holds now and held before, and
+            :func:`received_slots` of ``slots`` (bool [B * R, S]).
         heavy: int64 [A], flat ids of the heavy ranks; partner: int64 [A, M], their partners
             (no rank in two of these).
         left: int64 [A], transfers each heavy rank's swap may spend.
+        work: float64 [2, N], room for two candidate arrays of a block of heavy ranks
+            (N >= min(A, :func:`_block_rows`) x S x M x S), overwritten.
     """
-    # In blocks of heavy ranks: the [A, S, M, S] candidate arrays stay small enough to be
-    # reused by the allocator (large ones are fresh pages every step, several times slower).
-    block = max(1, CANDIDATE_BLOCK // (slots.shape[1] ** 2 * partner.shape[1]))
+    # In blocks of heavy ranks, so that the candidate arrays stay in cache.
+    block = _block_rows(slots.shape[1], partner.shape[1])
     if heavy.size <= block:
-        return _best_paid_swap_block(slots, weight, loads, bits, heavy, partner, left)
+        return _best_paid_swap_block(slots, weight, loads, bits, heavy, partner, left, work)
     parts = [
         _best_paid_swap_block(
             slots,
@@ -156,20 +169,28 @@ def _best_paid_swap(
             heavy[i : i + block],
             partner[i : i + block],
             left[i : i + block],
+            work,
         )
         for i in range(0, heavy.size, block)
     ]
     return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
+def _block_rows(per_rank: int, partners: int) -> int:
+    """Heavy ranks per block of :func:`_best_paid_swap`: S x M x S candidates each, about
+    ``CANDIDATE_BLOCK`` in all (at least one heavy rank)."""
+    return max(1, CANDIDATE_BLOCK // (per_rank**2 * partners))
+
+
 def _best_paid_swap_block(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
-    bits: tuple[np.ndarray, np.ndarray],
+    bits: tuple[np.ndarray, np.ndarray, np.ndarray],
     heavy: np.ndarray,
     partner: np.ndarray,
     left: np.ndarray,
+    work: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
     """:func:`_best_paid_swap` for one block of heavy ranks (same arguments and result)."""
     rows = heavy.size
@@ -177,15 +198,18 @@ def _best_paid_swap_block(
     heavy_load = loads[heavy]
     heavy_x, part_x = slots[heavy], slots[partner]  # [A, S], [A, M, S]
     per_rank = heavy_x.shape[1]
-    # Candidate swaps as [A, S, M, S] (heavy slot, partner, partner slot).
-    delta = weight[heavy][:, :, None, None] - weight[partner][:, None, :, :]
-    # Gain = heavy load - max(heavy load - delta, partner load + delta), in place (big arrays).
-    gain = np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta)
+    # Candidate swaps as [A, S, M, S] (heavy slot, partner, partner slot), in ``work``.
+    shape = (rows, per_rank, partner.shape[1], per_rank)
+    delta = work[0, : rows * per_rank * partner.shape[1] * per_rank].reshape(shape)
+    gain = work[1, : delta.size].reshape(shape)
+    np.subtract(weight[heavy][:, :, None, None], weight[partner][:, None, :, :], out=delta)
+    # Gain = heavy load - max(heavy load - delta, partner load + delta).
+    np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta, out=gain)
     np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
     # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
-    held, held_before = bits
+    held, held_before, fresh = bits
     x_now, x_before = has_expert_in((held, held_before), partner[:, None, :], heavy_x[:, :, None])
     y_now, y_before = has_expert_in((held, held_before), heavy[:, None, None], part_x)
     x_placed = (heavy_x >= 0)[:, :, None]
@@ -193,12 +217,12 @@ def _best_paid_swap_block(
     # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
     x_side = np.subtract(
         ~x_before & x_placed,
-        ~has_expert(held_before, heavy[:, None], heavy_x)[:, :, None] & x_placed,
+        fresh[heavy][:, :, None],
         dtype=np.float64,
     )  # [A, S, M]
     y_side = np.subtract(
         ~y_before & y_placed,
-        ~has_expert(held_before, partner[:, :, None], part_x) & y_placed,
+        fresh[partner],
         dtype=np.float64,
     )  # [A, M, S]
     x_side[x_now | (partner == heavy[:, None])[:, None, :]] = np.inf
@@ -206,7 +230,7 @@ def _best_paid_swap_block(
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
-    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :])  # [A, S, M, S]
+    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :], out=delta)  # [A, S, M, S]
     tight = np.flatnonzero(left < 2)
     over = cost[tight] > left[tight, None, None, None] if tight.size else None
     np.maximum(cost, _FREE_SWAP_COST, out=cost)
@@ -228,11 +252,17 @@ def _best_paid_swap_block(
     )
 
 
+def received_slots(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """bool [N, S]: slots of ``slots`` (int64 [N, S]) holding an expert that row n of
+    ``before`` (:func:`expert_bits`, uint64 [N, W]) does not hold."""
+    rank = np.arange(slots.shape[0])[:, None]
+    return (slots >= 0) & ~has_expert(before, rank, slots)
+
+
 def received_by_bits(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
     """int64 [N]: experts in each row of ``slots`` (int64 [N, S]) that row n of ``before``
     (:func:`expert_bits`, uint64 [N, W]) does not hold."""
-    rank = np.arange(slots.shape[0])[:, None]
-    return ((slots >= 0) & ~has_expert(before, rank, slots)).sum(1)
+    return received_slots(slots, before).sum(1)
 
 
 def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
