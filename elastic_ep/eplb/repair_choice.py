@@ -27,11 +27,16 @@ from elastic_ep.eplb.single_slot import repair_single_slot
 
 RECOVERED = 0.9
 """Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
-PACKING_SLACK = 0.6
+PACKING_SLACK = 0.4
 """Share of the tolerance by which another planner's plan at the new size may beat the fresh
 plan's equal split (94 x 128 experts on 224 x 2 slots: vLLM 0.907, the fresh plan 0.902 with
 the equal split, 0.904 with shares); a repair that stops at the tolerance under the fresh plan
-would land under vLLM's less it (:func:`packing_lift`)."""
+would land under vLLM's less it (:func:`packing_lift`). More (0.6) lifts that cell too but
+costs a third of the speed of other scale-downs."""
+LIFT_MOST_SLOTS = 3
+"""Most slots per rank at which a scale-down's target is lifted: with few slots, one replica of
+an expert per rank costs the fresh plan packing freedom that a planner putting two on a rank
+has; with more, the fresh plan is at or above vLLM's in the sweep and a lift only costs swaps."""
 SURPLUS_KEPT = 0.3
 """Share of the tolerance the model keeps above its layers' mean target when layers whose
 repair misses its target keep it (:func:`spend_surplus`): vLLM's plan may beat the fresh one."""
@@ -108,7 +113,10 @@ def prefer_repair(
         fresh_balance = balance_with_units(fresh, load, node_shares(fresh, load, most, nodes))[0]
     full = np.all((kept >= 0).reshape(layers, -1), axis=1)
     # No plan of these replicas beats the bound: the lift stops there.
-    room = balance_bound(fresh, load) - equal_split if slots > 1 else np.zeros(layers)
+    if 1 < slots <= LIFT_MOST_SLOTS:
+        room = balance_bound(fresh, load) - equal_split
+    else:
+        room = np.zeros(layers)
     lift = np.minimum(
         packing_lift(fresh_balance - equal_split, fresh_balance - kept_balance, full, tolerance),
         np.maximum(room, 0.0),
