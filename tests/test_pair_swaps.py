@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic_ep.eplb.packing import improve_by_swaps
+from tests.test_planner_steps import swap_rows
 
 
 def _pair_best(slots: np.ndarray, weight: np.ndarray, heavy: int, light: int) -> float:
@@ -30,17 +31,10 @@ def _pair_best(slots: np.ndarray, weight: np.ndarray, heavy: int, light: int) ->
 def pair_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
     """One row: slots int64 [R, S] (distinct experts per rank, some empty), their loads float64
     [R, S] (distinct rank loads, so the pairs are unambiguous), and k <= R // 2."""
-    ranks = draw(st.integers(2, 7))
-    per_rank = draw(st.integers(1, 4))
-    experts = draw(st.integers(1, ranks * per_rank))
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    slots = np.full((ranks, per_rank), -1, dtype=np.int64)
-    for rank in range(ranks):
-        count = int(rng.integers(0, min(per_rank, experts) + 1))
-        slots[rank, :count] = rng.choice(experts, count, replace=False)
-    per_expert = rng.lognormal(0, 1, experts)
-    weight = np.where(slots >= 0, per_expert[np.maximum(slots, 0)], 0.0)
-    weight[:, 0] += rng.random(ranks) * 1e-3  # distinct rank loads
+    slots, weight = draw(swap_rows(max_ranks=7))
+    ranks = slots.shape[0]
+    # Distinct rank loads.
+    weight[:, 0] += np.random.default_rng(draw(st.integers(0, 2**16))).random(ranks) * 1e-3
     return slots, weight, draw(st.integers(1, ranks // 2))
 
 

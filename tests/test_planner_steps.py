@@ -100,13 +100,14 @@ def _best_pair_max(slots: np.ndarray, weight: np.ndarray, heavy: int) -> float:
 
 
 @st.composite
-def swap_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
-    ranks = draw(st.integers(2, 5))
+def swap_rows(draw: st.DrawFn, max_ranks: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """One row: slots int64 [R, S] (distinct experts per rank, some slots empty) and their
+    loads float64 [R, S] (an expert's lognormal load, 0 for an empty slot)."""
+    ranks = draw(st.integers(2, max_ranks))
     per_rank = draw(st.integers(1, 4))
     experts = draw(st.integers(1, ranks * per_rank))
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
-    # Distinct experts per rank, some slots empty.
     slots = np.full((ranks, per_rank), -1, dtype=np.int64)
     for rank in range(ranks):
         count = int(rng.integers(0, min(per_rank, experts) + 1))
