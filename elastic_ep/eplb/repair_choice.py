@@ -106,21 +106,18 @@ def prefer_repair(
     groups, nodes = layout
     limit = ranks * slots if max_transfers is None else max_transfers
 
-    equal_split = layer_balancedness(fresh, load)
     if most is None:
-        fresh_balance = equal_split
+        fresh_balance = layer_balancedness(fresh, load)
     else:
         fresh_balance = balance_with_units(fresh, load, node_shares(fresh, load, most, nodes))[0]
-    full = np.all((kept >= 0).reshape(layers, -1), axis=1)
-    # No plan of these replicas beats the bound: the lift stops there.
+    lift = np.zeros(layers)
     if 1 < slots <= LIFT_MOST_SLOTS:
-        room = balance_bound(fresh, load) - equal_split
-    else:
-        room = np.zeros(layers)
-    lift = np.minimum(
-        packing_lift(fresh_balance - equal_split, fresh_balance - kept_balance, full, tolerance),
-        np.maximum(room, 0.0),
-    )
+        equal_split = fresh_balance if most is None else layer_balancedness(fresh, load)
+        full = np.all((kept >= 0).reshape(layers, -1), axis=1)
+        gain = fresh_balance - kept_balance
+        # No plan of these replicas beats the bound: the lift stops there.
+        room = np.maximum(balance_bound(fresh, load) - equal_split, 0.0)
+        lift = np.minimum(packing_lift(fresh_balance - equal_split, gain, full, tolerance), room)
     target = layer_targets(fresh_balance, kept_balance, tolerance, lift)
     budget = np.full(layers, limit)
     if nodes == 1:
