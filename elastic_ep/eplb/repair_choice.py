@@ -2,8 +2,8 @@
 
 :func:`prefer_repair` sets each layer's target from the fresh plan (:func:`layer_targets`: its
 balancedness minus the tolerance, keeping ``RECOVERED`` of its gain over the placement as it
-is; a scale-down's target stays :func:`packing_lift` above that, as another planner's plan may
-beat the fresh one), builds the repair (:mod:`elastic_ep.eplb.repair`; per node for
+is; a scale-down's target stays :func:`packing_lift` above that, or with 2 slots per rank up
+to :func:`pairing_balance`, as another planner's plan may beat the fresh one), builds the repair (:mod:`elastic_ep.eplb.repair`; per node for
 hierarchical plans) and keeps it where it reaches the target; elsewhere the fresh plan
 relabelled onto the old ranks (:mod:`elastic_ep.eplb.relabel`), unless the repair is a near
 miss and the fresh plan would move over ``NEAR_MISS_MOVES`` times its weights, or the other
@@ -29,10 +29,10 @@ RECOVERED = 0.9
 """Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
 PACKING_SLACK = 0.4
 """Share of the tolerance by which another planner's plan at the new size may beat the fresh
-plan's equal split (94 x 128 experts on 224 x 2 slots: vLLM 0.907, the fresh plan 0.902 with
-the equal split, 0.904 with shares); a repair that stops at the tolerance under the fresh plan
-would land under vLLM's less it (:func:`packing_lift`). More (0.6) lifts that cell too but
-costs a third of the speed of other scale-downs."""
+plan's equal split (60 x 384 experts on 224 x 3 slots); a repair that stops at the tolerance
+under the fresh plan would land under vLLM's less it (:func:`packing_lift`). More (0.6) costs
+a third of the speed of other scale-downs. With 2 slots per rank (global plans) the lift is
+exact instead: up to :func:`pairing_balance`."""
 LIFT_MOST_SLOTS = 3
 """Most slots per rank at which a scale-down's target is lifted: with few slots, one replica of
 an expert per rank costs the fresh plan packing freedom that a planner putting two on a rank
@@ -118,6 +118,11 @@ def prefer_repair(
         # No plan of these replicas beats the bound: the lift stops there.
         room = np.maximum(balance_bound(fresh, load) - equal_split, 0.0)
         lift = np.minimum(packing_lift(fresh_balance - equal_split, gain, full, tolerance), room)
+    if slots == 2 and nodes == 1:  # what a planner pairing an expert with itself reaches
+        # (not a scale-up: its joined slots take the replicas cheaply, more swaps do not)
+        full = np.all((kept >= 0).reshape(layers, -1), axis=1)
+        gap = np.where(full, pairing_balance(fresh, load) - fresh_balance, 0.0)
+        lift = np.maximum(lift, np.clip(gap, 0.0, tolerance))
     target = layer_targets(fresh_balance, kept_balance, tolerance, lift)
     budget = np.full(layers, limit)
     if nodes == 1:
@@ -236,6 +241,26 @@ def packing_lift(
     """
     wanted = np.clip(PACKING_SLACK * tolerance - share_gain, 0.0, tolerance)
     return np.where(full & (gain > LIFT_GAIN), wanted, 0.0)
+
+
+def pairing_balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [L]: the balancedness of the replicas of ``slots`` (int64 [L, R, 2], full)
+    packed two per rank as the sorted pairing, heaviest with lightest, with the equal split.
+
+    No packing of these replicas beats it, and a planner that may put two replicas of one
+    expert on a rank reaches it (vLLM's packing of 2 slots per rank). Without that freedom an
+    expert whose replicas straddle the middle of the order cannot pair with itself: the fresh
+    plan lands under it (94 x 128 experts on 224 x 2 slots: 0.9039 with shares, the pairing
+    0.9072), and a target a tolerance under the fresh plan would land under vLLM's less it.
+    """
+    layers, ranks, _ = slots.shape
+    flat = slots.reshape(layers, -1)
+    counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
+    weight = np.take_along_axis(load / counts, np.maximum(flat, 0), 1)
+    weight = np.sort(np.where(flat >= 0, weight, 0.0), axis=1)
+    pairs = weight[:, :ranks] + weight[:, : ranks - 1 : -1]
+    peak = pairs.max(1)
+    return np.where(peak > 0, weight.sum(1) / ranks / np.maximum(peak, 1e-300), 1.0)
 
 
 def layer_targets(
