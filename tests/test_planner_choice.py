@@ -9,11 +9,14 @@ from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
 from elastic_ep.eplb import plan, plan_with_report
+from elastic_ep.eplb.placement import max_units
+from elastic_ep.eplb.repair import balance_with_units, node_shares
 from elastic_ep.eplb.repair_choice import (
     LIFT_GAIN,
     PACKING_SLACK,
     layer_balancedness,
     layer_targets,
+    mix_nodes,
     packing_lift,
     pairing_balance,
     spend_surplus,
@@ -121,3 +124,61 @@ def test_hierarchical_scale_up_keeps_cheap_repairs() -> None:
     assert report.placement.balancedness(load) >= fresh - 0.01
     moved = int(report.transfers.sum()) / (16 * 144 * 2)
     assert moved <= 2 * (16 * 2) / (144 * 2)  # at most twice filling the joined ranks
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 4),
+    st.integers(2, 4),
+    st.integers(2, 3),
+    st.floats(0.3, 1.0),
+    st.integers(0, 2**32 - 1),
+)
+def test_mix_nodes_takes_whole_nodes_that_hold_the_same_experts(
+    nodes: int, per_node: int, slots: int, target: float, seed: int
+) -> None:
+    # Two hierarchical plans of the same experts (loads that differ): every node of the mix
+    # is that node of one of them, a node is taken from the second only where it holds the
+    # same experts there and the first's is over the layer's cap, and "reached" says
+    # whether any node of the mix is still over it.
+    rng = np.random.default_rng(seed)
+    layers, experts, ranks = 3, nodes * per_node, nodes * per_node
+    load = rng.random((layers, experts)) ** 3 + 0.01
+    layout = dict(num_groups=nodes, num_nodes=nodes)
+    first = plan(load, ranks, slots, **layout, shares=False).phy2log.numpy()
+    other = load * rng.lognormal(0.0, 0.5, load.shape)
+    second = plan(other, ranks, slots, **layout, shares=False).phy2log.numpy()
+    first, second = (p.reshape(layers, ranks, slots) for p in (first, second))
+    most = max_units(ranks * slots, experts)
+    units = node_shares(first, load, most, nodes)
+    targets = np.full(layers, target)
+    mixed, mixed_units, reached = mix_nodes(load, (first, second), units, targets, (most, nodes))
+    cap = load.sum(1) / ranks / target
+
+    def peaks(slots_: np.ndarray, units_: np.ndarray) -> np.ndarray:
+        rank_load = balance_with_units(slots_, load, units_)[1].sum(2)
+        return rank_load.reshape(layers, nodes, per_node).max(2)
+
+    by_node = (a.reshape(layers, nodes, -1) for a in (mixed, first, second))
+    mixed_n, first_n, second_n = by_node
+    from_second = (mixed_n != first_n).any(2)
+    assert ((mixed_n == first_n).all(2) | (mixed_n == second_n).all(2)).all()
+    for layer, node in zip(*np.nonzero(from_second), strict=True):
+        held = (set(first_n[layer, node]) - {-1}, set(second_n[layer, node]) - {-1})
+        assert held[0] == held[1]
+        assert peaks(first, units)[layer, node] > cap[layer]
+    assert np.array_equal(reached, (peaks(mixed, mixed_units) <= cap[:, None] * (1 + 1e-9)).all(1))
+
+
+def test_hierarchical_scale_up_replans_only_the_heavy_node() -> None:
+    # 384 experts x 6 layers on 128 -> 144 ranks x 3 slots, 8 nodes: the repair misses its
+    # target on the node of the heaviest expert only; the whole layer's fresh plan moved
+    # 40% of the slots, the fresh plan on that node alone under twice the joined slots.
+    load = zipf_load(6, 384)
+    layout = dict(num_groups=8, num_nodes=8)
+    previous = plan(load, 128, 3, **layout)
+    mapping = RankMapping(tuple(o // 16 * 18 + o % 16 for o in range(128)), 144)
+    report = plan_with_report(load, 144, 3, previous=previous, rank_mapping=mapping, **layout)
+    fresh = plan(load, 144, 3, **layout).balancedness(load)
+    assert report.placement.balancedness(load) >= fresh - 0.01 - 1e-9
+    assert int(report.transfers.sum()) <= 2 * 6 * 16 * 3  # twice the joined slots

@@ -9,7 +9,10 @@ layer, keeps whichever of the two reaches the target balancedness with fewer wei
   node on its own, keeping every group on the node that holds most of it;
 * where the repair misses the target: the fresh plan, its packs relabelled onto the ranks that
   already hold most of their experts (a greedy matching on the sparse overlap graph,
-  :mod:`elastic_ep.eplb.relabel`) and each rank's experts kept in their old slots.
+  :mod:`elastic_ep.eplb.relabel`) and each rank's experts kept in their old slots. In a
+  hierarchical plan only the nodes whose repair stays over the target take the fresh plan's
+  node, where that node holds the same experts in both (every expert lives on one node and
+  its shares are solved per node, so nodes combine freely).
 
 The target of a layer is the fresh plan's balancedness minus ``balance_tolerance``; where the
 fresh plan gains more than ``balance_tolerance`` over the previous placement, the target also
@@ -86,8 +89,9 @@ class PlanReport:
             anyway and must be reloaded from a checkpoint, not received from a peer.
         transfers: int64 [L]: expert weights received per layer (everything placed, without a
             ``previous``).
-        repaired: bool [L]: True where the layer is the movement-aware repair of ``previous``,
-            False where it is the relabelled fresh plan.
+        repaired: bool [L]: True where the layer is the movement-aware repair of ``previous``
+            (in a hierarchical plan some of its nodes may be the fresh plan's), False where it
+            is the relabelled fresh plan.
     """
 
     placement: Placement

@@ -5,7 +5,8 @@ balancedness minus the tolerance, keeping ``RECOVERED`` of its gain over the pla
 is; a scale-down's target stays :func:`packing_lift` above that, or with 2 slots per rank up
 to :func:`pairing_balance`, as another planner's plan may beat the fresh one), builds the repair (:mod:`elastic_ep.eplb.repair`; per node for
 hierarchical plans) and keeps it where it reaches the target; elsewhere the fresh plan
-relabelled onto the old ranks (:mod:`elastic_ep.eplb.relabel`), unless the repair is a near
+relabelled onto the old ranks (:mod:`elastic_ep.eplb.relabel`; in a hierarchical plan only
+on the nodes whose repair misses, :func:`mix_nodes`), unless the repair is a near
 miss and the fresh plan would move over ``NEAR_MISS_MOVES`` times its weights, or the other
 layers' balancedness over their targets pays for the miss (:func:`spend_surplus`: the model's
 balancedness is the mean over layers). Balancedness is measured with routing shares where the
@@ -148,6 +149,28 @@ def prefer_repair(
         packs, before = fresh[contest], kept[contest]
         relabelled = align_slots(relabel_packs(packs, overlap_edges(packs, before), nodes), before)
         fresh_cost = received_count(relabelled, before)
+        if nodes > 1:  # the fresh plan's nodes only where the repair's stay over the target
+            mixed, mixed_units, reached = mix_nodes(
+                load[contest],
+                (repaired[contest], relabelled),
+                _units_of(repaired[contest], units, contest),
+                target[contest],
+                (most, nodes),
+            )
+            mixed_cost = received_count(mixed, before)
+            better = usable[contest] & reached & (mixed_cost < fresh_cost) & (mixed_cost <= limit)
+            if better.any():
+                done = contest[better]
+                repaired[done], repair_cost[done] = mixed[better], mixed_cost[better]
+                if units is not None:
+                    units[done] = mixed_units[better]
+                use_repair[done] = True
+                repair_balance[done] = balance_with_units(
+                    mixed[better], load[done], mixed_units[better]
+                )[0]
+                contest, before = contest[~better], before[~better]
+                relabelled, fresh_cost = relabelled[~better], fresh_cost[~better]
+    if contest.size:
         keep_repair = usable[contest] & (fresh_cost > limit)
         # A repair short of its target by less than `tolerance` stays when the fresh plan
         # would move over twice its weights (with few slots per rank, a fresh plan's packs
@@ -183,6 +206,73 @@ def prefer_repair(
         if units is not None and most is not None and taken.size:
             units[taken] = node_shares(chosen[taken], load[taken], most, nodes)
     return chosen, use_repair, units
+
+
+def mix_nodes(
+    load: np.ndarray,
+    plans: tuple[np.ndarray, np.ndarray],
+    units: np.ndarray,
+    target: np.ndarray,
+    layout: tuple[int | None, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer of a hierarchical plan, each node from the repair where its ranks stay under
+    the layer's mean rank load / ``target``, else from the relabelled fresh plan where that
+    node holds the same experts in both and stays under it.
+
+    Every expert of a hierarchical plan lives on one node and its routing units are solved
+    per node, so nodes of the two plans combine freely where they hold the same experts: a
+    scale-up whose repair misses its target on the node of a heavy expert only (60 x 384
+    experts on 128 -> 144 x 3 slots, 8 nodes) re-plans that node, not the whole layer.
+
+    Args:
+        load: float64 [C, E]. plans: the repair and the relabelled fresh plan, int64
+            [C, R, S] each. units: the repair's routing units int64 [C, R, S] (per node).
+        target: float64 [C], balancedness each layer aims for. layout: (most, N): the most
+            units an expert may have (``None``: the equal split) and the number of nodes.
+
+    Returns:
+        The mixed slots int64 [C, R, S] and units int64 [C, R, S], and bool [C]: True where
+        no node of the mix is over the target.
+    """
+    most, nodes = layout
+    repaired, relabelled = plans
+    layers, ranks, per_rank = repaired.shape
+    per_node = ranks // nodes
+    cap = (load.sum(1) / ranks / np.maximum(target, 1e-300) * (1 + 1e-12))[:, None]
+
+    def node_peaks(slots: np.ndarray, unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        rank_load = balance_with_units(slots, load[rows], unit)[1].sum(2)
+        return rank_load.reshape(rows.size, nodes, per_node).max(2)
+
+    def node_experts(slots: np.ndarray) -> np.ndarray:
+        local = slots.reshape(layers * nodes, per_node, per_rank)
+        return expert_counts(local, load.shape[1]).reshape(layers, nodes, -1) > 0
+
+    over = node_peaks(repaired, units, np.arange(layers)) > cap
+    same = (node_experts(repaired) == node_experts(relabelled)).all(2)
+    take = np.zeros_like(over)
+    mixed, mixed_units = repaired.copy(), units.copy()
+    # Layers where every node over the target has its fresh counterpart: only there is the
+    # fresh plan's routing solved (one solve_shares).
+    rows = np.flatnonzero(~(over & ~same).any(1) & over.any(1))
+    if rows.size:
+        fresh_units = _node_units(relabelled[rows], load[rows], most, nodes)
+        take[rows] = over[rows] & (node_peaks(relabelled[rows], fresh_units, rows) <= cap[rows])
+        mask = np.repeat(take[rows], per_node, axis=1)[:, :, None]
+        mixed[rows] = np.where(mask, relabelled[rows], repaired[rows])
+        mixed_units[rows] = np.where(mask, fresh_units, units[rows])
+    return mixed, mixed_units, ~(over & ~take).any(1)
+
+
+def _units_of(slots: np.ndarray, units: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """int64 [C, R, S]: ``units[rows]``, or one unit per replica of ``slots`` (the equal
+    split) where there are no units."""
+    return (slots >= 0).astype(np.int64) if units is None else units[rows]
+
+
+def _node_units(slots: np.ndarray, load: np.ndarray, most: int | None, nodes: int) -> np.ndarray:
+    """int64 [C, R, S]: :func:`node_shares` of ``slots``, or the equal split without ``most``."""
+    return (slots >= 0).astype(np.int64) if most is None else node_shares(slots, load, most, nodes)
 
 
 def spend_surplus(
