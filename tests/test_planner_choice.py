@@ -182,3 +182,15 @@ def test_hierarchical_scale_up_replans_only_the_heavy_node() -> None:
     fresh = plan(load, 144, 3, **layout).balancedness(load)
     assert report.placement.balancedness(load) >= fresh - 0.01 - 1e-9
     assert int(report.transfers.sum()) <= 2 * 6 * 16 * 3  # twice the joined slots
+
+
+def test_layers_that_lost_experts_aim_a_tolerance_under_the_fresh_plan() -> None:
+    # The placement of a layer that lost experts leaves their load out: no share of a gain
+    # over it is kept, and the model's mean gain counts the other layers only.
+    fresh = np.array([0.99, 0.99, 0.99])
+    kept = np.array([0.95, 0.985, 0.985])
+    lost = np.array([True, False, False])
+    assert np.allclose(layer_targets(fresh, kept, 0.01, 0.0, lost), [0.98, 0.98, 0.98])
+    # Without `lost` the first layer keeps 90% of its gain, and the model's mean gain
+    # (0.0167 > 0.01) makes the others keep 90% of theirs too.
+    assert np.allclose(layer_targets(fresh, kept, 0.01), [0.986, 0.9895, 0.9895])

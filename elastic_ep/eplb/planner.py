@@ -18,7 +18,8 @@ The target of a layer is the fresh plan's balancedness minus ``balance_tolerance
 fresh plan gains more than ``balance_tolerance`` over the previous placement, the target also
 keeps ``RECOVERED`` (90%) of that gain; where the whole model gains more than that (the mean
 of the layers' gains), every layer keeps ``RECOVERED`` of its own gain, however small. A
-scale-down's target (2-3 slots per rank, no empty slot, the fresh plan far above the
+layer whose placement lost experts (a failure, a scale-down) keeps no share of a gain: the
+placement without them is no plan to measure one over. A scale-down's target (2-3 slots per rank, no empty slot, the fresh plan far above the
 placement) stays up to ``PACKING_SLACK`` x ``balance_tolerance`` higher, less what routing
 shares add and at most up to a bound on any packing: another planner's plan may beat the
 fresh one by that much. A

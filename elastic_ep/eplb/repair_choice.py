@@ -124,7 +124,8 @@ def prefer_repair(
         full = np.all((kept >= 0).reshape(layers, -1), axis=1)
         gap = np.where(full, pairing_balance(fresh, load) - fresh_balance, 0.0)
         lift = np.maximum(lift, np.clip(gap, 0.0, tolerance))
-    target = layer_targets(fresh_balance, kept_balance, tolerance, lift)
+    lost = (expert_counts(kept, load.shape[1]) == 0).any(1)
+    target = layer_targets(fresh_balance, kept_balance, tolerance, lift, lost)
     budget = np.full(layers, limit)
     if nodes == 1:
         repaired, units = repair(load, kept, target, budget, counts, most)
@@ -354,7 +355,11 @@ def pairing_balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
 
 
 def layer_targets(
-    fresh: np.ndarray, kept: np.ndarray, tolerance: float, lift: np.ndarray | float = 0.0
+    fresh: np.ndarray,
+    kept: np.ndarray,
+    tolerance: float,
+    lift: np.ndarray | float = 0.0,
+    lost: np.ndarray | None = None,
 ) -> np.ndarray:
     """float64 [L]: the balancedness each layer's repair aims for, from the fresh plan's
     ``fresh`` and the placement's as it is, ``kept`` (both float64 [L]).
@@ -366,10 +371,18 @@ def layer_targets(
     layers), every layer that gains keeps ``RECOVERED`` of its gain, however small: many
     layers each gaining a little (a hierarchical plan on many ranks, where node loads set the
     heaviest rank) would otherwise all stay as they are and the model lose its whole gain.
+
+    ``lost`` (bool [L]): layers whose placement lacks an expert (a failure or a scale-down
+    removed its every replica). Their ``kept`` leaves those experts' load out, so it is no plan
+    to keep a share of the gain over: their target is the tolerance under the fresh plan, and
+    the model's mean gain counts the other layers only (58 x 256 experts on 32 x 9 slots, a
+    dead rank: 90% of a gain over 0.979 that no placement has cost 20.8% of the slots moved,
+    the tolerance 15.1%).
     """
     gain = fresh - kept
-    floor = 0.0 if gain.mean() > tolerance else tolerance
-    shortfall = np.where(gain > floor, (1.0 - RECOVERED) * gain, tolerance)
+    kept_plan = np.ones(gain.shape, dtype=bool) if lost is None else ~lost
+    floor = 0.0 if kept_plan.any() and gain[kept_plan].mean() > tolerance else tolerance
+    shortfall = np.where(kept_plan & (gain > floor), (1.0 - RECOVERED) * gain, tolerance)
     return fresh - np.minimum(tolerance - lift, shortfall)
 
 
