@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
-from elastic_ep.eplb import plan, plan_with_report
+from elastic_ep.eplb import plan, plan_with_report, repair_choice
 from elastic_ep.eplb.placement import max_units
 from elastic_ep.eplb.repair import balance_with_units, node_shares
 from elastic_ep.eplb.repair_choice import (
@@ -194,3 +195,24 @@ def test_layers_that_lost_experts_aim_a_tolerance_under_the_fresh_plan() -> None
     # Without `lost` the first layer keeps 90% of its gain, and the model's mean gain
     # (0.0167 > 0.01) makes the others keep 90% of theirs too.
     assert np.allclose(layer_targets(fresh, kept, 0.01), [0.986, 0.9895, 0.9895])
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_scale_up_reuses_the_slots_it_fills(capped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 384 experts x 4 layers on 128 -> 144 ranks x 3 slots, one replica per expert before:
+    # held to twice the joined slots, the repair's swaps exchange slots already received and
+    # still reach the fresh plan less the tolerance; unheld, it receives more.
+    if not capped:
+        monkeypatch.setattr(repair_choice, "SCALE_UP_MOVES", 10**6)
+    load = zipf_load(4, 384)
+    previous = plan(load, 128, 3)
+    report = plan_with_report(
+        load, 144, 3, previous=previous, rank_mapping=RankMapping.resize(128, 144)
+    )
+    joined = 16 * 3
+    if capped:
+        assert int(report.transfers.max()) <= 2 * joined
+        fresh = plan(load, 144, 3).balancedness(load)
+        assert report.placement.balancedness(load) >= fresh - 0.01 - 1e-9
+    else:
+        assert int(report.transfers.max()) > 2 * joined

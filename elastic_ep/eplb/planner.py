@@ -29,7 +29,8 @@ most weights saved per balancedness lost first, while the layers' balancedness o
 targets pays for them (the model's mean stays ``SURPLUS_KEPT`` x ``balance_tolerance`` above
 the targets' mean; each such layer within ``SURPLUS_MOST_LOSS`` x ``balance_tolerance`` of
 its fresh plan). A layer whose fresh plan needs more than ``max_transfers`` takes the
-repair.
+repair. A scale-up's repair with 3+ slots per rank receives at most ``SCALE_UP_MOVES`` times
+the weights its joined slots and lost experts need.
 
 The fresh plan that sets the targets first has the rows its rounds left stuck re-packed
 (:mod:`elastic_ep.eplb.polish`: 3+ slots per rank, a hot replica near the mean load), so that
