@@ -50,8 +50,17 @@ def fill_missing(
         budget: int64 [B], transfers allowed beyond the mandatory ones (experts with no replica).
     """
     num_experts = load.shape[1]
-    per_replica = load / counts
     have = expert_counts(slots, num_experts)
+    # Rows with no orphan and no budget place nothing (a drift's step one): rows are
+    # independent, so the others alone give the same slots.
+    active = np.flatnonzero((budget > 0) | (have == 0).any(1))
+    if active.size < slots.shape[0]:
+        if active.size:
+            part = slots[active]
+            fill_missing(part, load[active], counts[active], budget[active])
+            slots[active] = part
+        return
+    per_replica = load / counts
     need = np.maximum(counts - have, 0)
     # Order: one replica of every expert that has none, then the rest; heaviest replica first.
     by_weight = np.argsort(-per_replica, axis=1, kind="stable")
