@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import expert_bits
+from elastic_ep.eplb.expert_bits import before_codes
 from elastic_ep.eplb.incremental import fill_missing
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, slot_sum, swap_towards
@@ -132,7 +132,7 @@ def _repair_with_shares(
     # rounds, the shares solved again after each.
     # Swaps keep the replica counts: rows that need other counts (their counts cannot reach
     # the target, or they are far below it) go on to step 3 at once.
-    before = expert_bits(kept.reshape(-1, per_rank), load.shape[1]).reshape(rows, ranks, -1)
+    before = before_codes(kept.reshape(-1, per_rank), load.shape[1]).reshape(rows, ranks, -1)
 
     def bits_of(at: np.ndarray) -> np.ndarray:
         return before[at].reshape(at.size * ranks, -1)
