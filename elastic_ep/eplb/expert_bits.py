@@ -118,5 +118,6 @@ def trade_codes(
     width = codes.shape[1]
     ids = np.concatenate([x, y]) + 1
     bit = np.left_shift((ids > 0).astype(np.int64), (ids & 31) << 1)
-    cells = np.concatenate([first, first, second, second]) * width + np.tile(ids >> 5, 2)
-    np.bitwise_xor.at(codes.reshape(-1), cells, np.tile(bit, 2))
+    word = ids >> 5
+    cells = np.concatenate([first, first, second, second]) * width + np.concatenate([word, word])
+    np.bitwise_xor.at(codes.reshape(-1), cells, np.concatenate([bit, bit]))
