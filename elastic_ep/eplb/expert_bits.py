@@ -76,6 +76,9 @@ def before_codes(kept: np.ndarray, num_experts: int) -> np.ndarray:
     row (an empty slot costs no transfer); W = (E + 32) // 32 words."""
     rows = kept.shape[0]
     width = (num_experts + 32) // 32
+    if width == 1:  # one word per rank: or the slots' bits together
+        bit = np.left_shift(1, ((kept + 1) << 1) + 1)
+        return np.bitwise_or.reduce(bit, axis=1, keepdims=True) | 2
     ids = kept.T + 1  # [S, N]
     cell = np.arange(rows) * width + (ids >> 5)
     bit = np.left_shift(1, ((ids & 31) << 1) + 1)
@@ -91,6 +94,9 @@ def swap_codes(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
     set where row n of ``slots`` (int64 [N, S], -1 = empty) holds expert e (never for e = -1).
     Signed words: the sign bit is one more bit, and shifts then masks read it exactly."""
     rows, width = before.shape
+    if width == 1:  # one word per rank (bit 0, expert -1 "held now", cleared)
+        bit = np.left_shift(1, (slots + 1) << 1)
+        return before | (np.bitwise_or.reduce(bit, axis=1, keepdims=True) & -2)
     ids = slots.T + 1  # [S, N]
     cell = np.arange(rows) * width + (ids >> 5)
     bit = np.left_shift((ids > 0).astype(np.int64), (ids & 31) << 1)
@@ -113,9 +119,16 @@ def trade_codes(
     codes: np.ndarray, first: np.ndarray, second: np.ndarray, x: np.ndarray, y: np.ndarray
 ) -> None:
     """In ``codes`` (:func:`swap_codes`, C-contiguous, in place), rank ``first[i]`` trades
-    expert ``x[i]`` for ``y[i]`` with rank ``second[i]`` (-1 = nothing): both ranks toggle the
-    "held now" bits of both experts, one ``bitwise_xor.at`` (two bits may share a word)."""
+    expert ``x[i]`` for ``y[i]`` with rank ``second[i]`` (-1 = nothing; no rank twice among
+    ``first`` and ``second``): both ranks toggle the "held now" bits of both experts, one
+    ``bitwise_xor.at`` (two bits may share a word)."""
     width = codes.shape[1]
+    if width == 1:  # both bits in the rank's one word
+        toggle = (np.left_shift(1, (x + 1) << 1) ^ np.left_shift(1, (y + 1) << 1)) & -2
+        flat = codes.reshape(-1)
+        flat[first] ^= toggle
+        flat[second] ^= toggle
+        return
     ids = np.concatenate([x, y]) + 1
     bit = np.left_shift((ids > 0).astype(np.int64), (ids & 31) << 1)
     word = ids >> 5

@@ -22,6 +22,7 @@ from elastic_ep.eplb.packing import expert_counts, slot_loads
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 elements)
+ANY_REDUCE_SLOTS = 100  # any_slot reduces at once up to this x S results (timed on numpy 2)
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 # Transfers one side of a swap costs by the receiving rank's code (1 x held now + 2 x held
 # before): 1 if it never held the expert, 0 if it held it before, never if it holds it now.
@@ -281,7 +282,11 @@ def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
 
 def any_slot(mask: np.ndarray) -> np.ndarray:
     """bool [...]: ``mask`` bool [..., S] or-ed over its last axis, column by column (several
-    times faster than ``any`` over a short axis)."""
+    times faster than ``any`` over a short axis), or by one reduction where the result is small
+    and S >= 4 (then the S column passes cost more than the reduction's fixed cost)."""
+    per_rank = mask.shape[-1]
+    if per_rank >= 4 and mask.size <= ANY_REDUCE_SLOTS * per_rank**2:
+        return np.logical_or.reduce(mask, axis=-1)
     out = mask[..., 0].copy()
     for column in range(1, mask.shape[-1]):
         out |= mask[..., column]
