@@ -181,7 +181,7 @@ def _place_chunk(
     is_open = open_slots[b] > 0
     usable = is_open | any_slot(evictable)
     # Ranks in order: open ones by load, then evictable ones by load after the eviction.
-    order = np.lexsort((np.where(is_open, loads, loads - relief), ~is_open, ~usable), axis=1)
+    order = rank_order(usable, is_open, np.where(is_open, loads, loads - relief))
     rank = order[:, :width]  # [n, c]
     at = rank + np.arange(0, n * ranks, ranks)[:, None]  # flat (row, rank) of each item
     there = cur.reshape(-1, per_rank)[at]  # [n, c, S]
@@ -191,9 +191,10 @@ def _place_chunk(
     slot = np.where(opened, (there < 0).argmax(2), evict_slot.ravel()[at])
     item = np.arange(0, n * width * per_rank, per_rank).reshape(n, width)
     evicted = np.where(placed & ~opened, there.ravel()[item + slot], -1)
-    # At most `surplus` evictions of one expert per row, heaviest items first.
+    # At most `surplus` evictions of one expert per row, heaviest items first (one item per
+    # row, or one eviction, never exceeds it: an evictable expert has a surplus).
     i, j = np.nonzero(evicted >= 0)
-    if i.size:
+    if width > 1 and i.size > 1:
         key = i * experts + evicted[i, j]
         by_key = key.argsort(kind="stable")
         sorted_key = key[by_key]
@@ -221,6 +222,17 @@ def _place_chunk(
     every_weight[slot_at] = new_weight
     slots.ravel()[slot_at] = x
     return placed
+
+
+def rank_order(usable: np.ndarray, is_open: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """int64 [n, R]: each row's ranks, usable ones first, among them open ones first, then by
+    ``value`` (float64 [n, R], finite), ties in rank order: ``np.lexsort((value, ~is_open,
+    ~usable), axis=1)``, as one stable sort of complex keys (numpy orders them by real, then
+    imaginary part) at a third of its cost."""
+    key = np.empty(value.shape, dtype=np.complex128)
+    key.real = 2 * ~usable + ~is_open
+    key.imag = value
+    return key.argsort(axis=1, kind="stable")
 
 
 def _place_one(
