@@ -64,8 +64,9 @@ def fill_missing(
     need = np.maximum(counts - have, 0)
     # Order: one replica of every expert that has none, then the rest; heaviest replica first.
     by_weight = np.argsort(-per_replica, axis=1, kind="stable")
-    orphan = np.take_along_axis(have == 0, by_weight, axis=1)
-    extra = np.take_along_axis(need, by_weight, axis=1) - orphan
+    flat = by_weight + (np.arange(by_weight.shape[0]) * num_experts)[:, None]  # (row, expert)
+    orphan = (have == 0).ravel()[flat]
+    extra = need.ravel()[flat] - orphan
     left = budget + (have == 0).sum(1)
     items = _queue(by_weight, orphan, extra, left)
     slot_w = slot_loads(slots, per_replica)

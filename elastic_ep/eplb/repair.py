@@ -295,7 +295,8 @@ def _carried_units(
     expert = np.where(slots >= 0, slots, experts).reshape(slots.shape[0], -1)
     padded = np.zeros((slots.shape[0], experts + 1))
     padded[:, :experts] = load
-    per_unit = np.take_along_axis(padded / np.maximum(totals, 1), expert, 1).reshape(slots.shape)
+    expert += (np.arange(slots.shape[0]) * (experts + 1))[:, None]  # flat (row, expert)
+    per_unit = (padded / np.maximum(totals, 1)).ravel()[expert].reshape(slots.shape)
     units = np.rint(weight / np.where(per_unit > 0, per_unit, 1.0)).astype(np.int64)
     return np.where(slots < 0, 0, np.where(per_unit > 0, np.maximum(units, 1), 1))
 
@@ -340,8 +341,8 @@ def balance_with_units(
     per_unit = weight.ravel() / np.maximum(total, 1)
     slot_weight = (per_unit[group] * units).reshape(rows, ranks, per_rank)
     rank_load = slot_sum(slot_weight)
-    peak = rank_load.max(1)
-    mean = rank_load.sum(1) / ranks
+    peak = np.maximum.reduce(rank_load, axis=1)  # .max(1) and .sum(1), without their wrappers
+    mean = np.add.reduce(rank_load, axis=1) / ranks
     balance = np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
     return balance, slot_weight
 
