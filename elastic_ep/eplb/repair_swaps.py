@@ -22,6 +22,7 @@ from elastic_ep.eplb.packing import expert_counts, slot_loads
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 elements)
+WIDE_CANDIDATES = 4096  # candidates of a block from which its broadcasts repeat first (timed)
 ANY_REDUCE_SLOTS = 100  # any_slot reduces at once up to this x S results (timed on numpy 2)
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 # Transfers one side of a swap costs by the receiving rank's code (1 x held now + 2 x held
@@ -213,8 +214,13 @@ def _best_paid_swap_block(
     size = rows * per_rank * many * per_rank
     delta, gain = work[0, :size].reshape(shape), work[1, :size].reshape(shape)
     np.subtract(weight[heavy][:, :, None, None], weight[partner][:, None, :, :], out=delta)
+    # Broadcasting along the short last axis runs numpy's inner loop S elements at a time: in
+    # large blocks the operands that vary per partner, not per partner slot, are first
+    # repeated over the slots (the same differences and sums, about half the time).
+    wide = size >= WIDE_CANDIDATES
     # Gain = heavy load - max(heavy load - delta, partner load + delta).
-    np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta, out=gain)
+    gap = (heavy_load[:, None] - loads[partner])[:, None, :, None]  # [A, 1, M, 1]
+    np.subtract(np.repeat(gap, per_rank, 3) if wide else gap, delta, out=gain)
     np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
@@ -229,7 +235,8 @@ def _best_paid_swap_block(
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
-    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :], out=delta)  # [A, S, M, S]
+    x_at = x_side[:, :, :, None]
+    cost = np.add(np.repeat(x_at, per_rank, 3) if wide else x_at, y_side[:, None], out=delta)
     tight = (left < 2).nonzero()[0]
     over = cost[tight] > left[tight, None, None, None] if tight.size else None
     np.maximum(cost, _FREE_SWAP_COST, out=cost)
