@@ -1,15 +1,17 @@
 """The two-bit code table of the swap search (eplb/expert_bits.py: held now, held before)
 against dense membership tests, through a sequence of swaps (several words per rank, the sign
-bit of a word included)."""
+bit of a word included); the swap search's large-block path against its plain one."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from elastic_ep.eplb import repair_swaps
 from elastic_ep.eplb.expert_bits import before_codes, code_of, swap_codes, trade_codes
-from elastic_ep.eplb.repair_swaps import received_codes
+from elastic_ep.eplb.repair_swaps import _best_paid_swap, received_codes
 
 
 def _table(rng: np.random.Generator, ranks: int, slots: int, experts: int) -> np.ndarray:
@@ -62,3 +64,28 @@ def test_codes_match_membership_through_swaps(
 def _repeats(row: np.ndarray) -> np.ndarray:
     """bool [S]: entries of ``row`` equal to an earlier one (not empty)."""
     return np.array([row[i] >= 0 and row[i] in row[:i] for i in range(row.size)])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_wide_blocks_choose_the_same_swaps(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks whose operands are repeated over the slots first (large ones) choose what the
+    plain broadcasts choose, bit for bit."""
+    rng = np.random.default_rng(seed)
+    ranks, per_rank = int(rng.integers(4, 40)), int(rng.integers(2, 7))
+    experts = int(rng.integers(per_rank + 1, 140))
+    slots = _table(rng, ranks, per_rank, experts)
+    kept = _table(rng, ranks, per_rank, experts)
+    weight = np.where(slots >= 0, rng.integers(0, 4, slots.shape) / 4.0, 0.0)  # ties
+    loads = weight.sum(1)
+    count = int(rng.integers(1, ranks // 2 + 1))
+    partner = rng.choice(ranks, (count, int(rng.integers(1, 5))))
+    heavy, left = rng.permutation(ranks)[:count], rng.integers(-1, 4, count)
+    codes = swap_codes(slots, before_codes(kept, experts))
+    bits = (codes, received_codes(codes, slots))
+    work = np.empty((2, count * per_rank * partner.shape[1] * per_rank))
+    results = []
+    for wide in (0, 1 << 30):
+        monkeypatch.setattr(repair_swaps, "WIDE_CANDIDATES", wide)
+        results.append(_best_paid_swap(slots, weight, loads, bits, heavy, partner, left, work))
+    for narrow, wide_one in zip(*results, strict=True):
+        assert np.array_equal(narrow, wide_one)
