@@ -244,7 +244,7 @@ def _best_paid_swap_block(
     if over is not None:
         score[tight] = np.where(over.reshape(tight.size, -1), 0.0, score[tight])
     best = score.argmax(1)
-    at = np.arange(0, size, size // rows) + best if rows else best
+    at = np.arange(0, size, per_rank * many * per_rank) + best  # flat index of each best
     improved = (score.ravel()[at] > 0) & (gain.ravel()[at] > heavy_load * 1e-12)
     h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, many, per_rank))
     r_idx = np.arange(rows)
