@@ -44,7 +44,8 @@ def fill_missing(
     """Place the missing replicas in ``slots`` (in place), see the module docstring.
 
     Args:
-        slots: int64 [B, R, S], no expert twice on one rank.
+        slots: int64 [B, R, S], C-contiguous (updated through flat views), no expert twice on
+            one rank.
         load: float64 [B, E].
         counts: int64 [B, E], the replica counts wanted.
         budget: int64 [B], transfers allowed beyond the mandatory ones (experts with no replica).

@@ -45,16 +45,17 @@ def swap_towards(
     """Improve ``slots`` in place by swaps, see the module docstring.
 
     Args:
-        slots: int64 [B, R, S], C-contiguous, no expert twice on one rank.
+        slots: int64 [B, R, S], C-contiguous (updated through flat views), no expert twice
+            on one rank.
         kept: int64 [B, R, S], what the ranks held before (defines what costs a transfer).
         load: float64 [B, E].
         target: float64 [B], balancedness at which a row stops.
         budget: int64 [B], the most weights a row may receive in total.
         max_steps: most swaps per row.
         partners: light ranks tried with each heavy rank (at most R / 4).
-        slot_weight: float64 [B, R, S], the load of each slot (0 for empty ones), moved with
-            the slots in place; ``None``: the equal split of each expert's load over its
-            replicas.
+        slot_weight: float64 [B, R, S], C-contiguous, the load of each slot (0 for empty
+            ones), moved with the slots in place; ``None``: the equal split of each expert's
+            load over its replicas.
         before: int64 [B * R, W], :func:`before_codes` of ``kept`` if the caller keeps it
             across calls; built here where ``None``.
         row_steps: int64 [B], most swap steps of each row (``max_steps`` for all where
