@@ -197,19 +197,10 @@ def _place_chunk(
     # row, or one eviction, never exceeds it: an evictable expert has a surplus).
     i, j = np.nonzero(evicted >= 0)
     if width > 1 and i.size > 1:
-        key = i * experts + evicted[i, j]
-        by_key = key.argsort(kind="stable")
-        sorted_key = key[by_key]
-        # Position of each item in its run of equal keys: index less the run's first index.
-        position = np.arange(key.size)
-        first = np.empty(key.size, dtype=bool)
-        first[0] = True
-        np.not_equal(sorted_key[1:], sorted_key[:-1], out=first[1:])
-        nth = np.empty_like(position)
-        nth[by_key] = position - np.maximum.accumulate(np.where(first, position, 0))
-        over = nth >= surplus[key]
-        placed[i[over], j[over]] = False
-        evicted[i[over], j[over]] = -1
+        over = _over_surplus(i * experts + evicted[i, j], surplus)
+        if over.any():
+            placed[i[over], j[over]] = False
+            evicted[i[over], j[over]] = -1
     k = placed.ravel().nonzero()[0]
     rb, x, gone = b[k // width], expert.ravel()[k], evicted.ravel()[k]
     rank_at = rb * ranks + rank.ravel()[k]  # flat (row, rank)
@@ -224,6 +215,24 @@ def _place_chunk(
     every_weight[slot_at] = new_weight
     slots.ravel()[slot_at] = x
     return placed
+
+
+def _over_surplus(key: np.ndarray, surplus: np.ndarray) -> np.ndarray:
+    """bool [K]: the evictions past their expert's surplus, for evictions of flat (row, expert)
+    ``key`` int64 [K] (heaviest item first) and ``surplus`` int64 [n * E]: the k-th eviction
+    of an expert in a row (from 0) where k >= its surplus."""
+    by_key = key.argsort(kind="stable")
+    sorted_key = key[by_key]
+    first = np.empty(key.size, dtype=bool)
+    first[0] = True
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=first[1:])
+    if first.all():  # no expert evicted twice in a row: an evictable expert has a surplus
+        return np.zeros(key.size, dtype=bool)
+    # Position of each eviction in its run of equal keys: index less the run's first index.
+    position = np.arange(key.size)
+    nth = np.empty_like(position)
+    nth[by_key] = position - np.maximum.accumulate(np.where(first, position, 0))
+    return nth >= surplus[key]
 
 
 def rank_order(usable: np.ndarray, is_open: np.ndarray, value: np.ndarray) -> np.ndarray:
