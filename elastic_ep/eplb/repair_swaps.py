@@ -221,7 +221,7 @@ def _best_paid_swap_block(
     wide = size >= WIDE_CANDIDATES
     # Gain = heavy load - max(heavy load - delta, partner load + delta).
     gap = (heavy_load[:, None] - loads[partner])[:, None, :, None]  # [A, 1, M, 1]
-    np.subtract(np.repeat(gap, per_rank, 3) if wide else gap, delta, out=gain)
+    np.subtract(gap.repeat(per_rank, 3) if wide else gap, delta, out=gain)
     np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
@@ -237,7 +237,7 @@ def _best_paid_swap_block(
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
     x_at = x_side[:, :, :, None]
-    cost = np.add(np.repeat(x_at, per_rank, 3) if wide else x_at, y_side[:, None], out=delta)
+    cost = np.add(x_at.repeat(per_rank, 3) if wide else x_at, y_side[:, None], out=delta)
     tight = (left < 2).nonzero()[0]
     over = cost[tight] > left[tight, None, None, None] if tight.size else None
     np.maximum(cost, _FREE_SWAP_COST, out=cost)
