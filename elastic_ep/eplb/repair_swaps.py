@@ -302,12 +302,24 @@ def any_slot(mask: np.ndarray) -> np.ndarray:
 
 
 def slot_sum(values: np.ndarray) -> np.ndarray:
-    """float64 [...]: ``values`` float64 [..., S] summed over its last axis. With S < 8 as
-    column adds (numpy's own order there: the same sums), several times faster than a
-    reduction over a short axis; numpy's pairwise sum from 8."""
-    if values.shape[-1] >= 8:
+    """float64 [...]: ``values`` float64 [..., S] summed over its last axis, as column adds in
+    numpy's own order (the same sums), several times faster than a reduction over a short
+    axis: one after another below 8; from 8 (to 128, C-contiguous) numpy's pairwise order, eight
+    running sums folded in pairs, then the columns past a multiple of 8; else numpy's sum."""
+    per_rank = values.shape[-1]
+    if per_rank < 8:
+        out = values[..., 0].copy()
+        for column in range(1, per_rank):
+            out += values[..., column]
+        return out
+    if per_rank > 128 or not values.flags.c_contiguous:
         return values.sum(-1)
-    out = values[..., 0].copy()
-    for column in range(1, values.shape[-1]):
+    part = [values[..., column] for column in range(8)]
+    whole = per_rank - per_rank % 8
+    for column in range(8, whole):
+        part[column % 8] = part[column % 8] + values[..., column]
+    out = (part[0] + part[1]) + (part[2] + part[3])
+    out += (part[4] + part[5]) + (part[6] + part[7])
+    for column in range(whole, per_rank):
         out += values[..., column]
     return out
