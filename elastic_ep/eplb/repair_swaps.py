@@ -23,6 +23,7 @@ SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 elements)
 WIDE_CANDIDATES = 4096  # candidates of a block from which its broadcasts repeat first (timed)
+SUM_COLUMNS = 512  # slot_sum by columns from this many sums with S >= 8 (timed on numpy 2)
 ANY_REDUCE_SLOTS = 100  # any_slot reduces at once up to this x S results (timed on numpy 2)
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 # Transfers one side of a swap costs by the receiving rank's code (1 x held now + 2 x held
@@ -304,15 +305,16 @@ def any_slot(mask: np.ndarray) -> np.ndarray:
 def slot_sum(values: np.ndarray) -> np.ndarray:
     """float64 [...]: ``values`` float64 [..., S] summed over its last axis, as column adds in
     numpy's own order (the same sums), several times faster than a reduction over a short
-    axis: one after another below 8; from 8 (to 128, C-contiguous) numpy's pairwise order, eight
-    running sums folded in pairs, then the columns past a multiple of 8; else numpy's sum."""
+    axis: one after another below 8; from 8 (to 128, C-contiguous, ``SUM_COLUMNS`` sums or
+    more) numpy's pairwise order, eight running sums folded in pairs, then the columns past a
+    multiple of 8; else numpy's sum."""
     per_rank = values.shape[-1]
     if per_rank < 8:
         out = values[..., 0].copy()
         for column in range(1, per_rank):
             out += values[..., column]
         return out
-    if per_rank > 128 or not values.flags.c_contiguous:
+    if per_rank > 128 or values.size < SUM_COLUMNS * per_rank or not values.flags.c_contiguous:
         return values.sum(-1)
     part = [values[..., column] for column in range(8)]
     whole = per_rank - per_rank % 8
