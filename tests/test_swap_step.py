@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from elastic_ep.eplb import repair_swaps
-from elastic_ep.eplb.expert_bits import expert_bits, has_expert
+from elastic_ep.eplb.expert_bits import before_codes, expert_bits, has_expert, swap_codes
 from elastic_ep.eplb.repair_swaps import (
     _best_paid_swap,
     _block_rows,
-    received_slots,
+    received_codes,
 )
 
 
@@ -86,11 +86,11 @@ def test_best_paid_swap_matches_reference(seed, monkeypatch):
     heavy = ranks_used[:count]
     partner = rng.choice(ranks, (count, partners))  # may repeat or be the heavy rank itself
     left = rng.integers(-1, 4, count)
-    bits = expert_bits(slots, experts), expert_bits(kept, experts)
-    fresh = received_slots(slots, bits[1])
+    codes = swap_codes(slots, before_codes(kept, experts))
+    fresh = received_codes(codes, slots)
     block = _block_rows(per_rank, partners)
     work = np.empty((2, min(block, count) * per_rank * partners * per_rank))
-    got = _best_paid_swap(slots, weight, loads, (*bits, fresh), heavy, partner, left, work)
+    got = _best_paid_swap(slots, weight, loads, (codes, fresh), heavy, partner, left, work)
     want = _reference(slots, kept, weight, loads, heavy, partner, left)
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g, w)

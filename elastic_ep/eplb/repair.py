@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import expert_bits
+from elastic_ep.eplb.expert_bits import before_codes
 from elastic_ep.eplb.incremental import fill_missing
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, slot_sum, swap_towards
@@ -142,7 +142,7 @@ def _repair_with_shares(
     # rounds, the shares solved again after each.
     # Swaps keep the replica counts: rows that need other counts (their counts cannot reach
     # the target, or they are far below it) go on to step 3 at once.
-    before = expert_bits(kept.reshape(-1, per_rank), load.shape[1]).reshape(rows, ranks, -1)
+    before = before_codes(kept.reshape(-1, per_rank), load.shape[1]).reshape(rows, ranks, -1)
 
     def bits_of(at: np.ndarray) -> np.ndarray:
         return before[at].reshape(at.size * ranks, -1)
@@ -285,13 +285,19 @@ def _count_bound(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
     return np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
 
 
+def _groups(slots: np.ndarray, experts: int) -> np.ndarray:
+    """int64 [B, R * S]: the flat (row, expert + 1) of every slot of ``slots`` int64 [B, R, S],
+    E + 1 per row, the first of a row for its empty slots."""
+    rows = slots.shape[0]
+    return slots.reshape(rows, -1) + (np.arange(rows) * (experts + 1) + 1)[:, None]
+
+
 def _unit_totals(slots: np.ndarray, experts: int, units: np.ndarray) -> np.ndarray:
     """float64 [B, E + 1]: each expert's ``units`` (int64 [B, R, S]) summed over ``slots``
-    (int64 [B, R, S]); column E gathers the empty slots."""
+    (int64 [B, R, S]), in column e + 1; column 0 gathers the empty slots."""
     rows = slots.shape[0]
-    group = np.where(slots >= 0, slots, experts).reshape(rows, -1)
-    group = group + (np.arange(rows) * (experts + 1))[:, None]
-    total = np.bincount(group.ravel(), weights=units.ravel(), minlength=rows * (experts + 1))
+    group = _groups(slots, experts).ravel()
+    total = np.bincount(group, weights=units.ravel(), minlength=rows * (experts + 1))
     return total.reshape(rows, experts + 1)
 
 
@@ -300,12 +306,13 @@ def _carried_units(
 ) -> np.ndarray:
     """int64 [B, R, S]: the units of each slot after swaps that moved every slot's load
     ``weight`` (float64 [B, R, S]) with it: ``weight / (load / total)`` for ``totals`` float64
-    [B, E + 1] the experts' units (unchanged by swaps); 1 for an expert without load."""
+    [B, E + 1] the experts' units (:func:`_unit_totals`, unchanged by swaps); 1 for an expert
+    without load."""
     experts = load.shape[1]
-    expert = np.where(slots >= 0, slots, experts).reshape(slots.shape[0], -1)
     padded = np.zeros((slots.shape[0], experts + 1))
-    padded[:, :experts] = load
-    per_unit = np.take_along_axis(padded / np.maximum(totals, 1), expert, 1).reshape(slots.shape)
+    padded[:, 1:] = load
+    per_unit = (padded / np.maximum(totals, 1)).ravel()[_groups(slots, experts)]
+    per_unit = per_unit.reshape(slots.shape)
     units = np.rint(weight / np.where(per_unit > 0, per_unit, 1.0)).astype(np.int64)
     return np.where(slots < 0, 0, np.where(per_unit > 0, np.maximum(units, 1), 1))
 
@@ -342,16 +349,15 @@ def balance_with_units(
     rows, ranks, per_rank = slots.shape
     experts = load.shape[1]
     units = units.reshape(rows, -1)
-    group = np.where(slots >= 0, slots, experts).reshape(rows, -1)
-    group = group + (np.arange(rows) * (experts + 1))[:, None]
+    group = _groups(slots, experts)
     total = np.bincount(group.ravel(), weights=units.ravel(), minlength=rows * (experts + 1))
     weight = np.zeros((rows, experts + 1))
-    weight[:, :experts] = load
+    weight[:, 1:] = load
     per_unit = weight.ravel() / np.maximum(total, 1)
     slot_weight = (per_unit[group] * units).reshape(rows, ranks, per_rank)
     rank_load = slot_sum(slot_weight)
-    peak = rank_load.max(1)
-    mean = rank_load.sum(1) / ranks
+    peak = np.maximum.reduce(rank_load, axis=1)  # .max(1) and .sum(1), without their wrappers
+    mean = np.add.reduce(rank_load, axis=1) / ranks
     balance = np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
     return balance, slot_weight
 

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import expert_bits, has_expert, has_expert_in, swap_bits
+from elastic_ep.eplb.expert_bits import before_codes, code_of, has_expert, swap_codes, trade_codes
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
 CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 elements)
+WIDE_CANDIDATES = 4096  # candidates of a block from which its broadcasts repeat first (timed)
+SUM_COLUMNS = 512  # slot_sum by columns from this many sums with S >= 8 (timed on numpy 2)
+ANY_REDUCE_SLOTS = 100  # any_slot reduces at once up to this x S results (timed on numpy 2)
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
+# Transfers one side of a swap costs by the receiving rank's code (1 x held now + 2 x held
+# before): 1 if it never held the expert, 0 if it held it before, never if it holds it now.
+_SIDE_COST = np.array([1.0, np.inf, 0.0, np.inf])
 
 
 def swap_towards(
@@ -40,17 +46,18 @@ def swap_towards(
     """Improve ``slots`` in place by swaps, see the module docstring.
 
     Args:
-        slots: int64 [B, R, S], no expert twice on one rank.
+        slots: int64 [B, R, S], C-contiguous (updated through flat views), no expert twice
+            on one rank.
         kept: int64 [B, R, S], what the ranks held before (defines what costs a transfer).
         load: float64 [B, E].
         target: float64 [B], balancedness at which a row stops.
         budget: int64 [B], the most weights a row may receive in total.
         max_steps: most swaps per row.
         partners: light ranks tried with each heavy rank (at most R / 4).
-        slot_weight: float64 [B, R, S], the load of each slot (0 for empty ones), moved with
-            the slots in place; ``None``: the equal split of each expert's load over its
-            replicas.
-        before: uint64 [B * R, W], :func:`expert_bits` of ``kept`` if the caller keeps it
+        slot_weight: float64 [B, R, S], C-contiguous, the load of each slot (0 for empty
+            ones), moved with the slots in place; ``None``: the equal split of each expert's
+            load over its replicas.
+        before: int64 [B * R, W], :func:`before_codes` of ``kept`` if the caller keeps it
             across calls; built here where ``None``.
         row_steps: int64 [B], most swap steps of each row (``max_steps`` for all where
             ``None``).
@@ -60,18 +67,23 @@ def swap_towards(
     if slot_weight is None:
         per_replica = load / np.maximum(expert_counts(slots, num_experts), 1)
         slot_weight = slot_loads(slots, per_replica)
-    # Flat layouts, one row per (row, rank), so that every gather is a single index.
-    weight = slot_weight.reshape(-1, per_rank)
-    flat_slots = slots.reshape(-1, per_rank)
-    held = expert_bits(flat_slots, num_experts)
-    held_before = expert_bits(kept.reshape(-1, per_rank), num_experts) if before is None else before
-    # Which slots hold a weight received (kept up to date with the swaps): the heavy rank's
-    # side of every candidate swap needs it.
-    fresh = received_slots(flat_slots, held_before)
-    spent = fresh.reshape(rows, -1).sum(1)
-    loads = slot_sum(weight)
     if ranks < 2:
         return
+    # Flat layouts, one row per (row, rank) and one entry per slot, so that every gather is a
+    # single index (several times cheaper than a pair of index arrays on these small arrays).
+    weight = slot_weight.reshape(-1, per_rank)
+    flat_slots = slots.reshape(-1, per_rank)
+    every_slot, every_weight = flat_slots.reshape(-1), weight.reshape(-1)
+    if before is None:
+        before = before_codes(kept.reshape(-1, per_rank), num_experts)
+    codes = swap_codes(flat_slots, before)
+    # Which slots hold a weight received (kept up to date with the swaps): the heavy rank's
+    # side of every candidate swap needs it.
+    fresh = received_codes(codes, flat_slots)
+    every_fresh = fresh.reshape(-1)
+    spent = fresh.reshape(rows, -1).sum(1)
+    loads = slot_sum(weight)
+    by_row = loads.reshape(rows, ranks)
     # Fewer partners per heavy rank on few ranks, so that several heavy ranks move per step.
     partners = min(partners, max(1, ranks // 4))
     pairs = max(1, min(SWAP_PAIRS, ranks // (partners + 1)))
@@ -83,60 +95,62 @@ def swap_towards(
     if row_steps is not None:
         max_steps = min(max_steps, int(row_steps.max(initial=0)))
     for done in range(max_steps):
-        rank_loads = loads[(active * ranks)[:, None] + np.arange(ranks)]
-        peak = rank_loads.max(1)
-        mean = rank_loads.sum(1) / ranks  # what .mean(1) gives, without its Python wrapper
+        rank_loads = by_row[active]
+        peak = np.maximum.reduce(rank_loads, axis=1)
+        mean = np.add.reduce(rank_loads, axis=1) / ranks  # what .mean(1) gives
         balance = mean / np.maximum(peak, 1e-300)
         keep = (balance < target[active]) & (spent[active] < budget[active])
         if row_steps is not None:
             keep &= row_steps[active] > done
-        active, rank_loads, mean = active[keep], rank_loads[keep], mean[keep]
-        if active.size == 0:
-            return
+        if not keep.all():
+            active, rank_loads, mean = active[keep], rank_loads[keep], mean[keep]
+            if active.size == 0:
+                return
         # The `pairs` heaviest ranks, each with its own `partners` of the lightest, disjoint:
         # the i-th heaviest gets the lightest ranks i, i + pairs, i + 2 * pairs, ...
-        order = np.argsort(rank_loads, axis=1, kind="stable") + (active * ranks)[:, None]
+        order = rank_loads.argsort(axis=1, kind="stable") + (active * ranks)[:, None]
         heavy = order[:, : -pairs - 1 : -1]  # [A, k]
         partner = order[:, : pairs * partners].reshape(-1, partners, pairs).transpose(0, 2, 1)
         # Heavy ranks after the first only while above the row's target peak.
-        limit = mean / target[active]
-        wanted = loads[heavy] > limit[:, None]
+        wanted = loads[heavy] > (mean / target[active])[:, None]
         wanted[:, 0] = True
-        row, which = np.nonzero(wanted)
+        row, which = wanted.nonzero()
         left = (budget[active] - spent[active]) // wanted.sum(1)
         found = _best_paid_swap(
             flat_slots,
             weight,
             loads,
-            (held, held_before, fresh),
+            (codes, fresh),
             heavy[row, which],
             partner[row, which],
             left[row],
             work,
         )
-        improved, h_rank, h_slot, p_rank, p_slot, cost = (part[found[0]] for part in found)
-        if not improved.any():
+        chosen = found[0].nonzero()[0]
+        if chosen.size == 0:
             return
-        x, y = flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot]
-        wx, wy = weight[h_rank, h_slot], weight[p_rank, p_slot]
-        flat_slots[h_rank, h_slot], flat_slots[p_rank, p_slot] = y, x
-        weight[h_rank, h_slot], weight[p_rank, p_slot] = wy, wx
+        h_rank, h_slot, p_rank, p_slot, cost = (part[chosen] for part in found[1:])
+        h_at, p_at = h_rank * per_rank + h_slot, p_rank * per_rank + p_slot
+        x, y = every_slot[h_at], every_slot[p_at]
+        wx, wy = every_weight[h_at], every_weight[p_at]
+        every_slot[h_at], every_slot[p_at] = y, x
+        every_weight[h_at], every_weight[p_at] = wy, wx
         loads[h_rank] += wy - wx
         loads[p_rank] += wx - wy
-        swap_bits(held, h_rank, p_rank, x, y)
-        fresh[h_rank, h_slot] = (y >= 0) & ~has_expert(held_before, h_rank, y)
-        fresh[p_rank, p_slot] = (x >= 0) & ~has_expert(held_before, p_rank, x)
-        np.add.at(spent, active[row[found[0]]], cost)
+        trade_codes(codes, h_rank, p_rank, x, y)
+        moved = np.concatenate([h_at, p_at])
+        every_fresh[moved] = code_of(codes, moved // per_rank, every_slot[moved]) < 2
+        np.add.at(spent, active[row[chosen]], cost)
         still = np.zeros(rows, dtype=bool)
-        still[active[row[found[0]]]] = True
-        active = np.flatnonzero(still)
+        still[active[row[chosen]]] = True
+        active = still.nonzero()[0]
 
 
 def _best_paid_swap(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
-    bits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    bits: tuple[np.ndarray, np.ndarray],
     heavy: np.ndarray,
     partner: np.ndarray,
     left: np.ndarray,
@@ -148,8 +162,8 @@ def _best_paid_swap(
 
     Args:
         slots, weight: int64 / float64 [B * R, S]; loads: float64 [B * R].
-        bits: :func:`expert_bits` of what every rank holds now and held before, and
-            :func:`received_slots` of ``slots`` (bool [B * R, S]).
+        bits: :func:`swap_codes` of what every rank holds now and held before, and
+            :func:`received_codes` of ``slots`` (bool [B * R, S]).
         heavy: int64 [A], flat ids of the heavy ranks; partner: int64 [A, M], their partners
             (no rank in two of these).
         left: int64 [A], transfers each heavy rank's swap may spend.
@@ -186,61 +200,56 @@ def _best_paid_swap_block(
     slots: np.ndarray,
     weight: np.ndarray,
     loads: np.ndarray,
-    bits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    bits: tuple[np.ndarray, np.ndarray],
     heavy: np.ndarray,
     partner: np.ndarray,
     left: np.ndarray,
     work: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
     """:func:`_best_paid_swap` for one block of heavy ranks (same arguments and result)."""
-    rows = heavy.size
-    r_idx = np.arange(rows)
+    rows, many = partner.shape
+    per_rank = slots.shape[1]
     heavy_load = loads[heavy]
     heavy_x, part_x = slots[heavy], slots[partner]  # [A, S], [A, M, S]
-    per_rank = heavy_x.shape[1]
     # Candidate swaps as [A, S, M, S] (heavy slot, partner, partner slot), in ``work``.
-    shape = (rows, per_rank, partner.shape[1], per_rank)
-    delta = work[0, : rows * per_rank * partner.shape[1] * per_rank].reshape(shape)
-    gain = work[1, : delta.size].reshape(shape)
+    shape = (rows, per_rank, many, per_rank)
+    size = rows * per_rank * many * per_rank
+    delta, gain = work[0, :size].reshape(shape), work[1, :size].reshape(shape)
     np.subtract(weight[heavy][:, :, None, None], weight[partner][:, None, :, :], out=delta)
+    # Broadcasting along the short last axis runs numpy's inner loop S elements at a time: in
+    # large blocks the operands that vary per partner, not per partner slot, are first
+    # repeated over the slots (the same differences and sums, about half the time).
+    wide = size >= WIDE_CANDIDATES
     # Gain = heavy load - max(heavy load - delta, partner load + delta).
-    np.subtract((heavy_load[:, None] - loads[partner])[:, None, :, None], delta, out=gain)
+    gap = (heavy_load[:, None] - loads[partner])[:, None, :, None]  # [A, 1, M, 1]
+    np.subtract(gap.repeat(per_rank, 3) if wide else gap, delta, out=gain)
     np.minimum(delta, gain, out=gain)
     # Transfers: x received by the partner (unless it held x before) minus the one it had cost
     # the heavy rank, and likewise for y going the other way; each side is -1, 0 or 1, or
-    # "never" for a swap that would put an expert twice on one rank (or a rank with itself).
-    held, held_before, fresh = bits
-    x_now, x_before = has_expert_in((held, held_before), partner[:, None, :], heavy_x[:, :, None])
-    y_now, y_before = has_expert_in((held, held_before), heavy[:, None, None], part_x)
-    x_placed = (heavy_x >= 0)[:, :, None]
-    y_placed = part_x >= 0
-    # "Did not hold it before" per side, as 0/1 (an empty slot is never a transfer).
-    x_side = np.subtract(
-        ~x_before & x_placed,
-        fresh[heavy][:, :, None],
-        dtype=np.float64,
-    )  # [A, S, M]
-    y_side = np.subtract(
-        ~y_before & y_placed,
-        fresh[partner],
-        dtype=np.float64,
-    )  # [A, M, S]
-    x_side[x_now | (partner == heavy[:, None])[:, None, :]] = np.inf
-    y_side[y_now] = np.inf
+    # "never" for a swap that would put an expert twice on one rank (a rank swapping with
+    # itself too: it holds both experts, or both slots are empty and the gain is 0). An empty
+    # slot is never a transfer (code 2: "held before").
+    codes, fresh = bits
+    x_code = code_of(codes, partner[:, None, :], heavy_x[:, :, None])  # [A, S, M]
+    y_code = code_of(codes, heavy[:, None, None], part_x)  # [A, M, S]
+    x_side = _SIDE_COST[x_code] - fresh[heavy][:, :, None]
+    y_side = _SIDE_COST[y_code] - fresh[partner]
     # Score = gain / max(cost, 1/4) (exact: the divisor is 1/4, 1 or 2), 0 where a side is
     # not allowed (+inf) or the swap is over budget. Every allowed swap costs at most 2, so only
     # rows with less left need a budget mask.
-    cost = np.add(x_side[:, :, :, None], y_side[:, None, :, :], out=delta)  # [A, S, M, S]
-    tight = np.flatnonzero(left < 2)
+    x_at = x_side[:, :, :, None]
+    cost = np.add(x_at.repeat(per_rank, 3) if wide else x_at, y_side[:, None], out=delta)
+    tight = (left < 2).nonzero()[0]
     over = cost[tight] > left[tight, None, None, None] if tight.size else None
     np.maximum(cost, _FREE_SWAP_COST, out=cost)
     score = np.divide(gain, cost, out=cost).reshape(rows, -1)
     if over is not None:
         score[tight] = np.where(over.reshape(tight.size, -1), 0.0, score[tight])
     best = score.argmax(1)
-    chosen = gain.reshape(rows, -1)[r_idx, best]
-    improved = (score[r_idx, best] > 0) & (chosen > heavy_load * 1e-12)
-    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, partner.shape[1], per_rank))
+    at = np.arange(0, size, per_rank * many * per_rank) + best  # flat index of each best
+    improved = (score.ravel()[at] > 0) & (gain.ravel()[at] > heavy_load * 1e-12)
+    h_slot, p_idx, p_slot = np.unravel_index(best, (per_rank, many, per_rank))
+    r_idx = np.arange(rows)
     spent = x_side[r_idx, h_slot, p_idx] + y_side[r_idx, p_idx, p_slot]
     return (
         improved,
@@ -250,6 +259,12 @@ def _best_paid_swap_block(
         p_slot,
         np.where(improved, spent, 0.0).astype(np.int64),
     )
+
+
+def received_codes(codes: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """bool [N, S]: slots of ``slots`` (int64 [N, S]) holding an expert that row n did not
+    hold before, by ``codes`` (:func:`swap_codes`; an empty slot: never)."""
+    return code_of(codes, np.arange(slots.shape[0])[:, None], slots) < 2
 
 
 def received_slots(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
@@ -276,7 +291,11 @@ def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
 
 def any_slot(mask: np.ndarray) -> np.ndarray:
     """bool [...]: ``mask`` bool [..., S] or-ed over its last axis, column by column (several
-    times faster than ``any`` over a short axis)."""
+    times faster than ``any`` over a short axis), or by one reduction where the result is small
+    and S >= 4 (then the S column passes cost more than the reduction's fixed cost)."""
+    per_rank = mask.shape[-1]
+    if per_rank >= 4 and mask.size <= ANY_REDUCE_SLOTS * per_rank**2:
+        return np.logical_or.reduce(mask, axis=-1)
     out = mask[..., 0].copy()
     for column in range(1, mask.shape[-1]):
         out |= mask[..., column]
@@ -284,12 +303,25 @@ def any_slot(mask: np.ndarray) -> np.ndarray:
 
 
 def slot_sum(values: np.ndarray) -> np.ndarray:
-    """float64 [...]: ``values`` float64 [..., S] summed over its last axis. With S < 8 as
-    column adds (numpy's own order there: the same sums), several times faster than a
-    reduction over a short axis; numpy's pairwise sum from 8."""
-    if values.shape[-1] >= 8:
+    """float64 [...]: ``values`` float64 [..., S] summed over its last axis, as column adds in
+    numpy's own order (the same sums), several times faster than a reduction over a short
+    axis: one after another below 8; from 8 (to 128, C-contiguous, ``SUM_COLUMNS`` sums or
+    more) numpy's pairwise order, eight running sums folded in pairs, then the columns past a
+    multiple of 8; else numpy's sum."""
+    per_rank = values.shape[-1]
+    if per_rank < 8:
+        out = values[..., 0].copy()
+        for column in range(1, per_rank):
+            out += values[..., column]
+        return out
+    if per_rank > 128 or values.size < SUM_COLUMNS * per_rank or not values.flags.c_contiguous:
         return values.sum(-1)
-    out = values[..., 0].copy()
-    for column in range(1, values.shape[-1]):
+    part = [values[..., column] for column in range(8)]
+    whole = per_rank - per_rank % 8
+    for column in range(8, whole):
+        part[column % 8] = part[column % 8] + values[..., column]
+    out = (part[0] + part[1]) + (part[2] + part[3])
+    out += (part[4] + part[5]) + (part[6] + part[7])
+    for column in range(whole, per_rank):
         out += values[..., column]
     return out
