@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from elastic_ep.eplb import repair_swaps
-from elastic_ep.eplb.expert_bits import before_codes, expert_bits, has_expert, swap_codes
+from elastic_ep.eplb.expert_bits import before_codes, swap_codes
 from elastic_ep.eplb.repair_swaps import (
     _best_paid_swap,
     _block_rows,
@@ -99,14 +99,3 @@ def test_best_paid_swap_matches_reference(seed, monkeypatch):
 def _dupes(row: np.ndarray) -> np.ndarray:
     """bool [S]: entries of ``row`` equal to an earlier one."""
     return np.array([row[i] >= 0 and row[i] in row[:i] for i in range(row.size)])
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_expert_bits_membership(seed):
-    rng = np.random.default_rng(seed)
-    experts = int(rng.integers(8, 300))
-    slots = _rank_slots(rng, 50, int(rng.integers(1, 8)), experts)
-    bits = expert_bits(slots, experts)
-    every = np.arange(-1, experts)
-    got = has_expert(bits, np.arange(50)[:, None], every[None, :])
-    assert np.array_equal(got, _holds(slots, np.arange(50)[:, None], every[None, :]))

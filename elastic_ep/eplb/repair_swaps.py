@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elastic_ep.eplb.expert_bits import before_codes, code_of, has_expert, swap_codes, trade_codes
+from elastic_ep.eplb.expert_bits import before_codes, code_of, swap_codes, trade_codes
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
@@ -265,19 +265,6 @@ def received_codes(codes: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """bool [N, S]: slots of ``slots`` (int64 [N, S]) holding an expert that row n did not
     hold before, by ``codes`` (:func:`swap_codes`; an empty slot: never)."""
     return code_of(codes, np.arange(slots.shape[0])[:, None], slots) < 2
-
-
-def received_slots(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
-    """bool [N, S]: slots of ``slots`` (int64 [N, S]) holding an expert that row n of
-    ``before`` (:func:`expert_bits`, uint64 [N, W]) does not hold."""
-    rank = np.arange(slots.shape[0])[:, None]
-    return (slots >= 0) & ~has_expert(before, rank, slots)
-
-
-def received_by_bits(slots: np.ndarray, before: np.ndarray) -> np.ndarray:
-    """int64 [N]: experts in each row of ``slots`` (int64 [N, S]) that row n of ``before``
-    (:func:`expert_bits`, uint64 [N, W]) does not hold."""
-    return received_slots(slots, before).sum(1)
 
 
 def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
