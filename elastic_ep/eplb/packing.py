@@ -98,6 +98,28 @@ def pack_rounds(
         weight: float64 [B, R*S], the load of every item.
         num_ranks: R.
     """
+    rows = items.shape[0]
+    slots, slot_weight, rank_load = _deal(items, weight, num_ranks)
+    return (
+        _rank_major(slots, rows, num_ranks, np.int64),
+        _rank_major(slot_weight, rows, num_ranks, np.float64),
+        rank_load.reshape(rows, num_ranks),
+    )
+
+
+def _rank_major(table: np.ndarray, rows: int, ranks: int, dtype: type) -> np.ndarray:
+    """[B, R, S] of ``dtype``: a slot-major ``table`` [S, B * R] (see :func:`_deal`) as a
+    contiguous copy."""
+    return np.ascontiguousarray(table.T, dtype=dtype).reshape(rows, ranks, -1)
+
+
+def _deal(
+    items: np.ndarray, weight: np.ndarray, num_ranks: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pack_rounds` in the slot-major layout the swaps use: expert per slot [S, B * R]
+    (int16 where R * S < 2^15, else int64: narrower ids compare faster), load per slot float64
+    [S, B * R] (slot s of rank r of row b at [s, b * R + r]) and load per rank float64
+    [B * R]."""
     rows, num_items = items.shape
     per_rank = num_items // num_ranks
     chunks = items.reshape(rows, per_rank, num_ranks)
@@ -123,20 +145,20 @@ def pack_rounds(
             _avoid_second_replica(keys, by_item, straddle)
         order = targets[:, k] = keys & low
         loads = (keys & load_bits).view(np.float64) + weights[:, k]
-    # Each item's cell in [B, R, S]: (row * R + rank) * S + round.
-    flat = np.multiply(targets, per_rank, out=targets)
-    flat += (np.arange(rows) * num_items)[:, None, None] + np.arange(per_rank)[:, None]
-    slots = np.empty(items.size, dtype=np.int64)
-    slots[flat.ravel()] = chunks.ravel()
-    slot_weight = np.empty(items.size)
-    slot_weight[flat.ravel()] = weights.ravel()
-    shape = (rows, num_ranks, per_rank)
-    slot_weight = slot_weight.reshape(shape)
+    # Each item's cell in [S, B * R]: round * B * R + row * R + rank.
+    targets += (np.arange(rows) * num_ranks)[:, None, None] + (
+        np.arange(per_rank) * (rows * num_ranks)
+    )[:, None]
+    ids = np.int16 if num_items < 2**15 else np.int64
+    slots = np.empty((per_rank, rows * num_ranks), dtype=ids)
+    slots.reshape(-1)[targets.ravel()] = chunks.ravel()
+    slot_weight = np.empty((per_rank, rows * num_ranks))
+    slot_weight.reshape(-1)[targets.ravel()] = weights.ravel()
     # Exact rank loads, summed round by round.
-    rank_load = slot_weight[:, :, 0].copy()
+    rank_load = slot_weight[0].copy()
     for k in range(1, per_rank):
-        rank_load += slot_weight[:, :, k]
-    return slots.reshape(shape), slot_weight, rank_load
+        rank_load += slot_weight[k]
+    return slots, slot_weight, rank_load
 
 
 class _Straddle(NamedTuple):
@@ -247,8 +269,13 @@ def improve_by_swaps(
     flat_weight = weight.reshape(-1, per_rank)
     # [B * R], kept up to date by the swaps
     loads = flat_weight.sum(1) if loads is None else loads.reshape(-1)
-    if pairs is not None:
-        _pair_swaps(flat_slots, flat_weight, loads, ranks, min(pairs, ranks // 2), max_steps, floor)
+    if pairs is not None:  # in the slot-major layout of the rounds, then back
+        by_slot, by_slot_weight = flat_slots.T.copy(), flat_weight.T.copy()
+        _pair_swaps(
+            by_slot, by_slot_weight, loads, ranks, min(pairs, ranks // 2), max_steps, floor
+        )
+        flat_slots[...] = by_slot.T
+        flat_weight[...] = by_slot_weight.T
         return
     num_experts = int(flat_slots.max()) + 1
     cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
@@ -285,54 +312,64 @@ def _pair_swaps(
     max_steps: int,
     floor: np.ndarray | None,
 ) -> None:
-    """:func:`improve_by_swaps` with ``pairs`` rank pairs per step, on the flat ``slots`` int64
-    / ``weight`` float64 [B * R, S] and ``loads`` float64 [B * R] (all modified in place).
+    """:func:`improve_by_swaps` with ``pairs`` rank pairs per step, on the slot-major ``slots``
+    (signed integers) / ``weight`` float64 [S, B * R] (see :func:`_deal`) and ``loads``
+    float64 [B * R] (all modified in place).
 
-    A pair whose best swap does not improve it swaps a cell with itself (a no-op), so that
-    every pair of a step is applied by the same few whole-array operations.
+    The pairs are the last axis of every per-step array ([S, n], [S, S, n] for n pairs): numpy
+    runs its inner loops along it, many times faster than along an axis of S. A pair whose best
+    swap does not improve it swaps a cell with itself (a no-op), so that every pair of a step
+    is applied by the same few whole-array operations.
     """
-    per_rank = slots.shape[1]
+    per_rank, width = slots.shape
     cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
     by_row = loads.reshape(-1, ranks)
-    active = np.arange(by_row.shape[0])
-    cols = int(slots.max()) + 2  # columns of the table below: experts + 1
-    # Row offsets of that table, +1 for the empty slot's column 0: [n, 1] for n = B * k pairs,
-    # sliced to the pairs of each step.
-    table_row = (np.arange(2 * by_row.shape[0] * pairs) * cols + 1)[:, None]
+    rows = by_row.shape[0]
+    active = np.arange(rows)
+    low = (1 << max(1, (ranks - 1).bit_length())) - 1
+    rank_ids = np.arange(ranks)
+    # Columns of the ranks sorted by load: the k heaviest, heaviest first, then the k lightest.
+    ends = np.concatenate((np.arange(ranks - 1, ranks - 1 - pairs, -1), np.arange(pairs)))
+    column = np.arange(rows * pairs)
     for _ in range(max_steps):
         if floor is not None:
             active = active[by_row[active].max(1) > floor[active]]
         if active.size == 0:
             return
-        first = (active * ranks)[:, None]
-        by_load = ascending_order(by_row[active]) + first  # [A, R]
-        heavy = by_load[:, : -pairs - 1 : -1].ravel()  # [A * k], heaviest first
-        light = by_load[:, :pairs].ravel()  # its counterpart among the lightest
-        heavy_row, light_row = table_row[: heavy.size], table_row[heavy.size : 2 * heavy.size]
-        heavy_x, light_x = slots[heavy], slots[light]  # [n, S]
-        heavy_load = loads[heavy]
-        half_gap = 0.5 * (heavy_load - loads[light])  # [n]
-        # What each rank of a pair holds, as a bool table with a row per rank and a column per
-        # expert + 1 (column 0: an empty slot): row i of heavy rank i, row n + i of its partner.
-        held = np.zeros(2 * heavy.size * cols, dtype=bool)
-        held[heavy_x + heavy_row] = True
-        held[light_x + light_row] = True
+        # Ranks by load, lightest first (``ascending_order``).
+        keys = (by_row if active.size == rows else by_row[active]).view(np.int64) & ~low
+        keys |= rank_ids
+        keys.sort(axis=1)
+        pair = keys.T.take(ends, axis=0)  # [2k, A]
+        pair &= low
+        pair += active * ranks
+        n = active.size * pairs
+        pair = pair.reshape(2, n)  # heavy ranks, then their light partners, pair-major
+        heavy, light = pair[0], pair[1]
+        # [S, 2n]: the heavy ranks' items, then the light ones' (``take``: a C-ordered result)
+        held = slots.take(pair.reshape(-1), axis=1)
+        pair_load = loads[pair]
+        heavy_load = pair_load[0]
+        half_gap = 0.5 * (heavy_load - pair_load[1])  # [n]
+        heavy_x, light_x = held[:, :n], held[:, n:]
+        # Whether heavy item i and light item j are the same expert (or both empty): [S, S, n].
+        same = heavy_x[:, None, :] == light_x[None, :, :]
         # A swap moving d = (heavy item - light item) leaves max(H - d, P + d)
         # = (H + P) / 2 + |d - c| with c the half gap: the best minimises |d - c|. A heavy
         # item the light rank holds weighs -inf, a light item the heavy rank holds +inf:
         # |d - c| is then inf and the swap never wins.
-        heavy_w = np.where(held[heavy_x + light_row], -np.inf, weight[heavy] - half_gap[:, None])
-        light_w = np.where(held[light_x + heavy_row] & (light_x >= 0), np.inf, weight[light])
-        distance = np.subtract(heavy_w[:, :, None], light_w[:, None, :])  # [n, S, S]
+        both_w = weight.take(pair.reshape(-1), axis=1)
+        heavy_w = np.where(same.any(1), -np.inf, both_w[:, :n] - half_gap)
+        light_w = np.where(same.any(0) & (light_x >= 0), np.inf, both_w[:, n:])
+        distance = np.subtract(heavy_w[:, None, :], light_w[None, :, :]).reshape(-1, n)
         np.abs(distance, out=distance)
-        flat = distance.reshape(heavy.size, -1)
-        best = flat.argmin(1)
-        chosen = flat[np.arange(heavy.size), best]
+        best = distance.argmin(0)  # heavy slot * S + light slot
+        chosen = distance[best, column[:n]]
         # The new larger load of the pair, H - c + |d - c|, must be below H.
         improved = heavy_load - half_gap + chosen < heavy_load * (1 - 1e-12)
         h_slot, l_slot = np.divmod(best, per_rank)
-        h_cell = heavy * per_rank + h_slot
-        l_cell = np.where(improved, light * per_rank + l_slot, h_cell)  # else: a no-op
+        h_cell = h_slot * width + heavy
+        l_cell = np.where(improved, l_slot * width + light, h_cell)  # else: a no-op
         moved = cells[1][h_cell] - cells[1][l_cell]
         loads[heavy] -= moved
         loads[light] += moved
@@ -342,7 +379,7 @@ def _pair_swaps(
             table[l_cell] = values
         # A row whose heaviest rank found no swap keeps its heaviest rank: its pair (with the
         # lightest rank) is the same next step, the other pairs only lower their heavy ranks.
-        active = active[improved[::pairs]]
+        active = active[improved[: active.size]]
 
 
 def _best_swaps(
@@ -439,9 +476,8 @@ def static_slots(
         # exchange two ranks' loads
         return sorted_items(counts, per_replica, num_ranks).reshape(-1, num_ranks, 1)
     items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
-    slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
-    pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
-    improve_by_swaps(
-        slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load, floor=floor
-    )
-    return slots
+    slots, slot_weight, rank_load = _deal(items, weight, num_ranks)
+    if num_ranks > 1:
+        pairs = min(max(1, _SWAP_PAIR_BUDGET // load.shape[0]), num_ranks // 2)
+        _pair_swaps(slots, slot_weight, rank_load, num_ranks, pairs, swap_steps, floor)
+    return _rank_major(slots, load.shape[0], num_ranks, np.int64)
