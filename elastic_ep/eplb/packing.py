@@ -322,7 +322,7 @@ def _pair_swaps(
     is applied by the same few whole-array operations.
     """
     per_rank, width = slots.shape
-    cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
+    flat_slots, flat_weight = slots.reshape(-1), weight.reshape(-1)  # swaps index single cells
     by_row = loads.reshape(-1, ranks)
     rows = by_row.shape[0]
     active = np.arange(rows)
@@ -331,13 +331,19 @@ def _pair_swaps(
     # Columns of the ranks sorted by load: the k heaviest, heaviest first, then the k lightest.
     ends = np.concatenate((np.arange(ranks - 1, ranks - 1 - pairs, -1), np.arange(pairs)))
     column = np.arange(rows * pairs)
+    # Offsets of the cells of a swap (heavy slot * S + light slot) from its ranks' columns:
+    # [2, S * S], the heavy slot's row, then the light slot's.
+    offsets = np.stack(np.divmod(np.arange(per_rank * per_rank), per_rank)) * width
+    # Non-negative floats order like their bit patterns: integer maxima and comparisons.
+    bits = by_row.view(np.int64)
+    floor_bits = None if floor is None else floor.view(np.int64)
     for _ in range(max_steps):
-        if floor is not None:
-            active = active[by_row[active].max(1) > floor[active]]
+        if floor_bits is not None:
+            active = active[bits[active].max(1) > floor_bits[active]]
         if active.size == 0:
             return
         # Ranks by load, lightest first (``ascending_order``).
-        keys = (by_row if active.size == rows else by_row[active]).view(np.int64) & ~low
+        keys = (bits if active.size == rows else bits[active]) & ~low
         keys |= rank_ids
         keys.sort(axis=1)
         pair = keys.T.take(ends, axis=0)  # [2k, A]
@@ -348,7 +354,7 @@ def _pair_swaps(
         heavy, light = pair[0], pair[1]
         # [S, 2n]: the heavy ranks' items, then the light ones' (``take``: a C-ordered result)
         held = slots.take(pair.reshape(-1), axis=1)
-        pair_load = loads[pair]
+        pair_load = loads.take(pair)
         heavy_load = pair_load[0]
         half_gap = 0.5 * (heavy_load - pair_load[1])  # [n]
         heavy_x, light_x = held[:, :n], held[:, n:]
@@ -367,16 +373,17 @@ def _pair_swaps(
         chosen = distance[best, column[:n]]
         # The new larger load of the pair, H - c + |d - c|, must be below H.
         improved = heavy_load - half_gap + chosen < heavy_load * (1 - 1e-12)
-        h_slot, l_slot = np.divmod(best, per_rank)
-        h_cell = h_slot * width + heavy
-        l_cell = np.where(improved, l_slot * width + light, h_cell)  # else: a no-op
-        moved = cells[1][h_cell] - cells[1][l_cell]
+        cell = offsets.take(best, axis=1)  # [2, n]: the heavy cell, then the light one
+        cell += pair
+        cell[1] = np.where(improved, cell[1], cell[0])  # else: a no-op
+        # The swap: the cells [heavy, light] take the values of [light, heavy].
+        target, source = cell.reshape(-1), cell[::-1].reshape(-1)
+        values = flat_weight.take(source)
+        moved = values[n:] - values[:n]
         loads[heavy] -= moved
         loads[light] += moved
-        for table in cells:
-            values = table[h_cell]
-            table[h_cell] = table[l_cell]
-            table[l_cell] = values
+        flat_weight[target] = values
+        flat_slots[target] = flat_slots.take(source)
         # A row whose heaviest rank found no swap keeps its heaviest rank: its pair (with the
         # lightest rank) is the same next step, the other pairs only lower their heavy ranks.
         active = active[improved[: active.size]]
