@@ -41,7 +41,7 @@ def sorted_replicas(
     rows = counts.shape[0]
     order, flat, repeats = _by_weight(counts, per_replica)
     items = _padded(np.repeat(order, repeats), rows, num_items, -1)
-    weight = _padded(np.repeat(per_replica.ravel()[flat], repeats), rows, num_items, 0.0)
+    weight = _padded(np.repeat(per_replica.take(flat), repeats), rows, num_items, 0.0)
     return items, weight
 
 
@@ -60,7 +60,7 @@ def _by_weight(
     rows, num_experts = counts.shape
     order = descending_order(per_replica)
     flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
-    return order.ravel(), flat, counts.ravel()[flat]
+    return order.ravel(), flat, counts.take(flat)
 
 
 def _padded(flat: np.ndarray, rows: int, num_items: int, fill: float) -> np.ndarray:
@@ -133,32 +133,34 @@ def _deal(
     # loads without indexing; the loads are read back from the sorted keys, which drop their
     # last log2(R) bits (below any load difference that the sort sees).
     order = targets[:, 0] = np.arange(num_ranks)
-    loads = weights[:, 0]
+    # One array, in place: the rank loads (float64) in the order of the last round's items,
+    # then their keys (int64), sorted.
+    loads = weights[:, 0].copy()
+    keys = loads.view(np.int64)
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
-        keys = (loads.view(np.int64) & ~low) | order
+        keys &= ~low
+        keys |= order
         if straddle is None:
             keys.sort(axis=1)
         else:  # the straddling rows' keys in the previous round's item order, then the sort
             by_item = keys[straddle.rows]
             keys.sort(axis=1)
             _avoid_second_replica(keys, by_item, straddle)
-        order = targets[:, k] = keys & low
-        loads = (keys & load_bits).view(np.float64) + weights[:, k]
+        order = np.bitwise_and(keys, low, out=targets[:, k])
+        keys &= load_bits
+        loads += weights[:, k]
     # Each item's cell in [S, B * R]: round * B * R + row * R + rank.
     targets += (np.arange(rows) * num_ranks)[:, None, None] + (
         np.arange(per_rank) * (rows * num_ranks)
     )[:, None]
     ids = np.int16 if num_items < 2**15 else np.int64
     slots = np.empty((per_rank, rows * num_ranks), dtype=ids)
-    slots.reshape(-1)[targets.ravel()] = chunks.ravel()
+    slots.reshape(-1)[targets.ravel()] = chunks.reshape(-1).astype(ids)  # faster cast first
     slot_weight = np.empty((per_rank, rows * num_ranks))
     slot_weight.reshape(-1)[targets.ravel()] = weights.ravel()
-    # Exact rank loads, summed round by round.
-    rank_load = slot_weight[0].copy()
-    for k in range(1, per_rank):
-        rank_load += slot_weight[k]
-    return slots, slot_weight, rank_load
+    # Exact rank loads, summed round by round (a sum over the leading axis adds row by row).
+    return slots, slot_weight, slot_weight.sum(0)
 
 
 class _Straddle(NamedTuple):

@@ -206,7 +206,7 @@ def _largest(
     if width > _PARTITION_FROM and (wanted == wanted[0]).all():
         cutoff = np.partition(keys, width - wanted[0], axis=1)[:, width - wanted[0], None]
     else:
-        cutoff = np.take_along_axis(np.sort(keys, axis=1), (width - wanted)[:, None], axis=1)
+        cutoff = np.sort(keys, axis=1)[np.arange(keys.shape[0]), width - wanted][:, None]
     cutoff = cutoff.view(np.float64)
     chosen = priority > cutoff
     tied = priority == cutoff
