@@ -76,11 +76,9 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     weight = np.zeros((layers, experts + 1))
     weight[:, 1:] = load
     weight = weight.ravel()
-    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
     equal = weight / np.maximum(count, 1)  # a replica's load under the equal split
-    slot_load = equal.take(group_of)
-    rank_load = _sum_slots(slot_load.reshape(layers, ranks, per_rank))
-    problem = _movable(group_of, rank_load, (weight, count, total_units, equal), slot_load)
+    rank_load = _sum_slots(equal.take(group_of).reshape(layers, ranks, per_rank))
+    problem = _movable(group_of, rank_load, (weight, count, equal), max_units)
     if problem is None:
         return units
     above, loads, peak = _diffuse(problem)
@@ -159,8 +157,8 @@ class _Problem:
 def _movable(
     group_of: np.ndarray,
     rank_load: np.ndarray,
-    per_group: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    scratch: np.ndarray,
+    per_group: tuple[np.ndarray, np.ndarray, np.ndarray],
+    max_units: int,
 ) -> _Problem | None:
     """The slots whose share may move (the others keep the equal split), ``None`` if none.
 
@@ -177,21 +175,26 @@ def _movable(
     Args:
         group_of: int64 [L * R * S] each slot's group (layer * (E + 1) + expert + 1).
         rank_load: float64 [L, R] rank loads under the equal split.
-        per_group: load, replicas, units to use and a replica's load under the equal split,
-            each [L * (E + 1)].
-        scratch: float64 [L * R * S], overwritten.
+        per_group: load, replicas and a replica's load under the equal split, each
+            [L * (E + 1)].
+        max_units: most units one expert may have.
     """
-    weight, count, total_units, equal = per_group
+    weight, count, equal = per_group
     layers, ranks = rank_load.shape
-    per_rank = scratch.size // rank_load.size
-    movable = (count >= 2) & (total_units >= MIN_UNITS_PER_REPLICA * count) & (weight > 0)
-    unit = weight / np.maximum(total_units, 1)  # load of one routing unit
+    per_rank = group_of.size // rank_load.size
+    # min(max_units, UNITS_PER_REPLICA * k) >= MIN_UNITS_PER_REPLICA * k: k <= max_units / MIN.
+    movable = (count >= 2) & (count <= max_units // MIN_UNITS_PER_REPLICA) & (weight > 0)
+    # The load of one routing unit, where movable (few groups: the rest stay 0).
+    multi = np.flatnonzero(movable)
+    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count.take(multi))
+    unit = np.zeros(count.size)
+    unit[multi] = weight.take(multi) / total_units
     mean, peak = rank_load.sum(1) / ranks, rank_load.max(1)
     on_peak = group_of.reshape(layers, ranks, per_rank)[np.arange(layers), rank_load.argmax(1)]
     # The room must exceed a relative MIN_GAIN and one unit of the heaviest rank's coarsest
     # movable replica (rounding moves a rank by up to a unit of each replica it holds: a
     # smaller room would be lost again); 0 where it holds none (it cannot fall).
-    least = np.where(movable[on_peak], unit[on_peak], 0.0).max(1)
+    least = unit.take(on_peak).max(1)
     spread = peak - mean
     # The room is at most peak - mean: this bound alone rules most layers that cannot gain out.
     able = spread > np.maximum(least, MIN_GAIN * peak)
@@ -204,25 +207,35 @@ def _movable(
     on_heavy = group_of.reshape(-1, per_rank).compress(heavy.ravel(), axis=0)
     candidate = np.bincount(on_heavy.ravel(), minlength=count.size) > 0
     candidate &= movable
-    # Passes over all slots (a zero for the others) cost less than gathering the movable ones;
-    # into ``scratch``: a fresh array as large costs page faults (``clip``: ``raise`` buffers).
-    np.take(np.where(candidate, equal - unit, 0.0), group_of, out=scratch, mode="clip")
-    floor = rank_load - _sum_slots(scratch.reshape(layers, ranks, per_rank))
+    slot = np.flatnonzero(candidate.take(group_of))
+    group = group_of.take(slot)
+    # Each rank's least load: its load less what its movable replicas hold above one unit
+    # (summed in slot order, as a pass over all slots with zeros for the others would).
+    floor = rank_load - np.bincount(
+        slot // per_rank, weights=(equal - unit).take(group), minlength=rank_load.size
+    ).reshape(layers, ranks)
     gains = peak - np.maximum(floor.max(1), mean) > np.maximum(least, MIN_GAIN * peak)
     if not gains.any():
         return None
     if not gains.all():
         candidate.reshape(layers, -1)[~gains] = False
+        keep = gains.take(slot // (ranks * per_rank))
+        slot, group = slot[keep], group[keep]
         # Layers that do not gain keep their equal split's loads (their slots do not move).
         floor = np.where(gains[:, None], floor, rank_load)
-    slot = np.flatnonzero(candidate.take(group_of))
     # The groups with a movable slot, renumbered 0.. in their order: per-group arrays as long
     # as those groups, not all L * (E + 1) (far more where few slots move).
     kept = np.flatnonzero(candidate)
     dense = np.empty(count.size, dtype=np.int64)
     dense[kept] = np.arange(kept.size)
-    kept_groups = (weight[kept], count[kept], total_units[kept], unit[kept])
-    return _Problem(slot, dense.take(group_of.take(slot)), kept_groups, floor, peak, per_rank)
+    kept_count = count.take(kept)
+    kept_groups = (
+        weight.take(kept),
+        kept_count,
+        np.minimum(max_units, UNITS_PER_REPLICA * kept_count),
+        unit.take(kept),
+    )
+    return _Problem(slot, dense.take(group), kept_groups, floor, peak, per_rank)
 
 
 def _diffuse(problem: _Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
