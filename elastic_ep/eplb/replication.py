@@ -23,7 +23,8 @@ from collections.abc import Callable
 import numpy as np
 
 _PARTITION_FROM = 4096  # candidates per row from which a partition beats the integer sort
-_WINDOW_FROM = 5  # candidates per expert (plain bound) from which the window is used
+_WINDOW_FROM = 6  # candidates per expert (plain bound) above which the window is used
+# (16 experts per row x 752 rows, 85 candidates each: the plain bound 310 us, the window 475 us)
 _CAP_ROUNDS = 3  # refinements of the set of experts at their replica cap
 _ROUNDING = 1e-9  # relative margin of the window's ends against rounding
 _NARROW = 6.0  # standard deviations of the rounding kept on either side of the estimate
@@ -176,17 +177,20 @@ def _bounded_extras(load: np.ndarray, extra: int, cap: int) -> np.ndarray:
     rows, num_experts = load.shape
     contenders = min(extra, num_experts)
     heaviest = descending_order(load)[:, :contenders] + np.arange(rows)[:, None] * num_experts
-    top = load.ravel()[heaviest]  # [B, contenders], heaviest first
+    top = load.take(heaviest)  # [B, contenders], heaviest first
     # Candidate (i, k): the k-th extra replica of the expert of load rank i, grouped by i.
     per_expert = np.minimum(extra // np.arange(1, contenders + 1), cap)
     rank_of = np.repeat(np.arange(contenders), per_expert)
     starts = np.cumsum(per_expert) - per_expert
     kth = np.arange(rank_of.size) - starts[rank_of] + 1
-    priority = top[:, rank_of] / kth  # [B, C]; falls with k and with i
+    # [B, C]; falls with k and with i (``take``: a C-ordered gather, faster than [:, rank_of])
+    priority = top.take(rank_of, axis=1) / kth
     chosen = _largest(
         priority, np.full(rows, extra), lambda: kth * rank_of.size + np.arange(rank_of.size)
     )
-    extras = np.bincount(heaviest[:, rank_of][chosen], minlength=rows * num_experts)
+    # ``compress``: several times faster than a boolean index.
+    target = heaviest.take(rank_of, axis=1).compress(chosen.reshape(-1))
+    extras = np.bincount(target, minlength=rows * num_experts)
     return extras.reshape(rows, num_experts)
 
 
@@ -206,7 +210,17 @@ def _largest(
     if width > _PARTITION_FROM and (wanted == wanted[0]).all():
         cutoff = np.partition(keys, width - wanted[0], axis=1)[:, width - wanted[0], None]
     else:
-        cutoff = np.sort(keys, axis=1)[np.arange(keys.shape[0]), width - wanted][:, None]
+        ordered = np.sort(keys, axis=1)
+        row, at = np.arange(keys.shape[0]), width - wanted
+        cutoff = ordered[row, at][:, None]
+        # Where no row has another priority equal to its cutoff (its sorted neighbours differ),
+        # the priorities at or above the cutoff are exactly the wanted ones.
+        below = ordered[row, np.maximum(at - 1, 0)]
+        above = ordered[row, np.minimum(at + 1, width - 1)]
+        if ((below < cutoff[:, 0]) | (at == 0)).all() and (
+            (above > cutoff[:, 0]) | (at == width - 1)
+        ).all():
+            return priority >= cutoff.view(np.float64)
     cutoff = cutoff.view(np.float64)
     chosen = priority > cutoff
     tied = priority == cutoff
