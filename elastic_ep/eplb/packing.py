@@ -127,12 +127,14 @@ def _deal(
     bits = max(1, (num_ranks - 1).bit_length())
     low = np.int64((1 << bits) - 1)
     load_bits = ~low & ~_SIGN  # a key's load, without the sign bit the straddle sort may set
-    targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
+    # Round-major, so that a round's targets are contiguous (strided [B, R] operands run R-long
+    # inner loops).
+    targets = np.empty((per_rank, rows, num_ranks), dtype=np.int64)
     # The ranks in the order of the last round's items (round 0 meets ranks of equal, zero
     # load: rank id order) and their loads in that order, so that a round adds its items'
     # loads without indexing; the loads are read back from the sorted keys, which drop their
     # last log2(R) bits (below any load difference that the sort sees).
-    order = targets[:, 0] = np.arange(num_ranks)
+    order = targets[0] = np.arange(num_ranks)
     # One array, in place: the rank loads (float64) in the order of the last round's items,
     # then their keys (int64), sorted.
     loads = weights[:, 0].copy()
@@ -147,18 +149,19 @@ def _deal(
             by_item = keys[straddle.rows]
             keys.sort(axis=1)
             _avoid_second_replica(keys, by_item, straddle)
-        order = np.bitwise_and(keys, low, out=targets[:, k])
+        order = np.bitwise_and(keys, low, out=targets[k])
         keys &= load_bits
         loads += weights[:, k]
-    # Each item's cell in [S, B * R]: round * B * R + row * R + rank.
-    targets += (np.arange(rows) * num_ranks)[:, None, None] + (
-        np.arange(per_rank) * (rows * num_ranks)
+    # Each item's cell in [S, B * R]: round * B * R + row * R + rank, in the items' order.
+    targets += (np.arange(per_rank) * (rows * num_ranks))[:, None, None] + (
+        np.arange(rows) * num_ranks
     )[:, None]
+    cells = targets.transpose(1, 0, 2).reshape(-1)
     ids = np.int16 if num_items < 2**15 else np.int64
     slots = np.empty((per_rank, rows * num_ranks), dtype=ids)
-    slots.reshape(-1)[targets.ravel()] = chunks.reshape(-1).astype(ids)  # faster cast first
+    slots.reshape(-1)[cells] = chunks.reshape(-1).astype(ids)  # faster cast first
     slot_weight = np.empty((per_rank, rows * num_ranks))
-    slot_weight.reshape(-1)[targets.ravel()] = weights.ravel()
+    slot_weight.reshape(-1)[cells] = weights.reshape(-1)
     # Exact rank loads, summed round by round (a sum over the leading axis adds row by row).
     return slots, slot_weight, slot_weight.sum(0)
 
@@ -184,9 +187,13 @@ def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
     rounds, rows = np.nonzero(straddle.T)  # grouped by round
     if rows.size == 0:
         return [None] * first.shape[1]
-    expert = first[rows, rounds][:, None]
-    sign = np.where(chunks[rows, rounds] != expert, _SIGN, 0)
-    span = (chunks[rows, rounds + 1] != expert).argmax(1)  # leading items equal to it
+    # The rounds k - 1 and k of the straddling rows, [n, R] each (C-ordered gathers).
+    at = rows * chunks.shape[1] + rounds
+    previous = chunks.reshape(-1, chunks.shape[2]).take(at, axis=0)
+    current = chunks.reshape(-1, chunks.shape[2]).take(at + 1, axis=0)
+    expert = current[:, :1]
+    sign = np.where(previous != expert, _SIGN, 0)
+    span = (current != expert).argmax(1)  # leading items equal to it
     clear = np.where(np.arange(chunks.shape[2]) >= span[:, None], ~_SIGN, -1)
     counts = np.bincount(rounds, minlength=first.shape[1])
     ends = np.cumsum(counts)
