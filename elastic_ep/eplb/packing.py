@@ -280,9 +280,7 @@ def improve_by_swaps(
     loads = flat_weight.sum(1) if loads is None else loads.reshape(-1)
     if pairs is not None:  # in the slot-major layout of the rounds, then back
         by_slot, by_slot_weight = flat_slots.T.copy(), flat_weight.T.copy()
-        _pair_swaps(
-            by_slot, by_slot_weight, loads, ranks, min(pairs, ranks // 2), max_steps, floor
-        )
+        _pair_swaps(by_slot, by_slot_weight, loads, ranks, min(pairs, ranks // 2), max_steps, floor)
         flat_slots[...] = by_slot.T
         flat_weight[...] = by_slot_weight.T
         return

@@ -254,8 +254,7 @@ def _diffuse(problem: _Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     loads = problem.rank_loads(above)  # [L * R], carried from one step to the next
     limit = problem.peak
     for step in range(ITERATIONS):
-        ahead = loads.take(rank)
-        ahead *= inverse
+        ahead = loads.take(rank) * inverse
         move = np.bincount(group, weights=ahead, minlength=size).take(group)
         move *= pull
         move -= ahead
