@@ -255,8 +255,7 @@ def _diffuse(problem: _Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     limit = problem.peak
     for step in range(ITERATIONS):
         ahead = loads.take(rank) * inverse
-        move = np.bincount(group, weights=ahead, minlength=size).take(group)
-        move *= pull
+        move = np.bincount(group, weights=ahead, minlength=size).take(group) * pull
         move -= ahead
         above += move
         # Each step conserves every expert's load; it rarely takes a replica below one unit:
