@@ -76,8 +76,13 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     weight = np.zeros((layers, experts + 1))
     weight[:, 1:] = load
     weight = weight.ravel()
-    equal = weight / np.maximum(count, 1)  # a replica's load under the equal split
-    rank_load = _sum_slots(equal.take(group_of).reshape(layers, ranks, per_rank))
+    # Each slot's load under the equal split, divided once per group or once per slot,
+    # whichever are fewer (node-local slots numbered by global experts: groups far more).
+    if count.size <= group_of.size:
+        equal = (weight / np.maximum(count, 1)).take(group_of)
+    else:
+        equal = weight.take(group_of) / np.maximum(count.take(group_of), 1)
+    rank_load = _sum_slots(equal.reshape(layers, ranks, per_rank))
     problem = _movable(group_of, rank_load, (weight, count, equal), max_units)
     if problem is None:
         return units
@@ -175,8 +180,8 @@ def _movable(
     Args:
         group_of: int64 [L * R * S] each slot's group (layer * (E + 1) + expert + 1).
         rank_load: float64 [L, R] rank loads under the equal split.
-        per_group: load, replicas and a replica's load under the equal split, each
-            [L * (E + 1)].
+        per_group: load and replicas, each [L * (E + 1)], and each slot's load under the
+            equal split, float64 [L * R * S].
         max_units: most units one expert may have.
     """
     weight, count, equal = per_group
@@ -212,7 +217,7 @@ def _movable(
     # Each rank's least load: its load less what its movable replicas hold above one unit
     # (summed in slot order, as a pass over all slots with zeros for the others would).
     floor = rank_load - np.bincount(
-        slot // per_rank, weights=(equal - unit).take(group), minlength=rank_load.size
+        slot // per_rank, weights=equal.take(slot) - unit.take(group), minlength=rank_load.size
     ).reshape(layers, ranks)
     gains = peak - np.maximum(floor.max(1), mean) > np.maximum(least, MIN_GAIN * peak)
     if not gains.any():
