@@ -203,8 +203,8 @@ def test_movable_slots_match_passes_over_every_slot(
     weight = np.zeros((layers, experts + 1))
     weight[:, 1:] = load
     weight = weight.ravel()
-    equal = weight / np.maximum(count, 1)
-    rank_load = shares._sum_slots(equal[group_of].reshape(layers, ranks, per_rank))
+    equal = (weight / np.maximum(count, 1))[group_of]
+    rank_load = shares._sum_slots(equal.reshape(layers, ranks, per_rank))
     problem = shares._movable(group_of, rank_load, (weight, count, equal), most)
     if expected is None:
         assert problem is None
