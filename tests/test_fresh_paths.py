@@ -250,3 +250,29 @@ def test_pair_swaps_keep_wide_ids() -> None:
     slots = packing.static_slots(load, 4096, 10, 1)
     assert slots.dtype == np.int64
     assert np.array_equal(np.unique(slots[slots >= 0]), np.arange(40_000))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(2, 9),
+    st.integers(2, 5),
+    st.integers(0, 2**16),
+    st.sampled_from(["lognormal", "small integers", "zipf"]),
+)
+def test_shares_per_slot_and_per_group_loads_agree(
+    layers: int, ranks: int, per_rank: int, seed: int, kind: str
+) -> None:
+    """Experts that hold no slot change no unit: with enough of them that groups outnumber
+    slots (each slot's equal-split load divided per slot), the units are those of the plan
+    without them (divided per group)."""
+    rng = np.random.default_rng(seed)
+    experts = int(rng.integers(1, ranks * per_rank + 1))
+    load = _zipf_rows(rng, layers, experts, kind)
+    slots = packing.static_slots(load, ranks, per_rank, int(rng.integers(0, 9)))
+    unplaced = np.zeros((layers, 2 * ranks * per_rank))
+    for most in (64, 256, 1024):
+        assert np.array_equal(
+            shares.solve_shares(slots, np.hstack([load, unplaced]), most),
+            shares.solve_shares(slots, load, most),
+        )
