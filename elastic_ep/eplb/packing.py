@@ -13,6 +13,11 @@ Two steps:
 2. :func:`improve_by_swaps`: repeatedly move load off the heaviest ranks of every row at once by
    the best single swap (or move into an empty slot) with one of the lightest ranks; a row
    stops once its heaviest rank finds no swap, or, given a ``floor``, is at or under it.
+
+A fresh plan (:func:`static_slots`) runs both steps in a slot-major layout, [S, B * R] with
+int16 ids where they fit: a swap step's arrays then have the rank pairs on their last axis
+([S, n], [S, S, n] for n pairs), and numpy runs its inner loops along that long axis instead of
+one of S (several times faster at these sizes); the plan is turned back to [B, R, S] once.
 """
 
 from __future__ import annotations

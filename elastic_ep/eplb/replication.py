@@ -10,10 +10,14 @@ the candidates in that window, about 2E per row, are sorted; every candidate abo
 wins. With more than ``_NARROW_FROM`` experts one secant step first narrows the window to a
 few standard deviations of the rounding around the cutoff (about ``sqrt(E)`` candidates); rows
 where that misses take the wide window. The plain bound below is used instead where its
-candidates are few in all rows together (``_BOUNDED_UP_TO``). Where replica caps make the window miss the cutoff,
-the rows fall back to the plain bound: if the expert of load rank i (heaviest first) gets k
-extras, so does every heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates
-can win.
+candidates are few per expert (``_WINDOW_FROM``) and, with many experts, in all rows together
+(``_BOUNDED_UP_TO``). Where replica caps make the window miss the cutoff, the rows fall back to
+the plain bound: if the expert of load rank i (heaviest first) gets k extras, so does every
+heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates can win.
+
+The cutoff (the M-th highest candidate) is read off each sorted row; where no row holds another
+candidate equal to its cutoff (the usual case with real loads), the winners are the candidates
+at or above it, without the pass that breaks ties.
 """
 
 from __future__ import annotations

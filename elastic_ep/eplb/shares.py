@@ -30,7 +30,8 @@ slot per rank (a rank holds one replica: the equal split is already optimal) or 
 ``max_units`` too small for two such replicas nothing runs; where no layer's heaviest rank
 holds a movable replica and lies above the mean by more than it could gain, one pass over the
 slots does. Otherwise the cost is about linear in L x P, and at the planner's sizes mostly
-numpy's cost per call: passes over all slots are whole-array adds and gathers, each diffusion
+numpy's cost per call: passes over all slots are whole-array adds and gathers (the routing
+units' loads and each rank's least load only over the movable groups and slots), each diffusion
 step a few ``bincount`` passes over the movable slots (the clamp to one unit and its rescale
 only in the rare steps that need it), step 2 two 16-bit radix sorts.
 """
