@@ -214,16 +214,8 @@ def _largest(
     if width > _PARTITION_FROM and (wanted == wanted[0]).all():
         cutoff = np.partition(keys, width - wanted[0], axis=1)[:, width - wanted[0], None]
     else:
-        ordered = np.sort(keys, axis=1)
-        row, at = np.arange(keys.shape[0]), width - wanted
-        cutoff = ordered[row, at][:, None]
-        # Where no row has another priority equal to its cutoff (its sorted neighbours differ),
-        # the priorities at or above the cutoff are exactly the wanted ones.
-        below = ordered[row, np.maximum(at - 1, 0)]
-        above = ordered[row, np.minimum(at + 1, width - 1)]
-        if ((below < cutoff[:, 0]) | (at == 0)).all() and (
-            (above > cutoff[:, 0]) | (at == width - 1)
-        ).all():
+        cutoff, alone = _sorted_cutoff(keys, wanted)
+        if alone:  # the priorities at or above the cutoff are exactly the wanted ones
             return priority >= cutoff.view(np.float64)
     cutoff = cutoff.view(np.float64)
     chosen = priority > cutoff
@@ -235,6 +227,21 @@ def _largest(
         last = np.take_along_axis(tie_key, np.maximum(left - 1, 0), axis=1)
         tied &= (order <= last) & (left > 0)
     return chosen | tied
+
+
+def _sorted_cutoff(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, bool]:
+    """int64 [B, 1]: the ``wanted[b]``-th largest of ``keys`` int64 [B, W] in every row, by a
+    sort; and whether no row holds another key equal to its cutoff (its sorted neighbours
+    differ). The sorted copy is freed on return, before the caller's comparisons."""
+    ordered = np.sort(keys, axis=1)
+    row, at = np.arange(keys.shape[0]), keys.shape[1] - wanted
+    cutoff = ordered[row, at]
+    below = ordered[row, np.maximum(at - 1, 0)]
+    above = ordered[row, np.minimum(at + 1, keys.shape[1] - 1)]
+    alone = bool(((below < cutoff) | (at == 0)).all()) and bool(
+        ((above > cutoff) | (at == keys.shape[1] - 1)).all()
+    )
+    return cutoff[:, None], alone
 
 
 def descending_order(values: np.ndarray) -> np.ndarray:
