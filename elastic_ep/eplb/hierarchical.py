@@ -61,9 +61,7 @@ def _best_halves(group_load: np.ndarray) -> np.ndarray:
 
     ``group_load``: float64 [L, G].
     """
-    first, second = _halves(group_load.shape[1])  # [C, G / 2] each
-    members = np.zeros((first.shape[0], group_load.shape[1]))
-    np.put_along_axis(members, first, 1.0, axis=1)
+    first, second, members = _halves(group_load.shape[1])
     # The heavier half is lightest where the first half is nearest half the total.
     gap = np.abs(group_load @ members.T - 0.5 * group_load.sum(1, keepdims=True))  # [L, C]
     best = gap.argmin(1)
@@ -71,10 +69,10 @@ def _best_halves(group_load: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _halves(groups: int) -> tuple[np.ndarray, np.ndarray]:
+def _halves(groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every split of ``groups`` groups into two halves, group 0 in the first: the first
     halves and the second, int64 [C, groups / 2] each (C = comb(groups - 1, groups / 2 - 1)),
-    ascending."""
+    ascending; and float64 [C, groups], 1 where a group is in a split's first half."""
     first = np.array(
         [(0, *rest) for rest in itertools.combinations(range(1, groups), groups // 2 - 1)],
         dtype=np.int64,
@@ -82,8 +80,10 @@ def _halves(groups: int) -> tuple[np.ndarray, np.ndarray]:
     taken = np.zeros((first.shape[0], groups), dtype=bool)
     np.put_along_axis(taken, first, True, axis=1)
     second = np.nonzero(~taken)[1].reshape(first.shape[0], -1)
-    first.flags.writeable = second.flags.writeable = False
-    return first, second
+    members = taken.astype(np.float64)
+    for table in (first, second, members):
+        table.flags.writeable = False
+    return first, second, members
 
 
 def hierarchical_slots(

@@ -13,6 +13,11 @@ Two steps:
 2. :func:`improve_by_swaps`: repeatedly move load off the heaviest ranks of every row at once by
    the best single swap (or move into an empty slot) with one of the lightest ranks; a row
    stops once its heaviest rank finds no swap, or, given a ``floor``, is at or under it.
+
+A fresh plan (:func:`static_slots`) runs both steps in a slot-major layout, [S, B * R] with
+int16 ids where they fit: a swap step's arrays then have the rank pairs on their last axis
+([S, n], [S, S, n] for n pairs), and numpy runs its inner loops along that long axis instead of
+one of S (several times faster at these sizes); the plan is turned back to [B, R, S] once.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def sorted_replicas(
     rows = counts.shape[0]
     order, flat, repeats = _by_weight(counts, per_replica)
     items = _padded(np.repeat(order, repeats), rows, num_items, -1)
-    weight = _padded(np.repeat(per_replica.ravel()[flat], repeats), rows, num_items, 0.0)
+    weight = _padded(np.repeat(per_replica.take(flat), repeats), rows, num_items, 0.0)
     return items, weight
 
 
@@ -60,7 +65,7 @@ def _by_weight(
     rows, num_experts = counts.shape
     order = descending_order(per_replica)
     flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
-    return order.ravel(), flat, counts.ravel()[flat]
+    return order.ravel(), flat, counts.take(flat)
 
 
 def _padded(flat: np.ndarray, rows: int, num_items: int, fill: float) -> np.ndarray:
@@ -98,6 +103,28 @@ def pack_rounds(
         weight: float64 [B, R*S], the load of every item.
         num_ranks: R.
     """
+    rows = items.shape[0]
+    slots, slot_weight, rank_load = _deal(items, weight, num_ranks)
+    return (
+        _rank_major(slots, rows, num_ranks, np.int64),
+        _rank_major(slot_weight, rows, num_ranks, np.float64),
+        rank_load.reshape(rows, num_ranks),
+    )
+
+
+def _rank_major(table: np.ndarray, rows: int, ranks: int, dtype: type) -> np.ndarray:
+    """[B, R, S] of ``dtype``: a slot-major ``table`` [S, B * R] (see :func:`_deal`) as a
+    contiguous copy."""
+    return np.ascontiguousarray(table.T, dtype=dtype).reshape(rows, ranks, -1)
+
+
+def _deal(
+    items: np.ndarray, weight: np.ndarray, num_ranks: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pack_rounds` in the slot-major layout the swaps use: expert per slot [S, B * R]
+    (int16 where R * S < 2^15, else int64: narrower ids compare faster), load per slot float64
+    [S, B * R] (slot s of rank r of row b at [s, b * R + r]) and load per rank float64
+    [B * R]."""
     rows, num_items = items.shape
     per_rank = num_items // num_ranks
     chunks = items.reshape(rows, per_rank, num_ranks)
@@ -105,38 +132,43 @@ def pack_rounds(
     bits = max(1, (num_ranks - 1).bit_length())
     low = np.int64((1 << bits) - 1)
     load_bits = ~low & ~_SIGN  # a key's load, without the sign bit the straddle sort may set
-    targets = np.empty((rows, per_rank, num_ranks), dtype=np.int64)
+    # Round-major, so that a round's targets are contiguous (strided [B, R] operands run R-long
+    # inner loops).
+    targets = np.empty((per_rank, rows, num_ranks), dtype=np.int64)
     # The ranks in the order of the last round's items (round 0 meets ranks of equal, zero
     # load: rank id order) and their loads in that order, so that a round adds its items'
     # loads without indexing; the loads are read back from the sorted keys, which drop their
     # last log2(R) bits (below any load difference that the sort sees).
-    order = targets[:, 0] = np.arange(num_ranks)
-    loads = weights[:, 0]
+    order = targets[0] = np.arange(num_ranks)
+    # One array, in place: the rank loads (float64) in the order of the last round's items,
+    # then their keys (int64), sorted.
+    loads = weights[:, 0].copy()
+    keys = loads.view(np.int64)
     for k, straddle in enumerate(_straddling_rows(chunks), start=1):
         # Ranks by load, lightest first, as one integer sort (see ``descending_order``).
-        keys = (loads.view(np.int64) & ~low) | order
+        keys &= ~low
+        keys |= order
         if straddle is None:
             keys.sort(axis=1)
         else:  # the straddling rows' keys in the previous round's item order, then the sort
             by_item = keys[straddle.rows]
             keys.sort(axis=1)
             _avoid_second_replica(keys, by_item, straddle)
-        order = targets[:, k] = keys & low
-        loads = (keys & load_bits).view(np.float64) + weights[:, k]
-    # Each item's cell in [B, R, S]: (row * R + rank) * S + round.
-    flat = np.multiply(targets, per_rank, out=targets)
-    flat += (np.arange(rows) * num_items)[:, None, None] + np.arange(per_rank)[:, None]
-    slots = np.empty(items.size, dtype=np.int64)
-    slots[flat.ravel()] = chunks.ravel()
-    slot_weight = np.empty(items.size)
-    slot_weight[flat.ravel()] = weights.ravel()
-    shape = (rows, num_ranks, per_rank)
-    slot_weight = slot_weight.reshape(shape)
-    # Exact rank loads, summed round by round.
-    rank_load = slot_weight[:, :, 0].copy()
-    for k in range(1, per_rank):
-        rank_load += slot_weight[:, :, k]
-    return slots.reshape(shape), slot_weight, rank_load
+        order = np.bitwise_and(keys, low, out=targets[k])
+        keys &= load_bits
+        loads += weights[:, k]
+    # Each item's cell in [S, B * R]: round * B * R + row * R + rank, in the items' order.
+    targets += (np.arange(per_rank) * (rows * num_ranks))[:, None, None] + (
+        np.arange(rows) * num_ranks
+    )[:, None]
+    cells = targets.transpose(1, 0, 2).reshape(-1)
+    ids = np.int16 if num_items < 2**15 else np.int64
+    slots = np.empty((per_rank, rows * num_ranks), dtype=ids)
+    slots.reshape(-1)[cells] = chunks.reshape(-1).astype(ids)  # faster cast first
+    slot_weight = np.empty((per_rank, rows * num_ranks))
+    slot_weight.reshape(-1)[cells] = weights.reshape(-1)
+    # Exact rank loads, summed round by round (a sum over the leading axis adds row by row).
+    return slots, slot_weight, slot_weight.sum(0)
 
 
 class _Straddle(NamedTuple):
@@ -160,9 +192,13 @@ def _straddling_rows(chunks: np.ndarray) -> list[_Straddle | None]:
     rounds, rows = np.nonzero(straddle.T)  # grouped by round
     if rows.size == 0:
         return [None] * first.shape[1]
-    expert = first[rows, rounds][:, None]
-    sign = np.where(chunks[rows, rounds] != expert, _SIGN, 0)
-    span = (chunks[rows, rounds + 1] != expert).argmax(1)  # leading items equal to it
+    # The rounds k - 1 and k of the straddling rows, [n, R] each (C-ordered gathers).
+    at = rows * chunks.shape[1] + rounds
+    previous = chunks.reshape(-1, chunks.shape[2]).take(at, axis=0)
+    current = chunks.reshape(-1, chunks.shape[2]).take(at + 1, axis=0)
+    expert = current[:, :1]
+    sign = np.where(previous != expert, _SIGN, 0)
+    span = (current != expert).argmax(1)  # leading items equal to it
     clear = np.where(np.arange(chunks.shape[2]) >= span[:, None], ~_SIGN, -1)
     counts = np.bincount(rounds, minlength=first.shape[1])
     ends = np.cumsum(counts)
@@ -247,8 +283,11 @@ def improve_by_swaps(
     flat_weight = weight.reshape(-1, per_rank)
     # [B * R], kept up to date by the swaps
     loads = flat_weight.sum(1) if loads is None else loads.reshape(-1)
-    if pairs is not None:
-        _pair_swaps(flat_slots, flat_weight, loads, ranks, min(pairs, ranks // 2), max_steps, floor)
+    if pairs is not None:  # in the slot-major layout of the rounds, then back
+        by_slot, by_slot_weight = flat_slots.T.copy(), flat_weight.T.copy()
+        _pair_swaps(by_slot, by_slot_weight, loads, ranks, min(pairs, ranks // 2), max_steps, floor)
+        flat_slots[...] = by_slot.T
+        flat_weight[...] = by_slot_weight.T
         return
     num_experts = int(flat_slots.max()) + 1
     cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
@@ -285,64 +324,81 @@ def _pair_swaps(
     max_steps: int,
     floor: np.ndarray | None,
 ) -> None:
-    """:func:`improve_by_swaps` with ``pairs`` rank pairs per step, on the flat ``slots`` int64
-    / ``weight`` float64 [B * R, S] and ``loads`` float64 [B * R] (all modified in place).
+    """:func:`improve_by_swaps` with ``pairs`` rank pairs per step, on the slot-major ``slots``
+    (signed integers) / ``weight`` float64 [S, B * R] (see :func:`_deal`) and ``loads``
+    float64 [B * R] (all modified in place).
 
-    A pair whose best swap does not improve it swaps a cell with itself (a no-op), so that
-    every pair of a step is applied by the same few whole-array operations.
+    The pairs are the last axis of every per-step array ([S, n], [S, S, n] for n pairs): numpy
+    runs its inner loops along it, many times faster than along an axis of S. A pair whose best
+    swap does not improve it swaps a cell with itself (a no-op), so that every pair of a step
+    is applied by the same few whole-array operations.
     """
-    per_rank = slots.shape[1]
-    cells = (slots.reshape(-1), weight.reshape(-1))  # views: swaps index single cells
+    per_rank, width = slots.shape
+    flat_slots, flat_weight = slots.reshape(-1), weight.reshape(-1)  # swaps index single cells
     by_row = loads.reshape(-1, ranks)
-    active = np.arange(by_row.shape[0])
-    cols = int(slots.max()) + 2  # columns of the table below: experts + 1
-    # Row offsets of that table, +1 for the empty slot's column 0: [n, 1] for n = B * k pairs,
-    # sliced to the pairs of each step.
-    table_row = (np.arange(2 * by_row.shape[0] * pairs) * cols + 1)[:, None]
+    rows = by_row.shape[0]
+    active = np.arange(rows)
+    low = (1 << max(1, (ranks - 1).bit_length())) - 1
+    rank_ids = np.arange(ranks)
+    # Columns of the ranks sorted by load: the k heaviest, heaviest first, then the k lightest.
+    ends = np.concatenate((np.arange(ranks - 1, ranks - 1 - pairs, -1), np.arange(pairs)))
+    column = np.arange(rows * pairs)
+    # Offsets of the cells of a swap (heavy slot * S + light slot) from its ranks' columns:
+    # [2, S * S], the heavy slot's row, then the light slot's.
+    offsets = np.stack(np.divmod(np.arange(per_rank * per_rank), per_rank)) * width
+    # Non-negative floats order like their bit patterns: integer maxima and comparisons.
+    bits = by_row.view(np.int64)
+    floor_bits = None if floor is None else floor.view(np.int64)
     for _ in range(max_steps):
-        if floor is not None:
-            active = active[by_row[active].max(1) > floor[active]]
+        if floor_bits is not None:
+            active = active[bits[active].max(1) > floor_bits[active]]
         if active.size == 0:
             return
-        first = (active * ranks)[:, None]
-        by_load = ascending_order(by_row[active]) + first  # [A, R]
-        heavy = by_load[:, : -pairs - 1 : -1].ravel()  # [A * k], heaviest first
-        light = by_load[:, :pairs].ravel()  # its counterpart among the lightest
-        heavy_row, light_row = table_row[: heavy.size], table_row[heavy.size : 2 * heavy.size]
-        heavy_x, light_x = slots[heavy], slots[light]  # [n, S]
-        heavy_load = loads[heavy]
-        half_gap = 0.5 * (heavy_load - loads[light])  # [n]
-        # What each rank of a pair holds, as a bool table with a row per rank and a column per
-        # expert + 1 (column 0: an empty slot): row i of heavy rank i, row n + i of its partner.
-        held = np.zeros(2 * heavy.size * cols, dtype=bool)
-        held[heavy_x + heavy_row] = True
-        held[light_x + light_row] = True
+        # Ranks by load, lightest first (``ascending_order``).
+        keys = (bits if active.size == rows else bits[active]) & ~low
+        keys |= rank_ids
+        keys.sort(axis=1)
+        pair = keys.T.take(ends, axis=0)  # [2k, A]
+        pair &= low
+        pair += active * ranks
+        n = active.size * pairs
+        pair = pair.reshape(2, n)  # heavy ranks, then their light partners, pair-major
+        heavy, light = pair[0], pair[1]
+        # [S, 2n]: the heavy ranks' items, then the light ones' (``take``: a C-ordered result)
+        held = slots.take(pair.reshape(-1), axis=1)
+        pair_load = loads.take(pair)
+        heavy_load = pair_load[0]
+        half_gap = 0.5 * (heavy_load - pair_load[1])  # [n]
+        heavy_x, light_x = held[:, :n], held[:, n:]
+        # Whether heavy item i and light item j are the same expert (or both empty): [S, S, n].
+        same = heavy_x[:, None, :] == light_x[None, :, :]
         # A swap moving d = (heavy item - light item) leaves max(H - d, P + d)
         # = (H + P) / 2 + |d - c| with c the half gap: the best minimises |d - c|. A heavy
         # item the light rank holds weighs -inf, a light item the heavy rank holds +inf:
         # |d - c| is then inf and the swap never wins.
-        heavy_w = np.where(held[heavy_x + light_row], -np.inf, weight[heavy] - half_gap[:, None])
-        light_w = np.where(held[light_x + heavy_row] & (light_x >= 0), np.inf, weight[light])
-        distance = np.subtract(heavy_w[:, :, None], light_w[:, None, :])  # [n, S, S]
+        both_w = weight.take(pair.reshape(-1), axis=1)
+        heavy_w = np.where(same.any(1), -np.inf, both_w[:, :n] - half_gap)
+        light_w = np.where(same.any(0) & (light_x >= 0), np.inf, both_w[:, n:])
+        distance = np.subtract(heavy_w[:, None, :], light_w[None, :, :]).reshape(-1, n)
         np.abs(distance, out=distance)
-        flat = distance.reshape(heavy.size, -1)
-        best = flat.argmin(1)
-        chosen = flat[np.arange(heavy.size), best]
+        best = distance.argmin(0)  # heavy slot * S + light slot
+        chosen = distance[best, column[:n]]
         # The new larger load of the pair, H - c + |d - c|, must be below H.
         improved = heavy_load - half_gap + chosen < heavy_load * (1 - 1e-12)
-        h_slot, l_slot = np.divmod(best, per_rank)
-        h_cell = heavy * per_rank + h_slot
-        l_cell = np.where(improved, light * per_rank + l_slot, h_cell)  # else: a no-op
-        moved = cells[1][h_cell] - cells[1][l_cell]
+        cell = offsets.take(best, axis=1)  # [2, n]: the heavy cell, then the light one
+        cell += pair
+        cell[1] = np.where(improved, cell[1], cell[0])  # else: a no-op
+        # The swap: the cells [heavy, light] take the values of [light, heavy].
+        target, source = cell.reshape(-1), cell[::-1].reshape(-1)
+        values = flat_weight.take(source)
+        moved = values[n:] - values[:n]
         loads[heavy] -= moved
         loads[light] += moved
-        for table in cells:
-            values = table[h_cell]
-            table[h_cell] = table[l_cell]
-            table[l_cell] = values
+        flat_weight[target] = values
+        flat_slots[target] = flat_slots.take(source)
         # A row whose heaviest rank found no swap keeps its heaviest rank: its pair (with the
         # lightest rank) is the same next step, the other pairs only lower their heavy ranks.
-        active = active[improved[::pairs]]
+        active = active[improved[: active.size]]
 
 
 def _best_swaps(
@@ -439,9 +495,8 @@ def static_slots(
         # exchange two ranks' loads
         return sorted_items(counts, per_replica, num_ranks).reshape(-1, num_ranks, 1)
     items, weight = sorted_replicas(counts, per_replica, num_ranks * slots_per_rank)
-    slots, slot_weight, rank_load = pack_rounds(items, weight, num_ranks)
-    pairs = max(1, _SWAP_PAIR_BUDGET // load.shape[0])
-    improve_by_swaps(
-        slots, slot_weight, max_steps=swap_steps, pairs=pairs, loads=rank_load, floor=floor
-    )
-    return slots
+    slots, slot_weight, rank_load = _deal(items, weight, num_ranks)
+    if num_ranks > 1:
+        pairs = min(max(1, _SWAP_PAIR_BUDGET // load.shape[0]), num_ranks // 2)
+        _pair_swaps(slots, slot_weight, rank_load, num_ranks, pairs, swap_steps, floor)
+    return _rank_major(slots, load.shape[0], num_ranks, np.int64)

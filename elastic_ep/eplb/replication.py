@@ -10,10 +10,14 @@ the candidates in that window, about 2E per row, are sorted; every candidate abo
 wins. With more than ``_NARROW_FROM`` experts one secant step first narrows the window to a
 few standard deviations of the rounding around the cutoff (about ``sqrt(E)`` candidates); rows
 where that misses take the wide window. The plain bound below is used instead where its
-candidates are few in all rows together (``_BOUNDED_UP_TO``). Where replica caps make the window miss the cutoff,
-the rows fall back to the plain bound: if the expert of load rank i (heaviest first) gets k
-extras, so does every heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates
-can win.
+candidates are few per expert (``_WINDOW_FROM``) and, with many experts, in all rows together
+(``_BOUNDED_UP_TO``). Where replica caps make the window miss the cutoff, the rows fall back to
+the plain bound: if the expert of load rank i (heaviest first) gets k extras, so does every
+heavier one, so ``(i + 1) * k <= M`` and only ``~M log M`` candidates can win.
+
+The cutoff (the M-th highest candidate) is read off each sorted row; where no row holds another
+candidate equal to its cutoff (the usual case with real loads), the winners are the candidates
+at or above it, without the pass that breaks ties.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from collections.abc import Callable
 import numpy as np
 
 _PARTITION_FROM = 4096  # candidates per row from which a partition beats the integer sort
-_WINDOW_FROM = 5  # candidates per expert (plain bound) from which the window is used
+_WINDOW_FROM = 6  # candidates per expert (plain bound) above which the window is used
+# (16 experts per row x 752 rows, 85 candidates each: the plain bound 310 us, the window 475 us)
 _CAP_ROUNDS = 3  # refinements of the set of experts at their replica cap
 _ROUNDING = 1e-9  # relative margin of the window's ends against rounding
 _NARROW = 6.0  # standard deviations of the rounding kept on either side of the estimate
@@ -176,17 +181,20 @@ def _bounded_extras(load: np.ndarray, extra: int, cap: int) -> np.ndarray:
     rows, num_experts = load.shape
     contenders = min(extra, num_experts)
     heaviest = descending_order(load)[:, :contenders] + np.arange(rows)[:, None] * num_experts
-    top = load.ravel()[heaviest]  # [B, contenders], heaviest first
+    top = load.take(heaviest)  # [B, contenders], heaviest first
     # Candidate (i, k): the k-th extra replica of the expert of load rank i, grouped by i.
     per_expert = np.minimum(extra // np.arange(1, contenders + 1), cap)
     rank_of = np.repeat(np.arange(contenders), per_expert)
     starts = np.cumsum(per_expert) - per_expert
     kth = np.arange(rank_of.size) - starts[rank_of] + 1
-    priority = top[:, rank_of] / kth  # [B, C]; falls with k and with i
+    # [B, C]; falls with k and with i (``take``: a C-ordered gather, faster than [:, rank_of])
+    priority = top.take(rank_of, axis=1) / kth
     chosen = _largest(
         priority, np.full(rows, extra), lambda: kth * rank_of.size + np.arange(rank_of.size)
     )
-    extras = np.bincount(heaviest[:, rank_of][chosen], minlength=rows * num_experts)
+    # ``compress``: several times faster than a boolean index.
+    target = heaviest.take(rank_of, axis=1).compress(chosen.reshape(-1))
+    extras = np.bincount(target, minlength=rows * num_experts)
     return extras.reshape(rows, num_experts)
 
 
@@ -206,7 +214,9 @@ def _largest(
     if width > _PARTITION_FROM and (wanted == wanted[0]).all():
         cutoff = np.partition(keys, width - wanted[0], axis=1)[:, width - wanted[0], None]
     else:
-        cutoff = np.take_along_axis(np.sort(keys, axis=1), (width - wanted)[:, None], axis=1)
+        cutoff, alone = _sorted_cutoff(keys, wanted)
+        if alone:  # the priorities at or above the cutoff are exactly the wanted ones
+            return priority >= cutoff.view(np.float64)
     cutoff = cutoff.view(np.float64)
     chosen = priority > cutoff
     tied = priority == cutoff
@@ -217,6 +227,21 @@ def _largest(
         last = np.take_along_axis(tie_key, np.maximum(left - 1, 0), axis=1)
         tied &= (order <= last) & (left > 0)
     return chosen | tied
+
+
+def _sorted_cutoff(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, bool]:
+    """int64 [B, 1]: the ``wanted[b]``-th largest of ``keys`` int64 [B, W] in every row, by a
+    sort; and whether no row holds another key equal to its cutoff (its sorted neighbours
+    differ). The sorted copy is freed on return, before the caller's comparisons."""
+    ordered = np.sort(keys, axis=1)
+    row, at = np.arange(keys.shape[0]), keys.shape[1] - wanted
+    cutoff = ordered[row, at]
+    below = ordered[row, np.maximum(at - 1, 0)]
+    above = ordered[row, np.minimum(at + 1, keys.shape[1] - 1)]
+    alone = bool(((below < cutoff) | (at == 0)).all()) and bool(
+        ((above > cutoff) | (at == keys.shape[1] - 1)).all()
+    )
+    return cutoff[:, None], alone
 
 
 def descending_order(values: np.ndarray) -> np.ndarray:

@@ -30,7 +30,8 @@ slot per rank (a rank holds one replica: the equal split is already optimal) or 
 ``max_units`` too small for two such replicas nothing runs; where no layer's heaviest rank
 holds a movable replica and lies above the mean by more than it could gain, one pass over the
 slots does. Otherwise the cost is about linear in L x P, and at the planner's sizes mostly
-numpy's cost per call: passes over all slots are whole-array adds and gathers, each diffusion
+numpy's cost per call: passes over all slots are whole-array adds and gathers (the routing
+units' loads and each rank's least load only over the movable groups and slots), each diffusion
 step a few ``bincount`` passes over the movable slots (the clamp to one unit and its rescale
 only in the rare steps that need it), step 2 two 16-bit radix sorts.
 """
@@ -76,18 +77,21 @@ def solve_shares(slots: np.ndarray, load: np.ndarray, max_units: int) -> np.ndar
     weight = np.zeros((layers, experts + 1))
     weight[:, 1:] = load
     weight = weight.ravel()
-    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count)
-    equal = weight / np.maximum(count, 1)  # a replica's load under the equal split
-    slot_load = equal[group_of]
-    rank_load = _sum_slots(slot_load.reshape(layers, ranks, per_rank))
-    problem = _movable(group_of, rank_load, (weight, count, total_units, equal), slot_load)
+    # Each slot's load under the equal split, divided once per group or once per slot,
+    # whichever are fewer (node-local slots numbered by global experts: groups far more).
+    if count.size <= group_of.size:
+        equal = (weight / np.maximum(count, 1)).take(group_of)
+    else:
+        equal = weight.take(group_of) / np.maximum(count.take(group_of), 1)
+    rank_load = _sum_slots(equal.reshape(layers, ranks, per_rank))
+    problem = _movable(group_of, rank_load, (weight, count, equal), max_units)
     if problem is None:
         return units
     above, loads, peak = _diffuse(problem)
     if not (peak < problem.peak * (1.0 - MIN_GAIN)).any():
         return units  # no layer gains enough to survive rounding
     slot_units, rounded = _integer_units(problem, above, loads)
-    peak = problem.rank_loads(rounded).reshape(layers, ranks).max(1)
+    peak = problem.peaks(problem.rank_loads(rounded))
     gains = peak < problem.peak * (1.0 - 1e-12)
     slot = problem.slot
     if not gains.all():
@@ -109,12 +113,14 @@ def _sum_slots(values: np.ndarray) -> np.ndarray:
 class _Problem:
     """The movable slots of all layers, flattened. Per slot, int64 [N]: ``slot`` (flat index
     into [L, R, S]), ``group`` (its expert's group, renumbered densely in layer * E + expert
-    order) and ``rank`` (layer * R + rank); float64 [N]: ``unit`` (load of one of its group's
+    order) and ``rank`` (layer * R + rank; rank * L + layer, rank-major, where R < L: a
+    layer's heaviest rank is then a maximum over the leading axis of [R, L], several times
+    faster than over a short last axis); float64 [N]: ``unit`` (load of one of its group's
     routing units) and ``above`` (its load above one unit under the equal split). Per group:
     ``spare`` float64 [G] (load above one unit per replica), ``units`` and ``length`` int64 [G]
-    (units to reach, replicas: all of them movable). ``base`` float64 [L * R]: each rank's load
-    with one unit per movable replica; ``peak`` float64 [L]: each layer's heaviest rank under
-    the equal split."""
+    (units to reach, replicas: all of them movable). ``base`` float64 [L * R] or [R * L]: each
+    rank's load with one unit per movable replica, numbered as ``rank``; ``peak`` float64 [L]:
+    each layer's heaviest rank under the equal split."""
 
     def __init__(
         self,
@@ -125,25 +131,40 @@ class _Problem:
         peak: np.ndarray,
         per_rank: int,
     ) -> None:
-        self.slot, self.rank, self.base, self.peak = slot, slot // per_rank, base, peak
+        layers, ranks = base.shape  # base: [L, R]
+        rank = slot // per_rank
+        self.rank_major = ranks < layers
+        if self.rank_major:
+            layer, rank = np.divmod(rank, ranks)
+            rank *= layers
+            rank += layer
+            base = base.T
+        self.slot, self.rank, self.base, self.peak = slot, rank, base.ravel(), peak
         self.group = group
         self.size = per_group[0].size
         weight, count, units, unit = per_group
         self.spare = weight - count * unit
         self.units, self.length = units, count
-        self.unit = unit[group]
-        self.above = (self.spare / count)[group]
+        self.unit = unit.take(group)
+        self.above = (self.spare / count).take(group)
 
     def rank_loads(self, above: np.ndarray) -> np.ndarray:
-        """float64 [L * R] with ``above`` float64 [N] each slot's load above one unit."""
+        """float64 [L * R] (or [R * L], numbered as ``rank``) with ``above`` float64 [N] each
+        slot's load above one unit."""
         return self.base + np.bincount(self.rank, weights=above, minlength=self.base.size)
+
+    def peaks(self, loads: np.ndarray) -> np.ndarray:
+        """float64 [L]: each layer's heaviest rank of ``loads`` (numbered as ``rank``)."""
+        if self.rank_major:
+            return loads.reshape(-1, self.peak.size).max(0)
+        return loads.reshape(self.peak.size, -1).max(1)
 
 
 def _movable(
     group_of: np.ndarray,
     rank_load: np.ndarray,
-    per_group: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    scratch: np.ndarray,
+    per_group: tuple[np.ndarray, np.ndarray, np.ndarray],
+    max_units: int,
 ) -> _Problem | None:
     """The slots whose share may move (the others keep the equal split), ``None`` if none.
 
@@ -160,21 +181,26 @@ def _movable(
     Args:
         group_of: int64 [L * R * S] each slot's group (layer * (E + 1) + expert + 1).
         rank_load: float64 [L, R] rank loads under the equal split.
-        per_group: load, replicas, units to use and a replica's load under the equal split,
-            each [L * (E + 1)].
-        scratch: float64 [L * R * S], overwritten.
+        per_group: load and replicas, each [L * (E + 1)], and each slot's load under the
+            equal split, float64 [L * R * S].
+        max_units: most units one expert may have.
     """
-    weight, count, total_units, equal = per_group
+    weight, count, equal = per_group
     layers, ranks = rank_load.shape
-    per_rank = scratch.size // rank_load.size
-    movable = (count >= 2) & (total_units >= MIN_UNITS_PER_REPLICA * count) & (weight > 0)
-    unit = weight / np.maximum(total_units, 1)  # load of one routing unit
+    per_rank = group_of.size // rank_load.size
+    # min(max_units, UNITS_PER_REPLICA * k) >= MIN_UNITS_PER_REPLICA * k: k <= max_units / MIN.
+    movable = (count >= 2) & (count <= max_units // MIN_UNITS_PER_REPLICA) & (weight > 0)
+    # The load of one routing unit, where movable (few groups: the rest stay 0).
+    multi = np.flatnonzero(movable)
+    total_units = np.minimum(max_units, UNITS_PER_REPLICA * count.take(multi))
+    unit = np.zeros(count.size)
+    unit[multi] = weight.take(multi) / total_units
     mean, peak = rank_load.sum(1) / ranks, rank_load.max(1)
     on_peak = group_of.reshape(layers, ranks, per_rank)[np.arange(layers), rank_load.argmax(1)]
     # The room must exceed a relative MIN_GAIN and one unit of the heaviest rank's coarsest
     # movable replica (rounding moves a rank by up to a unit of each replica it holds: a
     # smaller room would be lost again); 0 where it holds none (it cannot fall).
-    least = np.where(movable[on_peak], unit[on_peak], 0.0).max(1)
+    least = unit.take(on_peak).max(1)
     spread = peak - mean
     # The room is at most peak - mean: this bound alone rules most layers that cannot gain out.
     able = spread > np.maximum(least, MIN_GAIN * peak)
@@ -187,44 +213,55 @@ def _movable(
     on_heavy = group_of.reshape(-1, per_rank).compress(heavy.ravel(), axis=0)
     candidate = np.bincount(on_heavy.ravel(), minlength=count.size) > 0
     candidate &= movable
-    # Passes over all slots (a zero for the others) cost less than gathering the movable ones;
-    # into ``scratch``: a fresh array as large costs page faults (``clip``: ``raise`` buffers).
-    np.take(np.where(candidate, equal - unit, 0.0), group_of, out=scratch, mode="clip")
-    floor = rank_load - _sum_slots(scratch.reshape(layers, ranks, per_rank))
+    slot = np.flatnonzero(candidate.take(group_of))
+    group = group_of.take(slot)
+    # Each rank's least load: its load less what its movable replicas hold above one unit
+    # (summed in slot order, as a pass over all slots with zeros for the others would).
+    floor = rank_load - np.bincount(
+        slot // per_rank, weights=equal.take(slot) - unit.take(group), minlength=rank_load.size
+    ).reshape(layers, ranks)
     gains = peak - np.maximum(floor.max(1), mean) > np.maximum(least, MIN_GAIN * peak)
     if not gains.any():
         return None
     if not gains.all():
         candidate.reshape(layers, -1)[~gains] = False
+        keep = gains.take(slot // (ranks * per_rank))
+        slot, group = slot[keep], group[keep]
         # Layers that do not gain keep their equal split's loads (their slots do not move).
         floor = np.where(gains[:, None], floor, rank_load)
-    slot = np.flatnonzero(candidate[group_of])
     # The groups with a movable slot, renumbered 0.. in their order: per-group arrays as long
     # as those groups, not all L * (E + 1) (far more where few slots move).
     kept = np.flatnonzero(candidate)
     dense = np.empty(count.size, dtype=np.int64)
     dense[kept] = np.arange(kept.size)
-    kept_groups = (weight[kept], count[kept], total_units[kept], unit[kept])
-    return _Problem(slot, dense[group_of[slot]], kept_groups, floor.ravel(), peak, per_rank)
+    kept_count = count.take(kept)
+    kept_groups = (
+        weight.take(kept),
+        kept_count,
+        np.minimum(max_units, UNITS_PER_REPLICA * kept_count),
+        unit.take(kept),
+    )
+    return _Problem(slot, dense.take(group), kept_groups, floor, peak, per_rank)
 
 
 def _diffuse(problem: _Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float64 [N] each movable slot's load above one unit after diffusion steps from the equal
-    split, float64 [L * R] the rank loads and [L] each layer's heaviest rank with them (step 1
-    of the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest rank falls
-    by a relative ``MIN_GAIN`` in a step, checked from the second step on (the first step from
-    the equal split gains in every plan measured: its check would cost more than it saves)."""
+    split, float64 [L * R] the rank loads (numbered as ``_Problem.rank``) and [L] each layer's
+    heaviest rank with them (step 1 of the module docstring): ``ITERATIONS`` at most, fewer
+    once no layer's heaviest rank falls by a relative ``MIN_GAIN`` in a step, checked from the
+    second step on (the first step from the equal split gains in every plan measured: its check
+    would cost more than it saves)."""
     group, rank, size = problem.group, problem.rank, problem.size
-    inverse = 1.0 / np.bincount(rank, minlength=problem.base.size)[rank]
+    inverse = 1.0 / np.bincount(rank, minlength=problem.base.size).take(rank)
     # A slot moves by its group's level (the inverse-weighted mean) times its inverse. Each
     # group has 2+ slots with an inverse > 0: the sums are positive.
-    pull = inverse / np.bincount(group, weights=inverse, minlength=size)[group]
+    pull = inverse / np.bincount(group, weights=inverse, minlength=size).take(group)
     above = problem.above.copy()
     loads = problem.rank_loads(above)  # [L * R], carried from one step to the next
     limit = problem.peak
     for step in range(ITERATIONS):
-        ahead = loads[rank] * inverse
-        move = np.bincount(group, weights=ahead, minlength=size)[group] * pull
+        ahead = loads.take(rank) * inverse
+        move = np.bincount(group, weights=ahead, minlength=size).take(group) * pull
         move -= ahead
         above += move
         # Each step conserves every expert's load; it rarely takes a replica below one unit:
@@ -232,9 +269,9 @@ def _diffuse(problem: _Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if above.min() < 0.0:
             np.maximum(above, 0.0, out=above)
             total = np.bincount(group, weights=above, minlength=size)
-            above *= (problem.spare / np.maximum(total, 1e-300))[group]
+            above *= (problem.spare / np.maximum(total, 1e-300)).take(group)
         loads = problem.rank_loads(above)
-        peak = loads.reshape(limit.size, -1).max(1)
+        peak = problem.peaks(loads)
         if step and not (peak < limit).any():
             break
         limit = peak * (1.0 - MIN_GAIN)
@@ -245,7 +282,8 @@ def _integer_units(
     problem: _Problem, above: np.ndarray, loads: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """int64 [N] whole units per movable slot for the loads above one unit ``above`` float64
-    [N] (rank loads ``loads`` float64 [L * R]): the units each fills entirely (at least 1), the
+    [N] (rank loads ``loads`` float64 [L * R], numbered as ``_Problem.rank``): the units each
+    fills entirely (at least 1), the
     units left over to the slots whose rank is lightest with one more; divided by each group's
     gcd (step 2 of the module docstring). Also float64 [N]: each slot's load above one unit
     with them."""
@@ -253,11 +291,11 @@ def _integer_units(
     whole = np.floor(above / problem.unit + 1e-9)  # units above the first
     left = problem.units - length - np.bincount(group, weights=whole, minlength=problem.size)
     # A slot's rank load with one more unit: the left-over units go to the lowest in each group.
-    after = loads[problem.rank] - above + problem.unit * (whole + 1.0)
+    after = loads.take(problem.rank) - above + problem.unit * (whole + 1.0)
     order = _grouped_order(group, after)
     # In ``order`` the groups are ascending, ``length`` long: the first ``left`` of each gain.
     starts = np.cumsum(length) - length
-    ordered = whole[order]
+    ordered = whole.take(order)
     ordered += np.arange(order.size) < np.repeat(starts + left, length)
     whole[order] = ordered
     rounded = problem.unit * whole
@@ -267,7 +305,7 @@ def _integer_units(
     over = left < 0
     if over.any():
         units[np.repeat(over, length)] = 1
-        slot_over = over[group]
+        slot_over = over.take(group)
         rounded[slot_over] = problem.above[slot_over]
     units //= np.repeat(np.gcd.reduceat(units, starts), length)
     slot_units = np.empty_like(units)
