@@ -273,3 +273,23 @@ def test_more_slots_than_replicas_can_use_stay_empty() -> None:
     placement = plan(load, 2, 5)  # 10 slots, but 3 experts x 2 ranks = 6 distinct replicas
     placement.validate(distinct_ranks=True)
     assert int((placement.phy2log == -1).sum()) == 2 * 4
+
+
+def test_swap_steps_default_by_layout() -> None:
+    # Hierarchical plans take HIERARCHICAL_SWAP_STEPS unless told otherwise, global ones
+    # DEFAULT_SWAP_STEPS; an explicit swap_steps wins either way.
+    from elastic_ep.eplb import planner
+
+    rng = np.random.default_rng(0)
+    load = rng.random((6, 64)) ** 4
+    hier = dict(num_groups=8, num_nodes=2)
+    steps = planner.HIERARCHICAL_SWAP_STEPS
+    assert torch.equal(
+        plan(load, 16, 9, **hier).phy2log, plan(load, 16, 9, **hier, swap_steps=steps).phy2log
+    )
+    assert torch.equal(
+        plan(load, 16, 9).phy2log, plan(load, 16, 9, swap_steps=planner.DEFAULT_SWAP_STEPS).phy2log
+    )
+    assert not torch.equal(
+        plan(load, 16, 9, **hier).phy2log, plan(load, 16, 9, **hier, swap_steps=8).phy2log
+    )
