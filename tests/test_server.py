@@ -322,6 +322,15 @@ def test_a_trickling_client_is_cut_off(impatient: Any) -> None:
     assert ctl.submitted == 0
 
 
+def test_back_to_back_requests_fit_one_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's next request can arrive before the thread that answered its previous one has
+    given the slot back; with one slot, every one of these sequential requests still gets 200."""
+    monkeypatch.delenv("ELASTIC_EP_TOKEN", raising=False)
+    with ControlServer(Controller(), max_connections=1) as srv:
+        codes = [call(srv.url + "/status")[0] for _ in range(300)]
+    assert codes == [200] * 300
+
+
 def test_connections_beyond_the_bound_get_503(secured: Any) -> None:
     srv, ctl = secured
     host, port = srv.url.removeprefix("http://").rsplit(":", 1)

@@ -18,7 +18,8 @@ Binding an address other than loopback without a token raises ``ValueError`` unl
 ``allow_insecure=True``; there ``GET /status`` needs the token too. Every connection has a
 deadline for the whole request (a client that sends half a request and stalls is cut off), the
 body is capped (413 above it), and at most ``max_connections`` are served at once (503 beyond;
-the accept loop answers those itself, so a flood cannot spawn threads). Every response, errors
+the accept loop answers those itself after a wait of at most 0.2 s, so a flood cannot spawn
+threads). Every response, errors
 included, is JSON.
 """
 
@@ -48,6 +49,7 @@ MAX_BODY_BYTES = 64 * 1024
 TOKEN_ENV = "ELASTIC_EP_TOKEN"
 _NO_BODY = object()  # no usable body: the answer is sent already (``None`` is JSON's null)
 MIN_TOKEN_CHARS = 16
+_SLOT_WAIT_S = 0.2  # how long a connection beyond the bound waits for a slot before its 503
 
 
 class Controller(Protocol):
@@ -298,7 +300,9 @@ class _Server(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        # a short wait, not none: a client's next request can arrive before the thread that
+        # answered its previous one has given the slot back
+        if not self._slots.acquire(timeout=_SLOT_WAIT_S):
             # answered here, on the accept thread, with a short send timeout: no thread spawned
             with contextlib.suppress(OSError):
                 request.settimeout(0.5)
