@@ -19,23 +19,33 @@ leaves it at the first that reaches its target:
    with the wanted replicas heaviest first: shares then move load onto them;
 2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
    ranks still heavy after the shares, in rounds, the shares solved again after each. Drift
-   rows (nothing placed in step 1) take one swap step per round, the fewest swaps; rows that
-   placed replicas double their steps every round and swap up to the target less what
-   solving the shares again added after the previous round (at most half the way left), so
-   that a scale event or a failure needs few rounds; a row with empty slots receives at most
-   ``SCALE_MOVES`` times their number here (step 3 then moves fewer weights than more swaps);
-3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
-   more partners. Rows with no empty slot whose replica counts keep them below the target
+   rows (nothing placed in step 1) take one swap step per round, the fewest swaps, doubled
+   from round ``DRIFT_DOUBLE_FROM`` on (a row still short by then needs many: fewer rounds
+   for few more swaps); rows that placed replicas double their steps every round and swap up
+   to the target less what solving the shares again added after the previous round (at most
+   half the way left), so that a scale event or a failure needs few rounds; a row with empty
+   slots receives at most ``SCALE_MOVES`` times their number here (step 3 then moves fewer
+   weights than more swaps);
+3. the rest of the wanted replicas (over surplus ones), then rounds of swaps by the equal
+   split aimed at the target less what the shares add to it (the lift), each measured with
+   shares. Rows with no empty slot whose replica counts keep them below the target
    (:func:`_count_bound`; every layer of a global scale-down or failure) start here: step 1
    cannot raise that bound, and step 3 starts from ``kept`` for them. So do rows with no
    empty slot and ``RECOUNT_FROM`` replicas per expert or more (a drift on many ranks): there
    a replica handed from an expert whose load fell to one whose load rose receives one
-   weight where a swap receives two.
+   weight where a swap receives two;
+4. swaps by the equal split aimed at the target itself, a second time with more partners per
+   heavy rank (:func:`_swap_passes`; shares only add to it).
 
 A row leaves step 2 once a round no longer raises its balancedness (swaps that undo each other,
 a spent budget), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
 would not help it, and each costs one :func:`solve_shares` of the rows still on the ladder
-(about linear in their slots) and one :func:`swap_towards` call.
+(about linear in their slots) and one :func:`swap_towards` call. After those rounds a step-3
+row whose equal split reached its goal (the target less the lift) with the shares still short
+leaves for step 4 too: the lift it counted on did not hold, and another round would aim at the
+same goal and miss it again (a scale-down's rows otherwise spent one more round each). Going
+to step 4 at once after the first such round instead lowered a scale-down of 256 experts on
+256 x 2 slots to 0.0146 below vLLM's balancedness: the lift's rounds matter there.
 """
 
 from __future__ import annotations

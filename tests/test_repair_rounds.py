@@ -1,0 +1,82 @@
+"""Fewer rounds of the shares-aware repair ladder (eplb/repair.py): drift rows of step 2 double
+their swap steps from round DRIFT_DOUBLE_FROM, and a step-3 row whose equal split reached its
+goal with the shares still short leaves for step 4 after its settle round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from elastic_ep import RankMapping, plan, plan_with_report
+from elastic_ep.eplb import repair as repair_module
+
+
+def _zipf_load(layers: int, experts: int, seed: int) -> np.ndarray:
+    """float64 [layers, experts]: a Zipf profile permuted per layer."""
+    rng = np.random.default_rng(seed)
+    profile = 1000.0 / np.arange(1, experts + 1) ** 1.1
+    return np.stack([rng.permutation(profile) for _ in range(layers)])
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """The row counts of every call of repair's ``name`` from now on."""
+    calls: list[int] = []
+    inner = getattr(repair_module, name)
+
+    def counted(slots: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        calls.append(slots.shape[0])
+        return inner(slots, *args, **kwargs)
+
+    monkeypatch.setattr(repair_module, name, counted)
+    return calls
+
+
+def _drift(monkeypatch: pytest.MonkeyPatch, double_from: int) -> tuple[int, float, float]:
+    """Solves, share of the slots moved and share of the fresh plan's gain kept for a 10%
+    drift of 16 layers x 256 experts on 32 ranks x 9 slots."""
+    monkeypatch.setattr(repair_module, "DRIFT_DOUBLE_FROM", double_from)
+    layers, experts, ranks, per_rank = 16, 256, 32, 9
+    load = _zipf_load(layers, experts, 0)
+    base = plan(load, ranks, per_rank)
+    now = load * np.random.default_rng(1).lognormal(0.0, 0.1, load.shape)
+    calls = _counted(monkeypatch, "solve_shares")
+    report = plan_with_report(
+        now, ranks, per_rank, previous=base, rank_mapping=RankMapping.identity(ranks)
+    )
+    moved = float(report.transfers.sum()) / (layers * ranks * per_rank)
+    fresh = float(plan(now, ranks, per_rank).balancedness(now))
+    was = float(base.balancedness(now))
+    kept = (float(report.placement.balancedness(now)) - was) / (fresh - was)
+    monkeypatch.undo()
+    return len(calls), moved, kept
+
+
+def test_drift_doubles_its_steps_in_fewer_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Doubling the drift rows' steps takes fewer solves than one step per round, and keeps the
+    drift targets: at most 15% of the slots moved, at least 90% of the fresh plan's gain."""
+    solves, moved, kept = _drift(monkeypatch, repair_module.DRIFT_DOUBLE_FROM)
+    single, _, _ = _drift(monkeypatch, 10**9)
+    assert solves < single
+    assert moved <= 0.15
+    assert kept >= 0.9
+
+
+def test_scale_down_leaves_step_3_when_its_lift_missed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scale-down of 64 experts on 16 -> 14 ranks x 5 slots in 2 nodes (16 solves while rows
+    stayed at step 3 after their equal split had reached its goal) takes at most 13, every
+    expert placed in every node's layer, the balancedness at least the kept one."""
+    layers, experts, ranks, per_rank = 26, 64, 16, 5
+    load = _zipf_load(layers, experts, 0)
+    base = plan(load, ranks, per_rank, num_groups=8, num_nodes=2)
+    mapping = RankMapping(tuple(None if o % 8 == 7 else o - o // 8 for o in range(ranks)), 14)
+    calls = _counted(monkeypatch, "solve_shares")
+    report = plan_with_report(
+        load, 14, per_rank, num_groups=8, num_nodes=2, previous=base, rank_mapping=mapping
+    )
+    assert len(calls) <= 13
+    phy2log = report.placement.phy2log.numpy().reshape(layers, 14 * per_rank)
+    for row in phy2log:
+        assert set(range(experts)) <= set(row.tolist())
+    assert float(report.placement.balancedness(load)) >= 0.9 * float(base.balancedness(load))
