@@ -1,6 +1,6 @@
 """Fewer rounds of the shares-aware repair ladder (eplb/repair.py): drift rows of step 2 double
-their swap steps from round DRIFT_DOUBLE_FROM, and a step-3 row whose equal split reached its
-goal with the shares still short leaves for step 4 after its settle round."""
+their swap steps from round DRIFT_DOUBLE_FROM, and a step-3 row whose round raised it by less
+than STEP3_STALL of the way left goes on to step 4."""
 
 from __future__ import annotations
 
@@ -63,20 +63,28 @@ def test_drift_doubles_its_steps_in_fewer_rounds(monkeypatch: pytest.MonkeyPatch
     assert kept >= 0.9
 
 
-def test_scale_down_leaves_step_3_when_its_lift_missed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A scale-down of 64 experts on 16 -> 14 ranks x 5 slots in 2 nodes (16 solves while rows
-    stayed at step 3 after their equal split had reached its goal) takes at most 13, every
-    expert placed in every node's layer, the balancedness at least the kept one."""
-    layers, experts, ranks, per_rank = 26, 64, 16, 5
+def _scale_down(monkeypatch: pytest.MonkeyPatch, stall: float) -> tuple[int, float]:
+    """Solves and balancedness for 60 layers x 384 experts on 64 -> 56
+    ranks x 9 slots, the load unchanged."""
+    monkeypatch.setattr(repair_module, "STEP3_STALL", stall)
+    layers, experts, per_rank = 60, 384, 9
     load = _zipf_load(layers, experts, 0)
-    base = plan(load, ranks, per_rank, num_groups=8, num_nodes=2)
-    mapping = RankMapping(tuple(None if o % 8 == 7 else o - o // 8 for o in range(ranks)), 14)
+    base = plan(load, 64, per_rank)
     calls = _counted(monkeypatch, "solve_shares")
     report = plan_with_report(
-        load, 14, per_rank, num_groups=8, num_nodes=2, previous=base, rank_mapping=mapping
+        load, 56, per_rank, previous=base, rank_mapping=RankMapping.resize(64, 56)
     )
-    assert len(calls) <= 13
-    phy2log = report.placement.phy2log.numpy().reshape(layers, 14 * per_rank)
+    phy2log = report.placement.phy2log.numpy().reshape(layers, -1)
     for row in phy2log:
         assert set(range(experts)) <= set(row.tolist())
-    assert float(report.placement.balancedness(load)) >= 0.9 * float(base.balancedness(load))
+    monkeypatch.undo()
+    return len(calls), float(report.placement.balancedness(load))
+
+
+def test_scale_down_leaves_step_3_when_its_rounds_creep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step-3 rounds that raise a row by a sliver of the way left (0.0003 of 0.033) end at
+    step 4 at once: fewer solves than rounds while the balancedness rises, and as balanced."""
+    solves, balance = _scale_down(monkeypatch, repair_module.STEP3_STALL)
+    creeping, creeping_balance = _scale_down(monkeypatch, 0.0)
+    assert solves < creeping
+    assert balance >= creeping_balance - 0.002
