@@ -88,3 +88,19 @@ def test_scale_down_leaves_step_3_when_its_rounds_creep(monkeypatch: pytest.Monk
     creeping, creeping_balance = _scale_down(monkeypatch, 0.0)
     assert solves < creeping
     assert balance >= creeping_balance - 0.002
+
+
+def test_scale_up_keeps_its_step_3_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows with joined ranks keep their step-3 rounds while they rise at all: the weights
+    received for 8 layers x 384 experts on 256 -> 288 ranks x 2 slots are those of the rounds
+    (going to step 4 at the first creeping round received 1440 where the rounds receive 1400)."""
+    load = _zipf_load(8, 384, 0)
+    base = plan(load, 256, 2)
+    moved = []
+    for stall in (repair_module.STEP3_STALL, 0.0):
+        monkeypatch.setattr(repair_module, "STEP3_STALL", stall)
+        report = plan_with_report(
+            load, 288, 2, previous=base, rank_mapping=RankMapping.resize(256, 288)
+        )
+        moved.append(int(report.transfers.sum()))
+    assert moved[0] == moved[1]
