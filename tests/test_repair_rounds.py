@@ -11,6 +11,7 @@ import pytest
 
 from elastic_ep import RankMapping, plan, plan_with_report
 from elastic_ep.eplb import repair as repair_module
+from elastic_ep.eplb.placement import max_units
 
 
 def _zipf_load(layers: int, experts: int, seed: int) -> np.ndarray:
@@ -104,3 +105,18 @@ def test_scale_up_keeps_its_step_3_rounds(monkeypatch: pytest.MonkeyPatch) -> No
         )
         moved.append(int(report.transfers.sum()))
     assert moved[0] == moved[1]
+
+
+def test_rounds_without_a_swap_solve_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no swap helps (swap_towards a no-op), a drifted row is measured at steps 1, 3
+    and 4 only: a round whose swaps moved nothing solves no shares again."""
+    monkeypatch.setattr(repair_module, "swap_towards", lambda *args, **kwargs: None)
+    layers, experts, ranks, per_rank = 4, 32, 8, 5
+    load = _zipf_load(layers, experts, 0)
+    kept = plan(load, ranks, per_rank).phy2log.numpy().reshape(layers, ranks, per_rank)
+    now = load * np.random.default_rng(1).lognormal(0.0, 0.3, load.shape)
+    calls = _counted(monkeypatch, "solve_shares")
+    target = np.ones(layers)  # out of reach: every row goes up the whole ladder
+    budget = np.full(layers, ranks * per_rank)
+    repair_module.repair(now, kept, target, budget, most=max_units(ranks * per_rank, experts))
+    assert len(calls) == 3

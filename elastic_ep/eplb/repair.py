@@ -38,7 +38,8 @@ leaves it at the first that reaches its target:
    heavy rank (:func:`_swap_passes`; shares only add to it).
 
 A row leaves step 2 once a round no longer raises its balancedness (swaps that undo each other,
-a spent budget), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
+a spent budget; a row whose swaps moved nothing leaves without solving its shares again: they
+would be the units it has), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
 would not help it, and each costs one :func:`solve_shares` of the rows still on the ladder
 (about linear in their slots) and one :func:`swap_towards` call. After those rounds a step-3
 row with no empty slot also leaves where a round raised it by less than ``STEP3_STALL`` of the
@@ -199,7 +200,12 @@ def _repair_with_shares(
             before=bits_of(short),
             row_steps=row_steps,
         )
+        # A row whose swaps moved nothing leaves step 2 as it is: solving its shares again
+        # would give the units it has.
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
+        short, part, weight, totals = short[moved], part[moved], weight[moved], totals[moved]
+        if short.size == 0:
+            break
         slots[short] = part
         carried = _carried_units(part, load[short], weight, totals)
         carried_balance, carried_weight = balance_with_units(part, load[short], carried)
@@ -213,7 +219,7 @@ def _repair_with_shares(
         rose = np.maximum(solved_balance, carried_balance) > balance[short]
         balance[short] = np.maximum(solved_balance, carried_balance)
         share_lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
-        short = short[(balance[short] < target[short]) & moved & rose]
+        short = short[(balance[short] < target[short]) & rose]
     short = np.flatnonzero(balance < target)
 
     def measure(at: np.ndarray) -> None:
