@@ -108,8 +108,8 @@ def test_scale_up_keeps_its_step_3_rounds(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_rounds_without_a_swap_solve_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where no swap helps (swap_towards a no-op), a drifted row is measured at steps 1, 3
-    and 4 only: a round whose swaps moved nothing solves no shares again."""
+    """Where no swap helps (swap_towards a no-op), a drifted row is measured at steps 1 and 3
+    only: a round (or step 4) whose swaps moved nothing solves no shares again."""
     monkeypatch.setattr(repair_module, "swap_towards", lambda *args, **kwargs: None)
     layers, experts, ranks, per_rank = 4, 32, 8, 5
     load = _zipf_load(layers, experts, 0)
@@ -119,4 +119,4 @@ def test_rounds_without_a_swap_solve_nothing(monkeypatch: pytest.MonkeyPatch) ->
     target = np.ones(layers)  # out of reach: every row goes up the whole ladder
     budget = np.full(layers, ranks * per_rank)
     repair_module.repair(now, kept, target, budget, most=max_units(ranks * per_rank, experts))
-    assert len(calls) == 3
+    assert len(calls) == 2

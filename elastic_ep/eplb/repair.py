@@ -39,7 +39,7 @@ leaves it at the first that reaches its target:
 
 A row leaves step 2 once a round no longer raises its balancedness (swaps that undo each other,
 a spent budget; a row whose swaps moved nothing leaves without solving its shares again: they
-would be the units it has), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
+would be the units it has; so in steps 3 and 4), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
 would not help it, and each costs one :func:`solve_shares` of the rows still on the ladder
 (about linear in their slots) and one :func:`swap_towards` call. After those rounds a step-3
 row with no empty slot also leaves where a round raised it by less than ``STEP3_STALL`` of the
@@ -274,8 +274,9 @@ def _repair_with_shares(
     if short.size:
         part = slots[short]
         _swap_passes(part, kept[short], load[short], target[short], budget[short], None)
+        changed = (part != slots[short]).reshape(short.size, -1).any(1)
         slots[short] = part
-        measure(short)
+        measure(short[changed])  # the others keep the units measured for their slots
     return slots, units
 
 
