@@ -19,23 +19,36 @@ leaves it at the first that reaches its target:
    with the wanted replicas heaviest first: shares then move load onto them;
 2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
    ranks still heavy after the shares, in rounds, the shares solved again after each. Drift
-   rows (nothing placed in step 1) take one swap step per round, the fewest swaps; rows that
-   placed replicas double their steps every round and swap up to the target less what
-   solving the shares again added after the previous round (at most half the way left), so
-   that a scale event or a failure needs few rounds; a row with empty slots receives at most
-   ``SCALE_MOVES`` times their number here (step 3 then moves fewer weights than more swaps);
-3. the rest of the wanted replicas (over surplus ones), then swaps again, the second time with
-   more partners. Rows with no empty slot whose replica counts keep them below the target
+   rows (nothing placed in step 1) take one swap step per round, the fewest swaps, doubled
+   from round ``DRIFT_DOUBLE_FROM`` on (a row still short by then needs many: fewer rounds
+   for few more swaps); rows that placed replicas double their steps every round and swap up
+   to the target less what solving the shares again added after the previous round (at most
+   half the way left), so that a scale event or a failure needs few rounds; a row with empty
+   slots receives at most ``SCALE_MOVES`` times their number here (step 3 then moves fewer
+   weights than more swaps);
+3. the rest of the wanted replicas (over surplus ones), then rounds of swaps by the equal
+   split aimed at the target less what the shares add to it (the lift), each measured with
+   shares. Rows with no empty slot whose replica counts keep them below the target
    (:func:`_count_bound`; every layer of a global scale-down or failure) start here: step 1
    cannot raise that bound, and step 3 starts from ``kept`` for them. So do rows with no
    empty slot and ``RECOUNT_FROM`` replicas per expert or more (a drift on many ranks): there
    a replica handed from an expert whose load fell to one whose load rose receives one
-   weight where a swap receives two.
+   weight where a swap receives two;
+4. swaps by the equal split aimed at the target itself, a second time with more partners per
+   heavy rank (:func:`_swap_passes`; shares only add to it).
 
 A row leaves step 2 once a round no longer raises its balancedness (swaps that undo each other,
-a spent budget), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
+a spent budget; a row whose swaps moved nothing leaves without solving its shares again: they
+would be the units it has; so in steps 3 and 4), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
 would not help it, and each costs one :func:`solve_shares` of the rows still on the ladder
-(about linear in their slots) and one :func:`swap_towards` call.
+(about linear in their slots) and one :func:`swap_towards` call. After those rounds a step-3
+row with no empty slot also leaves where a round raised it by less than ``STEP3_STALL`` of the
+way left: rounds that creep cost a solve each, where step 4 finishes the row at once (a row
+with joined ranks keeps its rounds: there step 4 moved more weights, 384 experts on 256 -> 288
+x 2 slots 10500 -> 10800). (Sending a row to step 4
+as soon as its equal split reached the goal with the shares still short saved more rounds but
+lost balancedness where the next round's lift would have finished it: 256 experts on 128 x 3
+slots, a scale-up, 0.0198 below vLLM.)
 """
 
 from __future__ import annotations
@@ -55,7 +68,13 @@ SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares a
 SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
 SCALE_MOVES = 2  # step 2 of a row with empty slots receives at most this x their number
+# Step-2 round from which drift rows double their swap steps (256 x 32 x 9, a drift: 8 -> 5
+# rounds, 8.5% -> 9.1% of the slots moved; from round 1, 64 x 16 x 5 moved 14.0% -> 14.5%).
+DRIFT_DOUBLE_FROM = 2
 STEP3_SETTLE = 1  # step-3 rounds a row keeps even where one does not raise its balancedness
+# Least rise of a step-3 round after the settle ones, x the way left to the target (384 x 64
+# x 9, a scale-down: rounds that raised 0.0003 of 0.033 left; 6 -> 5 solves).
+STEP3_STALL = 0.25
 # Replicas per expert from which rows with no empty slot start at step 3 (58 x 64 experts on
 # 512 x 3 slots, a drift: 16.0% -> 7.2% of the slots moved; with 6-9 per expert step 2 moves
 # fewer).
@@ -167,7 +186,8 @@ def _repair_with_shares(
         # round (at most half the way); the others (drift) take the base steps to the target,
         # the shares solved after each: the fewest swaps.
         grow = placed[short]
-        row_steps = np.where(grow, base_steps << step, base_steps)
+        drift_steps = base_steps << max(0, step - DRIFT_DOUBLE_FROM)
+        row_steps = np.where(grow, base_steps << step, drift_steps)
         lifted = np.minimum(share_lift[short], 0.5 * (target[short] - balance[short]))
         swap_towards(
             part,
@@ -180,7 +200,12 @@ def _repair_with_shares(
             before=bits_of(short),
             row_steps=row_steps,
         )
+        # A row whose swaps moved nothing leaves step 2 as it is: solving its shares again
+        # would give the units it has.
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
+        short, part, weight, totals = short[moved], part[moved], weight[moved], totals[moved]
+        if short.size == 0:
+            break
         slots[short] = part
         carried = _carried_units(part, load[short], weight, totals)
         carried_balance, carried_weight = balance_with_units(part, load[short], carried)
@@ -194,7 +219,7 @@ def _repair_with_shares(
         rose = np.maximum(solved_balance, carried_balance) > balance[short]
         balance[short] = np.maximum(solved_balance, carried_balance)
         share_lift[short] = np.maximum(solved_balance - carried_balance, 0.0)
-        short = short[(balance[short] < target[short]) & moved & rose]
+        short = short[(balance[short] < target[short]) & rose]
     short = np.flatnonzero(balance < target)
 
     def measure(at: np.ndarray) -> None:
@@ -236,17 +261,22 @@ def _repair_with_shares(
         slots[short] = part[moved]
         measure(short)
         # Likewise after STEP3_SETTLE rounds (a row then swings around its target; a first
-        # round may lose what the next gains, and step 4 would move more weights).
+        # round may lose what the next gains, and step 4 would move more weights), and, with
+        # no empty slot, where the round raised it by less than STEP3_STALL of the way left:
+        # rounds that creep cost a solve each where step 4 finishes the row at once (a row
+        # with joined ranks keeps them: step 4 would move more weights than the rounds).
         if round3 >= STEP3_SETTLE:
-            short = short[balance[short] > was]
+            least = STEP3_STALL * np.maximum(target[short] - balance[short], 0.0)
+            short = short[balance[short] - was > np.where(empty[short] > 0, 0.0, least)]
     # Step 4, rows still short: swaps by the equal split to the target (the repair without
     # shares; shares only add to it).
     short = np.flatnonzero(balance < target)
     if short.size:
         part = slots[short]
         _swap_passes(part, kept[short], load[short], target[short], budget[short], None)
+        changed = (part != slots[short]).reshape(short.size, -1).any(1)
         slots[short] = part
-        measure(short)
+        measure(short[changed])  # the others keep the units measured for their slots
     return slots, units
 
 
