@@ -68,9 +68,9 @@ SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares a
 SHARE_STEP_RANKS = 256  # swap steps per round of step 2: one per this many ranks (at least 1)
 SWAP_GAP = 0.2  # rows below (1 - SWAP_GAP) x their target skip step 2
 SCALE_MOVES = 2  # step 2 of a row with empty slots receives at most this x their number
-# Step-2 round from which drift rows double their swap steps (256 x 32 x 9, a drift: 8 -> 5
-# rounds, 8.5% -> 9.1% of the slots moved; from round 1, 64 x 16 x 5 moved 14.0% -> 14.5%).
-DRIFT_DOUBLE_FROM = 2
+# Step-2 round from which drift rows double their swap steps (256 x 32 x 9, a drift: 2.0x ->
+# 2.6x vLLM, 8.5% -> 8.8% of the slots moved; from round 2, 64 x 256 x 2 moved 14.7% -> 15.5%).
+DRIFT_DOUBLE_FROM = 3
 STEP3_SETTLE = 1  # step-3 rounds a row keeps even where one does not raise its balancedness
 # Least rise of a step-3 round after the settle ones, x the way left to the target (384 x 64
 # x 9, a scale-down: rounds that raised 0.0003 of 0.033 left; 6 -> 5 solves).
