@@ -38,16 +38,16 @@ leaves it at the first that reaches its target:
    heavy rank (:func:`_swap_passes`; shares only add to it).
 
 A row leaves step 2 once a round no longer raises its balancedness (swaps that undo each other,
-a spent budget; a row whose swaps moved nothing leaves without solving its shares again: they
-would be the units it has; so in steps 3 and 4), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
+a spent budget), and step 3 likewise after its first ``STEP3_SETTLE`` rounds: the rounds left
 would not help it, and each costs one :func:`solve_shares` of the rows still on the ladder
 (about linear in their slots) and one :func:`swap_towards` call. After those rounds a step-3
 row with no empty slot also leaves where a round raised it by less than ``STEP3_STALL`` of the
 way left: rounds that creep cost a solve each, where step 4 finishes the row at once (a row
 with joined ranks keeps its rounds: there step 4 moved more weights, 384 experts on 256 -> 288
-x 2 slots 10500 -> 10800). (Sending a row to step 4
-as soon as its equal split reached the goal with the shares still short saved more rounds but
-lost balancedness where the next round's lift would have finished it: 256 experts on 128 x 3
+x 2 slots 10500 -> 10800). In every step a row whose swaps moved nothing keeps its units
+without a new solve: they would come out the same. (Sending a row to step 4 as soon as its
+equal split reached the goal with the shares still short saved more rounds but lost
+balancedness where the next round's lift would have finished it: 256 experts on 128 x 3
 slots, a scale-up, 0.0198 below vLLM.)
 """
 
