@@ -19,11 +19,11 @@ fresh plan gains more than ``balance_tolerance`` over the previous placement, th
 keeps ``RECOVERED`` (90%) of that gain; where the whole model gains more than that (the mean
 of the layers' gains), every layer keeps ``RECOVERED`` of its own gain, however small. A
 layer whose placement lost experts (a failure, a scale-down) keeps no share of a gain: the
-placement without them is no plan to measure one over. A scale-down's target (2-3 slots per rank, no empty slot, the fresh plan far above the
-placement) stays up to ``PACKING_SLACK`` x ``balance_tolerance`` higher, less what routing
-shares add and at most up to a bound on any packing: another planner's plan may beat the
-fresh one by that much. A
-repair short of its target by less than ``balance_tolerance`` is kept when the relabelled
+placement without them is no plan to measure one over. A scale-down's target (2-3 slots per
+rank, no empty slot, the fresh plan far above the placement) stays up to ``PACKING_SLACK`` x
+``balance_tolerance`` higher, less what routing shares add and at most up to a bound on any
+packing: another planner's plan may beat the fresh one by that much. A repair short of its
+target by less than ``balance_tolerance`` is kept when the relabelled
 fresh plan would move more than ``NEAR_MISS_MOVES`` times its weights; other misses are kept,
 most weights saved per balancedness lost first, while the layers' balancedness over their
 targets pays for them (the model's mean stays ``SURPLUS_KEPT`` x ``balance_tolerance`` above

@@ -3,11 +3,12 @@
 :func:`prefer_repair` sets each layer's target from the fresh plan (:func:`layer_targets`: its
 balancedness minus the tolerance, keeping ``RECOVERED`` of its gain over the placement as it
 is; a scale-down's target stays :func:`packing_lift` above that, or with 2 slots per rank up
-to :func:`pairing_balance`, as another planner's plan may beat the fresh one), builds the repair (:mod:`elastic_ep.eplb.repair`; per node for
-hierarchical plans) and keeps it where it reaches the target; elsewhere the fresh plan
-relabelled onto the old ranks (:mod:`elastic_ep.eplb.relabel`; in a hierarchical plan only
-on the nodes whose repair misses, :func:`mix_nodes`), unless the repair is a near
-miss and the fresh plan would move over ``NEAR_MISS_MOVES`` times its weights, or the other
+to :func:`pairing_balance`, as another planner's plan may beat the fresh one), builds the
+repair (:mod:`elastic_ep.eplb.repair`; per node for hierarchical plans) and keeps it where it
+reaches the target; elsewhere the fresh plan relabelled onto the old ranks
+(:mod:`elastic_ep.eplb.relabel`; in a hierarchical plan only on the nodes whose repair misses,
+:func:`mix_nodes`), unless the repair is a near miss and the fresh plan would move over
+``NEAR_MISS_MOVES`` times its weights, or the other
 layers' balancedness over their targets pays for the miss (:func:`spend_surplus`: the model's
 balancedness is the mean over layers). Balancedness is measured with routing shares where the
 plan has them. :func:`single_slot_repair` is the one-slot shortcut that needs no fresh plan.
@@ -118,24 +119,23 @@ def prefer_repair(
         fresh_balance = layer_balancedness(fresh, load)
     else:
         fresh_balance = balance_with_units(fresh, load, node_shares(fresh, load, most, nodes))[0]
+    empty = (kept < 0).reshape(layers, -1).sum(1)  # joined ranks' slots (a scale-up)
+    full = empty == 0
     lift = np.zeros(layers)
     if 1 < slots <= LIFT_MOST_SLOTS:
         equal_split = fresh_balance if most is None else layer_balancedness(fresh, load)
-        full = np.all((kept >= 0).reshape(layers, -1), axis=1)
         gain = fresh_balance - kept_balance
         # No plan of these replicas beats the bound: the lift stops there.
         room = np.maximum(balance_bound(fresh, load) - equal_split, 0.0)
         lift = np.minimum(packing_lift(fresh_balance - equal_split, gain, full, tolerance), room)
     if slots == 2 and nodes == 1:  # what a planner pairing an expert with itself reaches
         # (not a scale-up: its joined slots take the replicas cheaply, more swaps do not)
-        full = np.all((kept >= 0).reshape(layers, -1), axis=1)
         gap = np.where(full, pairing_balance(fresh, load) - fresh_balance, 0.0)
         lift = np.maximum(lift, np.clip(gap, 0.0, tolerance))
     lost_experts = (expert_counts(kept, load.shape[1]) == 0).sum(1)
     target = layer_targets(fresh_balance, kept_balance, tolerance, lift, lost_experts > 0)
     budget = np.full(layers, limit)
     if slots >= 3:  # a scale-up's swaps then reuse the slots it already fills
-        empty = (kept < 0).reshape(layers, -1).sum(1)
         least = empty + lost_experts
         budget = np.where(empty > 0, np.minimum(limit, SCALE_UP_MOVES * least), limit)
     if nodes == 1:

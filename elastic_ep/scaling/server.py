@@ -19,8 +19,7 @@ Binding an address other than loopback without a token raises ``ValueError`` unl
 deadline for the whole request (a client that sends half a request and stalls is cut off), the
 body is capped (413 above it), and at most ``max_connections`` are served at once (503 beyond;
 the accept loop answers those itself after a wait of at most 0.2 s, so a flood cannot spawn
-threads). Every response, errors
-included, is JSON.
+threads). Every response, errors included, is JSON.
 """
 
 from __future__ import annotations
