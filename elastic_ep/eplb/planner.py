@@ -41,6 +41,9 @@ With one slot per rank the balancedness depends on the replica counts alone: a p
 (:mod:`elastic_ep.eplb.single_slot`, the fresh plan's counts with the fewest transfers) without
 building the fresh plan.
 
+A plan without ``previous`` has each node's ranks ordered so that the highest, which a
+scale-down drops, hold only replicas it can spare (:mod:`elastic_ep.eplb.rank_order`).
+
 Every plan then gets routing shares (:mod:`elastic_ep.eplb.shares`): units per replica that
 move load between replicas of one expert, from heavy ranks to light ones, without moving a
 weight (``shares=False`` keeps the equal split). With a previous placement and shares, every
@@ -62,6 +65,7 @@ from elastic_ep.eplb.incremental import drop_duplicates
 from elastic_ep.eplb.packing import expert_counts, static_slots
 from elastic_ep.eplb.placement import Placement, max_units
 from elastic_ep.eplb.polish import repack_stuck
+from elastic_ep.eplb.rank_order import essential_first
 from elastic_ep.eplb.repair import balance_with_units
 from elastic_ep.eplb.repair_choice import (
     layer_balancedness,
@@ -156,8 +160,7 @@ def plan(
             load, num_ranks, slots_per_rank, num_groups, num_nodes, balance_tolerance, swap_steps
         )
         _check_fresh(rank_mapping, dead_ranks, max_transfers)
-        steps = _swap_steps(swap_steps, DEFAULT_SWAP_STEPS, num_nodes)
-        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
+        fresh = _fresh_alone(weights, num_ranks, slots_per_rank, num_groups, num_nodes, swap_steps)
         return _to_placement(fresh, weights, num_ranks, shares)
     return plan_with_report(
         load,
@@ -198,8 +201,7 @@ def plan_with_report(
     dead = sorted(set(dead_ranks))
     if previous is None:
         _check_fresh(rank_mapping, dead, max_transfers)
-        steps = _swap_steps(swap_steps, DEFAULT_SWAP_STEPS, num_nodes)
-        fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps)
+        fresh = _fresh_alone(weights, num_ranks, slots_per_rank, num_groups, num_nodes, swap_steps)
         return PlanReport(
             placement=_to_placement(fresh, weights, num_ranks, shares),
             lost=torch.zeros(layers, experts, dtype=torch.bool),
@@ -296,6 +298,16 @@ def _swap_steps(given: int | None, default: int, nodes: int) -> int:
     if given is not None:
         return given
     return default if nodes == 1 else HIERARCHICAL_SWAP_STEPS
+
+
+def _fresh_alone(
+    load: np.ndarray, ranks: int, slots: int, groups: int, nodes: int, swap_steps: int | None
+) -> np.ndarray:
+    """int64 [L, R, S]: the fresh plan without a previous placement, its ranks ordered so that
+    the highest, which a scale-down drops, hold the replicas it can spare
+    (:mod:`elastic_ep.eplb.rank_order`)."""
+    steps = _swap_steps(swap_steps, DEFAULT_SWAP_STEPS, nodes)
+    return essential_first(_fresh(load, ranks, slots, groups, nodes, steps), load, nodes)
 
 
 def _fresh(

@@ -1,0 +1,86 @@
+"""Rank order of a fresh plan: the ranks a scale-down drops first hold what it can spare.
+
+A fresh plan's packs may sit on the ranks in any order (within a node, for a hierarchical plan):
+the balancedness is the same. The order decides what a later change loses. A scale-down drops
+the highest ranks (``RankMapping.resize``; a node-aligned one the highest of each node), and
+every expert whose replicas all sat there must be re-homed: a weight received, or, for a failed
+node, a reload from a checkpoint. Packing leaves an expert's replicas on neighbouring ranks (a
+hot expert's replicas are the heaviest items of the first rounds), so dropping the top 1/8 of
+512 one-slot ranks (64 experts) left 25 of a layer's 64 experts with no replica.
+
+:func:`essential_first` sorts each row's ranks (a layer, or a node of one) by the most
+essential replica they hold, descending:
+
+* an expert's *home* (one replica per expert, the only one of a single-replica expert; on a rank
+  that holds a single-replica expert where the expert has one there, so that few ranks hold
+  homes) is essential: ranks holding one come first, in their old order;
+* the j-th other replica of an expert of load ``w`` (j = 1, 2, ...; in rank order) is worth
+  ``w / j``, the load per replica the greedy replication saw when it added that replica.
+
+So the highest ranks hold the replicas a smaller world would not have made (with one slot per
+rank, dropping the top k ranks undoes the last k steps of the greedy replication), and an
+expert loses its last replica only where every rank holds a home (few redundant slots: then
+every rank holds a single-replica expert). Cost: one stable 16-bit radix sort of each row's
+slots and one of its ranks, about linear in L x R x S.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> np.ndarray:
+    """int64 [L, R, S]: ``slots`` with each node's ranks reordered, see the module docstring.
+
+    Args:
+        slots: int64 [L, R, S], a plan (-1 = empty); with ``num_nodes > 1`` every expert's
+            replicas lie in one node of R / N consecutive ranks.
+        load: float64 [L, E], non-negative load per expert.
+        num_nodes: N, dividing R; ranks move only within their node.
+    """
+    layers, ranks, per_rank = slots.shape
+    experts = load.shape[1]
+    per_node = ranks // num_nodes
+    rows, width = layers * num_nodes, per_node * per_rank
+    local = slots.reshape(rows, per_node, per_rank)
+    # 32-bit expert ids, E for an empty slot: the passes below are memory-bound.
+    expert = local.reshape(rows, width).astype(np.int32)
+    expert[expert < 0] = experts
+    group = expert + (np.arange(rows, dtype=np.int32) * (experts + 1))[:, None]
+    counts = np.bincount(group.ravel(), minlength=rows * (experts + 1)).astype(np.int32)
+    counts[experts :: experts + 1] = 0  # empty slots hold no single replica
+    single = (counts.take(group) == 1).reshape(rows, per_node, per_rank)
+    holds_single = single.any(2)  # [rows, P]
+    if holds_single.all():  # every rank holds an expert's only replica: no order spares one
+        return slots.copy()
+    # Per row, slots sorted by expert, the replica on a rank holding a single first (the home),
+    # then by rank: a stable radix sort of 16-bit keys. Flat indices throughout: one ``take``
+    # is several times cheaper than ``take_along_axis`` on these arrays.
+    key = expert.astype(np.uint16)
+    key <<= 1
+    key += np.repeat(~holds_single, per_rank, axis=1)
+    order = np.argsort(key, axis=1, kind="stable")
+    order += (np.arange(rows) * width)[:, None]
+    order = order.ravel()
+    sorted_group = group.ravel().take(order).reshape(rows, width)
+    position = np.arange(width, dtype=np.int32)
+    start = np.zeros((rows, width), dtype=np.int32)
+    start[:, 1:] = np.where(sorted_group[:, 1:] != sorted_group[:, :-1], position[1:], 0)
+    nth = position - np.maximum.accumulate(start, axis=1)  # replicas of the expert before
+    # Worth = load / nth: +inf for a home (the tiny load keeps a zero-load expert's home
+    # infinite), negative for an empty slot.
+    per_group = np.zeros((rows, experts + 1))
+    per_group[:, :experts] = np.repeat(load, num_nodes, axis=0) + 1e-300
+    per_group[:, experts] = -1.0
+    with np.errstate(divide="ignore"):
+        inverse = 1.0 / np.arange(width)
+    worth = per_group.ravel().take(sorted_group) * inverse.take(nth)
+    slot_worth = np.empty(rows * width)
+    slot_worth[order] = worth.ravel()
+    slot_worth = slot_worth.reshape(rows, per_node, per_rank)
+    rank_worth = slot_worth[:, :, 0].copy()
+    for column in range(1, per_rank):  # column maxima: a reduction over a short axis is slower
+        np.maximum(rank_worth, slot_worth[:, :, column], out=rank_worth)
+    rank_order = np.argsort(-rank_worth, axis=1, kind="stable")
+    rank_order += (np.arange(rows) * per_node)[:, None]
+    return local.reshape(-1, per_rank).take(rank_order.ravel(), axis=0).reshape(slots.shape)

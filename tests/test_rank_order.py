@@ -1,0 +1,114 @@
+"""The rank order of fresh plans (eplb/rank_order.py): ranks move whole within their node, every
+expert keeps a replica below the ranks that hold only spare ones, and a scale-down that drops the
+highest ranks of a fresh plan loses no expert where spare ranks exist."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elastic_ep import RankMapping
+from elastic_ep.eplb import plan, plan_with_report
+from elastic_ep.eplb.rank_order import essential_first
+
+
+@st.composite
+def node_plans(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
+    """(slots int64 [L, R, S], load float64 [L, E], nodes): every expert of a node only in that
+    node, no expert twice on a rank, some empty slots, some zero loads."""
+    layers = draw(st.integers(1, 3))
+    nodes = draw(st.integers(1, 3))
+    per_node = draw(st.integers(1, 6))
+    per_rank = draw(st.integers(1, 4))
+    experts_per_node = draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    experts = nodes * experts_per_node
+    slots = np.full((layers, nodes * per_node, per_rank), -1, dtype=np.int64)
+    for layer in range(layers):
+        for node in range(nodes):
+            own = np.arange(node * experts_per_node, (node + 1) * experts_per_node)
+            for rank in range(node * per_node, (node + 1) * per_node):
+                held = rng.permutation(own)[: rng.integers(0, min(per_rank, own.size) + 1)]
+                slots[layer, rank, : held.size] = held
+    load = rng.random((layers, experts)) * (rng.random((layers, experts)) > 0.2)
+    return slots, load, nodes
+
+
+def orphans_after_dropping(slots: np.ndarray, nodes: int, drop: int) -> int:
+    """Experts of each (layer, node) present in ``slots`` with no replica on its first
+    R / N - ``drop`` ranks, summed."""
+    layers, ranks, per_rank = slots.shape
+    local = slots.reshape(layers * nodes, ranks // nodes, per_rank)
+    lost = 0
+    for row in local:
+        held = set(row.ravel().tolist()) - {-1}
+        lost += len(held - set(row[: row.shape[0] - drop].ravel().tolist()))
+    return lost
+
+
+@settings(max_examples=200, deadline=None)
+@given(node_plans())
+def test_ranks_move_whole_within_their_node(case: tuple[np.ndarray, np.ndarray, int]) -> None:
+    slots, load, nodes = case
+    out = essential_first(slots, load, nodes)
+    layers, ranks, per_rank = slots.shape
+    per_node = ranks // nodes
+    for layer in range(layers):
+        for node in range(nodes):
+            part = slice(node * per_node, (node + 1) * per_node)
+            before = sorted(tuple(r) for r in slots[layer, part].tolist())
+            after = sorted(tuple(r) for r in out[layer, part].tolist())
+            assert before == after
+
+
+@settings(max_examples=200, deadline=None)
+@given(node_plans())
+def test_spare_ranks_come_last(case: tuple[np.ndarray, np.ndarray, int]) -> None:
+    """Dropping the top k ranks of a node loses no expert while k is at most the node's ranks
+    less those that must hold a home: each rank holding a single-replica expert, and one rank
+    for each other expert with no replica on such a rank."""
+    slots, load, nodes = case
+    out = essential_first(slots, load, nodes)
+    layers, ranks, per_rank = slots.shape
+    per_node = ranks // nodes
+    for layer in range(layers):
+        for node in range(nodes):
+            row = out[layer, node * per_node : (node + 1) * per_node]
+            experts, counts = np.unique(row[row >= 0], return_counts=True)
+            single = set(experts[counts == 1].tolist())
+            homes = [r for r in range(per_node) if single & set(row[r].tolist())]
+            covered = {e for r in homes for e in row[r].tolist()} - {-1}
+            needed = len(homes) + len(set(experts.tolist()) - covered)
+            spare = per_node - needed
+            one = out[layer : layer + 1, node * per_node : (node + 1) * per_node]
+            for drop in range(max(spare, 0) + 1):
+                assert orphans_after_dropping(one, 1, drop) == 0, (drop, row)
+
+
+def test_a_fresh_plan_loses_no_expert_when_its_top_eighth_leaves() -> None:
+    """64 experts on 512 one-slot ranks (and 8 nodes): packed as dealt, dropping the top 64
+    ranks left a third of every layer's experts with no replica."""
+    rng = np.random.default_rng(0)
+    profile = 1000.0 / np.arange(1, 65) ** 1.1
+    load = np.stack([rng.permutation(profile) for _ in range(4)])
+    for nodes, groups in ((1, 1), (8, 8)):
+        placement = plan(load, 512, 1, num_groups=groups, num_nodes=nodes)
+        slots = placement.phy2log.numpy().reshape(4, 512, 1)
+        assert orphans_after_dropping(slots, nodes, 512 // nodes // 8) == 0
+    # The scale-down itself then re-homes nothing: every expert keeps a replica.
+    placement = plan(load, 512, 1)
+    report = plan_with_report(
+        load, 448, 1, previous=placement, rank_mapping=RankMapping.resize(512, 448)
+    )
+    assert not bool(report.lost.any())
+    kept = placement.phy2log.reshape(4, 512)[:, :448]
+    present = [set(row.tolist()) for row in kept]
+    assert all(len(p) == 64 for p in present)
+
+
+def test_every_rank_holding_a_single_keeps_the_order() -> None:
+    """No rank holds only spare replicas: no order spares an expert, the plan is unchanged."""
+    slots = np.array([[[0, 1], [2, 3], [4, 0]]])
+    load = np.ones((1, 5))
+    assert np.array_equal(essential_first(slots, load), slots)
