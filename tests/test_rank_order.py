@@ -52,7 +52,7 @@ def orphans_after_dropping(slots: np.ndarray, nodes: int, drop: int) -> int:
 def test_ranks_move_whole_within_their_node(case: tuple[np.ndarray, np.ndarray, int]) -> None:
     slots, load, nodes = case
     out = essential_first(slots, load, nodes)
-    layers, ranks, per_rank = slots.shape
+    layers, ranks, _ = slots.shape
     per_node = ranks // nodes
     for layer in range(layers):
         for node in range(nodes):
@@ -70,7 +70,7 @@ def test_spare_ranks_come_last(case: tuple[np.ndarray, np.ndarray, int]) -> None
     for each other expert with no replica on such a rank."""
     slots, load, nodes = case
     out = essential_first(slots, load, nodes)
-    layers, ranks, per_rank = slots.shape
+    layers, ranks, _ = slots.shape
     per_node = ranks // nodes
     for layer in range(layers):
         for node in range(nodes):

@@ -43,44 +43,58 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
     per_node = ranks // num_nodes
     rows, width = layers * num_nodes, per_node * per_rank
     local = slots.reshape(rows, per_node, per_rank)
-    # 32-bit expert ids, E for an empty slot: the passes below are memory-bound.
-    expert = local.reshape(rows, width).astype(np.int32)
-    expert[expert < 0] = experts
-    group = expert + (np.arange(rows, dtype=np.int32) * (experts + 1))[:, None]
-    counts = np.bincount(group.ravel(), minlength=rows * (experts + 1)).astype(np.int32)
-    counts[experts :: experts + 1] = 0  # empty slots hold no single replica
-    single = (counts.take(group) == 1).reshape(rows, per_node, per_rank)
-    holds_single = single.any(2)  # [rows, P]
-    if holds_single.all():  # every rank holds an expert's only replica: no order spares one
-        return slots.copy()
-    # Per row, slots sorted by expert, the replica on a rank holding a single first (the home),
-    # then by rank: a stable radix sort of 16-bit keys. Flat indices throughout: one ``take``
-    # is several times cheaper than ``take_along_axis`` on these arrays.
-    key = expert.astype(np.uint16)
-    key <<= 1
-    key += np.repeat(~holds_single, per_rank, axis=1)
+    expert = local.reshape(rows, width).copy()
+    expert[expert < 0] = experts  # an empty slot
+    # Per row, slots sorted by expert, then (several slots per rank) the replica on a rank
+    # holding a single first (the home), then by rank: a stable radix sort of 16-bit keys.
+    wide = 2 * experts + 1 > np.iinfo(np.uint16).max
+    key = expert if wide else expert.astype(np.uint16)
+    if per_rank > 1:  # with one slot, a rank holding a single holds no other expert's replica
+        group = expert + (np.arange(rows) * (experts + 1))[:, None]
+        counts = np.bincount(group.ravel(), minlength=rows * (experts + 1))
+        counts[experts :: experts + 1] = 0  # empty slots hold no single replica
+        holds_single = (counts.take(group) == 1).reshape(rows, per_node, per_rank).any(2)
+        if holds_single.all():  # every rank holds an expert's only replica: none is spared
+            return slots.copy()
+        key = key * 2 + np.repeat(~holds_single, per_rank, axis=1)
     order = np.argsort(key, axis=1, kind="stable")
     order += (np.arange(rows) * width)[:, None]
-    order = order.ravel()
-    sorted_group = group.ravel().take(order).reshape(rows, width)
-    position = np.arange(width, dtype=np.int32)
-    start = np.zeros((rows, width), dtype=np.int32)
-    start[:, 1:] = np.where(sorted_group[:, 1:] != sorted_group[:, :-1], position[1:], 0)
-    nth = position - np.maximum.accumulate(start, axis=1)  # replicas of the expert before
+    order = order.ravel()  # flat indices: one ``take`` is cheaper than ``take_along_axis``
+    # Small dtypes below: temporaries under 128 KiB stay on the heap (larger ones are mapped and
+    # page-faulted afresh at every call).
+    sorted_expert = expert.ravel().take(order).reshape(rows, width)
+    boundary = sorted_expert[:, 1:] != sorted_expert[:, :-1]
+    if per_rank == 1 and boundary.all() and (sorted_expert[:, -1] < experts).all():
+        return slots.copy()  # every rank holds an expert's only replica
+    index = np.int16 if width < np.iinfo(np.int16).max else np.int64
+    position = np.arange(width, dtype=index)
+    start = np.zeros((rows, width), dtype=index)
+    np.multiply(boundary, position[1:], out=start[:, 1:])
+    nth = np.maximum.accumulate(start, axis=1)
+    np.subtract(position, nth, out=nth)  # replicas of the expert before, in rank order
     # Worth = load / nth: +inf for a home (the tiny load keeps a zero-load expert's home
-    # infinite), negative for an empty slot.
-    per_group = np.zeros((rows, experts + 1))
-    per_group[:, :experts] = np.repeat(load, num_nodes, axis=0) + 1e-300
-    per_group[:, experts] = -1.0
+    # infinite), negative for an empty slot; float32 is fine for an order.
+    padded = np.full((layers, experts + 1), -1.0, dtype=np.float32)
+    padded[:, :experts] = load
+    padded[:, :experts] += np.float32(1e-30)
+    row_base = np.arange(rows) // num_nodes * (experts + 1)
+    weight = padded.ravel().take(sorted_expert + row_base[:, None])
     with np.errstate(divide="ignore"):
-        inverse = 1.0 / np.arange(width)
-    worth = per_group.ravel().take(sorted_group) * inverse.take(nth)
-    slot_worth = np.empty(rows * width)
-    slot_worth[order] = worth.ravel()
+        inverse = (1.0 / np.arange(width)).astype(np.float32)
+    worth = weight.ravel() * inverse.take(nth.ravel())
+    slot_worth = np.empty(rows * width, dtype=np.float32)
+    slot_worth[order] = worth
     slot_worth = slot_worth.reshape(rows, per_node, per_rank)
-    rank_worth = slot_worth[:, :, 0].copy()
-    for column in range(1, per_rank):  # column maxima: a reduction over a short axis is slower
-        np.maximum(rank_worth, slot_worth[:, :, column], out=rank_worth)
-    rank_order = np.argsort(-rank_worth, axis=1, kind="stable")
+    rank_worth = slot_worth[:, :, 0]
+    if per_rank > 1:
+        rank_worth = rank_worth.copy()
+        for column in range(1, per_rank):  # column maxima: a reduction over a short axis is slower
+            np.maximum(rank_worth, slot_worth[:, :, column], out=rank_worth)
+    # Descending worth as a 16-bit key, for a radix sort: a positive float32's bit pattern
+    # orders like the float, and its top 16 bits keep it to 1% (+inf, a home, first); an empty
+    # rank last.
+    top = (rank_worth.view(np.uint32) >> 16).astype(np.uint16)
+    key16 = np.where(rank_worth < 0, np.uint16(0xFFFF), np.uint16(0xFFFF) - top)
+    rank_order = np.argsort(key16, axis=1, kind="stable")
     rank_order += (np.arange(rows) * per_node)[:, None]
     return local.reshape(-1, per_rank).take(rank_order.ravel(), axis=0).reshape(slots.shape)
