@@ -23,6 +23,10 @@ routing share
 rank mapping
     How the ranks of one epoch map onto the next (scale up, scale down, failure). See
     :class:`elastic_ep.RankMapping`.
+home replica
+    One replica of each expert that a fresh plan keeps below the ranks holding only spare
+    replicas, so that a scale-down dropping the highest ranks loses no expert
+    (:func:`essential_first`).
 balancedness
     Mean rank load / max rank load of a layer (an expert's load split over its replicas by
     their routing shares), averaged over layers. 1.0 is perfect.
@@ -43,6 +47,7 @@ from elastic_ep.eplb.executor import (
 )
 from elastic_ep.eplb.placement import EMPTY, Placement, log2phy_from_phy2log, max_units
 from elastic_ep.eplb.planner import PlanReport, plan, plan_with_report
+from elastic_ep.eplb.rank_order import essential_first
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.transfer_plan import (
     LocalCopy,
@@ -71,6 +76,7 @@ __all__ = [
     "Step",
     "Transfer",
     "TransferPlan",
+    "essential_first",
     "execute",
     "log2phy_from_phy2log",
     "max_units",

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
+SORT_ROWS_AT_ONCE = 32
+"""Rows from which :func:`_sort_rows` sorts all rows in two passes rather than one by one."""
+
 
 def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> np.ndarray:
     """int64 [L, R, S]: ``slots`` with each node's ranks reordered, see the module docstring.
@@ -57,9 +60,7 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
         if holds_single.all():  # every rank holds an expert's only replica: none is spared
             return slots.copy()
         key = key * 2 + np.repeat(~holds_single, per_rank, axis=1)
-    order = np.argsort(key, axis=1, kind="stable")
-    order += (np.arange(rows) * width)[:, None]
-    order = order.ravel()  # flat indices: one ``take`` is cheaper than ``take_along_axis``
+    order = _sort_rows(key)  # flat indices: one ``take`` is cheaper than ``take_along_axis``
     # Small dtypes below: temporaries under 128 KiB stay on the heap (larger ones are mapped and
     # page-faulted afresh at every call).
     sorted_expert = expert.ravel().take(order).reshape(rows, width)
@@ -95,6 +96,20 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
     # rank last.
     top = (rank_worth.view(np.uint32) >> 16).astype(np.uint16)
     key16 = np.where(rank_worth < 0, np.uint16(0xFFFF), np.uint16(0xFFFF) - top)
-    rank_order = np.argsort(key16, axis=1, kind="stable")
-    rank_order += (np.arange(rows) * per_node)[:, None]
-    return local.reshape(-1, per_rank).take(rank_order.ravel(), axis=0).reshape(slots.shape)
+    rank_order = _sort_rows(key16)
+    return local.reshape(-1, per_rank).take(rank_order, axis=0).reshape(slots.shape)
+
+
+def _sort_rows(key: np.ndarray) -> np.ndarray:
+    """int64 [B * W]: flat indices that sort each row of ``key`` [B, W] stably. Many short
+    rows (a hierarchical plan's (layer, node) rows): two stable 16-bit radix passes over all
+    of them, by key then by row (one sort per row costs a call each); else one sort per row."""
+    rows, width = key.shape
+    short = width <= SORT_ROWS_AT_ONCE * 8
+    if short and rows >= SORT_ROWS_AT_ONCE and key.dtype == np.uint16 and rows < 1 << 16:
+        by_key = np.argsort(key.ravel(), kind="stable")
+        row = (by_key // width).astype(np.uint16)
+        return by_key.take(np.argsort(row, kind="stable"))
+    order = np.argsort(key, axis=1, kind="stable")
+    order += (np.arange(rows) * width)[:, None]
+    return order.ravel()
