@@ -46,12 +46,17 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
     per_node = ranks // num_nodes
     rows, width = layers * num_nodes, per_node * per_rank
     local = slots.reshape(rows, per_node, per_rank)
-    expert = local.reshape(rows, width).copy()
-    expert[expert < 0] = experts  # an empty slot
     # Per row, slots sorted by expert, then (several slots per rank) the replica on a rank
     # holding a single first (the home), then by rank: a stable radix sort of 16-bit keys.
+    # Small dtypes throughout: temporaries under 128 KiB stay on the heap (larger ones are
+    # mapped and page-faulted afresh at every call).
     wide = 2 * experts + 1 > np.iinfo(np.uint16).max
-    key = expert if wide else expert.astype(np.uint16)
+    expert = local.reshape(rows, width).astype(np.int64 if wide else np.uint16)
+    if wide:
+        expert[expert < 0] = experts  # an empty slot
+    else:
+        np.minimum(expert, experts, out=expert)  # an empty slot (-1 wraps to 65535)
+    key = expert
     if per_rank > 1:  # with one slot, a rank holding a single holds no other expert's replica
         group = expert + (np.arange(rows) * (experts + 1))[:, None]
         counts = np.bincount(group.ravel(), minlength=rows * (experts + 1))
@@ -59,10 +64,8 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
         holds_single = (counts.take(group) == 1).reshape(rows, per_node, per_rank).any(2)
         if holds_single.all():  # every rank holds an expert's only replica: none is spared
             return slots.copy()
-        key = key * 2 + np.repeat(~holds_single, per_rank, axis=1)
+        key = expert * 2 + np.repeat(~holds_single, per_rank, axis=1)
     order = _sort_rows(key)  # flat indices: one ``take`` is cheaper than ``take_along_axis``
-    # Small dtypes below: temporaries under 128 KiB stay on the heap (larger ones are mapped and
-    # page-faulted afresh at every call).
     sorted_expert = expert.ravel().take(order).reshape(rows, width)
     boundary = sorted_expert[:, 1:] != sorted_expert[:, :-1]
     if per_rank == 1 and boundary.all() and (sorted_expert[:, -1] < experts).all():
