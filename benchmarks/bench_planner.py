@@ -28,6 +28,7 @@ that file (between ``<!-- bench_planner -->`` markers) and keeps the rest.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -312,6 +313,7 @@ def _write_sweep_json(path: Path, version: str, rows: list[SweepRow], seconds: f
             {
                 "vllm_version": version,
                 "machine": machine_line(),
+                "date": datetime.date.today().isoformat(),
                 "seconds": seconds,
                 "rows": [asdict(r) for r in rows],
             },
@@ -321,11 +323,18 @@ def _write_sweep_json(path: Path, version: str, rows: list[SweepRow], seconds: f
 
 
 def report_sweep(
-    rows: list[SweepRow], version: str, machine: str, minutes: float, args: argparse.Namespace
+    rows: list[SweepRow],
+    version: str,
+    machine: str,
+    minutes: float,
+    args: argparse.Namespace,
+    day: str | None = None,
 ) -> None:
-    """Print the summary; write the plot and the markdown section where asked."""
+    """Print the summary; write the plot and the markdown section where asked (``day``: the
+    date of the run, today if ``None``)."""
     head = (
-        f"`python benchmarks/bench_planner.py --sweep` ({machine}; 1 thread; "
+        f"`python benchmarks/bench_planner.py --sweep` on "
+        f"{day or datetime.date.today().isoformat()} ({machine}; 1 thread; "
         f"{minutes:.1f} min in all; vLLM {version} DefaultEplbPolicy in the same run, calls "
         f"alternating, CPU time of each call; seed {SEED}). Speed-up = vLLM ms / ours ms; "
         f"moved = weights received, % of the new slots; min. = per layer the experts with no "
@@ -392,7 +401,14 @@ def main() -> None:
         saved = [json.loads(path.read_text()) for path in args.from_json]
         minutes = sum(part["seconds"] for part in saved) / 60
         rows = _saved_rows(args.from_json)
-        report_sweep(rows, saved[0]["vllm_version"], saved[0]["machine"], minutes, args)
+        report_sweep(
+            rows,
+            saved[0]["vllm_version"],
+            saved[0]["machine"],
+            minutes,
+            args,
+            saved[0].get("date"),
+        )
         return
     torch.set_num_threads(1)
     wheel = args.vllm_wheel

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
 from elastic_ep.eplb import plan, plan_with_report
-from elastic_ep.eplb.rank_order import essential_first
+from elastic_ep.eplb.rank_order import _sort_rows, essential_first
 
 
 @st.composite
@@ -112,3 +112,27 @@ def test_every_rank_holding_a_single_keeps_the_order() -> None:
     slots = np.array([[[0, 1], [2, 3], [4, 0]]])
     load = np.ones((1, 5))
     assert np.array_equal(essential_first(slots, load), slots)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 300), st.integers(0, 2**16))
+def test_sort_rows_is_a_stable_sort_of_each_row(rows: int, width: int, seed: int) -> None:
+    """Both ways of :func:`_sort_rows` (two flat radix passes for many short rows, else one
+    sort per row) give each row's stable order, as flat indices."""
+    key = np.random.default_rng(seed).integers(0, 8, (rows, width)).astype(np.uint16)
+    want = (np.argsort(key, axis=1, kind="stable") + np.arange(rows)[:, None] * width).ravel()
+    assert np.array_equal(_sort_rows(key), want)
+
+
+def test_more_experts_than_16_bit_keys_hold() -> None:
+    """Expert ids past 2^15 take 64-bit keys: the order is the same as with small ids."""
+    slots = np.array([[[3], [3], [0], [3], [1]]])
+    load = np.array([[1.0, 2.0, 0.0, 9.0]])
+    small = essential_first(slots, load)
+    shift = 40_000
+    big_load = np.zeros((1, shift + 4))
+    big_load[0, shift:] = load[0]
+    big = essential_first(np.where(slots >= 0, slots + shift, -1), big_load)
+    assert np.array_equal(np.where(big >= 0, big - shift, -1), small)
+    # Homes first in rank order (3's on rank 0, 0, 1), then 3's spares, worth 9 / 1 and 9 / 2.
+    assert small[0, :, 0].tolist() == [3, 0, 1, 3, 3]

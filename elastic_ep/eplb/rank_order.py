@@ -51,10 +51,11 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
     # Small dtypes throughout: temporaries under 128 KiB stay on the heap (larger ones are
     # mapped and page-faulted afresh at every call).
     wide = 2 * experts + 1 > np.iinfo(np.uint16).max
-    expert = local.reshape(rows, width).astype(np.int64 if wide else np.uint16)
     if wide:
+        expert = local.reshape(rows, width).copy()
         expert[expert < 0] = experts  # an empty slot
     else:
+        expert = local.reshape(rows, width).astype(np.uint16)
         np.minimum(expert, experts, out=expert)  # an empty slot (-1 wraps to 65535)
     key = expert
     if per_rank > 1:  # with one slot, a rank holding a single holds no other expert's replica
