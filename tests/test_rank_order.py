@@ -35,13 +35,17 @@ def node_plans(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
     return slots, load, nodes
 
 
+def node_rows(slots: np.ndarray, nodes: int) -> np.ndarray:
+    """int64 [L * N, R / N, S]: the (layer, node) rows of ``slots`` int64 [L, R, S]."""
+    layers, ranks, per_rank = slots.shape
+    return slots.reshape(layers * nodes, ranks // nodes, per_rank)
+
+
 def orphans_after_dropping(slots: np.ndarray, nodes: int, drop: int) -> int:
     """Experts of each (layer, node) present in ``slots`` with no replica on its first
     R / N - ``drop`` ranks, summed."""
-    layers, ranks, per_rank = slots.shape
-    local = slots.reshape(layers * nodes, ranks // nodes, per_rank)
     lost = 0
-    for row in local:
+    for row in node_rows(slots, nodes):
         held = set(row.ravel().tolist()) - {-1}
         lost += len(held - set(row[: row.shape[0] - drop].ravel().tolist()))
     return lost
@@ -52,14 +56,8 @@ def orphans_after_dropping(slots: np.ndarray, nodes: int, drop: int) -> int:
 def test_ranks_move_whole_within_their_node(case: tuple[np.ndarray, np.ndarray, int]) -> None:
     slots, load, nodes = case
     out = essential_first(slots, load, nodes)
-    layers, ranks, _ = slots.shape
-    per_node = ranks // nodes
-    for layer in range(layers):
-        for node in range(nodes):
-            part = slice(node * per_node, (node + 1) * per_node)
-            before = sorted(tuple(r) for r in slots[layer, part].tolist())
-            after = sorted(tuple(r) for r in out[layer, part].tolist())
-            assert before == after
+    for before, after in zip(node_rows(slots, nodes), node_rows(out, nodes), strict=True):
+        assert sorted(map(tuple, before.tolist())) == sorted(map(tuple, after.tolist()))
 
 
 @settings(max_examples=200, deadline=None)
@@ -69,21 +67,14 @@ def test_spare_ranks_come_last(case: tuple[np.ndarray, np.ndarray, int]) -> None
     less those that must hold a home: each rank holding a single-replica expert, and one rank
     for each other expert with no replica on such a rank."""
     slots, load, nodes = case
-    out = essential_first(slots, load, nodes)
-    layers, ranks, _ = slots.shape
-    per_node = ranks // nodes
-    for layer in range(layers):
-        for node in range(nodes):
-            row = out[layer, node * per_node : (node + 1) * per_node]
-            experts, counts = np.unique(row[row >= 0], return_counts=True)
-            single = set(experts[counts == 1].tolist())
-            homes = [r for r in range(per_node) if single & set(row[r].tolist())]
-            covered = {e for r in homes for e in row[r].tolist()} - {-1}
-            needed = len(homes) + len(set(experts.tolist()) - covered)
-            spare = per_node - needed
-            one = out[layer : layer + 1, node * per_node : (node + 1) * per_node]
-            for drop in range(max(spare, 0) + 1):
-                assert orphans_after_dropping(one, 1, drop) == 0, (drop, row)
+    for row in node_rows(essential_first(slots, load, nodes), nodes):
+        experts, counts = np.unique(row[row >= 0], return_counts=True)
+        single = set(experts[counts == 1].tolist())
+        homes = [r for r in range(row.shape[0]) if single & set(row[r].tolist())]
+        covered = {e for r in homes for e in row[r].tolist()} - {-1}
+        needed = len(homes) + len(set(experts.tolist()) - covered)
+        for drop in range(max(row.shape[0] - needed, 0) + 1):
+            assert orphans_after_dropping(row[None], 1, drop) == 0, (drop, row)
 
 
 def test_a_fresh_plan_loses_no_expert_when_its_top_eighth_leaves() -> None:
