@@ -77,12 +77,7 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
     boundary = sorted_expert[:, 1:] != sorted_expert[:, :-1]
     if per_rank == 1 and boundary.all() and (sorted_expert[:, -1] < experts).all():
         return slots.copy()  # every rank holds an expert's only replica
-    index = np.int16 if width < 0x7FFF else np.int64
-    position = np.arange(width, dtype=index)
-    start = np.zeros((rows, width), dtype=index)
-    np.multiply(boundary, position[1:], out=start[:, 1:])
-    nth = np.maximum.accumulate(start, axis=1)
-    np.subtract(position, nth, out=nth)  # replicas of the expert before, in rank order
+    nth = _index_in_run(boundary)  # replicas of the expert before, in rank order
     # Worth = load / nth: +inf for a home (the tiny load keeps a zero-load expert's home
     # infinite), negative for an empty slot; float32 is fine for an order.
     padded = np.full((layers, experts + 1), -1.0, dtype=np.float32)
@@ -102,13 +97,29 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
         rank_worth = rank_worth.copy()
         for column in range(1, per_rank):  # column maxima: a reduction over a short axis is slower
             np.maximum(rank_worth, slot_worth[:, :, column], out=rank_worth)
-    # Descending worth as a 16-bit key, for a radix sort: a positive float32's bit pattern
-    # orders like the float, and its top 16 bits keep it to 1% (+inf, a home, first); an empty
-    # rank last.
-    top = (rank_worth.view(np.uint32) >> 16).astype(np.uint16)
-    key16 = np.where(rank_worth < 0, np.uint16(0xFFFF), np.uint16(0xFFFF) - top)
-    rank_order = _sort_rows(key16)
+    rank_order = _sort_rows(_descending_key(rank_worth))
     return local.reshape(-1, per_rank).take(rank_order, axis=0).reshape(slots.shape)
+
+
+def _index_in_run(boundary: np.ndarray) -> np.ndarray:
+    """int16 or int64 [B, W]: each entry's index in its run of equal entries, from ``boundary``
+    bool [B, W - 1] (True where entry w + 1 starts a new run)."""
+    rows, width = boundary.shape[0], boundary.shape[1] + 1
+    index = np.int16 if width < 0x7FFF else np.int64
+    position = np.arange(width, dtype=index)
+    start = np.zeros((rows, width), dtype=index)
+    np.multiply(boundary, position[1:], out=start[:, 1:])
+    nth = np.maximum.accumulate(start, axis=1)
+    return np.subtract(position, nth, out=nth)
+
+
+def _descending_key(worth: np.ndarray) -> np.ndarray:
+    """uint16 [B, W]: a key whose ascending order is ``worth``'s (float32 [B, W], +inf or >= 0,
+    or negative for an empty rank) descending, for a radix sort: a positive float32's bit
+    pattern orders like the float, and its top 16 bits keep it to 1%; +inf (a home) first, an
+    empty rank last."""
+    top = (worth.view(np.uint32) >> 16).astype(np.uint16)
+    return np.where(worth < 0, np.uint16(_UINT16_MAX), np.uint16(_UINT16_MAX) - top)
 
 
 def _sort_rows(key: np.ndarray) -> np.ndarray:
