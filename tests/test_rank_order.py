@@ -5,11 +5,12 @@ highest ranks of a fresh plan loses no expert where spare ranks exist."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
-from elastic_ep.eplb import plan, plan_with_report
+from elastic_ep.eplb import plan, plan_with_report, planner
 from elastic_ep.eplb.rank_order import _sort_rows, essential_first
 
 
@@ -127,3 +128,36 @@ def test_more_experts_than_16_bit_keys_hold() -> None:
     assert np.array_equal(np.where(big >= 0, big - shift, -1), small)
     # Homes first in rank order (3's on rank 0, 0, 1), then 3's spares, worth 9 / 1 and 9 / 2.
     assert small[0, :, 0].tolist() == [3, 0, 1, 3, 3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(node_plans())
+def test_grouped_one_slot_plans_skip_the_sort_for_the_same_order(
+    case: tuple[np.ndarray, np.ndarray, int],
+) -> None:
+    slots, load, nodes = case
+    one = np.ascontiguousarray(slots[:, :, :1])
+    # Each node's ranks sorted by expert (empty ones anywhere): every expert's replicas adjacent.
+    rows = node_rows(one, nodes)
+    grouped = np.take_along_axis(rows, np.argsort(rows, axis=1, kind="stable"), axis=1)
+    grouped = grouped.reshape(one.shape)
+    assert np.array_equal(
+        essential_first(grouped, load, nodes, grouped=True),
+        essential_first(grouped, load, nodes),
+    )
+
+
+def test_the_planner_orders_one_slot_fresh_plans_as_the_general_path_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planner passes ``grouped=True`` for one-slot fresh plans: their packing must keep
+    each expert's replicas on consecutive ranks of a node."""
+    rng = np.random.default_rng(1)
+    load = rng.lognormal(0.0, 1.0, (5, 32))
+    for ranks, nodes, groups in ((64, 1, 1), (64, 4, 8), (96, 2, 4)):
+        ordered = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
+        with monkeypatch.context() as patch:
+            patch.setattr(planner, "ORDER_MOST_SLOTS", 0)
+            packed = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
+        expected = essential_first(packed.reshape(5, ranks, 1), load, nodes)
+        assert np.array_equal(ordered, expected.reshape(5, ranks))

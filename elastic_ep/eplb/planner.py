@@ -316,7 +316,10 @@ def _fresh_alone(
     (:mod:`elastic_ep.eplb.rank_order`; see ``ORDER_MOST_SLOTS``)."""
     steps = _swap_steps(swap_steps, DEFAULT_SWAP_STEPS, nodes)
     fresh = _fresh(load, ranks, slots, groups, nodes, steps)
-    return essential_first(fresh, load, nodes) if slots <= ORDER_MOST_SLOTS else fresh
+    if slots > ORDER_MOST_SLOTS:
+        return fresh
+    # One-slot packing deals each expert's replicas to consecutive ranks (packing.sorted_items).
+    return essential_first(fresh, load, nodes, grouped=slots == 1)
 
 
 def _fresh(

@@ -38,7 +38,9 @@ passes rather than one by one (a hierarchical plan's (layer, node) rows: 26 x 64
 SHORT_ROW = 256
 
 
-def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> np.ndarray:
+def essential_first(
+    slots: np.ndarray, load: np.ndarray, num_nodes: int = 1, grouped: bool = False
+) -> np.ndarray:
     """int64 [L, R, S]: ``slots`` with each node's ranks reordered, see the module docstring.
 
     Args:
@@ -46,6 +48,9 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
             replicas lie in one node of R / N consecutive ranks.
         load: float64 [L, E], non-negative load per expert.
         num_nodes: N, dividing R; ranks move only within their node.
+        grouped: with one slot per rank (ignored with more), each node's replicas of an expert
+            already sit on consecutive ranks, as a one-slot fresh plan is packed: the same
+            result without sorting the slots.
     """
     layers, ranks, per_rank = slots.shape
     experts = load.shape[1]
@@ -72,10 +77,13 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
         if holds_single.all():  # every rank holds an expert's only replica: none is spared
             return slots.copy()
         key = expert * 2 + np.repeat(~holds_single, per_rank, axis=1)
-    order = _sort_rows(key)  # flat indices: one ``take`` is cheaper than ``take_along_axis``
-    sorted_expert = expert.ravel().take(order).reshape(rows, width)
+    if grouped and per_rank == 1:  # already sorted as the sort below would leave them
+        order, sorted_expert = None, expert
+    else:  # flat indices: one ``take`` is cheaper than ``take_along_axis``
+        order = _sort_rows(key)
+        sorted_expert = expert.ravel().take(order).reshape(rows, width)
     boundary = sorted_expert[:, 1:] != sorted_expert[:, :-1]
-    if per_rank == 1 and boundary.all() and (sorted_expert[:, -1] < experts).all():
+    if per_rank == 1 and boundary.all() and (sorted_expert < experts).all():
         return slots.copy()  # every rank holds an expert's only replica
     nth = _index_in_run(boundary)  # replicas of the expert before, in rank order
     # Worth = load / nth: +inf for a home (the tiny load keeps a zero-load expert's home
@@ -89,9 +97,12 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
     inverse[0] = np.inf
     inverse[1:] = 1.0 / np.arange(1, width)
     worth = weight.ravel() * inverse.take(nth.ravel())
-    slot_worth = np.empty(rows * width, dtype=np.float32)
-    slot_worth[order] = worth
-    slot_worth = slot_worth.reshape(rows, per_node, per_rank)
+    if order is None:
+        slot_worth = worth.reshape(rows, per_node, per_rank)
+    else:
+        slot_worth = np.empty(rows * width, dtype=np.float32)
+        slot_worth[order] = worth
+        slot_worth = slot_worth.reshape(rows, per_node, per_rank)
     rank_worth = slot_worth[:, :, 0]
     if per_rank > 1:
         rank_worth = rank_worth.copy()
