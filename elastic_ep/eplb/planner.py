@@ -90,7 +90,7 @@ heaviest node's mean load sets most layers' heaviest rank and rows under it stop
 ORDER_MOST_SLOTS = 1
 """Most slots per rank at which a fresh plan's ranks are ordered for scale-downs
 (:mod:`elastic_ep.eplb.rank_order`). With one slot per rank the sweep's 12.5% scale-downs
-then move 0-0.4% of the slots instead of 11-14% (22 cells; vLLM 0%), for 0.1-3 ms per plan;
+then move 0-0.4% of the slots instead of 11-14% (22 cells; vLLM 0%), for 0.07-1.5 ms per plan;
 with more, the scale-downs' moves fell by 1.4 points of the slots on average (88 of 156 cells
 fewer, 11 more, up to +16) while the ordering cost 30-50% of a fresh plan (16 -> 47 of 198
 sweep cells short of their fresh-speed target)."""
