@@ -146,12 +146,18 @@ def timed(
     )
 
 
-def minimum_moves(previous: Placement, mapping: RankMapping, slots: int) -> int:
-    """Fewest weights any full placement receives: per layer, the experts with no surviving
-    replica or the joined ranks' slots, whichever is more (orphans can fill joined slots)."""
+def minimum_per_layer(previous: Placement, mapping: RankMapping, slots: int) -> torch.Tensor:
+    """int64 [L]: fewest weights any full placement receives per layer: the experts with no
+    surviving replica or the joined ranks' slots, whichever is more (orphans can fill joined
+    slots)."""
     survivors = [o for o in range(previous.num_ranks) if mapping.new_rank(o) is not None]
     orphaned = (~previous.presence[:, survivors].any(1)).sum(1)
-    return int(orphaned.clamp(min=len(mapping.joined) * slots).sum())
+    return orphaned.clamp(min=len(mapping.joined) * slots)
+
+
+def minimum_moves(previous: Placement, mapping: RankMapping, slots: int) -> int:
+    """Fewest weights any full placement receives, summed over layers (:func:`minimum_per_layer`)."""
+    return int(minimum_per_layer(previous, mapping, slots).sum())
 
 
 def run_cell(cell: Cell, vllm_policy: Any, repeats: int) -> list[SweepRow]:

@@ -36,7 +36,7 @@ from planner_sweep import (
     Cell,
     cells,
     event_mapping,
-    minimum_moves,
+    minimum_per_layer,
     on_new_ranks,
     zipf_load,
 )
@@ -67,21 +67,20 @@ def run_row(cell: Cell, event: str, policy: Any) -> BudgetRow | None:
     if ranks * cell.slots < cell.experts:
         return None
     mine = plan(load, cell.ranks, cell.slots, num_groups=groups, num_nodes=cell.nodes)
-    survivors = [o for o in range(cell.ranks) if mapping.new_rank(o) is not None]
-    lost = (~mine.presence[:, survivors].any(1)).sum(1)
+    per_layer = minimum_per_layer(mine, mapping, cell.slots)  # a scale-down joins no slot
     total = cell.layers * ranks * cell.slots
-    minimum = minimum_moves(mine, mapping, cell.slots)
+    minimum = int(per_layer.sum())
     if 100.0 * minimum / total < 1.0:
         return None
 
-    def vllm(slots: int, nodes_ranks: int, old: torch.Tensor | None) -> Placement:
+    def vllm(world: int, old: torch.Tensor | None) -> Placement:
         phy2log = policy.rebalance_experts(
-            weight, slots * cell.slots, groups, cell.nodes, nodes_ranks, old
+            weight, world * cell.slots, groups, cell.nodes, world, old
         )
-        return Placement(phy2log.to(torch.int64), cell.experts, nodes_ranks)
+        return Placement(phy2log.to(torch.int64), cell.experts, world)
 
-    base = vllm(cell.ranks, cell.ranks, None)
-    theirs = vllm(ranks, ranks, on_new_ranks(base.phy2log, mapping, cell.slots))
+    base = vllm(cell.ranks, None)
+    theirs = vllm(ranks, on_new_ranks(base.phy2log, mapping, cell.slots))
     vllm_balance = theirs.balancedness(weight)
 
     def ours(budget: int | None) -> tuple[float, float] | None:
@@ -109,7 +108,7 @@ def run_row(cell: Cell, event: str, policy: Any) -> BudgetRow | None:
         event=event,
         minimum_pct=100.0 * minimum / total,
         ours=unbounded,
-        held=ours(2 * int(lost.max())),
+        held=ours(2 * int(per_layer.max())),
         vllm_ratio=float(theirs.transfers_from(base, mapping).sum()) / minimum,
     )
 
