@@ -14,7 +14,8 @@ previous placement (their fresh plan) re-indexed onto the new ranks:
 * dead: one rank fails; global plans go on without it, hierarchical plans get a spare in its
   place (nodes stay equal).
 
-Reported per call: milliseconds (median of ``repeats`` alternating runs, one at the large end),
+Reported per call: milliseconds (median of ``repeats`` runs in a row after an untimed one, one
+at the large end),
 balancedness, weights received (% of the new slots) and, for scale and dead events, the
 minimum (fill the joined ranks, re-home experts with no surviving replica).
 """
