@@ -335,10 +335,11 @@ def report_sweep(
     head = (
         f"`python benchmarks/bench_planner.py --sweep` on "
         f"{day or datetime.date.today().isoformat()} ({machine}; 1 thread; "
-        f"{minutes:.1f} min in all; vLLM {version} DefaultEplbPolicy in the same run, "
-        f"each planner's calls in a row after an untimed one, CPU time of each call; seed {SEED}). Speed-up = vLLM ms / ours ms; "
-        f"moved = weights received, % of the new slots; min. = per layer the experts with no "
-        f"surviving replica or the joined slots, whichever is more.\n\n"
+        f"{minutes:.1f} min in all; vLLM {version} DefaultEplbPolicy in the same run, each "
+        f"planner's calls in a row after an untimed one, CPU time of each call; seed {SEED}). "
+        f"Speed-up = vLLM ms / ours ms; moved = weights received, % of the new slots; min. = "
+        f"per layer the experts with no surviving replica or the joined slots, whichever is "
+        f"more.\n\n"
     )
     print(summary(rows))
     if args.failing:

@@ -15,9 +15,8 @@ previous placement (their fresh plan) re-indexed onto the new ranks:
   place (nodes stay equal).
 
 Reported per call: milliseconds (median of ``repeats`` runs in a row after an untimed one, one
-at the large end),
-balancedness, weights received (% of the new slots) and, for scale and dead events, the
-minimum (fill the joined ranks, re-home experts with no surviving replica).
+at the large end), balancedness, weights received (% of the new slots) and, for scale and dead
+events, the minimum (fill the joined ranks, re-home experts with no surviving replica).
 """
 
 from __future__ import annotations
