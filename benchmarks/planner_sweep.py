@@ -132,9 +132,9 @@ def timed(
     ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int
 ) -> tuple[float, Any, float, Any]:
     """Median CPU ms and result of each planner: one untimed call, then ``repeats`` timed calls
-    in a row, ours first. The untimed call warms the caches for the timed ones: a 1-2 ms plan
-    run right after a 20-300 ms vLLM call took 15-35% longer, where vLLM's time did not change
-    with a call of its own before it (within 1%)."""
+    in a row, ours first. The untimed call warms the caches for the timed ones: in 15 of 17
+    fresh cells, a 1-3 ms plan run right after an 18-45 ms vLLM call took 19-55% longer than
+    after a call of its own, where vLLM's time changed by under 2% (fresh, 2026-12-04)."""
     times: tuple[list[float], list[float]] = ([], [])
     results: list[Any] = [None, None]
     for i, fn in enumerate((ours, theirs)):
