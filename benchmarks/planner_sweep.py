@@ -165,16 +165,23 @@ def minimum_moves(previous: Placement, mapping: RankMapping, slots: int) -> int:
     return int(minimum_per_layer(previous, mapping, slots).sum())
 
 
+def vllm_placement(
+    policy: Any, cell: Cell, weight: torch.Tensor, ranks: int, old: torch.Tensor | None = None
+) -> Placement:
+    """vLLM's plan of ``cell`` on ``ranks`` ranks for ``weight`` float64 [L, E], given its
+    previous plan ``old`` int64 [L, ranks x S] (-1 for joined slots, :func:`on_new_ranks`)."""
+    groups = GROUPS if cell.nodes > 1 else 1
+    phy2log = policy.rebalance_experts(weight, ranks * cell.slots, groups, cell.nodes, ranks, old)
+    return Placement(phy2log.to(torch.int64), cell.experts, ranks)
+
+
 def run_cell(cell: Cell, vllm_policy: Any, repeats: int) -> list[SweepRow]:
     load = zipf_load(cell.layers, cell.experts)
     groups = GROUPS if cell.nodes > 1 else 1
     rows: list[SweepRow] = []
 
     def vllm(weight: torch.Tensor, ranks: int, old: torch.Tensor | None) -> Placement:
-        phy2log = vllm_policy.rebalance_experts(
-            weight, ranks * cell.slots, groups, cell.nodes, ranks, old
-        )
-        return Placement(phy2log.to(torch.int64), cell.experts, ranks)
+        return vllm_placement(vllm_policy, cell, weight, ranks, old)
 
     weight = torch.from_numpy(load)
     ours_ms, mine, vllm_ms, base = timed(

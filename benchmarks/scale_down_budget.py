@@ -38,11 +38,12 @@ from planner_sweep import (
     event_mapping,
     minimum_per_layer,
     on_new_ranks,
+    vllm_placement,
     zipf_load,
 )
 
 from elastic_ep.adapters.vllm import load_policy_modules
-from elastic_ep.eplb import Placement, plan, plan_with_report
+from elastic_ep.eplb import plan, plan_with_report
 
 BALANCE_GAP = 0.01  # the movement-aware target: balancedness >= vLLM's - 0.01
 
@@ -73,14 +74,10 @@ def run_row(cell: Cell, event: str, policy: Any) -> BudgetRow | None:
     if 100.0 * minimum / total < 1.0:
         return None
 
-    def vllm(world: int, old: torch.Tensor | None) -> Placement:
-        phy2log = policy.rebalance_experts(
-            weight, world * cell.slots, groups, cell.nodes, world, old
-        )
-        return Placement(phy2log.to(torch.int64), cell.experts, world)
-
-    base = vllm(cell.ranks, None)
-    theirs = vllm(ranks, on_new_ranks(base.phy2log, mapping, cell.slots))
+    base = vllm_placement(policy, cell, weight, cell.ranks)
+    theirs = vllm_placement(
+        policy, cell, weight, ranks, on_new_ranks(base.phy2log, mapping, cell.slots)
+    )
     vllm_balance = theirs.balancedness(weight)
 
     def ours(budget: int | None) -> tuple[float, float] | None:

@@ -32,7 +32,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from planner_sweep import MODELS, Cell, event_mapping, minimum_per_layer, on_new_ranks, zipf_load
+from planner_sweep import (
+    MODELS,
+    Cell,
+    event_mapping,
+    minimum_per_layer,
+    on_new_ranks,
+    vllm_placement,
+    zipf_load,
+)
 
 from elastic_ep.adapters.vllm import load_policy_modules
 from elastic_ep.eplb import Placement, plan, plan_with_report
@@ -121,21 +129,14 @@ def run(experts: int, ranks: int, slots: int, event: str, policy: type, limit: f
     load = zipf_load(cell.layers, experts)
     weight = torch.from_numpy(load)
     mine = plan(load, ranks, slots)
-    base = Placement(
-        policy.rebalance_experts(weight, ranks * slots, 1, 1, ranks, None).to(torch.int64),
-        experts,
-        ranks,
-    )
+    base = vllm_placement(policy, cell, weight, ranks)
     mapping, dead = event_mapping(cell, event)
     new_ranks = mapping.new_world_size
     report = plan_with_report(
         load, new_ranks, slots, previous=mine, rank_mapping=mapping, dead_ranks=dead
     )
-    old = on_new_ranks(base.phy2log, mapping, slots)
-    theirs = Placement(
-        policy.rebalance_experts(weight, new_ranks * slots, 1, 1, new_ranks, old).to(torch.int64),
-        experts,
-        new_ranks,
+    theirs = vllm_placement(
+        policy, cell, weight, new_ranks, on_new_ranks(base.phy2log, mapping, slots)
     )
     ours_balance = float(layer_balancedness(report.placement, weight)[0])
     vllm_balance = float(layer_balancedness(theirs, weight)[0])
