@@ -19,6 +19,15 @@ bound and best plan so far. The sweep's loads are one Zipf profile permuted per 
 layer of a cell is the same problem up to relabelling; layer 0 stands for all. Global plans only
 (a hierarchical plan adds the node constraint).
 
+The last two columns are greedy heuristics measured against the optimum (:func:`greedy_moves`):
+one weight moved at a time until the max-flow deficit (the load no routing fits under the peak)
+is gone. The greedy tries every move that can lower it with a max-flow of its own and takes the
+best: how far choosing moves one at a time gets. The rule tries them in one order (the expert
+with the most load left over, onto the slot whose replica serves least, on the rank with the
+most room) and takes the first that lowers it: about one max-flow per move, a candidate for a
+planner that had a max-flow of its own (HiGHS and scipy are not among the library's
+dependencies).
+
     pip install scipy   # HiGHS; needed by this script only
     python benchmarks/scale_down_floor.py --vllm-wheel \
         .carry/wheels/vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl
@@ -118,6 +127,117 @@ def fewest_moves(kept: np.ndarray, load: np.ndarray, target: float, time_limit: 
     return Floor(bound, found, result.status == 0)
 
 
+@dataclass(frozen=True)
+class Greedy:
+    moves: int  # weights received
+    reached: bool  # False: no move it tries lowers the deficit any more (a local optimum)
+    flows: int  # max-flows solved
+    slots: np.ndarray  # int64 [R', S], the placement it ends with
+
+
+@dataclass(frozen=True)
+class Flow:
+    lost: float  # load that no routing fits under the peak (0: the peak is reachable)
+    from_source: np.ndarray  # bool [E + R']: experts, then ranks, the source still reaches
+    to_sink: np.ndarray  # bool [E + R']: experts, then ranks, that still reach the sink
+    routed: np.ndarray  # float64 [E, R']: the load of expert e that rank r serves
+
+
+FLOW_SCALE = 1e7  # scipy's max-flow takes integer capacities: loads in units of 1e-7 of the total
+RULE_EXPERTS = 3  # the rule tries the experts with the most load left over, heaviest first,
+RULE_TRIES = 20  # and per expert this many slots, until a move lowers the deficit
+
+
+def max_flow(slots: np.ndarray, weight: np.ndarray, peak: float) -> Flow:
+    """The max-flow of ``weight`` float64 [E] (summing to 1) from a source through the experts
+    to the ranks of ``slots`` int64 [R', S] (-1 = empty) that hold them, at most ``peak`` per
+    rank, to a sink; with what its residual graph still connects."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+
+    ranks, per_rank = slots.shape
+    experts = weight.size
+    source, sink = experts + ranks, experts + ranks + 1
+    held = slots.ravel() >= 0
+    expert_of = slots.ravel()[held]
+    rank_of = experts + np.repeat(np.arange(ranks), per_rank)[held]
+    units = np.round(weight * FLOW_SCALE).astype(np.int64)
+    tails = np.concatenate([np.full(experts, source), expert_of, experts + np.arange(ranks)])
+    heads = np.concatenate([np.arange(experts), rank_of, np.full(ranks, sink)])
+    capacity = np.concatenate([units, units[expert_of], np.full(ranks, int(peak * FLOW_SCALE))])
+    graph = csr_matrix((capacity.astype(np.int32), (tails, heads)), shape=(sink + 1, sink + 1))
+    result = maximum_flow(graph, source, sink)
+    residual = csr_matrix(graph - result.flow)
+    residual.data = residual.data > 0
+    residual.eliminate_zeros()
+    reached = np.zeros((2, sink + 1), dtype=bool)
+    reached[0, breadth_first_order(residual, source, return_predecessors=False)] = True
+    reached[1, breadth_first_order(residual.T.tocsr(), sink, return_predecessors=False)] = True
+    routed = np.zeros((experts, ranks))
+    flow = result.flow.toarray()
+    np.add.at(routed, (expert_of, rank_of - experts), flow[expert_of, rank_of] / FLOW_SCALE)
+    lost = (int(units.sum()) - result.flow_value) / FLOW_SCALE
+    return Flow(lost, reached[0, :source], reached[1, :source], routed)
+
+
+def greedy_moves(
+    kept: np.ndarray, load: np.ndarray, target: float, rule: bool = False, most: int = 200
+) -> Greedy:
+    """Weights moved one at a time until the max-flow at ``target`` routes all of ``load``
+    float64 [E] onto ``kept`` int64 [R', S]. A move puts an expert the source still reaches (its
+    load does not fit) on a rank that still reaches the sink, over a replica whose expert keeps
+    another. Without ``rule`` it is the move that lowers the deficit most, each tried with a
+    max-flow of its own; with ``rule``, the first that lowers it of the experts with the most
+    load left over, each over the replicas that serve least on ranks with the most room."""
+    ranks = kept.shape[0]
+    experts = load.size
+    weight = load / load.sum()
+    peak = (1.0 / ranks) / target
+    slots = kept.copy()
+    moves, flows = 0, 1
+    state = max_flow(slots, weight, peak)
+    while state.lost > 1e-6 and moves < most:
+        count = np.bincount(slots[slots >= 0], minlength=experts)
+        left_over = weight - state.routed.sum(1)
+        room = peak - state.routed.sum(0)
+        if rule:
+            movers = np.argsort(-left_over)[:RULE_EXPERTS]
+            movers = movers[(left_over[movers] > 1e-9) & state.from_source[movers]]
+        else:
+            movers = np.flatnonzero(state.from_source[:experts])
+        best: tuple[float, tuple[int, int, int] | None] = (state.lost - 1e-9, None)
+        for expert in movers:
+            options: list[tuple[float, float, int, int]] = []
+            for open_rank in np.flatnonzero(state.to_sink[experts:]):
+                if (slots[open_rank] == expert).any():
+                    continue
+                for slot, held in enumerate(slots[open_rank]):
+                    if held < 0 or count[held] >= 2:
+                        served = 0.0 if held < 0 else state.routed[held, open_rank]
+                        options.append((served, -room[open_rank], int(open_rank), slot))
+            if rule:
+                options = sorted(options)[:RULE_TRIES]
+            for *_, rank, slot in options:
+                trial = slots.copy()
+                trial[rank, slot] = expert
+                flows += 1
+                after = max_flow(trial, weight, peak).lost
+                if after < best[0]:
+                    best = (after, (rank, slot, int(expert)))
+                    if rule:
+                        break
+            if rule and best[1] is not None:
+                break
+        if best[1] is None:
+            break
+        rank, slot, expert = best[1]
+        slots[rank, slot] = expert
+        moves += 1
+        state = max_flow(slots, weight, peak)
+        flows += 1
+    return Greedy(moves, state.lost <= 1e-6, flows, slots)
+
+
 def layer_balancedness(placement: Placement, load: torch.Tensor) -> np.ndarray:
     """float64 [L]: mean / max rank load per layer (with the placement's routing units)."""
     loads = placement.rank_loads(load)
@@ -143,14 +263,15 @@ def run(experts: int, ranks: int, slots: int, event: str, policy: type, limit: f
     vllm_moves = int(theirs.transfers_from(base, mapping)[0].sum())
     minimum = int(minimum_per_layer(mine, mapping, slots)[0])
     kept = kept_on_new_ranks(mine, mapping)[0]
-    floors = [
-        describe(fewest_moves(kept, load[0], target, limit))
-        for target in (vllm_balance - BALANCE_GAP, ours_balance)
-    ]
+    targets = (vllm_balance - BALANCE_GAP, ours_balance)
+    floors = [describe(fewest_moves(kept, load[0], target, limit)) for target in targets]
+    greedy = [greedy_moves(kept, load[0], target) for target in targets]
+    rule = [greedy_moves(kept, load[0], target, rule=True) for target in targets]
     return (
         f"| {experts} x {cell.layers}, {ranks} -> {new_ranks} x {slots} | {event} | {minimum} "
         f"| {int(report.transfers[0])}, {ours_balance:.4f} | {vllm_moves}, {vllm_balance:.4f} "
-        f"| {floors[0]} | {floors[1]} |"
+        f"| {floors[0]} | {floors[1]} | {' / '.join(map(describe_greedy, greedy))} "
+        f"| {' / '.join(map(describe_greedy, rule))} |"
     )
 
 
@@ -158,6 +279,11 @@ def describe(floor: Floor) -> str:
     if floor.found is None:
         return f"none found (>= {floor.bound:.0f})"
     return str(floor.found) if floor.optimal else f"{floor.found} (>= {floor.bound:.0f})"
+
+
+def describe_greedy(greedy: Greedy) -> str:
+    moves = str(greedy.moves) if greedy.reached else f"stuck at {greedy.moves}"
+    return f"{moves} ({greedy.flows} flows)"
 
 
 def main() -> None:
@@ -178,9 +304,10 @@ def main() -> None:
     )
     print(
         "| cell (experts x layers, ranks x slots) | event | min. | ours: moves, bal. "
-        "| vLLM: moves, bal. | fewest moves to vLLM's bal. - 0.01 | fewest moves to ours |"
+        "| vLLM: moves, bal. | fewest moves to vLLM's bal. - 0.01 | fewest moves to ours "
+        "| max-flow greedy: to vLLM's - 0.01 / to ours | the rule: the same |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for experts, ranks, slots, event in CELLS:
         print(
             run(experts, ranks, slots, event, default.DefaultEplbPolicy, args.time_limit),

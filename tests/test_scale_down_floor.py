@@ -1,4 +1,5 @@
-"""benchmarks/scale_down_floor.py's MILP against brute force on tiny placements.
+"""benchmarks/scale_down_floor.py's MILP and max-flow greedy against brute force on tiny
+placements.
 
 The MILP claims the fewest weights received by any placement that reaches a balancedness with
 routing shares (continuous). Brute force enumerates every placement (each rank a set of at most
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("scipy.optimize")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from scale_down_floor import fewest_moves
+from scale_down_floor import fewest_moves, greedy_moves
 
 EPS = 1e-6
 
@@ -88,3 +89,20 @@ def test_kept_placement_at_its_own_balancedness_moves_nothing() -> None:
     peak = least_peak(tuple(frozenset(row.tolist()) for row in kept), load)
     floor = fewest_moves(kept, load, load.sum() / 3 / peak, time_limit=30.0)
     assert floor.found == 0 and floor.optimal
+
+
+@settings(max_examples=40, deadline=None)
+@given(instances(), st.booleans())
+def test_greedy_plan_reaches_what_it_claims_and_never_beats_the_optimum(
+    case: tuple[np.ndarray, np.ndarray, float], rule: bool
+) -> None:
+    kept, load, target = case
+    greedy = greedy_moves(kept, load, target, rule=rule)
+    sets = tuple(frozenset(int(e) for e in row if e >= 0) for row in greedy.slots)
+    received = sum(len(held - set(kept[r].tolist())) for r, held in enumerate(sets))
+    assert received <= greedy.moves  # a slot written twice counts once in the plan
+    reachable = least_peak(sets, load) <= load.sum() / kept.shape[0] / target * (1 + EPS)
+    assert greedy.reached == reachable
+    if greedy.reached:
+        optimum = brute_force(kept, load, target)
+        assert optimum is not None and optimum <= received
