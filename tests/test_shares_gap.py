@@ -1,0 +1,64 @@
+"""benchmarks/shares_gap.py's linear program: the best routing shares of a placement.
+
+On tiny placements it must equal the transport bound (the least heaviest rank is the largest
+w(X) / |N(X)| over sets X of experts, N(X) the ranks holding some expert of X), and it is never
+below what ``solve_shares``'s whole units reach on the same placement.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("scipy.optimize")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from shares_gap import best_balance
+
+from elastic_ep.eplb import max_units
+from elastic_ep.eplb.repair import balance_with_units
+from elastic_ep.eplb.shares import solve_shares
+from tests.test_scale_down_floor import least_peak
+
+
+@st.composite
+def placements(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """A placement of every expert (at most S per rank, none twice on a rank) and its load."""
+    experts = draw(st.integers(2, 5))
+    per_rank = draw(st.integers(1, 3))
+    ranks = draw(st.integers(-(-experts // per_rank), 5))
+    slots = np.full((ranks, per_rank), -1, dtype=np.int64)
+    order = draw(st.permutations(range(experts)))
+    for i, expert in enumerate(order):  # one replica of each first, then extras anywhere
+        slots[i // per_rank, i % per_rank] = expert
+    for rank in range(ranks):
+        for slot in range(per_rank):
+            if slots[rank, slot] < 0 and draw(st.booleans()):
+                choice = draw(st.integers(0, experts - 1))
+                if choice not in slots[rank]:
+                    slots[rank, slot] = choice
+    load = np.array(draw(st.lists(st.integers(1, 20), min_size=experts, max_size=experts)), float)
+    return slots, load
+
+
+@settings(max_examples=60, deadline=None)
+@given(placements())
+def test_best_shares_reach_the_transport_bound(case: tuple[np.ndarray, np.ndarray]) -> None:
+    slots, load = case
+    peak = least_peak(tuple(frozenset(int(e) for e in row if e >= 0) for row in slots), load)
+    expected = load.sum() / slots.shape[0] / peak
+    assert best_balance(slots, load) == pytest.approx(expected, rel=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(placements())
+def test_solver_never_beats_the_best_shares(case: tuple[np.ndarray, np.ndarray]) -> None:
+    slots, load = case
+    most = max_units(slots.size, load.size)
+    units = solve_shares(slots[None], load[None], most)
+    reached = balance_with_units(slots[None], load[None], units)[0][0]
+    assert reached <= best_balance(slots, load) + 1e-9
