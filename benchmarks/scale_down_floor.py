@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,12 +149,13 @@ RULE_EXPERTS = 3  # the rule tries the experts with the most load left over, hea
 RULE_TRIES = 20  # and per expert this many slots, until a move lowers the deficit
 
 
-def max_flow(slots: np.ndarray, weight: np.ndarray, peak: float) -> Flow:
-    """The max-flow of ``weight`` float64 [E] (summing to 1) from a source through the experts
-    to the ranks of ``slots`` int64 [R', S] (-1 = empty) that hold them, at most ``peak`` per
-    rank, to a sink; with what its residual graph still connects."""
+def _solve_flow(slots: np.ndarray, weight: np.ndarray, peak: float) -> tuple[Any, ...]:
+    """scipy's max-flow of ``weight`` float64 [E] (summing to 1) from a source through the
+    experts to the ranks of ``slots`` int64 [R', S] (-1 = empty) that hold them, at most
+    ``peak`` per rank, to a sink: (graph, result, deficit, the experts and rank nodes of the
+    occupied slots)."""
     from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+    from scipy.sparse.csgraph import maximum_flow
 
     ranks, per_rank = slots.shape
     experts = weight.size
@@ -167,6 +169,23 @@ def max_flow(slots: np.ndarray, weight: np.ndarray, peak: float) -> Flow:
     capacity = np.concatenate([units, units[expert_of], np.full(ranks, int(peak * FLOW_SCALE))])
     graph = csr_matrix((capacity.astype(np.int32), (tails, heads)), shape=(sink + 1, sink + 1))
     result = maximum_flow(graph, source, sink)
+    lost = (int(units.sum()) - result.flow_value) / FLOW_SCALE
+    return graph, result, lost, expert_of, rank_of
+
+
+def deficit(slots: np.ndarray, weight: np.ndarray, peak: float) -> float:
+    """The load that no routing onto ``slots`` fits under ``peak`` (see :func:`max_flow`)."""
+    return float(_solve_flow(slots, weight, peak)[2])
+
+
+def max_flow(slots: np.ndarray, weight: np.ndarray, peak: float) -> Flow:
+    """The max-flow of :func:`_solve_flow` with what its residual graph still connects."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    graph, result, lost, expert_of, rank_of = _solve_flow(slots, weight, peak)
+    experts, ranks = weight.size, slots.shape[0]
+    source, sink = experts + ranks, experts + ranks + 1
     residual = csr_matrix(graph - result.flow)
     residual.data = residual.data > 0
     residual.eliminate_zeros()
@@ -174,9 +193,8 @@ def max_flow(slots: np.ndarray, weight: np.ndarray, peak: float) -> Flow:
     reached[0, breadth_first_order(residual, source, return_predecessors=False)] = True
     reached[1, breadth_first_order(residual.T.tocsr(), sink, return_predecessors=False)] = True
     routed = np.zeros((experts, ranks))
-    flow = result.flow.toarray()
-    np.add.at(routed, (expert_of, rank_of - experts), flow[expert_of, rank_of] / FLOW_SCALE)
-    lost = (int(units.sum()) - result.flow_value) / FLOW_SCALE
+    flow = result.flow.tocsr()[expert_of, rank_of]
+    np.add.at(routed, (expert_of, rank_of - experts), np.asarray(flow).ravel() / FLOW_SCALE)
     return Flow(lost, reached[0, :source], reached[1, :source], routed)
 
 
@@ -221,7 +239,7 @@ def greedy_moves(
                 trial = slots.copy()
                 trial[rank, slot] = expert
                 flows += 1
-                after = max_flow(trial, weight, peak).lost
+                after = deficit(trial, weight, peak)
                 if after < best[0]:
                     best = (after, (rank, slot, int(expert)))
                     if rule:
