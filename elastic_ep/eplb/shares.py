@@ -50,7 +50,7 @@ MIN_UNITS_PER_REPLICA = 8
 equal split: rounding would undo most of what their shares gain. The hottest expert of a layer
 often has 40-140 replicas, so at 32 (``max_units`` <= 1024: at most 32 replicas) it kept the
 equal split and the load its replicas could carry away from a heavy rank stayed there (384
-experts on 256 -> 224 x 3, a scale-down: 0.9090 against 0.9294 at 8; 94 x 128 experts on 256
+experts on 256 -> 224 x 3, a scale-down: 0.9090 against 0.9232 at 8; 94 x 128 experts on 256
 -> 288 x 2, a scale-up: 0.9149 -> 0.9392 with 13.9% -> 11.1% of the slots moved; at 4, no
 gain over 8 in ``benchmarks/shares_gap.py``)."""
 MIN_GAIN = 1e-3
