@@ -99,6 +99,41 @@ def test_a_fresh_plan_loses_no_expert_when_its_top_eighth_leaves() -> None:
     assert all(len(p) == 64 for p in present)
 
 
+def test_a_global_multi_slot_plan_loses_fewer_experts_when_its_top_eighth_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Global plans of several slots per rank are ordered too (hierarchical ones are not:
+    ``planner.ORDER_MOST_SLOTS``): 128 experts on 128 x 3 slots, packed as dealt, lose the hot
+    experts whose replicas the packing put on neighbouring top ranks; ordered, none, and the
+    scale-down receives fewer weights."""
+    rng = np.random.default_rng(0)
+    profile = 1000.0 / np.arange(1, 129) ** 1.1
+    load = np.stack([rng.permutation(profile) for _ in range(4)])
+    ordered = plan(load, 128, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(planner, "essential_first", lambda slots, *_, **__: slots)
+        packed = plan(load, 128, 3)
+    lost = [
+        orphans_after_dropping(p.phy2log.numpy().reshape(4, 128, 3), 1, 16)
+        for p in (ordered, packed)
+    ]
+    assert lost[0] == 0 < lost[1]
+    received = [
+        int(
+            plan_with_report(
+                load, 112, 3, previous=p, rank_mapping=RankMapping.resize(128, 112)
+            ).transfers.sum()
+        )
+        for p in (ordered, packed)
+    ]
+    assert received[0] < received[1]
+    hierarchical = plan(load, 128, 3, num_groups=8, num_nodes=8).phy2log.numpy()
+    with monkeypatch.context() as patch:
+        patch.setattr(planner, "essential_first", lambda slots, *_, **__: slots)
+        unordered = plan(load, 128, 3, num_groups=8, num_nodes=8).phy2log.numpy()
+    assert np.array_equal(hierarchical, unordered)
+
+
 def test_every_rank_holding_a_single_keeps_the_order() -> None:
     """No rank holds only spare replicas: no order spares an expert, the plan is unchanged."""
     slots = np.array([[[0, 1], [2, 3], [4, 0]]])
@@ -157,7 +192,7 @@ def test_the_planner_orders_one_slot_fresh_plans_as_the_general_path_does(
     for ranks, nodes, groups in ((64, 1, 1), (64, 4, 8), (96, 2, 4)):
         ordered = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
         with monkeypatch.context() as patch:
-            patch.setattr(planner, "ORDER_MOST_SLOTS", 0)
+            patch.setattr(planner, "essential_first", lambda slots, *_, **__: slots)
             packed = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
         expected = essential_first(packed.reshape(5, ranks, 1), load, nodes)
         assert np.array_equal(ordered, expected.reshape(5, ranks))

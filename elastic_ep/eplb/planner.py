@@ -41,8 +41,8 @@ With one slot per rank the balancedness depends on the replica counts alone: a p
 (:mod:`elastic_ep.eplb.single_slot`, the fresh plan's counts with the fewest transfers) without
 building the fresh plan.
 
-A plan without ``previous`` and one slot per rank has each node's ranks ordered so that the
-highest, which a scale-down drops, hold only replicas it can spare
+A plan without ``previous`` (global, or hierarchical with one slot per rank) has each node's
+ranks ordered so that the highest, which a scale-down drops, hold the replicas it can spare
 (:mod:`elastic_ep.eplb.rank_order`).
 
 Every plan then gets routing shares (:mod:`elastic_ep.eplb.shares`): units per replica that
@@ -88,12 +88,14 @@ heaviest node's mean load sets most layers' heaviest rank and rows under it stop
 8 steps gain at most 0.0017 over 2 in the sweep's 99 hierarchical cells (94 x 128 experts on
 16 x 9 slots, 2 nodes, 0.0429 -> 0.0412 over vLLM) and cost up to 25% of the plan."""
 ORDER_MOST_SLOTS = 1
-"""Most slots per rank at which a fresh plan's ranks are ordered for scale-downs
-(:mod:`elastic_ep.eplb.rank_order`). With one slot per rank the sweep's 12.5% scale-downs
-then move 0-0.4% of the slots instead of 11-14% (22 cells; vLLM 0%), for 0.07-1.5 ms per plan;
-with more, the scale-downs' moves fell by 1.4 points of the slots on average (88 of 156 cells
-fewer, 11 more, up to +16) while the ordering cost 30-50% of a fresh plan (16 -> 47 of 198
-sweep cells short of their fresh-speed target)."""
+"""Most slots per rank at which a hierarchical fresh plan's ranks are ordered for scale-downs
+(:mod:`elastic_ep.eplb.rank_order`); global plans are ordered at any number. With one slot per
+rank the sweep's 12.5% scale-downs then move 0-0.4% of the slots instead of 11-14% (22 cells;
+vLLM 0%). With 2-9 slots the order cuts a global scale-down's moves from 12.3% to 9.4% of the
+slots on average (78 sweep cells: fewer in 57, more in 5) and the cells over twice the minimum
+from 34 to 10, for 10-27% of a global fresh plan's time. Hierarchical scale-downs move less
+already (4.4% -> 3.1%, 3 -> 1 cells over twice the minimum), and there the order costs 30-80%
+of a fresh plan of (layer, node) rows (11 more of 99 fresh cells under 20x vLLM)."""
 REPAIR_SWAP_STEPS = 8
 """Swaps of the fresh plan when a previous placement is given: it sets the repair's target."""
 
@@ -311,12 +313,13 @@ def _swap_steps(given: int | None, default: int, nodes: int) -> int:
 def _fresh_alone(
     load: np.ndarray, ranks: int, slots: int, groups: int, nodes: int, swap_steps: int | None
 ) -> np.ndarray:
-    """int64 [L, R, S]: the fresh plan without a previous placement; with one slot per rank its
-    ranks ordered so that the highest, which a scale-down drops, hold the replicas it can spare
-    (:mod:`elastic_ep.eplb.rank_order`; see ``ORDER_MOST_SLOTS``)."""
+    """int64 [L, R, S]: the fresh plan without a previous placement, its ranks ordered so that
+    the highest, which a scale-down drops, hold the replicas it can spare
+    (:mod:`elastic_ep.eplb.rank_order`; hierarchical plans with one slot per rank only, see
+    ``ORDER_MOST_SLOTS``)."""
     steps = _swap_steps(swap_steps, DEFAULT_SWAP_STEPS, nodes)
     fresh = _fresh(load, ranks, slots, groups, nodes, steps)
-    if slots > ORDER_MOST_SLOTS:
+    if nodes > 1 and slots > ORDER_MOST_SLOTS:
         return fresh
     # One-slot packing deals each expert's replicas to consecutive ranks (packing.sorted_items).
     return essential_first(fresh, load, nodes, grouped=slots == 1)
