@@ -15,15 +15,20 @@ slots three ways, on one thread, in one process:
 * vLLM's ``DefaultEplbPolicy`` given its own previous placement re-indexed onto the new ranks.
 
 It prints, per cell, the weights received over the minimum and the balancedness less vLLM's,
-then how many cells reach vLLM - 0.01 within twice the minimum.
+then how many cells reach vLLM - 0.01 within twice the minimum. ``--exact-shares`` runs our two
+plans with the best continuous routing shares (a linear program per layer, HiGHS) wherever the
+planner would call :func:`~elastic_ep.eplb.shares.solve_shares`: what a better share solver
+would change (far slower; best with ``--ranks 16,32,64``).
 
     python benchmarks/scale_down_budget.py --vllm-wheel \
-        .carry/wheels/vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl [--ranks 8,16,32,64,128]
+        .carry/wheels/vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl [--ranks 8,16,32,64,128] \
+        [--exact-shares]
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,10 +141,21 @@ def report(rows: list[BudgetRow]) -> str:
 
 
 def main() -> None:
+    with ExitStack() as stack:
+        _main(stack)
+
+
+def _main(stack: ExitStack) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-wheel", type=Path, required=True, help="vLLM wheel")
     parser.add_argument("--ranks", help="comma-separated subset of the rank counts")
     parser.add_argument("--experts", help="comma-separated subset of 64,128,256,384")
+    parser.add_argument(
+        "--exact-shares",
+        action="store_true",
+        help="what-if: our plans measured and routed with the best continuous shares (a linear "
+        "program per layer, shares_gap.exact_units; needs scipy) instead of solve_shares",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     _, default, version = load_policy_modules(args.vllm_wheel)
@@ -147,6 +163,10 @@ def main() -> None:
     experts = tuple(int(e) for e in args.experts.split(",")) if args.experts else tuple(MODELS)
     print(f"vLLM {version} DefaultEplbPolicy; torch threads = 1")
     rows = []
+    if args.exact_shares:
+        from shares_gap import exact_shares
+
+        stack.enter_context(exact_shares())
     for cell in cells(ranks, experts):
         for event in ("down", "dead") if cell.nodes == 1 else ("down",):
             row = run_row(cell, event, default.DefaultEplbPolicy)

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import numpy as np
 from planner_sweep import GROUPS, MODELS, Cell, event_mapping, zipf_load
 
+import elastic_ep.eplb.planner as planner_module
+import elastic_ep.eplb.repair as repair_module
 import elastic_ep.eplb.shares as shares
 from elastic_ep.eplb import max_units, plan, plan_with_report
 from elastic_ep.eplb.repair import balance_with_units, node_shares
@@ -51,8 +53,17 @@ def best_balance(slots: np.ndarray, load: np.ndarray) -> float:
     """The balancedness of the best continuous shares for ``slots`` int64 [R, S] (-1 = empty)
     and ``load`` float64 [E]: minimise the heaviest rank P over shares f >= 0 per occupied slot
     that sum to each expert's load."""
+    peak = best_shares(slots, load).sum(1).max()
+    return float(load.sum() / slots.shape[0] / peak) if peak > 0 else 1.0
+
+
+def best_shares(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 [R, S]: each slot's load under the best continuous shares (0 for empty slots)
+    for ``slots`` int64 [R, S] and ``load`` float64 [E] (experts without a slot carry none)."""
     from scipy.optimize import linprog
     from scipy.sparse import csr_matrix
+
+    load = np.where(np.bincount(slots[slots >= 0], minlength=load.size) > 0, load, 0.0)
 
     ranks, per_rank = slots.shape
     held = np.flatnonzero(slots.ravel() >= 0)
@@ -75,7 +86,58 @@ def best_balance(slots: np.ndarray, load: np.ndarray) -> float:
     cost = np.zeros(count + 1)
     cost[-1] = 1.0
     result = linprog(cost, A_ub=upper, b_ub=np.zeros(ranks), A_eq=equal, b_eq=load, method="highs")
-    return float(load.sum() / ranks / result.fun)
+    shares_of = np.zeros(slots.size)
+    shares_of[held] = result.x[:count]
+    return shares_of.reshape(slots.shape)
+
+
+def exact_units(slots: np.ndarray, load: np.ndarray, most: int) -> np.ndarray:
+    """int64 [L, R, S]: routing units from the best continuous shares, in place of
+    :func:`~elastic_ep.eplb.shares.solve_shares` (same arguments): per expert of k >= 2
+    replicas with load, ``U = min(most, UNITS_PER_REPLICA * k)`` units, one per replica and the
+    other U - k by its share, floored, the rest to the largest remainders; a layer keeps them
+    only where they lower its heaviest rank, as ``solve_shares`` does."""
+    units = (slots >= 0).astype(np.int64)
+    for layer in range(slots.shape[0] if slots.shape[2] > 1 else 0):
+        row, weight = slots[layer], load[layer]
+        if weight.sum() <= 0:
+            continue
+        share = best_shares(row, weight)
+        counts = np.bincount(row[row >= 0], minlength=weight.size)
+        trial = units[layer].copy()
+        for expert in np.flatnonzero((counts >= 2) & (weight > 0)):
+            spare = min(most, shares.UNITS_PER_REPLICA * int(counts[expert])) - counts[expert]
+            held = row == expert
+            exact = share[held] / weight[expert] * spare
+            whole = np.floor(exact).astype(np.int64)
+            left = int(spare - whole.sum())
+            whole[np.argsort(whole - exact, kind="stable")[:left]] += 1
+            whole += 1
+            trial[held] = whole // np.gcd.reduce(whole)
+        if _peak(row, weight, trial) < _peak(row, weight, units[layer]) * (1.0 - 1e-12):
+            units[layer] = trial
+    return units
+
+
+def _peak(row: np.ndarray, weight: np.ndarray, units: np.ndarray) -> float:
+    """The heaviest rank of ``row`` int64 [R, S] with routing ``units`` int64 [R, S]."""
+    held = row >= 0
+    total = np.bincount(row[held], weights=units[held], minlength=weight.size)
+    expert = np.maximum(row, 0)
+    per_slot = np.where(held, weight[expert] * units / np.maximum(total[expert], 1), 0.0)
+    return float(per_slot.sum(1).max())
+
+
+@contextmanager
+def exact_shares() -> Iterator[None]:
+    """Every ``solve_shares`` call the planner makes answered by :func:`exact_units` (a what-if:
+    a linear program per layer, far slower)."""
+    saved = (repair_module.solve_shares, planner_module.solve_shares)
+    repair_module.solve_shares = planner_module.solve_shares = exact_units
+    try:
+        yield
+    finally:
+        repair_module.solve_shares, planner_module.solve_shares = saved
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("scipy.optimize")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from shares_gap import best_balance
+from shares_gap import best_balance, exact_units
 
 from elastic_ep.eplb import max_units
 from elastic_ep.eplb.repair import balance_with_units
@@ -62,3 +62,19 @@ def test_solver_never_beats_the_best_shares(case: tuple[np.ndarray, np.ndarray])
     units = solve_shares(slots[None], load[None], most)
     reached = balance_with_units(slots[None], load[None], units)[0][0]
     assert reached <= best_balance(slots, load) + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(placements())
+def test_exact_units_follow_the_best_shares(case: tuple[np.ndarray, np.ndarray]) -> None:
+    """``exact_units`` (the what-if of ``scale_down_budget.py --exact-shares``) keeps every slot
+    at least one unit and the equal split's heaviest rank at most, and lands within two units
+    per slot of the best shares: a rank's S slots off by 2 / 64 of their expert's load per
+    replica each, which no rank of the best shares carries less of."""
+    slots, load = case
+    units = exact_units(slots[None], load[None], 1024)
+    ones = (slots[None] >= 0).astype(np.int64)
+    assert (units[slots[None] >= 0] >= 1).all() and (units[slots[None] < 0] == 0).all()
+    got = balance_with_units(slots[None], load[None], units)[0][0]
+    assert got >= balance_with_units(slots[None], load[None], ones)[0][0] - 1e-12
+    assert got >= best_balance(slots, load) / (1.0 + 2.0 * slots.shape[1] / 64.0) - 1e-9

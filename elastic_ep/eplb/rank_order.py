@@ -22,8 +22,8 @@ rank, dropping the top k ranks undoes the last k steps of the greedy replication
 expert loses its last replica only where every rank holds a home (few redundant slots: then
 every rank holds a single-replica expert). Cost: two stable 16-bit radix sorts (the slots by
 expert, the ranks by the top 16 bits of their float32 worth, which keep it to 1%) and about 15
-passes over the slots, linear in L x R x S; the planner orders one-slot plans only
-(``elastic_ep.eplb.planner.ORDER_MOST_SLOTS`` says why).
+passes over the slots, linear in L x R x S; the planner orders global plans and one-slot
+hierarchical ones (``elastic_ep.eplb.planner.ORDER_MOST_SLOTS`` says why).
 """
 
 from __future__ import annotations
