@@ -28,7 +28,7 @@ would change (far slower; best with ``--ranks 16,32,64``).
 from __future__ import annotations
 
 import argparse
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from planner_sweep import (
     vllm_placement,
     zipf_load,
 )
+from shares_gap import exact_shares
 
 from elastic_ep.adapters.vllm import load_policy_modules
 from elastic_ep.eplb import plan, plan_with_report
@@ -141,11 +142,6 @@ def report(rows: list[BudgetRow]) -> str:
 
 
 def main() -> None:
-    with ExitStack() as stack:
-        _main(stack)
-
-
-def _main(stack: ExitStack) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-wheel", type=Path, required=True, help="vLLM wheel")
     parser.add_argument("--ranks", help="comma-separated subset of the rank counts")
@@ -163,16 +159,13 @@ def _main(stack: ExitStack) -> None:
     experts = tuple(int(e) for e in args.experts.split(",")) if args.experts else tuple(MODELS)
     print(f"vLLM {version} DefaultEplbPolicy; torch threads = 1")
     rows = []
-    if args.exact_shares:
-        from shares_gap import exact_shares
-
-        stack.enter_context(exact_shares())
-    for cell in cells(ranks, experts):
-        for event in ("down", "dead") if cell.nodes == 1 else ("down",):
-            row = run_row(cell, event, default.DefaultEplbPolicy)
-            if row is not None:
-                rows.append(row)
-                print(report([row]).splitlines()[2], flush=True)
+    with exact_shares() if args.exact_shares else nullcontext():
+        for cell in cells(ranks, experts):
+            for event in ("down", "dead") if cell.nodes == 1 else ("down",):
+                row = run_row(cell, event, default.DefaultEplbPolicy)
+                if row is not None:
+                    rows.append(row)
+                    print(report([row]).splitlines()[2], flush=True)
     print(report(rows))
 
 
