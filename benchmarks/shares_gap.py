@@ -114,18 +114,13 @@ def exact_units(slots: np.ndarray, load: np.ndarray, most: int) -> np.ndarray:
             whole[np.argsort(whole - exact, kind="stable")[:left]] += 1
             whole += 1
             trial[held] = whole // np.gcd.reduce(whole)
-        if _peak(row, weight, trial) < _peak(row, weight, units[layer]) * (1.0 - 1e-12):
+        # Balancedness is the mean over the heaviest rank: higher means a lower heaviest rank.
+        both = balance_with_units(
+            np.stack([row, row]), np.stack([weight, weight]), np.stack([trial, units[layer]])
+        )[0]
+        if both[0] > both[1] * (1.0 + 1e-12):
             units[layer] = trial
     return units
-
-
-def _peak(row: np.ndarray, weight: np.ndarray, units: np.ndarray) -> float:
-    """The heaviest rank of ``row`` int64 [R, S] with routing ``units`` int64 [R, S]."""
-    held = row >= 0
-    total = np.bincount(row[held], weights=units[held], minlength=weight.size)
-    expert = np.maximum(row, 0)
-    per_slot = np.where(held, weight[expert] * units / np.maximum(total[expert], 1), 0.0)
-    return float(per_slot.sum(1).max())
 
 
 @contextmanager

@@ -42,6 +42,11 @@ def node_rows(slots: np.ndarray, nodes: int) -> np.ndarray:
     return slots.reshape(layers * nodes, ranks // nodes, per_rank)
 
 
+def as_packed(slots: np.ndarray, *_: object, **__: object) -> np.ndarray:
+    """Stands in for ``planner.essential_first``: the fresh plan's ranks as packed."""
+    return slots
+
+
 def orphans_after_dropping(slots: np.ndarray, nodes: int, drop: int) -> int:
     """Experts of each (layer, node) present in ``slots`` with no replica on its first
     R / N - ``drop`` ranks, summed."""
@@ -111,7 +116,7 @@ def test_a_global_multi_slot_plan_loses_fewer_experts_when_its_top_eighth_leaves
     load = np.stack([rng.permutation(profile) for _ in range(4)])
     ordered = plan(load, 128, 3)
     with monkeypatch.context() as patch:
-        patch.setattr(planner, "essential_first", lambda slots, *_, **__: slots)
+        patch.setattr(planner, "essential_first", as_packed)
         packed = plan(load, 128, 3)
     lost = [
         orphans_after_dropping(p.phy2log.numpy().reshape(4, 128, 3), 1, 16)
@@ -129,7 +134,7 @@ def test_a_global_multi_slot_plan_loses_fewer_experts_when_its_top_eighth_leaves
     assert received[0] < received[1]
     hierarchical = plan(load, 128, 3, num_groups=8, num_nodes=8).phy2log.numpy()
     with monkeypatch.context() as patch:
-        patch.setattr(planner, "essential_first", lambda slots, *_, **__: slots)
+        patch.setattr(planner, "essential_first", as_packed)
         unordered = plan(load, 128, 3, num_groups=8, num_nodes=8).phy2log.numpy()
     assert np.array_equal(hierarchical, unordered)
 
@@ -192,7 +197,7 @@ def test_the_planner_orders_one_slot_fresh_plans_as_the_general_path_does(
     for ranks, nodes, groups in ((64, 1, 1), (64, 4, 8), (96, 2, 4)):
         ordered = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
         with monkeypatch.context() as patch:
-            patch.setattr(planner, "essential_first", lambda slots, *_, **__: slots)
+            patch.setattr(planner, "essential_first", as_packed)
             packed = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
         expected = essential_first(packed.reshape(5, ranks, 1), load, nodes)
         assert np.array_equal(ordered, expected.reshape(5, ranks))
