@@ -83,6 +83,53 @@ def test_spare_ranks_come_last(case: tuple[np.ndarray, np.ndarray, int]) -> None
             assert orphans_after_dropping(row[None], 1, drop) == 0, (drop, row)
 
 
+def reference_order(row: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """int64 [R, S]: ``row``'s ranks by the module docstring's rule, one rank and one expert at
+    a time: an expert's replicas in rank order, those on a rank holding a single-replica
+    expert first; the first is a home (+inf), the j-th after it worth ``load / j``; a rank is
+    worth its best replica (an empty rank last), descending, ties in rank order, worths equal
+    in their top 16 float32 bits tied."""
+    experts, counts = np.unique(row[row >= 0], return_counts=True)
+    single = set(experts[counts == 1].tolist())
+    holds_single = [bool(single & set(rank.tolist())) for rank in row]
+    worth = [-1.0] * row.shape[0]
+    for expert in experts.tolist():
+        ranks = sorted(
+            (r for r in range(row.shape[0]) if expert in row[r]),
+            key=lambda r: (not holds_single[r], r),
+        )
+        for nth, rank in enumerate(ranks):
+            weight = np.float32(load[expert]) + np.float32(1e-30)
+            replica = np.inf if nth == 0 else weight * np.float32(1.0 / nth)
+            worth[rank] = max(worth[rank], float(replica))
+    bits = np.array(worth, dtype=np.float32).view(np.uint32) >> 16
+    key = [(1, 0) if w < 0 else (0, -int(b)) for w, b in zip(worth, bits, strict=True)]
+    return row[sorted(range(row.shape[0]), key=lambda r: key[r])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(node_plans())
+def test_ranks_follow_the_rule_computed_rank_by_rank(
+    case: tuple[np.ndarray, np.ndarray, int],
+) -> None:
+    slots, load, nodes = case
+    out = essential_first(slots, load, nodes)
+    for index, (row, got) in enumerate(
+        zip(node_rows(slots, nodes), node_rows(out, nodes), strict=True)
+    ):
+        want = reference_order(row, load[index // nodes])
+        assert np.array_equal(got, want), (row, got, want)
+
+
+def test_the_jth_spare_replica_is_worth_its_load_over_j() -> None:
+    """Expert 0 (load 10) on three ranks, expert 1 (load 6) on two: homes first, then 0's first
+    spare (10), 1's (6), 0's second (5). Worth load / (j + 1) would put 0's spares first."""
+    slots = np.array([[[0], [0], [0], [1], [1]]])
+    load = np.array([[10.0, 6.0]])
+    assert essential_first(slots, load)[0, :, 0].tolist() == [0, 1, 0, 1, 0]
+    assert reference_order(slots[0], load[0])[:, 0].tolist() == [0, 1, 0, 1, 0]
+
+
 def test_a_fresh_plan_loses_no_expert_when_its_top_eighth_leaves() -> None:
     """64 experts on 512 one-slot ranks (and 8 nodes): packed as dealt, dropping the top 64
     ranks left a third of every layer's experts with no replica."""

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from elastic_ep.eplb.repair_swaps import any_slot
+
 _UINT16_MAX = 0xFFFF
 SORT_ROWS_AT_ONCE = 32
 """From this many rows of at most ``SHORT_ROW`` keys, :func:`_sort_rows` sorts all rows in two
@@ -68,24 +70,34 @@ def essential_first(
     else:
         expert = local.reshape(rows, width).astype(np.uint16)
         np.minimum(expert, experts, out=expert)  # an empty slot (-1 wraps to 65535)
-    key = expert
     if per_rank > 1:  # with one slot, a rank holding a single holds no other expert's replica
         group = expert + (np.arange(rows) * (experts + 1))[:, None]
         counts = np.bincount(group.ravel(), minlength=rows * (experts + 1))
+        # Where each (row, expert) run starts once the rows are sorted by expert, as a flat
+        # index: the sorted slot at flat index i is replica i - start of its expert.
+        start = np.cumsum(counts)
+        start -= counts
         counts[experts :: experts + 1] = 0  # empty slots hold no single replica
-        holds_single = (counts.take(group) == 1).reshape(rows, per_node, per_rank).any(2)
+        holds_single = any_slot((counts.take(group) == 1).reshape(rows, per_node, per_rank))
         if holds_single.all():  # every rank holds an expert's only replica: none is spared
             return slots.copy()
-        key = expert * 2 + np.repeat(~holds_single, per_rank, axis=1)
-    if grouped and per_rank == 1:  # already sorted as the sort below would leave them
-        order, sorted_expert = None, expert
-    else:  # flat indices: one ``take`` is cheaper than ``take_along_axis``
-        order = _sort_rows(key)
-        sorted_expert = expert.ravel().take(order).reshape(rows, width)
-    boundary = sorted_expert[:, 1:] != sorted_expert[:, :-1]
-    if per_rank == 1 and boundary.all() and (sorted_expert < experts).all():
-        return slots.copy()  # every rank holds an expert's only replica
-    nth = _index_in_run(boundary)  # replicas of the expert before, in rank order
+        order = _sort_rows(expert * 2 + np.repeat(~holds_single, per_rank, axis=1))
+        sorted_group = group.ravel().take(order)
+        # Replicas of the expert before, in rank order (homes first).
+        nth = np.arange(rows * width).reshape(rows, width)
+        nth -= start.take(sorted_group).reshape(rows, width)
+        sorted_expert = sorted_group.reshape(rows, width)
+        sorted_expert -= (np.arange(rows) * (experts + 1))[:, None]
+    else:
+        if grouped:  # already sorted as the sort below would leave them
+            order, sorted_expert = None, expert
+        else:  # flat indices: one ``take`` is cheaper than ``take_along_axis``
+            order = _sort_rows(expert)
+            sorted_expert = expert.ravel().take(order).reshape(rows, width)
+        boundary = sorted_expert[:, 1:] != sorted_expert[:, :-1]
+        if boundary.all() and (sorted_expert < experts).all():
+            return slots.copy()  # every rank holds an expert's only replica
+        nth = _index_in_run(boundary)  # replicas of the expert before, in rank order
     # Worth = load / nth: +inf for a home (the tiny load keeps a zero-load expert's home
     # infinite), negative for an empty slot; float32 is fine for an order.
     padded = np.full((layers, experts + 1), -1.0, dtype=np.float32)
