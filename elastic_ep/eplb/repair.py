@@ -300,9 +300,9 @@ def _fill_empty(
     slots: np.ndarray, load: np.ndarray, counts: np.ndarray, budget: np.ndarray
 ) -> None:
     """Fill empty slots of ``slots`` (in place) with the wanted replicas, evicting nothing (no
-    expert counts as surplus), at most ``budget`` (int64 [B]) per row. A chunk of
-    :func:`fill_missing` sends one replica to each rank with room, so a rank with two empty
-    slots keeps one: again with what is left, while a pass fills a slot."""
+    expert counts as surplus), at most ``budget`` (int64 [B]) per row: :func:`fill_missing`
+    again with what is left while a pass fills a slot (a replica whose expert the rank with
+    room already holds leaves that slot to another expert's replica)."""
     rows, experts = slots.shape[0], load.shape[1]
     left = budget.copy()
     while True:
