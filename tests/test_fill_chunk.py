@@ -139,6 +139,26 @@ def test_a_chunk_fills_several_empty_slots_of_one_rank() -> None:
     assert np.array_equal(np.bincount(filled.ravel(), minlength=experts)[None], counts)
 
 
+def test_a_chunk_wider_than_the_ranks_keeps_one_target_per_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row 0's one open rank has 4 empty slots on 2 ranks and nothing to place, so the chunk is
+    4 wide; row 1 has two open ranks and 3 replicas to place: one per rank, the third waits."""
+    slots = np.array(
+        [[[5, -1, -1, -1, -1], [0, 1, 2, 3, 4]], [[0, 1, 2, -1, -1], [3, 4, 5, -1, -1]]],
+        dtype=np.int64,
+    )
+    load = np.ones((2, 6))
+    counts = np.array([[1, 1, 1, 1, 1, 1], [2, 2, 1, 2, 1, 1]])
+    got = slots.copy()
+    fill_missing(got, load, counts, np.array([1, 3]))
+    monkeypatch.setattr(incremental, "_place_chunk", _reference_chunk)
+    want = slots.copy()
+    fill_missing(want, load, counts, np.array([1, 3]))
+    assert np.array_equal(got, want)
+    assert np.array_equal(np.bincount(got[1][got[1] >= 0], minlength=6), counts[1])
+
+
 def _state(slots: np.ndarray, load: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     """The state arrays of a chunk for ``slots`` int64 [1, R, S] and ``counts`` int64 [1, E]
     wanted: slot loads, load per replica, counts, held replicas, rank loads, empty slots."""

@@ -196,11 +196,11 @@ def _place_chunk(
     usable = is_open | any_slot(evictable)
     # Ranks in order: open ones by load, then evictable ones by load after the eviction.
     order = rank_order(usable, is_open, np.where(is_open, loads, loads - relief))
-    rounds = _open_rounds(usable, room, width)
-    if rounds == 1:  # one target per rank: the ranks in order
+    targets = _targets(order, room, usable, width)
+    if targets is None:  # one target per rank: the ranks in order
         rank, valid, level = order[:, :width], None, None  # [n, c]
     else:
-        rank, valid, level = _targets(order, room, usable, width, rounds)
+        rank, valid, level = targets
     at = rank + np.arange(0, n * ranks, ranks)[:, None]  # flat (row, rank) of each item
     there = cur.reshape(-1, per_rank)[at]  # [n, c, S]
     held = any_slot(there == expert[..., None])
@@ -208,8 +208,8 @@ def _place_chunk(
     opened = is_open.ravel()[at]
     if level is None:
         slot = np.where(opened, (there < 0).argmax(2), evict_slot.ravel()[at])
-    else:  # the round-th empty slot of an open rank; an item of a rank's later round is
-        # dropped where an earlier item of the chunk takes its expert to that rank
+    else:  # the level-th empty slot of an open rank; an item for a further slot is dropped
+        # where an earlier item of the chunk takes its expert to that rank
         placed &= valid
         placed &= ~_repeated((at * experts + expert).ravel(), placed).reshape(n, width)
         nth_empty = np.cumsum(there < 0, axis=2) == (level + 1)[..., None]
@@ -244,45 +244,32 @@ def _place_chunk(
     return placed
 
 
-def _open_rounds(usable: np.ndarray, room: np.ndarray, width: int) -> int:
-    """Rounds of empty slots a chunk of ``width`` items reaches: more than 1 only where a row
-    with one open rank (``room`` int64 [n, R], empty slots) has fewer than ``width`` usable
-    ranks (``usable`` bool [n, R]: one target each), then that rank's empty slots."""
-    if width == 1:
-        return 1
-    rows = (np.count_nonzero(room, axis=1) == 1) & (usable.sum(1) < width)
-    return int(room[rows].max(initial=1))
-
-
 def _targets(
-    order: np.ndarray, room: np.ndarray, usable: np.ndarray, width: int, rounds: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first ``width`` targets of each row, int64 [n, c] rank, bool [n, c] valid (False
-    past a row's targets) and int64 [n, c] round: in ``order`` (int64 [n, R], open ranks
-    first), an empty slot of every open rank, an eviction of every other ``usable`` rank (bool
-    [n, R]), then, in a row with one open rank, its further empty slots (``room`` int64 [n, R],
-    up to ``rounds``). Further rounds over several open ranks would place by the loads before
-    the chunk: 60 x 384 experts on 128 -> 144 x 3 slots, a scale-up, then ended 0.0191 under
-    vLLM's balancedness instead of 0.0080."""
-    n = order.shape[0]
-    room_in_order = np.take_along_axis(room, order, axis=1)
-    # Levels in target order: round 0, the evictions, rounds 1, 2, ...
-    round_of = np.concatenate([[0], [0], np.arange(1, rounds)])
-    target = round_of[None, :, None] < room_in_order[:, None, :]  # [n, rounds + 1, R]
-    target[:, 1] = (room_in_order == 0) & np.take_along_axis(usable, order, axis=1)
-    target[:, 2:] &= (np.count_nonzero(room, axis=1) == 1)[:, None, None]
-    row, level, position = np.nonzero(target)  # in C order: the targets in order
-    per_row = np.bincount(row, minlength=n)
-    index = np.arange(row.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-    first = index < width
-    row, level, position, index = row[first], level[first], position[first], index[first]
-    rank = np.zeros((n, width), dtype=np.int64)
-    rank[row, index] = order[row, position]
-    valid = np.zeros((n, width), dtype=bool)
-    valid[row, index] = True
-    rounds_of = np.zeros((n, width), dtype=np.int64)
-    rounds_of[row, index] = round_of[level]
-    return rank, valid, rounds_of
+    order: np.ndarray, room: np.ndarray, usable: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The first ``width`` targets of each row where a row with one open rank (``room`` int64
+    [n, R], empty slots) has fewer than ``width`` usable ranks (``usable`` bool [n, R]), or
+    ``width`` exceeds R (another row's open rank set the chunk), else ``None`` (one target per
+    rank: ``order`` int64 [n, R], open ranks first). Targets: the
+    usable ranks in order (an empty slot of each open rank, an eviction of each other), then
+    the only open rank's further empty slots; int64 [n, c] rank, bool [n, c] valid (False past
+    a row's targets) and int64 [n, c] empty slot of its rank (0 for the first). Further slots
+    of several open ranks in one chunk would be placed by the loads before it: 60 x 384
+    experts on 128 -> 144 x 3 slots, a scale-up, then ended 0.0191 under vLLM's balancedness
+    instead of 0.0080."""
+    ranks = order.shape[1]
+    one_open = np.count_nonzero(room, axis=1) == 1
+    count = usable.sum(1)
+    if width == 1 or (width <= ranks and not (one_open & (count < width)).any()):
+        return None
+    # The one open rank comes first in order; its first empty slot is among the usable ranks.
+    extra = np.where(one_open, room.take(order[:, 0] + np.arange(0, room.size, ranks)) - 1, 0)
+    column = np.arange(width)
+    first = column < count[:, None]
+    further = ~first & (column < (count + extra)[:, None])
+    rank = np.where(further, order[:, :1], order[:, np.minimum(column, ranks - 1)])
+    nth = np.where(further, column - count[:, None] + 1, 0)
+    return rank, first | further, nth
 
 
 def _repeated(key: np.ndarray, candidate: np.ndarray) -> np.ndarray:
