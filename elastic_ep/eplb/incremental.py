@@ -11,11 +11,10 @@ it leaves the lowest rank load, in an empty slot or, once none is left, over a s
 are always placed; the others only while the transfer budget lasts. Replicas go a chunk at a
 time, the j-th heaviest of a chunk to the j-th best target: an empty slot of every rank with
 room, lightest first, then a surplus replica of every other rank, lightest after evicting it,
-then (where those are fewer than the chunk's items and one rank has room) that rank's
-further empty slots. One that cannot take its target waits for the next
-pass, and when a pass places nothing the rest go one at a time. Empty slots the wanted replicas
-do not reach get an extra replica of the heaviest expert per replica the rank lacks, while the
-budget lasts.
+then (where those are fewer than the chunk's items and one rank has room) that rank's further
+empty slots. One that cannot take its target waits for the next pass, and when a pass places
+nothing the rest go one at a time. Empty slots the wanted replicas do not reach get an extra
+replica of the heaviest expert per replica the rank lacks, while the budget lasts.
 
 :mod:`elastic_ep.eplb.repair` runs it, then the swaps of :mod:`elastic_ep.eplb.repair_swaps`.
 """
@@ -173,10 +172,10 @@ def _place_chunk(
     """Place the replicas ``expert`` int64 [n, c] (heaviest first, -1 = none) of rows ``b``
     at once, the j-th on the j-th best target: an empty slot of every rank with room, lightest
     first, then ranks holding a surplus replica, lightest after evicting it, then (a row with
-    one open rank) that rank's further empty slots. An item whose rank
-    already holds its expert (or takes it from an earlier item of the chunk), or whose eviction
-    would take an expert below its wanted count, is not placed; returns bool [n, c], placed.
-    State arrays as in :func:`_place_one`."""
+    one open rank) that rank's further empty slots. An item whose rank already holds its
+    expert (or takes it from an earlier item of the chunk), or whose eviction would take an
+    expert below its wanted count, is not placed; returns bool [n, c], placed. State arrays as
+    in :func:`_place_one`."""
     n, width = expert.shape
     _, ranks, per_rank = slots.shape
     experts = have.shape[1]
@@ -250,10 +249,10 @@ def _targets(
     """The first ``width`` targets of each row where a row with one open rank (``room`` int64
     [n, R], empty slots) has fewer than ``width`` usable ranks (``usable`` bool [n, R]), or
     ``width`` exceeds R (another row's open rank set the chunk), else ``None`` (one target per
-    rank: ``order`` int64 [n, R], open ranks first). Targets: the
-    usable ranks in order (an empty slot of each open rank, an eviction of each other), then
-    the only open rank's further empty slots; int64 [n, c] rank, bool [n, c] valid (False past
-    a row's targets) and int64 [n, c] empty slot of its rank (0 for the first). Further slots
+    rank: ``order`` int64 [n, R], open ranks first). Targets: the usable ranks in order (an
+    empty slot of each open rank, an eviction of each other), then the only open rank's
+    further empty slots; int64 [n, c] rank, bool [n, c] valid (False past a row's targets) and
+    int64 [n, c] empty slot of its rank (0 for the first). Further slots
     of several open ranks in one chunk would be placed by the loads before it: 60 x 384
     experts on 128 -> 144 x 3 slots, a scale-up, then ended 0.0191 under vLLM's balancedness
     instead of 0.0080."""
