@@ -118,3 +118,27 @@ def test_many_replicas_per_expert_recount_first(
         assert moved < 0.10
     else:
         assert moved > 0.11  # the path this test guards is what makes the difference
+
+
+@pytest.mark.parametrize("wide_first", [True, False])
+def test_pairs_start_step_4_with_wide_partners(
+    wide_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 256 experts on 256 -> 224 x 2 slots, a scale-down: with two slots per rank the heaviest
+    # rank's swaps are 2 x M x 2 candidates, and the lightest 8 partners hold no pair that
+    # lowers it. Narrow partners first (WIDE_FIRST_SLOTS = 1: the order for 3+ slots) spend
+    # weights on the other heavy ranks before the wide pass lowers the heaviest one: 94 weights
+    # for 0.8809 where wide partners first receive 88 for 0.8842.
+    if not wide_first:
+        monkeypatch.setattr(repair_module, "WIDE_FIRST_SLOTS", 1)
+    load = _zipf_load(1, 256, seed=0)
+    previous = plan(load, 256, 2)
+    report = plan_with_report(
+        load, 224, 2, previous=previous, rank_mapping=RankMapping.resize(256, 224)
+    )
+    assert bool(report.repaired.all())
+    balance, received = report.placement.balancedness(load), int(report.transfers.sum())
+    if wide_first:
+        assert balance > 0.883 and received <= 90
+    else:  # the path this test guards is what makes the difference
+        assert balance < 0.882 and received > 90
