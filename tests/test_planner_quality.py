@@ -137,3 +137,37 @@ def test_greedy_pack_keeps_every_replica_once_per_rank(case: tuple) -> None:
         assert len(set(held.tolist())) == held.size
     counts = np.maximum(expert_counts(slots, experts), 1)
     assert np.allclose(slot_loads(packed, load / counts).sum(2), rank_load)
+
+
+def _greedy_row(slots: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """One row of :func:`greedy_pack` written item by item: replicas heaviest first (ties by
+    expert, then slot), each to the lightest rank (ties: the lowest) with room that lacks it."""
+    ranks, per_rank = slots.shape
+    pairs = zip(slots.ravel(), weight.ravel(), strict=True)
+    items = [(-w, e, i) for i, (e, w) in enumerate(pairs) if e >= 0]
+    out = np.full((ranks, per_rank), -1, dtype=np.int64)
+    rank_load, held = np.zeros(ranks), [[] for _ in range(ranks)]
+    for negative, expert, _ in sorted(items):
+        open_ranks = [r for r in range(ranks) if len(held[r]) < per_rank and expert not in held[r]]
+        if not open_ranks:
+            return out, rank_load, False
+        rank = min(open_ranks, key=lambda r: (rank_load[r], r))
+        out[rank, len(held[rank])] = expert
+        held[rank].append(expert)
+        rank_load[rank] -= negative
+    return out, rank_load, True
+
+
+@settings(max_examples=150, deadline=None)
+@given(packings())
+def test_greedy_pack_is_the_greedy_written_item_by_item(case: tuple) -> None:
+    slots, load, _ = case
+    experts = load.shape[1]
+    weight = slot_loads(slots, load / np.maximum(expert_counts(slots, experts), 1))
+    packed, rank_load, complete = greedy_pack(slots, weight)
+    for row in range(slots.shape[0]):
+        want, want_load, want_complete = _greedy_row(slots[row], weight[row])
+        assert complete[row] == want_complete
+        if want_complete:
+            assert np.array_equal(packed[row], want)
+            assert np.allclose(rank_load[row], want_load, rtol=0, atol=1e-12)

@@ -99,3 +99,17 @@ def test_best_paid_swap_matches_reference(seed, monkeypatch):
 def _dupes(row: np.ndarray) -> np.ndarray:
     """bool [S]: entries of ``row`` equal to an earlier one."""
     return np.array([row[i] >= 0 and row[i] in row[:i] for i in range(row.size)])
+
+
+@pytest.mark.parametrize("ranks", [3, repair_swaps.ORDER_BITS_FROM, 1024])
+def test_lightest_first_is_a_stable_argsort_of_the_loads(ranks: int) -> None:
+    """Ties (joined ranks at 0, equal sums) in rank order, on both sides of the width where
+    the integer sort takes over; a load rounded just below zero counts as zero."""
+    rng = np.random.default_rng(ranks)
+    for scale in (3, 1000):  # many ties, then few
+        loads = np.floor(rng.random((40, ranks)) * scale) * 0.125
+        loads[:, : ranks // 3] = 0.0
+        want = loads.argsort(axis=1, kind="stable")
+        assert np.array_equal(repair_swaps.lightest_first(loads), want)
+    loads = np.array([[0.0, -1e-17] + [1.0] * (ranks - 2)])
+    assert repair_swaps.lightest_first(loads)[0, 0] == 0

@@ -25,6 +25,7 @@ import numpy as np
 
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.repair_swaps import any_slot, slot_sum
+from elastic_ep.eplb.replication import descending_order
 
 FILL_CHUNK_DIVISOR = 4
 """Replicas placed at once per row: a quarter of the ranks, or the empty slots of a row's only
@@ -53,7 +54,7 @@ def fill_missing(
         slots: int64 [B, R, S], C-contiguous (updated through flat views), no expert twice on
             one rank.
         load: float64 [B, E].
-        counts: int64 [B, E], the replica counts wanted.
+        counts: int64 [B, E], the replica counts wanted (>= 1 each).
         budget: int64 [B], transfers allowed beyond the mandatory ones (experts with no replica).
     """
     num_experts = load.shape[1]
@@ -70,7 +71,7 @@ def fill_missing(
     per_replica = load / counts
     need = np.maximum(counts - have, 0)
     # Order: one replica of every expert that has none, then the rest; heaviest replica first.
-    by_weight = np.argsort(-per_replica, axis=1, kind="stable")
+    by_weight = descending_order(per_replica)  # one integer sort (a float argsort: 13x longer)
     flat = by_weight + (np.arange(by_weight.shape[0]) * num_experts)[:, None]  # (row, expert)
     orphan = (have == 0).ravel()[flat]
     extra = need.ravel()[flat] - orphan

@@ -115,8 +115,12 @@ def greedy_pack(slots: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
     rows, ranks, per_rank = slots.shape
     expert = slots.reshape(rows, -1)
     load = weight.reshape(rows, -1)
-    # Heaviest first, replicas of an expert adjacent (equal loads sort by expert), empty last.
-    order = np.lexsort((expert, -np.where(expert >= 0, load, -1.0)))
+    # Heaviest first, replicas of an expert adjacent (equal loads sort by expert), empty last:
+    # one stable sort of complex keys (by real, then imaginary part), a lexsort's order.
+    by_weight = np.empty(expert.shape, dtype=np.complex128)
+    by_weight.real = -np.where(expert >= 0, load, -1.0)
+    by_weight.imag = expert
+    order = by_weight.argsort(axis=1, kind="stable")
     expert = np.take_along_axis(expert, order, 1)
     load = np.take_along_axis(load, order, 1)
     # The first R items go one to each rank, in order (every rank is empty and lacks them).
@@ -127,23 +131,33 @@ def greedy_pack(slots: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
     # The last expert each rank received: replicas of an expert are adjacent in the order, so
     # a rank holds the current item's expert exactly where it is the last one it received.
     last = expert[:, :ranks].copy()
-    key = np.empty((rows, ranks))
+    # Each rank's load where it has room, +inf where full, kept up to date with every item.
+    room_load = np.where(filled >= per_rank, np.inf, rank_load)
+    key, holds = np.empty((rows, ranks)), np.empty((rows, ranks), dtype=bool)
     flat_out, flat_load = out.reshape(-1), rank_load.reshape(-1)
     flat_filled, flat_last = filled.reshape(-1), last.reshape(-1)
-    live = expert >= 0
+    flat_room = room_load.reshape(-1)
+    # Item by item, each column's items of all rows contiguous.
+    items, item_load = expert.T.copy(), load.T.copy()
+    live: np.ndarray = items >= 0
+    every_live: np.ndarray = live.all(1)
     complete = np.ones(rows, dtype=bool)
     base = np.arange(rows) * ranks
-    for i in range(ranks, expert.shape[1]):
-        item = expert[:, i]
-        np.copyto(key, rank_load)
-        key[(filled >= per_rank) | (last == item[:, None])] = np.inf
-        rank = key.argmin(1) + base
-        fits = key.reshape(-1)[rank] < np.inf
-        complete &= fits | ~live[:, i]
-        fits &= live[:, i]
-        at = rank[fits]
-        flat_out[at * per_rank + flat_filled[at]] = item[fits]
-        flat_load[at] += load[fits, i]
+    for i in range(ranks, items.shape[0]):
+        item, item_w = items[i], item_load[i]
+        np.copyto(key, room_load)
+        np.equal(last, item[:, None], out=holds)
+        np.putmask(key, holds, np.inf)
+        at = key.argmin(1) + base
+        best = key.reshape(-1)[at]
+        if not (every_live[i] and best.max() < np.inf):  # a row with no item or no room
+            fits: np.ndarray = best < np.inf
+            complete &= fits | ~live[i]
+            fits &= live[i]
+            at, item, item_w = at[fits], item[fits], item_w[fits]
+        flat_out[at * per_rank + flat_filled[at]] = item
+        flat_load[at] += item_w
         flat_filled[at] += 1
-        flat_last[at] = item[fits]
+        flat_last[at] = item
+        flat_room[at] = np.where(flat_filled[at] < per_rank, flat_load[at], np.inf)
     return out, rank_load, complete

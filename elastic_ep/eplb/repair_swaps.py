@@ -18,6 +18,7 @@ import numpy as np
 
 from elastic_ep.eplb.expert_bits import before_codes, code_of, swap_codes, trade_codes
 from elastic_ep.eplb.packing import expert_counts, slot_loads
+from elastic_ep.eplb.replication import ascending_order
 
 SWAP_PARTNERS = 8  # light ranks tried as swap partners of one heavy rank
 SWAP_PAIRS = 16  # most heavy ranks of one row improved per step, each with its own partners
@@ -25,6 +26,7 @@ CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 e
 WIDE_CANDIDATES = 4096  # candidates of a block from which its broadcasts repeat first (timed)
 SUM_COLUMNS = 512  # slot_sum by columns from this many sums with S >= 8 (timed on numpy 2)
 ANY_REDUCE_SLOTS = 100  # any_slot reduces at once up to this x S results (timed on numpy 2)
+ORDER_BITS_FROM = 16  # ranks from which a step orders rank loads by one integer sort (timed)
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 # Transfers one side of a swap costs by the receiving rank's code (1 x held now + 2 x held
 # before): 1 if it never held the expert, 0 if it held it before, never if it holds it now.
@@ -108,7 +110,7 @@ def swap_towards(
                 return
         # The `pairs` heaviest ranks, each with its own `partners` of the lightest, disjoint:
         # the i-th heaviest gets the lightest ranks i, i + pairs, i + 2 * pairs, ...
-        order = rank_loads.argsort(axis=1, kind="stable") + (active * ranks)[:, None]
+        order = lightest_first(rank_loads) + (active * ranks)[:, None]
         heavy = order[:, : -pairs - 1 : -1]  # [A, k]
         partner = order[:, : pairs * partners].reshape(-1, partners, pairs).transpose(0, 2, 1)
         # Heavy ranks after the first only while above the row's target peak.
@@ -312,3 +314,15 @@ def slot_sum(values: np.ndarray) -> np.ndarray:
     for column in range(whole, per_rank):
         out += values[..., column]
     return out
+
+
+def lightest_first(rank_loads: np.ndarray) -> np.ndarray:
+    """int64 [A, R]: each row's ranks by ``rank_loads`` (float64 [A, R]), lightest first, ties
+    in rank order. From ``ORDER_BITS_FROM`` ranks one integer sort of the loads' bit patterns
+    carrying the rank in their last log2(R) bits (:func:`ascending_order`; loads equal but for
+    those bits count as ties), 15x faster than numpy's stable float argsort at 1024 ranks. A
+    load that float rounding left below zero counts as zero."""
+    loads = np.maximum(rank_loads, 0.0)
+    if loads.shape[1] < ORDER_BITS_FROM:
+        return loads.argsort(axis=1, kind="stable")
+    return ascending_order(loads)
