@@ -140,7 +140,7 @@ def greedy_pack(slots: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
     # Item by item, each column's items of all rows contiguous.
     items, item_load = expert.T.copy(), load.T.copy()
     live: np.ndarray = items >= 0
-    every_live: np.ndarray = live.all(1)
+    every_live = np.logical_and.reduce(live, axis=1)
     complete = np.ones(rows, dtype=bool)
     base = np.arange(rows) * ranks
     for i in range(ranks, items.shape[0]):
