@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from elastic_ep.eplb.packing import expert_counts, slot_loads
-from elastic_ep.eplb.repair_swaps import any_slot, slot_sum
+from elastic_ep.eplb.repair_swaps import ORDER_BITS_FROM, any_slot, slot_sum
 from elastic_ep.eplb.replication import descending_order
 
 FILL_CHUNK_DIVISOR = 4
@@ -186,8 +186,11 @@ def _place_chunk(
     weight = slot_w[b]
     loads = rank_load[b]
     surplus = (have[b] - counts[b]).ravel()  # [n * E]
-    base = np.arange(n)[:, None, None] * experts
-    evictable = (cur >= 0) & (surplus[np.maximum(cur, 0) + base] > 0)
+    # Whether a slot's expert has a surplus, gathered as bytes from [n, E + 1] (column 0: an
+    # empty slot, never).
+    has_surplus = np.zeros((n, experts + 1), dtype=bool)
+    np.greater(surplus.reshape(n, experts), 0, out=has_surplus[:, 1:])
+    evictable = has_surplus.ravel()[cur + (np.arange(n) * (experts + 1) + 1)[:, None, None]]
     evict_slot = np.where(evictable, weight, -np.inf).argmax(2)  # [n, R]
     by_rank = np.arange(0, n * ranks * per_rank, per_rank).reshape(n, ranks)
     relief = weight.ravel()[by_rank + evict_slot]
@@ -304,13 +307,29 @@ def _over_surplus(key: np.ndarray, surplus: np.ndarray) -> np.ndarray:
 
 def rank_order(usable: np.ndarray, is_open: np.ndarray, value: np.ndarray) -> np.ndarray:
     """int64 [n, R]: each row's ranks, usable ones first, among them open ones first, then by
-    ``value`` (float64 [n, R], finite), ties in rank order: ``np.lexsort((value, ~is_open,
-    ~usable), axis=1)``, as one stable sort of complex keys (numpy orders them by real, then
-    imaginary part) at a third of its cost."""
-    key = np.empty(value.shape, dtype=np.complex128)
-    key.real = 2 * ~usable + ~is_open
-    key.imag = value
-    return key.argsort(axis=1, kind="stable")
+    ``value`` (float64 [n, R], finite, >= 0 but for float rounding: a value below zero counts
+    as zero), ties in rank order: ``np.lexsort((value, ~is_open, ~usable), axis=1)``.
+
+    Below ``ORDER_BITS_FROM`` ranks one stable sort of complex keys (numpy orders them by real,
+    then imaginary part), a third of the lexsort's cost; from there one integer sort, 13x
+    faster again at 448 ranks: the two classes in the top bits, the value's bit pattern (a
+    non-negative float's orders like the float) below them, the rank in its last log2(R) bits
+    (values equal but for their last 2 + log2(R) bits count as ties).
+    """
+    ranks = value.shape[1]
+    value = np.where(value > 0.0, value, 0.0)  # also -0.0 to +0.0: its sign bit is set
+    if ranks < ORDER_BITS_FROM:
+        key = np.empty(value.shape, dtype=np.complex128)
+        key.real = 2 * ~usable + ~is_open
+        key.imag = value
+        return key.argsort(axis=1, kind="stable")
+    low = (1 << (ranks - 1).bit_length()) - 1
+    bits = value.view(np.int64) >> 2  # bit 63 is 0: room for the classes in bits 61-62
+    bits &= ~low
+    bits |= np.arange(ranks)
+    bits |= (2 * ~usable + ~is_open).astype(np.int64) << 61
+    bits.sort(axis=1)
+    return bits & low
 
 
 def _place_one(

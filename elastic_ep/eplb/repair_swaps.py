@@ -322,7 +322,7 @@ def lightest_first(rank_loads: np.ndarray) -> np.ndarray:
     carrying the rank in their last log2(R) bits (:func:`ascending_order`; loads equal but for
     those bits count as ties), 15x faster than numpy's stable float argsort at 1024 ranks. A
     load that float rounding left below zero counts as zero."""
-    loads = np.maximum(rank_loads, 0.0)
+    loads = np.where(rank_loads > 0.0, rank_loads, 0.0)  # also -0.0 to +0.0 (sign bit set)
     if loads.shape[1] < ORDER_BITS_FROM:
         return loads.argsort(axis=1, kind="stable")
     return ascending_order(loads)
