@@ -259,11 +259,17 @@ def descending_order(values: np.ndarray) -> np.ndarray:
     return low - (-keys & low)
 
 
-def ascending_order(values: np.ndarray) -> np.ndarray:
-    """int64 [B, N]: column indices of every row of ``values`` (float64 [B, N], >= 0), smallest
-    first; lowest index first among values equal but for the last log2(N) bits."""
+def ascending_order(values: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
+    """int64 [B, N]: column indices of every row of ``values`` (float64 [B, N], >= 0, no -0.0),
+    smallest first; lowest index first among values equal but for the last log2(N) bits.
+    With ``classes`` (int [B, N], 0-3) those sort first: they take the top two bits of the
+    value's pattern (bit 63 is 0 for a non-negative float), so values then count as equal but
+    for their last 2 + log2(N) bits."""
     width = values.shape[1]
     low = (1 << max(1, (width - 1).bit_length())) - 1
-    keys = (values.view(np.int64) & ~low) | np.arange(width)
+    keys = values.view(np.int64)
+    if classes is not None:
+        keys = (keys >> 2) | (classes.astype(np.int64) << 61)
+    keys = (keys & ~low) | np.arange(width)
     keys.sort(axis=1)
     return keys & low
