@@ -82,12 +82,15 @@ STEP3_STALL = 0.25
 # fewer).
 RECOUNT_FROM = 10
 # Step 4 of rows with up to this many slots per rank (two: pairs; on more than 4 x SWAP_PARTNERS
-# ranks) starts with the wide partners: a heavy rank has only 2 x M x 2 candidate swaps, the lightest 8 ranks rarely
-# hold a pair that lowers the heaviest rank, and the narrow pass spent weights on the other
-# heavy ranks first (58 x 256 experts on 256 -> 224 x 2, a scale-down: 0.0110 -> 0.0077 under
-# vLLM's balancedness, 21.0% -> 19.6% of the slots moved, 36 -> 32 ms). With 3+ slots the
-# narrow pass stays first: there the wide one costs more per step and moved balancedness both
-# ways (384 experts on 128 -> 144 x 3, a scale-up: 0.0080 -> 0.0121 under vLLM's, 33 -> 46 ms).
+# ranks) starts with the wide partners: a heavy rank has only 2 x M x 2 candidate swaps, the
+# lightest 8 ranks rarely hold a pair that lowers the heaviest rank, and the narrow pass spent
+# weights on the other heavy ranks first (58 x 256 experts on 256 -> 224 x 2, a scale-down:
+# 0.0110 -> 0.0077 under vLLM's balancedness, 21.0% -> 19.6% of the slots moved, 36 -> 32 ms).
+# With 3+ slots the narrow pass stays first: there the wide one costs more per step and moved
+# balancedness both ways (384 experts on 128 -> 144 x 3, a scale-up: 0.0080 -> 0.0121 under
+# vLLM's, 33 -> 46 ms). The repair without shares (:func:`_swap_passes`) keeps the narrow pass
+# first at two slots as well: there the wide one moved fewer weights but lost up to 0.0126
+# balancedness (the same scale-down: 0.8890 -> 0.8764).
 WIDE_FIRST_SLOTS = 2
 
 
