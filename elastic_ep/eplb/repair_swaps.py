@@ -26,7 +26,7 @@ CANDIDATE_BLOCK = 1 << 16  # candidate swaps per block of heavy ranks (float64 e
 WIDE_CANDIDATES = 4096  # candidates of a block from which its broadcasts repeat first (timed)
 SUM_COLUMNS = 512  # slot_sum by columns from this many sums with S >= 8 (timed on numpy 2)
 ANY_REDUCE_SLOTS = 100  # any_slot reduces at once up to this x S results (timed on numpy 2)
-ORDER_BITS_FROM = 16  # ranks from which a step orders rank loads by one integer sort (timed)
+ORDER_BITS_FROM = 16  # ranks from which swap steps and fill chunks order ranks by an integer sort
 _FREE_SWAP_COST = 0.25  # denominator floor: a swap that costs nothing still needs a real gain
 # Transfers one side of a swap costs by the receiving rank's code (1 x held now + 2 x held
 # before): 1 if it never held the expert, 0 if it held it before, never if it holds it now.
