@@ -433,7 +433,8 @@ def main() -> None:
     machine = machine_line()
     body = (
         f"### Planner vs vLLM {version} DefaultEplbPolicy\n\n"
-        f"`python benchmarks/bench_planner.py` ({machine}; 1 thread; median of {args.repeats} "
+        f"`python benchmarks/bench_planner.py` on {datetime.date.today().isoformat()} ({machine}; "
+        f"1 thread; median of {args.repeats} "
         f"runs, ours and vLLM's alternating; "
         f"seed {SEED}). Moved = weights received, % of the new slots; min. = fill joined ranks "
         f"and re-home experts with no surviving replica; keep bal. = previous placement under the "
