@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from elastic_ep import RankMapping
 from elastic_ep.eplb import plan, plan_with_report, planner
-from elastic_ep.eplb.rank_order import _sort_rows, essential_first
+from elastic_ep.eplb.hierarchical import hierarchical_slots
+from elastic_ep.eplb.packing import static_slots
+from elastic_ep.eplb.rank_order import _sort_rows, essential_first, essential_one_slot
 
 
 @st.composite
@@ -121,6 +123,36 @@ def test_ranks_follow_the_rule_computed_rank_by_rank(
         assert np.array_equal(got, want), (row, got, want)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.sampled_from([(1, 1), (2, 2), (2, 4), (4, 4)]),
+    st.integers(1, 4),
+    st.integers(0, 8),
+    st.integers(0, 2**16),
+)
+def test_one_slot_plans_are_packed_in_the_essential_order(
+    layers: int, layout: tuple[int, int], group_size: int, spare: int, seed: int
+) -> None:
+    """A one-slot fresh plan built in order (``essential_one_slot``, global and per node) is
+    the packed plan sorted by :func:`essential_first`, bit for bit: ties (integer loads), zero
+    loads, one replica per expert (no spare) and many spares. It fails where a spare is worth
+    load / (j + 1)."""
+    nodes, groups = layout
+    rng = np.random.default_rng(seed)
+    experts = groups * group_size
+    ranks = nodes * (experts // nodes + spare)
+    load = rng.integers(0, 4, (layers, experts)).astype(np.float64)
+    load[:, rng.random(experts) < 0.5] *= rng.random() * 100
+    if nodes == 1:
+        built = essential_one_slot(load, ranks)
+        packed = static_slots(load, ranks, 1, 0)
+    else:
+        built = hierarchical_slots(load, groups, nodes, ranks, 1, 0, essential=True)
+        packed = hierarchical_slots(load, groups, nodes, ranks, 1, 0)
+    assert np.array_equal(built, essential_first(packed, load, nodes))
+
+
 def test_the_jth_spare_replica_is_worth_its_load_over_j() -> None:
     """Expert 0 (load 10) on three ranks, expert 1 (load 6) on two: homes first, then 0's first
     spare (10), 1's (6), 0's second (5). Worth load / (j + 1) would put 0's spares first."""
@@ -217,34 +249,18 @@ def test_more_experts_than_16_bit_keys_hold() -> None:
     assert small[0, :, 0].tolist() == [3, 0, 1, 3, 3]
 
 
-@settings(max_examples=200, deadline=None)
-@given(node_plans())
-def test_grouped_one_slot_plans_skip_the_sort_for_the_same_order(
-    case: tuple[np.ndarray, np.ndarray, int],
-) -> None:
-    slots, load, nodes = case
-    one = np.ascontiguousarray(slots[:, :, :1])
-    # Each node's ranks sorted by expert (empty ones anywhere): every expert's replicas adjacent.
-    rows = node_rows(one, nodes)
-    grouped = np.take_along_axis(rows, np.argsort(rows, axis=1, kind="stable"), axis=1)
-    grouped = grouped.reshape(one.shape)
-    assert np.array_equal(
-        essential_first(grouped, load, nodes, grouped=True),
-        essential_first(grouped, load, nodes),
-    )
-
-
-def test_the_planner_orders_one_slot_fresh_plans_as_the_general_path_does(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The planner passes ``grouped=True`` for one-slot fresh plans: their packing must keep
-    each expert's replicas on consecutive ranks of a node."""
+def test_the_planner_orders_one_slot_fresh_plans_as_the_general_path_does() -> None:
+    """The planner builds one-slot fresh plans in order (``essential_one_slot``, per node for
+    hierarchical ones): the same placement as the packed plan sorted by
+    :func:`essential_first`."""
     rng = np.random.default_rng(1)
     load = rng.lognormal(0.0, 1.0, (5, 32))
     for ranks, nodes, groups in ((64, 1, 1), (64, 4, 8), (96, 2, 4)):
         ordered = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
-        with monkeypatch.context() as patch:
-            patch.setattr(planner, "essential_first", as_packed)
-            packed = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
-        expected = essential_first(packed.reshape(5, ranks, 1), load, nodes)
+        if nodes == 1:
+            packed = static_slots(load, ranks, 1, 0)
+        else:
+            packed = hierarchical_slots(load, groups, nodes, ranks, 1, 0)
+        expected = essential_first(packed, load, nodes)
         assert np.array_equal(ordered, expected.reshape(5, ranks))
+        assert not np.array_equal(ordered, packed.reshape(5, ranks))

@@ -25,6 +25,7 @@ from elastic_ep.eplb.packing import (
     sorted_replicas,
     static_slots,
 )
+from elastic_ep.eplb.rank_order import essential_one_slot
 from elastic_ep.eplb.repair import repair
 from elastic_ep.eplb.replication import descending_order
 
@@ -93,6 +94,7 @@ def hierarchical_slots(
     num_ranks: int,
     slots_per_rank: int,
     swap_steps: int,
+    essential: bool = False,
 ) -> np.ndarray:
     """int64 [L, R, S]: a fresh plan whose node n (ranks n*R/N .. (n+1)*R/N - 1) holds only
     experts of the groups assigned to it.
@@ -100,6 +102,9 @@ def hierarchical_slots(
     Args:
         load: float64 [L, E]; E divisible by num_groups, num_groups by num_nodes, num_ranks by
             num_nodes (checked by the caller).
+        essential: with one slot per rank, each node's ranks in
+            :func:`~elastic_ep.eplb.rank_order.essential_first`'s order, built with the plan
+            (:func:`~elastic_ep.eplb.rank_order.essential_one_slot`); ignored with more.
     """
     layers, experts = load.shape
     group_size = experts // num_groups
@@ -112,6 +117,9 @@ def hierarchical_slots(
     # [L * N, 1 + E / N].
     ids = np.full((rows, 1 + per_node), -1, dtype=np.int64)
     ids[:, 1:] = np.arange(experts).reshape(num_groups, group_size)[nodes].reshape(rows, per_node)
+    if essential and slots_per_rank == 1:  # written as global ids at once
+        local = essential_one_slot(local_load, num_ranks // num_nodes, ids[:, 1:])
+        return local.reshape(layers, num_ranks, 1)
     # No node's heaviest rank is under its mean rank load: swaps on a node already under the
     # heaviest node's mean cannot lower the layer's heaviest rank.
     node_mean = local_load.sum(1).reshape(layers, num_nodes) * (num_nodes / num_ranks)

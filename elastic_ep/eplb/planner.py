@@ -66,7 +66,7 @@ from elastic_ep.eplb.incremental import drop_duplicates
 from elastic_ep.eplb.packing import expert_counts, static_slots
 from elastic_ep.eplb.placement import Placement, max_units
 from elastic_ep.eplb.polish import repack_stuck
-from elastic_ep.eplb.rank_order import essential_first
+from elastic_ep.eplb.rank_order import essential_first, essential_one_slot
 from elastic_ep.eplb.repair import balance_with_units
 from elastic_ep.eplb.repair_choice import (
     layer_balancedness,
@@ -318,11 +318,14 @@ def _fresh_alone(
     (:mod:`elastic_ep.eplb.rank_order`; hierarchical plans with one slot per rank only, see
     ``ORDER_MOST_SLOTS``)."""
     steps = _swap_steps(swap_steps, DEFAULT_SWAP_STEPS, nodes)
+    if slots == 1:  # packed and ordered at once
+        if nodes > 1:
+            return hierarchical_slots(load, groups, nodes, ranks, slots, steps, essential=True)
+        return essential_one_slot(load, ranks)
     fresh = _fresh(load, ranks, slots, groups, nodes, steps)
     if nodes > 1 and slots > ORDER_MOST_SLOTS:
         return fresh
-    # One-slot packing deals each expert's replicas to consecutive ranks (packing.sorted_items).
-    return essential_first(fresh, load, nodes, grouped=slots == 1)
+    return essential_first(fresh, load, nodes)
 
 
 def _fresh(

@@ -23,7 +23,9 @@ expert loses its last replica only where every rank holds a home (few redundant 
 every rank holds a single-replica expert). Cost: two stable 16-bit radix sorts (the slots by
 expert, the ranks by the top 16 bits of their float32 worth, which keep it to 1%) and about 15
 passes over the slots, linear in L x R x S; the planner orders global plans and one-slot
-hierarchical ones (``elastic_ep.eplb.planner.ORDER_MOST_SLOTS`` says why).
+hierarchical ones (``elastic_ep.eplb.planner.ORDER_MOST_SLOTS`` says why). A one-slot fresh
+plan is built in this order at once (:func:`essential_one_slot`): its homes are the experts in
+packing order and only its spares are sorted.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from elastic_ep.eplb.repair_swaps import any_slot
+from elastic_ep.eplb.replication import descending_order, replica_counts
 
 _UINT16_MAX = 0xFFFF
 SORT_ROWS_AT_ONCE = 32
@@ -40,9 +43,7 @@ passes rather than one by one (a hierarchical plan's (layer, node) rows: 26 x 64
 SHORT_ROW = 256
 
 
-def essential_first(
-    slots: np.ndarray, load: np.ndarray, num_nodes: int = 1, grouped: bool = False
-) -> np.ndarray:
+def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> np.ndarray:
     """int64 [L, R, S]: ``slots`` with each node's ranks reordered, see the module docstring.
 
     Args:
@@ -50,9 +51,6 @@ def essential_first(
             replicas lie in one node of R / N consecutive ranks.
         load: float64 [L, E], non-negative load per expert.
         num_nodes: N, dividing R; ranks move only within their node.
-        grouped: with one slot per rank (ignored with more), each node's replicas of an expert
-            already sit on consecutive ranks, as a one-slot fresh plan is packed: the same
-            result without sorting the slots.
     """
     layers, ranks, per_rank = slots.shape
     experts = load.shape[1]
@@ -89,11 +87,8 @@ def essential_first(
         sorted_expert = sorted_group.reshape(rows, width)
         sorted_expert -= (np.arange(rows) * (experts + 1))[:, None]
     else:
-        if grouped:  # already sorted as the sort below would leave them
-            order, sorted_expert = None, expert
-        else:  # flat indices: one ``take`` is cheaper than ``take_along_axis``
-            order = _sort_rows(expert)
-            sorted_expert = expert.ravel().take(order).reshape(rows, width)
+        order = _sort_rows(expert)  # flat indices: one ``take`` beats ``take_along_axis``
+        sorted_expert = expert.ravel().take(order).reshape(rows, width)
         boundary = sorted_expert[:, 1:] != sorted_expert[:, :-1]
         if boundary.all() and (sorted_expert < experts).all():
             return slots.copy()  # every rank holds an expert's only replica
@@ -109,12 +104,9 @@ def essential_first(
     inverse[0] = np.inf
     inverse[1:] = 1.0 / np.arange(1, width)
     worth = weight.ravel() * inverse.take(nth.ravel())
-    if order is None:
-        slot_worth = worth.reshape(rows, per_node, per_rank)
-    else:
-        slot_worth = np.empty(rows * width, dtype=np.float32)
-        slot_worth[order] = worth
-        slot_worth = slot_worth.reshape(rows, per_node, per_rank)
+    slot_worth = np.empty(rows * width, dtype=np.float32)
+    slot_worth[order] = worth
+    slot_worth = slot_worth.reshape(rows, per_node, per_rank)
     rank_worth = slot_worth[:, :, 0]
     if per_rank > 1:
         rank_worth = rank_worth.copy()
@@ -122,6 +114,72 @@ def essential_first(
             np.maximum(rank_worth, slot_worth[:, :, column], out=rank_worth)
     rank_order = _sort_rows(_descending_key(rank_worth))
     return local.reshape(-1, per_rank).take(rank_order, axis=0).reshape(slots.shape)
+
+
+def essential_one_slot(
+    load: np.ndarray, num_ranks: int, ids: np.ndarray | None = None
+) -> np.ndarray:
+    """int64 [B, R, 1]: the one-slot fresh plan of :func:`elastic_ep.eplb.packing.static_slots`
+    with its ranks in :func:`essential_first`'s order, built at once
+    (:func:`essential_items`), for ``load`` float64 [B, E] (E <= R); experts written as
+    ``ids`` int64 [B, E] where given (a node's experts by their global ids)."""
+    counts = replica_counts(load, num_ranks, num_ranks)
+    return essential_items(counts, load / counts, load, num_ranks, ids)[:, :, None]
+
+
+def essential_items(
+    counts: np.ndarray,
+    per_replica: np.ndarray,
+    load: np.ndarray,
+    num_items: int,
+    ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """int64 [B, num_items]: a one-slot fresh plan packed as
+    :func:`elastic_ep.eplb.packing.sorted_items` packs it (experts by their load per replica,
+    descending, each expert's replicas on consecutive ranks), with its ranks already in
+    :func:`essential_first`'s order: the same result (for loads below float32's largest),
+    built from the counts instead of sorted out of the plan. The homes are the experts in
+    packing order; the j-th spare replica of an expert (j >= 1) is worth ``load / j``, and only
+    the spares are sorted, one 16-bit key each.
+
+    Args:
+        counts: int64 [B, E], replicas per expert, each >= 1, summing to num_items in every
+            row (:func:`~elastic_ep.eplb.replication.replica_counts` with one slot per rank).
+        per_replica: float64 [B, E], ``load / counts``: the packing's order.
+        load: float64 [B, E], non-negative.
+        num_items: R, ranks per row.
+        ids: int64 [B, E], what to write for each expert (its index where ``None``).
+    """
+    rows, experts = counts.shape
+    homes = descending_order(per_replica)  # [B, E]: the packing's order, one rank each
+    flat = (homes + (np.arange(rows) * experts)[:, None]).ravel()
+    named = homes.ravel() if ids is None else ids.ravel().take(flat)
+    out = np.empty((rows, num_items), dtype=np.int64)
+    out[:, :experts] = named.reshape(rows, experts)
+    width = num_items - experts  # spares per row
+    if width == 0:
+        return out
+    spares = counts.ravel().take(flat) - 1
+    # Per spare, in packing order: its expert, its weight and j - 1, its index among the
+    # expert's spares; repeated from the [B, E] arrays in small dtypes (large int64
+    # temporaries are mapped and page-faulted afresh at every call).
+    small = np.uint16 if int(named.max()) <= _UINT16_MAX else np.int64
+    spare_expert = np.repeat(named.astype(small), spares)
+    # Worth as essential_first computes it: float32 load (+1e-30) times float32 1 / j.
+    weight = load.astype(np.float32)
+    weight += np.float32(1e-30)
+    spare_weight = np.repeat(weight.ravel().take(flat), spares)
+    # j - 1 as a column of the row less where the expert's spares start in the row.
+    index = np.int16 if width < 0x7FFF else np.int64
+    per_row = spares.reshape(rows, experts)
+    start = (np.cumsum(per_row, axis=1) - per_row).astype(index)
+    nth = np.tile(np.arange(width, dtype=index), rows)
+    nth -= np.repeat(start.ravel(), spares)
+    inverse = (1.0 / np.arange(1, width + 1)).astype(np.float32)
+    spare_weight *= inverse.take(nth)
+    order = _sort_rows(_descending_key(spare_weight).reshape(rows, width))
+    out[:, experts:] = spare_expert.take(order).reshape(rows, width)
+    return out
 
 
 def _index_in_run(boundary: np.ndarray) -> np.ndarray:
