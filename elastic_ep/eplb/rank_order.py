@@ -173,7 +173,9 @@ def essential_items(
     index = np.int16 if width < 0x7FFF else np.int64
     per_row = spares.reshape(rows, experts)
     start = (np.cumsum(per_row, axis=1) - per_row).astype(index)
-    nth = np.tile(np.arange(width, dtype=index), rows)
+    nth = np.empty((rows, width), dtype=index)
+    nth[:] = np.arange(width, dtype=index)
+    nth = nth.ravel()
     nth -= np.repeat(start.ravel(), spares)
     inverse = (1.0 / np.arange(1, width + 1)).astype(np.float32)
     spare_weight *= inverse.take(nth)
