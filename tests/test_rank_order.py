@@ -13,7 +13,13 @@ from elastic_ep import RankMapping
 from elastic_ep.eplb import plan, plan_with_report, planner
 from elastic_ep.eplb.hierarchical import hierarchical_slots
 from elastic_ep.eplb.packing import static_slots
-from elastic_ep.eplb.rank_order import _sort_rows, essential_first, essential_one_slot
+from elastic_ep.eplb.rank_order import (
+    _sort_rows,
+    essential_first,
+    essential_items,
+    essential_one_slot,
+)
+from elastic_ep.eplb.replication import replica_counts
 
 
 @st.composite
@@ -151,6 +157,17 @@ def test_one_slot_plans_are_packed_in_the_essential_order(
         built = hierarchical_slots(load, groups, nodes, ranks, 1, 0, essential=True)
         packed = hierarchical_slots(load, groups, nodes, ranks, 1, 0)
     assert np.array_equal(built, essential_first(packed, load, nodes))
+
+
+def test_one_slot_plans_write_ids_past_16_bits() -> None:
+    """``ids`` (a node's experts by global id) past 2^16 take 64-bit entries: the same plan,
+    written with those ids."""
+    load = np.array([[5.0, 1.0, 3.0, 0.0], [1.0, 1.0, 9.0, 2.0]])
+    counts = replica_counts(load, 9, 9)
+    ids = np.array([[70_000, 70_001, 70_002, 70_003], [90_000, 5, 90_002, 90_003]])
+    plain = essential_items(counts, load / counts, load, 9)
+    named = essential_items(counts, load / counts, load, 9, ids)
+    assert np.array_equal(named, np.take_along_axis(ids, plain, axis=1))
 
 
 def test_the_jth_spare_replica_is_worth_its_load_over_j() -> None:
