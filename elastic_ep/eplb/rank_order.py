@@ -93,16 +93,15 @@ def essential_first(slots: np.ndarray, load: np.ndarray, num_nodes: int = 1) -> 
         if boundary.all() and (sorted_expert < experts).all():
             return slots.copy()  # every rank holds an expert's only replica
         nth = _index_in_run(boundary)  # replicas of the expert before, in rank order
-    # Worth = load / nth: +inf for a home (the tiny load keeps a zero-load expert's home
-    # infinite), negative for an empty slot; float32 is fine for an order.
+    # Worth = load / nth: +inf for a home, negative for an empty slot; float32 is fine for an
+    # order.
     padded = np.full((layers, experts + 1), -1.0, dtype=np.float32)
-    padded[:, :experts] = load
-    padded[:, :experts] += np.float32(1e-30)
+    padded[:, :experts] = _worth_load(load)
     row_base = np.arange(rows) // num_nodes * (experts + 1)
     weight = padded.ravel().take(sorted_expert + row_base[:, None])
     inverse = np.empty(width, dtype=np.float32)  # 1 / nth, +inf for a home
     inverse[0] = np.inf
-    inverse[1:] = 1.0 / np.arange(1, width)
+    inverse[1:] = _inverses(width - 1)
     worth = weight.ravel() * inverse.take(nth.ravel())
     slot_worth = np.empty(rows * width, dtype=np.float32)
     slot_worth[order] = worth
@@ -165,10 +164,7 @@ def essential_items(
     # temporaries are mapped and page-faulted afresh at every call).
     small = np.uint16 if int(named.max()) <= _UINT16_MAX else np.int64
     spare_expert = np.repeat(named.astype(small), spares)
-    # Worth as essential_first computes it: float32 load (+1e-30) times float32 1 / j.
-    weight = load.astype(np.float32)
-    weight += np.float32(1e-30)
-    spare_weight = np.repeat(weight.ravel().take(flat), spares)
+    spare_weight = np.repeat(_worth_load(load).ravel().take(flat), spares)
     # j - 1 as a column of the row less where the expert's spares start in the row.
     index = np.int16 if width < 0x7FFF else np.int64
     per_row = spares.reshape(rows, experts)
@@ -177,11 +173,23 @@ def essential_items(
     nth[:] = np.arange(width, dtype=index)
     nth = nth.ravel()
     nth -= np.repeat(start.ravel(), spares)
-    inverse = (1.0 / np.arange(1, width + 1)).astype(np.float32)
-    spare_weight *= inverse.take(nth)
+    spare_weight *= _inverses(width).take(nth)  # worth as essential_first has it
     order = _sort_rows(_descending_key(spare_weight).reshape(rows, width))
     out[:, experts:] = spare_expert.take(order).reshape(rows, width)
     return out
+
+
+def _worth_load(load: np.ndarray) -> np.ndarray:
+    """float32 [B, E]: ``load`` float64 [B, E] as the worths start from; the tiny addend keeps a
+    zero-load expert's home infinite and its spares positive."""
+    weight = load.astype(np.float32)
+    weight += np.float32(1e-30)
+    return weight
+
+
+def _inverses(count: int) -> np.ndarray:
+    """float32 [count]: 1 / j for j = 1 .. count, the worth of a j-th spare per unit of load."""
+    return (1.0 / np.arange(1, count + 1)).astype(np.float32)
 
 
 def _index_in_run(boundary: np.ndarray) -> np.ndarray:
