@@ -152,11 +152,17 @@ def test_one_slot_plans_are_packed_in_the_essential_order(
     load[:, rng.random(experts) < 0.5] *= rng.random() * 100
     if nodes == 1:
         built = essential_one_slot(load, ranks)
-        packed = static_slots(load, ranks, 1, 0)
     else:
         built = hierarchical_slots(load, groups, nodes, ranks, 1, 0, essential=True)
-        packed = hierarchical_slots(load, groups, nodes, ranks, 1, 0)
+    packed = packed_one_slot(load, ranks, groups, nodes)
     assert np.array_equal(built, essential_first(packed, load, nodes))
+
+
+def packed_one_slot(load: np.ndarray, ranks: int, groups: int, nodes: int) -> np.ndarray:
+    """int64 [L, R, 1]: the one-slot fresh plan as packed, before any rank order."""
+    if nodes == 1:
+        return static_slots(load, ranks, 1, 0)
+    return hierarchical_slots(load, groups, nodes, ranks, 1, 0)
 
 
 def test_one_slot_plans_write_ids_past_16_bits() -> None:
@@ -274,10 +280,7 @@ def test_the_planner_orders_one_slot_fresh_plans_as_the_general_path_does() -> N
     load = rng.lognormal(0.0, 1.0, (5, 32))
     for ranks, nodes, groups in ((64, 1, 1), (64, 4, 8), (96, 2, 4)):
         ordered = plan(load, ranks, 1, num_groups=groups, num_nodes=nodes).phy2log.numpy()
-        if nodes == 1:
-            packed = static_slots(load, ranks, 1, 0)
-        else:
-            packed = hierarchical_slots(load, groups, nodes, ranks, 1, 0)
+        packed = packed_one_slot(load, ranks, groups, nodes)
         expected = essential_first(packed, load, nodes)
         assert np.array_equal(ordered, expected.reshape(5, ranks))
         assert not np.array_equal(ordered, packed.reshape(5, ranks))
