@@ -253,6 +253,53 @@ def test_solver_moves_load_off_the_heaviest_rank() -> None:
     assert (solve_shares(one_slot, np.array([[5.0, 1.0]]), 8) == 1).all()  # nothing to move
 
 
+def test_a_node_is_measured_against_its_layers_mean() -> None:
+    """A node's ranks 60 and 59 (expert 0, load 100, on both): against the node's own mean the
+    room (0.5) is under one routing unit of expert 0 (100 / 128) and the split stays even;
+    against the layer's mean (30: the layer's other nodes are light) the node holds the
+    layer's heaviest rank, and shares lower it."""
+    slots = np.array([[[0, 1], [0, 2]]])
+    load = np.array([[100.0, 10.0, 9.0]])
+    assert (solve_shares(slots, load, 1024) == 1).all()
+    units = solve_shares(slots, load, 1024, mean=np.array([30.0]))
+    assert units[0, 0, 1] == units[0, 1, 1] == 1
+    assert units[0, 0, 0] + units[0, 1, 0] == 128
+    share = units[0, :, 0] / 128 * 100.0
+    peak = max(share[0] + 10.0, share[1] + 9.0)
+    assert 59.5 <= peak < 60.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems(), st.floats(0.0, 1.5))
+def test_shares_against_any_mean_never_raise_a_rows_heaviest_rank(
+    problem: tuple[np.ndarray, int, int, int, int], scale: float
+) -> None:
+    """Whatever mean each row is measured against, its units are valid (0 for an empty slot,
+    >= 1 elsewhere, at most ``most`` per expert) and its heaviest rank stays at or under the
+    equal split's."""
+    load, ranks, per_rank, nodes, _ = problem
+    slots = plan(load, ranks, per_rank, num_groups=nodes, num_nodes=nodes, shares=False)
+    held = slots.phy2log.numpy().reshape(load.shape[0], ranks, per_rank)
+    most = max_units(ranks * per_rank, load.shape[1])
+    mean = scale * load.sum(1) / ranks
+    units = solve_shares(held, load, most, mean=mean)
+    assert ((units == 0) == (held < 0)).all() and (units[held >= 0] >= 1).all()
+    for layer in range(load.shape[0]):
+        per_expert = np.bincount(held[layer].ravel() + 1, units[layer].ravel(), load.shape[1] + 1)
+        assert per_expert[1:].max() <= most
+        even = np.where(held[layer] >= 0, 1.0, 0.0)
+        assert _peak(held[layer], load[layer], units[layer]) <= _peak(
+            held[layer], load[layer], even
+        ) * (1 + 1e-12)
+
+
+def _peak(slots: np.ndarray, load: np.ndarray, units: np.ndarray) -> float:
+    """The heaviest rank of ``slots`` int64 [R, S] with ``units`` [R, S] for ``load`` [E]."""
+    total = np.bincount(slots.ravel() + 1, units.ravel(), load.size + 1)[1:]
+    share = np.where(slots >= 0, units / np.maximum(total, 1e-300)[slots], 0.0)
+    return float((share * load[slots]).sum(1).max())
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.integers(1, 400),

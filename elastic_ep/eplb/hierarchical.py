@@ -191,7 +191,13 @@ def repair_within_nodes(
     orphans = orphans.reshape(layers, num_nodes)
     spare = np.maximum(budget - orphans.sum(1), 0) // num_nodes
     budgets = (orphans + spare[:, None]).ravel()
-    local, units = repair(local_load, local_kept, node_target.ravel(), budgets, most=most)
+    # Each node's shares measured from the lower of its own and its layer's mean rank load:
+    # a node nearly even within itself may hold the layer's heaviest ranks
+    # (:func:`elastic_ep.eplb.shares.solve_shares`).
+    layer_mean = np.repeat(load.sum(1) / ranks, num_nodes)
+    local, units = repair(
+        local_load, local_kept, node_target.ravel(), budgets, most=most, mean=layer_mean
+    )
     # Global ids, after a -1 column for empty slots: [L * N, 1 + E / N].
     ids = np.full((rows, 1 + local_experts), -1, dtype=np.int64)
     ids[:, 1:] = (by_home[..., None] * group_size + np.arange(group_size)).reshape(rows, -1)

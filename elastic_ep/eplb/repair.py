@@ -101,6 +101,7 @@ def repair(
     budget: np.ndarray,
     counts: np.ndarray | None = None,
     most: int | None = None,
+    mean: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``kept`` repaired for ``load``, see the module docstring.
 
@@ -114,6 +115,8 @@ def repair(
             :func:`elastic_ep.eplb.replication.replica_counts`).
         most: the most routing units an expert may have (``Placement.max_units``); ``None``:
             balancedness with the equal split.
+        mean: float64 [B], the mean rank load of the layer each row belongs to (a node's
+            row of a hierarchical plan), for :func:`solve_shares`; ``None``: the row's own.
 
     Returns:
         The slots int64 [B, R, S] and, where ``most`` is given, their routing units int64
@@ -132,7 +135,7 @@ def repair(
         fill_missing(slots, load, counts, spare)
         _swap_passes(slots, kept, load, target, budget)
         return slots, None
-    return _repair_with_shares(load, kept, target, budget, counts, most)
+    return _repair_with_shares(load, kept, target, budget, counts, (most, mean))
 
 
 def _repair_with_shares(
@@ -141,10 +144,16 @@ def _repair_with_shares(
     target: np.ndarray,
     budget: np.ndarray,
     counts: np.ndarray,
-    most: int,
+    shares: tuple[int, np.ndarray | None],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ladder of the module docstring; arguments and result as in :func:`repair`."""
+    """The ladder of the module docstring; arguments and result as in :func:`repair`
+    (``shares``: its ``most`` and ``mean``)."""
     rows, ranks, per_rank = kept.shape
+    most, mean = shares
+
+    def solve(at: np.ndarray, part: np.ndarray) -> np.ndarray:  # the units of rows ``at``
+        return solve_shares(part, load[at], most, None if mean is None else mean[at])
+
     slots = kept.copy()
     orphans = (expert_counts(kept, load.shape[1]) == 0).sum(1)
     empty = (kept < 0).reshape(rows, -1).sum(1)
@@ -166,7 +175,7 @@ def _repair_with_shares(
         fill_missing(part, load[ladder], counts[ladder], np.zeros_like(ladder))  # orphans
         _fill_empty(part, load[ladder], counts[ladder], first[ladder])
         slots[ladder] = part
-        units[ladder] = solve_shares(part, load[ladder], most)
+        units[ladder] = solve(ladder, part)
         balance[ladder], slot_weight[ladder] = balance_with_units(part, load[ladder], units[ladder])
     filled = slots.copy()
 
@@ -222,7 +231,7 @@ def _repair_with_shares(
         slots[short] = part
         carried = _carried_units(part, load[short], weight, totals)
         carried_balance, carried_weight = balance_with_units(part, load[short], carried)
-        solved = solve_shares(part, load[short], most)
+        solved = solve(short, part)
         solved_balance, solved_weight = balance_with_units(part, load[short], solved)
         better = solved_balance >= carried_balance
         units[short] = np.where(better[:, None, None], solved, carried)
@@ -238,7 +247,7 @@ def _repair_with_shares(
     def measure(at: np.ndarray) -> None:
         if at.size == 0:
             return
-        units[at] = solve_shares(slots[at], load[at], most)
+        units[at] = solve(at, slots[at])
         balance[at] = balance_with_units(slots[at], load[at], units[at])[0]
 
     # Step 3, rows still short: from step 1 again (from ``kept`` where it had no empty slot to
@@ -391,12 +400,14 @@ def node_shares(slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1) 
     """int64 [B, R, S]: :func:`solve_shares`'s units for ``slots`` int64 [B, R, S] and ``load``
     float64 [B, E], solved for each node of R / ``nodes`` consecutive ranks on its own (where
     every expert's replicas are on one node, as in a hierarchical plan: each node then lowers
-    its own heaviest rank, not only the node holding the row's heaviest)."""
+    its own heaviest rank, not only the node holding the row's heaviest), each measured from
+    the lower of its own and its layer's mean rank load (see :func:`solve_shares`)."""
     if nodes == 1:
         return solve_shares(slots, load, most)
     rows, ranks, per_rank = slots.shape
     local = slots.reshape(rows * nodes, ranks // nodes, per_rank)
-    units = solve_shares(local, np.repeat(load, nodes, axis=0), most)
+    mean = np.repeat(load.sum(1) / ranks, nodes)
+    units = solve_shares(local, np.repeat(load, nodes, axis=0), most, mean)
     return units.reshape(slots.shape)
 
 
