@@ -191,9 +191,8 @@ def repair_within_nodes(
     orphans = orphans.reshape(layers, num_nodes)
     spare = np.maximum(budget - orphans.sum(1), 0) // num_nodes
     budgets = (orphans + spare[:, None]).ravel()
-    # Each node's shares measured from the lower of its own and its layer's mean rank load:
-    # a node nearly even within itself may hold the layer's heaviest ranks
-    # (:func:`elastic_ep.eplb.shares.solve_shares`).
+    # Each node's shares measured from its layer's mean rank load: a node nearly even within
+    # itself may hold the layer's heaviest ranks (:func:`elastic_ep.eplb.shares.solve_shares`).
     layer_mean = np.repeat(load.sum(1) / ranks, num_nodes)
     local, units = repair(
         local_load, local_kept, node_target.ravel(), budgets, most=most, mean=layer_mean

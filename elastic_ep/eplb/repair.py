@@ -401,7 +401,7 @@ def node_shares(slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1) 
     float64 [B, E], solved for each node of R / ``nodes`` consecutive ranks on its own (where
     every expert's replicas are on one node, as in a hierarchical plan: each node then lowers
     its own heaviest rank, not only the node holding the row's heaviest), each measured from
-    the lower of its own and its layer's mean rank load (see :func:`solve_shares`)."""
+    its layer's mean rank load (see :func:`solve_shares`)."""
     if nodes == 1:
         return solve_shares(slots, load, most)
     rows, ranks, per_rank = slots.shape
