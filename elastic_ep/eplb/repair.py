@@ -399,9 +399,9 @@ def shared_balance(
 def node_shares(slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1) -> np.ndarray:
     """int64 [B, R, S]: :func:`solve_shares`'s units for ``slots`` int64 [B, R, S] and ``load``
     float64 [B, E], solved for each node of R / ``nodes`` consecutive ranks on its own (where
-    every expert's replicas are on one node, as in a hierarchical plan: each node then lowers
-    its own heaviest rank, not only the node holding the row's heaviest), each measured from
-    its layer's mean rank load (see :func:`solve_shares`)."""
+    every expert's replicas are on one node, as in a hierarchical plan: each node with ranks
+    above its layer's mean rank load then lowers its own heaviest rank, not only the node
+    holding the row's heaviest; each is measured from that mean, see :func:`solve_shares`)."""
     if nodes == 1:
         return solve_shares(slots, load, most)
     rows, ranks, per_rank = slots.shape
