@@ -15,7 +15,8 @@ previous placement (their fresh plan) re-indexed onto the new ranks:
   place (nodes stay equal).
 
 Reported per call: milliseconds (median of ``repeats`` runs in a row after an untimed one, one
-at the large end), balancedness, weights received (% of the new slots) and, for scale and dead
+at the large end; a call under ``SHORT_CALL_MS`` repeated until its runs add up to about that,
+at most ``SHORT_REPEATS`` times), balancedness, weights received (% of the new slots) and, for scale and dead
 events, the minimum (fill the joined ranks, re-home experts with no surviving replica).
 """
 
@@ -38,6 +39,12 @@ RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
 SLOTS = (1, 2, 3, 5, 9)
 MODELS = {64: 26, 128: 94, 256: 58, 384: 60}  # experts: layers
 GROUPS = 8
+SHORT_CALL_MS = 20.0
+SHORT_REPEATS = 50
+"""Calls shorter than ``SHORT_CALL_MS`` get more runs (each planner by its own untimed call),
+up to ``SHORT_REPEATS``: the median of 5 runs of a sub-millisecond call is mostly the first
+runs' warm-up (26 x 64 experts on 128 x 1 slots, hierarchical, fresh: 0.36 ms over 5 runs,
+0.26 ms over 50; vLLM's 0.32 and 0.28 ms)."""
 EVENTS = ("fresh", "drift", "up", "down", "dead")
 SEED = 0
 
@@ -132,14 +139,18 @@ def timed(
     ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int
 ) -> tuple[float, Any, float, Any]:
     """Median CPU ms and result of each planner: one untimed call, then ``repeats`` timed calls
-    in a row, ours first. The untimed call warms the caches for the timed ones: in 15 of 17
-    fresh cells, a 1-3 ms plan run right after an 18-45 ms vLLM call took 19-55% longer than
-    after a call of its own, where vLLM's time changed by under 2% (fresh, 2026-12-04)."""
+    in a row (more for a short call, see ``SHORT_CALL_MS``), ours first. The untimed call warms
+    the caches for the timed ones: in 15 of 17 fresh cells, a 1-3 ms plan run right after an
+    18-45 ms vLLM call took 19-55% longer than after a call of its own, where vLLM's time
+    changed by under 2% (fresh, 2026-12-04)."""
     times: tuple[list[float], list[float]] = ([], [])
     results: list[Any] = [None, None]
     for i, fn in enumerate((ours, theirs)):
+        start = time.process_time()
         fn()
-        for _ in range(repeats):
+        first_ms = 1e3 * (time.process_time() - start)
+        runs = max(repeats, min(SHORT_REPEATS, int(SHORT_CALL_MS / max(first_ms, 1e-3))))
+        for _ in range(runs):
             start = time.process_time()
             results[i] = fn()
             times[i].append(time.process_time() - start)

@@ -24,7 +24,8 @@ rank, no empty slot, the fresh plan far above the placement) stays up to ``PACKI
 ``balance_tolerance`` higher, less what routing shares add and at most up to a bound on any
 packing: another planner's plan may beat the fresh one by that much. A repair short of its
 target by less than ``balance_tolerance`` is kept when the relabelled
-fresh plan would move more than ``NEAR_MISS_MOVES`` times its weights; other misses are kept,
+fresh plan would move more weights than the miss is worth: 1 + x (``NEAR_MISS_MOVES`` - 1)
+times the repair's for a miss of x ``balance_tolerance``; other misses are kept,
 most weights saved per balancedness lost first, while the layers' balancedness over their
 targets pays for them (the model's mean stays ``SURPLUS_KEPT`` x ``balance_tolerance`` above
 the targets' mean; each such layer within ``SURPLUS_MOST_LOSS`` x ``balance_tolerance`` of
