@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from elastic_ep import RankMapping, plan, plan_with_report
 from elastic_ep.eplb import repair as repair_module
@@ -40,7 +42,7 @@ def _counted_solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_mixed_rows_stay_valid_in_few_solves(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows that start at step 1, at step 3 (a lost rank: counts below the target) and that
     need nothing: at most one solve per round of steps 2 and 3, plus step 1, the start of step
-    3 and step 4; every expert stays placed, none twice on a rank, within the budget."""
+    3 (and its fill's probes) and step 4; every expert stays placed, none twice on a rank, within the budget."""
     rng = np.random.default_rng(seed)
     rows, ranks, per_rank, experts = 12, 8, 5, 32
     load = _zipf_load(rows, experts, seed) * rng.lognormal(0.0, 0.2, (rows, experts))
@@ -55,7 +57,7 @@ def test_mixed_rows_stay_valid_in_few_solves(seed: int, monkeypatch: pytest.Monk
     calls = _counted_solves(monkeypatch)
     out, units = repair(load, kept, target, budget, counts, most)
     assert units is not None
-    assert len(calls) <= 2 * SHARE_ROUNDS + 3
+    assert len(calls) <= 2 * SHARE_ROUNDS + 3 + repair_module.FILL_PROBES
     for row in out:
         assert set(range(experts)) <= set(row[row >= 0].tolist())
         for rank in row:
@@ -142,3 +144,84 @@ def test_pairs_start_step_4_with_wide_partners(
         assert balance > 0.883 and received <= 90
     else:  # the path this test guards is what makes the difference
         assert balance < 0.882 and received > 90
+
+
+@pytest.mark.parametrize("probes", [repair_module.FILL_PROBES, 0])
+def test_a_fill_that_reaches_the_target_alone_places_fewer_replicas(
+    probes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 384 experts on 1024 -> 896 x 2 slots, 8 nodes that shrink alike (the sweep's hierarchical
+    # scale-down): step 3's fill alone takes most node rows to their target, and re-counting
+    # every replica the node's counts want received 2.26x the fewest weights; the bisected fill
+    # keeps a half or a quarter of its optional writes where that reaches the target too.
+    monkeypatch.setattr(repair_module, "FILL_PROBES", probes)
+    load = _zipf_load(2, 384, seed=0)
+    previous = plan(load, 1024, 2, num_groups=8, num_nodes=8)
+    mapping = RankMapping(
+        tuple((o // 128) * 112 + o % 128 if o % 128 < 112 else None for o in range(1024)), 896
+    )
+    report = plan_with_report(
+        load, 896, 2, num_groups=8, num_nodes=8, previous=previous, rank_mapping=mapping
+    )
+    survivors = [r for r in range(1024) if mapping.new_rank(r) is not None]
+    minimum = int((~previous.presence[:, survivors].any(1)).sum())
+    received = int(report.transfers.sum())
+    assert report.placement.balancedness(load) > 0.449
+    if probes:
+        assert received <= 2 * minimum
+    else:  # the path this test guards is what makes the difference
+        assert received > 2 * minimum
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.8, 0.99))
+def test_fewer_fill_never_costs_a_row_its_target_or_a_weight(seed: int, level: float) -> None:
+    """A drift of 8 experts on 16 ranks x 5 slots (10 replicas per expert: step 3 at once,
+    whose fill of the re-counted replicas reaches most targets alone): with the bisected fill
+    every row receives at most the weights it receives without it, and reaches its target
+    wherever it reached it without; in some rows it receives fewer."""
+    rng = np.random.default_rng(seed)
+    rows, ranks, per_rank, experts = 8, 16, 5, 8
+    before = _zipf_load(rows, experts, seed)
+    kept = plan(before, ranks, per_rank).phy2log.numpy().reshape(rows, ranks, per_rank)
+    load = before * rng.lognormal(0.0, 0.3, (rows, experts))
+    counts = replica_counts(load, ranks * per_rank, ranks)
+    most = max_units(ranks * per_rank, experts)
+    target = np.full(rows, level)
+    budget = np.full(rows, ranks * per_rank)
+    results = []
+    for probes in (repair_module.FILL_PROBES, 0):
+        repair_module.FILL_PROBES, saved = probes, repair_module.FILL_PROBES
+        try:
+            out, units = repair(load, kept, target, budget, counts, most)
+        finally:
+            repair_module.FILL_PROBES = saved
+        assert units is not None
+        results.append((received_count(out, kept), balance_with_units(out, load, units)[0]))
+        for row in out:  # every expert placed, none twice on a rank
+            assert set(range(experts)) <= set(row[row >= 0].tolist())
+            assert all(rank[rank >= 0].size == np.unique(rank[rank >= 0]).size for rank in row)
+    (fewer, fewer_balance), (full, full_balance) = results
+    assert (fewer <= full).all()
+    assert (fewer_balance >= target - 1e-12)[full_balance >= target - 1e-12].all()
+
+
+def test_fewer_fill_receives_fewer_on_a_recounted_drift() -> None:
+    """The path the property above guards: on its first 20 problems (targets 0.8-0.99) the
+    bisected fill receives fewer weights in a third of the rows or more."""
+    fewer_rows = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        before = _zipf_load(8, 8, seed)
+        kept = plan(before, 16, 5).phy2log.numpy().reshape(8, 16, 5)
+        load = before * rng.lognormal(0.0, 0.3, (8, 8))
+        counts, most = replica_counts(load, 80, 16), max_units(80, 8)
+        target, budget = np.full(8, 0.8 + 0.0095 * seed), np.full(8, 80)
+        out = repair(load, kept, target, budget, counts, most)[0]
+        saved, repair_module.FILL_PROBES = repair_module.FILL_PROBES, 0
+        try:
+            full = repair(load, kept, target, budget, counts, most)[0]
+        finally:
+            repair_module.FILL_PROBES = saved
+        fewer_rows += int((received_count(out, kept) < received_count(full, kept)).sum())
+    assert fewer_rows >= 8 * 20 // 3
