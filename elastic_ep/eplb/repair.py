@@ -64,7 +64,13 @@ import numpy as np
 from elastic_ep.eplb.expert_bits import before_codes
 from elastic_ep.eplb.incremental import fill_missing
 from elastic_ep.eplb.packing import expert_counts, slot_loads
-from elastic_ep.eplb.repair_swaps import SWAP_PARTNERS, received_count, slot_sum, swap_towards
+from elastic_ep.eplb.repair_swaps import (
+    SWAP_PARTNERS,
+    received_count,
+    received_slots,
+    slot_sum,
+    swap_towards,
+)
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.single_slot import repair_single_slot
@@ -268,7 +274,7 @@ def _repair_with_shares(
         fill_missing(part, load[short], counts[short], np.maximum(budget[short] - spent, 0))
         slots[short] = part
         measure(short)
-        _fewer_fill(slots, start, short, (load, counts), (balance, target, units), measure)
+        _fewer_fill(slots, start, short, (load, counts, kept), (balance, target, units), measure)
 
     for round3 in range(SHARE_ROUNDS):
         short = short[balance[short] < target[short]]
@@ -334,7 +340,7 @@ def _fewer_fill(
     slots: np.ndarray,
     start: np.ndarray,
     rows: np.ndarray,
-    problem: tuple[np.ndarray, np.ndarray],
+    problem: tuple[np.ndarray, np.ndarray, np.ndarray],
     levels: tuple[np.ndarray, np.ndarray, np.ndarray],
     measure: Callable[[np.ndarray], None],
 ) -> None:
@@ -342,26 +348,28 @@ def _fewer_fill(
     ``start`` int64 [C, R, S]) keep the fewest of its optional writes that reach it as well,
     bisected in ``FILL_PROBES`` measures (in place; ``measure`` sets their balancedness
     again). A fill writes each slot at most once; one write per expert that had no replica is
-    needed, and the others are kept heaviest first (the load per wanted replica of the expert
-    written), as the fill placed them. Any such subset is a placement: an expert the fill
+    needed, and so is every write that receives no weight (undoing it would save none: a
+    scale-up's joined slot that step 1 filled and the fill overwrote); the others are kept
+    heaviest first (the load per wanted replica of the expert written), as the fill placed
+    them. Any such subset is a placement: an expert the fill
     places is never one it evicts. Node rows of a hierarchical scale-down re-counted 24
     replicas where 12 did it (384 experts on 1024 -> 896 x 2 slots, 8 nodes: 2.3x -> 1.7x
     the fewest weights).
 
     Args:
         slots: int64 [B, R, S], all rows. start: the rows' slots before the fill.
-        rows: int64 [C]. problem: ``load`` float64 [B, E] and the wanted ``counts`` int64
-            [B, E]. levels: balancedness and target, float64 [B] each, and
+        rows: int64 [C]. problem: ``load`` float64 [B, E], the wanted ``counts`` int64 [B, E]
+            and ``kept`` int64 [B, R, S]. levels: balancedness and target, float64 [B] each, and
             the routing units int64 [B, R, S] that ``measure`` solves.
     """
-    load, counts = problem
+    load, counts, kept = problem
     balance, target, units = levels
     done = np.flatnonzero(balance[rows] >= target[rows])
     if done.size == 0:
         return
     at, begin = rows[done], start[done]
     full = slots[at]
-    order, needed = _writes_by_worth(begin, full, load[at] / np.maximum(counts[at], 1))
+    order, needed = _writes_by_worth(begin, full, load[at] / np.maximum(counts[at], 1), kept[at])
     optional = (full != begin).reshape(at.size, -1).sum(1) - needed
     high, low = optional, np.zeros_like(optional)  # budgets that reach / miss (0: not tried)
     best = (full, units[at], balance[at])
@@ -384,18 +392,21 @@ def _fewer_fill(
 
 
 def _writes_by_worth(
-    begin: np.ndarray, full: np.ndarray, per_replica: np.ndarray
+    begin: np.ndarray, full: np.ndarray, per_replica: np.ndarray, kept: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """int64 [C, R * S]: each slot's place among its row's writes (``full`` where it differs
-    from ``begin``, both int64 [C, R, S]): first one write per expert absent from ``begin``
-    (its first slot), then the others by ``per_replica`` (float64 [C, E]) of the expert
-    written, heaviest first (ties in slot order); slots not written come last. Also int64 [C]:
-    the writes each row needs (its absent experts)."""
+    from ``begin``, both int64 [C, R, S]): first the writes a row needs, one per expert absent
+    from ``begin`` (its first slot) and every write that adds no weight received over ``kept``
+    (int64 [C, R, S]; undoing it saves none), then the others by ``per_replica`` (float64
+    [C, E]) of the expert written, heaviest first (ties in slot order); slots not written come
+    last. Also int64 [C]: the writes each row needs."""
     rows, experts = per_replica.shape
     before, after = begin.reshape(rows, -1), full.reshape(rows, -1)
     written = before != after
     row = np.arange(rows)[:, None]
     worth = np.where(written, per_replica[row, np.maximum(after, 0)], -np.inf)
+    adds = (received_slots(full, kept) & ~received_slots(begin, kept)).reshape(rows, -1)
+    worth[written & ~adds] = np.inf
     # The first slot of every expert absent from ``begin``: the write that re-homes it.
     absent = (expert_counts(begin, experts) == 0).ravel()
     key = (row * experts + np.maximum(after, 0)).ravel()
@@ -405,7 +416,7 @@ def _writes_by_worth(
     order = np.argsort(-worth, axis=1, kind="stable")
     place = np.empty_like(order)
     np.put_along_axis(place, order, np.arange(order.shape[1])[None, :], axis=1)
-    return place, absent.reshape(rows, experts).sum(1)
+    return place, np.count_nonzero(worth == np.inf, axis=1)
 
 
 def _fill_empty(

@@ -272,10 +272,16 @@ def received_codes(codes: np.ndarray, slots: np.ndarray) -> np.ndarray:
 def received_count(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """int64 [B]: experts present on a rank in ``slots`` that the rank did not hold in ``kept``
     (both int64 [B, R, S]; no expert twice on one rank)."""
+    return received_slots(slots, kept).reshape(slots.shape[0], -1).sum(1)
+
+
+def received_slots(slots: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """bool [B, R, S]: the slots of ``slots`` holding an expert their rank did not hold in
+    ``kept`` (both int64 [B, R, S])."""
     held = kept[:, :, 0, None] == slots  # [B, R, S]: one comparison per kept slot
     for column in range(1, kept.shape[2]):
         held |= kept[:, :, column, None] == slots
-    return (~held & (slots >= 0)).reshape(slots.shape[0], -1).sum(1)
+    return ~held & (slots >= 0)
 
 
 def any_slot(mask: np.ndarray) -> np.ndarray:
