@@ -16,8 +16,9 @@ previous placement (their fresh plan) re-indexed onto the new ranks:
 
 Reported per call: milliseconds (median of ``repeats`` runs in a row after an untimed one, one
 at the large end; a call under ``SHORT_CALL_MS`` repeated until its runs add up to about that,
-at most ``SHORT_REPEATS`` times), balancedness, weights received (% of the new slots) and, for scale and dead
-events, the minimum (fill the joined ranks, re-home experts with no surviving replica).
+at most ``SHORT_REPEATS`` times), balancedness, weights received (% of the new slots) and, for
+scale and dead events, the minimum (fill the joined ranks, re-home experts with no surviving
+replica).
 """
 
 from __future__ import annotations

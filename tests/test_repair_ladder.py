@@ -42,7 +42,8 @@ def _counted_solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_mixed_rows_stay_valid_in_few_solves(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows that start at step 1, at step 3 (a lost rank: counts below the target) and that
     need nothing: at most one solve per round of steps 2 and 3, plus step 1, the start of step
-    3 (and its fill's probes) and step 4; every expert stays placed, none twice on a rank, within the budget."""
+    3 (and its fill's probes) and step 4; every expert stays placed, none twice on a rank,
+    within the budget."""
     rng = np.random.default_rng(seed)
     rows, ranks, per_rank, experts = 12, 8, 5, 32
     load = _zipf_load(rows, experts, seed) * rng.lognormal(0.0, 0.2, (rows, experts))

@@ -30,12 +30,12 @@ leaves it at the first that reaches its target:
    split aimed at the target less what the shares add to it (the lift), each measured with
    shares. Where that fill alone reaches the target, the fewest of its optional writes (the
    heaviest first, as it placed them) that reach it too are bisected for (:func:`_fewer_fill`,
-   ``FILL_PROBES`` shares solves). Rows with no empty slot whose replica counts keep them below the target
-   (:func:`_count_bound`; every layer of a global scale-down or failure) start here: step 1
-   cannot raise that bound, and step 3 starts from ``kept`` for them. So do rows with no
-   empty slot and ``RECOUNT_FROM`` replicas per expert or more (a drift on many ranks): there
-   a replica handed from an expert whose load fell to one whose load rose receives one
-   weight where a swap receives two;
+   ``FILL_PROBES`` shares solves). Rows with no empty slot whose replica counts keep them
+   below the target (:func:`_count_bound`; every layer of a global scale-down or failure)
+   start here: step 1 cannot raise that bound, and step 3 starts from ``kept`` for them. So
+   do rows with no empty slot and ``RECOUNT_FROM`` replicas per expert or more (a drift on
+   many ranks): there a replica handed from an expert whose load fell to one whose load rose
+   receives one weight where a swap receives two;
 4. swaps by the equal split aimed at the target itself (shares only add to it), a second time
    with more partners per heavy rank where the row is still short with shares (the equal split
    alone may still be short: 384 experts on 128 -> 144 x 3, a scale-up, 44 -> 37 ms). With two
@@ -103,8 +103,8 @@ RECOUNT_FROM = 10
 # balancedness (the same scale-down: 0.8890 -> 0.8764).
 WIDE_FIRST_SLOTS = 2
 # Shares solves that bisect for fewer of step 3's writes where its fill alone reaches the target
-# (384 x 60 experts on 1024 -> 896 x 9 slots, 8 nodes: 5.6% -> 2.8% of the slots moved with 1,
-# 1.4% with 2; 189 -> 289 ms a plan with 2).
+# (384 x 60 experts on 1024 -> 896 x 9 slots, 8 nodes: 5.6% of the slots moved without, 2.8%
+# with one, 1.4% with two; 196, 267 and 291 ms a plan).
 FILL_PROBES = 2
 
 
@@ -351,16 +351,15 @@ def _fewer_fill(
     needed, and so is every write that receives no weight (undoing it would save none: a
     scale-up's joined slot that step 1 filled and the fill overwrote); the others are kept
     heaviest first (the load per wanted replica of the expert written), as the fill placed
-    them. Any such subset is a placement: an expert the fill
-    places is never one it evicts. Node rows of a hierarchical scale-down re-counted 24
-    replicas where 12 did it (384 experts on 1024 -> 896 x 2 slots, 8 nodes: 2.3x -> 1.7x
-    the fewest weights).
+    them. Any such subset is a placement: an expert the fill places is never one it evicts.
+    Node rows of a hierarchical scale-down re-counted 24 replicas where 12 did it (384 experts
+    on 1024 -> 896 x 2 slots, 8 nodes: 2.3x -> 1.7x the fewest weights).
 
     Args:
         slots: int64 [B, R, S], all rows. start: the rows' slots before the fill.
         rows: int64 [C]. problem: ``load`` float64 [B, E], the wanted ``counts`` int64 [B, E]
-            and ``kept`` int64 [B, R, S]. levels: balancedness and target, float64 [B] each, and
-            the routing units int64 [B, R, S] that ``measure`` solves.
+            and ``kept`` int64 [B, R, S]. levels: balancedness and target, float64 [B] each,
+            and the routing units int64 [B, R, S] that ``measure`` solves.
     """
     load, counts, kept = problem
     balance, target, units = levels
@@ -372,7 +371,7 @@ def _fewer_fill(
     order, needed = _writes_by_worth(begin, full, load[at] / np.maximum(counts[at], 1), kept[at])
     optional = (full != begin).reshape(at.size, -1).sum(1) - needed
     high, low = optional, np.zeros_like(optional)  # budgets that reach / miss (0: not tried)
-    best = (full, units[at], balance[at])
+    best_slots, best_units, best_balance = full.copy(), units[at], balance[at]
     for _ in range(FILL_PROBES):
         probe = np.flatnonzero(high - low >= 2)
         if probe.size == 0:
@@ -384,11 +383,14 @@ def _fewer_fill(
         measure(rows_at)
         reached = balance[rows_at] >= target[rows_at]
         high[probe[reached]], low[probe[~reached]] = middle[reached], middle[~reached]
-        kept_best = probe[reached]
-        best[0][kept_best], best[1][kept_best] = part[reached], units[rows_at[reached]]
-        best[2][kept_best] = balance[rows_at[reached]]
-        back = probe[~reached]  # to the best fill that reached the target
-        slots[at[back]], units[at[back]], balance[at[back]] = (x[back] for x in best)
+        better = probe[reached]
+        best_slots[better] = part[reached]
+        best_units[better] = units[rows_at[reached]]
+        best_balance[better] = balance[rows_at[reached]]
+        back = probe[~reached]  # to the fewest writes that reached the target
+        slots[at[back]] = best_slots[back]
+        units[at[back]] = best_units[back]
+        balance[at[back]] = best_balance[back]
 
 
 def _writes_by_worth(
