@@ -174,6 +174,22 @@ def test_a_fill_that_reaches_the_target_alone_places_fewer_replicas(
         assert received > 2 * minimum
 
 
+def test_fewer_fill_keeps_writes_that_receive_no_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 64 experts on 1024 -> 1152 x 2 slots (the sweep's global scale-up, 2 layers): step 3
+    # starts from step 1's fill of the joined ranks and overwrites some of those slots. Undoing
+    # such a write saves no weight (the slot is received either way), so the probes keep it: a
+    # version that could undo them received the same 520 weights at 0.9781 instead of 0.9870.
+    load = _zipf_load(2, 64, seed=0)
+    previous = plan(load, 1024, 2)
+    mapping = RankMapping.resize(1024, 1152)
+    reports = []
+    for probes in (repair_module.FILL_PROBES, 0):
+        monkeypatch.setattr(repair_module, "FILL_PROBES", probes)
+        reports.append(plan_with_report(load, 1152, 2, previous=previous, rank_mapping=mapping))
+    fewer, whole = (int(report.transfers.sum()) for report in reports)
+    assert fewer < whole  # 514 against 520
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.integers(0, 2**16), st.floats(0.7, 0.99), st.booleans())
 def test_fewer_fill_never_costs_a_row_its_target_or_a_weight(
