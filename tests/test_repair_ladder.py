@@ -190,6 +190,38 @@ def test_fewer_fill_keeps_writes_that_receive_no_weight(monkeypatch: pytest.Monk
     assert fewer < whole  # 514 against 520
 
 
+def _recounted_drift(seed: int, rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [rows, 8] loads and int64 [rows, 16, 5] ``kept``: a drift (lognormal(0, 0.3))
+    of 8 experts on 16 ranks x 5 slots, 10 replicas per expert (step 3 at once)."""
+    before = _zipf_load(rows, 8, seed)
+    kept = plan(before, 16, 5).phy2log.numpy().reshape(rows, 16, 5)
+    load = before * np.random.default_rng(seed).lognormal(0.0, 0.3, (rows, 8))
+    return load, kept
+
+
+def _repair_with_and_without_probes(
+    load: np.ndarray, kept: np.ndarray, target: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The slots and units of :func:`repair` (the full budget, the wanted counts, shares) with
+    ``FILL_PROBES`` as it is, then with 0 (restored after)."""
+    rows, ranks, per_rank = kept.shape
+    experts = load.shape[1]
+    counts = replica_counts(load, ranks * per_rank, ranks)
+    most = max_units(ranks * per_rank, experts)
+    budget = np.full(rows, ranks * per_rank)
+    results = []
+    saved = repair_module.FILL_PROBES
+    try:
+        for probes in (saved, 0):
+            repair_module.FILL_PROBES = probes
+            out, units = repair(load, kept, target, budget, counts, most)
+            assert units is not None
+            results.append((out, units))
+    finally:
+        repair_module.FILL_PROBES = saved
+    return results
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.integers(0, 2**16), st.floats(0.7, 0.99), st.booleans())
 def test_fewer_fill_never_costs_a_row_its_target_or_a_weight(
@@ -201,29 +233,20 @@ def test_fewer_fill_never_costs_a_row_its_target_or_a_weight(
     with the bisected fill every row is the same as without it or receives fewer weights, and
     reaches its target wherever it reached it without; every expert stays placed, none twice
     on a rank."""
-    rng = np.random.default_rng(seed)
     rows = 8
-    ranks, per_rank, experts = (8, 3, 12) if scale_up else (16, 5, 8)
-    before = _zipf_load(rows, experts, seed)
     if scale_up:
+        ranks, per_rank, experts = 8, 3, 12
+        before = _zipf_load(rows, experts, seed)
         narrow = plan(before, ranks - 1, per_rank).phy2log.numpy()
         kept = np.full((rows, ranks, per_rank), -1)
         kept[:, : ranks - 1] = narrow.reshape(rows, ranks - 1, per_rank)
+        load = before * np.random.default_rng(seed).lognormal(0.0, 0.3, (rows, experts))
     else:
-        kept = plan(before, ranks, per_rank).phy2log.numpy().reshape(rows, ranks, per_rank)
-    load = before * rng.lognormal(0.0, 0.3, (rows, experts))
-    counts = replica_counts(load, ranks * per_rank, ranks)
-    most = max_units(ranks * per_rank, experts)
+        load, kept = _recounted_drift(seed, rows)
+        experts = load.shape[1]
     target = np.full(rows, level)
-    budget = np.full(rows, ranks * per_rank)
     results = []
-    for probes in (repair_module.FILL_PROBES, 0):
-        repair_module.FILL_PROBES, saved = probes, repair_module.FILL_PROBES
-        try:
-            out, units = repair(load, kept, target, budget, counts, most)
-        finally:
-            repair_module.FILL_PROBES = saved
-        assert units is not None
+    for out, units in _repair_with_and_without_probes(load, kept, target):
         for row in out:  # every expert placed, none twice on a rank
             assert set(range(experts)) <= set(row[row >= 0].tolist())
             assert all(rank[rank >= 0].size == np.unique(rank[rank >= 0]).size for rank in row)
@@ -236,21 +259,12 @@ def test_fewer_fill_never_costs_a_row_its_target_or_a_weight(
 
 
 def test_fewer_fill_receives_fewer_on_a_recounted_drift() -> None:
-    """The path the property above guards: on its first 20 problems (targets 0.8-0.99) the
+    """The path the property above guards: on 20 of its drifts (targets 0.8-0.99) the
     bisected fill receives fewer weights in a third of the rows or more."""
     fewer_rows = 0
     for seed in range(20):
-        rng = np.random.default_rng(seed)
-        before = _zipf_load(8, 8, seed)
-        kept = plan(before, 16, 5).phy2log.numpy().reshape(8, 16, 5)
-        load = before * rng.lognormal(0.0, 0.3, (8, 8))
-        counts, most = replica_counts(load, 80, 16), max_units(80, 8)
-        target, budget = np.full(8, 0.8 + 0.0095 * seed), np.full(8, 80)
-        out = repair(load, kept, target, budget, counts, most)[0]
-        saved, repair_module.FILL_PROBES = repair_module.FILL_PROBES, 0
-        try:
-            full = repair(load, kept, target, budget, counts, most)[0]
-        finally:
-            repair_module.FILL_PROBES = saved
+        load, kept = _recounted_drift(seed)
+        target = np.full(8, 0.8 + 0.0095 * seed)
+        (out, _), (full, _) = _repair_with_and_without_probes(load, kept, target)
         fewer_rows += int((received_count(out, kept) < received_count(full, kept)).sum())
     assert fewer_rows >= 8 * 20 // 3
