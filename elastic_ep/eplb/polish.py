@@ -133,7 +133,6 @@ def greedy_pack(slots: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
     last = expert[:, :ranks].copy()
     # Each rank's load where it has room, +inf where full, kept up to date with every item.
     room_load = np.where(filled >= per_rank, np.inf, rank_load)
-    key, holds = np.empty((rows, ranks)), np.empty((rows, ranks), dtype=bool)
     flat_out, flat_load = out.reshape(-1), rank_load.reshape(-1)
     flat_filled, flat_last = filled.reshape(-1), last.reshape(-1)
     flat_room = room_load.reshape(-1)
@@ -145,11 +144,17 @@ def greedy_pack(slots: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.n
     base = np.arange(rows) * ranks
     for i in range(ranks, items.shape[0]):
         item, item_w = items[i], item_load[i]
-        np.copyto(key, room_load)
-        np.equal(last, item[:, None], out=holds)
-        np.putmask(key, holds, np.inf)
-        at = key.argmin(1) + base
-        best = key.reshape(-1)[at]
+        at = room_load.argmin(1) + base
+        best = flat_room[at]
+        # Where the lightest rank with room holds the item's expert, the lightest without it
+        # (elsewhere the first lightest rank is the first lightest one lacking it).
+        clash = np.flatnonzero(flat_last[at] == item)
+        if clash.size:
+            key = room_load[clash]
+            key[last[clash] == item[clash, None]] = np.inf
+            lightest = key.argmin(1)
+            at[clash] = lightest + base[clash]
+            best[clash] = key[np.arange(clash.size), lightest]
         if not (every_live[i] and best.max() < np.inf):  # a row with no item or no room
             fits: np.ndarray = best < np.inf
             complete &= fits | ~live[i]
