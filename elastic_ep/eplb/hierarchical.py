@@ -26,7 +26,7 @@ from elastic_ep.eplb.packing import (
     static_slots,
 )
 from elastic_ep.eplb.rank_order import essential_one_slot
-from elastic_ep.eplb.repair import repair
+from elastic_ep.eplb.repair import node_layer_means, repair
 from elastic_ep.eplb.replication import descending_order
 
 _EXACT_SPLITS = 4096  # most splits of the groups into two halves that are all tried
@@ -193,9 +193,13 @@ def repair_within_nodes(
     budgets = (orphans + spare[:, None]).ravel()
     # Each node's shares measured from its layer's mean rank load: a node nearly even within
     # itself may hold the layer's heaviest ranks (:func:`elastic_ep.eplb.shares.solve_shares`).
-    layer_mean = np.repeat(load.sum(1) / ranks, num_nodes)
     local, units = repair(
-        local_load, local_kept, node_target.ravel(), budgets, most=most, mean=layer_mean
+        local_load,
+        local_kept,
+        node_target.ravel(),
+        budgets,
+        most=most,
+        mean=node_layer_means(load, ranks, num_nodes),
     )
     # Global ids, after a -1 column for empty slots: [L * N, 1 + E / N].
     ids = np.full((rows, 1 + local_experts), -1, dtype=np.int64)

@@ -507,9 +507,16 @@ def node_shares(slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1) 
         return solve_shares(slots, load, most)
     rows, ranks, per_rank = slots.shape
     local = slots.reshape(rows * nodes, ranks // nodes, per_rank)
-    mean = np.repeat(load.sum(1) / ranks, nodes)
+    mean = node_layer_means(load, ranks, nodes)
     units = solve_shares(local, np.repeat(load, nodes, axis=0), most, mean)
     return units.reshape(slots.shape)
+
+
+def node_layer_means(load: np.ndarray, ranks: int, nodes: int) -> np.ndarray:
+    """float64 [L * N]: for each (layer, node) row of a hierarchical plan, its layer's mean
+    rank load (``load`` float64 [L, E] over ``ranks`` ranks), the ``mean`` that
+    :func:`solve_shares` measures a node row from."""
+    return np.repeat(load.sum(1) / ranks, nodes)
 
 
 def balance_with_units(
