@@ -28,8 +28,9 @@ from planner_sweep import GROUPS, MODELS, Cell, event_mapping, zipf_load
 import elastic_ep.eplb.planner as planner_module
 import elastic_ep.eplb.repair as repair_module
 import elastic_ep.eplb.shares as shares
+import elastic_ep.eplb.unit_balance as unit_balance_module
 from elastic_ep.eplb import max_units, plan, plan_with_report
-from elastic_ep.eplb.repair import balance_with_units, node_shares
+from elastic_ep.eplb.unit_balance import balance_with_units, node_shares
 
 # (experts, ranks, slots, nodes, event): global and hierarchical cells of the sweep.
 CELLS = (
@@ -127,12 +128,15 @@ def exact_units(slots: np.ndarray, load: np.ndarray, most: int) -> np.ndarray:
 def exact_shares() -> Iterator[None]:
     """Every ``solve_shares`` call the planner makes answered by :func:`exact_units` (a what-if:
     a linear program per layer, far slower)."""
-    saved = (repair_module.solve_shares, planner_module.solve_shares)
-    repair_module.solve_shares = planner_module.solve_shares = exact_units
+    modules = (repair_module, planner_module, unit_balance_module)
+    saved = [module.solve_shares for module in modules]
+    for module in modules:
+        module.solve_shares = exact_units
     try:
         yield
     finally:
-        repair_module.solve_shares, planner_module.solve_shares = saved
+        for module, solver in zip(modules, saved, strict=True):
+            module.solve_shares = solver
 
 
 @contextmanager

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from elastic_ep import RankMapping
 from elastic_ep.eplb import plan, plan_with_report, repair_choice
 from elastic_ep.eplb.placement import max_units
-from elastic_ep.eplb.repair import balance_with_units, node_shares
 from elastic_ep.eplb.repair_choice import (
     LIFT_GAIN,
     PACKING_SLACK,
@@ -22,6 +21,7 @@ from elastic_ep.eplb.repair_choice import (
     pairing_balance,
     spend_surplus,
 )
+from elastic_ep.eplb.unit_balance import balance_with_units, node_shares
 
 
 def zipf_load(layers: int, experts: int, seed: int = 0) -> np.ndarray:

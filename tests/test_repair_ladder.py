@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from elastic_ep import RankMapping, plan, plan_with_report
 from elastic_ep.eplb import repair as repair_module
 from elastic_ep.eplb.placement import max_units
-from elastic_ep.eplb.repair import SHARE_ROUNDS, balance_with_units, repair
+from elastic_ep.eplb.repair import SHARE_ROUNDS, repair
 from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
+from elastic_ep.eplb.unit_balance import balance_with_units
 
 
 def _zipf_load(layers: int, experts: int, seed: int) -> np.ndarray:

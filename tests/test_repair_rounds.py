@@ -12,6 +12,7 @@ import pytest
 from elastic_ep import RankMapping, plan, plan_with_report
 from elastic_ep.eplb import repair as repair_module
 from elastic_ep.eplb.placement import max_units
+from elastic_ep.eplb.unit_balance import balance_with_units
 
 
 def _zipf_load(layers: int, experts: int, seed: int) -> np.ndarray:
@@ -143,7 +144,7 @@ def test_wide_pass_only_for_rows_short_with_shares(monkeypatch: pytest.MonkeyPat
     ) -> None:
         if kwargs.get("partners", repair_module.SWAP_PARTNERS) > repair_module.SWAP_PARTNERS:
             units = repair_module.solve_shares(slots, load, most)
-            balance = repair_module.balance_with_units(slots, load, units)[0]
+            balance = balance_with_units(slots, load, units)[0]
             wide.append(bool((balance < target).all()))
         inner(slots, kept, load, target, *args, **kwargs)
 

@@ -11,17 +11,16 @@ from hypothesis import strategies as st
 from elastic_ep.eplb.hierarchical import _trade_groups
 from elastic_ep.eplb.incremental import drop_duplicates
 from elastic_ep.eplb.placement import max_units
-from elastic_ep.eplb.repair import (
-    _carried_units,
-    _count_bound,
-    _unit_totals,
-    balance_with_units,
-    repair,
-    shared_balance,
-)
+from elastic_ep.eplb.repair import _count_bound, repair
 from elastic_ep.eplb.repair_swaps import received_count, swap_towards
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
+from elastic_ep.eplb.unit_balance import (
+    balance_with_units,
+    carried_units,
+    shared_balance,
+    unit_totals,
+)
 
 
 @st.composite
@@ -59,16 +58,16 @@ def test_swaps_carrying_shares_keep_units_valid_and_exact(
     slots, load, most = layout
     units = solve_shares(slots, load, most)
     before, weight = balance_with_units(slots, load, units)
-    totals = _unit_totals(slots, load.shape[1], units)
+    totals = unit_totals(slots, load.shape[1], units)
     peak = weight.sum(2).max(1)
     moved = slots.copy()
     kept = np.random.default_rng(seed).permutation(slots, axis=1)
     target = np.ones(slots.shape[0])
     budget = np.full(slots.shape[0], slots[0].size)
     swap_towards(moved, kept, load, target, budget, 8, slot_weight=weight)
-    carried = _carried_units(moved, load, weight, totals)
+    carried = carried_units(moved, load, weight, totals)
     assert ((carried >= 1) == (moved >= 0)).all()
-    assert np.array_equal(_unit_totals(moved, load.shape[1], carried), totals)
+    assert np.array_equal(unit_totals(moved, load.shape[1], carried), totals)
     after, recomputed = balance_with_units(moved, load, carried)
     np.testing.assert_allclose(recomputed.sum(2), weight.sum(2), rtol=1e-9, atol=1e-9)
     assert (weight.sum(2).max(1) <= peak * (1 + 1e-12)).all()

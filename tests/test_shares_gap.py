@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from shares_gap import best_balance, exact_units
 
 from elastic_ep.eplb import max_units
-from elastic_ep.eplb.repair import balance_with_units
 from elastic_ep.eplb.shares import solve_shares
+from elastic_ep.eplb.unit_balance import balance_with_units
 from tests.test_scale_down_floor import least_peak
 
 

@@ -26,8 +26,9 @@ from elastic_ep.eplb.packing import (
     static_slots,
 )
 from elastic_ep.eplb.rank_order import essential_one_slot
-from elastic_ep.eplb.repair import node_layer_means, repair
+from elastic_ep.eplb.repair import repair
 from elastic_ep.eplb.replication import descending_order
+from elastic_ep.eplb.unit_balance import node_layer_means
 
 _EXACT_SPLITS = 4096  # most splits of the groups into two halves that are all tried
 

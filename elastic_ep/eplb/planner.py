@@ -68,7 +68,6 @@ from elastic_ep.eplb.packing import expert_counts, static_slots
 from elastic_ep.eplb.placement import Placement, max_units
 from elastic_ep.eplb.polish import repack_stuck
 from elastic_ep.eplb.rank_order import essential_first, essential_one_slot
-from elastic_ep.eplb.repair import balance_with_units
 from elastic_ep.eplb.repair_choice import (
     layer_balancedness,
     prefer_repair,
@@ -77,6 +76,7 @@ from elastic_ep.eplb.repair_choice import (
 from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
+from elastic_ep.eplb.unit_balance import balance_with_units
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 8

@@ -63,17 +63,22 @@ import numpy as np
 
 from elastic_ep.eplb.expert_bits import before_codes
 from elastic_ep.eplb.incremental import fill_missing
-from elastic_ep.eplb.packing import expert_counts, slot_loads
+from elastic_ep.eplb.packing import expert_counts
 from elastic_ep.eplb.repair_swaps import (
     SWAP_PARTNERS,
     received_count,
     received_slots,
-    slot_sum,
     swap_towards,
 )
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.single_slot import repair_single_slot
+from elastic_ep.eplb.unit_balance import (
+    balance_with_units,
+    carried_units,
+    equal_split_balance,
+    unit_totals,
+)
 
 WIDE_PARTNERS = 64  # partners per heavy rank in the second pass (rows short of their target)
 SHARE_ROUNDS = 8  # rounds of swaps (steps 2 and 3), each measured with shares after it
@@ -216,7 +221,7 @@ def _repair_with_shares(
             break
         part = slots[short]
         weight = slot_weight[short]  # what the units give, moved with the slots below
-        totals = _unit_totals(part, load.shape[1], units[short])
+        totals = unit_totals(part, load.shape[1], units[short])
         # Rows that placed replicas (orphans, joined ranks) double their steps every round and
         # swap up to the target less what solving the shares again added after the last
         # round (at most half the way); the others (drift) take the base steps to the target,
@@ -243,7 +248,7 @@ def _repair_with_shares(
         if short.size == 0:
             break
         slots[short] = part
-        carried = _carried_units(part, load[short], weight, totals)
+        carried = carried_units(part, load[short], weight, totals)
         carried_balance, carried_weight = balance_with_units(part, load[short], carried)
         solved = solve(short, part)
         solved_balance, solved_weight = balance_with_units(part, load[short], solved)
@@ -283,7 +288,7 @@ def _repair_with_shares(
         was = balance[short]
         part = slots[short]
         # Swap until the equal split reaches the target less what shares add to it now.
-        lift = np.maximum(balance[short] - _balance(part, load[short]), 0.0)
+        lift = np.maximum(balance[short] - equal_split_balance(part, load[short]), 0.0)
         goal = target[short] - lift
         swap_towards(
             part,
@@ -456,100 +461,6 @@ def _count_bound(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
     return np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
 
 
-def _groups(slots: np.ndarray, experts: int) -> np.ndarray:
-    """int64 [B, R * S]: the flat (row, expert + 1) of every slot of ``slots`` int64 [B, R, S],
-    E + 1 per row, the first of a row for its empty slots."""
-    rows = slots.shape[0]
-    return slots.reshape(rows, -1) + (np.arange(rows) * (experts + 1) + 1)[:, None]
-
-
-def _unit_totals(slots: np.ndarray, experts: int, units: np.ndarray) -> np.ndarray:
-    """float64 [B, E + 1]: each expert's ``units`` (int64 [B, R, S]) summed over ``slots``
-    (int64 [B, R, S]), in column e + 1; column 0 gathers the empty slots."""
-    rows = slots.shape[0]
-    group = _groups(slots, experts).ravel()
-    total = np.bincount(group, weights=units.ravel(), minlength=rows * (experts + 1))
-    return total.reshape(rows, experts + 1)
-
-
-def _carried_units(
-    slots: np.ndarray, load: np.ndarray, weight: np.ndarray, totals: np.ndarray
-) -> np.ndarray:
-    """int64 [B, R, S]: the units of each slot after swaps that moved every slot's load
-    ``weight`` (float64 [B, R, S]) with it: ``weight / (load / total)`` for ``totals`` float64
-    [B, E + 1] the experts' units (:func:`_unit_totals`, unchanged by swaps); 1 for an expert
-    without load."""
-    experts = load.shape[1]
-    padded = np.zeros((slots.shape[0], experts + 1))
-    padded[:, 1:] = load
-    per_unit = (padded / np.maximum(totals, 1)).ravel()[_groups(slots, experts)]
-    per_unit = per_unit.reshape(slots.shape)
-    units = np.rint(weight / np.where(per_unit > 0, per_unit, 1.0)).astype(np.int64)
-    return np.where(slots < 0, 0, np.where(per_unit > 0, np.maximum(units, 1), 1))
-
-
-def shared_balance(
-    slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """float64 [B] balancedness and float64 [B, R, S] slot loads (:func:`balance_with_units`)
-    with :func:`node_shares`'s units for ``slots`` int64 [B, R, S] and ``load`` float64
-    [B, E], ``most`` units per expert at most."""
-    return balance_with_units(slots, load, node_shares(slots, load, most, nodes))
-
-
-def node_shares(slots: np.ndarray, load: np.ndarray, most: int, nodes: int = 1) -> np.ndarray:
-    """int64 [B, R, S]: :func:`solve_shares`'s units for ``slots`` int64 [B, R, S] and ``load``
-    float64 [B, E], solved for each node of R / ``nodes`` consecutive ranks on its own (where
-    every expert's replicas are on one node, as in a hierarchical plan: each node with ranks
-    above its layer's mean rank load then lowers its own heaviest rank, not only the node
-    holding the row's heaviest; each is measured from that mean, see :func:`solve_shares`)."""
-    if nodes == 1:
-        return solve_shares(slots, load, most)
-    rows, ranks, per_rank = slots.shape
-    local = slots.reshape(rows * nodes, ranks // nodes, per_rank)
-    mean = node_layer_means(load, ranks, nodes)
-    units = solve_shares(local, np.repeat(load, nodes, axis=0), most, mean)
-    return units.reshape(slots.shape)
-
-
-def node_layer_means(load: np.ndarray, ranks: int, nodes: int) -> np.ndarray:
-    """float64 [L * N]: for each (layer, node) row of a hierarchical plan, its layer's mean
-    rank load (``load`` float64 [L, E] over ``ranks`` ranks), the ``mean`` that
-    :func:`solve_shares` measures a node row from."""
-    return np.repeat(load.sum(1) / ranks, nodes)
-
-
-def balance_with_units(
-    slots: np.ndarray, load: np.ndarray, units: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """float64 [B] balancedness (mean / max rank load; 1.0 for a row without load) and float64
-    [B, R, S] the load of each slot when the replica in a slot takes ``units`` (int64 [B, R, S],
-    0 on empty slots) of its expert's units summed over ``slots`` int64 [B, R, S]; ``load``
-    float64 [B, E]."""
-    rows, ranks, per_rank = slots.shape
-    experts = load.shape[1]
-    units = units.reshape(rows, -1)
-    group = _groups(slots, experts)
-    total = np.bincount(group.ravel(), weights=units.ravel(), minlength=rows * (experts + 1))
-    weight = np.zeros((rows, experts + 1))
-    weight[:, 1:] = load
-    per_unit = weight.ravel() / np.maximum(total, 1)
-    slot_weight = (per_unit[group] * units).reshape(rows, ranks, per_rank)
-    rank_load = slot_sum(slot_weight)
-    peak = np.maximum.reduce(rank_load, axis=1)  # .max(1) and .sum(1), without their wrappers
-    mean = np.add.reduce(rank_load, axis=1) / ranks
-    balance = np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0)
-    return balance, slot_weight
-
-
-def _balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
-    """float64 [B]: balancedness of every row with the equal split."""
-    counts = np.maximum(expert_counts(slots, load.shape[1]), 1)
-    rank_load = slot_sum(slot_loads(slots, load / counts))
-    peak = rank_load.max(1)
-    return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
-
-
 def _swap_passes(
     slots: np.ndarray,
     kept: np.ndarray,
@@ -563,7 +474,7 @@ def _swap_passes(
     swap_towards(slots, kept, load, target, budget, ranks * per_rank)
     if ranks <= 4 * SWAP_PARTNERS:
         return
-    short = np.flatnonzero(_balance(slots, load) < target)
+    short = np.flatnonzero(equal_split_balance(slots, load) < target)
     if short.size == 0:
         return
     part = slots[short]

@@ -23,9 +23,10 @@ from elastic_ep.eplb.hierarchical import repair_within_nodes
 from elastic_ep.eplb.packing import expert_counts, slot_loads
 from elastic_ep.eplb.polish import balance_bound
 from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
-from elastic_ep.eplb.repair import balance_with_units, node_shares, repair
+from elastic_ep.eplb.repair import repair
 from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.single_slot import repair_single_slot
+from elastic_ep.eplb.unit_balance import balance_with_units, node_shares
 
 RECOVERED = 0.9
 """Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
@@ -106,7 +107,7 @@ def prefer_repair(
         max_transfers, tolerance: as in :func:`plan`. layout: (groups, nodes).
         counts: int64 [L, E], the global plan's replica counts (``None`` for hierarchical).
         most: balancedness with routing shares of at most ``most`` units per expert (solved
-            per node, :func:`elastic_ep.eplb.repair.node_shares`), or the equal split where
+            per node, :func:`elastic_ep.eplb.unit_balance.node_shares`), or the equal split where
             ``None``.
 
     Returns:
