@@ -17,9 +17,13 @@ from hypothesis import strategies as st
 
 pytest.importorskip("scipy.optimize")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from shares_gap import best_balance, exact_units
+from planner_sweep import Cell, event_mapping, zipf_load
+from shares_gap import best_balance, exact_shares, exact_units
 
-from elastic_ep.eplb import max_units
+import elastic_ep.eplb.planner as planner_module
+import elastic_ep.eplb.repair as repair_module
+import elastic_ep.eplb.unit_balance as unit_balance_module
+from elastic_ep.eplb import max_units, plan, plan_with_report
 from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.unit_balance import balance_with_units
 from tests.test_scale_down_floor import least_peak
@@ -78,3 +82,37 @@ def test_exact_units_follow_the_best_shares(case: tuple[np.ndarray, np.ndarray])
     got = balance_with_units(slots[None], load[None], units)[0][0]
     assert got >= balance_with_units(slots[None], load[None], ones)[0][0] - 1e-12
     assert got >= best_balance(slots, load) / (1.0 + 2.0 * slots.shape[1] / 64.0) - 1e-9
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_exact_shares_stand_in_for_every_solve_of_a_movement_aware_plan(nodes: int) -> None:
+    """``exact_shares`` (``scale_down_budget.py --exact-shares``) answers every ``solve_shares``
+    call a movement-aware plan makes: the repair's (which passes a node row's layer mean) and
+    each node's (``node_shares``); every answer is the linear program's."""
+    cell = Cell(64, 2, 16, 5, nodes)
+    groups = 8 if nodes > 1 else 1
+    load = zipf_load(cell.layers, cell.experts)
+    previous = plan(load, 16, 5, num_groups=groups, num_nodes=nodes)
+    mapping, dead = event_mapping(cell, "down")
+    solved: list[int] = []
+
+    def counted(*args: object) -> np.ndarray:
+        solved.append(len(args))
+        return exact_units(*args)  # type: ignore[arg-type]
+
+    with exact_shares():
+        for module in (planner_module, repair_module, unit_balance_module):
+            assert module.solve_shares is exact_units
+            module.solve_shares = counted
+        report = plan_with_report(
+            load,
+            mapping.new_world_size,
+            5,
+            num_groups=groups,
+            num_nodes=nodes,
+            previous=previous,
+            rank_mapping=mapping,
+            dead_ranks=dead,
+        )
+    assert solved and max(solved) == 4  # the repair passes the mean
+    assert int(report.transfers.sum()) > 0  # a scale-down re-homes the dropped ranks' experts
