@@ -14,14 +14,13 @@ from elastic_ep.eplb.placement import max_units
 from elastic_ep.eplb.repair_choice import (
     LIFT_GAIN,
     PACKING_SLACK,
-    layer_balancedness,
     layer_targets,
     mix_nodes,
     packing_lift,
     pairing_balance,
     spend_surplus,
 )
-from elastic_ep.eplb.unit_balance import balance_with_units, node_shares
+from elastic_ep.eplb.unit_balance import balance_with_units, equal_split_balance, node_shares
 
 
 def zipf_load(layers: int, experts: int, seed: int = 0) -> np.ndarray:
@@ -92,11 +91,11 @@ def test_pairing_balance_bounds_every_two_slot_packing(ranks: int, experts: int,
     bound = pairing_balance(rng.permutation(replicas).reshape(1, ranks, 2), load)[0]
     for _ in range(5):
         packing = rng.permutation(replicas).reshape(1, ranks, 2)
-        assert layer_balancedness(packing, load)[0] <= bound + 1e-12
+        assert equal_split_balance(packing, load)[0] <= bound + 1e-12
     counts = np.bincount(replicas, minlength=experts)
     order = replicas[np.argsort(load[0, replicas] / counts[replicas], kind="stable")]
     paired = np.stack([order[:ranks], order[::-1][:ranks]], axis=1).reshape(1, ranks, 2)
-    assert np.isclose(layer_balancedness(paired, load)[0], bound)
+    assert np.isclose(equal_split_balance(paired, load)[0], bound)
 
 
 def test_scale_down_lands_above_the_tolerance() -> None:

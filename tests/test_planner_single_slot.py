@@ -14,6 +14,7 @@ from elastic_ep.eplb.packing import expert_counts
 from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.single_slot import repair_single_slot
+from elastic_ep.eplb.unit_balance import equal_split_balance
 
 
 def _layout(rng: np.random.Generator, rows: int, ranks: int, experts: int) -> np.ndarray:
@@ -162,7 +163,7 @@ def test_one_slot_shortcut_is_what_the_general_rule_picks(
     fresh = planner._fresh(
         load, mapping.new_world_size, 1, groups, nodes, planner.REPAIR_SWAP_STEPS, counts
     )
-    before = (kept, repair_choice.layer_balancedness(kept, load))
+    before = (kept, equal_split_balance(kept, load))
     global_counts = counts if nodes == 1 else None
     chosen, repaired, _ = repair_choice.prefer_repair(
         load, fresh, before, None, 0.01, (groups, nodes), global_counts, None

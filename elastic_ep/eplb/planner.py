@@ -69,14 +69,13 @@ from elastic_ep.eplb.placement import Placement, max_units
 from elastic_ep.eplb.polish import repack_stuck
 from elastic_ep.eplb.rank_order import essential_first, essential_one_slot
 from elastic_ep.eplb.repair_choice import (
-    layer_balancedness,
     prefer_repair,
     single_slot_repair,
 )
 from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.replication import replica_counts
 from elastic_ep.eplb.shares import solve_shares
-from elastic_ep.eplb.unit_balance import balance_with_units
+from elastic_ep.eplb.unit_balance import balance_with_units, equal_split_balance
 from elastic_ep.rank_mapping import RankMapping
 
 DEFAULT_SWAP_STEPS = 8
@@ -248,7 +247,7 @@ def plan_with_report(
         repack_stuck(fresh, weights, num_nodes)  # it sets the target: not stuck short of it
         most = max_units(num_ranks * slots_per_rank, experts) if shares else None
         if most is None:
-            before = layer_balancedness(kept, weights)
+            before = equal_split_balance(kept, weights)
         else:  # as the ranks route now, with the previous placement's shares
             held = np.where(kept >= 0, kept_on_new_ranks(previous, mapping, previous.units), 0)
             before = balance_with_units(kept, weights, held)[0]

@@ -20,13 +20,13 @@ from __future__ import annotations
 import numpy as np
 
 from elastic_ep.eplb.hierarchical import repair_within_nodes
-from elastic_ep.eplb.packing import expert_counts, slot_loads
+from elastic_ep.eplb.packing import expert_counts
 from elastic_ep.eplb.polish import balance_bound
 from elastic_ep.eplb.relabel import align_slots, overlap_edges, relabel_packs
 from elastic_ep.eplb.repair import repair
 from elastic_ep.eplb.repair_swaps import received_count
 from elastic_ep.eplb.single_slot import repair_single_slot
-from elastic_ep.eplb.unit_balance import balance_with_units, node_shares
+from elastic_ep.eplb.unit_balance import balance_with_units, equal_split_balance, node_shares
 
 RECOVERED = 0.9
 """Share of the fresh plan's balancedness gain over the previous placement a repair keeps."""
@@ -120,14 +120,14 @@ def prefer_repair(
     limit = ranks * slots if max_transfers is None else max_transfers
 
     if most is None:
-        fresh_balance = layer_balancedness(fresh, load)
+        fresh_balance = equal_split_balance(fresh, load)
     else:
         fresh_balance = balance_with_units(fresh, load, node_shares(fresh, load, most, nodes))[0]
     empty = (kept < 0).reshape(layers, -1).sum(1)  # joined ranks' slots (a scale-up)
     full = empty == 0
     lift = np.zeros(layers)
     if 1 < slots <= LIFT_MOST_SLOTS:
-        equal_split = fresh_balance if most is None else layer_balancedness(fresh, load)
+        equal_split = fresh_balance if most is None else equal_split_balance(fresh, load)
         gain = fresh_balance - kept_balance
         # No plan of these replicas beats the bound: the lift stops there.
         room = np.maximum(balance_bound(fresh, load) - equal_split, 0.0)
@@ -152,7 +152,7 @@ def prefer_repair(
     repair_cost = received_count(repaired, kept)
     usable &= repair_cost <= limit
     if units is None:
-        repair_balance = layer_balancedness(repaired, load)
+        repair_balance = equal_split_balance(repaired, load)
     else:
         repair_balance = balance_with_units(repaired, load, units)[0]
     good_enough = usable & (repair_balance >= target - 1e-12)
@@ -403,11 +403,3 @@ def layer_targets(
     floor = 0.0 if kept_plan.any() and gain[kept_plan].mean() > tolerance else tolerance
     shortfall = np.where(kept_plan & (gain > floor), (1.0 - RECOVERED) * gain, tolerance)
     return fresh - np.minimum(tolerance - lift, shortfall)
-
-
-def layer_balancedness(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
-    """float64 [L]: mean / max rank load per layer (1.0 for a layer without load)."""
-    counts = expert_counts(slots, load.shape[1])
-    rank_load = slot_loads(slots, load / np.maximum(counts, 1)).sum(2)
-    peak = rank_load.max(1)
-    return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
