@@ -93,15 +93,20 @@ def best_shares(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
 
 
 def exact_units(
-    slots: np.ndarray, load: np.ndarray, most: int, mean: np.ndarray | None = None
+    slots: np.ndarray,
+    load: np.ndarray,
+    most: int,
+    mean: np.ndarray | None = None,
+    warm: np.ndarray | None = None,
 ) -> np.ndarray:
     """int64 [L, R, S]: routing units from the best continuous shares, in place of
     :func:`~elastic_ep.eplb.shares.solve_shares` (same arguments): per expert of k >= 2
     replicas with load, ``U = min(most, UNITS_PER_REPLICA * k)`` units, one per replica and the
     other U - k by its share, floored, the rest to the largest remainders; a layer keeps them
     only where they lower its heaviest rank, as ``solve_shares`` does. ``mean`` (a node row's
-    layer mean, which ``solve_shares`` measures a row's room from) is taken and not needed: the
-    linear program lowers every row's heaviest rank as far as it goes."""
+    layer mean, which ``solve_shares`` measures a row's room from) and ``warm`` (the units its
+    diffusion starts from) are taken and not needed: the linear program lowers every row's
+    heaviest rank as far as it goes, from no start."""
     units = (slots >= 0).astype(np.int64)
     for layer in range(slots.shape[0] if slots.shape[2] > 1 else 0):
         row, weight = slots[layer], load[layer]

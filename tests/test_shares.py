@@ -293,6 +293,40 @@ def test_shares_against_any_mean_never_raise_a_rows_heaviest_rank(
         ) * (1 + 1e-12)
 
 
+@settings(max_examples=80, deadline=None)
+@given(problems(), st.integers(0, 2**16))
+def test_shares_from_any_start_never_raise_a_rows_heaviest_rank(
+    problem: tuple[np.ndarray, int, int, int, int], seed: int
+) -> None:
+    """Started from any units (``warm``: 0-64 per occupied slot, whatever their totals; an
+    expert whose slots all have 0 starts from the equal split: all zeros give the cold solve's
+    units), the solve gives valid units and no row's heaviest rank above the equal split's; started from
+    its own answer, no row's heaviest rank above that answer's by more than a rank's slots
+    times the row's coarsest routing unit (the diffusion only lowers the heaviest rank;
+    rounding moves a rank by up to a unit of each replica it holds)."""
+    load, ranks, per_rank, nodes, _ = problem
+    slots = plan(load, ranks, per_rank, num_groups=nodes, num_nodes=nodes, shares=False)
+    held = slots.phy2log.numpy().reshape(load.shape[0], ranks, per_rank)
+    most = max_units(ranks * per_rank, load.shape[1])
+    start = np.where(held >= 0, np.random.default_rng(seed).integers(0, 65, held.shape), 0)
+    units = solve_shares(held, load, most, warm=start)
+    assert ((units == 0) == (held < 0)).all() and (units[held >= 0] >= 1).all()
+    cold = solve_shares(held, load, most)
+    assert (solve_shares(held, load, most, warm=np.zeros_like(held)) == cold).all()
+    again = solve_shares(held, load, most, warm=cold)
+    for layer in range(load.shape[0]):
+        row, weight = held[layer], load[layer]
+        per_expert = np.bincount(row.ravel() + 1, units[layer].ravel(), weight.size + 1)
+        assert per_expert[1:].max() <= most
+        even = _peak(row, weight, np.where(row >= 0, 1.0, 0.0))
+        assert _peak(row, weight, units[layer]) <= even * (1 + 1e-12)
+        assert _peak(row, weight, again[layer]) <= even * (1 + 1e-12)
+        total = np.bincount(row.ravel() + 1, cold[layer].ravel(), weight.size + 1)[1:]
+        coarsest = (weight / np.maximum(total, 1))[total >= 2].max(initial=0.0)
+        slack = per_rank * coarsest + 1e-9
+        assert _peak(row, weight, again[layer]) <= _peak(row, weight, cold[layer]) + slack
+
+
 def _peak(slots: np.ndarray, load: np.ndarray, units: np.ndarray) -> float:
     """The heaviest rank of ``slots`` int64 [R, S] with ``units`` [R, S] for ``load`` [E]."""
     total = np.bincount(slots.ravel() + 1, units.ravel(), load.size + 1)[1:]

@@ -18,7 +18,10 @@ leaves it at the first that reaches its target:
 1. the fewest moves: experts with no replica left, and the empty slots (a joined rank) filled
    with the wanted replicas heaviest first: shares then move load onto them;
 2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
-   ranks still heavy after the shares, in rounds, the shares solved again after each. Drift
+   ranks still heavy after the shares, in rounds, the shares solved again after each (in rows
+   that placed replicas the diffusion starts from the units the slots carried, a few swaps
+   from its optimum, and gets closer to it than from the equal split; a drift row so solved
+   stays in this step where step 3 would move fewer weights). Drift
    rows (nothing placed in step 1) take one swap step per round, the fewest swaps, doubled
    from round ``DRIFT_DOUBLE_FROM`` on (a row still short by then needs many: fewer rounds
    for few more swaps); rows that placed replicas double their steps every round and swap up
@@ -170,8 +173,9 @@ def _repair_with_shares(
     rows, ranks, per_rank = kept.shape
     most, mean = shares
 
-    def solve(at: np.ndarray, part: np.ndarray) -> np.ndarray:  # the units of rows ``at``
-        return solve_shares(part, load[at], most, None if mean is None else mean[at])
+    def solve(at: np.ndarray, part: np.ndarray, warm: np.ndarray | None = None) -> np.ndarray:
+        """The units of rows ``at`` (slots ``part``), the diffusion from ``warm`` if given."""
+        return solve_shares(part, load[at], most, None if mean is None else mean[at], warm)
 
     slots = kept.copy()
     orphans = (expert_counts(kept, load.shape[1]) == 0).sum(1)
@@ -250,7 +254,10 @@ def _repair_with_shares(
         slots[short] = part
         carried = carried_units(part, load[short], weight, totals)
         carried_balance, carried_weight = balance_with_units(part, load[short], carried)
-        solved = solve(short, part)
+        # Rows that placed replicas start the diffusion from the units their slots carried,
+        # the others from the equal split (all-zero units), see the module docstring.
+        start = np.where(placed[short][:, None, None], carried, 0)
+        solved = solve(short, part, start)
         solved_balance, solved_weight = balance_with_units(part, load[short], solved)
         better = solved_balance >= carried_balance
         units[short] = np.where(better[:, None, None], solved, carried)

@@ -7,7 +7,9 @@ costs no weight transfer, so the planner chooses the units that minimise the hea
 
 That is a min-max flow; :func:`solve_shares` approximates it, vectorised over layers:
 
-1. Diffusion: every replica's load ``x_p`` moves towards the mean load of its expert's ranks,
+1. Diffusion, from the equal split or from given units (``warm``: the repair's units carried
+   through a few swaps, which are near what the solve reaches), where every replica's load
+   ``x_p`` moves towards the mean load of its expert's ranks,
    ``x_p += (lam_e - L_r) / m_r`` where ``L_r`` is the load of the replica's rank, ``m_r`` the
    replicas on that rank whose share can move and ``lam_e`` the mean of ``L_r`` over the
    expert's ranks weighted by ``1 / m_r`` (so the expert's load is conserved). A rank's new
@@ -60,7 +62,11 @@ HEAVY = 0.5
 
 
 def solve_shares(
-    slots: np.ndarray, load: np.ndarray, max_units: int, mean: np.ndarray | None = None
+    slots: np.ndarray,
+    load: np.ndarray,
+    max_units: int,
+    mean: np.ndarray | None = None,
+    warm: np.ndarray | None = None,
 ) -> np.ndarray:
     """int64 [L, R, S]: routing units per slot (0 for empty slots), never raising a layer's
     heaviest rank above the equal split's.
@@ -72,6 +78,9 @@ def solve_shares(
         mean: float64 [L], the mean rank load of the layer each row belongs to, where the
             row is part of one (a node of a hierarchical plan): the row's heavy ranks and
             room are measured from it (see :func:`_movable`); ``None``: the row's own.
+        warm: int64 [L, R, S], routing units to start the diffusion from (an expert's units
+            in any total; an expert whose units are all 0 starts from the equal split, as
+            every expert does where ``warm`` is ``None``).
     """
     units = (slots >= 0).astype(np.int64)
     layers, ranks, per_rank = slots.shape
@@ -97,7 +106,7 @@ def solve_shares(
     problem = _movable(group_of, rank_load, (weight, count, equal), max_units, mean)
     if problem is None:
         return units
-    above, loads, peak = _diffuse(problem)
+    above, loads, peak = _diffuse(problem, None if warm is None else _warm_above(problem, warm))
     if not (peak < problem.peak * (1.0 - MIN_GAIN)).any():
         return units  # no layer gains enough to survive rounding
     slot_units, rounded = _integer_units(problem, above, loads)
@@ -128,9 +137,10 @@ class _Problem:
     faster than over a short last axis); float64 [N]: ``unit`` (load of one of its group's
     routing units) and ``above`` (its load above one unit under the equal split). Per group:
     ``spare`` float64 [G] (load above one unit per replica), ``units`` and ``length`` int64 [G]
-    (units to reach, replicas: all of them movable). ``base`` float64 [L * R] or [R * L]: each
-    rank's load with one unit per movable replica, numbered as ``rank``; ``peak`` float64 [L]:
-    each layer's heaviest rank under the equal split."""
+    (units to reach, replicas: all of them movable) and ``weight`` float64 [G] (load).
+    ``base`` float64 [L * R] or [R * L]: each rank's load with one unit per movable replica,
+    numbered as ``rank``; ``peak`` float64 [L]: each layer's heaviest rank under the equal
+    split."""
 
     def __init__(
         self,
@@ -153,6 +163,7 @@ class _Problem:
         self.group = group
         self.size = per_group[0].size
         weight, count, units, unit = per_group
+        self.weight = weight
         self.spare = weight - count * unit
         self.units, self.length = units, count
         self.unit = unit.take(group)
@@ -267,19 +278,37 @@ def _movable(
     return _Problem(slot, dense.take(group), kept_groups, floor, peak, per_rank)
 
 
-def _diffuse(problem: _Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float64 [N] each movable slot's load above one unit after diffusion steps from the equal
-    split, float64 [L * R] the rank loads (numbered as ``_Problem.rank``) and [L] each layer's
-    heaviest rank with them (step 1 of the module docstring): ``ITERATIONS`` at most, fewer
-    once no layer's heaviest rank falls by a relative ``MIN_GAIN`` in a step, checked from the
-    second step on (the first step from the equal split gains in every plan measured: its check
-    would cost more than it saves)."""
+def _warm_above(problem: _Problem, warm: np.ndarray) -> np.ndarray:
+    """float64 [N]: each movable slot's load above one unit as the units ``warm`` (int64
+    [L, R, S]) split its expert's load, at least 0 (a replica keeps one unit: the rest of its
+    group is scaled down to keep the expert's load); the equal split's for an expert whose
+    units are all 0."""
+    group = problem.group
+    given = warm.reshape(-1).take(problem.slot).astype(np.float64)
+    total = np.bincount(group, weights=given, minlength=problem.size)
+    above = given * (problem.weight / np.maximum(total, 1e-300)).take(group)
+    above -= problem.unit
+    np.maximum(above, 0.0, out=above)
+    kept = np.bincount(group, weights=above, minlength=problem.size)
+    above *= (problem.spare / np.maximum(kept, 1e-300)).take(group)
+    return np.where((kept > 0.0).take(group), above, problem.above)
+
+
+def _diffuse(
+    problem: _Problem, start: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 [N] each movable slot's load above one unit after diffusion steps from ``start``
+    (float64 [N], :func:`_warm_above`) or the equal split, float64 [L * R] the rank loads
+    (numbered as ``_Problem.rank``) and [L] each layer's heaviest rank with them (step 1 of
+    the module docstring): ``ITERATIONS`` at most, fewer once no layer's heaviest rank falls by
+    a relative ``MIN_GAIN`` in a step, checked from the second step on (the first step from the
+    equal split gains in every plan measured: its check would cost more than it saves)."""
     group, rank, size = problem.group, problem.rank, problem.size
     inverse = 1.0 / np.bincount(rank, minlength=problem.base.size).take(rank)
     # A slot moves by its group's level (the inverse-weighted mean) times its inverse. Each
     # group has 2+ slots with an inverse > 0: the sums are positive.
     pull = inverse / np.bincount(group, weights=inverse, minlength=size).take(group)
-    above = problem.above.copy()
+    above = problem.above.copy() if start is None else start
     loads = problem.rank_loads(above)  # [L * R], carried from one step to the next
     limit = problem.peak
     for step in range(ITERATIONS):
