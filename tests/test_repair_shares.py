@@ -18,6 +18,7 @@ from elastic_ep.eplb.shares import solve_shares
 from elastic_ep.eplb.unit_balance import (
     balance_with_units,
     carried_units,
+    followed_units,
     shared_balance,
     unit_totals,
 )
@@ -72,6 +73,36 @@ def test_swaps_carrying_shares_keep_units_valid_and_exact(
     np.testing.assert_allclose(recomputed.sum(2), weight.sum(2), rtol=1e-9, atol=1e-9)
     assert (weight.sum(2).max(1) <= peak * (1 + 1e-12)).all()
     assert (after >= before - 1e-9).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(layouts(), st.integers(0, 2**16))
+def test_units_follow_their_replicas_through_swaps_by_the_equal_split(
+    layout: tuple[np.ndarray, np.ndarray, int], seed: int
+) -> None:
+    """After swaps that move slots without their units (by the equal split), the followed
+    units keep every expert's total and multiset of units, leave every slot that kept its
+    expert as it was, give an expert that moved one replica that replica's units, and 0 to
+    empty slots."""
+    slots, load, _ = layout
+    rng = np.random.default_rng(seed)
+    units = np.where(slots >= 0, rng.integers(1, 65, slots.shape), 0)
+    moved = slots.copy()
+    kept = rng.permutation(slots, axis=1)
+    target = np.ones(slots.shape[0])
+    budget = np.full(slots.shape[0], slots[0].size)
+    swap_towards(moved, kept, load, target, budget, 8)
+    followed = followed_units(slots, moved, units)
+    assert ((followed >= 1) == (moved >= 0)).all() and (followed[moved < 0] == 0).all()
+    same = moved == slots
+    assert np.array_equal(followed[same], units[same])
+    for row in range(slots.shape[0]):
+        for expert in range(load.shape[1]):
+            was, now = slots[row] == expert, moved[row] == expert
+            assert sorted(units[row][was]) == sorted(followed[row][now])
+            left, came = was & ~now, now & ~was
+            if left.sum() == 1:
+                assert followed[row][came] == units[row][left]
 
 
 @settings(max_examples=80, deadline=None)

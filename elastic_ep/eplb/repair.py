@@ -31,7 +31,8 @@ leaves it at the first that reaches its target:
    weights than more swaps);
 3. the rest of the wanted replicas (over surplus ones), then rounds of swaps by the equal
    split aimed at the target less what the shares add to it (the lift), each measured with
-   shares. Where that fill alone reaches the target, the fewest of its optional writes (the
+   shares solved from the units the slots had before the round, moved with their replicas
+   (:func:`~elastic_ep.eplb.unit_balance.followed_units`; as in step 4). Where that fill alone reaches the target, the fewest of its optional writes (the
    heaviest first, as it placed them) that reach it too are bisected for (:func:`_fewer_fill`,
    ``FILL_PROBES`` shares solves). Rows with no empty slot whose replica counts keep them
    below the target (:func:`_count_bound`; every layer of a global scale-down or failure)
@@ -80,6 +81,7 @@ from elastic_ep.eplb.unit_balance import (
     balance_with_units,
     carried_units,
     equal_split_balance,
+    followed_units,
     unit_totals,
 )
 
@@ -92,8 +94,9 @@ SCALE_MOVES = 2  # step 2 of a row with empty slots receives at most this x thei
 # 2.6x vLLM, 8.5% -> 8.8% of the slots moved; from round 2, 64 x 256 x 2 moved 14.7% -> 15.5%).
 DRIFT_DOUBLE_FROM = 3
 STEP3_SETTLE = 1  # step-3 rounds a row keeps even where one does not raise its balancedness
-# Least rise of a step-3 round after the settle ones, x the way left to the target (256
-# experts on 128 -> 112 x 5, a scale-down: 7 -> 5 solves, balancedness 0.9866 -> 0.9902).
+# Least rise of a step-3 round after the settle ones, x the way left to the target (384
+# experts on 256 -> 224 x 5, a scale-down: 7 -> 5 solves, 10440 -> 10080 weights received at
+# the same balancedness; it changes 6 of the sweep's 764 movement-aware plans).
 STEP3_STALL = 0.25
 # Replicas per expert from which rows with no empty slot start at step 3 (58 x 64 experts on
 # 512 x 3 slots, a drift: 16.0% -> 7.2% of the slots moved; with 6-9 per expert step 2 moves
@@ -270,10 +273,12 @@ def _repair_with_shares(
         short = short[(balance[short] < target[short]) & rose]
     short = np.flatnonzero(balance < target)
 
-    def measure(at: np.ndarray) -> None:
+    def measure(at: np.ndarray, warm: np.ndarray | None = None) -> None:
+        """The units and balancedness of rows ``at`` with their slots now, the shares solved
+        from ``warm`` (:func:`followed_units` of the units before a round's swaps) if given."""
         if at.size == 0:
             return
-        units[at] = solve(at, slots[at])
+        units[at] = solve(at, slots[at], warm)
         balance[at] = balance_with_units(slots[at], load[at], units[at])[0]
 
     # Step 3, rows still short: from step 1 again (from ``kept`` where it had no empty slot to
@@ -308,8 +313,9 @@ def _repair_with_shares(
         )
         moved = (part != slots[short]).reshape(short.size, -1).any(1)
         short, was = short[moved], was[moved]
+        warm = followed_units(slots[short], part[moved], units[short])
         slots[short] = part[moved]
-        measure(short)
+        measure(short, warm)
         # Likewise after STEP3_SETTLE rounds (a row then swings around its target; a first
         # round may lose what the next gains, and step 4 would move more weights), and, with
         # no empty slot, where the round raised it by less than STEP3_STALL of the way left:
@@ -340,8 +346,9 @@ def _repair_with_shares(
             before=bits_of(short),
         )
         changed = (part != slots[short]).reshape(short.size, -1).any(1)
+        warm = followed_units(slots[short[changed]], part[changed], units[short[changed]])
         slots[short] = part
-        measure(short[changed])  # the others keep the units measured for their slots
+        measure(short[changed], warm)  # the others keep the units measured for their slots
         if ranks <= 4 * SWAP_PARTNERS:
             break
         short = short[balance[short] < target[short]]

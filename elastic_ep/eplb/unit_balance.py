@@ -6,8 +6,9 @@ its units over that sum, and a rank's load the sum over its slots. Batched over 
 or (layer, node) rows of a hierarchical plan) on the layout of :mod:`elastic_ep.eplb.packing`
 (``slots`` int64 [B, R, S], -1 = empty). :mod:`elastic_ep.eplb.repair` measures every step of
 its ladder with :func:`balance_with_units`, carries units across swaps with
-:func:`unit_totals` and :func:`carried_units`, and :func:`node_shares` solves a hierarchical
-plan's shares node by node.
+:func:`unit_totals` and :func:`carried_units` (share-carrying swaps) or :func:`followed_units`
+(swaps by the equal split, whose units then start the next solve), and :func:`node_shares`
+solves a hierarchical plan's shares node by node.
 """
 
 from __future__ import annotations
@@ -111,3 +112,26 @@ def equal_split_balance(slots: np.ndarray, load: np.ndarray) -> np.ndarray:
     rank_load = slot_sum(slot_loads(slots, load / counts))
     peak = rank_load.max(1)
     return np.where(peak > 0, rank_load.mean(1) / np.maximum(peak, 1e-300), 1.0)
+
+
+def followed_units(before: np.ndarray, after: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """int64 [B, R, S]: ``units`` (int64 [B, R, S], of the slots ``before``) moved with their
+    replicas to ``after`` (int64 [B, R, S], as many replicas of each expert in each row as
+    ``before``: swaps): a slot that kept its expert keeps its units, and the k-th slot (in
+    slot order) an expert reached takes the units of the k-th slot it left; 0 for empty
+    slots."""
+    old, new = before.reshape(-1), after.reshape(-1)
+    changed = old != new
+    out = np.where(changed, 0, units.reshape(-1))
+    at = np.flatnonzero(changed)
+    if at.size == 0:
+        return out.reshape(after.shape)
+    was, now = old.take(at), new.take(at)
+    # Sorted by (row, expert, slot): the k-th slot an expert left goes to the k-th it reached.
+    span = int(max(was.max(), now.max())) + 2
+    row = at // (before.shape[1] * before.shape[2]) * span + 1
+    left, came = at[was >= 0], at[now >= 0]
+    left = left.take(np.argsort((row + was)[was >= 0], kind="stable"))
+    came = came.take(np.argsort((row + now)[now >= 0], kind="stable"))
+    out[came] = units.reshape(-1).take(left)
+    return out.reshape(after.shape)
