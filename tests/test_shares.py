@@ -300,10 +300,10 @@ def test_shares_from_any_start_never_raise_a_rows_heaviest_rank(
 ) -> None:
     """Started from any units (``warm``: 0-64 per occupied slot, whatever their totals; an
     expert whose slots all have 0 starts from the equal split: all zeros give the cold solve's
-    units), the solve gives valid units and no row's heaviest rank above the equal split's; started from
-    its own answer, no row's heaviest rank above that answer's by more than a rank's slots
-    times the row's coarsest routing unit (the diffusion only lowers the heaviest rank;
-    rounding moves a rank by up to a unit of each replica it holds)."""
+    units), the solve gives valid units and no row's heaviest rank above the equal split's;
+    started from its own answer, no row's heaviest rank above that answer's by more than a
+    rank's slots times the row's coarsest routing unit (the diffusion only lowers the heaviest
+    rank; rounding moves a rank by up to a unit of each replica it holds)."""
     load, ranks, per_rank, nodes, _ = problem
     slots = plan(load, ranks, per_rank, num_groups=nodes, num_nodes=nodes, shares=False)
     held = slots.phy2log.numpy().reshape(load.shape[0], ranks, per_rank)

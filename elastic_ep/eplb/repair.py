@@ -21,25 +21,26 @@ leaves it at the first that reaches its target:
    ranks still heavy after the shares, in rounds, the shares solved again after each (in rows
    that placed replicas the diffusion starts from the units the slots carried, a few swaps
    from its optimum, and gets closer to it than from the equal split; a drift row so solved
-   stays in this step where step 3 would move fewer weights). Drift
-   rows (nothing placed in step 1) take one swap step per round, the fewest swaps, doubled
-   from round ``DRIFT_DOUBLE_FROM`` on (a row still short by then needs many: fewer rounds
-   for few more swaps); rows that placed replicas double their steps every round and swap up
-   to the target less what solving the shares again added after the previous round (at most
-   half the way left), so that a scale event or a failure needs few rounds; a row with empty
-   slots receives at most ``SCALE_MOVES`` times their number here (step 3 then moves fewer
-   weights than more swaps);
+   stays in this step where step 3 would move fewer weights). Drift rows (nothing placed in
+   step 1) take one swap step per round, the fewest swaps, doubled from round
+   ``DRIFT_DOUBLE_FROM`` on (a row still short by then needs many: fewer rounds for few more
+   swaps); rows that placed replicas double their steps every round and swap up to the target
+   less what solving the shares again added after the previous round (at most half the way
+   left), so that a scale event or a failure needs few rounds; a row with empty slots
+   receives at most ``SCALE_MOVES`` times their number here (step 3 then moves fewer weights
+   than more swaps);
 3. the rest of the wanted replicas (over surplus ones), then rounds of swaps by the equal
    split aimed at the target less what the shares add to it (the lift), each measured with
    shares solved from the units the slots had before the round, moved with their replicas
-   (:func:`~elastic_ep.eplb.unit_balance.followed_units`; as in step 4). Where that fill alone reaches the target, the fewest of its optional writes (the
-   heaviest first, as it placed them) that reach it too are bisected for (:func:`_fewer_fill`,
-   ``FILL_PROBES`` shares solves). Rows with no empty slot whose replica counts keep them
-   below the target (:func:`_count_bound`; every layer of a global scale-down or failure)
-   start here: step 1 cannot raise that bound, and step 3 starts from ``kept`` for them. So
-   do rows with no empty slot and ``RECOUNT_FROM`` replicas per expert or more (a drift on
-   many ranks): there a replica handed from an expert whose load fell to one whose load rose
-   receives one weight where a swap receives two;
+   (:func:`~elastic_ep.eplb.unit_balance.followed_units`; as in step 4). Where that fill alone
+   reaches the target, the fewest of its optional writes (the heaviest first, as it placed
+   them) that reach it too are bisected for (:func:`_fewer_fill`, ``FILL_PROBES`` shares
+   solves). Rows with no empty slot whose replica counts keep them below the target
+   (:func:`_count_bound`; every layer of a global scale-down or failure) start here: step 1
+   cannot raise that bound, and step 3 starts from ``kept`` for them. So do rows with no
+   empty slot and ``RECOUNT_FROM`` replicas per expert or more (a drift on many ranks): there
+   a replica handed from an expert whose load fell to one whose load rose receives one weight
+   where a swap receives two;
 4. swaps by the equal split aimed at the target itself (shares only add to it), a second time
    with more partners per heavy rank where the row is still short with shares (the equal split
    alone may still be short: 384 experts on 128 -> 144 x 3, a scale-up, 44 -> 37 ms). With two
