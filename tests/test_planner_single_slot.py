@@ -163,7 +163,7 @@ def test_one_slot_shortcut_is_what_the_general_rule_picks(
     fresh = planner._fresh(
         load, mapping.new_world_size, 1, groups, nodes, planner.REPAIR_SWAP_STEPS, counts
     )
-    before = (kept, equal_split_balance(kept, load), None)
+    before = (kept, equal_split_balance(kept, load))
     global_counts = counts if nodes == 1 else None
     chosen, repaired, _ = repair_choice.prefer_repair(
         load, fresh, before, None, 0.01, (groups, nodes), global_counts, None

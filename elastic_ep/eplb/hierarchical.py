@@ -140,7 +140,6 @@ def repair_within_nodes(
     num_groups: int,
     num_nodes: int,
     most: int | None = None,
-    kept_units: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Movement-aware repair that keeps every group on the node holding most of its replicas.
 
@@ -154,8 +153,6 @@ def repair_within_nodes(
         num_groups: G. num_nodes: N.
         most: the most routing units an expert may have, to measure balancedness with
             routing shares (:func:`elastic_ep.eplb.repair.repair`); ``None``: the equal split.
-        kept_units: int64 [L, R, S], the routing units ``kept`` routes with now, or ``None``
-            (:func:`elastic_ep.eplb.repair.repair`).
 
     Returns:
         int64 [L, R, S], the repaired placement; its routing units int64 [L, R, S], each node
@@ -197,10 +194,6 @@ def repair_within_nodes(
     budgets = (orphans + spare[:, None]).ravel()
     # Each node's shares measured from its layer's mean rank load: a node nearly even within
     # itself may hold the layer's heaviest ranks (:func:`elastic_ep.eplb.shares.solve_shares`).
-    local_units = None
-    if kept_units is not None:
-        local_units = np.where(at_home, kept_units.reshape(layers, -1), 0)
-        local_units = local_units.reshape(rows, per_node, per_rank)
     local, units = repair(
         local_load,
         local_kept,
@@ -208,7 +201,6 @@ def repair_within_nodes(
         budgets,
         most=most,
         mean=node_layer_means(load, ranks, num_nodes),
-        kept_units=local_units,
     )
     # Global ids, after a -1 column for empty slots: [L * N, 1 + E / N].
     ids = np.full((rows, 1 + local_experts), -1, dtype=np.int64)

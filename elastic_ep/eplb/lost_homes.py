@@ -18,9 +18,9 @@ expert ``x`` of ``c >= 2`` replicas, as the largest of:
 and writes the lowest-scored slot, heaviest lost expert first, the evicted share spread evenly
 over ``x``'s other replicas (no shares solve between writes). Each write is a pass over the
 rows' slots (a few dozen whole-array numpy calls), so it is meant for one rank's worth of lost
-experts: :mod:`elastic_ep.eplb.repair` gives it the full rows that lost at most S experts,
-whose placement without them already reaches the target with the shares the ranks route with
-now, and keeps its placement where the shares solved for it reach the target too.
+experts: :mod:`elastic_ep.eplb.repair` gives it the full rows still short that lost at most S
+experts and whose placement without them already reaches the target with shares, and keeps
+its placement where the shares solved for it reach the target too.
 """
 
 from __future__ import annotations

@@ -246,7 +246,6 @@ def plan_with_report(
         fresh = _fresh(weights, num_ranks, slots_per_rank, num_groups, num_nodes, steps, counts)
         repack_stuck(fresh, weights, num_nodes)  # it sets the target: not stuck short of it
         most = max_units(num_ranks * slots_per_rank, experts) if shares else None
-        held = None
         if most is None:
             before = equal_split_balance(kept, weights)
         else:  # as the ranks route now, with the previous placement's shares
@@ -255,7 +254,7 @@ def plan_with_report(
         chosen, repaired, units = prefer_repair(
             weights,
             fresh,
-            (kept, before, held),
+            (kept, before),
             max_transfers,
             balance_tolerance,
             (num_groups, num_nodes),

@@ -18,11 +18,10 @@ leaves it at the first that reaches its target:
 1. the fewest moves: experts with no replica left, and the empty slots (a joined rank) filled
    with the wanted replicas heaviest first: shares then move load onto them. A full row still
    short that lost at most S experts (a failure), whose placement without them reaches the
-   target with the units the ranks route with now (``kept_units``; solved where not given),
-   tries :func:`~elastic_ep.eplb.lost_homes.home_lost_experts` instead: each lost expert over
-   the surplus replica whose rank's shares can make room for it; where that reaches the
-   target the row is done with one write per lost expert (26 x 64 experts on 32 -> 31 x 3
-   slots: 7.5% -> 2.2% of the slots moved, the fewest any plan can);
+   target with shares, tries :func:`~elastic_ep.eplb.lost_homes.home_lost_experts` instead:
+   each lost expert over the surplus replica whose rank's shares can make room for it; where
+   that reaches the target the row is done with one write per lost expert (26 x 64 experts on
+   32 -> 31 x 3 slots, a failure: 7.5% -> 2.2% of the slots moved, the fewest any plan can);
 2. swaps of slots, each carrying the load its share gives it, so that the swaps aim at the
    ranks still heavy after the shares, in rounds, the shares solved again after each (in rows
    that placed replicas the diffusion starts from the units the slots carried, a few swaps
@@ -135,7 +134,6 @@ def repair(
     counts: np.ndarray | None = None,
     most: int | None = None,
     mean: np.ndarray | None = None,
-    kept_units: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``kept`` repaired for ``load``, see the module docstring.
 
@@ -151,9 +149,6 @@ def repair(
             balancedness with the equal split.
         mean: float64 [B], the mean rank load of the layer each row belongs to (a node's
             row of a hierarchical plan), for :func:`solve_shares`; ``None``: the row's own.
-        kept_units: int64 [B, R, S], the routing units ``kept`` routes with now (the
-            previous placement's), from which a failure's lost experts are homed (step 1);
-            ``None``: solved for ``kept``.
 
     Returns:
         The slots int64 [B, R, S] and, where ``most`` is given, their routing units int64
@@ -172,7 +167,7 @@ def repair(
         fill_missing(slots, load, counts, spare)
         _swap_passes(slots, kept, load, target, budget)
         return slots, None
-    return _repair_with_shares(load, kept, target, budget, counts, (most, mean, kept_units))
+    return _repair_with_shares(load, kept, target, budget, counts, (most, mean))
 
 
 def _repair_with_shares(
@@ -181,12 +176,12 @@ def _repair_with_shares(
     target: np.ndarray,
     budget: np.ndarray,
     counts: np.ndarray,
-    shares: tuple[int, np.ndarray | None, np.ndarray | None],
+    shares: tuple[int, np.ndarray | None],
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ladder of the module docstring; arguments and result as in :func:`repair`
-    (``shares``: its ``most``, ``mean`` and ``kept_units``)."""
+    (``shares``: its ``most`` and ``mean``)."""
     rows, ranks, per_rank = kept.shape
-    most, mean, kept_units = shares
+    most, mean = shares
 
     def solve(at: np.ndarray, part: np.ndarray, warm: np.ndarray | None = None) -> np.ndarray:
         """The units of rows ``at`` (slots ``part``), the diffusion from ``warm`` if given."""
@@ -205,9 +200,9 @@ def _repair_with_shares(
     # another expert (one weight received) does what a swap (two) does in step 2.
     recount = ranks * per_rank >= RECOUNT_FROM * load.shape[1]
     direct = (first == 0) & ((_count_bound(kept, load) < target) | recount)
+    ladder = np.flatnonzero(~direct)
     units = np.zeros_like(kept)
     balance, slot_weight = np.zeros(rows), np.zeros(kept.shape)
-    ladder = np.flatnonzero(~direct)
     if ladder.size:
         part = slots[ladder]
         fill_missing(part, load[ladder], counts[ladder], np.zeros_like(ladder))  # orphans
@@ -220,8 +215,7 @@ def _repair_with_shares(
     # take (:mod:`elastic_ep.eplb.lost_homes`); a row that reaches the target so is done.
     few = np.flatnonzero((empty == 0) & (orphans > 0) & (orphans <= per_rank) & (balance < target))
     if few.size:
-        start_units = solve(few, kept[few]) if kept_units is None else kept_units[few]
-        start_balance, start = balance_with_units(kept[few], load[few], start_units)
+        start_balance, start = balance_with_units(kept[few], load[few], solve(few, kept[few]))
         hopeful = start_balance >= target[few]
         few, start = few[hopeful], start[hopeful]
     if few.size:

@@ -91,7 +91,7 @@ def single_slot_repair(
 def prefer_repair(
     load: np.ndarray,
     fresh: np.ndarray,
-    previous: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    previous: tuple[np.ndarray, np.ndarray],
     max_transfers: int | None,
     tolerance: float,
     layout: tuple[int, int],
@@ -102,9 +102,8 @@ def prefer_repair(
 
     Args:
         load: float64 [L, E]. fresh: int64 [L, R, S], the fresh plan.
-        previous: ``kept`` int64 [L, R, S], its balancedness float64 [L] as the ranks route
-            now and the routing units they route with, int64 [L, R, S] (``None`` without
-            shares).
+        previous: ``kept`` int64 [L, R, S] and its balancedness float64 [L] as the ranks
+            route now.
         max_transfers, tolerance: as in :func:`plan`. layout: (groups, nodes).
         counts: int64 [L, E], the global plan's replica counts (``None`` for hierarchical).
         most: balancedness with routing shares of at most ``most`` units per expert (solved
@@ -115,7 +114,7 @@ def prefer_repair(
         The chosen slots int64 [L, R, S], bool [L] (True where repaired) and the chosen
         slots' routing units int64 [L, R, S] (``None`` without shares).
     """
-    kept, kept_balance, kept_units = previous
+    kept, kept_balance = previous
     layers, ranks, slots = kept.shape
     groups, nodes = layout
     limit = ranks * slots if max_transfers is None else max_transfers
@@ -144,11 +143,11 @@ def prefer_repair(
         least = empty + lost_experts
         budget = np.where(empty > 0, np.minimum(limit, SCALE_UP_MOVES * least), limit)
     if nodes == 1:
-        repaired, units = repair(load, kept, target, budget, counts, most, kept_units=kept_units)
+        repaired, units = repair(load, kept, target, budget, counts, most)
         usable = np.ones(layers, dtype=bool)
     else:
         repaired, units, usable = repair_within_nodes(
-            load, kept, target, budget, groups, nodes, most, kept_units
+            load, kept, target, budget, groups, nodes, most
         )
     repair_cost = received_count(repaired, kept)
     usable &= repair_cost <= limit
