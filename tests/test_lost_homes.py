@@ -58,8 +58,6 @@ def test_each_lost_expert_takes_one_surplus_slot(case: tuple[np.ndarray, np.ndar
         assert sorted(out[layer][tuple(written.T)].tolist()) == sorted(lost)
         evicted = kept[layer][tuple(written.T)]
         assert (before[layer][evicted] >= 2).all()
-    # Experts that kept a replica lose at most all but one of them.
-    assert ((before == 0) | (after >= 1)).all()
 
 
 def test_a_lost_expert_takes_the_best_single_write() -> None:
@@ -85,22 +83,16 @@ def test_a_lost_expert_takes_the_best_single_write() -> None:
     assert sorted(round(b, 3) for b in options) == [0.697, 0.807, 0.846, 0.846, 0.846]
 
 
-def _dead_rank(
-    experts: int, ranks: int, per_rank: int, layers: int = 4
-) -> tuple[np.ndarray, object, RankMapping, list[int]]:
-    rng = np.random.default_rng(0)
-    profile = 1000.0 / np.arange(1, experts + 1) ** 1.1
-    load = np.stack([rng.permutation(profile) for _ in range(layers)])
-    previous = plan(load, ranks, per_rank)
-    dead = ranks // 2 + 1
-    return load, previous, RankMapping.without(ranks, [dead]), [dead]
-
-
 def test_a_failure_receives_only_its_lost_experts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """64 experts on 32 ranks x 3 slots, a rank fails: its lost experts homed where their pools
-    make room reach the target, one weight per lost expert (the step-1 fill and swaps received
-    3.5x that)."""
-    load, previous, mapping, dead = _dead_rank(64, 32, 3)
+    """64 experts on 32 ranks x 3 slots (4 layers), rank 17 fails: its lost experts homed where
+    their pools make room reach the target, one weight per lost expert (8; the step-1 fill and
+    the swaps after it received 28)."""
+    rng = np.random.default_rng(0)
+    profile = 1000.0 / np.arange(1, 65) ** 1.1
+    load = np.stack([rng.permutation(profile) for _ in range(4)])
+    previous = plan(load, 32, 3)
+    dead = [17]
+    mapping = RankMapping.without(32, dead)
     lost = int(
         (
             expert_counts(np.delete(previous.phy2log.numpy().reshape(4, 32, 3), dead, 1), 64) == 0
